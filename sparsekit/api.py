@@ -1,0 +1,95 @@
+"""The user-facing Python API: prune a model from a calibration spec, measure its perplexity."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from sparsekit.eval.perplexity import PerplexityResult
+from sparsekit.eval.perplexity import perplexity as _perplexity
+from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids
+from sparsekit.pruning import PruneConfig, PruneReport, prune_model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NSAMPLES = 128  # SparseGPT / Wanda defaults
+DEFAULT_SEQLEN = 2048
+
+
+def _tokenizer_for(model: nn.Module, tokenizer):
+    if tokenizer is not None:
+        return tokenizer
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        raise ValueError("text calibration data needs a tokenizer: prune(model, ..., tokenizer=tok)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def calibration_batch(
+    model: nn.Module,
+    calib: str | list[str] | torch.Tensor,
+    tokenizer=None,
+    nsamples: int = DEFAULT_NSAMPLES,
+    seqlen: int = DEFAULT_SEQLEN,
+    seed: int = 0,
+) -> tuple[torch.Tensor, str]:
+    """Resolve ``calib`` (corpus spec, texts, or LongTensor [n, L]) to token ids [n, L] and a label."""
+    if isinstance(calib, torch.Tensor):
+        return calib, f"tensor[{calib.shape[0]}x{calib.shape[1]}]"
+    ids = calibration_ids(_tokenizer_for(model, tokenizer), calib, nsamples, seqlen, seed)
+    label = calib if isinstance(calib, str) else f"{len(calib)} texts"
+    return ids, label
+
+
+def prune(
+    model: nn.Module,
+    method: str = "wanda",
+    sparsity: str | float = 0.5,
+    calib: str | list[str] | torch.Tensor = DEFAULT_CORPUS,
+    tokenizer=None,
+    nsamples: int = DEFAULT_NSAMPLES,
+    seqlen: int = DEFAULT_SEQLEN,
+    seed: int = 0,
+    **config: object,
+) -> PruneReport:
+    """Prune ``model`` in place one-shot and return the report.
+
+    method: 'magnitude' | 'wanda' | 'sparsegpt'; sparsity: 0.5, '50%', '2:4', '4:8'.
+    calib: 'wiki-offline' | 'wikitext2' | 'c4' | 'dolly' | a text/JSONL path | list of texts |
+    LongTensor [nsamples, seqlen]. Extra keywords go to ``PruneConfig`` (blocksize, percdamp,
+    batch_size, device, show_progress, ...).
+    """
+    prune_config = PruneConfig(method=method, sparsity=sparsity, **config)
+    ids, label = None, "none"
+    if prune_config.method != "magnitude":
+        ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
+    report = prune_model(model, ids, prune_config)
+    report.calib = label
+    return report
+
+
+def perplexity(
+    model: nn.Module,
+    input_ids: torch.Tensor | str | None = None,
+    seqlen: int = 512,
+    tokenizer=None,
+    max_tokens: int | None = None,
+    **kwargs: object,
+) -> PerplexityResult:
+    """Perplexity on ``input_ids`` [1, T] or on a dataset spec's evaluation split (non-overlapping
+    windows of ``seqlen`` tokens, mean token NLL, exp)."""
+    if isinstance(input_ids, str) or input_ids is None:
+        dataset = input_ids or DEFAULT_CORPUS
+        return _perplexity(
+            model,
+            dataset=dataset,
+            tokenizer=_tokenizer_for(model, tokenizer),
+            seqlen=seqlen,
+            max_tokens=max_tokens,
+            **kwargs,
+        )
+    return _perplexity(model, input_ids=input_ids, seqlen=seqlen, max_tokens=max_tokens, **kwargs)

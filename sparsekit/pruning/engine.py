@@ -1,0 +1,433 @@
+"""Layer-sequential one-shot pruning, the way SparseGPT and Wanda do it.
+
+1. Capture the inputs of the first decoder block (hidden states plus every keyword argument the
+   model passes: attention mask, position ids, rotary ``position_embeddings``, cache flags) with a
+   forward pre-hook, for the whole calibration batch in chunks.
+2. For each block: move it to the compute device, run it on the captured inputs with hooks on its
+   linear layers that accumulate statistics (layers reading the same input tensor share one),
+   prune every linear layer, run the block again so the next block sees pruned outputs, measure
+   how far the pruned outputs moved, move the block back.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsekit.formats import Pattern, mask_sparsity, parse_sparsity
+from sparsekit.kernels import accumulate_gram, accumulate_sq_sum
+
+from .arch import block_linears, find_decoder_blocks, linear_weight, set_linear_weight
+from .magnitude import magnitude_prune
+from .sparsegpt import sparsegpt_solve
+from .wanda import wanda_prune
+
+log = logging.getLogger(__name__)
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how. ``sparsity``: 0.5, '50%', '2:4', '4:8', or a Pattern."""
+
+    method: str = "wanda"
+    sparsity: str | float | Pattern = 0.5
+    blocksize: int = 128  # SparseGPT column block
+    percdamp: float = 0.01  # SparseGPT dampening, fraction of mean(diag H)
+    batch_size: int = 8  # calibration sequences per block forward
+    device: str | torch.device | None = None  # compute device; default: where the model is
+    share_statistics: bool = True  # one statistic per distinct input (q/k/v, gate/up share)
+    measure_error: bool = True  # per-layer output error on the first calibration chunk
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self.sparsity = parse_sparsity(self.sparsity)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    output_rel_error: float | None = None  # ||(W - W') X||^2 / ||W X||^2 on the calibration inputs
+    percdamp: float | None = None
+
+
+@dataclass
+class PruneReport:
+    method: str
+    sparsity: str
+    nsamples: int
+    seqlen: int
+    calib: str = "input_ids"
+    layers: list[LayerReport] = field(default_factory=list)
+    block_rel_errors: list[float] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def overall_sparsity(self) -> float:
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        pruned = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return pruned / max(total, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "sparsity": self.sparsity,
+            "nsamples": self.nsamples,
+            "seqlen": self.seqlen,
+            "calib": self.calib,
+            "overall_sparsity": self.overall_sparsity,
+            "timings_s": self.timings_s,
+            "block_rel_errors": self.block_rel_errors,
+            "notes": self.notes,
+            "layers": [vars(r) | {"shape": list(r.shape)} for r in self.layers],
+        }
+
+
+class _Captured(Exception):
+    """Raised by the pre-hook on block 0 once its inputs are recorded: nothing later needs to run."""
+
+
+@dataclass
+class _Chunk:
+    hidden: torch.Tensor  # [b, L, H] input of the current block
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+class _Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class _InputStat:
+    """Statistic of one input tensor shared by every linear layer that reads it."""
+
+    value: torch.Tensor
+    tokens: int = 0
+
+
+class _StatsCollector:
+    """Forward hooks accumulating Wanda's sum of squares or SparseGPT's X^T X per distinct input.
+
+    Layers fed the same tensor object in a forward (q/k/v; gate/up) share one statistic; the
+    tensors seen in the current chunk are held so identity checks stay valid.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], kind: str, timer: _Timer, share: bool = True) -> None:
+        self.kind = kind
+        self.share = share
+        self.timer = timer
+        self.owner: dict[str, _InputStat] = {}
+        self._seen: list[tuple[torch.Tensor, _InputStat]] = []
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0]
+            for seen, stat in self._seen if self.share else ():
+                if seen is x:
+                    self.owner.setdefault(name, stat)
+                    return
+            with self.timer.phase("statistics"):
+                stat = self.owner.get(name)
+                if stat is None:
+                    stat = self.owner[name] = self._new_stat(x)
+                x = x.detach()
+                if not torch.isfinite(x).all():
+                    raise ValueError(
+                        f"NaN/inf activations entering {name}: the model overflows on the calibration "
+                        "data; load it in float32 or check the input ids"
+                    )
+                if self.kind == "gram":
+                    accumulate_gram(x, stat.value)
+                else:
+                    accumulate_sq_sum(x, stat.value)
+                stat.tokens += x.numel() // x.shape[-1]
+            self._seen.append((x, stat))
+
+        return hook
+
+    def _new_stat(self, x: torch.Tensor) -> _InputStat:
+        k = x.shape[-1]
+        shape = (k, k) if self.kind == "gram" else (k,)
+        return _InputStat(torch.zeros(shape, dtype=torch.float32, device=x.device))
+
+    def next_chunk(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple | list):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
+    """Move a module's own parameters and buffers (not its children's)."""
+    for param in module.parameters(recurse=False):
+        param.data = param.data.to(device)
+    for key, buf in module.named_buffers(recurse=False):
+        module._buffers[key] = buf.to(device)
+
+
+@contextmanager
+def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[None]:
+    """Move everything but the decoder blocks (embeddings, rotary, norms) to ``device`` for capture."""
+    block_ids = {id(b) for b in blocks}
+    homes: dict[nn.Module, torch.device] = {}
+    for module in _non_block_leaves(model, block_ids):
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if own and own[0].device != device:
+            homes[module] = own[0].device
+            _move_own_tensors(module, device)
+    try:
+        yield
+    finally:
+        for module, home in homes.items():
+            _move_own_tensors(module, home)
+
+
+def _non_block_leaves(module: nn.Module, block_ids: set[int]) -> Iterator[nn.Module]:
+    if id(module) in block_ids:
+        return
+    yield module
+    for child in module.children():
+        yield from _non_block_leaves(child, block_ids)
+
+
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device: torch.device
+) -> list[_Chunk]:
+    """Run the model on ``input_ids`` [n, L] up to block 0 and record its inputs per chunk."""
+    chunks: list[_Chunk] = []
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        chunks.append(_Chunk(hidden.detach(), tuple(a for a in args[1:]), kwargs))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    first = blocks[0]
+    first_home = _model_device(first)
+    first.to(device)
+    try:
+        with _outside_blocks_on(model, blocks, device), torch.no_grad():
+            for ids in input_ids.split(batch_size):
+                try:
+                    model(ids.to(device), use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+        first.to(first_home)
+    return chunks
+
+
+def _run_block(block: nn.Module, chunks: list[_Chunk], on_chunk: Callable[[], None] | None = None):
+    outputs = []
+    with torch.no_grad():
+        for chunk in chunks:
+            outputs.append(_block_output(block(chunk.hidden, *chunk.args, **chunk.kwargs)))
+            if on_chunk is not None:
+                on_chunk()
+    return outputs
+
+
+def _rel_error(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
+    num = sum((d.float() - p.float()).square().sum().item() for d, p in zip(dense, pruned, strict=True))
+    den = sum(d.float().square().sum().item() for d in dense)
+    return num / max(den, 1e-30)
+
+
+class _OutputErrorProbe:
+    """Hooks comparing each pruned linear's output with the dense weight's on the same input.
+
+    One extra GEMM per layer: diff = x (W - W')^T, and the dense output is output + diff. Only the
+    first ``max_calls`` forwards per layer are measured (an estimate on the first chunk).
+    """
+
+    def __init__(
+        self, linears: dict[str, nn.Module], dense: dict[str, torch.Tensor], max_calls: int = 1
+    ) -> None:
+        self.num = dict.fromkeys(linears, 0.0)
+        self.den = dict.fromkeys(linears, 0.0)
+        self.calls = dict.fromkeys(linears, 0)
+        self.max_calls = max_calls
+        self._handles = [m.register_forward_hook(self._hook(n, m, dense[n])) for n, m in linears.items()]
+
+    def _hook(self, name: str, module: nn.Module, dense_weight: torch.Tensor) -> Callable:
+        delta = (dense_weight.float() - linear_weight(module).detach().float()).T.contiguous()
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if self.calls[name] >= self.max_calls:
+                return
+            self.calls[name] += 1
+            diff = inputs[0].detach().float() @ delta
+            out = output.detach().float()
+            if out.shape != diff.shape:  # not a plain [..., out_features] output: nothing to compare
+                return
+            self.num[name] += diff.square().sum().item()
+            self.den[name] += (out + diff).square().sum().item()
+
+        return hook
+
+    def errors(self) -> dict[str, float | None]:
+        return {n: (self.num[n] / self.den[n] if self.den[n] > 0 else None) for n in self.num}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _prune_linear(
+    module: nn.Module, stat: _InputStat | None, config: PruneConfig, timer: _Timer
+) -> tuple[torch.Tensor, float | None]:
+    weight = linear_weight(module).detach()
+    percdamp = None
+    with timer.phase("solve"):
+        if config.method == "magnitude":
+            pruned, mask = magnitude_prune(weight, config.sparsity)
+        elif config.method == "wanda":
+            pruned, mask = wanda_prune(weight, stat.value.sqrt(), config.sparsity)
+        else:
+            hessian = stat.value * (2.0 / max(stat.tokens, 1))
+            result = sparsegpt_solve(weight, hessian, config.sparsity, config.blocksize, config.percdamp)
+            pruned, mask, percdamp = result.weight, result.mask, result.percdamp
+        set_linear_weight(module, pruned)
+    return mask, percdamp
+
+
+def prune_model(
+    model: nn.Module, input_ids: torch.Tensor | None, config: PruneConfig, block_prefix: str | None = None
+) -> PruneReport:
+    """Prune every linear layer of every decoder block in place; embeddings and lm_head stay dense.
+
+    input_ids: LongTensor [nsamples, seqlen] of calibration tokens (unused by magnitude).
+    """
+    name, blocks = find_decoder_blocks(model)
+    prefix = block_prefix or name
+    device = torch.device(config.device) if config.device is not None else _model_device(model)
+    timer = _Timer(device)
+    nsamples, seqlen = tuple(input_ids.shape) if input_ids is not None else (0, 0)
+    report = PruneReport(config.method, str(config.sparsity), nsamples, seqlen)
+    needs_data = config.method != "magnitude"
+    if needs_data:
+        _check_calibration(input_ids)
+        log.info("capturing inputs of %s.0 for %d x %d calibration tokens", prefix, nsamples, seqlen)
+        with timer.phase("forward"):
+            chunks = capture_block_inputs(model, blocks, input_ids, config.batch_size, device)
+    kind = "gram" if config.method == "sparsegpt" else "sq"
+    progress = tqdm(
+        range(len(blocks)), desc=f"{config.method} {config.sparsity}", disable=not config.show_progress
+    )
+    with torch.no_grad():
+        for index in progress:
+            block = blocks[index]
+            home = _model_device(block)
+            block.to(device)
+            linears = block_linears(block)
+            stats: dict[str, _InputStat] = {}
+            dense_outputs = None
+            if needs_data:
+                collector = _StatsCollector(linears, kind, timer, config.share_statistics)
+                with timer.phase("forward"):
+                    dense_outputs = _run_block(block, chunks, collector.next_chunk)
+                collector.remove()
+                stats = collector.owner
+                dense_weights = {
+                    n: linear_weight(m).detach().clone() for n, m in linears.items() if config.measure_error
+                }
+            for lname, module in linears.items():
+                mask, percdamp = _prune_linear(module, stats.get(lname), config, timer)
+                shape = tuple(linear_weight(module).shape)
+                layer = LayerReport(
+                    f"{prefix}.{index}.{lname}", shape, mask_sparsity(mask), percdamp=percdamp
+                )
+                if percdamp is not None and percdamp > config.percdamp:
+                    report.notes.append(f"{layer.name}: Cholesky failed, dampening raised to {percdamp:g}")
+                report.layers.append(layer)
+            if needs_data:
+                probe = _OutputErrorProbe(linears, dense_weights) if config.measure_error else None
+                with timer.phase("forward"):
+                    pruned_outputs = _run_block(block, chunks)
+                if probe is not None:
+                    probe.remove()
+                    for layer, err in zip(
+                        report.layers[-len(linears) :], probe.errors().values(), strict=True
+                    ):
+                        layer.output_rel_error = err
+                report.block_rel_errors.append(_rel_error(dense_outputs, pruned_outputs))
+                for chunk, out in zip(chunks, pruned_outputs, strict=True):
+                    chunk.hidden = out
+                del dense_outputs, pruned_outputs, dense_weights
+            block.to(home)
+    report.timings_s = dict(timer.totals)
+    log.info(
+        "pruned %d layers to %.3f sparsity (%s)",
+        len(report.layers),
+        report.overall_sparsity,
+        ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items()),
+    )
+    return report
+
+
+def _check_calibration(input_ids: torch.Tensor | None) -> None:
+    if input_ids is None:
+        raise ValueError("wanda and sparsegpt need calibration data: pass input_ids [nsamples, seqlen]")
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(
+            f"calibration input_ids must be a LongTensor [nsamples, seqlen], got {input_ids.dtype} "
+            f"{tuple(input_ids.shape)}"
+        )
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """Deep copy, for pruning several ways from one loaded model."""
+    return copy.deepcopy(model)

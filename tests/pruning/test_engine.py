@@ -1,0 +1,120 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekit.pruning import PruneConfig, UnsupportedArchitecture, find_decoder_blocks, prune_model
+from sparsekit.pruning.arch import block_linears, linear_weight
+from tests.conftest import TINY_ARCHS, tiny_model
+
+
+def _calib(n=4, seqlen=16, vocab=128):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_prunes_every_block_linear_and_nothing_else(arch, method):
+    model = tiny_model(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, blocks = find_decoder_blocks(model)
+    report = prune_model(
+        model,
+        _calib(),
+        PruneConfig(method=method, sparsity="2:4", batch_size=3, blocksize=16, show_progress=False),
+    )
+    pruned_weights = {id(linear_weight(m)) for b in blocks for m in block_linears(b).values()}
+    assert len(report.layers) == sum(len(block_linears(b)) for b in blocks) > 0
+    for block in blocks:
+        for module in block_linears(block).values():
+            w = linear_weight(module)
+            assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    for name, param in model.named_parameters():
+        if id(param) not in pruned_weights and "weight" in name and param.dim() == 2:
+            # embeddings and lm_head (and Conv1D weights we checked above) stay untouched
+            if not any(param is m.weight for b in blocks for m in block_linears(b).values()):
+                assert torch.equal(param, before[name]), name
+    with torch.no_grad():
+        assert torch.isfinite(model(_calib(1)).logits).all()
+    if method != "magnitude":
+        assert len(report.block_rel_errors) == len(blocks)
+        assert all(0 <= e < 1 for e in report.block_rel_errors)
+        assert report.timings_s["forward"] > 0 and report.timings_s["statistics"] > 0
+
+
+def test_layers_reading_one_input_share_one_statistic():
+    model = tiny_model("llama")
+    cfg = dict(method="sparsegpt", sparsity=0.5, blocksize=16, show_progress=False)
+    shared = copy.deepcopy(model)
+    prune_model(shared, _calib(), PruneConfig(**cfg))
+    separate = copy.deepcopy(model)
+    prune_model(separate, _calib(), PruneConfig(**cfg, share_statistics=False))
+    for (name, a), (_, b) in zip(shared.named_parameters(), separate.named_parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_engine_matches_a_manual_wanda_on_the_first_block():
+    model = tiny_model("llama")
+    ids = _calib()
+    block = model.model.layers[0]
+    captured = {}
+
+    def grab(module, inputs, output):
+        captured.setdefault("x", inputs[0].detach())
+
+    handle = block.mlp.down_proj.register_forward_hook(grab)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    handle.remove()
+    weight = block.mlp.down_proj.weight.detach().clone()
+    norm = captured["x"].reshape(-1, weight.shape[1]).norm(dim=0)
+    from sparsekit import wanda_prune
+
+    expected, _ = wanda_prune(weight, norm, 0.5)
+    prune_model(model, ids, PruneConfig(method="wanda", sparsity=0.5, batch_size=4, show_progress=False))
+    assert torch.allclose(block.mlp.down_proj.weight, expected, atol=1e-6)
+
+
+def test_chunking_does_not_change_the_result():
+    model = tiny_model("qwen2")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    prune_model(
+        a,
+        _calib(6),
+        PruneConfig(method="sparsegpt", sparsity="4:8", batch_size=6, blocksize=16, show_progress=False),
+    )
+    prune_model(
+        b,
+        _calib(6),
+        PruneConfig(method="sparsegpt", sparsity="4:8", batch_size=2, blocksize=16, show_progress=False),
+    )
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+
+
+def test_unknown_architecture_names_the_supported_ones():
+    class Config:
+        model_type = "bert"
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.config = Config()
+    with pytest.raises(UnsupportedArchitecture, match="llama, mistral"):
+        prune_model(model, None, PruneConfig(method="magnitude"))
+
+
+def test_bad_calibration_input_is_explained():
+    with pytest.raises(ValueError, match=r"LongTensor \[nsamples, seqlen\]"):
+        prune_model(tiny_model("llama"), torch.rand(2, 8), PruneConfig(method="wanda", show_progress=False))
+    with pytest.raises(ValueError, match="need calibration data"):
+        prune_model(tiny_model("llama"), None, PruneConfig(method="sparsegpt", show_progress=False))
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        PruneConfig(method="obs")
+
+
+def test_nan_activations_are_reported():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN/inf activations entering self_attn.q_proj"):
+        prune_model(model, _calib(), PruneConfig(method="wanda", show_progress=False))
