@@ -2,13 +2,16 @@
 
 Layout: ``mask_bits [N, ceil(K / 8)] uint8``; bit ``j`` (LSB first) of byte ``b`` in row ``r``
 is ``mask[r, 8 * b + j]``. Padding bits past K are zero. True = keep.
+No module-level tensors: these run under fake-tensor tracing (torch.compile, opcheck) too.
 """
 
 from __future__ import annotations
 
 import torch
 
-_BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -20,8 +23,13 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     rows, cols = mask.shape
     pad = (-cols) % 8
     bits = torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).view(rows, -1, 8)
-    weights = _BIT_WEIGHTS.to(mask.device)
-    return (bits * weights).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
+    return (bits << _shifts(mask.device)).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(mask_bits: torch.Tensor, cols: int) -> torch.Tensor:
+    """mask_bits [N, ceil(K/8)] uint8 -> mask [N, cols] bool, unchecked (for kernels' torch paths)."""
+    bits = (mask_bits.unsqueeze(-1) >> _shifts(mask_bits.device)) & 1
+    return bits.reshape(mask_bits.shape[0], -1)[:, :cols].bool()
 
 
 def unpack_mask(mask_bits: torch.Tensor, shape: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -34,6 +42,4 @@ def unpack_mask(mask_bits: torch.Tensor, shape: tuple[int, int] | torch.Size) ->
             f"mask_bits shape {tuple(mask_bits.shape)} does not fit a [{rows}, {cols}] mask; "
             f"expected ({rows}, {(cols + 7) // 8})"
         )
-    weights = _BIT_WEIGHTS.to(mask_bits.device)
-    bits = (mask_bits.unsqueeze(-1) & weights) != 0
-    return bits.reshape(rows, -1)[:, :cols]
+    return unpack_bits(mask_bits, cols)
