@@ -61,9 +61,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     parse_sparsity(args.sparsity)  # fail on a bad pattern before the model loads
     if args.out and Path(args.out).exists():
         raise FileExistsError(f"{args.out} exists; remove it or pick another --out")
-    model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
+    # the model stays on the CPU; blocks visit --device one at a time, so it may exceed device memory
+    model, tokenizer = load_any(args.model, args.dtype, "cpu", args.trust_remote_code)
     report = prune(
         model,
+        device=args.device,
         method=args.method,
         sparsity=args.sparsity,
         calib=args.calib,
@@ -84,6 +86,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for note in report.notes:
         print("note:", note)
     if args.eval:
+        model.to(args.device)
         result = perplexity(
             model,
             args.eval_dataset,
@@ -94,7 +97,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         summary["perplexity"] = result.to_dict()
         print(f"perplexity {result.ppl:.3f} on {result.dataset} ({result.windows} x {result.seqlen} tokens)")
     if args.out:
-        save_pruned(model, tokenizer, args.out, summary)
+        save_pruned(model.cpu(), tokenizer, args.out, summary)
         print(f"saved to {args.out}")
     return 0
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsekit.formats import Pattern, mask_sparsity, parse_sparsity
-from sparsekit.kernels import accumulate_gram, accumulate_sq_sum
+from sparsekit.kernels import accumulate_gram, accumulate_sq_sum, obs_block_solve, obs_block_solve_ref
 
 from .arch import block_linears, find_decoder_blocks, linear_weight, set_linear_weight
 from .magnitude import magnitude_prune
@@ -48,6 +48,7 @@ class PruneConfig:
     device: str | torch.device | None = None  # compute device; default: where the model is
     share_statistics: bool = True  # one statistic per distinct input (q/k/v, gate/up share)
     measure_error: bool = True  # per-layer output error on the first calibration chunk
+    plain_solver: bool = False  # SparseGPT with the per-column reference solver (for benchmarks)
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -338,7 +339,10 @@ def _prune_linear(
             pruned, mask = wanda_prune(weight, stat.value.sqrt(), config.sparsity)
         else:
             hessian = stat.value * (2.0 / max(stat.tokens, 1))
-            result = sparsegpt_solve(weight, hessian, config.sparsity, config.blocksize, config.percdamp)
+            solver = obs_block_solve_ref if config.plain_solver else obs_block_solve
+            result = sparsegpt_solve(
+                weight, hessian, config.sparsity, config.blocksize, config.percdamp, block_solver=solver
+            )
             pruned, mask, percdamp = result.weight, result.mask, result.percdamp
         set_linear_weight(module, pruned)
     return mask, percdamp
