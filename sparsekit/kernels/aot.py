@@ -33,6 +33,9 @@ MODULES = [
     "sparsekit.kernels.sparse24",
     "sparsekit.kernels.masked_mm",
     "sparsekit.kernels.bitmap",
+    "sparsekit.kernels.wanda_mask",
+    "sparsekit.kernels.obs_solve",
+    "sparsekit.kernels.calib_stats",
 ]
 
 # how a launch on typical LLM shapes specializes its arguments: 16-byte aligned pointers, sizes and

@@ -7,13 +7,87 @@ err [R, B] scaled errors (w_i - q_i) / hinv[i, i] for the cross-block GEMM, mask
 Mask rule: unstructured keeps ``B*R - floor(B*R*sparsity)`` entries of the whole block with the
 largest w^2 / hinv_ii^2 (ties -> lower flat index); N:M keeps the top n of every m columns,
 chosen when the solve reaches the group's first column.
+
+Triton kernel (CUDA): one program solves BLOCK_R rows of the block, holding w [BLOCK_R, B] in
+registers and walking the B columns in order (rank-1 updates with rows of hinv); the N:M choice
+is made in the kernel at each group's first column. The unstructured mask is a joint top-k over
+the whole [R, B] block, which no single program sees, so torch computes it before the launch
+(``_block_unstructured_mask``) and the kernel reads it. The per-column update is a rank-1
+update, not a GEMM, so the kernel issues no tl.dot (no tensor cores); the cross-block update
+stays a cuBLAS GEMM in ``sparsegpt_solve``.
 """
 
 from __future__ import annotations
 
-import torch
+import contextlib
 
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import use_triton
+from .aot import AotCase
 from .topk_select import keep_count, nm_keep_mask, topk_keep_mask
+
+
+@triton.jit
+def _obs_block_kernel(
+    w_ptr,
+    hinv_ptr,
+    mask_ptr,
+    q_ptr,
+    err_ptr,
+    R,
+    B,
+    stride_wr,
+    stride_h,
+    stride_mr,
+    stride_or,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    # w [R, B] fp32, hinv [B, B] fp32 upper -> q, err [R, B] fp32; mask [R, B] uint8 is read
+    # (unstructured, NM_M == 0) or written (N:M). BLOCK_B >= B: the whole block row is in registers.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_B)
+    ok = (rows[:, None] < R) & (cols[None, :] < B)
+    w = tl.load(w_ptr + rows[:, None] * stride_wr + cols[None, :], mask=ok, other=0.0)
+    diag = tl.load(hinv_ptr + cols * (stride_h + 1), mask=cols < B, other=1.0)
+    m_ptrs = mask_ptr + rows[:, None] * stride_mr + cols[None, :]
+    if NM_M == 0:
+        keep = tl.load(m_ptrs, mask=ok, other=0) != 0
+    else:
+        keep = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int1)
+    q = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
+    err = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
+    for i in range(0, B):
+        at_i = cols[None, :] == i
+        if NM_M != 0:
+            if i % NM_M == 0:  # choose the group's n keepers from the current weights
+                sal = w * w / (diag * diag)[None, :]
+                in_group = (cols[None, :] >= i) & (cols[None, :] < i + NM_M)
+                beaten = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.int32)
+                for j in tl.static_range(NM_M):
+                    s_j = tl.sum(tl.where(cols[None, :] == i + j, sal, 0.0), axis=1)[:, None]
+                    beats = (s_j > sal) | ((s_j == sal) & (i + j < cols[None, :]))
+                    beaten += beats.to(tl.int32)
+                keep = tl.where(in_group, beaten < NM_N, keep)
+        col = tl.sum(tl.where(at_i, w, 0.0), axis=1)  # w[:, i] as updated by columns < i
+        kept = tl.sum(tl.where(at_i & keep, 1, 0), axis=1) != 0
+        d_i = tl.sum(tl.where(cols == i, diag, 0.0), axis=0)
+        q_i = tl.where(kept, col, 0.0)
+        e_i = (col - q_i) / d_i
+        q = tl.where(at_i, q_i[:, None], q)
+        err = tl.where(at_i, e_i[:, None], err)
+        h_row = tl.load(hinv_ptr + i * stride_h + cols, mask=(cols > i) & (cols < B), other=0.0)
+        w = w - e_i[:, None] * h_row[None, :]
+    o_off = rows[:, None] * stride_or + cols[None, :]
+    tl.store(q_ptr + o_off, q, mask=ok)
+    tl.store(err_ptr + o_off, err, mask=ok)
+    if NM_M != 0:
+        tl.store(m_ptrs, keep.to(tl.uint8), mask=ok)
 
 
 def _block_unstructured_mask(w: torch.Tensor, diag: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -58,6 +132,89 @@ def obs_block_solve_ref(
     return q, err, mask
 
 
+def nm_keep_rows(saliency_t: torch.Tensor, n: int) -> torch.Tensor:
+    """saliency_t [m, R] (one N:M group, columns as rows) -> bool [m, R] keeping the top n per column.
+
+    Rank by counting, no sort: j is kept when fewer than n entries beat it, where l beats j if
+    s_l > s_j, or s_l == s_j and l < j (the stable descending sort of ``nm_keep_mask``).
+    """
+    m = saliency_t.shape[0]
+    s_l, s_j = saliency_t.unsqueeze(1), saliency_t.unsqueeze(0)  # [m, 1, R], [1, m, R]
+    lower = torch.ones(m, m, dtype=torch.bool, device=saliency_t.device).tril(-1).T  # [l, j]: l < j
+    beats = (s_l > s_j) | ((s_l == s_j) & lower.unsqueeze(-1))
+    return beats.sum(dim=0) < n
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device):
+    """Run CPU ops single-threaded: the per-column ops are too small to gain from a fork/join,
+    and on a busy machine each one waits for a descheduled OpenMP thread (100x slower measured
+    on 2 shared cores). The cross-block GEMM, outside, keeps every thread."""
+    prev = torch.get_num_threads()
+    if device.type != "cpu" or prev == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def obs_block_solve_t_(
+    wt: torch.Tensor,
+    hinv: torch.Tensor,
+    sparsity: float | None = None,
+    n: int | None = None,
+    m: int | None = None,
+    sub_block: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place transposed solve: wt [B, R] contiguous fp32 -> q (in wt), returns (errt, maskt) [B, R].
+
+    The CPU fast path behind ``obs_block_solve_torch`` and ``sparsegpt_solve``. Columns are
+    solved in sub-blocks of ``sub_block`` (a multiple of m): rank-1 updates touch only the
+    sub-block, the rest of the block gets one GEMM per sub-block (the paper's lazy batch update,
+    applied a second time). On w^T each column is a contiguous row, and each column costs two
+    ops: err_i = w_i / denom_i with denom = hinv_ii where pruned and inf where kept (so err is
+    bit-identical to the reference's (w_i - q_i) / hinv_ii), and one ``addr_``.
+    """
+    with one_thread(wt.device):
+        return _solve_t(wt, hinv, sparsity, n, m, sub_block)
+
+
+def _solve_t(wt, hinv, sparsity, n, m, sub_block):
+    width = wt.shape[0]
+    if n is not None:
+        sub_block = max(m, sub_block - sub_block % m)
+    diag = torch.diagonal(hinv)
+    errt = torch.empty_like(wt)
+    inf = torch.tensor(float("inf"), dtype=wt.dtype, device=wt.device)
+    if sparsity is not None:
+        # joint top-k over the [R, B] block in the reference's row-major flat order (ties)
+        saliency = (wt.square() / diag.square().unsqueeze(1)).T
+        keep = keep_count(saliency.numel(), sparsity)
+        maskt = topk_keep_mask(saliency.reshape(-1), keep).view(saliency.shape).T.contiguous()
+        denom = torch.where(maskt, inf, diag.unsqueeze(1))
+    else:
+        maskt = torch.empty_like(wt, dtype=torch.bool)
+        denom = torch.empty_like(wt)
+    for s0 in range(0, width, sub_block):
+        s1 = min(s0 + sub_block, width)
+        for i in range(s0, s1):
+            if n is not None and i % m == 0:
+                group = slice(i, i + m)
+                saliency = wt[group].square() / diag[group, None].square()
+                maskt[group] = nm_keep_rows(saliency, n)
+                torch.where(maskt[group], inf, diag[group, None], out=denom[group])
+            torch.div(wt[i], denom[i], out=errt[i])
+            if i + 1 < s1:
+                wt[i + 1 : s1].addr_(hinv[i, i + 1 : s1], errt[i], alpha=-1.0)
+        if s1 < width:
+            wt[s1:].addmm_(hinv[s0:s1, s1:].T, errt[s0:s1], alpha=-1.0)
+    wt.mul_(maskt)
+    return errt, maskt
+
+
 def obs_block_solve_torch(
     w: torch.Tensor,
     hinv: torch.Tensor,
@@ -66,40 +223,54 @@ def obs_block_solve_torch(
     m: int | None = None,
     sub_block: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same result as the reference, faster: two-level blocking on a transposed copy.
+    """Same result as the reference, faster: ``obs_block_solve_t_`` on a transposed copy."""
+    _check(w, hinv, sparsity, n, m)
+    wt = w.T.clone(memory_format=torch.contiguous_format)  # [B, R]: column i of w is row i
+    errt, maskt = obs_block_solve_t_(wt, hinv, sparsity, n, m, sub_block)
+    return wt.T.contiguous(), errt.T.contiguous(), maskt.T.contiguous()
 
-    Inside the block, columns are solved in sub-blocks of ``sub_block``: rank-1 updates touch
-    only the sub-block, and the rest of the block gets one GEMM per sub-block (the lazy batch
-    update of the paper, applied a second time). Working on w^T makes each column a contiguous
-    row. ``sub_block`` is a multiple of m so no N:M group straddles two sub-blocks.
-    """
+
+def obs_block_solve_triton(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    sparsity: float | None = None,
+    n: int | None = None,
+    m: int | None = None,
+    block_r: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernel; the unstructured per-block mask is chosen by torch before the launch."""
     _check(w, hinv, sparsity, n, m)
     rows, width = w.shape
-    if n is not None:
-        sub_block = max(m, sub_block - sub_block % m)
-    diag = torch.diagonal(hinv)
-    wt = w.T.contiguous()  # [B, R]: column i of w is the contiguous row i
-    qt = torch.empty_like(wt)
-    errt = torch.empty_like(wt)
+    if width > 256:
+        raise ValueError(f"the Triton block solve keeps rows in registers: use blocksize <= 256, got {width}")
+    w = w.float().contiguous()
+    hinv = hinv.float().contiguous()
     if sparsity is not None:
-        maskt = _block_unstructured_mask(w, diag, sparsity).T.contiguous()
+        mask = _block_unstructured_mask(w, torch.diagonal(hinv), sparsity).to(torch.uint8)
     else:
-        maskt = torch.empty_like(wt, dtype=torch.bool)
-    inv_diag = diag.reciprocal()
-    for s0 in range(0, width, sub_block):
-        s1 = min(s0 + sub_block, width)
-        for i in range(s0, s1):
-            if n is not None and i % m == 0:
-                saliency = wt[i : i + m].square() / diag[i : i + m, None].square()
-                maskt[i : i + m] = nm_keep_mask(saliency.T, n, m).T
-            col = wt[i]
-            torch.mul(col, maskt[i], out=qt[i])
-            torch.mul(col - qt[i], inv_diag[i], out=errt[i])
-            if i + 1 < s1:
-                wt[i + 1 : s1].addr_(hinv[i, i + 1 : s1], errt[i], alpha=-1.0)
-        if s1 < width:
-            wt[s1:].addmm_(hinv[s0:s1, s1:].T, errt[s0:s1], alpha=-1.0)
-    return qt.T.contiguous(), errt.T.contiguous(), maskt.T.contiguous()
+        mask = torch.empty((rows, width), dtype=torch.uint8, device=w.device)
+    q, err = torch.empty_like(w), torch.empty_like(w)
+    block_b = triton.next_power_of_2(width)
+    block_r = block_r or max(1, min(16, 2048 // block_b))  # ~16 fp32 registers of w per thread at 4 warps
+    _obs_block_kernel[(triton.cdiv(rows, block_r),)](
+        w,
+        hinv,
+        mask,
+        q,
+        err,
+        rows,
+        width,
+        w.stride(0),
+        hinv.stride(0),
+        mask.stride(0),
+        q.stride(0),
+        NM_N=n or 0,
+        NM_M=m or 0,
+        BLOCK_R=block_r,
+        BLOCK_B=block_b,
+        num_warps=4,
+    )
+    return q, err, mask.bool()
 
 
 def obs_block_solve(
@@ -109,5 +280,36 @@ def obs_block_solve(
     n: int | None = None,
     m: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dispatch: Triton kernel on CUDA, two-level-blocked torch on CPU."""
+    """w [R, B] fp32, hinv [B, B] fp32 -> (q, err, mask) [R, B]: Triton on CUDA, blocked torch on CPU."""
+    if use_triton(w, hinv):
+        return obs_block_solve_triton(w, hinv, sparsity, n, m)
     return obs_block_solve_torch(w, hinv, sparsity, n, m)
+
+
+_OBS_SIG = {
+    "w_ptr": "*fp32",
+    "hinv_ptr": "*fp32",
+    "mask_ptr": "*u8",
+    "q_ptr": "*fp32",
+    "err_ptr": "*fp32",
+    "R": "i32",
+    "B": "i32",
+    "stride_wr": "i32",
+    "stride_h": "i32",
+    "stride_mr": "i32",
+    "stride_or": "i32",
+}
+# blocksize 128 (SparseGPT's default): unstructured and 2:4, BLOCK_R as the wrapper picks it
+AOT_CASES = [
+    AotCase(
+        f"obs_block_solve-{label}",
+        _obs_block_kernel,
+        _OBS_SIG,
+        {"NM_N": nm_n, "NM_M": nm_m, "BLOCK_R": 16, "BLOCK_B": 128},
+        is_gemm=False,
+        num_warps=4,
+        num_stages=1,
+        aligned=tuple(_OBS_SIG),
+    )
+    for label, nm_n, nm_m in (("unstructured", 0, 0), ("2of4", 2, 4))
+]

@@ -15,6 +15,8 @@ import torch
 
 from sparsekit.formats import NMPattern, Pattern, parse_sparsity
 from sparsekit.kernels import obs_block_solve, obs_block_solve_ref
+from sparsekit.kernels._backend import use_triton
+from sparsekit.kernels.obs_solve import obs_block_solve_t_, one_thread
 
 from .magnitude import _check_weight
 
@@ -35,24 +37,47 @@ class SparseGPTResult:
     obs_loss: float  # sum over columns of (w - q)^2 / Hinv_ii^2 / 2: the OBS estimate of ||dW X||^2
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """hessian [K, K] -> (upper Cholesky factor of (H + damp I)^-1, fp32; percdamp used).
+def _lower_triangular_inverse_(lower: torch.Tensor, out: torch.Tensor, leaf: int = 1024) -> None:
+    """out[:] = L^-1 for lower-triangular L [K, K] (out's upper triangle must be zero), recursively:
+    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]], the off-diagonal block from two
+    triangular solves: K^3/3 flops in all, as LAPACK's trtri (a solve against I costs K^3)."""
+    size = lower.shape[0]
+    if size <= leaf:
+        eye = torch.eye(size, dtype=lower.dtype, device=lower.device)
+        out.copy_(torch.linalg.solve_triangular(lower, eye, upper=False))
+        return
+    h = size // 2
+    a, b, c = lower[:h, :h], lower[h:, :h], lower[h:, h:]
+    _lower_triangular_inverse_(a, out[:h, :h], leaf)
+    _lower_triangular_inverse_(c, out[h:, h:], leaf)
+    b_ainv = torch.linalg.solve_triangular(a, b, upper=False, left=False)
+    out[h:, :h] = torch.linalg.solve_triangular(c, b_ainv, upper=False).neg_()
 
+
+def hessian_factor(
+    hessian: torch.Tensor, percdamp: float, dead: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
+    """hessian [K, K] -> (upper-triangular V [K, K] fp32 with H + damp I = V V^T; percdamp used).
+
+    One Cholesky of the reversed matrix: with J the reversal permutation and J H J = L L^T,
+    H = (J L J)(J L J)^T and J L J is upper triangular. V^-1 is the upper Cholesky factor of H^-1.
+    ``dead`` [K] bool: channels that never fire get H_ii = 1 (in the copy; the input is untouched).
     Dampening starts at ``percdamp`` * mean(diag H) and is multiplied by 10 while Cholesky fails.
     """
     if not torch.isfinite(hessian).all():
         raise ValueError("Hessian has NaN/inf: the calibration activations overflowed; run in fp32")
-    h = hessian.float()
-    mean_diag = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    damp = percdamp
+    reversed_h = hessian.float().flip(0, 1)  # a copy: the damping below never touches the input
+    diagonal = torch.diagonal(reversed_h)
+    if dead is not None:
+        diagonal[dead.flip(0)] = 1.0
+    mean_diag = diagonal.mean()
+    damp, added = percdamp, 0.0
     for _ in range(MAX_DAMP_RETRIES):
-        factor, info = torch.linalg.cholesky_ex(h + (damp * mean_diag) * eye)
+        diagonal.add_(damp * mean_diag - added)
+        added = damp * mean_diag
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
         if info.item() == 0:
-            inverse = torch.cholesky_inverse(factor)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info.item() == 0:
-                return upper, damp
+            return lower.flip(0, 1), damp
         log.warning("Cholesky failed at percdamp=%g; raising dampening to %g", damp, damp * 10)
         damp *= 10
     raise HessianNotPositiveDefinite(
@@ -61,7 +86,76 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
     )
 
 
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """hessian [K, K] -> (upper Cholesky factor U of (H + damp I)^-1, i.e. U^T U = H^-1, fp32; percdamp used).
+
+    One Cholesky of the reversed matrix and one triangular inverse (2K^3/3 flops) instead of
+    Cholesky, inverse and a second Cholesky (4K^3/3): U = V^-1 with V from ``hessian_factor``,
+    upper triangular with a positive diagonal, hence the (unique) upper Cholesky factor of H^-1.
+    """
+    upper_v, damp = hessian_factor(hessian, percdamp)
+    lower = upper_v.flip(0, 1)
+    inverse = torch.zeros_like(lower)
+    _lower_triangular_inverse_(lower, inverse)
+    return inverse.flip(0, 1), damp
+
+
 BlockSolver = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _solve_with_inverse_factor(wt, hinv, blocksize, kwargs, block_solver):
+    """The paper's loop: U = chol(H^-1) upper; after block b, W[:, later] -= E_b U[b, later]."""
+    cols = wt.shape[0]
+    maskt = torch.ones_like(wt, dtype=torch.bool)
+    err_sq = torch.zeros(cols, dtype=torch.float64, device=wt.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        q, err, block_mask = block_solver(wt[i1:i2].T, hinv[i1:i2, i1:i2], **kwargs)
+        wt[i1:i2], maskt[i1:i2] = q.T, block_mask.T
+        err_sq[i1:i2] = err.square().sum(dim=0)
+        if i2 < cols:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].T, err.T, alpha=-1.0)
+    return maskt, err_sq, torch.diagonal(hinv)
+
+
+def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs, block_solver):
+    """The same solve from V (H = V V^T), never forming H^-1's factor U = V^-1 off the diagonal.
+
+    With E the scaled errors and Q the pruned weights, the paper's loop gives (W0 - Q) = E U,
+    so E = (W0 - Q) V. For block b that means: the weights the block solve starts from,
+    W0_b - sum_{a<b} E_a U_ab, equal W0_b + S_b U_bb with S_b = sum_{a<b} (W0 - Q)_a V_ab.
+    S is accumulated by one GEMM per block (as the paper's lazy update) and U_bb = V_bb^-1 is a
+    [B, B] triangular inverse per block; the in-block solve is unchanged.
+    """
+    cols = wt.shape[0]
+    cpu_fast = block_solver is obs_block_solve and not use_triton(wt, upper_v)
+    maskt = torch.ones_like(wt, dtype=torch.bool)
+    err_sq = torch.zeros(cols, dtype=torch.float64, device=wt.device)
+    acc = torch.empty_like(wt)  # S^T [K, N]; rows past the first block are set (beta=0) by block 0
+    u_diag = torch.empty(cols, dtype=wt.dtype, device=wt.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        v_block = upper_v[i1:i2, i1:i2]
+        eye = torch.eye(i2 - i1, dtype=wt.dtype, device=wt.device)
+        with one_thread(wt.device):  # latency-bound small ops, see obs_solve.one_thread
+            u_block = torch.linalg.solve_triangular(v_block, eye, upper=True)
+            u_diag[i1:i2] = torch.diagonal(u_block)
+            if i1 == 0:
+                start = wt[i1:i2].clone()
+            else:
+                start = torch.addmm(wt[i1:i2], u_block.T, acc[i1:i2])  # (W0_b + S_b U_bb)^T
+            if cpu_fast:  # q lands in ``start``, no transposes
+                errt, maskt[i1:i2] = obs_block_solve_t_(start, u_block, **kwargs)
+            else:
+                q, err, block_mask = block_solver(start.T, u_block, **kwargs)
+                start, errt, maskt[i1:i2] = q.T, err.T, block_mask.T
+            err_sq[i1:i2] = errt.square().sum(dim=1)
+            wt[i1:i2].sub_(start)  # (W0 - Q)_b^T, for the GEMM
+        if i2 < cols:
+            acc[i2:].addmm_(upper_v[i1:i2, i2:].T, wt[i1:i2], beta=0.0 if i1 == 0 else 1.0)
+        with one_thread(wt.device):
+            wt[i1:i2] = start
+    return maskt, err_sq, u_diag
 
 
 def sparsegpt_solve(
@@ -72,7 +166,12 @@ def sparsegpt_solve(
     percdamp: float = 0.01,
     block_solver: BlockSolver = obs_block_solve,
 ) -> SparseGPTResult:
-    """Prune weight [N, K] with its Hessian [K, K]; returns weights, mask and diagnostics."""
+    """Prune weight [N, K] with its Hessian [K, K]; returns weights, mask and diagnostics.
+
+    With the default ``block_solver`` the solve runs from H's own (reversed) Cholesky factor,
+    skipping the inverse (``_solve_with_hessian_factor``); any other block solver (the plain
+    reference) runs the paper's loop on U = chol(H^-1) from ``inverse_hessian_factor``.
+    """
     pattern = parse_sparsity(sparsity)
     _check_weight(weight)
     rows, cols = weight.shape
@@ -86,26 +185,27 @@ def sparsegpt_solve(
         pattern.check_columns(cols)
         if blocksize % pattern.group:
             raise ValueError(f"blocksize {blocksize} must be a multiple of M={pattern.group}")
-    w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    hinv, damp_used = inverse_hessian_factor(h, percdamp)
-    del h
-    mask = torch.ones_like(w, dtype=torch.bool)
+    # work on W^T [K, N]: a column block of W is a contiguous row block
+    wt = weight.new_empty((cols, rows), dtype=torch.float32).copy_(weight.detach().T)  # always a copy
+    dead = torch.diagonal(hessian) == 0
+    if dead.any():
+        wt[dead] = 0.0
     kwargs = dict(n=pattern.keep, m=pattern.group) if nm else dict(sparsity=pattern.sparsity)
-    obs_loss = 0.0
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        q, err, block_mask = block_solver(w[:, i1:i2], hinv[i1:i2, i1:i2], **kwargs)
-        obs_loss += 0.5 * (err.square() * torch.diagonal(hinv)[i1:i2].square()).sum().item()
-        w[:, i1:i2] = q
-        mask[:, i1:i2] = block_mask
-        if i2 < cols:
-            w[:, i2:].addmm_(err, hinv[i1:i2, i2:], alpha=-1.0)
-    w[:, dead] = 0.0
-    return SparseGPTResult((w * mask).to(weight.dtype), mask, damp_used, obs_loss)
+    if block_solver is obs_block_solve:
+        factor, damp_used = hessian_factor(hessian.detach(), percdamp, dead)
+        maskt, err_sq, u_diag = _solve_with_hessian_factor(wt, factor, blocksize, kwargs, block_solver)
+    else:
+        h = hessian.detach().float().clone()
+        h[dead, dead] = 1.0
+        factor, damp_used = inverse_hessian_factor(h, percdamp)
+        del h
+        maskt, err_sq, u_diag = _solve_with_inverse_factor(wt, factor, blocksize, kwargs, block_solver)
+    obs_loss = 0.5 * (err_sq * u_diag.double().square()).sum().item()
+    if dead.any():
+        wt[dead] = 0.0
+    mask = maskt.T.contiguous()
+    pruned = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device).copy_(wt.T)  # q is masked
+    return SparseGPTResult(pruned, mask, damp_used, obs_loss)
 
 
 def sparsegpt_prune(

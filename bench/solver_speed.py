@@ -1,0 +1,164 @@
+"""SparseGPT CPU solver speed on LLaMA-7B layer shapes, beside torch.mm in the same run.
+
+    python bench/solver_speed.py --out reports/solver_speed   # ~2 min on 2 idle cores
+
+Effective GFLOP/s = rows * cols^2 / seconds (the lazy-update GEMMs of the solve do about
+rows * cols^2 flops). The factorization (one Cholesky of the reversed Hessian; the solve never
+forms H^-1's factor) is timed on its own and reported with and without it. Writes
+``<out>.json`` and ``<out>.md``; every row carries machine info, versions and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from sparsekit.pruning import sparsegpt_prune_ref, sparsegpt_solve
+from sparsekit.pruning.sparsegpt import hessian_factor
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # q/k/v/o, gate/up, down
+PATTERNS = [0.5, "2:4"]
+
+
+def realistic_hessian(cols: int, rank: int = 256, outliers: int = 8, seed: int = 0) -> torch.Tensor:
+    """E[X^T X] / T for activations X = Z A^T + noise with a few outlier channels (x30), fp32.
+
+    The expectation of the Gram matrix of correlated random activations, built without drawing
+    the tokens (a [T, 11008] draw and its X^T X would dominate the run): A [cols, rank] mixes
+    ``rank`` latent factors, the noise is per channel, and outlier channels are scaled by 30.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, rank, generator=g) / rank**0.5
+    hessian = mix @ mix.T
+    hessian.diagonal().add_(0.1 + torch.rand(cols, generator=g))
+    scale = torch.ones(cols)
+    scale[torch.randperm(cols, generator=g)[:outliers]] = 30.0
+    return hessian * scale[:, None] * scale[None, :]
+
+
+def _time(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    return 2 * size**3 / statistics.median(_time(lambda: a @ b, repeats)) / 1e9
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout
+    except OSError:
+        commit = ""
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": commit.strip(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def run(shapes, patterns, repeats: int, with_ref: bool) -> dict:
+    torch.manual_seed(0)
+    info = machine()
+    rows_out = []
+    mm = matmul_gflops()
+    for rows, cols in shapes:
+        hessian = realistic_hessian(cols)
+        weight = torch.randn(rows, cols)
+        flops = rows * cols**2
+        factor_s = min(_time(partial(hessian_factor, hessian, 0.01), repeats))
+        for pattern in patterns:
+            total_s = min(_time(partial(sparsegpt_solve, weight, hessian, pattern), repeats))
+            solve_s = max(total_s - factor_s, 1e-9)
+            row = {
+                "shape": f"{rows}x{cols}",
+                "pattern": str(pattern),
+                "factor_s": round(factor_s, 3),
+                "solve_s": round(solve_s, 3),
+                "total_s": round(total_s, 3),
+                "gflops_total": round(flops / total_s / 1e9, 1),
+                "gflops_solve_only": round(flops / solve_s / 1e9, 1),
+                "mm_gflops": round(mm, 1),
+                "pct_mm_total": round(100 * flops / total_s / 1e9 / mm, 1),
+                "pct_mm_solve_only": round(100 * flops / solve_s / 1e9 / mm, 1),
+            }
+            if with_ref and (rows, cols) == (4096, 4096):
+                ref_s = _time(partial(sparsegpt_prune_ref, weight, hessian, pattern), 1)[0]
+                row["ref_total_s"] = round(ref_s, 3)
+                row["pct_mm_ref"] = round(100 * flops / ref_s / 1e9 / mm, 1)
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+        mm = (mm + matmul_gflops()) / 2  # re-measured between shapes: the machine may be shared
+    return {"machine": info, "rows": rows_out}
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"SparseGPT CPU solver, blocksize 128, fp32 ({m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+        f"commit {m['commit']}, {m['time']}). GFLOP/s = rows*cols^2/s; torch.mm 4096^3 in the same run.",
+        "",
+        "| shape | pattern | factor s | solve s | total s | GFLOP/s total | GFLOP/s solve only "
+        "| torch.mm GFLOP/s | % of mm total | % of mm solve only | plain loop s (% of mm) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ref = f"{r['ref_total_s']} ({r['pct_mm_ref']}%)" if "ref_total_s" in r else ""
+        lines.append(
+            f"| {r['shape']} | {r['pattern']} | {r['factor_s']} | {r['solve_s']} | {r['total_s']} | "
+            f"{r['gflops_total']} | {r['gflops_solve_only']} | {r['mm_gflops']} | {r['pct_mm_total']} | "
+            f"{r['pct_mm_solve_only']} | {ref} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=Path("reports/solver_speed"), help="writes OUT.json, OUT.md"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per row (min is reported)")
+    parser.add_argument("--quick", action="store_true", help="4096x4096 only")
+    parser.add_argument(
+        "--with-ref", action="store_true", help="also time the plain per-column loop at 4096x4096 (slow)"
+    )
+    args = parser.parse_args(argv)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    result = run(shapes, PATTERNS, args.repeats, args.with_ref)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
