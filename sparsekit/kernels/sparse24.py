@@ -23,6 +23,7 @@ import triton.language as tl
 from ._backend import check_dtype, check_same_device, launch, use_triton
 from ._gemm_configs import as_2d, gemm_configs, m_bucket, prune
 from .aot import AotCase, gemm_signature
+from .sparse24_cpu import decompress_rows, sparse24_mm_cpu
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -167,9 +168,14 @@ def _group_indices(meta: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """(values [N, K/2], meta [N, ceil(K/8)] uint8) -> dense weight [N, K] with zeros (one scatter)."""
+    """(values [N, K/2], meta [N, ceil(K/8)] uint8) -> dense weight [N, K] with zeros.
+
+    CPU: the vectorized expansion of sparse24_cpu; elsewhere one scatter.
+    """
     _check_format(values, meta)
     rows, half = values.shape
+    if values.device.type == "cpu":
+        return decompress_rows(values, meta, 0, rows)
     idx = _group_indices(meta, half // 2)
     dense = values.new_zeros(rows, half // 2, 4)
     return dense.scatter_(-1, idx, values.reshape(rows, half // 2, 2)).reshape(rows, 2 * half)
@@ -245,6 +251,8 @@ def _sparse24_mm_triton(x, values, meta, bias, interpret_config=None):
 
 
 def _sparse24_mm_torch(x, values, meta, bias):
+    if x.device.type == "cpu":  # direct kernel at decode, blocked decompress + GEMM above
+        return sparse24_mm_cpu(x, values, meta, bias)
     return F.linear(x, decompress_24(values, meta), bias)
 
 
