@@ -49,8 +49,12 @@ def write_json_atomic(path: str | Path, data: object) -> None:
 
 def load_any(spec: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False):
     """A model spec (hub id, folder, GGUF, 'smollm2') or a sparsekit checkpoint -> (model, tokenizer)."""
-    from sparsekit.hf.models import load_model
+    from sparsekit.hf.checkpoint import is_checkpoint, load
+    from sparsekit.hf.models import load_model, load_tokenizer, resolve_model
 
+    if is_checkpoint(spec):
+        model = load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model, load_tokenizer(resolve_model(spec))
     return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
@@ -97,13 +101,30 @@ def cmd_prune(args: argparse.Namespace) -> int:
         summary["perplexity"] = result.to_dict()
         print(f"perplexity {result.ppl:.3f} on {result.dataset} ({result.windows} x {result.seqlen} tokens)")
     if args.out:
-        save_pruned(model.cpu(), tokenizer, args.out, summary)
-        print(f"saved to {args.out}")
+        save_pruned(model.cpu(), tokenizer, args.out, summary, args.save_format)
+        print(f"saved ({args.save_format}) to {args.out}")
     return 0
 
 
-def save_pruned(model, tokenizer, out: str, summary: dict) -> None:
-    """Save the pruned model (HF format, zeros kept) and its prune report."""
+def save_pruned(model, tokenizer, out: str, summary: dict, save_format: str = "compressed") -> None:
+    """Save the pruned model and its prune report (prune_report.json) into ``out``, atomically.
+
+    compressed: SparseLinear layers (2:4 or bitmap, whichever fits) in a sparsekit checkpoint that
+    ``sparsekit eval`` / ``sparsekit.load`` / ``from_pretrained`` after ``import sparsekit`` read;
+    dense: an ordinary HF checkpoint with the zeros kept.
+    """
+    if save_format == "compressed":
+        from sparsekit.hf.checkpoint import save
+        from sparsekit.nn import sparsify
+
+        swap = sparsify(model, format="auto")
+        summary["sparsify"] = swap.to_dict()
+        print(
+            f"compressed {len(swap.layers)} layers: weights {swap.layer_bytes_before / 2**20:.1f} MiB -> "
+            f"{swap.layer_bytes_after / 2**20:.1f} MiB"
+        )
+        save(model, out, tokenizer=tokenizer, extra_json={"prune_report.json": summary})
+        return
     out_dir = Path(out)
     tmp = Path(
         tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None, prefix=".sparsekit-")
@@ -137,6 +158,107 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_layers(args: argparse.Namespace) -> int:
+    from sparsekit.bench import layers
+    from sparsekit.bench.timing import choose_threads
+
+    _, threads_note = choose_threads(args.threads)
+    cuda = torch.device(args.device).type == "cuda"
+    names = [args.model] if args.model else (args.shapes.split(",") if args.shapes else None)
+    names = names or list(layers.GPU_SHAPES if cuda else layers.CPU_SHAPES)
+    shapes = [s for name in names for s in layers.linear_shapes(name)]
+    ms = tuple(int(m) for m in args.m.split(",")) if args.m else (layers.GPU_MS if cuda else layers.CPU_MS)
+    backends = tuple(args.backends.split(",")) if args.backends else None
+    result = layers.run_layers(shapes, ms, args.pattern, backends, args.dtype, args.device, args.cuda_graphs)
+    result.config["threads_note"] = threads_note
+    paths = layers.write_layers_report(result, args.out)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_bench_e2e(args: argparse.Namespace) -> int:
+    from sparsekit.bench.e2e import run_e2e, write_e2e_report
+    from sparsekit.bench.timing import choose_threads
+
+    _, threads_note = choose_threads(args.threads)
+    model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
+    pruned = Path(args.model, "prune_report.json").is_file()  # a `sparsekit prune --out` folder
+    result = run_e2e(
+        model,
+        tokenizer,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        batch=args.batch,
+        pattern=args.pattern,
+        pruned=pruned,
+        compile=args.compile,
+        eval_tokens=args.eval_tokens,
+        repeats=args.repeats,
+        cache=args.cache,
+        model_label=args.model,
+    )
+    result.config["threads_note"] = threads_note
+    paths = write_e2e_report(result, args.out)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from sparsekit.bench.demo import QUICK, DemoConfig, run_demo
+
+    config = replace(QUICK if args.quick else DemoConfig(), model=args.model, threads=args.threads)
+    report = run_demo(args.out, quick=args.quick, config=config)
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sparsekit.hf.checkpoint import export_dense
+
+    if not args.dense:
+        raise ValueError("sparsekit export needs --dense (the only export format so far)")
+    out = export_dense(args.checkpoint, args.out)
+    print(f"wrote a dense HF checkpoint (zeros kept, no quantization_config) to {out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from sparsekit.api import perplexity
+    from sparsekit.hf.checkpoint import load, save
+    from sparsekit.hf.data import evaluation_ids
+    from sparsekit.hf.finetune import finetune
+    from sparsekit.hf.models import ModelSource, load_tokenizer
+
+    model = load(args.checkpoint)
+    tokenizer = load_tokenizer(ModelSource(str(args.checkpoint)))
+    eval_ids = evaluation_ids(tokenizer, args.eval_dataset, max_tokens=args.eval_tokens)
+    report = finetune(
+        model,
+        tokenizer,
+        steps=args.steps,
+        lr=args.lr,
+        seqlen=args.seqlen,
+        nsamples=args.nsamples,
+        batch_size=args.batch_size,
+        calib=args.calib,
+        evaluate=lambda m: perplexity(m, eval_ids, seqlen=args.eval_seqlen).ppl,
+    )
+    print(
+        f"fine-tuned {report.trained_layers} layers for {report.steps} steps in {report.seconds:.0f} s: "
+        f"loss {report.losses[0]:.3f} -> {report.losses[-1]:.3f}, "
+        f"perplexity {report.ppl_before:.3f} -> {report.ppl_after:.3f}, masks exact: {report.masks_exact}"
+    )
+    out = args.out or args.checkpoint
+    save(model, out, tokenizer=tokenizer)
+    write_json_atomic(Path(out) / "finetune_report.json", report.to_dict())
+    print(f"saved to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsekit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -160,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=None, help="cap on evaluation tokens")
     p.add_argument("--out", help="directory to save the pruned model to")
+    p.add_argument(
+        "--save-format",
+        choices=("compressed", "dense"),
+        default="compressed",
+        help="compressed: SparseLinear layers (2:4 / bitmap) in a sparsekit checkpoint (default); "
+        "dense: plain HF checkpoint, zeros kept",
+    )
     _add_model_args(p)
     p.set_defaults(func=cmd_prune)
 
@@ -171,6 +300,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result as JSON here")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("bench", help="per-layer and end-to-end speed benchmarks")
+    bench = p.add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser(
+        "layers",
+        help="dense F.linear vs every sparse backend on real-model linear shapes (no weights needed)",
+        description="Defaults: on CUDA llama-2-7b,llama-3-8b,llama-2-13b,llama-2-70b at M 1..4096 in fp16; "
+        "on the CPU smollm2-135m,llama-2-7b at M 1,16,128 in fp32 (about a minute or two on 2 cores: "
+        "big shapes at large M take seconds per call there).",
+    )
+    p.add_argument("--model", help="one shipped shape config (llama-2-7b, smollm2, ...) or a model folder")
+    p.add_argument("--shapes", help="comma-separated shipped configs, e.g. llama-2-7b,llama-3-8b")
+    p.add_argument("--m", help="comma-separated token counts M (default: 1,16,128 on CPU; 1..4096 on GPU)")
+    p.add_argument("--pattern", default="2:4", help="2:4 or an unstructured ratio like 0.5")
+    p.add_argument("--backends", help="dense,dense-compiled,2:4,bitmap,masked,cusparselt,csr")
+    p.add_argument("--dtype", type=_dtype, default=None, help="default float16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cuda-graphs", action="store_true", help="time M <= 64 inside CUDA graphs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="reports/layers", help="directory for layers.json/.md/.png")
+    p.set_defaults(func=cmd_bench_layers)
+    p = bench.add_parser("e2e", help="TTFT / TPOT / memory / perplexity, dense vs sparsified")
+    p.add_argument("model", help="hub id, folder, 'smollm2', a `prune --out` folder, a sparsekit checkpoint")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--pattern", default="2:4", help="magnitude pattern for an unpruned model")
+    p.add_argument("--compile", action="store_true", help="torch.compile (CUDA graphs on GPU for decode)")
+    p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache kind")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations after one untimed")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="perplexity tokens (0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="reports/e2e", help="directory for e2e.json/.md/.png")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_bench_e2e)
+
+    p = sub.add_parser("demo", help="prune, evaluate and benchmark the embedded model; write a report")
+    p.add_argument("--out", help="report directory (default reports/<timestamp>)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run, about a minute)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="write a sparsekit checkpoint as an ordinary dense HF checkpoint")
+    p.add_argument("checkpoint", help="folder written by sparsekit.save")
+    p.add_argument("--dense", action="store_true", help="zeros kept, loadable by any engine (vLLM, ...)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("finetune", help="sparse recovery fine-tune of a sparsekit checkpoint, masks fixed")
+    p.add_argument("checkpoint", help="folder written by sparsekit.save")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--calib", default="wiki-offline")
+    p.add_argument("--eval-dataset", default="wiki-offline")
+    p.add_argument("--eval-seqlen", type=int, default=256)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--out", help="save here (default: overwrite the checkpoint, atomically)")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

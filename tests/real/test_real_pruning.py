@@ -7,6 +7,7 @@ import pytest
 
 import sparsekit
 from sparsekit.cli import main
+from sparsekit.hf.checkpoint import is_checkpoint
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 
 pytestmark = pytest.mark.real
@@ -82,6 +83,9 @@ def test_cli_prunes_evaluates_and_saves(tmp_path, capsys):
     report = json.loads((out / "prune_report.json").read_text())
     assert report["seqlen"] == 64 and report["nsamples"] == 4 and report["calib"] == "wiki-offline"
     assert report["overall_sparsity"] == pytest.approx(0.5)
+    assert is_checkpoint(out), "prune --out writes a compressed sparsekit checkpoint by default"
+    assert report["sparsify"]["layers_swapped"] == 30 * 7  # every linear of the 30 blocks
+    assert report["sparsify"]["layer_ratio"] < 0.6  # bitmap at 50%: ~0.53 of the fp32 bytes
     assert main(["eval", str(out), "--max-tokens", "512", "--seqlen", "256"]) == 0
     assert "perplexity" in capsys.readouterr().out
 

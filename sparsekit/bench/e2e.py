@@ -1,0 +1,429 @@
+"""End-to-end generation speed of a dense and a sparsified model: TTFT, TPOT, memory, perplexity.
+
+TTFT is the prefill of the prompt up to the first token (argmax of the last position). TPOT is
+the mean time of the decode steps themselves: a manual loop over a static KV cache (transformers
+``StaticCache``, falling back to the model's own dynamic cache), each step timed between device
+synchronizations, so prefill is never divided into the per-token time (``generate(N) / N`` would).
+One untimed run comes first (it also triggers the compile when ``compile=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparsekit.bench.env import environment
+from sparsekit.bench.timing import RegionTimer, quantiles
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class E2ERow:
+    variant: str  # "dense" | "sparse (2:4)" ...
+    ttft_ms: float  # median over repeats
+    ttft_p20_ms: float
+    ttft_p80_ms: float
+    tpot_ms: float  # median over repeats of the mean decode-step time
+    tpot_p20_ms: float  # over all decode steps of all repeats
+    tpot_p80_ms: float
+    prefill_tok_s: float  # batch * prompt_len / TTFT
+    decode_tok_s: float  # batch / TPOT
+    model_bytes: int  # parameters + buffers, shared storages once
+    decode_gbps: float  # model bytes / TPOT: the weight stream a decode step implies
+    peak_bytes: int  # CUDA max allocated, or the process's RSS high-water mark on the CPU
+    peak_over_start_bytes: int  # the peak minus what was in use when the timed runs began
+    ppl: float | None
+    cache: str  # "static" | "dynamic"
+    compiled: bool
+    sparsify: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class E2EResult:
+    env: dict
+    config: dict
+    rows: list[E2ERow]
+
+    def to_dict(self) -> dict:
+        return {"env": self.env, "config": self.config, "rows": [asdict(r) for r in self.rows]}
+
+
+# ----------------------------------------------------------------------------- memory
+def model_bytes(model: nn.Module) -> int:
+    """Parameters + buffers, each storage counted once (tied embeddings)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def _rss_bytes(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Reset the peak counter; return the bytes in use now (CUDA allocated, or RSS on the CPU).
+
+    On Linux, writing 5 to /proc/self/clear_refs resets the RSS high-water mark (VmHWM).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        log.debug("cannot reset VmHWM; the CPU peak is the process's high-water mark since start")
+    return _rss_bytes("VmRSS") or 0
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    hwm = _rss_bytes("VmHWM")
+    if hwm is None:
+        import resource
+
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return hwm
+
+
+# ----------------------------------------------------------------------------- timing loop
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _Generator:
+    """Prefill + greedy decode over a static (or dynamic) KV cache, one timed region per step."""
+
+    def __init__(self, model: nn.Module, max_len: int, compile: bool, cache: str = "static") -> None:
+        self.model, self.max_len, self.device = model, max_len, _device_of(model)
+        self.cache_kind = cache
+        self.cache = self._static_cache() if cache == "static" else None
+        self.compiled = compile
+        forward = self._forward
+        self.prefill_fn, self.decode_fn = forward, forward
+        if compile:
+            cuda = self.device.type == "cuda"
+            # CUDA graphs (reduce-overhead) for the decode step, where launch overhead dominates
+            self.decode_fn = torch.compile(forward, mode="reduce-overhead" if cuda else "default")
+            self.prefill_fn = torch.compile(forward, dynamic=False)
+
+    def _static_cache(self):
+        from transformers import StaticCache
+
+        return StaticCache(config=self.model.config, max_cache_len=self.max_len)
+
+    def _forward(self, ids: torch.Tensor, cache_position: torch.Tensor, past) -> tuple[torch.Tensor, object]:
+        out = self.model(ids, past_key_values=past, cache_position=cache_position, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+
+    def _mark_step(self) -> None:
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, list[float], torch.Tensor]:
+        """One generation: (TTFT ms, decode step ms list, generated tokens [B, new_tokens])."""
+        prompt_len = input_ids.shape[1]
+        past = self.cache
+        if past is not None:
+            past.reset()
+        self._mark_step()
+        with RegionTimer(self.device) as t:
+            pos = torch.arange(prompt_len, device=self.device)
+            tok, past = self.prefill_fn(input_ids, pos, past)
+        ttft = t.elapsed_ms
+        steps, tokens = [], [tok]
+        for i in range(new_tokens - 1):
+            self._mark_step()
+            with RegionTimer(self.device) as t:
+                pos = torch.tensor([prompt_len + i], device=self.device)
+                tok, past = self.decode_fn(tok, pos, past if self.cache is None else self.cache)
+                tok = tok.clone()  # a CUDA-graph output is overwritten by the next replay
+            steps.append(t.elapsed_ms)
+            tokens.append(tok)
+        return ttft, steps, torch.cat(tokens, dim=1)
+
+
+def time_generation(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    compile: bool = False,
+    warmup: int = 1,
+    repeats: int = 3,
+    cache: str = "static",
+) -> dict:
+    """TTFT and TPOT of greedy generation (medians over ``repeats`` after ``warmup`` untimed runs)."""
+    if new_tokens < 2:
+        raise ValueError(f"TPOT needs at least 2 new tokens (one decode step), got {new_tokens}")
+    device = _device_of(model)
+    input_ids = input_ids.to(device)
+    max_len = input_ids.shape[1] + new_tokens
+    notes = []
+    try:
+        gen = _Generator(model, max_len, compile, cache)
+        start = time.perf_counter()
+        for _ in range(warmup):
+            gen.run(input_ids, new_tokens)
+    except (TypeError, ValueError, RuntimeError, ImportError, AttributeError) as exc:
+        if cache != "static":
+            raise
+        notes.append(f"static KV cache failed ({type(exc).__name__}: {exc}); used the dynamic cache")
+        log.warning(notes[-1])
+        gen = _Generator(model, max_len, compile, "dynamic")
+        start = time.perf_counter()
+        for _ in range(warmup):
+            gen.run(input_ids, new_tokens)
+    warmup_s = time.perf_counter() - start
+    in_use = reset_peak_memory(device)
+    ttfts, tpots, all_steps = [], [], []
+    for _ in range(repeats):
+        ttft, steps, _ = gen.run(input_ids, new_tokens)
+        ttfts.append(ttft)
+        tpots.append(sum(steps) / len(steps))
+        all_steps.extend(steps)
+    peak = peak_memory(device)
+    _, ttft_p20, ttft_p80 = quantiles(ttfts)
+    _, step_p20, step_p80 = quantiles(all_steps)
+    return {
+        "ttft_ms": statistics.median(ttfts),
+        "ttft_p20_ms": ttft_p20,
+        "ttft_p80_ms": ttft_p80,
+        "tpot_ms": statistics.median(tpots),
+        "tpot_p20_ms": step_p20,
+        "tpot_p80_ms": step_p80,
+        "peak_bytes": peak,
+        "peak_over_start_bytes": max(0, peak - in_use),
+        "warmup_s": warmup_s,
+        "cache": gen.cache_kind,
+        "notes": notes,
+    }
+
+
+# ----------------------------------------------------------------------------- variants
+def has_sparse_layers(model: nn.Module) -> bool:
+    from sparsekit.nn import SparseLinear
+
+    return any(isinstance(m, SparseLinear) for m in model.modules())
+
+
+def sparsified_copy(model: nn.Module, pattern: str = "2:4", pruned: bool = False) -> tuple[nn.Module, dict]:
+    """A deep copy pruned with magnitude at ``pattern`` (unless ``pruned``), then ``sparsify``'d."""
+    from sparsekit.api import prune
+    from sparsekit.nn import sparsify
+
+    sparse = copy.deepcopy(model)
+    info: dict = {}
+    if not pruned:
+        report = prune(sparse, method="magnitude", sparsity=pattern, show_progress=False)
+        info["magnitude_sparsity"] = report.overall_sparsity
+    info.update(sparsify(sparse, format="auto").to_dict())
+    return sparse.eval(), info
+
+
+def densified_copy(model: nn.Module) -> nn.Module:
+    """A copy of a model with SparseLinear layers turned back into nn.Linear (zeros kept)."""
+    from sparsekit.nn import densify
+
+    dense = copy.deepcopy(model)
+    densify(dense)
+    return dense.eval()
+
+
+def prompt_ids(tokenizer, batch: int, prompt_len: int, corpus: str = "dolly") -> tuple[torch.Tensor, str]:
+    """[batch, prompt_len] prompts from ``corpus`` (dolly-15k), or the offline corpus when unreachable."""
+    from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids
+
+    try:
+        return calibration_ids(tokenizer, corpus, batch, prompt_len, seed=1), corpus
+    except (ConnectionError, ImportError) as exc:
+        log.info("prompts: %s unavailable (%s); using %s", corpus, str(exc).split(";")[0], DEFAULT_CORPUS)
+        return calibration_ids(tokenizer, DEFAULT_CORPUS, batch, prompt_len, seed=1), DEFAULT_CORPUS
+
+
+def run_e2e(
+    model: nn.Module,
+    tokenizer=None,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    batch: int = 1,
+    pattern: str = "2:4",
+    pruned: bool = False,
+    compile: bool = False,
+    input_ids: torch.Tensor | None = None,
+    eval_ids: torch.Tensor | None = None,
+    eval_tokens: int = 2048,
+    eval_seqlen: int = 512,
+    corpus: str = "dolly",
+    warmup: int = 1,
+    repeats: int = 3,
+    cache: str = "static",
+    model_label: str = "model",
+) -> E2EResult:
+    """Dense vs sparsified generation speed, memory and perplexity of ``model`` (left unchanged).
+
+    The sparse variant is a copy pruned with magnitude at ``pattern`` (skipped when ``pruned``:
+    the weights already carry their zeros) and swapped to SparseLinear by ``sparsify``. A model
+    that already holds SparseLinear layers (a sparsekit checkpoint) is the sparse variant, and its
+    densified copy is the dense one. ``input_ids`` [batch, prompt_len] and ``eval_ids`` [1, T]
+    replace the corpus text (needed when there is no tokenizer).
+    """
+    from sparsekit.eval.perplexity import perplexity_of_ids
+    from sparsekit.hf.data import DEFAULT_CORPUS, evaluation_ids
+
+    device = _device_of(model)
+    env = environment()
+    prompt_source = "input_ids"
+    if input_ids is None:
+        if tokenizer is None:
+            raise ValueError("run_e2e needs a tokenizer or input_ids [batch, prompt_len]")
+        input_ids, prompt_source = prompt_ids(tokenizer, batch, prompt_len, corpus)
+    batch, prompt_len = input_ids.shape
+    if eval_ids is None and tokenizer is not None and eval_tokens > 0:
+        eval_ids = evaluation_ids(tokenizer, DEFAULT_CORPUS, max_tokens=eval_tokens)
+    seqlen = min(eval_seqlen, eval_ids.shape[1]) if eval_ids is not None else eval_seqlen
+
+    if has_sparse_layers(model):  # a sparse checkpoint: it is the sparse variant
+        variants = [("dense (densified)", lambda: (densified_copy(model), {})), ("sparse (checkpoint)", None)]
+    else:
+        variants = [("dense", None), (f"sparse ({pattern})", lambda: sparsified_copy(model, pattern, pruned))]
+
+    rows = []
+    for label, build in variants:
+        log.info("e2e: %s: building", label)
+        if build is None:
+            variant, info = model, {}
+        else:
+            variant, info = build()
+            variant.to(device)
+        log.info("e2e: %s: timing %d x (%d prompt + %d new tokens)", label, batch, prompt_len, new_tokens)
+        timing = time_generation(variant, input_ids, new_tokens, compile, warmup, repeats, cache)
+        ppl = None
+        if eval_ids is not None:
+            ppl = perplexity_of_ids(variant, eval_ids, seqlen).ppl
+        nbytes = model_bytes(variant)
+        row = E2ERow(
+            variant=label,
+            ttft_ms=timing["ttft_ms"],
+            ttft_p20_ms=timing["ttft_p20_ms"],
+            ttft_p80_ms=timing["ttft_p80_ms"],
+            tpot_ms=timing["tpot_ms"],
+            tpot_p20_ms=timing["tpot_p20_ms"],
+            tpot_p80_ms=timing["tpot_p80_ms"],
+            prefill_tok_s=batch * prompt_len / (timing["ttft_ms"] * 1e-3),
+            decode_tok_s=batch / (timing["tpot_ms"] * 1e-3),
+            model_bytes=nbytes,
+            decode_gbps=nbytes / (timing["tpot_ms"] * 1e-3) / 1e9,
+            peak_bytes=timing["peak_bytes"],
+            peak_over_start_bytes=timing["peak_over_start_bytes"],
+            ppl=ppl,
+            cache=timing["cache"],
+            compiled=compile,
+            sparsify=info,
+            notes=timing["notes"],
+            env={k: env[k] for k in ("device", "torch", "commit", "time_utc") if k in env},
+        )
+        log.info(
+            "e2e: %s: TTFT %.1f ms, TPOT %.2f ms, %.1f MB, ppl %s",
+            row.variant,
+            row.ttft_ms,
+            row.tpot_ms,
+            nbytes / 1e6,
+            f"{ppl:.2f}" if ppl is not None else "-",
+        )
+        rows.append(row)
+        if build is not None:
+            del variant
+    config = {
+        "model": model_label,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "pattern": pattern,
+        "pruned_input": pruned,
+        "compile": compile,
+        "prompts": prompt_source,
+        "warmup": warmup,
+        "repeats": repeats,
+        "eval_tokens": int(eval_ids.shape[1]) if eval_ids is not None else 0,
+        "eval_seqlen": seqlen,
+        "timer": "device-synchronized wall time per region; TPOT = mean decode-step time, prefill excluded",
+    }
+    return E2EResult(env, config, rows)
+
+
+# ----------------------------------------------------------------------------- reports
+def e2e_markdown(result: E2EResult) -> str:
+    cfg, env = result.config, result.env
+    lines = [
+        f"{cfg['model']} on {env.get('device')} ({env.get('cpu')}, {env.get('cpu_threads')} threads), "
+        f"{cfg['dtype']}, batch {cfg['batch']}, prompt {cfg['prompt_len']} tokens ({cfg['prompts']}), "
+        f"{cfg['new_tokens']} new tokens, {cfg['repeats']} timed runs after {cfg['warmup']} untimed; "
+        f"compile {'on' if cfg['compile'] else 'off'}; torch {env.get('torch')}, commit {env.get('commit')}, "
+        f"{env.get('time_utc')}.",
+        "",
+        "| variant | TTFT ms (p20..p80) | TPOT ms (p20..p80) | prefill tok/s | decode tok/s | model MB | "
+        "decode GB/s | peak MB (+ over start) | ppl |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result.rows:
+        ppl = f"{r.ppl:.2f}" if r.ppl is not None else "-"
+        lines.append(
+            f"| {r.variant} | {r.ttft_ms:.1f} ({r.ttft_p20_ms:.1f}..{r.ttft_p80_ms:.1f}) | "
+            f"{r.tpot_ms:.2f} ({r.tpot_p20_ms:.2f}..{r.tpot_p80_ms:.2f}) | {r.prefill_tok_s:.0f} | "
+            f"{r.decode_tok_s:.1f} | {r.model_bytes / 1e6:.1f} | {r.decode_gbps:.2f} | "
+            f"{r.peak_bytes / 1e6:.0f} (+{r.peak_over_start_bytes / 1e6:.0f}) | {ppl} |"
+        )
+    peak_kind = "CUDA max allocated" if cfg["device"].startswith("cuda") else "process RSS high-water mark"
+    lines += [
+        "",
+        f"Peak memory: {peak_kind} during the timed runs (+ the rise over what was resident when "
+        f"they began); perplexity on {cfg['eval_tokens']} held-out tokens in windows of "
+        f"{cfg['eval_seqlen']}. Decode GB/s = model bytes / TPOT.",
+    ]
+    notes = sorted(
+        {n for r in result.rows for n in r.notes}
+        | ({cfg["threads_note"]} if cfg.get("threads_note") else set())
+    )
+    if notes:
+        lines.append("Notes: " + "; ".join(notes))
+    return "\n".join(lines) + "\n"
+
+
+def write_e2e_report(result: E2EResult, out: str | Path, stem: str = "e2e") -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (TTFT/TPOT bars) to ``out``."""
+    from sparsekit.bench.plots import plot_e2e, write_json_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    write_json_atomic(paths["json"], result.to_dict())
+    paths["md"].write_text(e2e_markdown(result))
+    plot_e2e([asdict(r) for r in result.rows], paths["png"], title=result.config["model"])
+    return paths

@@ -1,0 +1,497 @@
+"""Per-layer benchmark: dense ``F.linear`` against every sparse backend on real-model linear shapes.
+
+Shapes come from the model configs in ``sparsekit/bench_shapes/*.json`` (no weights needed): each
+shape gets a random weight pruned to the pattern, and every backend computes the same
+``F.linear(x, weight_with_zeros)``. One runner, one ``setup_<backend>(case)`` factory per backend.
+
+Columns: median time (p20..p80), speedup against the best dense baseline (eager or compiled,
+whichever is faster at that shape and M), achieved GB/s (input + weight format + output bytes
+over time), TFLOP/s (dense-equivalent 2*M*N*K over time), % of the measured roofline, and the
+bytes of the weight format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsekit.bench.env import environment
+from sparsekit.bench.roofline import Roofline, measure_roofline
+from sparsekit.bench.timing import CacheFlush, Timing, time_cpu_interleaved, time_gpu
+from sparsekit.formats import NMPattern, parse_sparsity, pattern_mask
+
+log = logging.getLogger(__name__)
+
+SHAPES_DIR = Path(__file__).resolve().parent.parent / "bench_shapes"
+_ALIASES = {"smollm2": "smollm2-135m", "default": "smollm2-135m"}
+
+# CPU defaults finish in about a minute on two cores; the GPU defaults are the usual LLM sweep.
+CPU_SHAPES = ("smollm2-135m", "llama-2-7b")
+CPU_MS = (1, 16, 128)
+GPU_SHAPES = ("llama-2-7b", "llama-3-8b", "llama-2-13b", "llama-2-70b")
+GPU_MS = (1, 4, 16, 64, 256, 1024, 4096)
+DENSE_BACKENDS = ("dense", "dense-compiled")
+ALL_BACKENDS = ("dense", "dense-compiled", "2:4", "bitmap", "masked", "cusparselt", "csr")
+
+
+# ----------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class LinearShape:
+    """One linear layer shape: y [M, n] = x [M, k] @ W [n, k].T; ``layers`` names those sharing it."""
+
+    model: str
+    layers: str
+    n: int
+    k: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.layers} ({self.n}x{self.k})"
+
+
+def shipped_shapes() -> list[str]:
+    """Names of the model configs shipped in ``sparsekit/bench_shapes``."""
+    return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
+
+
+def load_shape_config(name: str) -> dict:
+    """A shipped config by name ('llama-2-7b', 'smollm2'), or a model folder / hub id's config.json."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    path = SHAPES_DIR / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(name).is_dir() and (Path(name) / "config.json").is_file():
+        cfg = json.loads((Path(name) / "config.json").read_text())
+        cfg.setdefault("name", Path(name).name)
+        return cfg
+    raise ValueError(
+        f"no shape config {name!r}: choose one of {', '.join(shipped_shapes())} "
+        "or a model folder holding config.json"
+    )
+
+
+def linear_shapes(config: dict | str, dedupe: bool = True) -> list[LinearShape]:
+    """A decoder block's q/k/v/o/gate/up/down shapes; layers of equal shape are merged (k_proj,v_proj)."""
+    cfg = load_shape_config(config) if isinstance(config, str) else config
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    model = cfg.get("name", "model")
+    raw = [
+        ("q_proj", heads * head_dim, hidden),
+        ("k_proj", kv_heads * head_dim, hidden),
+        ("v_proj", kv_heads * head_dim, hidden),
+        ("o_proj", hidden, heads * head_dim),
+        ("gate_proj", inter, hidden),
+        ("up_proj", inter, hidden),
+        ("down_proj", hidden, inter),
+    ]
+    if not dedupe:
+        return [LinearShape(model, name, n, k) for name, n, k in raw]
+    merged: dict[tuple[int, int], list[str]] = {}
+    for name, n, k in raw:
+        merged.setdefault((n, k), []).append(name)
+    return [LinearShape(model, ",".join(names), n, k) for (n, k), names in merged.items()]
+
+
+# ----------------------------------------------------------------------------- backends
+@dataclass
+class Case:
+    """One timed cell: a pruned weight [n, k] and an input [m, k], on ``device`` in ``dtype``."""
+
+    shape: LinearShape
+    m: int
+    dtype: torch.dtype
+    device: torch.device
+    pattern: str
+    weight: torch.Tensor  # dense with zeros
+    mask: torch.Tensor
+    x: torch.Tensor
+
+
+@dataclass
+class Prepared:
+    fn: Callable[[], torch.Tensor]
+    weight_bytes: int
+    impl: str
+
+
+class Unavailable(Exception):
+    """This backend cannot run this case here; the message says why."""
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _module_bytes(module: nn.Module) -> int:
+    seen: dict[int, int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        seen[t.data_ptr()] = _nbytes(t)
+    return sum(seen.values())
+
+
+def _sparse_linear(case: Case, fmt: str) -> Prepared | None:
+    """Through ``SparseLinear`` where sparsekit.nn provides it (the path models use)."""
+    try:
+        from sparsekit.nn import SparseLinear
+    except ImportError:
+        return None
+    lin = nn.Linear(case.shape.k, case.shape.n, bias=False, device=case.device, dtype=case.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(case.weight)
+    module = SparseLinear.from_linear(lin, mask=case.mask, format=fmt).eval()
+    x = case.x
+
+    def fn() -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    return Prepared(fn, _module_bytes(module), f"SparseLinear({fmt})")
+
+
+def setup_dense(case: Case) -> Prepared:
+    w, x = case.weight, case.x
+    impl = "cuBLAS" if case.device.type == "cuda" else "CPU BLAS"
+    return Prepared(lambda: F.linear(x, w), _nbytes(w), f"F.linear ({impl})")
+
+
+def setup_dense_compiled(case: Case) -> Prepared:
+    w, x = case.weight, case.x
+    compiled = torch.compile(F.linear, dynamic=False)
+    compiled(x, w)  # the compile is untimed
+    return Prepared(lambda: compiled(x, w), _nbytes(w), "torch.compile(F.linear)")
+
+
+def setup_24(case: Case) -> Prepared:
+    if not isinstance(parse_sparsity(case.pattern), NMPattern) or case.pattern.replace(" ", "") != "2:4":
+        raise Unavailable("2:4 format needs --pattern 2:4")
+    via_module = _sparse_linear(case, "2:4")
+    if via_module is not None:
+        return via_module
+    from sparsekit.kernels import compress_24, sparse24_mm
+
+    values, meta = compress_24(case.weight)
+    x = case.x
+    return Prepared(lambda: sparse24_mm(x, values, meta), _nbytes(values, meta), "sparse24_mm")
+
+
+def setup_bitmap(case: Case) -> Prepared:
+    via_module = _sparse_linear(case, "bitmap")
+    if via_module is not None:
+        return via_module
+    from sparsekit.kernels import bitmap_mm, compress_bitmap
+
+    values, bits, offsets = compress_bitmap(case.weight)
+    x = case.x
+    return Prepared(lambda: bitmap_mm(x, values, bits, offsets), _nbytes(values, bits, offsets), "bitmap_mm")
+
+
+def setup_masked(case: Case) -> Prepared:
+    via_module = _sparse_linear(case, "masked")
+    if via_module is not None:
+        return via_module
+    from sparsekit.kernels import masked_mm, pack_mask
+
+    bits = pack_mask(case.mask)
+    w, x = case.weight, case.x
+    return Prepared(lambda: masked_mm(x, w, bits), _nbytes(w, bits), "masked_mm")
+
+
+def setup_cusparselt(case: Case) -> Prepared:
+    if case.device.type != "cuda":
+        raise Unavailable("torch semi-structured sparsity (cuSPARSELt/CUTLASS) needs CUDA")
+    if case.pattern.replace(" ", "") != "2:4":
+        raise Unavailable("semi-structured sparsity is 2:4 only")
+    if case.dtype not in (torch.float16, torch.bfloat16):
+        raise Unavailable("semi-structured sparsity needs fp16/bf16 here")
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        w_sparse = to_sparse_semi_structured(case.weight)
+    except (RuntimeError, ValueError) as exc:
+        raise Unavailable(f"to_sparse_semi_structured failed: {exc}") from exc
+    x = case.x
+    parts = [getattr(w_sparse, a, None) for a in ("packed", "meta")]
+    wbytes = _nbytes(*[p for p in parts if isinstance(p, torch.Tensor)]) or case.weight.numel() * (
+        case.weight.element_size() // 2 + 1
+    )
+    impl = "cuSPARSELt" if "CUSPARSELT" in type(w_sparse).__name__.upper() else type(w_sparse).__name__
+    return Prepared(lambda: F.linear(x, w_sparse), wbytes, impl)
+
+
+def setup_csr(case: Case) -> Prepared:
+    if case.device.type != "cpu":
+        raise Unavailable("the CSR baseline is measured on the CPU only")
+    w_csr = case.weight.to_sparse_csr()
+    xt = case.x.T.contiguous()
+    wbytes = _nbytes(w_csr.values(), w_csr.col_indices(), w_csr.crow_indices())
+    return Prepared(lambda: (w_csr @ xt).T, wbytes, "torch CSR (MKL)")
+
+
+SETUPS: dict[str, Callable[[Case], Prepared]] = {
+    "dense": setup_dense,
+    "dense-compiled": setup_dense_compiled,
+    "2:4": setup_24,
+    "bitmap": setup_bitmap,
+    "masked": setup_masked,
+    "cusparselt": setup_cusparselt,
+    "csr": setup_csr,
+}
+
+
+def default_backends(device: torch.device | str, pattern: str) -> tuple[str, ...]:
+    """CPU: eager dense and the SparseLinear CPU paths (torch.compile of a lone linear lowers to the
+    same BLAS call there, at a compile per shape). GPU: eager and compiled dense, the Triton
+    kernels, and torch semi-structured (2:4 only)."""
+    is_24 = pattern.replace(" ", "") == "2:4"
+    if torch.device(device).type == "cuda":
+        out = ["dense", "dense-compiled", "2:4", "bitmap", "masked", "cusparselt"]
+    else:
+        out = ["dense", "2:4", "bitmap", "masked"]
+    if not is_24:
+        out = [b for b in out if b not in ("2:4", "cusparselt")]
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- runner
+@dataclass
+class LayerRow:
+    model: str
+    layers: str
+    n: int
+    k: int
+    m: int
+    dtype: str
+    pattern: str
+    backend: str
+    impl: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    timer: str
+    weight_bytes: int
+    moved_bytes: int
+    gbps: float
+    tflops: float
+    roofline_pct: float
+    speedup: float = float("nan")  # best dense median / this median
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayersResult:
+    env: dict
+    roofline: dict
+    config: dict
+    rows: list[LayerRow]
+    skipped: list[str]
+
+    def to_dict(self) -> dict:
+        return {
+            "env": self.env,
+            "roofline": self.roofline,
+            "config": self.config,
+            "rows": [asdict(r) for r in self.rows],
+            "skipped": self.skipped,
+        }
+
+
+def _row_env(env: dict) -> dict:
+    keys = ("device", "torch", "triton", "commit", "time_utc", "cpu", "cpu_threads", "capability", "cuda")
+    return {k: env[k] for k in keys if k in env}
+
+
+def make_case(
+    shape: LinearShape, m: int, pattern: str, dtype: torch.dtype, device: torch.device, seed: int = 0
+) -> Case:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(shape.n, shape.k, generator=gen) / shape.k**0.5
+    mask = pattern_mask(w.abs(), parse_sparsity(pattern))
+    w = (w * mask).to(device=device, dtype=dtype)
+    x = torch.randn(m, shape.k, generator=gen).to(device=device, dtype=dtype)
+    return Case(shape, m, dtype, device, pattern, w, mask.to(device), x)
+
+
+def _force_torch_path_on_cpu(device: torch.device) -> None:
+    """Never time the Triton interpreter: CPU benchmarks run the kernels' torch paths."""
+    if device.type == "cpu" and os.environ.get("SPARSEKIT_BACKEND", "auto") != "torch":
+        os.environ["SPARSEKIT_BACKEND"] = "torch"
+
+
+def run_layers(
+    shapes: list[LinearShape],
+    ms: tuple[int, ...],
+    pattern: str = "2:4",
+    backends: tuple[str, ...] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    cuda_graphs: bool = False,
+    min_time_s: float = 0.1,
+    flush_cache: bool = True,
+    show_progress: bool = True,
+) -> LayersResult:
+    """Time every backend at every (shape, M); speedups against the best dense baseline per cell.
+
+    CPU runs use the sparse ops' torch paths (``SPARSEKIT_BACKEND=torch``), timed round-robin
+    (every backend sees the same contention) with the last-level cache flushed before each call
+    (``flush_cache``). On CUDA the Triton kernels run, timed with ``triton.testing.do_bench``
+    (L2 flush; ``do_bench_cudagraph`` for M <= 64 when ``cuda_graphs``).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    parse_sparsity(pattern)
+    backends = tuple(backends or default_backends(device, pattern))
+    unknown = [b for b in backends if b not in SETUPS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
+    saved_backend = os.environ.get("SPARSEKIT_BACKEND")
+    _force_torch_path_on_cpu(device)
+    try:
+        env = environment()
+        roof = measure_roofline(str(device), dtype)
+        rows: list[LayerRow] = []
+        skipped: list[str] = []
+        flush = CacheFlush() if device.type == "cpu" and flush_cache else None
+        cells = [(s, m) for s in shapes for m in ms]
+        for shape, m in tqdm(cells, desc="layers", disable=not show_progress):
+            case = make_case(shape, m, pattern, dtype, device)
+            prepared: dict[str, Prepared] = {}
+            for backend in backends:
+                try:
+                    prepared[backend] = SETUPS[backend](case)
+                except Unavailable as exc:
+                    if backend not in {s.split(" @ ")[0] for s in skipped}:
+                        log.info("skipping %s: %s", backend, exc)
+                    skipped.append(f"{backend} @ {shape.label} M={m}: {exc}")
+            if device.type == "cpu":
+                timings = time_cpu_interleaved(
+                    {b: p.fn for b, p in prepared.items()}, min_time_s=min_time_s, flush=flush
+                )
+            else:
+                timings = {b: time_gpu(p.fn, cuda_graph=cuda_graphs and m <= 64) for b, p in prepared.items()}
+            cell_rows = [_row(case, b, p, timings[b], roof, env) for b, p in prepared.items()]
+            dense = [r.median_ms for r in cell_rows if r.backend in DENSE_BACKENDS]
+            best = min(dense) if dense else float("nan")
+            for r in cell_rows:
+                r.speedup = best / r.median_ms
+            rows.extend(cell_rows)
+            log.debug(
+                "%s M=%d: %s",
+                shape.label,
+                m,
+                ", ".join(f"{r.backend} {r.median_ms:.3f} ms" for r in cell_rows),
+            )
+            del case, prepared
+    finally:
+        if saved_backend is None:
+            os.environ.pop("SPARSEKIT_BACKEND", None)
+        else:
+            os.environ["SPARSEKIT_BACKEND"] = saved_backend
+    config = {
+        "shapes": [asdict(s) for s in shapes],
+        "ms": list(ms),
+        "pattern": pattern,
+        "backends": list(backends),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "cuda_graphs": cuda_graphs,
+        "timer": (
+            f"median of interleaved repeats (p20..p80), LLC flush {'on' if flush else 'off'}"
+            if device.type == "cpu"
+            else "triton.testing.do_bench (L2 flush, median, p20..p80)"
+        ),
+    }
+    return LayersResult(env, roof.to_dict(), config, rows, skipped)
+
+
+def _row(case: Case, backend: str, prepared: Prepared, timing: Timing, roof: Roofline, env: dict) -> LayerRow:
+    m, n, k = case.m, case.shape.n, case.shape.k
+    el = case.x.element_size()
+    moved = m * k * el + prepared.weight_bytes + m * n * el
+    flops = 2.0 * m * n * k
+    sec = timing.median_ms * 1e-3
+    return LayerRow(
+        model=case.shape.model,
+        layers=case.shape.layers,
+        n=n,
+        k=k,
+        m=m,
+        dtype=str(case.dtype).replace("torch.", ""),
+        pattern=case.pattern,
+        backend=backend,
+        impl=prepared.impl,
+        median_ms=timing.median_ms,
+        p20_ms=timing.p20_ms,
+        p80_ms=timing.p80_ms,
+        timer=timing.method,
+        weight_bytes=prepared.weight_bytes,
+        moved_bytes=moved,
+        gbps=moved / sec / 1e9,
+        tflops=flops / sec / 1e12,
+        roofline_pct=100.0 * roof.bound_ms(moved, flops) / timing.median_ms,
+        env=_row_env(env),
+    )
+
+
+# ----------------------------------------------------------------------------- reports
+def layers_markdown(result: LayersResult) -> str:
+    """One table per shape: time, speedup against the best dense, GB/s, TFLOP/s, % roofline, MB."""
+    roof = result.roofline
+    cfg = result.config
+    env = result.env
+    lines = [
+        f"Device: {env.get('device')} ({env.get('cpu')}, {env.get('cpu_threads')} threads), "
+        f"{cfg['dtype']}, pattern {cfg['pattern']}; torch {env.get('torch')}, commit {env.get('commit')}, "
+        f"{env.get('time_utc')}.",
+        f"Measured roofline: copy {roof['copy_gbps']:.1f} GB/s, dense matmul {roof['matmul_tflops']:.3f} "
+        f"TFLOP/s ({roof['dtype']}). Speedup is against the best dense baseline at that shape and M; "
+        "TFLOP/s counts the dense 2*M*N*K; GB/s counts input + weight format + output bytes.",
+        "",
+    ]
+    groups: dict[tuple[str, str, int, int], list[LayerRow]] = {}
+    for r in result.rows:
+        groups.setdefault((r.model, r.layers, r.n, r.k), []).append(r)
+    for (model, layers, n, k), rows in groups.items():
+        lines += [
+            f"**{model} {layers}** (N={n}, K={k})",
+            "",
+            "| M | backend | ms (p20..p80) | speedup | GB/s | TFLOP/s | % roofline | weight MB |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r.m} | {r.backend} | {r.median_ms:.3f} ({r.p20_ms:.3f}..{r.p80_ms:.3f}) | "
+                f"{r.speedup:.2f}x | {r.gbps:.1f} | {r.tflops:.3f} | {r.roofline_pct:.0f}% | "
+                f"{r.weight_bytes / 1e6:.2f} |"
+            )
+        lines.append("")
+    if cfg.get("threads_note"):
+        lines.append(f"Note: {cfg['threads_note']}.")
+    if result.skipped:
+        reasons = sorted({s.split(" @ ")[0] + ":" + s.split(":", 2)[-1] for s in result.skipped})
+        lines.append("Skipped: " + "; ".join(reasons))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_layers_report(result: LayersResult, out: str | Path, stem: str = "layers") -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (speedup vs M per shape) to ``out``."""
+    from sparsekit.bench.plots import plot_layer_speedups, write_json_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    write_json_atomic(paths["json"], result.to_dict())
+    paths["md"].write_text(layers_markdown(result))
+    plot_layer_speedups(result.rows, paths["png"])
+    return paths

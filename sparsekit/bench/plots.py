@@ -1,0 +1,120 @@
+"""PNG plots for the benchmark reports (matplotlib, Agg backend) and the JSON writer they share."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def write_json_atomic(path: str | Path, data: object) -> None:
+    """Write JSON to a temp file beside ``path`` and rename it into place (NaN written as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_finite(data), f, indent=2)
+    os.replace(tmp, path)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_layer_speedups(rows: Sequence, path: str | Path, title: str | None = None) -> Path:
+    """Speedup over the best dense baseline vs M, one panel per shape, one line per sparse backend."""
+    plt = _pyplot()
+    groups: dict[str, list] = {}
+    for r in rows:
+        groups.setdefault(f"{r.model} {r.layers}\n{r.n}x{r.k}", []).append(r)
+    cols = min(4, max(1, len(groups)))
+    nrows = max(1, math.ceil(len(groups) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(groups) :]:
+        ax.axis("off")
+    for ax, (label, grp) in zip(axes.flat, groups.items(), strict=False):
+        backends = list(dict.fromkeys(r.backend for r in grp))
+        for backend in backends:
+            pts = sorted((r.m, r.speedup) for r in grp if r.backend == backend and math.isfinite(r.speedup))
+            if not pts:
+                continue
+            style = "--" if backend.startswith("dense") else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", ms=3, label=backend)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("M (tokens)", fontsize=8)
+        ax.set_ylabel("speedup vs best dense", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_e2e(rows: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
+    """Bars of TTFT and TPOT (ms) per model variant."""
+    plt = _pyplot()
+    names = [r["variant"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, key, label in ((axes[0], "ttft_ms", "TTFT (ms)"), (axes[1], "tpot_ms", "TPOT (ms)")):
+        vals = [r[key] for r in rows]
+        bars = ax.bar(names, vals, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(vals)])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_quality(rows: Sequence, path: str | Path, title: str | None = None) -> Path:
+    """Perplexity per method, one bar group per pattern; dense as a horizontal line."""
+    plt = _pyplot()
+    dense = next((r.ppl for r in rows if r.method == "dense"), None)
+    patterns = list(dict.fromkeys(r.sparsity for r in rows if r.method != "dense"))
+    methods = list(dict.fromkeys(r.method for r in rows if r.method != "dense"))
+    cell = {(r.method, r.sparsity): r.ppl for r in rows}
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        xs = [j + i * width for j in range(len(patterns))]
+        vals = [cell.get((method, p), float("nan")) for p in patterns]
+        bars = ax.bar(xs, vals, width, label=method)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    if dense is not None:
+        ax.axhline(dense, color="black", lw=0.8, ls="--", label=f"dense {dense:.1f}")
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(patterns))], patterns)
+    ax.set_ylabel("perplexity", fontsize=8)
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

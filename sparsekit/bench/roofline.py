@@ -1,0 +1,60 @@
+"""The measured roofline of this machine: copy bandwidth (GB/s) and dense matmul throughput (TFLOP/s).
+
+Measured, not taken from a spec sheet: ``% of roofline`` beside a benchmark row is the time the
+roofline allows, max(bytes / copy GB/s, flops / matmul TFLOP/s), over the measured time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sparsekit.bench.timing import time_fn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    device: str
+    dtype: str
+    copy_gbps: float  # read + write bytes per second of a large device-to-device copy
+    matmul_tflops: float  # 2*n^3 / time of a square dense matmul
+    copy_mib: int
+    matmul_n: int
+
+    def bound_ms(self, bytes_moved: float, flops: float) -> float:
+        """The fastest time the roofline allows for ``bytes_moved`` and ``flops``, in ms."""
+        return max(bytes_moved / (self.copy_gbps * 1e9), flops / (self.matmul_tflops * 1e12)) * 1e3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=8)
+def measure_roofline(device: str = "cpu", dtype: torch.dtype = torch.float32) -> Roofline:
+    """Copy GB/s and square-matmul TFLOP/s on ``device`` in ``dtype`` (cached per process).
+
+    Sizes: a 1 GiB copy and n = 8192 matmul on CUDA; 64 MiB and n = 1024 on the CPU (large
+    enough to leave the caches, small enough to take a second or two on two cores).
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    copy_mib = 1024 if cuda else 64
+    n = 8192 if cuda else 1024
+    if not cuda and dtype in (torch.float16, torch.bfloat16):
+        n = 512  # CPU half-precision matmuls are slow on most CPUs; keep the probe short
+    src = torch.empty(copy_mib * 2**20 // 4, dtype=torch.float32, device=dev).uniform_()
+    dst = torch.empty_like(src)
+    t_copy = time_fn(lambda: dst.copy_(src), dev, min_time_s=0.3, max_repeats=50)
+    copy_gbps = 2 * src.numel() * src.element_size() / (t_copy.median_ms * 1e-3) / 1e9
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    t_mm = time_fn(lambda: a @ b, dev, min_time_s=0.3, max_repeats=50)
+    tflops = 2 * n**3 / (t_mm.median_ms * 1e-3) / 1e12
+    roof = Roofline(str(dev), str(dtype).replace("torch.", ""), copy_gbps, tflops, copy_mib, n)
+    log.info("roofline on %s (%s): copy %.1f GB/s, matmul %.3f TFLOP/s", dev, roof.dtype, copy_gbps, tflops)
+    return roof

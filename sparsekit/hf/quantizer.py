@@ -1,0 +1,77 @@
+"""transformers quantizer plugin: ``from_pretrained`` of a sparsekit checkpoint gives SparseLinear layers.
+
+After ``register_with_transformers()`` (``import sparsekit`` calls it), a config.json whose
+``quantization_config`` has ``quant_method: "sparsekit"`` makes transformers build the model on
+the meta device, call our ``_process_model_before_weight_loading`` (which puts empty SparseLinear
+modules where the checkpoint has compressed layers), and then load the compressed tensors into
+their buffers like any other weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .checkpoint import FORMAT_VERSION, QUANT_METHOD, check_format_version, install_sparse_shells
+
+
+class SparsekitConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a sparsekit checkpoint: format version and per-layer formats."""
+
+    def __init__(self, format_version: int = FORMAT_VERSION, layers: dict[str, Any] | None = None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.layers = layers or {}
+
+    def post_init(self) -> None:
+        check_format_version(self.format_version, "quantization_config")
+
+
+class SparsekitHfQuantizer(HfQuantizer):
+    """Loads sparsekit's compressed layers; nothing to quantize (checkpoints are pre-compressed)."""
+
+    requires_calibration = True  # only pre-compressed checkpoints: sparsify(model) makes them
+
+    def __init__(self, quantization_config: SparsekitConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        check_format_version(quantization_config.format_version, "config.json quantization_config")
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        layers = self.quantization_config.layers
+        install_sparse_shells(model, layers)
+        # A parent's _init_weights may reach for child.weight (GPT-2 scales c_proj.weight), which a
+        # compressed layer does not have; every tensor of the parents is loaded from the checkpoint.
+        for name in layers:
+            parent = name.rpartition(".")[0]
+            model.get_submodule(parent)._is_hf_initialized = True
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def is_serializable(self) -> bool:
+        return False  # save with sparsekit.save(model, dir), which writes the layer metadata afresh
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register_with_transformers() -> None:
+    """Make transformers' ``from_pretrained`` load sparsekit checkpoints (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(SparsekitConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(SparsekitHfQuantizer)

@@ -1,0 +1,215 @@
+"""Swap the pruned linear layers of a model's decoder blocks for SparseLinear, and back.
+
+Only the linears (nn.Linear, GPT-2 Conv1D) inside the decoder blocks are candidates: embeddings,
+lm_head and norms stay as they are. After ``sparsify`` the dense weights are no longer referenced
+by the model, so they are freed (the caller must not hold them elsewhere).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsekit.pruning.arch import (
+    UnsupportedArchitecture,
+    block_linears,
+    check_architecture,
+    find_decoder_blocks,
+    linear_weight,
+)
+
+from .sparse_linear import FORMATS, SparseLinear, format_bytes, is_24
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SparsifyReport:
+    """What ``sparsify`` did. Bytes count parameters and buffers (shared tensors once)."""
+
+    layers: dict[str, str] = field(default_factory=dict)  # name -> format
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> reason
+    layer_bytes_before: int = 0
+    layer_bytes_after: int = 0
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Bytes of the swapped layers after / before."""
+        return self.layer_bytes_after / max(self.layer_bytes_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        formats: dict[str, int] = {}
+        for fmt in self.layers.values():
+            formats[fmt] = formats.get(fmt, 0) + 1
+        return {
+            "layers_swapped": len(self.layers),
+            "formats": formats,
+            "skipped": self.skipped,
+            "layer_bytes_before": self.layer_bytes_before,
+            "layer_bytes_after": self.layer_bytes_after,
+            "layer_ratio": self.ratio,
+            "model_bytes_before": self.model_bytes_before,
+            "model_bytes_after": self.model_bytes_after,
+        }
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, each storage counted once (tied weights)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def release_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the OS, so resident memory drops after a swap."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """find_decoder_blocks, also on a model whose linears are all SparseLinear already."""
+    try:
+        return find_decoder_blocks(model)
+    except UnsupportedArchitecture:
+        check_architecture(model)
+        lists = [
+            (name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, nn.ModuleList)
+            and len(m)
+            and all(any(isinstance(c, SparseLinear) for c in block.modules()) for block in m)
+        ]
+        if not lists:
+            raise
+        return min(lists, key=lambda item: item[0].count("."))
+
+
+def sparse_candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Fully qualified name -> linear (or SparseLinear) of every decoder block."""
+    prefix, blocks = decoder_blocks(model)
+    out = {}
+    for i, block in enumerate(blocks):
+        for lname, module in block.named_modules():
+            if isinstance(module, SparseLinear):
+                out[f"{prefix}.{i}.{lname}"] = module
+        for lname, module in block_linears(block).items():
+            out[f"{prefix}.{i}.{lname}"] = module
+    return out
+
+
+def _auto_format(weight: torch.Tensor) -> str | None:
+    if is_24(weight):
+        return "2:4"
+    n, k = weight.shape
+    nnz = int((weight != 0).sum())
+    size = weight.element_size()
+    if format_bytes("bitmap", n, k, nnz, size) < format_bytes("dense", n, k, nnz, size):
+        return "bitmap"
+    return None
+
+
+def sparsify(
+    model: nn.Module,
+    format: str = "auto",
+    backend: str = "auto",
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> SparsifyReport:
+    """Replace the pruned linears of ``model``'s decoder blocks by SparseLinear, in place.
+
+    format: 'auto' (2:4 where every group of the layer is 2:4, else bitmap where that is smaller
+    than dense, else the layer stays dense), or one of '2:4' | 'bitmap' | 'masked' | 'dense' for
+    every layer (2:4 raises on a layer that is not 2:4). filter_fn(module, name) -> False skips a
+    layer. The model must already be pruned (zeros are the mask).
+    """
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; choose auto or one of {', '.join(FORMATS)}")
+    report = SparsifyReport(model_bytes_before=model_bytes(model))
+    for name, module in sparse_candidates(model).items():
+        if isinstance(module, SparseLinear):
+            report.skipped[name] = f"already SparseLinear ({module.format})"
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            report.skipped[name] = "filter_fn"
+            continue
+        with torch.no_grad():
+            weight = linear_weight(module)
+            fmt = _auto_format(weight) if format == "auto" else format
+            if fmt is None:
+                report.skipped[name] = "not sparse enough: bitmap would be larger than dense"
+                continue
+            if fmt == "2:4" and not is_24(weight):
+                raise ValueError(
+                    f"{name} is not 2:4 (a group of 4 inputs has more than 2 nonzeros); prune it with "
+                    "sparsity='2:4' first or use format='auto' / 'bitmap'"
+                )
+            new = SparseLinear.from_linear(module, format=fmt, backend=backend)
+        new.train(module.training)
+        report.layer_bytes_before += sum(t.numel() * t.element_size() for t in module.parameters())
+        report.layer_bytes_after += sum(t.numel() * t.element_size() for t in new.parameters())
+        report.layer_bytes_after += sum(t.numel() * t.element_size() for t in new.buffers())
+        _set_submodule(model, name, new)
+        report.layers[name] = fmt
+        del module, weight
+    release_memory()
+    report.model_bytes_after = model_bytes(model)
+    log.info(
+        "sparsified %d layers (%s): %.1f MB -> %.1f MB of layer weights",
+        len(report.layers),
+        ", ".join(sorted(set(report.layers.values()))) or "none",
+        report.layer_bytes_before / 1e6,
+        report.layer_bytes_after / 1e6,
+    )
+    return report
+
+
+def set_format(model: nn.Module, format: str) -> int:
+    """Convert every SparseLinear of ``model`` to ``format`` in place; returns how many changed.
+
+    Converting to 'masked' keeps each layer's mask exactly (fine-tune it, then convert back).
+    """
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseLinear) and module.format != format:
+            with torch.no_grad():
+                new = module.to_format(format)
+            new.train(module.training)
+            _set_submodule(model, name, new)
+            count += 1
+    release_memory()
+    return count
+
+
+def densify(model: nn.Module) -> int:
+    """Replace every SparseLinear by an nn.Linear with zeros kept; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseLinear):
+            dense = module.to_dense()
+            dense.train(module.training)
+            _set_submodule(model, name, dense)
+            count += 1
+    return count

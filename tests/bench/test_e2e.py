@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+
+from sparsekit.bench.e2e import model_bytes, run_e2e, time_generation, write_e2e_report
+from tests.conftest import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Structure checks, not speed: one torch thread keeps them fast on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _prompt(length: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def test_tpot_excludes_prefill():
+    import time
+
+    model = tiny_model("llama")
+    # a forward costs 1 ms per input token, so prefill (60 tokens) >= 60 ms and a decode step ~1 ms;
+    # generate(N)/N would give TPOT ~ (60 + 3) / 4 ms
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: time.sleep(1e-3 * args[0].shape[1]), with_kwargs=True
+    )
+    t = time_generation(model, _prompt(60), new_tokens=4, repeats=2)
+    assert t["cache"] == "static"
+    assert t["ttft_ms"] >= 60
+    assert 1 <= t["tpot_ms"] < 10 < t["ttft_ms"]
+    assert t["peak_bytes"] > 0
+
+
+def test_time_generation_needs_a_decode_step():
+    with pytest.raises(ValueError, match="at least 2 new tokens"):
+        time_generation(tiny_model("llama"), _prompt(8), new_tokens=1)
+
+
+def test_static_cache_matches_plain_greedy():
+    from sparsekit.bench.e2e import _Generator
+
+    model = tiny_model("llama")
+    prompt = _prompt(10)
+    _, steps, tokens = _Generator(model, 16, compile=False).run(prompt, 5)
+    assert len(steps) == 4
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    assert torch.equal(tokens, ids[:, 10:])
+
+
+def test_run_e2e_dense_vs_sparse(tmp_path):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = run_e2e(
+        model,
+        input_ids=_prompt(40, batch=2),
+        new_tokens=4,
+        eval_ids=_prompt(256),
+        eval_seqlen=64,
+        repeats=1,
+        model_label="tiny-llama",
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # left unchanged
+    dense, sparse = result.rows
+    assert dense.variant == "dense" and sparse.variant == "sparse (2:4)"
+    assert sparse.sparsify["layers_swapped"] == 14 and sparse.sparsify["formats"] == {"2:4": 14}
+    assert sparse.model_bytes < dense.model_bytes == model_bytes(model)
+    for r in result.rows:
+        assert r.ttft_ms > 0 and r.tpot_ms > 0 and r.decode_tok_s == pytest.approx(2 / (r.tpot_ms * 1e-3))
+        assert r.ppl is not None and r.ppl > 1 and r.env["device"] == "cpu"
+    paths = write_e2e_report(result, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["env"]["commit"] and data["config"]["batch"] == 2 and data["config"]["prompt_len"] == 40
+    assert "TTFT" in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sparse_checkpoint_is_the_sparse_variant():
+    from sparsekit.api import prune
+    from sparsekit.nn import sparsify
+
+    model = tiny_model("llama")
+    prune(model, method="magnitude", sparsity="2:4")
+    sparsify(model)
+    result = run_e2e(model, input_ids=_prompt(12), new_tokens=3, eval_ids=None, eval_tokens=0, repeats=1)
+    assert [r.variant for r in result.rows] == ["dense (densified)", "sparse (checkpoint)"]
+    assert result.rows[1].model_bytes < result.rows[0].model_bytes

@@ -1,0 +1,63 @@
+"""SmolLM2-135M pruned 2:4, sparsified: same logits and greedy tokens, fewer bytes, exact round trip."""
+
+import copy
+
+import pytest
+import torch
+
+from sparsekit.hf.checkpoint import load, save
+from sparsekit.hf.quantizer import register_with_transformers
+from sparsekit.nn import SparseLinear, sparsify
+from sparsekit.nn.sparsify import model_bytes
+from sparsekit.pruning import PruneConfig, prune_model
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def pruned_and_sparse(smollm2):
+    model, tokenizer = smollm2
+    dense = copy.deepcopy(model)
+    prune_model(dense, None, PruneConfig(method="magnitude", sparsity="2:4", show_progress=False))
+    sparse = copy.deepcopy(dense)
+    report = sparsify(sparse)
+    return dense, sparse, report, tokenizer
+
+
+def test_sparsify_swaps_every_block_linear_and_drops_the_bytes(pruned_and_sparse):
+    dense, sparse, report, _ = pruned_and_sparse
+    assert len(report.layers) == 30 * 7 and set(report.layers.values()) == {"2:4"}
+    assert report.model_bytes_before == model_bytes(dense)
+    # fp32 2:4: 2.125 of 4 bytes per linear weight; embeddings (tied lm_head) stay dense
+    assert report.layer_bytes_after / report.layer_bytes_before == pytest.approx(2.125 / 4, rel=0.01)
+    saved = report.layer_bytes_before - report.layer_bytes_after
+    assert report.model_bytes_before - report.model_bytes_after == pytest.approx(saved, rel=0.01)
+    assert not isinstance(sparse.lm_head, SparseLinear)
+
+
+def test_same_logits_and_same_greedy_tokens(pruned_and_sparse):
+    dense, sparse, _, tokenizer = pruned_and_sparse
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+        kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        assert torch.equal(sparse.generate(ids, **kw), dense.generate(ids, **kw))
+
+
+def test_round_trip_and_from_pretrained(pruned_and_sparse, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, sparse, _, tokenizer = pruned_and_sparse
+    save(sparse, tmp_path / "ck", tokenizer=tokenizer)
+    loaded = load(tmp_path / "ck")
+    state = sparse.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    register_with_transformers()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    assert sum(isinstance(m, SparseLinear) for m in hf.modules()) == 210
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():
+        ref = sparse(ids).logits
+        assert torch.equal(loaded(ids).logits, ref)
+        assert torch.equal(hf(ids).logits, ref)
