@@ -10,7 +10,6 @@ One untimed run comes first (it also triggers the compile when ``compile=True``)
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import statistics
 import time

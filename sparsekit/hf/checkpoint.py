@@ -170,7 +170,8 @@ def save(
 ) -> Path:
     """Write ``model`` (with its SparseLinear layers compressed) to ``save_directory``, atomically.
 
-    ``extra_json`` {file name: JSON-able} lands in the same folder (e.g. the prune report). Returns the folder. Load it with ``sparsekit.load(dir)`` or, after ``import sparsekit``,
+    ``extra_json`` {file name: JSON-able} lands in the same folder (e.g. the prune report).
+    Returns the folder. Load it with ``sparsekit.load(dir)`` or, after ``import sparsekit``,
     ``AutoModelForCausalLM.from_pretrained(dir)``.
     """
     config = getattr(model, "config", None)

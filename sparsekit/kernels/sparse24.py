@@ -23,7 +23,7 @@ import triton.language as tl
 from ._backend import check_dtype, check_same_device, launch, use_triton
 from ._gemm_configs import as_2d, gemm_configs, m_bucket, prune
 from .aot import AotCase, gemm_signature
-from .sparse24_cpu import decompress_rows, sparse24_mm_cpu
+from .sparse24_cpu import decompress_24_torch, decompress_rows, sparse24_mm_cpu
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -170,11 +170,14 @@ def _group_indices(meta: torch.Tensor, groups: int) -> torch.Tensor:
 def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """(values [N, K/2], meta [N, ceil(K/8)] uint8) -> dense weight [N, K] with zeros.
 
-    CPU: the vectorized expansion of sparse24_cpu; elsewhere one scatter.
+    CPU: the vectorized expansion of sparse24_cpu (its traceable torch form under torch.compile,
+    so a compiled graph never breaks on the C++ call); elsewhere one scatter.
     """
     _check_format(values, meta)
     rows, half = values.shape
     if values.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return decompress_24_torch(values, meta)
         return decompress_rows(values, meta, 0, rows)
     idx = _group_indices(meta, half // 2)
     dense = values.new_zeros(rows, half // 2, 4)

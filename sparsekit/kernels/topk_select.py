@@ -61,10 +61,27 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if cols % m:
         raise ValueError(f"{n}:{m} sparsity needs in_features % {m} == 0, got {cols}")
     grouped = scores.reshape(rows, cols // m, m)
-    # descending stable sort keeps the lower index first among ties; m is tiny so this is cheap
-    order = grouped.sort(dim=-1, descending=True, stable=True).indices[..., :n]
-    mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, order, True)
+    mask = torch.empty(grouped.shape, dtype=torch.bool, device=scores.device)
+    step = rows if scores.device.type != "cpu" else NM_ROW_CHUNK
+    for r0 in range(0, rows, step):
+        _nm_rank_mask(grouped[r0 : r0 + step], n, mask[r0 : r0 + step])
     return mask.reshape(rows, cols)
+
+
+NM_ROW_CHUNK = 256  # CPU: rows per pass, so the m compare passes run on cache-resident data
+
+
+def _nm_rank_mask(grouped: torch.Tensor, n: int, out: torch.Tensor) -> None:
+    """grouped [R, G, m] -> out [R, G, m] bool: rank < n, where an entry's rank in its group is how
+    many entries beat it (larger, or equal at a lower index: ties keep the lower column).
+    m passes of elementwise compares: no sort, no scatter."""
+    m = grouped.shape[-1]
+    later = torch.arange(m, device=grouped.device)
+    rank = torch.zeros(grouped.shape, dtype=torch.uint8, device=grouped.device)
+    for i in range(m):
+        other = grouped[..., i : i + 1]
+        rank += (other > grouped) | ((other == grouped) & (later > i))
+    torch.lt(rank, n, out=out)
 
 
 def keep_count(size: int, sparsity: float) -> int:

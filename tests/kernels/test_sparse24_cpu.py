@@ -98,3 +98,11 @@ def test_fast_path_on_avx512():
     if " avx512bw" not in flags:
         pytest.skip("no AVX-512 on this CPU: the extension runs its scalar loop")
     assert sparse24_cpu.has_fast_path()
+
+
+def test_decompress_traces_without_graph_break():
+    """Under torch.compile the CPU decompress is the traceable torch form, never the C++ call."""
+    w = _weight_24(40, 72, torch.float32)
+    values, meta = compress_24(w)
+    fn = torch.compile(lambda v, m: decompress_24(v, m) * 2, fullgraph=True, backend="eager")
+    assert torch.equal(fn(values, meta), w * 2)
