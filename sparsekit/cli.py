@@ -47,7 +47,14 @@ def write_json_atomic(path: str | Path, data: object) -> None:
     os.replace(tmp, path)
 
 
-def load_any(spec: str, dtype: torch.dtype, device: str, trust_remote_code: bool = False):
+def load_any(
+    spec: str,
+    dtype: torch.dtype,
+    device: str,
+    trust_remote_code: bool = False,
+    offload_folder: str | None = None,
+    max_cpu_memory: str = "4GiB",
+):
     """A model spec (hub id, folder, GGUF, 'smollm2') or a sparsekit checkpoint -> (model, tokenizer)."""
     from sparsekit.hf.checkpoint import is_checkpoint, load
     from sparsekit.hf.models import load_model, load_tokenizer, resolve_model
@@ -55,7 +62,14 @@ def load_any(spec: str, dtype: torch.dtype, device: str, trust_remote_code: bool
     if is_checkpoint(spec):
         model = load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         return model, load_tokenizer(resolve_model(spec))
-    return load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return load_model(
+        spec,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=trust_remote_code,
+        offload_folder=offload_folder,
+        max_cpu_memory=max_cpu_memory,
+    )
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -65,8 +79,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     parse_sparsity(args.sparsity)  # fail on a bad pattern before the model loads
     if args.out and Path(args.out).exists():
         raise FileExistsError(f"{args.out} exists; remove it or pick another --out")
-    # the model stays on the CPU; blocks visit --device one at a time, so it may exceed device memory
-    model, tokenizer = load_any(args.model, args.dtype, "cpu", args.trust_remote_code)
+    if args.offload_folder and args.out and args.save_format == "compressed":
+        raise ValueError(
+            "--offload-folder keeps the weights on disk, and compressing them would bring every layer "
+            "into memory: add --save-format dense (then compress on a machine that holds the model)"
+        )
+    # the model stays on the CPU (or on disk); blocks visit --device one at a time, so it may exceed
+    # device memory
+    model, tokenizer = load_any(
+        args.model, args.dtype, "cpu", args.trust_remote_code, args.offload_folder, args.max_cpu_memory
+    )
     report = prune(
         model,
         device=args.device,
@@ -90,7 +112,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for note in report.notes:
         print("note:", note)
     if args.eval:
-        model.to(args.device)
+        if not args.offload_folder:
+            model.to(args.device)
         result = perplexity(
             model,
             args.eval_dataset,
@@ -101,7 +124,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         summary["perplexity"] = result.to_dict()
         print(f"perplexity {result.ppl:.3f} on {result.dataset} ({result.windows} x {result.seqlen} tokens)")
     if args.out:
-        save_pruned(model.cpu(), tokenizer, args.out, summary, args.save_format)
+        save_pruned(
+            model if args.offload_folder else model.cpu(), tokenizer, args.out, summary, args.save_format
+        )
         print(f"saved ({args.save_format}) to {args.out}")
     return 0
 
@@ -126,9 +151,8 @@ def save_pruned(model, tokenizer, out: str, summary: dict, save_format: str = "c
         save(model, out, tokenizer=tokenizer, extra_json={"prune_report.json": summary})
         return
     out_dir = Path(out)
-    tmp = Path(
-        tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None, prefix=".sparsekit-")
-    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".sparsekit-"))
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -289,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="compressed: SparseLinear layers (2:4 / bitmap) in a sparsekit checkpoint (default); "
         "dense: plain HF checkpoint, zeros kept",
     )
+    p.add_argument(
+        "--offload-folder",
+        help="keep at most --max-cpu-memory of weights in RAM, the rest on disk here (accelerate offload)",
+    )
+    p.add_argument("--max-cpu-memory", default="4GiB", help="RAM budget for weights with --offload-folder")
     _add_model_args(p)
     p.set_defaults(func=cmd_prune)
 

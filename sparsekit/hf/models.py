@@ -76,17 +76,24 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    offload_folder: str | None = None,
+    max_cpu_memory: str = "4GiB",
 ):
     """Return (model, tokenizer), the model in eval mode.
 
     GGUF weights are de-quantized to ``dtype`` by transformers; the GGUF quantization config is
-    dropped afterwards, since the weights in memory are plain tensors.
+    dropped afterwards, since the weights in memory are plain tensors. ``offload_folder``: keep at
+    most ``max_cpu_memory`` of weights in RAM and offload the rest to that folder through
+    accelerate (``device_map="auto"``); the pruning engine brings offloaded blocks in one at a
+    time and writes their pruned weights back there.
     """
     from transformers import AutoModelForCausalLM
 
     source = spec if isinstance(spec, ModelSource) else resolve_model(spec)
     log.info("loading %s as %s on %s", source, dtype, device)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if offload_folder is not None:
+        kwargs.update(device_map="auto", max_memory={"cpu": max_cpu_memory}, offload_folder=offload_folder)
     model = AutoModelForCausalLM.from_pretrained(
         source.path_or_id, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )
@@ -94,6 +101,8 @@ def load_model(
         del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
-    model.to(device).eval()
+    if offload_folder is None:
+        model.to(device)
+    model.eval()
     tokenizer = load_tokenizer(source, trust_remote_code)
     return model, tokenizer

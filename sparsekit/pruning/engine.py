@@ -28,6 +28,7 @@ from sparsekit.kernels import accumulate_gram, accumulate_sq_sum, obs_block_solv
 
 from .arch import block_linears, find_decoder_blocks, linear_weight, set_linear_weight
 from .magnitude import magnitude_prune
+from .offload import home_device, materialized, offloaded_modules
 from .sparsegpt import sparsegpt_solve
 from .wanda import wanda_prune
 
@@ -206,7 +207,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return home_device(model)
 
 
 def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
@@ -223,6 +224,8 @@ def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.de
     block_ids = {id(b) for b in blocks}
     homes: dict[nn.Module, torch.device] = {}
     for module in _non_block_leaves(model, block_ids):
+        if offloaded_modules(module):
+            continue  # accelerate's hook brings its weights in for each forward
         own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         if own and own[0].device != device:
             homes[module] = own[0].device
@@ -257,17 +260,19 @@ def capture_block_inputs(
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     first = blocks[0]
     first_home = _model_device(first)
-    first.to(device)
     try:
-        with _outside_blocks_on(model, blocks, device), torch.no_grad():
-            for ids in input_ids.split(batch_size):
-                try:
-                    model(ids.to(device), use_cache=False)
-                except _Captured:
-                    pass
+        with materialized(first, device), _outside_blocks_on(model, blocks, device), torch.no_grad():
+            first.to(device)
+            try:
+                for ids in input_ids.split(batch_size):
+                    try:
+                        model(ids.to(device), use_cache=False)
+                    except _Captured:
+                        pass
+            finally:
+                first.to(first_home)
     finally:
         handle.remove()
-        first.to(first_home)
     return chunks
 
 
@@ -362,6 +367,7 @@ def prune_model(
     nsamples, seqlen = tuple(input_ids.shape) if input_ids is not None else (0, 0)
     report = PruneReport(config.method, str(config.sparsity), nsamples, seqlen)
     needs_data = config.method != "magnitude"
+    chunks: list[_Chunk] = []
     if needs_data:
         _check_calibration(input_ids)
         log.info("capturing inputs of %s.0 for %d x %d calibration tokens", prefix, nsamples, seqlen)
@@ -375,43 +381,11 @@ def prune_model(
         for index in progress:
             block = blocks[index]
             home = _model_device(block)
-            block.to(device)
-            linears = block_linears(block)
-            stats: dict[str, _InputStat] = {}
-            dense_outputs = None
-            if needs_data:
-                collector = _StatsCollector(linears, kind, timer, config.share_statistics)
-                with timer.phase("forward"):
-                    dense_outputs = _run_block(block, chunks, collector.next_chunk)
-                collector.remove()
-                stats = collector.owner
-                dense_weights = {
-                    n: linear_weight(m).detach().clone() for n, m in linears.items() if config.measure_error
-                }
-            for lname, module in linears.items():
-                mask, percdamp = _prune_linear(module, stats.get(lname), config, timer)
-                shape = tuple(linear_weight(module).shape)
-                layer = LayerReport(
-                    f"{prefix}.{index}.{lname}", shape, mask_sparsity(mask), percdamp=percdamp
-                )
-                if percdamp is not None and percdamp > config.percdamp:
-                    report.notes.append(f"{layer.name}: Cholesky failed, dampening raised to {percdamp:g}")
-                report.layers.append(layer)
-            if needs_data:
-                probe = _OutputErrorProbe(linears, dense_weights) if config.measure_error else None
-                with timer.phase("forward"):
-                    pruned_outputs = _run_block(block, chunks)
-                if probe is not None:
-                    probe.remove()
-                    for layer, err in zip(
-                        report.layers[-len(linears) :], probe.errors().values(), strict=True
-                    ):
-                        layer.output_rel_error = err
-                report.block_rel_errors.append(_rel_error(dense_outputs, pruned_outputs))
-                for chunk, out in zip(chunks, pruned_outputs, strict=True):
-                    chunk.hidden = out
-                del dense_outputs, pruned_outputs, dense_weights
-            block.to(home)
+            with materialized(block, device) as changed:
+                block.to(device)
+                linears = _prune_block(block, f"{prefix}.{index}", chunks, kind, config, timer, report)
+                changed.update(linears.values())  # written back where accelerate offloaded them
+                block.to(home)
     report.timings_s = dict(timer.totals)
     log.info(
         "pruned %d layers to %.3f sparsity (%s)",
@@ -420,6 +394,53 @@ def prune_model(
         ", ".join(f"{k} {v:.1f}s" for k, v in report.timings_s.items()),
     )
     return report
+
+
+def _prune_block(
+    block: nn.Module,
+    block_name: str,
+    chunks: list[_Chunk],
+    kind: str,
+    config: PruneConfig,
+    timer: _Timer,
+    report: PruneReport,
+) -> dict[str, nn.Module]:
+    """Statistics, pruning and the pruned re-run of one block (on the device); returns its linears.
+
+    ``chunks`` (empty for magnitude) hold the block's inputs and receive its pruned outputs.
+    """
+    linears = block_linears(block)
+    stats: dict[str, _InputStat] = {}
+    dense_outputs = None
+    if chunks:
+        collector = _StatsCollector(linears, kind, timer, config.share_statistics)
+        with timer.phase("forward"):
+            dense_outputs = _run_block(block, chunks, collector.next_chunk)
+        collector.remove()
+        stats = collector.owner
+        dense_weights = {
+            n: linear_weight(m).detach().clone() for n, m in linears.items() if config.measure_error
+        }
+    for lname, module in linears.items():
+        mask, percdamp = _prune_linear(module, stats.get(lname), config, timer)
+        shape = tuple(linear_weight(module).shape)
+        layer = LayerReport(f"{block_name}.{lname}", shape, mask_sparsity(mask), percdamp=percdamp)
+        if percdamp is not None and percdamp > config.percdamp:
+            report.notes.append(f"{layer.name}: Cholesky failed, dampening raised to {percdamp:g}")
+        report.layers.append(layer)
+    if chunks:
+        probe = _OutputErrorProbe(linears, dense_weights) if config.measure_error else None
+        with timer.phase("forward"):
+            pruned_outputs = _run_block(block, chunks)
+        if probe is not None:
+            probe.remove()
+            for layer, err in zip(report.layers[-len(linears) :], probe.errors().values(), strict=True):
+                layer.output_rel_error = err
+        report.block_rel_errors.append(_rel_error(dense_outputs, pruned_outputs))
+        for chunk, out in zip(chunks, pruned_outputs, strict=True):
+            chunk.hidden = out
+        del dense_outputs, pruned_outputs, dense_weights
+    return linears
 
 
 def _check_calibration(input_ids: torch.Tensor | None) -> None:

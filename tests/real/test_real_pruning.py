@@ -87,7 +87,17 @@ def test_cli_prunes_evaluates_and_saves(tmp_path, capsys):
     assert report["sparsify"]["layers_swapped"] == 30 * 7  # every linear of the 30 blocks
     assert report["sparsify"]["layer_ratio"] < 0.6  # bitmap at 50%: ~0.53 of the fp32 bytes
     assert main(["eval", str(out), "--max-tokens", "512", "--seqlen", "256"]) == 0
-    assert "perplexity" in capsys.readouterr().out
+    compressed_ppl = _printed_ppl(capsys.readouterr().out)
+    dense = tmp_path / "dense"
+    assert main(["export", str(out), "--dense", "--out", str(dense)]) == 0
+    assert not is_checkpoint(dense)
+    assert main(["eval", str(dense), "--max-tokens", "512", "--seqlen", "256"]) == 0
+    assert _printed_ppl(capsys.readouterr().out) == pytest.approx(compressed_ppl, rel=1e-4)
+
+
+def _printed_ppl(printed: str) -> float:
+    """The number after 'perplexity' in the CLI's output."""
+    return float(printed.split("perplexity", 1)[1].split()[0])
 
 
 def test_cli_reports_bad_sparsity_clearly(capsys):

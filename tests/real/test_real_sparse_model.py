@@ -5,7 +5,10 @@ import copy
 import pytest
 import torch
 
-from sparsekit.hf.checkpoint import load, save
+from sparsekit.eval.perplexity import perplexity_of_ids
+from sparsekit.hf.checkpoint import export_dense, load, save
+from sparsekit.hf.data import calibration_ids, evaluation_ids
+from sparsekit.hf.finetune import finetune
 from sparsekit.hf.quantizer import register_with_transformers
 from sparsekit.nn import SparseLinear, sparsify
 from sparsekit.nn.sparsify import model_bytes
@@ -61,3 +64,28 @@ def test_round_trip_and_from_pretrained(pruned_and_sparse, tmp_path):
         ref = sparse(ids).logits
         assert torch.equal(loaded(ids).logits, ref)
         assert torch.equal(hf(ids).logits, ref)
+    export_dense(tmp_path / "ck", tmp_path / "dense")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert not any(isinstance(m, SparseLinear) for m in plain.modules())
+    assert getattr(plain.config, "quantization_config", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_short_finetune_lowers_perplexity_and_keeps_the_2_4_masks(pruned_and_sparse):
+    _, sparse, _, tokenizer = pruned_and_sparse
+    model = copy.deepcopy(sparse)
+    train_ids = calibration_ids(tokenizer, "wiki-offline", 16, 128, seed=3)
+    eval_ids = evaluation_ids(tokenizer, "wiki-offline", max_tokens=2048)
+    report = finetune(
+        model,
+        input_ids=train_ids,
+        steps=8,
+        lr=1e-4,
+        batch_size=2,
+        evaluate=lambda m: perplexity_of_ids(m, eval_ids, 256).ppl,
+    )
+    assert report.masks_exact
+    assert report.ppl_after < 0.9 * report.ppl_before, (report.ppl_before, report.ppl_after)
+    formats = {m.format for m in model.modules() if isinstance(m, SparseLinear)}
+    assert formats == {"2:4"}
