@@ -21,6 +21,7 @@ from torch import nn
 
 from sparsekit.bench.env import environment
 from sparsekit.bench.timing import RegionTimer, quantiles
+from sparsekit.nn.sparsify import model_bytes
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,6 @@ class E2EResult:
 
 
 # ----------------------------------------------------------------------------- memory
-def model_bytes(model: nn.Module) -> int:
-    """Parameters + buffers, each storage counted once (tied embeddings)."""
-    seen: dict[tuple[str, int], int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "meta":
-            continue
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-    return sum(seen.values())
-
-
 def _rss_bytes(field_name: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
