@@ -4,9 +4,11 @@
 
 "reference-style" reproduces how the SparseGPT/Wanda reference scripts run: one forward per
 calibration sample, a separate statistic (Hessian / norm) for every linear layer, and the plain
-per-column SparseGPT solver. "sparsekit" is the default engine: batched block forwards, one
-statistic per distinct input (q/k/v and gate/up share), the two-level blocked solver. Same
-calibration tokens, same evaluation tokens, one run, side by side.
+per-column SparseGPT solver, forwards in the model's dtype (fp32 here). "sparsekit" is the default
+engine: batched block forwards in bf16 where the CPU has native bf16 matmuls (as the papers ran
+fp16 forwards on GPUs; statistics stay fp32, weights are pruned in fp32), one statistic per
+distinct input (q/k/v and gate/up share), the two-level blocked solver. Same calibration tokens,
+same evaluation tokens, one run, side by side.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
 
 STYLES = {
-    "reference-style": dict(batch_size=1, share_statistics=False, plain_solver=True, measure_error=False),
+    "reference-style": dict(
+        batch_size=1, share_statistics=False, plain_solver=True, measure_error=False, forward_dtype="model"
+    ),
     "sparsekit": dict(),
 }
 
@@ -55,17 +59,27 @@ def main() -> None:
             report = prune(pruned, method=method, sparsity=args.sparsity, calib=calib, **options)
             total = time.perf_counter() - start
             ppl = perplexity_of_ids(pruned, eval_ids, 512).ppl
-            rows.append(dict(method=method, style=style, total_s=total, ppl=ppl, **report.timings_s))
+            rows.append(
+                dict(
+                    method=method,
+                    style=style,
+                    total_s=total,
+                    ppl=ppl,
+                    forward_dtype=report.forward_dtype,
+                    **report.timings_s,
+                )
+            )
             logging.info("%s %s: %.1f s, ppl %.3f", method, style, total, ppl)
     env = environment()
     lines = [
-        "| method | engine | total s | forward s | statistics s | solve s | ppl | speedup |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| method | engine | forwards in | total s | forward s | statistics s | solve s | ppl | speedup |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         base = next(r for r in rows if r["method"] == row["method"] and r["style"] == "reference-style")
         lines.append(
-            f"| {row['method']} | {row['style']} | {row['total_s']:.1f} | {row.get('forward', 0):.1f} | "
+            f"| {row['method']} | {row['style']} | {row['forward_dtype']} | {row['total_s']:.1f} | "
+            f"{row.get('forward', 0):.1f} | "
             f"{row.get('statistics', 0):.1f} | {row.get('solve', 0):.1f} | {row['ppl']:.3f} | "
             f"{base['total_s'] / row['total_s']:.2f}x |"
         )

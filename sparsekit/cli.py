@@ -101,6 +101,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         seed=args.seed,
         blocksize=args.blocksize,
         percdamp=args.percdamp,
+        forward_dtype=args.forward_dtype,
         batch_size=args.batch_size,
     )
     summary = report.to_dict()
@@ -300,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening (fraction of mean diag)")
+    p.add_argument(
+        "--forward-dtype",
+        default="auto",
+        help="dtype of the calibration forwards: auto (bf16 for an fp32 model where bf16 matmuls are "
+        "fast), model, bf16, fp16, fp32; statistics are fp32 and weights keep their dtype",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per block forward")
     p.add_argument("--eval", action="store_true", help="print perplexity after pruning")
     p.add_argument("--eval-dataset", default="wiki-offline")

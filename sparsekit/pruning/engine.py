@@ -35,6 +35,40 @@ from .wanda import wanda_prune
 log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+FORWARD_DTYPES = {
+    "auto": "auto",
+    "model": "model",
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """oneDNN bf16 GEMMs on native bf16 instructions (AVX512-BF16 / AMX): several times fp32 there."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_forward_dtype(requested: str | torch.dtype, model_dtype: torch.dtype, device: torch.device):
+    """The dtype calibration forwards run in (see ``PruneConfig.forward_dtype``)."""
+    if requested == "model":
+        return model_dtype
+    if requested != "auto":
+        return requested
+    if model_dtype != torch.float32:
+        return model_dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        return torch.bfloat16
+    return model_dtype
 
 
 @dataclass
@@ -51,11 +85,21 @@ class PruneConfig:
     measure_error: bool = True  # per-layer output error on the first calibration chunk
     plain_solver: bool = False  # SparseGPT with the per-column reference solver (for benchmarks)
     show_progress: bool = True
+    # dtype of the calibration forwards: "auto" (bfloat16 for an fp32 model where the device has
+    # fast bf16 matmuls, as the papers ran fp16 forwards; otherwise the model's dtype), "model",
+    # or a torch dtype. Statistics accumulate in fp32 and the weights are pruned in their own dtype.
+    forward_dtype: str | torch.dtype = "auto"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
         self.sparsity = parse_sparsity(self.sparsity)
+        if isinstance(self.forward_dtype, str) and self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(
+                f"unknown forward_dtype {self.forward_dtype!r}; choose one of {', '.join(FORWARD_DTYPES)} "
+                "or a torch dtype"
+            )
+        self.forward_dtype = FORWARD_DTYPES.get(self.forward_dtype, self.forward_dtype)
 
 
 @dataclass
@@ -78,6 +122,7 @@ class PruneReport:
     block_rel_errors: list[float] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    forward_dtype: str = ""  # dtype of the calibration forwards
 
     @property
     def overall_sparsity(self) -> float:
@@ -94,6 +139,7 @@ class PruneReport:
             "calib": self.calib,
             "overall_sparsity": self.overall_sparsity,
             "timings_s": self.timings_s,
+            "forward_dtype": self.forward_dtype,
             "block_rel_errors": self.block_rel_errors,
             "notes": self.notes,
             "layers": [vars(r) | {"shape": list(r.shape)} for r in self.layers],
@@ -210,6 +256,22 @@ def _model_device(model: nn.Module) -> torch.device:
     return home_device(model)
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the first floating-point parameter."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _floats_to(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors inside ``value`` (nested tuples / lists / dicts) cast to ``dtype``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple | list):
+        return type(value)(_floats_to(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _floats_to(v, dtype) for k, v in value.items()}
+    return value
+
+
 def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
     """Move a module's own parameters and buffers (not its children's)."""
     for param in module.parameters(recurse=False):
@@ -296,16 +358,18 @@ class _OutputErrorProbe:
     """Hooks comparing each pruned linear's output with the dense weight's on the same input.
 
     One extra GEMM per layer: diff = x (W - W')^T, and the dense output is output + diff. Only the
-    first ``max_calls`` forwards per layer are measured (an estimate on the first chunk).
+    first ``max_rows`` tokens of the first forward per layer are measured (an estimate: the
+    probe must not cost a noticeable part of the block's own forward).
     """
 
     def __init__(
-        self, linears: dict[str, nn.Module], dense: dict[str, torch.Tensor], max_calls: int = 1
+        self, linears: dict[str, nn.Module], dense: dict[str, torch.Tensor], max_rows: int = 1024
     ) -> None:
         self.num = dict.fromkeys(linears, 0.0)
         self.den = dict.fromkeys(linears, 0.0)
         self.calls = dict.fromkeys(linears, 0)
-        self.max_calls = max_calls
+        self.max_calls = 1
+        self.max_rows = max_rows
         self._handles = [m.register_forward_hook(self._hook(n, m, dense[n])) for n, m in linears.items()]
 
     def _hook(self, name: str, module: nn.Module, dense_weight: torch.Tensor) -> Callable:
@@ -315,10 +379,11 @@ class _OutputErrorProbe:
             if self.calls[name] >= self.max_calls:
                 return
             self.calls[name] += 1
-            diff = inputs[0].detach().float() @ delta
-            out = output.detach().float()
-            if out.shape != diff.shape:  # not a plain [..., out_features] output: nothing to compare
-                return
+            x, out = inputs[0].detach(), output.detach()
+            if out.shape[:-1] != x.shape[:-1] or out.shape[-1] != delta.shape[1]:
+                return  # not a plain [..., out_features] output: nothing to compare
+            diff = x.reshape(-1, x.shape[-1])[: self.max_rows].float() @ delta
+            out = out.reshape(-1, out.shape[-1])[: self.max_rows].float()
             self.num[name] += diff.square().sum().item()
             self.den[name] += (out + diff).square().sum().item()
 
@@ -373,6 +438,12 @@ def prune_model(
         log.info("capturing inputs of %s.0 for %d x %d calibration tokens", prefix, nsamples, seqlen)
         with timer.phase("forward"):
             chunks = capture_block_inputs(model, blocks, input_ids, config.batch_size, device)
+        forward_dtype = resolve_forward_dtype(config.forward_dtype, _model_dtype(model), device)
+        report.forward_dtype = str(forward_dtype).replace("torch.", "")
+        for chunk in chunks:
+            chunk.hidden = chunk.hidden.to(forward_dtype)
+            chunk.args = _floats_to(chunk.args, forward_dtype)
+            chunk.kwargs = _floats_to(chunk.kwargs, forward_dtype)
     kind = "gram" if config.method == "sparsegpt" else "sq"
     progress = tqdm(
         range(len(blocks)), desc=f"{config.method} {config.sparsity}", disable=not config.show_progress
@@ -412,14 +483,18 @@ def _prune_block(
     linears = block_linears(block)
     stats: dict[str, _InputStat] = {}
     dense_outputs = None
+    runner, run_linears = block, linears  # what the calibration forwards run: the block or a cast copy
+    if chunks and chunks[0].hidden.dtype != _model_dtype(block):
+        runner = copy.deepcopy(block).to(chunks[0].hidden.dtype)
+        run_linears = block_linears(runner)
     if chunks:
-        collector = _StatsCollector(linears, kind, timer, config.share_statistics)
+        collector = _StatsCollector(run_linears, kind, timer, config.share_statistics)
         with timer.phase("forward"):
-            dense_outputs = _run_block(block, chunks, collector.next_chunk)
+            dense_outputs = _run_block(runner, chunks, collector.next_chunk)
         collector.remove()
         stats = collector.owner
         dense_weights = {
-            n: linear_weight(m).detach().clone() for n, m in linears.items() if config.measure_error
+            n: linear_weight(m).detach().clone() for n, m in run_linears.items() if config.measure_error
         }
     for lname, module in linears.items():
         mask, percdamp = _prune_linear(module, stats.get(lname), config, timer)
@@ -429,9 +504,12 @@ def _prune_block(
             report.notes.append(f"{layer.name}: Cholesky failed, dampening raised to {percdamp:g}")
         report.layers.append(layer)
     if chunks:
-        probe = _OutputErrorProbe(linears, dense_weights) if config.measure_error else None
+        if runner is not block:
+            for lname, module in run_linears.items():
+                set_linear_weight(module, linear_weight(linears[lname]).detach().to(chunks[0].hidden.dtype))
+        probe = _OutputErrorProbe(run_linears, dense_weights) if config.measure_error else None
         with timer.phase("forward"):
-            pruned_outputs = _run_block(block, chunks)
+            pruned_outputs = _run_block(runner, chunks)
         if probe is not None:
             probe.remove()
             for layer, err in zip(report.layers[-len(linears) :], probe.errors().values(), strict=True):

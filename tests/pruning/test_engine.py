@@ -72,8 +72,32 @@ def test_engine_matches_a_manual_wanda_on_the_first_block():
     from sparsekit import wanda_prune
 
     expected, _ = wanda_prune(weight, norm, 0.5)
-    prune_model(model, ids, PruneConfig(method="wanda", sparsity=0.5, batch_size=4, show_progress=False))
+    config = PruneConfig(
+        method="wanda", sparsity=0.5, batch_size=4, show_progress=False, forward_dtype="model"
+    )
+    prune_model(model, ids, config)
     assert torch.allclose(block.mlp.down_proj.weight, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bf16_forwards_prune_fp32_weights_nearly_as_fp32_forwards(method):
+    """Calibration forwards in bf16 (the papers ran fp16): weights stay fp32, masks barely move."""
+    ids = _calib()
+    masks = {}
+    for dtype in ("model", "bfloat16"):
+        model = tiny_model("llama")
+        config = PruneConfig(method=method, sparsity="2:4", show_progress=False, forward_dtype=dtype)
+        report = prune_model(model, ids, config)
+        assert report.forward_dtype == ("float32" if dtype == "model" else "bfloat16")
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        masks[dtype] = torch.cat([(b.mlp.up_proj.weight != 0).flatten() for b in model.model.layers])
+    agree = (masks["model"] == masks["bfloat16"]).float().mean().item()
+    assert agree > 0.9, agree
+
+
+def test_bad_forward_dtype_is_refused():
+    with pytest.raises(ValueError, match="forward_dtype"):
+        PruneConfig(forward_dtype="half-ish")
 
 
 def test_chunking_does_not_change_the_result():
