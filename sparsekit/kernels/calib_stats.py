@@ -131,9 +131,24 @@ def accumulate_gram(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             DOT_PRECISION=_dot_precision(tokens.dtype),
         )
         return out
-    tokens = tokens.float()
-    out.addmm_(tokens.T, tokens)
+    _symmetric_gram_(tokens.float(), out)
     return out
+
+
+GRAM_TILES = 4  # CPU: column tiles of the symmetric Gram; 4 tiles compute 10 of 16 blocks
+
+
+def _symmetric_gram_(x: torch.Tensor, out: torch.Tensor) -> None:
+    """out += x^T x computing only the block upper triangle (GEMMs on strided views of x [T, K]),
+    then mirroring it: 0.625x the flops of the full product at 4 tiles. Small K: one GEMM."""
+    k = x.shape[1]
+    if k < 512:
+        out.addmm_(x.T, x)
+        return
+    bounds = [k * i // GRAM_TILES for i in range(GRAM_TILES + 1)]
+    for i0, i1 in zip(bounds[:-1], bounds[1:], strict=True):
+        out[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])
+        out[i1:, i0:i1] = out[i0:i1, i1:].T
 
 
 AOT_CASES = [

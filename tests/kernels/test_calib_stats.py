@@ -53,3 +53,16 @@ def test_torch_path_accumulates_in_fp32(torch_backend, assert_close, dtype):
 def test_out_must_be_fp32():
     with pytest.raises(ValueError, match="fp32"):
         accumulate_sq_sum(torch.randn(3, 4), torch.zeros(4, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("k", [512, 1003])
+def test_torch_symmetric_gram_matches_full_product(torch_backend, assert_close, k):
+    """Large K takes the block-upper-triangle path (uneven tiles at 1003); it must equal x^T x."""
+    x = _x((2, 40, k), torch.bfloat16)
+    tokens = x.reshape(-1, k).double()
+    start = torch.randn(k, k)
+    gram = start + start.T  # accumulates into a symmetric matrix
+    expected = gram.double() + tokens.T @ tokens
+    accumulate_gram(x, gram)
+    assert torch.equal(gram, gram.T)
+    assert_close(gram, expected.float(), torch.float32)
