@@ -119,6 +119,16 @@ def install_sparse_shells(model: nn.Module, layers: dict[str, dict[str, Any]]) -
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders (and some writers 0600 files): give the checkpoint the modes an
+    ordinary save would have under the current umask, so servers running as other users read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside ``target``; on success it replaces ``target`` (old one removed)."""
@@ -127,6 +137,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
+        _default_permissions(tmp)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))

@@ -148,3 +148,18 @@ def test_cli_export_dense(tmp_path):
     save(sparse_tiny(), tmp_path / "ck")
     assert main(["export", str(tmp_path / "ck"), "--dense", "--out", str(tmp_path / "dense")]) == 0
     assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+
+
+def test_saved_checkpoint_has_ordinary_permissions(tmp_path):
+    """A server running as another user must be able to read it (mkdtemp alone gives 0700)."""
+    import os
+    import stat
+
+    model = tiny_model("llama")
+    sparsify(model, format="dense")
+    save(model, tmp_path / "ck")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o777 & ~umask
+    for path in (tmp_path / "ck").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
