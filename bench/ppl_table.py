@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--patterns", default="0.5,4:8,2:4")
+    parser.add_argument("--forward-dtype", default="auto", help="auto, model, bf16, ...")
     parser.add_argument("--out", default="reports/ppl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -45,11 +46,13 @@ def main() -> None:
         tuple(args.methods.split(",")),
         tuple(args.patterns.split(",")),
         args.eval_seqlen,
+        forward_dtype=args.forward_dtype,
     )
     env = environment()
     setup = (
         f"model {args.model}, calibration {args.calib} {args.nsamples} x {args.seqlen} tokens (seed 0), "
-        f"evaluation: held-out split, {eval_ids.shape[1]} tokens in windows of {args.eval_seqlen}"
+        f"evaluation: held-out split, {eval_ids.shape[1]} tokens in windows of {args.eval_seqlen}; "
+        f"calibration forwards: {args.forward_dtype}"
     )
     out = Path(args.out)
     write_json_atomic(out / "ppl_table.json", {"env": env, "setup": setup, "rows": [asdict(r) for r in rows]})

@@ -38,6 +38,7 @@ def quality_table(
     patterns: tuple[str, ...] = ("0.5", "4:8", "2:4"),
     eval_seqlen: int = 512,
     show_progress: bool = True,
+    forward_dtype: str = "auto",
 ) -> list[QualityRow]:
     """Rows for dense and every (method, pattern); the model itself is left dense."""
     rows = [QualityRow("dense", "0", perplexity_of_ids(model, eval_ids, eval_seqlen).ppl, 0.0, 0.0)]
@@ -47,7 +48,12 @@ def quality_table(
             pruned = copy.deepcopy(model)
             start = time.perf_counter()
             report = prune(
-                pruned, method=method, sparsity=pattern, calib=calib_ids, show_progress=show_progress
+                pruned,
+                method=method,
+                sparsity=pattern,
+                calib=calib_ids,
+                show_progress=show_progress,
+                forward_dtype=forward_dtype,
             )
             elapsed = time.perf_counter() - start
             ppl = perplexity_of_ids(pruned, eval_ids, eval_seqlen).ppl
