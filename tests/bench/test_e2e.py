@@ -25,14 +25,15 @@ def test_tpot_excludes_prefill():
 
     model = tiny_model("llama")
     # a forward costs 1 ms per input token, so prefill (60 tokens) >= 60 ms and a decode step ~1 ms;
-    # generate(N)/N would give TPOT ~ (60 + 3) / 4 ms
+    # generate(N)/N would give TPOT >= (60 + 3) / 4 = 15.75 ms from the sleeps alone, so < 15 ms
+    # separates the two methods with room for a slow machine's own per-step overhead
     model.register_forward_pre_hook(
         lambda module, args, kwargs: time.sleep(1e-3 * args[0].shape[1]), with_kwargs=True
     )
     t = time_generation(model, _prompt(60), new_tokens=4, repeats=2)
     assert t["cache"] == "static"
     assert t["ttft_ms"] >= 60
-    assert 1 <= t["tpot_ms"] < 10 < t["ttft_ms"]
+    assert 1 <= t["tpot_ms"] < 15 < t["ttft_ms"]
     assert t["peak_bytes"] > 0
 
 
