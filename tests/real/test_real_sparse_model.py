@@ -13,6 +13,7 @@ from sparsekit.hf.quantizer import register_with_transformers
 from sparsekit.nn import SparseLinear, sparsify
 from sparsekit.nn.sparsify import model_bytes
 from sparsekit.pruning import PruneConfig, prune_model
+from tests.conftest import TOL
 
 pytestmark = pytest.mark.real
 
@@ -69,7 +70,9 @@ def test_round_trip_and_from_pretrained(pruned_and_sparse, tmp_path):
     assert not any(isinstance(m, SparseLinear) for m in plain.modules())
     assert getattr(plain.config, "quantization_config", None) is None
     with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        # dense GEMM vs the 2:4 kernel: the same products summed in another order (fp32 tolerance)
+        rtol, atol = TOL[torch.float32]
+        torch.testing.assert_close(plain(ids).logits, ref, rtol=rtol, atol=atol)
 
 
 def test_short_finetune_lowers_perplexity_and_keeps_the_2_4_masks(pruned_and_sparse):
