@@ -13,8 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sparsekit.bench.env import environment
+from sparsekit.bench.plots import write_json_atomic
 from sparsekit.bench.quality import quality_markdown, quality_table
-from sparsekit.cli import write_json_atomic
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
 

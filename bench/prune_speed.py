@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sparsekit.api import prune
 from sparsekit.bench.env import environment
-from sparsekit.cli import write_json_atomic
+from sparsekit.bench.plots import write_json_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -11,6 +10,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from sparsekit.bench.plots import write_json_atomic
 
 log = logging.getLogger("sparsekit")
 
@@ -35,16 +36,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=_dtype, default=torch.float32, help="compute dtype (default float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
-
-
-def write_json_atomic(path: str | Path, data: object) -> None:
-    """Write JSON to a temp file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def load_any(

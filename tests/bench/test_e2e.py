@@ -7,15 +7,6 @@ from sparsekit.bench.e2e import model_bytes, run_e2e, time_generation, write_e2e
 from tests.conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Structure checks, not speed: one torch thread keeps them fast on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _prompt(length: int, batch: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(0))
 

@@ -10,15 +10,6 @@ from sparsekit.bench.timing import quantiles, time_cpu_interleaved
 TINY = [LinearShape("tiny", "q_proj", 64, 128), LinearShape("tiny", "down_proj", 32, 256)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Structure checks, not speed: one torch thread keeps them fast on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_shipped_shapes_give_llama_linears():
     shapes = {s.layers: (s.n, s.k) for s in linear_shapes("llama-2-7b")}
     assert shapes == {
