@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from sparsekit.arch import model_bytes
 from sparsekit.bench.env import environment
 from sparsekit.hf.models import load_model
 from sparsekit.nn import sparsify
-from sparsekit.nn.sparsify import model_bytes, release_memory
+from sparsekit.nn.sparsify import release_memory
 from sparsekit.pruning import PruneConfig, prune_model
 
 

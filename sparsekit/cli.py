@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from sparsekit.bench.plots import write_json_atomic
+from sparsekit._io import atomic_dir, write_json_atomic
+from sparsekit.kernels.dtypes import parse_dtype
 
 log = logging.getLogger("sparsekit")
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
 def _dtype(name: str) -> torch.dtype:
     try:
-        return _DTYPES[name]
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown dtype {name!r}; choose {', '.join(_DTYPES)}") from None
+        return parse_dtype(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -142,16 +131,11 @@ def save_pruned(model, tokenizer, out: str, summary: dict, save_format: str = "c
         )
         save(model, out, tokenizer=tokenizer, extra_json={"prune_report.json": summary})
         return
-    out_dir = Path(out)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".sparsekit-"))
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    write_json_atomic(tmp / "prune_report.json", summary)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists; remove it or pick another --out")
-    os.replace(tmp, out_dir)
+    with atomic_dir(out, overwrite=False) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "prune_report.json", summary)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsekit._io import write_json_atomic
 from sparsekit.bench.e2e import e2e_markdown, run_e2e, write_e2e_report
 from sparsekit.bench.env import environment
 from sparsekit.bench.layers import layers_markdown, linear_shapes, run_layers, write_layers_report
-from sparsekit.bench.plots import plot_quality, write_json_atomic
+from sparsekit.bench.plots import plot_quality
 from sparsekit.bench.quality import quality_markdown, quality_table
 from sparsekit.bench.timing import choose_threads
 

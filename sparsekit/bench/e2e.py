@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsekit.arch import model_bytes, model_device
 from sparsekit.bench.env import environment
 from sparsekit.bench.timing import RegionTimer, quantiles
-from sparsekit.nn.sparsify import model_bytes
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +100,11 @@ def peak_memory(device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------- timing loop
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 class _Generator:
     """Prefill + greedy decode over a static (or dynamic) KV cache, one timed region per step."""
 
     def __init__(self, model: nn.Module, max_len: int, compile: bool, cache: str = "static") -> None:
-        self.model, self.max_len, self.device = model, max_len, _device_of(model)
+        self.model, self.max_len, self.device = model, max_len, model_device(model)
         self.cache_kind = cache
         self.cache = self._static_cache() if cache == "static" else None
         self.compiled = compile
@@ -169,7 +165,7 @@ def time_generation(
     """TTFT and TPOT of greedy generation (medians over ``repeats`` after ``warmup`` untimed runs)."""
     if new_tokens < 2:
         raise ValueError(f"TPOT needs at least 2 new tokens (one decode step), got {new_tokens}")
-    device = _device_of(model)
+    device = model_device(model)
     input_ids = input_ids.to(device)
     max_len = input_ids.shape[1] + new_tokens
     notes = []
@@ -284,7 +280,7 @@ def run_e2e(
     from sparsekit.eval.perplexity import perplexity_of_ids
     from sparsekit.hf.data import DEFAULT_CORPUS, evaluation_ids
 
-    device = _device_of(model)
+    device = model_device(model)
     env = environment()
     prompt_source = "input_ids"
     if input_ids is None:
@@ -407,7 +403,8 @@ def e2e_markdown(result: E2EResult) -> str:
 
 def write_e2e_report(result: E2EResult, out: str | Path, stem: str = "e2e") -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (TTFT/TPOT bars) to ``out``."""
-    from sparsekit.bench.plots import plot_e2e, write_json_atomic
+    from sparsekit._io import write_json_atomic
+    from sparsekit.bench.plots import plot_e2e
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsekit.arch import model_bytes
 from sparsekit.bench.env import environment
 from sparsekit.bench.roofline import Roofline, measure_roofline
 from sparsekit.bench.timing import CacheFlush, Timing, time_cpu_interleaved, time_gpu
@@ -134,13 +135,6 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _module_bytes(module: nn.Module) -> int:
-    seen: dict[int, int] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        seen[t.data_ptr()] = _nbytes(t)
-    return sum(seen.values())
-
-
 def _sparse_linear(case: Case, fmt: str) -> Prepared | None:
     """Through ``SparseLinear`` where sparsekit.nn provides it (the path models use)."""
     try:
@@ -157,7 +151,7 @@ def _sparse_linear(case: Case, fmt: str) -> Prepared | None:
         with torch.no_grad():
             return module(x)
 
-    return Prepared(fn, _module_bytes(module), f"SparseLinear({fmt})")
+    return Prepared(fn, model_bytes(module), f"SparseLinear({fmt})")
 
 
 def setup_dense(case: Case) -> Prepared:
@@ -486,7 +480,8 @@ def layers_markdown(result: LayersResult) -> str:
 
 def write_layers_report(result: LayersResult, out: str | Path, stem: str = "layers") -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (speedup vs M per shape) to ``out``."""
-    from sparsekit.bench.plots import plot_layer_speedups, write_json_atomic
+    from sparsekit._io import write_json_atomic
+    from sparsekit.bench.plots import plot_layer_speedups
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

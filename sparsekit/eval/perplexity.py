@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsekit.arch import model_device
 from sparsekit.hf.data import DEFAULT_CORPUS, evaluation_ids
 
 
@@ -26,10 +27,6 @@ class PerplexityResult:
         return dict(vars(self))
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def perplexity_of_ids(
     model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int = 4, show_progress: bool = False
@@ -41,7 +38,7 @@ def perplexity_of_ids(
     if windows == 0:
         raise ValueError(f"need at least seqlen={seqlen} tokens, got {input_ids.shape[1]}")
     batches = input_ids[0, : windows * seqlen].view(windows, seqlen).split(batch_size)
-    device = _device_of(model)
+    device = model_device(model)
     total_nll, total_tokens = 0.0, 0
     for batch in tqdm(batches, desc="perplexity", disable=not show_progress):
         batch = batch.to(device)

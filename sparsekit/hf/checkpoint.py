@@ -17,10 +17,8 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,9 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from sparsekit._io import atomic_dir
+from sparsekit.arch import is_conv1d, set_submodule
 from sparsekit.kernels import decompress_24, decompress_bitmap, unpack_mask
 from sparsekit.nn import SparseLinear
-from sparsekit.pruning.arch import is_conv1d
 
 log = logging.getLogger(__name__)
 
@@ -114,40 +113,7 @@ def install_sparse_shells(model: nn.Module, layers: dict[str, dict[str, Any]]) -
             dtype=dtype,
         )
         shell.conv1d = bool(info.get("conv1d", False))
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, shell)
-
-
-# ----------------------------------------------------------------------------- atomic writes
-def _default_permissions(folder: Path) -> None:
-    """mkdtemp makes 0700 folders (and some writers 0600 files): give the checkpoint the modes an
-    ordinary save would have under the current umask, so servers running as other users read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temp folder beside ``target``; on success it replaces ``target`` (old one removed)."""
-    target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "d")
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        set_submodule(model, name, shell)
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sparsekit.arch import set_submodule
 from sparsekit.nn import SparseLinear, densify, sparsify
 from sparsekit.nn.sparsify import release_memory
 
@@ -46,11 +47,6 @@ class FinetuneReport:
 
 def _sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
-
-
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def finetune(
@@ -90,7 +86,7 @@ def finetune(
         sparsify(model, format="masked")
     else:
         for name, module in _sparse_layers(model).items():
-            _swap(model, name, module.to_format("masked"))
+            set_submodule(model, name, module.to_format("masked"))
     layers = _sparse_layers(model)
     if not layers:
         raise ValueError("no pruned linear layers to fine-tune: prune the model first")
@@ -141,7 +137,7 @@ def finetune(
             densify(model)
         else:
             for name, module in _sparse_layers(model).items():
-                _swap(model, name, module.to_format(originals[name]))
+                set_submodule(model, name, module.to_format(originals[name]))
     release_memory()
     if evaluate is not None:
         report.ppl_after = float(evaluate(model))

@@ -25,8 +25,9 @@ import triton.language as tl
 from ._backend import check_dtype, check_same_device, launch, use_triton
 from ._gemm_configs import as_2d, gemm_configs, m_bucket, prune
 from .aot import AotCase, gemm_signature
+from .dtypes import FLOAT_DTYPES
 from .mask_bits import pack_mask, unpack_bits
-from .sparse24 import FLOAT_DTYPES, dot_precision
+from .sparse24 import dot_precision
 
 TILE_K = 64  # columns per offset; the kernel's BLOCK_K equals it, so one offset load per tile row
 

@@ -13,8 +13,7 @@ import triton.language as tl
 
 from ._backend import check_dtype, check_same_device, interpreting, use_triton
 from .aot import AotCase, gemm_signature
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .dtypes import FLOAT_DTYPES
 
 
 @triton.jit

@@ -19,8 +19,9 @@ import triton.language as tl
 from ._backend import check_dtype, check_same_device, launch, use_triton
 from ._gemm_configs import as_2d, gemm_configs, m_bucket, prune
 from .aot import AotCase, gemm_signature
+from .dtypes import FLOAT_DTYPES
 from .mask_bits import unpack_bits
-from .sparse24 import FLOAT_DTYPES, dot_precision
+from .sparse24 import dot_precision
 
 
 @triton.autotune(

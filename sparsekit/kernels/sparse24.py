@@ -23,9 +23,8 @@ import triton.language as tl
 from ._backend import check_dtype, check_same_device, launch, use_triton
 from ._gemm_configs import as_2d, gemm_configs, m_bucket, prune
 from .aot import AotCase, gemm_signature
+from .dtypes import FLOAT_DTYPES
 from .sparse24_cpu import decompress_24_torch, decompress_rows, sparse24_mm_cpu
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------- kernel

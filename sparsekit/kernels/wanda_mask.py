@@ -21,10 +21,10 @@ import triton.language as tl
 
 from ._backend import check_dtype, check_same_device, launch, use_triton
 from .aot import AotCase
+from .dtypes import FLOAT_DTYPES
 from .mask_bits import pack_mask
 from .topk_select import keep_count, nm_keep_mask, topk_keep_mask
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INF_BITS = tl.constexpr(0x7F800000)  # +inf as int32: every finite non-negative score's bits are below it
 BISECT_STEPS = tl.constexpr(31)  # the bit patterns of non-negative floats span [0, 2^31): 31 halvings
 

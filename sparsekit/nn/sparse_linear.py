@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekit.arch import is_conv1d, linear_weight
 from sparsekit.kernels import (
     bitmap_mm,
     compress_24,
@@ -36,7 +37,6 @@ from sparsekit.kernels import (
     sparse24_mm,
     unpack_mask,
 )
-from sparsekit.pruning.arch import is_conv1d, linear_weight
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit.pruning.arch import (
+from sparsekit.arch import (
     UnsupportedArchitecture,
     block_linears,
     check_architecture,
     find_decoder_blocks,
     linear_weight,
+    model_bytes,
+    set_submodule,
 )
 
 from .sparse_linear import FORMATS, SparseLinear, format_bytes, is_24
@@ -62,17 +64,6 @@ class SparsifyReport:
         }
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of a model's parameters and buffers, each storage counted once (tied weights)."""
-    seen: dict[tuple[str, int], int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "meta":
-            continue
-        key = (str(t.device), t.untyped_storage().data_ptr())
-        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
-    return sum(seen.values())
-
-
 def release_memory() -> None:
     """Ask glibc to hand freed heap pages back to the OS, so resident memory drops after a swap."""
     libc_name = ctypes.util.find_library("c")
@@ -82,12 +73,6 @@ def release_memory() -> None:
         ctypes.CDLL(libc_name).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -171,7 +156,7 @@ def sparsify(
         report.layer_bytes_before += sum(t.numel() * t.element_size() for t in module.parameters())
         report.layer_bytes_after += sum(t.numel() * t.element_size() for t in new.parameters())
         report.layer_bytes_after += sum(t.numel() * t.element_size() for t in new.buffers())
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         report.layers[name] = fmt
         del module, weight
     release_memory()
@@ -197,7 +182,7 @@ def set_format(model: nn.Module, format: str) -> int:
             with torch.no_grad():
                 new = module.to_format(format)
             new.train(module.training)
-            _set_submodule(model, name, new)
+            set_submodule(model, name, new)
             count += 1
     release_memory()
     return count
@@ -210,6 +195,6 @@ def densify(model: nn.Module) -> int:
         if isinstance(module, SparseLinear):
             dense = module.to_dense()
             dense.train(module.training)
-            _set_submodule(model, name, dense)
+            set_submodule(model, name, dense)
             count += 1
     return count

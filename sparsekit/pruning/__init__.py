@@ -1,6 +1,7 @@
 """Pruning algorithms (tensors in, tensors out) and the layer-sequential engine."""
 
-from .arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, find_decoder_blocks
+from sparsekit.arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, find_decoder_blocks
+
 from .engine import METHODS, LayerReport, PruneConfig, PruneReport, prune_model
 from .magnitude import magnitude_prune
 from .sparsegpt import HessianNotPositiveDefinite, sparsegpt_prune, sparsegpt_prune_ref, sparsegpt_solve

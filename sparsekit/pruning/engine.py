@@ -23,28 +23,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsekit.arch import (
+    block_linears,
+    find_decoder_blocks,
+    linear_weight,
+    model_device,
+    model_dtype,
+    set_linear_weight,
+)
 from sparsekit.formats import Pattern, mask_sparsity, parse_sparsity
 from sparsekit.kernels import accumulate_gram, accumulate_sq_sum, obs_block_solve, obs_block_solve_ref
+from sparsekit.kernels.dtypes import parse_dtype
 
-from .arch import block_linears, find_decoder_blocks, linear_weight, set_linear_weight
 from .magnitude import magnitude_prune
-from .offload import home_device, materialized, offloaded_modules
+from .offload import materialized, offloaded_modules
 from .sparsegpt import sparsegpt_solve
 from .wanda import wanda_prune
 
 log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
-FORWARD_DTYPES = {
-    "auto": "auto",
-    "model": "model",
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-}
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -94,12 +92,11 @@ class PruneConfig:
         if self.method not in METHODS:
             raise ValueError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
         self.sparsity = parse_sparsity(self.sparsity)
-        if isinstance(self.forward_dtype, str) and self.forward_dtype not in FORWARD_DTYPES:
-            raise ValueError(
-                f"unknown forward_dtype {self.forward_dtype!r}; choose one of {', '.join(FORWARD_DTYPES)} "
-                "or a torch dtype"
-            )
-        self.forward_dtype = FORWARD_DTYPES.get(self.forward_dtype, self.forward_dtype)
+        if self.forward_dtype not in ("auto", "model"):
+            try:
+                self.forward_dtype = parse_dtype(self.forward_dtype)
+            except ValueError as exc:
+                raise ValueError(f"forward_dtype: {exc}, or auto / model") from None
 
 
 @dataclass
@@ -252,15 +249,6 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return home_device(model)
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the first floating-point parameter."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def _floats_to(value: Any, dtype: torch.dtype) -> Any:
     """Floating tensors inside ``value`` (nested tuples / lists / dicts) cast to ``dtype``."""
     if isinstance(value, torch.Tensor):
@@ -321,7 +309,7 @@ def capture_block_inputs(
 
     handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     first = blocks[0]
-    first_home = _model_device(first)
+    first_home = model_device(first)
     try:
         with materialized(first, device), _outside_blocks_on(model, blocks, device), torch.no_grad():
             first.to(device)
@@ -427,7 +415,7 @@ def prune_model(
     """
     name, blocks = find_decoder_blocks(model)
     prefix = block_prefix or name
-    device = torch.device(config.device) if config.device is not None else _model_device(model)
+    device = torch.device(config.device) if config.device is not None else model_device(model)
     timer = _Timer(device)
     nsamples, seqlen = tuple(input_ids.shape) if input_ids is not None else (0, 0)
     report = PruneReport(config.method, str(config.sparsity), nsamples, seqlen)
@@ -438,7 +426,7 @@ def prune_model(
         log.info("capturing inputs of %s.0 for %d x %d calibration tokens", prefix, nsamples, seqlen)
         with timer.phase("forward"):
             chunks = capture_block_inputs(model, blocks, input_ids, config.batch_size, device)
-        forward_dtype = resolve_forward_dtype(config.forward_dtype, _model_dtype(model), device)
+        forward_dtype = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
         report.forward_dtype = str(forward_dtype).replace("torch.", "")
         for chunk in chunks:
             chunk.hidden = chunk.hidden.to(forward_dtype)
@@ -451,7 +439,7 @@ def prune_model(
     with torch.no_grad():
         for index in progress:
             block = blocks[index]
-            home = _model_device(block)
+            home = model_device(block)
             with materialized(block, device) as changed:
                 block.to(device)
                 linears = _prune_block(block, f"{prefix}.{index}", chunks, kind, config, timer, report)
@@ -484,7 +472,7 @@ def _prune_block(
     stats: dict[str, _InputStat] = {}
     dense_outputs = None
     runner, run_linears = block, linears  # what the calibration forwards run: the block or a cast copy
-    if chunks and chunks[0].hidden.dtype != _model_dtype(block):
+    if chunks and chunks[0].hidden.dtype != model_dtype(block):
         runner = copy.deepcopy(block).to(chunks[0].hidden.dtype)
         run_linears = block_linears(runner)
     if chunks:

@@ -34,14 +34,6 @@ def offloaded_modules(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if _offloading_hook(m) is not None]
 
 
-def home_device(module: nn.Module) -> torch.device:
-    """The device of the first parameter that is not on meta (CPU when all of them are offloaded)."""
-    for param in module.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")
-
-
 def _hooked_tensor_names(module: nn.Module, hook) -> list[str]:
     from accelerate.utils import named_module_tensors
 

@@ -2,10 +2,10 @@
 
 import torch
 
+from sparsekit.arch import block_linears, find_decoder_blocks, linear_weight
 from sparsekit.hf.finetune import finetune
 from sparsekit.nn import SparseLinear, sparsify
 from sparsekit.pruning import PruneConfig, prune_model
-from sparsekit.pruning.arch import block_linears, find_decoder_blocks, linear_weight
 from tests.conftest import tiny_model
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from sparsekit.arch import block_linears, linear_weight
 from sparsekit.pruning import PruneConfig, UnsupportedArchitecture, find_decoder_blocks, prune_model
-from sparsekit.pruning.arch import block_linears, linear_weight
 from tests.conftest import TINY_ARCHS, tiny_model
 
 

@@ -5,13 +5,13 @@ import copy
 import pytest
 import torch
 
+from sparsekit.arch import model_bytes
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.checkpoint import export_dense, load, save
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.finetune import finetune
 from sparsekit.hf.quantizer import register_with_transformers
 from sparsekit.nn import SparseLinear, sparsify
-from sparsekit.nn.sparsify import model_bytes
 from sparsekit.pruning import PruneConfig, prune_model
 from tests.conftest import TOL
 

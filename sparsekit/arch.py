@@ -1,12 +1,15 @@
-"""Find the decoder blocks and their linear layers in a causal LM, by structure not by name.
+"""Model structure: decoder blocks and their linear layers, found by structure not by name.
 
 One generic finder: the decoder stack is the ModuleList holding ``config.num_hidden_layers``
 blocks that contain linear layers. torch only: GPT-2's ``Conv1D`` is recognised by its class
-name and weight layout ([in, out]), so nothing here imports transformers.
+name and weight layout ([in, out]), so nothing here imports transformers. Also the one home of
+the small model-level helpers every layer above needs: where a model lives (device, dtype), how
+many bytes it holds, and swapping one submodule for another.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = (
@@ -92,3 +95,34 @@ def set_linear_weight(module: nn.Module, weight) -> None:
     target = module.weight
     source = weight.T if is_conv1d(module) else weight
     target.data.copy_(source.to(target.dtype))
+
+
+def model_device(module: nn.Module) -> torch.device:
+    """The device of the first parameter not on meta (CPU when all are offloaded or there are none)."""
+    for param in module.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
+def model_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the first floating-point parameter (float32 when there is none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def model_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once (tied weights)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.device.type == "meta":
+            continue
+        key = (str(t.device), t.untyped_storage().data_ptr())
+        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+    return sum(seen.values())
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at the dotted ``name`` (e.g. ``model.layers.3.mlp.up_proj``)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
