@@ -4,7 +4,7 @@
     pytest bench/bench_kernels.py                                       # CI: --benchmark-disable, tiny shapes
 
 Groups are ``<model> <layers> (NxK) M=<m>``: read each group's rows against its ``dense`` row.
-On the CPU the sparse ops run their torch paths (``SPARSEKIT_BACKEND=torch``, never the Triton
+On the CPU the sparse ops run their torch paths (``use_backend("torch")``, never the Triton
 interpreter, which tests/conftest.py may have switched on in the same session); GPU-only cases
 skip with a reason. Each case also checks the dense-with-zeros contract: the backend's output
 equals ``F.linear(x, weight_with_zeros)``.
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit.bench.layers import SETUPS, LinearShape, Unavailable, linear_shapes, make_case
+from sparsekit.kernels import use_backend
 from sparsekit.kernels._backend import interpreting
 
 CUDA = torch.cuda.is_available()
@@ -48,9 +49,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_interpreter(monkeypatch):
+def _no_interpreter():
     if not CUDA:
-        monkeypatch.setenv("SPARSEKIT_BACKEND", "torch")
+        with use_backend("torch"):
+            yield
+    else:
+        yield
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,6 +14,7 @@ from sparsekit.kernels.dtypes import parse_dtype
 
 log = logging.getLogger("sparsekit")
 
+
 def _dtype(name: str) -> torch.dtype:
     try:
         return parse_dtype(name)

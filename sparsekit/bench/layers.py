@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from sparsekit.bench.env import environment
 from sparsekit.bench.roofline import Roofline, measure_roofline
 from sparsekit.bench.timing import CacheFlush, Timing, time_cpu_interleaved, time_gpu
 from sparsekit.formats import NMPattern, parse_sparsity, pattern_mask
+from sparsekit.kernels import use_backend
 
 log = logging.getLogger(__name__)
 
@@ -317,12 +317,6 @@ def make_case(
     return Case(shape, m, dtype, device, pattern, w, mask.to(device), x)
 
 
-def _force_torch_path_on_cpu(device: torch.device) -> None:
-    """Never time the Triton interpreter: CPU benchmarks run the kernels' torch paths."""
-    if device.type == "cpu" and os.environ.get("SPARSEKIT_BACKEND", "auto") != "torch":
-        os.environ["SPARSEKIT_BACKEND"] = "torch"
-
-
 def run_layers(
     shapes: list[LinearShape],
     ms: tuple[int, ...],
@@ -337,8 +331,9 @@ def run_layers(
 ) -> LayersResult:
     """Time every backend at every (shape, M); speedups against the best dense baseline per cell.
 
-    CPU runs use the sparse ops' torch paths (``SPARSEKIT_BACKEND=torch``), timed round-robin
-    (every backend sees the same contention) with the last-level cache flushed before each call
+    CPU runs use the sparse ops' torch paths (``use_backend("torch")``: never the Triton
+    interpreter), timed round-robin (every backend sees the same contention) with the
+    last-level cache flushed before each call
     (``flush_cache``). On CUDA the Triton kernels run, timed with ``triton.testing.do_bench``
     (L2 flush; ``do_bench_cudagraph`` for M <= 64 when ``cuda_graphs``).
     """
@@ -349,9 +344,7 @@ def run_layers(
     unknown = [b for b in backends if b not in SETUPS]
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
-    saved_backend = os.environ.get("SPARSEKIT_BACKEND")
-    _force_torch_path_on_cpu(device)
-    try:
+    with use_backend("torch" if device.type == "cpu" else "auto"):
         env = environment()
         roof = measure_roofline(str(device), dtype)
         rows: list[LayerRow] = []
@@ -387,11 +380,6 @@ def run_layers(
                 ", ".join(f"{r.backend} {r.median_ms:.3f} ms" for r in cell_rows),
             )
             del case, prepared
-    finally:
-        if saved_backend is None:
-            os.environ.pop("SPARSEKIT_BACKEND", None)
-        else:
-            os.environ["SPARSEKIT_BACKEND"] = saved_backend
     config = {
         "shapes": [asdict(s) for s in shapes],
         "ms": list(ms),

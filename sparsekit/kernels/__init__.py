@@ -1,5 +1,6 @@
 """sparsekit's kernel layer: Triton kernels and their torch references (torch + triton only)."""
 
+from ._backend import Backend, current_backend, use_backend
 from .bitmap import bitmap_mm, bitmap_mm_ref, compress_bitmap, decompress_bitmap
 from .calib_stats import accumulate_gram, accumulate_sq_sum
 from .mask_bits import pack_mask, unpack_mask
@@ -10,6 +11,9 @@ from .topk_select import keep_count, nm_keep_mask, topk_keep_mask
 from .wanda_mask import wanda_mask, wanda_mask_ref, wanda_mask_torch
 
 __all__ = [
+    "Backend",
+    "current_backend",
+    "use_backend",
     "accumulate_gram",
     "accumulate_sq_sum",
     "bitmap_mm",

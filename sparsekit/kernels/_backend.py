@@ -1,20 +1,25 @@
-"""Backend choice shared by every kernel op.
+"""Which implementation a kernel op runs: one explicit selection, honoured everywhere.
 
-CUDA tensors run the compiled Triton kernel; CPU tensors run a fast torch path.
-``SPARSEKIT_BACKEND=triton`` forces the Triton kernel, which on CPU tensors needs
-``TRITON_INTERPRET=1`` set before triton is imported (that is how the tests check kernels
-without a GPU). ``SPARSEKIT_BACKEND=torch`` forces the torch path everywhere.
+``Backend.AUTO`` runs the compiled Triton kernel on CUDA tensors and the fast torch / C++ path on
+CPU tensors; ``Backend.TRITON`` forces the Triton kernel (on CPU tensors only under the Triton
+interpreter, ``TRITON_INTERPRET=1`` set before triton is imported: that is how the tests check
+kernels without a GPU; otherwise it is refused with an error saying so); ``Backend.TORCH`` forces
+the torch path everywhere.
+
+Choose it with ``use_backend(...)`` (a context manager; process-wide like ``torch.backends``
+flags, so torch.compile reads and guards on it), or pass ``backend=`` to an op or to
+``SparseLinear``. ``SPARSEKIT_BACKEND`` only sets the process default, read once at import.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-
-_BACKENDS = ("auto", "triton", "torch")
 
 try:  # triton ships wheels for Linux x86_64 only
     import triton  # noqa: F401
@@ -24,32 +29,71 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
 
 
+class Backend(enum.Enum):
+    """The implementation family a kernel op runs (see the module docstring)."""
+
+    AUTO = "auto"
+    TRITON = "triton"
+    TORCH = "torch"
+
+    @classmethod
+    def of(cls, value: Backend | str) -> Backend:
+        """A Backend from itself or its name; a clear error for anything else."""
+        if isinstance(value, Backend):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            names = ", ".join(b.value for b in cls)
+            raise ValueError(f"unknown kernel backend {value!r}; choose one of {names}") from None
+
+
+def _default_from_env() -> Backend:
+    value = os.environ.get("SPARSEKIT_BACKEND", "auto")
+    try:
+        return Backend.of(value)
+    except ValueError as exc:
+        raise ValueError(f"SPARSEKIT_BACKEND: {exc}") from None
+
+
+_SELECTED: list[Backend] = [_default_from_env()]  # [default, *innermost use_backend last]
+
+
+def current_backend() -> Backend:
+    """The backend selected by the innermost ``use_backend``, else the process default."""
+    return _SELECTED[-1]
+
+
+@contextlib.contextmanager
+def use_backend(backend: Backend | str) -> Iterator[Backend]:
+    """Run the ops inside the block with ``backend`` (``"auto"``, ``"triton"``, ``"torch"``)."""
+    selected = Backend.of(backend)
+    _SELECTED.append(selected)
+    try:
+        yield selected
+    finally:
+        _SELECTED.pop()
+
+
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU through the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def requested_backend() -> str:
-    backend = os.environ.get("SPARSEKIT_BACKEND", "auto").lower()
-    if backend not in _BACKENDS:
-        raise ValueError(f"SPARSEKIT_BACKEND must be one of {_BACKENDS}, got {backend!r}")
-    return backend
-
-
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether an op on ``tensors`` should launch its Triton kernel."""
-    backend = requested_backend()
-    if backend == "torch":
+def use_triton(*tensors: torch.Tensor, backend: Backend | str | None = None) -> bool:
+    """Whether an op on ``tensors`` launches its Triton kernel under ``backend`` (default: current)."""
+    backend = current_backend() if backend is None else Backend.of(backend)
+    if backend is Backend.TORCH:
         return False
     on_cuda = all(t.is_cuda for t in tensors)
-    if backend == "auto":
+    if backend is Backend.AUTO:
         return on_cuda and HAS_TRITON
     if not HAS_TRITON:
-        raise RuntimeError("SPARSEKIT_BACKEND=triton but triton is not installed: pip install triton")
+        raise RuntimeError("backend 'triton' needs triton: pip install triton (Linux x86-64)")
     if not on_cuda and not interpreting():
         raise RuntimeError(
-            "SPARSEKIT_BACKEND=triton on CPU tensors needs the Triton interpreter: "
-            "set TRITON_INTERPRET=1 before triton is imported"
+            "backend 'triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "triton is imported, move the tensors to CUDA, or use backend 'auto' / 'torch'"
         )
     return True
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import check_dtype, check_same_device, launch, use_triton
-from ._gemm_configs import as_2d, gemm_configs, m_bucket, prune
+from ._backend import Backend, check_dtype, check_same_device, launch, use_triton
+from ._gemm_common import as_2d, gemm_configs, m_bucket, prune
 from .aot import AotCase, gemm_signature
 from .dtypes import FLOAT_DTYPES
 from .mask_bits import pack_mask, unpack_bits
@@ -213,14 +213,15 @@ def _bitmap_mm_op(
     mask_bits: torch.Tensor,
     offsets: torch.Tensor,
     bias: torch.Tensor | None,
+    triton: bool,
 ) -> torch.Tensor:
-    if use_triton(x, values, mask_bits, offsets):
+    if triton:
         return _bitmap_mm_triton(x, values, mask_bits, offsets, bias)
     return F.linear(x, decompress_bitmap(values, mask_bits, offsets, x.shape[-1]), bias)
 
 
 @_bitmap_mm_op.register_fake
-def _(x, values, mask_bits, offsets, bias):
+def _(x, values, mask_bits, offsets, bias, triton):
     return x.new_empty((*x.shape[:-1], mask_bits.shape[0]))
 
 
@@ -230,10 +231,15 @@ def bitmap_mm(
     mask_bits: torch.Tensor,
     offsets: torch.Tensor,
     bias: torch.Tensor | None = None,
+    backend: Backend | str | None = None,
 ) -> torch.Tensor:
-    """y [..., N] = x [..., K] @ W.T + bias with W given as ``compress_bitmap(W)``."""
+    """y [..., N] = x [..., K] @ W.T + bias with W given as ``compress_bitmap(W)``.
+
+    ``backend``: None follows ``use_backend`` / the default (see ``sparsekit.kernels.Backend``).
+    """
     _check_mm(x, values, mask_bits, offsets, bias)
-    return torch.ops.sparsekit.bitmap_mm(x, values, mask_bits, offsets, bias)
+    triton = use_triton(x, values, mask_bits, offsets, backend=backend)
+    return torch.ops.sparsekit.bitmap_mm(x, values, mask_bits, offsets, bias, triton)
 
 
 def bitmap_mm_ref(

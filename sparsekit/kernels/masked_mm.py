@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import check_dtype, check_same_device, launch, use_triton
-from ._gemm_configs import as_2d, gemm_configs, m_bucket, prune
+from ._backend import Backend, check_dtype, check_same_device, launch, use_triton
+from ._gemm_common import as_2d, gemm_configs, m_bucket, prune
 from .aot import AotCase, gemm_signature
 from .dtypes import FLOAT_DTYPES
 from .mask_bits import unpack_bits
@@ -161,39 +161,40 @@ def _masked_weight(weight: torch.Tensor, mask_bits: torch.Tensor) -> torch.Tenso
 
 @torch.library.custom_op("sparsekit::masked_mm", mutates_args=())
 def _masked_mm_op(
-    x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor, bias: torch.Tensor | None, triton: bool
 ) -> torch.Tensor:
-    if use_triton(x, weight, mask_bits):
+    if triton:
         y = _launch(as_2d(x), weight, mask_bits, bias, weight.shape[0], trans_w=False)
         return y.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, _masked_weight(weight, mask_bits), bias)
 
 
 @_masked_mm_op.register_fake
-def _(x, weight, mask_bits, bias):
+def _(x, weight, mask_bits, bias, triton):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("sparsekit::masked_mm_grad_input", mutates_args=())
 def _masked_mm_grad_input_op(
-    grad_y: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor
+    grad_y: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor, triton: bool
 ) -> torch.Tensor:
     """grad_y [..., N] -> grad_x [..., K] = grad_y @ (W * M)."""
-    if use_triton(grad_y, weight, mask_bits):
+    if triton:
         gx = _launch(as_2d(grad_y), weight, mask_bits, None, weight.shape[1], trans_w=True)
         return gx.reshape(*grad_y.shape[:-1], weight.shape[1])
     return grad_y @ _masked_weight(weight, mask_bits)
 
 
 @_masked_mm_grad_input_op.register_fake
-def _(grad_y, weight, mask_bits):
+def _(grad_y, weight, mask_bits, triton):
     return grad_y.new_empty((*grad_y.shape[:-1], weight.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, mask_bits, bias = inputs
+    x, weight, mask_bits, bias, triton = inputs
     ctx.save_for_backward(x, weight, mask_bits)
     ctx.has_bias = bias is not None
+    ctx.triton = triton
 
 
 def _backward(ctx, grad_y):
@@ -201,27 +202,33 @@ def _backward(ctx, grad_y):
     grad_y = grad_y.contiguous()
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.sparsekit.masked_mm_grad_input(grad_y, weight, mask_bits)
+        grad_x = torch.ops.sparsekit.masked_mm_grad_input(grad_y, weight, mask_bits, ctx.triton)
     if ctx.needs_input_grad[1]:
         g2 = grad_y.reshape(-1, grad_y.shape[-1])
         grad_w = (g2.T @ x.reshape(-1, x.shape[-1])) * unpack_bits(mask_bits, weight.shape[1])
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    return grad_x, grad_w, None, grad_b
+    return grad_x, grad_w, None, grad_b, None
 
 
 torch.library.register_autograd("sparsekit::masked_mm", _backward, setup_context=_setup_context)
 
 
 def masked_mm(
-    x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask_bits: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: Backend | str | None = None,
 ) -> torch.Tensor:
     """y [..., N] = x [..., K] @ (weight [N, K] * unpack_mask(mask_bits)).T + bias.
 
     Differentiable in x, weight and bias; the weight gradient is masked (pruned entries get 0).
+    ``backend``: None follows ``use_backend`` / the default (see ``sparsekit.kernels.Backend``).
     """
     _check(x, weight, mask_bits, bias)
-    return torch.ops.sparsekit.masked_mm(x, weight, mask_bits, bias)
+    triton = use_triton(x, weight, mask_bits, backend=backend)
+    return torch.ops.sparsekit.masked_mm(x, weight, mask_bits, bias, triton)
 
 
 def masked_mm_ref(

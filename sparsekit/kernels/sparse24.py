@@ -20,8 +20,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import check_dtype, check_same_device, launch, use_triton
-from ._gemm_configs import as_2d, gemm_configs, m_bucket, prune
+from ._backend import Backend, check_dtype, check_same_device, launch, use_triton
+from ._gemm_common import as_2d, gemm_configs, m_bucket, prune
 from .aot import AotCase, gemm_signature
 from .dtypes import FLOAT_DTYPES
 from .sparse24_cpu import decompress_24_torch, decompress_rows, sparse24_mm_cpu
@@ -260,24 +260,32 @@ def _sparse24_mm_torch(x, values, meta, bias):
 
 @torch.library.custom_op("sparsekit::sparse24_mm", mutates_args=())
 def _sparse24_mm_op(
-    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, triton: bool
 ) -> torch.Tensor:
-    if use_triton(x, values, meta):
+    if triton:
         return _sparse24_mm_triton(x, values, meta, bias)
     return _sparse24_mm_torch(x, values, meta, bias)
 
 
 @_sparse24_mm_op.register_fake
-def _(x, values, meta, bias):
+def _(x, values, meta, bias, triton):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 def sparse24_mm(
-    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: Backend | str | None = None,
 ) -> torch.Tensor:
-    """y [..., N] = x [..., K] @ W.T + bias, W 2:4-compressed: values [N, K/2], meta [N, ceil(K/8)]."""
+    """y [..., N] = x [..., K] @ W.T + bias, W 2:4-compressed: values [N, K/2], meta [N, ceil(K/8)].
+
+    ``backend``: None follows ``use_backend`` / the default (see ``sparsekit.kernels.Backend``).
+    """
     _check_mm(x, values, meta, bias)
-    return torch.ops.sparsekit.sparse24_mm(x, values, meta, bias)
+    triton = use_triton(x, values, meta, backend=backend)
+    return torch.ops.sparsekit.sparse24_mm(x, values, meta, bias, triton)
 
 
 def sparse24_mm_ref(

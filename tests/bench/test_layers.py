@@ -6,6 +6,7 @@ import torch
 from sparsekit.bench import layers
 from sparsekit.bench.layers import LinearShape, linear_shapes, run_layers, write_layers_report
 from sparsekit.bench.timing import quantiles, time_cpu_interleaved
+from sparsekit.kernels import current_backend
 
 TINY = [LinearShape("tiny", "q_proj", 64, 128), LinearShape("tiny", "down_proj", 32, 256)]
 
@@ -61,14 +62,12 @@ def test_run_layers_tiny(tmp_path, pattern):
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cpu_run_never_leaves_the_backend_forced(monkeypatch):
-    monkeypatch.delenv("SPARSEKIT_BACKEND", raising=False)
+def test_cpu_run_never_leaves_the_backend_forced():
+    before = current_backend()
     run_layers(
         TINY[:1], (1,), "2:4", ("dense", "2:4"), min_time_s=0.0, flush_cache=False, show_progress=False
     )
-    import os
-
-    assert "SPARSEKIT_BACKEND" not in os.environ
+    assert current_backend() is before
 
 
 def test_gpu_only_backend_is_skipped_with_a_reason():

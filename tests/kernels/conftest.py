@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from sparsekit.kernels import use_backend
 from tests.conftest import TOL
 
 
@@ -28,11 +29,13 @@ def assert_close():
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
+def triton_backend():
     """Force the Triton kernels (under TRITON_INTERPRET=1 on CPU tensors)."""
-    monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")
+    with use_backend("triton"):
+        yield
 
 
 @pytest.fixture
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("SPARSEKIT_BACKEND", "torch")
+def torch_backend():
+    with use_backend("torch"):
+        yield

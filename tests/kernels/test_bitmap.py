@@ -110,4 +110,4 @@ def test_compile_fullgraph(assert_close):
 
 def test_opcheck():
     packed = compress_bitmap(_weight(8, 16, torch.float32, 0.5))
-    torch.library.opcheck(torch.ops.sparsekit.bitmap_mm, (torch.randn(2, 16), *packed, None))
+    torch.library.opcheck(torch.ops.sparsekit.bitmap_mm, (torch.randn(2, 16), *packed, None, False))

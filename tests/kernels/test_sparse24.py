@@ -120,4 +120,4 @@ def test_compile_fullgraph(assert_close):
 
 def test_opcheck():
     values, meta = compress_24(_weight_24(8, 16, torch.float32))
-    torch.library.opcheck(torch.ops.sparsekit.sparse24_mm, (torch.randn(2, 16), values, meta, None))
+    torch.library.opcheck(torch.ops.sparsekit.sparse24_mm, (torch.randn(2, 16), values, meta, None, False))

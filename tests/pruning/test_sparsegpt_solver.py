@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparsekit.kernels import obs_block_solve_ref
+from sparsekit.kernels import obs_block_solve_ref, use_backend
 from sparsekit.pruning import sparsegpt_prune, sparsegpt_prune_ref, sparsegpt_solve
 from sparsekit.pruning.sparsegpt import hessian_factor, inverse_hessian_factor
 from tests.conftest import TOL
@@ -77,11 +77,11 @@ def test_inputs_are_not_modified():
     assert torch.equal(weight, w0) and torch.equal(hessian, h0)
 
 
-def test_triton_block_solver_inside_the_solve(monkeypatch):
-    monkeypatch.setenv("SPARSEKIT_BACKEND", "triton")  # the kernel, under TRITON_INTERPRET=1
+def test_triton_block_solver_inside_the_solve():
     weight, hessian = torch.randn(5, 48), _hessian(48)
     for sparsity in (0.5, "2:4"):
-        pruned, mask = sparsegpt_prune(weight, hessian, sparsity, blocksize=16)
+        with use_backend("triton"):  # the kernel, under TRITON_INTERPRET=1
+            pruned, mask = sparsegpt_prune(weight, hessian, sparsity, blocksize=16)
         pruned_ref, mask_ref = sparsegpt_prune_ref(weight, hessian, sparsity, blocksize=16)
         assert torch.equal(mask, mask_ref)
         assert_close(pruned, pruned_ref)
