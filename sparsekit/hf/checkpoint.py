@@ -21,6 +21,7 @@ import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 
 from sparsekit._io import atomic_dir
 from sparsekit.arch import is_conv1d, set_submodule
-from sparsekit.kernels import decompress_24, decompress_bitmap, unpack_mask
+from sparsekit.formats.weight import weight_format
 from sparsekit.nn import SparseLinear
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def layer_metadata(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "in_features": module.in_features,
                 "out_features": module.out_features,
                 "bias": module.bias is not None,
-                "nnz": module.values.numel() if module.format == "bitmap" else None,
+                "nnz": module.weight_format.stored_nnz(module) or None,
                 "conv1d": bool(module.conv1d),
             }
     return layers
@@ -319,18 +320,12 @@ def load(
 
 # ----------------------------------------------------------------------------- export
 def _dense_tensors(state: dict[str, torch.Tensor], name: str, info: dict[str, Any]) -> torch.Tensor:
-    fmt, n, k = info["format"], info["out_features"], info["in_features"]
-    if fmt == "2:4":
-        weight = decompress_24(state.pop(f"{name}.values"), state.pop(f"{name}.meta"))
-    elif fmt == "bitmap":
-        weight = decompress_bitmap(
-            state.pop(f"{name}.values"), state.pop(f"{name}.mask_bits"), state.pop(f"{name}.offsets"), k
-        )
-    elif fmt == "masked":
-        weight = state.pop(f"{name}.weight")
-        weight = weight * unpack_mask(state.pop(f"{name}.mask_bits"), (n, k)).to(weight.dtype)
-    else:
-        weight = state.pop(f"{name}.weight")
+    """Pop layer ``name``'s stored tensors from ``state``; return its dense weight (checkpoint layout)."""
+    fmt = weight_format(info["format"])
+    n, k = info["out_features"], info["in_features"]
+    names = [spec.name for spec in fmt.layout(n, k)]
+    tensors = SimpleNamespace(**{key: state.pop(f"{name}.{key}") for key in names})
+    weight = fmt.to_dense(tensors, n, k)
     return weight.T.contiguous() if info.get("conv1d") else weight
 
 

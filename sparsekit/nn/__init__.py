@@ -1,15 +1,19 @@
 """torch modules over the kernel layer: SparseLinear and the model-level swap (no transformers here)."""
 
-from .sparse_linear import FORMATS, SparseLinear, choose_format, is_24
+from sparsekit.formats.weight import WeightFormat, choose_format, format_names, is_24, weight_format
+
+from .sparse_linear import SparseLinear
 from .sparsify import SparsifyReport, densify, set_format, sparsify
 
 __all__ = [
-    "FORMATS",
     "SparseLinear",
     "SparsifyReport",
+    "WeightFormat",
     "choose_format",
     "densify",
+    "format_names",
     "is_24",
     "set_format",
     "sparsify",
+    "weight_format",
 ]

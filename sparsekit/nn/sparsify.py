@@ -26,8 +26,9 @@ from sparsekit.arch import (
     model_bytes,
     set_submodule,
 )
+from sparsekit.formats.weight import WeightFormat, choose_format, weight_format
 
-from .sparse_linear import FORMATS, SparseLinear, format_bytes, is_24
+from .sparse_linear import SparseLinear
 
 log = logging.getLogger(__name__)
 
@@ -106,32 +107,21 @@ def sparse_candidates(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _auto_format(weight: torch.Tensor) -> str | None:
-    if is_24(weight):
-        return "2:4"
-    n, k = weight.shape
-    nnz = int((weight != 0).sum())
-    size = weight.element_size()
-    if format_bytes("bitmap", n, k, nnz, size) < format_bytes("dense", n, k, nnz, size):
-        return "bitmap"
-    return None
-
-
 def sparsify(
     model: nn.Module,
-    format: str = "auto",
+    format: str | WeightFormat = "auto",
     backend: str = "auto",
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> SparsifyReport:
     """Replace the pruned linears of ``model``'s decoder blocks by SparseLinear, in place.
 
-    format: 'auto' (2:4 where every group of the layer is 2:4, else bitmap where that is smaller
-    than dense, else the layer stays dense), or one of '2:4' | 'bitmap' | 'masked' | 'dense' for
-    every layer (2:4 raises on a layer that is not 2:4). filter_fn(module, name) -> False skips a
-    layer. The model must already be pruned (zeros are the mask).
+    format: 'auto' (``choose_format``: 2:4 where every group of the layer is 2:4, else bitmap where
+    that is smaller than dense, else the layer stays dense), or a format name / ``WeightFormat``
+    for every layer (raises on a layer whose zeros do not fit it, e.g. 2:4 on a non-2:4 layer).
+    filter_fn(module, name) -> False skips a layer. The model must already be pruned (zeros are
+    the mask).
     """
-    if format != "auto" and format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose auto or one of {', '.join(FORMATS)}")
+    fixed = None if format == "auto" else weight_format(format)
     report = SparsifyReport(model_bytes_before=model_bytes(model))
     for name, module in sparse_candidates(model).items():
         if isinstance(module, SparseLinear):
@@ -142,14 +132,15 @@ def sparsify(
             continue
         with torch.no_grad():
             weight = linear_weight(module)
-            fmt = _auto_format(weight) if format == "auto" else format
-            if fmt is None:
-                report.skipped[name] = "not sparse enough: bitmap would be larger than dense"
+            fmt = choose_format(weight) if fixed is None else fixed
+            if fixed is None and fmt.name == "dense":
+                report.skipped[name] = "not sparse enough: every sparse format would be larger than dense"
                 continue
-            if fmt == "2:4" and not is_24(weight):
+            if not fmt.fits(weight):
                 raise ValueError(
-                    f"{name} is not 2:4 (a group of 4 inputs has more than 2 nonzeros); prune it with "
-                    "sparsity='2:4' first or use format='auto' / 'bitmap'"
+                    f"{name} is not {fmt.name}: its zeros do not fit that format (for 2:4, a group of 4 "
+                    "inputs has more than 2 nonzeros); prune it with that pattern first or use "
+                    "format='auto' / 'bitmap'"
                 )
             new = SparseLinear.from_linear(module, format=fmt, backend=backend)
         new.train(module.training)
@@ -157,7 +148,7 @@ def sparsify(
         report.layer_bytes_after += sum(t.numel() * t.element_size() for t in new.parameters())
         report.layer_bytes_after += sum(t.numel() * t.element_size() for t in new.buffers())
         set_submodule(model, name, new)
-        report.layers[name] = fmt
+        report.layers[name] = fmt.name
         del module, weight
     release_memory()
     report.model_bytes_after = model_bytes(model)
@@ -171,16 +162,17 @@ def sparsify(
     return report
 
 
-def set_format(model: nn.Module, format: str) -> int:
+def set_format(model: nn.Module, format: str | WeightFormat) -> int:
     """Convert every SparseLinear of ``model`` to ``format`` in place; returns how many changed.
 
     Converting to 'masked' keeps each layer's mask exactly (fine-tune it, then convert back).
     """
+    fmt = weight_format(format)
     count = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, SparseLinear) and module.format != format:
+        if isinstance(module, SparseLinear) and module.weight_format is not fmt:
             with torch.no_grad():
-                new = module.to_format(format)
+                new = module.to_format(fmt)
             new.train(module.training)
             set_submodule(model, name, new)
             count += 1

@@ -1,0 +1,25 @@
+"""Weight formats: how a pruned weight is stored and multiplied (one file each, registered by name)."""
+
+from .base import TensorSpec, WeightFormat, choose_format, format_names, register, weight_format
+from .bitmap import Bitmap
+
+# registration: importing a format's module registers it
+from .dense import Dense
+from .masked import Masked
+from .sparse24 import SEMI_STRUCTURED_MIN_M, Sparse24, is_24, semi_structured_ok
+
+__all__ = [
+    "SEMI_STRUCTURED_MIN_M",
+    "Bitmap",
+    "Dense",
+    "Masked",
+    "Sparse24",
+    "TensorSpec",
+    "WeightFormat",
+    "choose_format",
+    "format_names",
+    "is_24",
+    "register",
+    "semi_structured_ok",
+    "weight_format",
+]
