@@ -25,13 +25,20 @@ from sparsekit.bench.env import environment
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
+from sparsekit.pruning import FACTOR_SOLVER, PLAIN_SOLVER, SparseGPT, pruning_method
 
-STYLES = {
-    "reference-style": dict(
-        batch_size=1, share_statistics=False, plain_solver=True, measure_error=False, forward_dtype="model"
+STYLES = {  # style -> (PruneConfig options, SparseGPT solver)
+    "reference-style": (
+        dict(batch_size=1, share_statistics=False, measure_error=False, forward_dtype="model"),
+        PLAIN_SOLVER,
     ),
-    "sparsekit": dict(),
+    "sparsekit": ({}, FACTOR_SOLVER),
 }
+
+
+def _method(name: str, solver):
+    """The method object: SparseGPT with the style's solver, the others by name."""
+    return SparseGPT(solver) if name == "sparsegpt" else pruning_method(name)
 
 
 def main() -> None:
@@ -53,10 +60,12 @@ def main() -> None:
     eval_ids = evaluation_ids(tokenizer, "wiki-offline", max_tokens=args.eval_tokens)
     rows = []
     for method in args.methods.split(","):
-        for style, options in STYLES.items():
+        for style, (options, solver) in STYLES.items():
             pruned = copy.deepcopy(model)
             start = time.perf_counter()
-            report = prune(pruned, method=method, sparsity=args.sparsity, calib=calib, **options)
+            report = prune(
+                pruned, method=_method(method, solver), sparsity=args.sparsity, calib=calib, **options
+            )
             total = time.perf_counter() - start
             ppl = perplexity_of_ids(pruned, eval_ids, 512).ppl
             rows.append(

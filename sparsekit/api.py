@@ -10,7 +10,7 @@ from torch import nn
 from sparsekit.eval.perplexity import PerplexityResult
 from sparsekit.eval.perplexity import perplexity as _perplexity
 from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids
-from sparsekit.pruning import PruneConfig, PruneReport, prune_model
+from sparsekit.pruning import PruneConfig, PruneReport, PruningMethod, prune_model
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def calibration_batch(
 
 def prune(
     model: nn.Module,
-    method: str = "wanda",
+    method: str | PruningMethod = "wanda",
     sparsity: str | float = 0.5,
     calib: str | list[str] | torch.Tensor = DEFAULT_CORPUS,
     tokenizer=None,
@@ -58,14 +58,15 @@ def prune(
 ) -> PruneReport:
     """Prune ``model`` in place one-shot and return the report.
 
-    method: 'magnitude' | 'wanda' | 'sparsegpt'; sparsity: 0.5, '50%', '2:4', '4:8'.
+    method: a registered name ('magnitude' | 'wanda' | 'sparsegpt') or a ``PruningMethod``.
+    sparsity: 0.5, '50%', '2:4', '4:8'.
     calib: 'wiki-offline' | 'wikitext2' | 'c4' | 'dolly' | a text/JSONL path | list of texts |
     LongTensor [nsamples, seqlen]. Extra keywords go to ``PruneConfig`` (blocksize, percdamp,
     batch_size, device, show_progress, ...).
     """
     prune_config = PruneConfig(method=method, sparsity=sparsity, **config)
     ids, label = None, "none"
-    if prune_config.method != "magnitude":
+    if prune_config.method.needs_calibration:
         ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
     report = prune_model(model, ids, prune_config)
     report.calib = label

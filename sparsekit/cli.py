@@ -11,6 +11,7 @@ import torch
 
 from sparsekit._io import atomic_dir, write_json_atomic
 from sparsekit.kernels.dtypes import parse_dtype
+from sparsekit.pruning import method_names
 
 log = logging.getLogger("sparsekit")
 
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model", help="hub id, local folder, folder/file.gguf, or 'smollm2' (the embedded default)"
     )
-    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt"), default="wanda")
+    p.add_argument("--method", choices=method_names(), default="wanda")
     p.add_argument("--sparsity", default="0.5", help="0.5, 50%%, 2:4, 4:8 ...")
     p.add_argument("--calib", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | dolly | PATH")
     p.add_argument("--nsamples", type=int, default=128)

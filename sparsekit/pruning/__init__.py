@@ -1,23 +1,51 @@
-"""Pruning algorithms (tensors in, tensors out) and the layer-sequential engine."""
+"""Pruning algorithms (tensors in, tensors out), the method objects and the layer-sequential engine."""
 
 from sparsekit.arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, find_decoder_blocks
 
-from .engine import METHODS, LayerReport, PruneConfig, PruneReport, prune_model
-from .magnitude import magnitude_prune
-from .sparsegpt import HessianNotPositiveDefinite, sparsegpt_prune, sparsegpt_prune_ref, sparsegpt_solve
-from .wanda import wanda_prune
+from .engine import LayerReport, PruneConfig, PruneReport, prune_model
+
+# registration: importing a method's module registers it
+from .magnitude import Magnitude, magnitude_prune
+from .method import (
+    LayerResult,
+    PruningMethod,
+    Statistic,
+    method_names,
+    pruning_method,
+    register_method,
+)
+from .sparsegpt import (
+    FACTOR_SOLVER,
+    PLAIN_SOLVER,
+    HessianNotPositiveDefinite,
+    SparseGPT,
+    sparsegpt_prune,
+    sparsegpt_prune_ref,
+    sparsegpt_solve,
+)
+from .wanda import Wanda, wanda_prune
 
 __all__ = [
-    "METHODS",
+    "FACTOR_SOLVER",
+    "PLAIN_SOLVER",
     "SUPPORTED_MODEL_TYPES",
     "HessianNotPositiveDefinite",
     "LayerReport",
+    "LayerResult",
+    "Magnitude",
     "PruneConfig",
     "PruneReport",
+    "PruningMethod",
+    "SparseGPT",
+    "Statistic",
     "UnsupportedArchitecture",
+    "Wanda",
     "find_decoder_blocks",
     "magnitude_prune",
+    "method_names",
     "prune_model",
+    "pruning_method",
+    "register_method",
     "sparsegpt_prune",
     "sparsegpt_prune_ref",
     "sparsegpt_solve",

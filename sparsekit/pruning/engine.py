@@ -32,17 +32,12 @@ from sparsekit.arch import (
     set_linear_weight,
 )
 from sparsekit.formats import Pattern, mask_sparsity, parse_sparsity
-from sparsekit.kernels import accumulate_gram, accumulate_sq_sum, obs_block_solve, obs_block_solve_ref
 from sparsekit.kernels.dtypes import parse_dtype
 
-from .magnitude import magnitude_prune
+from .method import InputStat, PruningMethod, Statistic, pruning_method
 from .offload import materialized, offloaded_modules
-from .sparsegpt import sparsegpt_solve
-from .wanda import wanda_prune
 
 log = logging.getLogger(__name__)
-
-METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -73,7 +68,7 @@ def resolve_forward_dtype(requested: str | torch.dtype, model_dtype: torch.dtype
 class PruneConfig:
     """What to prune and how. ``sparsity``: 0.5, '50%', '2:4', '4:8', or a Pattern."""
 
-    method: str = "wanda"
+    method: str | PruningMethod = "wanda"  # a registered name or a PruningMethod object
     sparsity: str | float | Pattern = 0.5
     blocksize: int = 128  # SparseGPT column block
     percdamp: float = 0.01  # SparseGPT dampening, fraction of mean(diag H)
@@ -81,7 +76,6 @@ class PruneConfig:
     device: str | torch.device | None = None  # compute device; default: where the model is
     share_statistics: bool = True  # one statistic per distinct input (q/k/v, gate/up share)
     measure_error: bool = True  # per-layer output error on the first calibration chunk
-    plain_solver: bool = False  # SparseGPT with the per-column reference solver (for benchmarks)
     show_progress: bool = True
     # dtype of the calibration forwards: "auto" (bfloat16 for an fp32 model where the device has
     # fast bf16 matmuls, as the papers ran fp16 forwards; otherwise the model's dtype), "model",
@@ -89,8 +83,7 @@ class PruneConfig:
     forward_dtype: str | torch.dtype = "auto"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self.method = pruning_method(self.method)
         self.sparsity = parse_sparsity(self.sparsity)
         if self.forward_dtype not in ("auto", "model"):
             try:
@@ -129,7 +122,7 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": self.method,
+            "method": self.method,  # the method's name
             "sparsity": self.sparsity,
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
@@ -172,27 +165,21 @@ class _Timer:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
 
-@dataclass
-class _InputStat:
-    """Statistic of one input tensor shared by every linear layer that reads it."""
-
-    value: torch.Tensor
-    tokens: int = 0
-
-
 class _StatsCollector:
-    """Forward hooks accumulating Wanda's sum of squares or SparseGPT's X^T X per distinct input.
+    """Forward hooks accumulating a method's ``Statistic`` per distinct input tensor.
 
     Layers fed the same tensor object in a forward (q/k/v; gate/up) share one statistic; the
     tensors seen in the current chunk are held so identity checks stay valid.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], kind: str, timer: _Timer, share: bool = True) -> None:
-        self.kind = kind
+    def __init__(
+        self, linears: dict[str, nn.Module], statistic: Statistic, timer: _Timer, share: bool = True
+    ) -> None:
+        self.statistic = statistic
         self.share = share
         self.timer = timer
-        self.owner: dict[str, _InputStat] = {}
-        self._seen: list[tuple[torch.Tensor, _InputStat]] = []
+        self.owner: dict[str, InputStat] = {}
+        self._seen: list[tuple[torch.Tensor, InputStat]] = []
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str) -> Callable:
@@ -212,19 +199,14 @@ class _StatsCollector:
                         f"NaN/inf activations entering {name}: the model overflows on the calibration "
                         "data; load it in float32 or check the input ids"
                     )
-                if self.kind == "gram":
-                    accumulate_gram(x, stat.value)
-                else:
-                    accumulate_sq_sum(x, stat.value)
+                self.statistic.accumulate(x, stat.value)
                 stat.tokens += x.numel() // x.shape[-1]
             self._seen.append((x, stat))
 
         return hook
 
-    def _new_stat(self, x: torch.Tensor) -> _InputStat:
-        k = x.shape[-1]
-        shape = (k, k) if self.kind == "gram" else (k,)
-        return _InputStat(torch.zeros(shape, dtype=torch.float32, device=x.device))
+    def _new_stat(self, x: torch.Tensor) -> InputStat:
+        return InputStat(self.statistic.new(x.shape[-1], x.device))
 
     def next_chunk(self) -> None:
         self._seen.clear()
@@ -386,24 +368,13 @@ class _OutputErrorProbe:
 
 
 def _prune_linear(
-    module: nn.Module, stat: _InputStat | None, config: PruneConfig, timer: _Timer
+    module: nn.Module, stat: InputStat | None, config: PruneConfig, timer: _Timer
 ) -> tuple[torch.Tensor, float | None]:
     weight = linear_weight(module).detach()
-    percdamp = None
     with timer.phase("solve"):
-        if config.method == "magnitude":
-            pruned, mask = magnitude_prune(weight, config.sparsity)
-        elif config.method == "wanda":
-            pruned, mask = wanda_prune(weight, stat.value.sqrt(), config.sparsity)
-        else:
-            hessian = stat.value * (2.0 / max(stat.tokens, 1))
-            solver = obs_block_solve_ref if config.plain_solver else obs_block_solve
-            result = sparsegpt_solve(
-                weight, hessian, config.sparsity, config.blocksize, config.percdamp, block_solver=solver
-            )
-            pruned, mask, percdamp = result.weight, result.mask, result.percdamp
-        set_linear_weight(module, pruned)
-    return mask, percdamp
+        result = config.method.prune(weight, stat, config)
+        set_linear_weight(module, result.weight)
+    return result.mask, result.percdamp
 
 
 def prune_model(
@@ -418,11 +389,12 @@ def prune_model(
     device = torch.device(config.device) if config.device is not None else model_device(model)
     timer = _Timer(device)
     nsamples, seqlen = tuple(input_ids.shape) if input_ids is not None else (0, 0)
-    report = PruneReport(config.method, str(config.sparsity), nsamples, seqlen)
-    needs_data = config.method != "magnitude"
+    method = config.method
+    report = PruneReport(method.name, str(config.sparsity), nsamples, seqlen)
+    needs_data = method.needs_calibration
     chunks: list[_Chunk] = []
     if needs_data:
-        _check_calibration(input_ids)
+        _check_calibration(input_ids, method.name)
         log.info("capturing inputs of %s.0 for %d x %d calibration tokens", prefix, nsamples, seqlen)
         with timer.phase("forward"):
             chunks = capture_block_inputs(model, blocks, input_ids, config.batch_size, device)
@@ -432,9 +404,8 @@ def prune_model(
             chunk.hidden = chunk.hidden.to(forward_dtype)
             chunk.args = _floats_to(chunk.args, forward_dtype)
             chunk.kwargs = _floats_to(chunk.kwargs, forward_dtype)
-    kind = "gram" if config.method == "sparsegpt" else "sq"
     progress = tqdm(
-        range(len(blocks)), desc=f"{config.method} {config.sparsity}", disable=not config.show_progress
+        range(len(blocks)), desc=f"{method.name} {config.sparsity}", disable=not config.show_progress
     )
     with torch.no_grad():
         for index in progress:
@@ -442,7 +413,7 @@ def prune_model(
             home = model_device(block)
             with materialized(block, device) as changed:
                 block.to(device)
-                linears = _prune_block(block, f"{prefix}.{index}", chunks, kind, config, timer, report)
+                linears = _prune_block(block, f"{prefix}.{index}", chunks, config, timer, report)
                 changed.update(linears.values())  # written back where accelerate offloaded them
                 block.to(home)
     report.timings_s = dict(timer.totals)
@@ -459,7 +430,6 @@ def _prune_block(
     block: nn.Module,
     block_name: str,
     chunks: list[_Chunk],
-    kind: str,
     config: PruneConfig,
     timer: _Timer,
     report: PruneReport,
@@ -469,14 +439,14 @@ def _prune_block(
     ``chunks`` (empty for magnitude) hold the block's inputs and receive its pruned outputs.
     """
     linears = block_linears(block)
-    stats: dict[str, _InputStat] = {}
+    stats: dict[str, InputStat] = {}
     dense_outputs = None
     runner, run_linears = block, linears  # what the calibration forwards run: the block or a cast copy
     if chunks and chunks[0].hidden.dtype != model_dtype(block):
         runner = copy.deepcopy(block).to(chunks[0].hidden.dtype)
         run_linears = block_linears(runner)
     if chunks:
-        collector = _StatsCollector(run_linears, kind, timer, config.share_statistics)
+        collector = _StatsCollector(run_linears, config.method.statistic, timer, config.share_statistics)
         with timer.phase("forward"):
             dense_outputs = _run_block(runner, chunks, collector.next_chunk)
         collector.remove()
@@ -509,16 +479,13 @@ def _prune_block(
     return linears
 
 
-def _check_calibration(input_ids: torch.Tensor | None) -> None:
+def _check_calibration(input_ids: torch.Tensor | None, method_name: str) -> None:
     if input_ids is None:
-        raise ValueError("wanda and sparsegpt need calibration data: pass input_ids [nsamples, seqlen]")
+        raise ValueError(
+            f"{method_name} and other methods with a statistic need calibration data: pass input_ids [nsamples, seqlen]"
+        )
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(
             f"calibration input_ids must be a LongTensor [nsamples, seqlen], got {input_ids.dtype} "
             f"{tuple(input_ids.shape)}"
         )
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """Deep copy, for pruning several ways from one loaded model."""
-    return copy.deepcopy(model)

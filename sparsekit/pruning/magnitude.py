@@ -6,6 +6,8 @@ import torch
 
 from sparsekit.formats import Pattern, parse_sparsity, pattern_mask
 
+from .method import InputStat, LayerResult, PruningMethod, register_method
+
 
 def magnitude_prune(
     weight: torch.Tensor, sparsity: str | float | Pattern
@@ -26,3 +28,14 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise ValueError(f"weight must be floating point, got {weight.dtype}")
+
+
+@register_method
+class Magnitude(PruningMethod):
+    """|W|, compared across the whole layer (unstructured) or within each N:M group; no data."""
+
+    name = "magnitude"
+
+    def prune(self, weight: torch.Tensor, stat: InputStat | None, config) -> LayerResult:
+        pruned, mask = magnitude_prune(weight, config.sparsity)
+        return LayerResult(pruned, mask)

@@ -8,7 +8,6 @@ and propagates the error; the rest of the matrix gets one GEMM per block.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from sparsekit.kernels._backend import use_triton
 from sparsekit.kernels.obs_solve import obs_block_solve_t_, one_thread
 
 from .magnitude import _check_weight
+from .method import Gram, InputStat, LayerResult, PruningMethod, register_method
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,33 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> tuple[torc
     return inverse.flip(0, 1), damp
 
 
-BlockSolver = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+class SparseGPTSolver:
+    """How the column blocks are solved; both give the same result (see tests)."""
+
+    def solve(self, wt, hessian, dead, percdamp, blocksize, kwargs):
+        """wt = W^T [K, N] fp32 (pruned in place) -> (mask^T [K, N], err^2 per column, diag(U), damp)."""
+        raise NotImplementedError
+
+
+class HessianFactorSolver(SparseGPTSolver):
+    """The fast solve from H's own Cholesky factor (``_solve_with_hessian_factor``); the block solve
+    runs the Triton kernel on CUDA and the transposed in-place CPU path elsewhere."""
+
+    def solve(self, wt, hessian, dead, percdamp, blocksize, kwargs):
+        factor, damp = hessian_factor(hessian.detach(), percdamp, dead)
+        return (*_solve_with_hessian_factor(wt, factor, blocksize, kwargs), damp)
+
+
+class PlainSolver(SparseGPTSolver):
+    """The paper's loop on U = chol(H^-1) with the per-column reference block solve (for tests and
+    for benchmarking against the way the reference code works)."""
+
+    def solve(self, wt, hessian, dead, percdamp, blocksize, kwargs):
+        h = hessian.detach().float().clone()
+        h[dead, dead] = 1.0
+        factor, damp = inverse_hessian_factor(h, percdamp)
+        del h
+        return (*_solve_with_inverse_factor(wt, factor, blocksize, kwargs, obs_block_solve_ref), damp)
 
 
 def _solve_with_inverse_factor(wt, hinv, blocksize, kwargs, block_solver):
@@ -118,7 +144,7 @@ def _solve_with_inverse_factor(wt, hinv, blocksize, kwargs, block_solver):
     return maskt, err_sq, torch.diagonal(hinv)
 
 
-def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs, block_solver):
+def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs):
     """The same solve from V (H = V V^T), never forming H^-1's factor U = V^-1 off the diagonal.
 
     With E the scaled errors and Q the pruned weights, the paper's loop gives (W0 - Q) = E U,
@@ -128,7 +154,7 @@ def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs, block_solver):
     [B, B] triangular inverse per block; the in-block solve is unchanged.
     """
     cols = wt.shape[0]
-    cpu_fast = block_solver is obs_block_solve and not use_triton(wt, upper_v)
+    cpu_fast = not use_triton(wt, upper_v)
     maskt = torch.ones_like(wt, dtype=torch.bool)
     err_sq = torch.zeros(cols, dtype=torch.float64, device=wt.device)
     acc = torch.empty_like(wt)  # S^T [K, N]; rows past the first block are set (beta=0) by block 0
@@ -147,7 +173,7 @@ def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs, block_solver):
             if cpu_fast:  # q lands in ``start``, no transposes
                 errt, maskt[i1:i2] = obs_block_solve_t_(start, u_block, **kwargs)
             else:
-                q, err, block_mask = block_solver(start.T, u_block, **kwargs)
+                q, err, block_mask = obs_block_solve(start.T, u_block, **kwargs)
                 start, errt, maskt[i1:i2] = q.T, err.T, block_mask.T
             err_sq[i1:i2] = errt.square().sum(dim=1)
             wt[i1:i2].sub_(start)  # (W0 - Q)_b^T, for the GEMM
@@ -158,19 +184,22 @@ def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs, block_solver):
     return maskt, err_sq, u_diag
 
 
+FACTOR_SOLVER = HessianFactorSolver()
+PLAIN_SOLVER = PlainSolver()
+
+
 def sparsegpt_solve(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     sparsity: str | float | Pattern,
     blocksize: int = 128,
     percdamp: float = 0.01,
-    block_solver: BlockSolver = obs_block_solve,
+    solver: SparseGPTSolver = FACTOR_SOLVER,
 ) -> SparseGPTResult:
     """Prune weight [N, K] with its Hessian [K, K]; returns weights, mask and diagnostics.
 
-    With the default ``block_solver`` the solve runs from H's own (reversed) Cholesky factor,
-    skipping the inverse (``_solve_with_hessian_factor``); any other block solver (the plain
-    reference) runs the paper's loop on U = chol(H^-1) from ``inverse_hessian_factor``.
+    ``solver``: ``FACTOR_SOLVER`` (default, from H's own reversed Cholesky factor, no inverse) or
+    ``PLAIN_SOLVER`` (the paper's loop on U = chol(H^-1) with the per-column reference).
     """
     pattern = parse_sparsity(sparsity)
     _check_weight(weight)
@@ -191,15 +220,7 @@ def sparsegpt_solve(
     if dead.any():
         wt[dead] = 0.0
     kwargs = dict(n=pattern.keep, m=pattern.group) if nm else dict(sparsity=pattern.sparsity)
-    if block_solver is obs_block_solve:
-        factor, damp_used = hessian_factor(hessian.detach(), percdamp, dead)
-        maskt, err_sq, u_diag = _solve_with_hessian_factor(wt, factor, blocksize, kwargs, block_solver)
-    else:
-        h = hessian.detach().float().clone()
-        h[dead, dead] = 1.0
-        factor, damp_used = inverse_hessian_factor(h, percdamp)
-        del h
-        maskt, err_sq, u_diag = _solve_with_inverse_factor(wt, factor, blocksize, kwargs, block_solver)
+    maskt, err_sq, u_diag, damp_used = solver.solve(wt, hessian, dead, percdamp, blocksize, kwargs)
     obs_loss = 0.5 * (err_sq * u_diag.double().square()).sum().item()
     if dead.any():
         wt[dead] = 0.0
@@ -228,5 +249,26 @@ def sparsegpt_prune_ref(
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain version (per-column loop over the whole block), kept for tests and benchmarks."""
-    result = sparsegpt_solve(weight, hessian, sparsity, blocksize, percdamp, block_solver=obs_block_solve_ref)
+    result = sparsegpt_solve(weight, hessian, sparsity, blocksize, percdamp, solver=PLAIN_SOLVER)
     return result.weight, result.mask
+
+
+@register_method
+class SparseGPT(PruningMethod):
+    """OBS pruning with weight update from H = 2/n X^T X (``config.blocksize``, ``config.percdamp``)."""
+
+    name = "sparsegpt"
+    statistic = Gram()
+
+    def __init__(self, solver: SparseGPTSolver = FACTOR_SOLVER) -> None:
+        self.solver = solver
+
+    def prune(self, weight: torch.Tensor, stat: InputStat | None, config) -> LayerResult:
+        hessian = stat.value * (2.0 / max(stat.tokens, 1))
+        result = sparsegpt_solve(
+            weight, hessian, config.sparsity, config.blocksize, config.percdamp, solver=self.solver
+        )
+        return LayerResult(result.weight, result.mask, result.percdamp)
+
+    def __repr__(self) -> str:
+        return f"SparseGPT(solver={type(self.solver).__name__})"

@@ -8,6 +8,7 @@ from sparsekit.formats import NMPattern, Pattern, parse_sparsity
 from sparsekit.kernels import unpack_mask, wanda_mask
 
 from .magnitude import _check_weight
+from .method import InputStat, LayerResult, PruningMethod, SquaredNorm, register_method
 
 
 def wanda_prune(
@@ -28,3 +29,15 @@ def wanda_prune(
         bits = wanda_mask(weight.detach(), act_norm, sparsity=pattern.sparsity)
     mask = unpack_mask(bits, weight.shape)
     return weight * mask, mask
+
+
+@register_method
+class Wanda(PruningMethod):
+    """|W| * ||X||_2 per input channel, compared within each output row (or each N:M group)."""
+
+    name = "wanda"
+    statistic = SquaredNorm()
+
+    def prune(self, weight: torch.Tensor, stat: InputStat | None, config) -> LayerResult:
+        pruned, mask = wanda_prune(weight, stat.value.sqrt(), config.sparsity)
+        return LayerResult(pruned, mask)

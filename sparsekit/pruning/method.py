@@ -1,0 +1,117 @@
+"""What a pruning method is: an object that owns its calibration statistic and its prune call.
+
+The engine runs decoder blocks, collects the statistic each method asks for (one per distinct
+input tensor of the block's linears) and hands it to ``method.prune``. A new method is one file:
+a ``PruningMethod`` subclass decorated with ``@register_method``, imported from
+``sparsekit/pruning/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from sparsekit.kernels import accumulate_gram, accumulate_sq_sum
+
+if TYPE_CHECKING:
+    from .engine import PruneConfig
+
+_METHODS: dict[str, type[PruningMethod]] = {}
+
+
+# ----------------------------------------------------------------------------- statistics
+class Statistic:
+    """A running fp32 statistic of one linear layer's input x [..., K] over calibration tokens."""
+
+    name: ClassVar[str]
+
+    def new(self, in_features: int, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def accumulate(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class SquaredNorm(Statistic):
+    """sum over tokens of x_k^2, [K]: Wanda's ||X_k||_2 is its square root."""
+
+    name = "sq_sum"
+
+    def new(self, in_features: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(in_features, dtype=torch.float32, device=device)
+
+    def accumulate(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        accumulate_sq_sum(x, value)
+
+
+class Gram(Statistic):
+    """X^T X over tokens, [K, K]: SparseGPT's Hessian is 2/n times it."""
+
+    name = "gram"
+
+    def new(self, in_features: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    def accumulate(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        accumulate_gram(x, value)
+
+
+@dataclass
+class InputStat:
+    """A statistic of one input tensor, shared by every linear layer that reads it."""
+
+    value: torch.Tensor
+    tokens: int = 0
+
+
+# ----------------------------------------------------------------------------- methods
+@dataclass
+class LayerResult:
+    """What pruning one layer produced: the pruned weight [N, K], its mask (bool, True = kept)
+    and, for solvers that damp, the dampening actually used."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    percdamp: float | None = None
+
+
+class PruningMethod:
+    """Base class; subclasses set ``name`` and ``statistic`` and implement ``prune``."""
+
+    name: ClassVar[str]
+    statistic: ClassVar[Statistic | None] = None  # None: needs no calibration data
+
+    def prune(self, weight: torch.Tensor, stat: InputStat | None, config: PruneConfig) -> LayerResult:
+        """weight [N, K] (any float dtype) with its input statistic -> the pruned layer."""
+        raise NotImplementedError
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic is not None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: make ``cls`` available under ``cls.name`` (``PruneConfig(method=name)``)."""
+    if cls.name in _METHODS:
+        raise ValueError(f"pruning method {cls.name!r} is registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_METHODS)
+
+
+def pruning_method(method: str | PruningMethod) -> PruningMethod:
+    """The method object for a name ('magnitude', 'wanda', 'sparsegpt', ...) or ``method`` itself."""
+    if isinstance(method, PruningMethod):
+        return method
+    try:
+        return _METHODS[method]()
+    except KeyError:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(_METHODS)}") from None
