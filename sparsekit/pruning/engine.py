@@ -482,7 +482,8 @@ def _prune_block(
 def _check_calibration(input_ids: torch.Tensor | None, method_name: str) -> None:
     if input_ids is None:
         raise ValueError(
-            f"{method_name} and other methods with a statistic need calibration data: pass input_ids [nsamples, seqlen]"
+            f"{method_name} and other methods with a statistic need calibration data: "
+            "pass input_ids [nsamples, seqlen]"
         )
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError(
