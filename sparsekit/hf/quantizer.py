@@ -1,6 +1,7 @@
 """transformers quantizer plugin: ``from_pretrained`` of a sparsekit checkpoint gives SparseLinear layers.
 
-After ``register_with_transformers()`` (``import sparsekit`` calls it), a config.json whose
+After ``register_with_transformers()`` (importing this module calls it; ``import sparsekit``
+imports this module as soon as transformers is imported), a config.json whose
 ``quantization_config`` has ``quant_method: "sparsekit"`` makes transformers build the model on
 the meta device, call our ``_process_model_before_weight_loading`` (which puts empty SparseLinear
 modules where the checkpoint has compressed layers), and then load the compressed tensors into
@@ -75,3 +76,6 @@ def register_with_transformers() -> None:
         register_quantization_config(QUANT_METHOD)(SparsekitConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(SparsekitHfQuantizer)
+
+
+register_with_transformers()
