@@ -13,13 +13,11 @@ place, so a crash never leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -225,26 +223,25 @@ def read_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return state, metadata
 
 
-@contextlib.contextmanager
-def params_on_meta() -> Iterator[None]:
-    """Register every new Parameter on the meta device; buffers (rotary tables) stay real.
-
-    Like torch.device("meta") for the weights, while non-persistent buffers that the checkpoint
-    does not hold still get their computed values.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kwargs = {"requires_grad": param.requires_grad}
-            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
+def _materialize_computed_buffers(model: nn.Module) -> None:
+    """After ``load_state_dict(assign=True)`` on a model built on the meta device, give the buffers
+    the checkpoint does not hold (rotary ``inv_freq`` tables) their computed values: storage on
+    the CPU, then transformers' own ``_init_weights`` of that (parameter-free) module."""
+    for name, module in model.named_modules():
+        meta = [k for k, b in module._buffers.items() if b is not None and b.device.type == "meta"]
+        if not meta:
+            continue
+        if any(True for _ in module.parameters(recurse=False)):
+            raise CheckpointError(f"{name or 'model'} has buffers {meta} that the checkpoint does not hold")
+        for key in meta:
+            module._buffers[key] = torch.empty_like(module._buffers[key], device="cpu")
+        for attr, value in vars(module).items():  # plain tensor attributes beside the buffers
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                setattr(module, attr, torch.empty_like(value, device="cpu"))
+        model._init_weights(module)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"tensors {left[:5]} were neither in the checkpoint nor computable")
 
 
 def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -292,9 +289,10 @@ def load(
 ) -> nn.Module:
     """Rebuild the model of a sparsekit checkpoint with its SparseLinear layers (eval mode).
 
-    The skeleton is built without allocating weights (parameters on the meta device), then the
+    The skeleton is built on the meta device (``with torch.device("meta")``), then the
     checkpoint's tensors are assigned (``load_state_dict(state, assign=True)``): the dense
-    weights never exist in memory. ``dtype`` casts floating tensors after loading.
+    weights never exist in memory. Computed buffers (rotary tables) are then filled in.
+    ``dtype`` casts floating tensors after loading.
     """
     from transformers import AutoModelForCausalLM
 
@@ -302,11 +300,12 @@ def load(
     config, qc = load_config(directory, trust_remote_code)
     state, _ = read_state(directory)
     del config.quantization_config
-    with params_on_meta():
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     install_sparse_shells(model, qc.get("layers", {}))
     _check_shapes(model, state, str(directory / WEIGHTS_NAME))
     model.load_state_dict(state, strict=True, assign=True)
+    _materialize_computed_buffers(model)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     if (directory / "generation_config.json").is_file():
