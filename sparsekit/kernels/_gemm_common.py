@@ -1,4 +1,5 @@
-"""Autotune configs shared by the inference GEMMs (sparse24_mm, masked_mm, bitmap_mm).
+"""What the inference GEMMs (sparse24_mm, masked_mm, bitmap_mm) share: autotune configs, the
+grouped tile order and the bias/store epilogue (``@triton.jit`` helpers), and the fp32 reference.
 
 The key is ``(M_BUCKET, N, K)``: the wrapper passes ``M_BUCKET = m_bucket(M)`` so decode sizes
 (M <= 64) and prefill sizes tune separately and a new M inside a bucket reuses the choice.
@@ -13,6 +14,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 
 DECODE_MAX_M = 64  # at or below this M the weight stream dominates: small BLOCK_M, wide BLOCK_K
 
@@ -85,3 +87,34 @@ def prune(configs, named_args, **kwargs):
 def as_2d(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> [M, K] without copying when the leading dims flatten."""
     return x.reshape(-1, x.shape[-1])
+
+
+@triton.jit
+def compute_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (pid_m, pid_n) in grouped order: GROUP_M row tiles share each weight tile
+    while it is in L2 (the swizzle of Triton's matmul tutorial)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def store_tile(acc, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS: tl.constexpr):
+    """y[rm, rn] = acc (+ bias[rn]), cast to y's dtype; rows >= M and columns >= N masked."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def linear_ref(x: torch.Tensor, dense_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The references' one body: x [..., K] @ W [N, K].T + bias in fp32, cast back to x's dtype."""
+    y = x.float() @ dense_weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._backend import Backend, check_dtype, check_same_device, launch, use_triton
-from ._gemm_common import as_2d, gemm_configs, m_bucket, prune
+from ._gemm_common import as_2d, compute_pid, gemm_configs, linear_ref, m_bucket, prune, store_tile
 from .aot import AotCase, gemm_signature
 from .dtypes import FLOAT_DTYPES
 from .mask_bits import pack_mask, unpack_bits
@@ -62,14 +62,7 @@ def _bitmap_mm_kernel(
     GROUP_M: tl.constexpr = 8,
 ):
     # BLOCK_K == TILE_K: K tile t of this loop is exactly offsets[:, t] of the format.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = compute_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,10 +83,7 @@ def _bitmap_mm_kernel(
         rank = tl.cumsum(bits, axis=1) - bits  # exclusive prefix sum: slot of each kept weight
         w = tl.load(v_ptr + start[:, None] + rank, mask=bits != 0, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok & n_ok[None, :])
+    store_tile(acc, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
 
 
 def compress_bitmap(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,10 +241,7 @@ def bitmap_mm_ref(
 ) -> torch.Tensor:
     """Eager reference: decompress through the offsets, fp32 matmul, cast back."""
     _check_mm(x, values, mask_bits, offsets, bias)
-    y = x.float() @ decompress_bitmap_ref(values, mask_bits, offsets, x.shape[-1]).float().T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return linear_ref(x, decompress_bitmap_ref(values, mask_bits, offsets, x.shape[-1]), bias)
 
 
 AOT_CASES = [

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._backend import Backend, check_dtype, check_same_device, launch, use_triton
-from ._gemm_common import as_2d, gemm_configs, m_bucket, prune
+from ._gemm_common import as_2d, compute_pid, gemm_configs, linear_ref, m_bucket, prune, store_tile
 from .aot import AotCase, gemm_signature
 from .dtypes import FLOAT_DTYPES
 from .mask_bits import unpack_bits
@@ -56,14 +56,7 @@ def _masked_mm_kernel(
 ):
     # y[M, N] = x[M, K] @ B[K, N] with B = (W * Mask).T (forward, W [N, K]) or W * Mask
     # (TRANS_W, backward dX, W [K, N]); mask bits are packed along W's columns either way.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = compute_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,10 +89,7 @@ def _masked_mm_kernel(
                 w = tl.load(w_ptr + rn[:, None] * stride_wr + kk[None, :] * stride_wc, mask=w_ok, other=0.0)
                 w = tl.trans(tl.where(bits != 0, w, tl.zeros_like(w)))
             acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok & (rn[None, :] < N))
+    store_tile(acc, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -236,10 +226,7 @@ def masked_mm_ref(
 ) -> torch.Tensor:
     """Eager reference: materialize W * M, fp32 matmul, cast back."""
     _check(x, weight, mask_bits, bias)
-    y = x.float() @ _masked_weight(weight, mask_bits).float().T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return linear_ref(x, _masked_weight(weight, mask_bits), bias)
 
 
 _SIG_ARGS = (

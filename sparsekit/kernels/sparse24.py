@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._backend import Backend, check_dtype, check_same_device, launch, use_triton
-from ._gemm_common import as_2d, gemm_configs, m_bucket, prune
+from ._gemm_common import as_2d, compute_pid, gemm_configs, linear_ref, m_bucket, prune, store_tile
 from .aot import AotCase, gemm_signature
 from .dtypes import FLOAT_DTYPES
 from .sparse24_cpu import decompress_24_torch, decompress_rows, sparse24_mm_cpu
@@ -57,14 +57,7 @@ def _sparse24_mm_kernel(
     GROUP_M: tl.constexpr = 8,
 ):
     # BLOCK_K % 8 == 0: every K tile holds whole meta bytes, so no 2:4 group straddles two tiles.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n  # swizzle: GROUP_M row tiles share each weight tile while it is in L2
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = compute_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,10 +91,7 @@ def _sparse24_mm_kernel(
         # join(join(o0, o2), join(o1, o3))[n, g, a, b] = o_{2a+b}: row-major reshape restores K order
         w = tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_N, BLOCK_K))
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok & (rn[None, :] < N))
+    store_tile(acc, bias_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
 
 
 # ----------------------------------------------------------------------------- format
@@ -293,10 +283,7 @@ def sparse24_mm_ref(
 ) -> torch.Tensor:
     """Eager reference: plain decompress, fp32 matmul, cast back."""
     _check_mm(x, values, meta, bias)
-    y = x.float() @ decompress_24_ref(values, meta).float().T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return linear_ref(x, decompress_24_ref(values, meta), bias)
 
 
 # representative configs for `python -m sparsekit.kernels.aot`: one decode, one prefill, bf16 prefill
