@@ -13,14 +13,14 @@ machine's measured copy bandwidth. Writes <out>.json and <out>.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from sparsekit._io import write_json_atomic, write_text_atomic
 
 SHAPES = {  # name: (N, K) = weight [out_features, in_features]
     "smollm2 576->576": (576, 576),
@@ -32,41 +32,6 @@ SHAPES = {  # name: (N, K) = weight [out_features, in_features]
 }
 MS = (1, 4, 16)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _quantiles(ts: list[float]) -> dict:
-    qs = statistics.quantiles(ts, n=10)
-    return {"median_ms": statistics.median(ts) * 1e3, "p20_ms": qs[1] * 1e3, "p80_ms": qs[7] * 1e3}
-
-
-def interleaved(fns: dict, budget_s: float, min_reps: int = 15, max_reps: int = 400) -> dict:
-    """Time every fn once per round, rounds until the budget is spent; per-fn quantiles in ms."""
-    for fn in fns.values():  # warm-up (and compile) outside the timed rounds
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    start = time.perf_counter()
-    while True:
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-        reps = len(times[name])
-        if reps >= max_reps or (reps >= min_reps and time.perf_counter() - start > budget_s):
-            break
-    return {k: {**_quantiles(v), "reps": len(v)} for k, v in times.items()}
-
-
-def copy_gbps() -> float:
-    """Copy bandwidth (read + write bytes / s) of a 256 MiB buffer: the weight-stream roofline."""
-    a = torch.empty(64 * 2**20, dtype=torch.float32).fill_(1.0)
-    b = torch.empty_like(a)
-    ts = []
-    for _ in range(7):
-        t = time.perf_counter()
-        b.copy_(a)
-        ts.append(time.perf_counter() - t)
-    return 2 * a.nbytes / statistics.median(ts) / 1e9
 
 
 def setup_case(n: int, k: int, m: int, dtype: torch.dtype) -> dict:
@@ -102,6 +67,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from sparsekit.bench.env import environment
+    from sparsekit.bench.roofline import measure_roofline
+    from sparsekit.bench.timing import time_cpu_interleaved
     from sparsekit.kernels import sparse24_cpu
 
     if args.threads:
@@ -118,7 +85,7 @@ def main() -> None:
         "cpu_ext_built": built,
         "cpu_ext_avx512": sparse24_cpu.has_fast_path(),
         "cpu_ext_load_s": round(build_s, 2),
-        "copy_GB/s": round(copy_gbps(), 1),
+        "copy_GB/s": round(measure_roofline("cpu").copy_gbps, 1),
     }
     rows = []
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k.startswith("smollm2")}
@@ -126,7 +93,13 @@ def main() -> None:
         for dname, dtype in DTYPES.items():
             for m in MS:
                 case = setup_case(n, k, m, dtype)
-                res = interleaved(case["fns"], args.budget)
+                timings = time_cpu_interleaved(
+                    case["fns"], warmup=2, min_repeats=15, max_repeats=400, min_time_s=args.budget / 3
+                )
+                res = {
+                    k: {"median_ms": t.median_ms, "p20_ms": t.p20_ms, "p80_ms": t.p80_ms, "reps": t.repeats}
+                    for k, t in timings.items()
+                }
                 best = min(("dense", "dense_compiled"), key=lambda s: res[s]["median_ms"])
                 sp = res["sparse"]
                 row = {
@@ -153,8 +126,7 @@ def main() -> None:
                 )
     env["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+    write_json_atomic(out.with_suffix(".json"), {"env": env, "rows": rows})
     lines = [
         "# CPU 2:4 sparse24_mm vs dense F.linear (kernel level)",
         "",
@@ -180,7 +152,7 @@ def main() -> None:
             f"{r['sparse_median_ms']:.3f} ({r['sparse_p20_ms']:.3f}-{r['sparse_p80_ms']:.3f}) | "
             f"{r['ratio']:.2f} | {r['bytes_ratio']:.3f} | {r['sparse_stream_GB/s']} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import subprocess
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from sparsekit._io import write_json_atomic, write_text_atomic
+from sparsekit.bench.env import environment
+from sparsekit.bench.timing import time_cpu
 from sparsekit.pruning import sparsegpt_prune_ref, sparsegpt_solve
 from sparsekit.pruning.sparsegpt import hessian_factor
 
@@ -44,58 +43,29 @@ def realistic_hessian(cols: int, rank: int = 256, outliers: int = 8, seed: int =
     return hessian * scale[:, None] * scale[None, :]
 
 
-def _time(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls (the shared harness's timer, no warm-up: runs are long)."""
+    return time_cpu(fn, warmup=0, min_repeats=repeats, max_repeats=repeats, min_time_s=0.0).median_ms / 1e3
 
 
 def matmul_gflops(size: int = 4096, repeats: int = 3) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up
-    return 2 * size**3 / statistics.median(_time(lambda: a @ b, repeats)) / 1e9
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout
-    except OSError:
-        commit = ""
-    return {
-        "cpu": cpu,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "commit": commit.strip(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    return 2 * size**3 / _seconds(lambda: a @ b, repeats) / 1e9
 
 
 def run(shapes, patterns, repeats: int, with_ref: bool) -> dict:
     torch.manual_seed(0)
-    info = machine()
+    info = environment()
     rows_out = []
     mm = matmul_gflops()
     for rows, cols in shapes:
         hessian = realistic_hessian(cols)
         weight = torch.randn(rows, cols)
         flops = rows * cols**2
-        factor_s = min(_time(partial(hessian_factor, hessian, 0.01), repeats))
+        factor_s = _seconds(partial(hessian_factor, hessian, 0.01), repeats)
         for pattern in patterns:
-            total_s = min(_time(partial(sparsegpt_solve, weight, hessian, pattern), repeats))
+            total_s = _seconds(partial(sparsegpt_solve, weight, hessian, pattern), repeats)
             solve_s = max(total_s - factor_s, 1e-9)
             row = {
                 "shape": f"{rows}x{cols}",
@@ -110,7 +80,7 @@ def run(shapes, patterns, repeats: int, with_ref: bool) -> dict:
                 "pct_mm_solve_only": round(100 * flops / solve_s / 1e9 / mm, 1),
             }
             if with_ref and (rows, cols) == (4096, 4096):
-                ref_s = _time(partial(sparsegpt_prune_ref, weight, hessian, pattern), 1)[0]
+                ref_s = _seconds(partial(sparsegpt_prune_ref, weight, hessian, pattern), 1)
                 row["ref_total_s"] = round(ref_s, 3)
                 row["pct_mm_ref"] = round(100 * flops / ref_s / 1e9 / mm, 1)
             rows_out.append(row)
@@ -122,8 +92,10 @@ def run(shapes, patterns, repeats: int, with_ref: bool) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"SparseGPT CPU solver, blocksize 128, fp32 ({m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
-        f"commit {m['commit']}, {m['time']}). GFLOP/s = rows*cols^2/s; torch.mm 4096^3 in the same run.",
+        f"SparseGPT CPU solver, blocksize 128, fp32 ({m['cpu']}, {m['cpu_threads']} threads, "
+        f"torch {m['torch']}, commit {m['commit']}, {m['time_utc']}). "
+        "GFLOP/s = rows*cols^2/s (median of --repeats runs); "
+        "torch.mm 4096^3 in the same run.",
         "",
         "| shape | pattern | factor s | solve s | total s | GFLOP/s total | GFLOP/s solve only "
         "| torch.mm GFLOP/s | % of mm total | % of mm solve only | plain loop s (% of mm) |",
@@ -152,10 +124,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shapes = SHAPES[:1] if args.quick else SHAPES
     result = run(shapes, PATTERNS, args.repeats, args.with_ref)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(args.out.with_suffix(".json"), result)
     md = markdown(result)
-    args.out.with_suffix(".md").write_text(md)
+    write_text_atomic(args.out.with_suffix(".md"), md)
     print(md)
     return 0
 

@@ -403,13 +403,8 @@ def e2e_markdown(result: E2EResult) -> str:
 
 def write_e2e_report(result: E2EResult, out: str | Path, stem: str = "e2e") -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (TTFT/TPOT bars) to ``out``."""
-    from sparsekit._io import write_json_atomic
-    from sparsekit.bench.plots import plot_e2e
+    from sparsekit.bench.plots import plot_e2e, write_report
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    write_json_atomic(paths["json"], result.to_dict())
-    paths["md"].write_text(e2e_markdown(result))
-    plot_e2e([asdict(r) for r in result.rows], paths["png"], title=result.config["model"])
-    return paths
+    rows = [asdict(r) for r in result.rows]
+    plot = lambda path: plot_e2e(rows, path, title=result.config["model"])
+    return write_report(out, stem, result.to_dict(), e2e_markdown(result), plot)

@@ -468,13 +468,7 @@ def layers_markdown(result: LayersResult) -> str:
 
 def write_layers_report(result: LayersResult, out: str | Path, stem: str = "layers") -> dict[str, Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` (speedup vs M per shape) to ``out``."""
-    from sparsekit._io import write_json_atomic
-    from sparsekit.bench.plots import plot_layer_speedups
+    from sparsekit.bench.plots import plot_layer_speedups, write_report
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    write_json_atomic(paths["json"], result.to_dict())
-    paths["md"].write_text(layers_markdown(result))
-    plot_layer_speedups(result.rows, paths["png"])
-    return paths
+    plot = lambda path: plot_layer_speedups(result.rows, path)
+    return write_report(out, stem, result.to_dict(), layers_markdown(result), plot)

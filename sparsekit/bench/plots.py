@@ -1,9 +1,10 @@
-"""PNG plots for the benchmark reports (matplotlib, Agg backend) and the JSON writer they share."""
+"""PNG plots for the benchmark reports (matplotlib, Agg backend) and the one report writer."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -95,3 +96,20 @@ def plot_quality(rows: Sequence, path: str | Path, title: str | None = None) -> 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def write_report(
+    out: str | Path, stem: str, data: dict, markdown: str, plot: Callable[[Path], object]
+) -> dict[str, Path]:
+    """Write ``<stem>.json`` (``data``), ``<stem>.md`` and ``<stem>.png`` (``plot(path)``) into ``out``,
+    each atomically; returns their paths by suffix."""
+    from sparsekit._io import write_json_atomic, write_text_atomic
+
+    out = Path(out)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    write_json_atomic(paths["json"], data)
+    write_text_atomic(paths["md"], markdown)
+    tmp = out / f".{stem}.tmp.png"
+    plot(tmp)
+    os.replace(tmp, paths["png"])
+    return paths
