@@ -1,4 +1,4 @@
-"""Layer-sequential one-shot pruning, the way SparseGPT and Wanda do it.
+"""Layer-sequential one-shot pruning, the way SparseGPT and Wanda do it: the loop.
 
 1. Capture the inputs of the first decoder block (hidden states plus every keyword argument the
    model passes: attention mask, position ids, rotary ``position_embeddings``, cache flags) with a
@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,34 +31,12 @@ from sparsekit.arch import (
 from sparsekit.formats import Pattern, mask_sparsity, parse_sparsity
 from sparsekit.kernels.dtypes import parse_dtype
 
-from .method import InputStat, PruningMethod, Statistic, pruning_method
-from .offload import materialized, offloaded_modules
+from .capture import Chunk, capture_block_inputs, floats_to, resolve_forward_dtype, run_block
+from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error
+from .method import InputStat, PruningMethod, pruning_method
+from .offload import materialized
 
 log = logging.getLogger(__name__)
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """oneDNN bf16 GEMMs on native bf16 instructions (AVX512-BF16 / AMX): several times fp32 there."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_forward_dtype(requested: str | torch.dtype, model_dtype: torch.dtype, device: torch.device):
-    """The dtype calibration forwards run in (see ``PruneConfig.forward_dtype``)."""
-    if requested == "model":
-        return model_dtype
-    if requested != "auto":
-        return requested
-    if model_dtype != torch.float32:
-        return model_dtype
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if (
-        device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    ):
-        return torch.bfloat16
-    return model_dtype
 
 
 @dataclass
@@ -136,239 +111,8 @@ class PruneReport:
         }
 
 
-class _Captured(Exception):
-    """Raised by the pre-hook on block 0 once its inputs are recorded: nothing later needs to run."""
-
-
-@dataclass
-class _Chunk:
-    hidden: torch.Tensor  # [b, L, H] input of the current block
-    args: tuple
-    kwargs: dict[str, Any]
-
-
-class _Timer:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.totals: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
-
-
-class _StatsCollector:
-    """Forward hooks accumulating a method's ``Statistic`` per distinct input tensor.
-
-    Layers fed the same tensor object in a forward (q/k/v; gate/up) share one statistic; the
-    tensors seen in the current chunk are held so identity checks stay valid.
-    """
-
-    def __init__(
-        self, linears: dict[str, nn.Module], statistic: Statistic, timer: _Timer, share: bool = True
-    ) -> None:
-        self.statistic = statistic
-        self.share = share
-        self.timer = timer
-        self.owner: dict[str, InputStat] = {}
-        self._seen: list[tuple[torch.Tensor, InputStat]] = []
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            x = inputs[0]
-            for seen, stat in self._seen if self.share else ():
-                if seen is x:
-                    self.owner.setdefault(name, stat)
-                    return
-            with self.timer.phase("statistics"):
-                stat = self.owner.get(name)
-                if stat is None:
-                    stat = self.owner[name] = self._new_stat(x)
-                x = x.detach()
-                if not torch.isfinite(x).all():
-                    raise ValueError(
-                        f"NaN/inf activations entering {name}: the model overflows on the calibration "
-                        "data; load it in float32 or check the input ids"
-                    )
-                self.statistic.accumulate(x, stat.value)
-                stat.tokens += x.numel() // x.shape[-1]
-            self._seen.append((x, stat))
-
-        return hook
-
-    def _new_stat(self, x: torch.Tensor) -> InputStat:
-        return InputStat(self.statistic.new(x.shape[-1], x.device))
-
-    def next_chunk(self) -> None:
-        self._seen.clear()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._seen.clear()
-
-
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple | list):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
-def _floats_to(value: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors inside ``value`` (nested tuples / lists / dicts) cast to ``dtype``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, tuple | list):
-        return type(value)(_floats_to(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _floats_to(v, dtype) for k, v in value.items()}
-    return value
-
-
-def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
-    """Move a module's own parameters and buffers (not its children's)."""
-    for param in module.parameters(recurse=False):
-        param.data = param.data.to(device)
-    for key, buf in module.named_buffers(recurse=False):
-        module._buffers[key] = buf.to(device)
-
-
-@contextmanager
-def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> Iterator[None]:
-    """Move everything but the decoder blocks (embeddings, rotary, norms) to ``device`` for capture."""
-    block_ids = {id(b) for b in blocks}
-    homes: dict[nn.Module, torch.device] = {}
-    for module in _non_block_leaves(model, block_ids):
-        if offloaded_modules(module):
-            continue  # accelerate's hook brings its weights in for each forward
-        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        if own and own[0].device != device:
-            homes[module] = own[0].device
-            _move_own_tensors(module, device)
-    try:
-        yield
-    finally:
-        for module, home in homes.items():
-            _move_own_tensors(module, home)
-
-
-def _non_block_leaves(module: nn.Module, block_ids: set[int]) -> Iterator[nn.Module]:
-    if id(module) in block_ids:
-        return
-    yield module
-    for child in module.children():
-        yield from _non_block_leaves(child, block_ids)
-
-
-def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device: torch.device
-) -> list[_Chunk]:
-    """Run the model on ``input_ids`` [n, L] up to block 0 and record its inputs per chunk."""
-    chunks: list[_Chunk] = []
-
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        chunks.append(_Chunk(hidden.detach(), tuple(a for a in args[1:]), kwargs))
-        raise _Captured
-
-    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
-    first = blocks[0]
-    first_home = model_device(first)
-    try:
-        with materialized(first, device), _outside_blocks_on(model, blocks, device), torch.no_grad():
-            first.to(device)
-            try:
-                for ids in input_ids.split(batch_size):
-                    try:
-                        model(ids.to(device), use_cache=False)
-                    except _Captured:
-                        pass
-            finally:
-                first.to(first_home)
-    finally:
-        handle.remove()
-    return chunks
-
-
-def _run_block(block: nn.Module, chunks: list[_Chunk], on_chunk: Callable[[], None] | None = None):
-    outputs = []
-    with torch.no_grad():
-        for chunk in chunks:
-            outputs.append(_block_output(block(chunk.hidden, *chunk.args, **chunk.kwargs)))
-            if on_chunk is not None:
-                on_chunk()
-    return outputs
-
-
-def _rel_error(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
-    num = sum((d.float() - p.float()).square().sum().item() for d, p in zip(dense, pruned, strict=True))
-    den = sum(d.float().square().sum().item() for d in dense)
-    return num / max(den, 1e-30)
-
-
-class _OutputErrorProbe:
-    """Hooks comparing each pruned linear's output with the dense weight's on the same input.
-
-    One extra GEMM per layer: diff = x (W - W')^T, and the dense output is output + diff. Only the
-    first ``max_rows`` tokens of the first forward per layer are measured (an estimate: the
-    probe must not cost a noticeable part of the block's own forward).
-    """
-
-    def __init__(
-        self, linears: dict[str, nn.Module], dense: dict[str, torch.Tensor], max_rows: int = 1024
-    ) -> None:
-        self.num = dict.fromkeys(linears, 0.0)
-        self.den = dict.fromkeys(linears, 0.0)
-        self.calls = dict.fromkeys(linears, 0)
-        self.max_calls = 1
-        self.max_rows = max_rows
-        self._handles = [m.register_forward_hook(self._hook(n, m, dense[n])) for n, m in linears.items()]
-
-    def _hook(self, name: str, module: nn.Module, dense_weight: torch.Tensor) -> Callable:
-        delta = (dense_weight.float() - linear_weight(module).detach().float()).T.contiguous()
-
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if self.calls[name] >= self.max_calls:
-                return
-            self.calls[name] += 1
-            x, out = inputs[0].detach(), output.detach()
-            if out.shape[:-1] != x.shape[:-1] or out.shape[-1] != delta.shape[1]:
-                return  # not a plain [..., out_features] output: nothing to compare
-            diff = x.reshape(-1, x.shape[-1])[: self.max_rows].float() @ delta
-            out = out.reshape(-1, out.shape[-1])[: self.max_rows].float()
-            self.num[name] += diff.square().sum().item()
-            self.den[name] += (out + diff).square().sum().item()
-
-        return hook
-
-    def errors(self) -> dict[str, float | None]:
-        return {n: (self.num[n] / self.den[n] if self.den[n] > 0 else None) for n in self.num}
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def _prune_linear(
-    module: nn.Module, stat: InputStat | None, config: PruneConfig, timer: _Timer
+    module: nn.Module, stat: InputStat | None, config: PruneConfig, timer: Timer
 ) -> tuple[torch.Tensor, float | None]:
     weight = linear_weight(module).detach()
     with timer.phase("solve"):
@@ -387,12 +131,12 @@ def prune_model(
     name, blocks = find_decoder_blocks(model)
     prefix = block_prefix or name
     device = torch.device(config.device) if config.device is not None else model_device(model)
-    timer = _Timer(device)
+    timer = Timer(device)
     nsamples, seqlen = tuple(input_ids.shape) if input_ids is not None else (0, 0)
     method = config.method
     report = PruneReport(method.name, str(config.sparsity), nsamples, seqlen)
     needs_data = method.needs_calibration
-    chunks: list[_Chunk] = []
+    chunks: list[Chunk] = []
     if needs_data:
         _check_calibration(input_ids, method.name)
         log.info("capturing inputs of %s.0 for %d x %d calibration tokens", prefix, nsamples, seqlen)
@@ -402,8 +146,8 @@ def prune_model(
         report.forward_dtype = str(forward_dtype).replace("torch.", "")
         for chunk in chunks:
             chunk.hidden = chunk.hidden.to(forward_dtype)
-            chunk.args = _floats_to(chunk.args, forward_dtype)
-            chunk.kwargs = _floats_to(chunk.kwargs, forward_dtype)
+            chunk.args = floats_to(chunk.args, forward_dtype)
+            chunk.kwargs = floats_to(chunk.kwargs, forward_dtype)
     progress = tqdm(
         range(len(blocks)), desc=f"{method.name} {config.sparsity}", disable=not config.show_progress
     )
@@ -429,9 +173,9 @@ def prune_model(
 def _prune_block(
     block: nn.Module,
     block_name: str,
-    chunks: list[_Chunk],
+    chunks: list[Chunk],
     config: PruneConfig,
-    timer: _Timer,
+    timer: Timer,
     report: PruneReport,
 ) -> dict[str, nn.Module]:
     """Statistics, pruning and the pruned re-run of one block (on the device); returns its linears.
@@ -446,9 +190,9 @@ def _prune_block(
         runner = copy.deepcopy(block).to(chunks[0].hidden.dtype)
         run_linears = block_linears(runner)
     if chunks:
-        collector = _StatsCollector(run_linears, config.method.statistic, timer, config.share_statistics)
+        collector = StatsCollector(run_linears, config.method.statistic, timer, config.share_statistics)
         with timer.phase("forward"):
-            dense_outputs = _run_block(runner, chunks, collector.next_chunk)
+            dense_outputs = run_block(runner, chunks, collector.next_chunk)
         collector.remove()
         stats = collector.owner
         dense_weights = {
@@ -465,14 +209,14 @@ def _prune_block(
         if runner is not block:
             for lname, module in run_linears.items():
                 set_linear_weight(module, linear_weight(linears[lname]).detach().to(chunks[0].hidden.dtype))
-        probe = _OutputErrorProbe(run_linears, dense_weights) if config.measure_error else None
+        probe = OutputErrorProbe(run_linears, dense_weights) if config.measure_error else None
         with timer.phase("forward"):
-            pruned_outputs = _run_block(runner, chunks)
+            pruned_outputs = run_block(runner, chunks)
         if probe is not None:
             probe.remove()
             for layer, err in zip(report.layers[-len(linears) :], probe.errors().values(), strict=True):
                 layer.output_rel_error = err
-        report.block_rel_errors.append(_rel_error(dense_outputs, pruned_outputs))
+        report.block_rel_errors.append(rel_error(dense_outputs, pruned_outputs))
         for chunk, out in zip(chunks, pruned_outputs, strict=True):
             chunk.hidden = out
         del dense_outputs, pruned_outputs, dense_weights

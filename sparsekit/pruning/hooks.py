@@ -1,0 +1,133 @@
+"""Forward hooks the engine puts on a block's linear layers: statistics and output error."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from sparsekit.arch import linear_weight
+
+from .method import InputStat, Statistic
+
+
+class Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+
+class StatsCollector:
+    """Forward hooks accumulating a method's ``Statistic`` per distinct input tensor.
+
+    Layers fed the same tensor object in a forward (q/k/v; gate/up) share one statistic; the
+    tensors seen in the current chunk are held so identity checks stay valid.
+    """
+
+    def __init__(
+        self, linears: dict[str, nn.Module], statistic: Statistic, timer: Timer, share: bool = True
+    ) -> None:
+        self.statistic = statistic
+        self.share = share
+        self.timer = timer
+        self.owner: dict[str, InputStat] = {}
+        self._seen: list[tuple[torch.Tensor, InputStat]] = []
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0]
+            for seen, stat in self._seen if self.share else ():
+                if seen is x:
+                    self.owner.setdefault(name, stat)
+                    return
+            with self.timer.phase("statistics"):
+                stat = self.owner.get(name)
+                if stat is None:
+                    stat = self.owner[name] = self._new_stat(x)
+                x = x.detach()
+                if not torch.isfinite(x).all():
+                    raise ValueError(
+                        f"NaN/inf activations entering {name}: the model overflows on the calibration "
+                        "data; load it in float32 or check the input ids"
+                    )
+                self.statistic.accumulate(x, stat.value)
+                stat.tokens += x.numel() // x.shape[-1]
+            self._seen.append((x, stat))
+
+        return hook
+
+    def _new_stat(self, x: torch.Tensor) -> InputStat:
+        return InputStat(self.statistic.new(x.shape[-1], x.device))
+
+    def next_chunk(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._seen.clear()
+
+
+def rel_error(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
+    num = sum((d.float() - p.float()).square().sum().item() for d, p in zip(dense, pruned, strict=True))
+    den = sum(d.float().square().sum().item() for d in dense)
+    return num / max(den, 1e-30)
+
+
+class OutputErrorProbe:
+    """Hooks comparing each pruned linear's output with the dense weight's on the same input.
+
+    One extra GEMM per layer: diff = x (W - W')^T, and the dense output is output + diff. Only the
+    first ``max_rows`` tokens of the first forward per layer are measured (an estimate: the
+    probe must not cost a noticeable part of the block's own forward).
+    """
+
+    def __init__(
+        self, linears: dict[str, nn.Module], dense: dict[str, torch.Tensor], max_rows: int = 1024
+    ) -> None:
+        self.num = dict.fromkeys(linears, 0.0)
+        self.den = dict.fromkeys(linears, 0.0)
+        self.calls = dict.fromkeys(linears, 0)
+        self.max_calls = 1
+        self.max_rows = max_rows
+        self._handles = [m.register_forward_hook(self._hook(n, m, dense[n])) for n, m in linears.items()]
+
+    def _hook(self, name: str, module: nn.Module, dense_weight: torch.Tensor) -> Callable:
+        delta = (dense_weight.float() - linear_weight(module).detach().float()).T.contiguous()
+
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if self.calls[name] >= self.max_calls:
+                return
+            self.calls[name] += 1
+            x, out = inputs[0].detach(), output.detach()
+            if out.shape[:-1] != x.shape[:-1] or out.shape[-1] != delta.shape[1]:
+                return  # not a plain [..., out_features] output: nothing to compare
+            diff = x.reshape(-1, x.shape[-1])[: self.max_rows].float() @ delta
+            out = out.reshape(-1, out.shape[-1])[: self.max_rows].float()
+            self.num[name] += diff.square().sum().item()
+            self.den[name] += (out + diff).square().sum().item()
+
+        return hook
+
+    def errors(self) -> dict[str, float | None]:
+        return {n: (self.num[n] / self.den[n] if self.den[n] > 0 else None) for n in self.num}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
