@@ -37,6 +37,8 @@ _EXPORTS = {
     "sparsegpt_prune": "sparsekit.pruning",
     "wanda_prune": "sparsekit.pruning",
     "use_backend": "sparsekit.kernels",
+    "StructuredConfig": "sparsekit.pruning.structured",
+    "StructuredReport": "sparsekit.pruning.structured",
 }
 
 __all__ = sorted(_EXPORTS)

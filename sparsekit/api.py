@@ -11,6 +11,13 @@ from sparsekit.eval.perplexity import PerplexityResult
 from sparsekit.eval.perplexity import perplexity as _perplexity
 from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids
 from sparsekit.pruning import PruneConfig, PruneReport, PruningMethod, prune_model
+from sparsekit.pruning.structured import (
+    StructuredConfig,
+    StructuredMethod,
+    StructuredReport,
+    is_structured,
+    structured_method,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ def calibration_batch(
 
 def prune(
     model: nn.Module,
-    method: str | PruningMethod = "wanda",
+    method: str | PruningMethod | StructuredMethod = "wanda",
     sparsity: str | float = 0.5,
     calib: str | list[str] | torch.Tensor = DEFAULT_CORPUS,
     tokenizer=None,
@@ -55,15 +62,26 @@ def prune(
     seqlen: int = DEFAULT_SEQLEN,
     seed: int = 0,
     **config: object,
-) -> PruneReport:
+) -> PruneReport | StructuredReport:
     """Prune ``model`` in place one-shot and return the report.
 
-    method: a registered name ('magnitude' | 'wanda' | 'sparsegpt') or a ``PruningMethod``.
-    sparsity: 0.5, '50%', '2:4', '4:8'.
+    method: a registered name ('magnitude' | 'wanda' | 'sparsegpt', or the structured
+    'shortgpt' | 'angular' | 'wanda-sp' | 'flap') or a method object.
+    sparsity: 0.5, '50%', '2:4', '4:8'; for structured methods the fraction of decoder-block
+    parameters removed (keywords: remove_layers, repair, heads, widths, bias_compensation,
+    tokens; see ``StructuredConfig``). Structured methods return a ``StructuredReport`` and leave
+    a smaller dense model; prune again with an unstructured method to stack.
     calib: 'wiki-offline' | 'wikitext2' | 'c4' | 'dolly' | a text/JSONL path | list of texts |
     LongTensor [nsamples, seqlen]. Extra keywords go to ``PruneConfig`` (blocksize, percdamp,
     batch_size, device, show_progress, ...).
     """
+    if is_structured(method):
+        structured = structured_method(method)
+        structured_config = StructuredConfig(sparsity=sparsity, **config)
+        ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
+        report = structured.prune(model, ids, structured_config)
+        report.calib = label
+        return report
     prune_config = PruneConfig(method=method, sparsity=sparsity, **config)
     ids, label = None, "none"
     if prune_config.method.needs_calibration:

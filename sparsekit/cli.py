@@ -12,6 +12,7 @@ import torch
 from sparsekit._io import atomic_dir, write_json_atomic
 from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.pruning import method_names
+from sparsekit.pruning.structured import is_structured, structured_method_names
 
 log = logging.getLogger("sparsekit")
 
@@ -54,11 +55,62 @@ def load_any(
     )
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    from sparsekit.api import perplexity, prune
-    from sparsekit.formats import parse_sparsity
+def _prune_options(args: argparse.Namespace, method: str, sparsity: str) -> dict:
+    """Keyword arguments for ``sparsekit.prune``: the per-layer engine's or a structured method's."""
+    common = {
+        "method": method,
+        "sparsity": sparsity,
+        "calib": args.calib,
+        "nsamples": args.nsamples,
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": args.device,
+    }
+    if is_structured(method):
+        return common | {
+            "remove_layers": args.remove_layers,
+            "repair": args.repair,
+            "heads": args.heads,
+            "widths": args.widths,
+            "bias_compensation": args.bias_compensation,
+            "tokens": args.tokens,
+        }
+    if args.remove_layers is not None or args.repair:
+        raise ValueError(
+            f"--remove-layers and --repair are for depth methods (shortgpt, angular), not {method}"
+        )
+    return common | {
+        "blocksize": args.blocksize,
+        "percdamp": args.percdamp,
+        "forward_dtype": args.forward_dtype,
+    }
 
-    parse_sparsity(args.sparsity)  # fail on a bad pattern before the model loads
+
+def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Everything checkable before the model loads; returns the (method, sparsity) steps to run."""
+    from sparsekit.formats import parse_sparsity
+    from sparsekit.pruning.structured import StructuredConfig
+
+    steps = [(args.method, args.sparsity)]
+    if args.then_method:
+        if not is_structured(args.method) or is_structured(args.then_method):
+            raise ValueError(
+                "--then-method stacks an unstructured/N:M method on a structured one: "
+                "--method shortgpt|angular|wanda-sp|flap --then-method wanda|sparsegpt|magnitude"
+            )
+        steps.append((args.then_method, args.then_sparsity))
+    for method, sparsity in steps:
+        if is_structured(method):
+            StructuredConfig(
+                sparsity=sparsity,
+                remove_layers=args.remove_layers,
+                heads=args.heads,
+                widths=args.widths,
+                tokens=args.tokens,
+            )
+        else:
+            parse_sparsity(sparsity)  # fail on a bad pattern before the model loads
     if args.out and Path(args.out).exists():
         raise FileExistsError(f"{args.out} exists; remove it or pick another --out")
     if args.offload_folder and args.out and args.save_format == "compressed":
@@ -66,34 +118,45 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "--offload-folder keeps the weights on disk, and compressing them would bring every layer "
             "into memory: add --save-format dense (then compress on a machine that holds the model)"
         )
+    return steps
+
+
+def _print_report(report, method: str) -> None:
+    if getattr(report, "removed_fraction", None) is not None and hasattr(report, "removed_blocks"):
+        print(
+            f"{method}: removed {100 * report.removed_fraction:.1f}% of decoder-block parameters; "
+            f"parameters {report.params_before:,} -> {report.params_after:,}"
+        )
+        if report.removed_blocks:
+            print(f"removed blocks {report.removed_blocks}; repaired {report.repaired_blocks or 'none'}")
+        if report.widths:
+            shown = report.widths if not report.uniform_widths else report.widths[:1]
+            where = "every block" if report.uniform_widths else "per block"
+            print(f"widths before {report.widths_before}, after ({where}): {shown}")
+    else:
+        print(
+            f"pruned {len(report.layers)} linear layers with {method} to {report.overall_sparsity:.3f} "
+            f"sparsity ({report.sparsity}); calib {report.calib}, {report.nsamples} x {report.seqlen} tokens"
+        )
+    print("time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items()))
+    for note in report.notes:
+        print("note:", note)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from sparsekit.api import perplexity, prune
+
+    steps = _check_prune_args(args)
     # the model stays on the CPU (or on disk); blocks visit --device one at a time, so it may exceed
     # device memory
     model, tokenizer = load_any(
         args.model, args.dtype, "cpu", args.trust_remote_code, args.offload_folder, args.max_cpu_memory
     )
-    report = prune(
-        model,
-        device=args.device,
-        method=args.method,
-        sparsity=args.sparsity,
-        calib=args.calib,
-        tokenizer=tokenizer,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        blocksize=args.blocksize,
-        percdamp=args.percdamp,
-        forward_dtype=args.forward_dtype,
-        batch_size=args.batch_size,
-    )
-    summary = report.to_dict()
-    print(
-        f"pruned {len(report.layers)} linear layers with {args.method} to {report.overall_sparsity:.3f} "
-        f"sparsity ({report.sparsity}); calib {report.calib}, {report.nsamples} x {report.seqlen} tokens"
-    )
-    print("time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items()))
-    for note in report.notes:
-        print("note:", note)
+    summary: dict = {}
+    for index, (method, sparsity) in enumerate(steps):
+        report = prune(model, tokenizer=tokenizer, **_prune_options(args, method, sparsity))
+        _print_report(report, method)
+        summary = report.to_dict() if index == 0 else summary | {"then": report.to_dict()}
     if args.eval:
         if not args.offload_folder:
             model.to(args.device)
@@ -107,10 +170,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         summary["perplexity"] = result.to_dict()
         print(f"perplexity {result.ppl:.3f} on {result.dataset} ({result.windows} x {result.seqlen} tokens)")
     if args.out:
-        save_pruned(
-            model if args.offload_folder else model.cpu(), tokenizer, args.out, summary, args.save_format
-        )
-        print(f"saved ({args.save_format}) to {args.out}")
+        save_format = args.save_format
+        if summary.get("kind") == "structured" and len(steps) == 1:
+            save_format = "dense" if summary.get("uniform_widths", True) else "widths"
+        save_pruned(model if args.offload_folder else model.cpu(), tokenizer, args.out, summary, save_format)
+        print(f"saved ({save_format}) to {args.out}")
     return 0
 
 
@@ -119,8 +183,15 @@ def save_pruned(model, tokenizer, out: str, summary: dict, save_format: str = "c
 
     compressed: SparseLinear layers (2:4 or bitmap, whichever fits) in a sparsekit checkpoint that
     ``sparsekit eval`` / ``sparsekit.load`` / ``from_pretrained`` after ``import sparsekit`` read;
-    dense: an ordinary HF checkpoint with the zeros kept.
+    dense: an ordinary HF checkpoint with the zeros kept (a structurally pruned model with the same
+    widths in every block: an ordinary, smaller HF checkpoint); widths: a structurally pruned model
+    with per-block widths, as a sparsekit checkpoint (``from_pretrained`` after ``import sparsekit``).
     """
+    if save_format == "widths":
+        from sparsekit.hf.checkpoint import save
+
+        save(model, out, tokenizer=tokenizer, extra_json={"prune_report.json": summary})
+        return
     if save_format == "compressed":
         from sparsekit.hf.checkpoint import save
         from sparsekit.nn import sparsify
@@ -230,13 +301,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsekit.api import perplexity
-    from sparsekit.hf.checkpoint import load, save
+    from sparsekit.hf.checkpoint import is_checkpoint, save
     from sparsekit.hf.data import evaluation_ids
     from sparsekit.hf.finetune import finetune
-    from sparsekit.hf.models import ModelSource, load_tokenizer
+    from sparsekit.nn import SparseLinear
 
-    model = load(args.checkpoint)
-    tokenizer = load_tokenizer(ModelSource(str(args.checkpoint)))
+    out = args.out or args.checkpoint
+    if not is_checkpoint(args.checkpoint) and not args.out:
+        raise ValueError(
+            f"{args.checkpoint} is not a sparsekit checkpoint: give --out for the fine-tuned model"
+        )
+    if args.out and Path(args.out).exists() and Path(args.out).resolve() != Path(args.checkpoint).resolve():
+        raise FileExistsError(f"{args.out} exists; remove it or pick another --out")
+    model, tokenizer = load_any(args.checkpoint, torch.float32, "cpu")
+    teacher = load_any(args.distill, torch.float32, "cpu")[0] if args.distill else None
     eval_ids = evaluation_ids(tokenizer, args.eval_dataset, max_tokens=args.eval_tokens)
     report = finetune(
         model,
@@ -248,15 +326,24 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         calib=args.calib,
         evaluate=lambda m: perplexity(m, eval_ids, seqlen=args.eval_seqlen).ppl,
+        teacher=teacher,
+        temperature=args.temperature,
+        lm_weight=args.lm_weight,
     )
     print(
-        f"fine-tuned {report.trained_layers} layers for {report.steps} steps in {report.seconds:.0f} s: "
-        f"loss {report.losses[0]:.3f} -> {report.losses[-1]:.3f}, "
+        f"fine-tuned ({report.loss}) {report.trained_layers} layers for {report.steps} steps in "
+        f"{report.seconds:.0f} s: loss {report.losses[0]:.3f} -> {report.losses[-1]:.3f}, "
         f"perplexity {report.ppl_before:.3f} -> {report.ppl_after:.3f}, masks exact: {report.masks_exact}"
     )
-    out = args.out or args.checkpoint
-    save(model, out, tokenizer=tokenizer)
-    write_json_atomic(Path(out) / "finetune_report.json", report.to_dict())
+    extra = {"finetune_report.json": report.to_dict()}
+    sparse = any(isinstance(m, SparseLinear) for m in model.modules())
+    if sparse or getattr(model.config, "block_widths", None):
+        save(model, out, tokenizer=tokenizer, extra_json=extra)
+    else:  # a plain (e.g. structurally pruned) model stays a plain HF checkpoint
+        with atomic_dir(out, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / "finetune_report.json", report.to_dict())
     print(f"saved to {out}")
     return 0
 
@@ -270,8 +357,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model", help="hub id, local folder, folder/file.gguf, or 'smollm2' (the embedded default)"
     )
-    p.add_argument("--method", choices=method_names(), default="wanda")
-    p.add_argument("--sparsity", default="0.5", help="0.5, 50%%, 2:4, 4:8 ...")
+    p.add_argument("--method", choices=method_names() + structured_method_names(), default="wanda")
+    p.add_argument(
+        "--sparsity",
+        default="0.5",
+        help="0.5, 50%%, 2:4, 4:8 ...; structured methods: the fraction of decoder-block parameters removed",
+    )
+    p.add_argument(
+        "--remove-layers", type=int, default=None, help="depth methods: number of blocks to remove"
+    )
+    p.add_argument(
+        "--repair", action="store_true", help="depth methods: fold a least-squares map into each cut"
+    )
+    p.add_argument(
+        "--heads",
+        choices=("group", "query"),
+        default="group",
+        help="width methods: remove whole KV groups, or the same number of query heads per group",
+    )
+    p.add_argument(
+        "--widths",
+        choices=("uniform", "adaptive"),
+        default="uniform",
+        help="flap: same widths in every block (plain HF checkpoint) or per-block (adaptive)",
+    )
+    p.add_argument(
+        "--bias-compensation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="width methods: add removed channels' mean output back as a bias (flap default on)",
+    )
+    p.add_argument(
+        "--tokens",
+        choices=("all", "last"),
+        default="all",
+        help="depth methods: similarity over all tokens or the last token of each sequence",
+    )
+    p.add_argument(
+        "--then-method",
+        choices=method_names(),
+        default=None,
+        help="after a structured method, prune what remains with this method (stacking)",
+    )
+    p.add_argument("--then-sparsity", default="2:4", help="sparsity of --then-method")
     p.add_argument("--calib", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | dolly | PATH")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -361,8 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("finetune", help="sparse recovery fine-tune of a sparsekit checkpoint, masks fixed")
-    p.add_argument("checkpoint", help="folder written by sparsekit.save")
+    p = sub.add_parser(
+        "finetune", help="recovery fine-tune of a pruned model (masks fixed), LM loss or distillation"
+    )
+    p.add_argument("checkpoint", help="a sparsekit checkpoint or a pruned HF folder (`prune --out`)")
+    p.add_argument(
+        "--distill", metavar="TEACHER", help="train against this dense model's logits (KL), e.g. smollm2"
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    p.add_argument("--lm-weight", type=float, default=0.0, help="with --distill: add this times the LM loss")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--seqlen", type=int, default=256)

@@ -209,6 +209,61 @@ def time_generation(
     }
 
 
+def time_generation_interleaved(
+    models: dict[str, nn.Module],
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    rounds: int = 5,
+    warmup: int = 1,
+    cache: str = "static",
+    show_progress: bool = True,
+) -> dict[str, dict]:
+    """TTFT and TPOT of several models measured in rounds: each round runs one generation of every
+    model in turn, so drift of the machine (clock, other load) hits all of them alike.
+
+    Returns {name: {ttft_ms, ttft_p20_ms, ttft_p80_ms, tpot_ms, tpot_p20_ms, tpot_p80_ms, rounds}}:
+    medians over rounds and the 20th / 80th percentiles (TPOT spread over the per-round means).
+    """
+    from tqdm.auto import tqdm
+
+    if new_tokens < 2:
+        raise ValueError(f"TPOT needs at least 2 new tokens (one decode step), got {new_tokens}")
+    max_len = input_ids.shape[1] + new_tokens
+    gens = {}
+    for name, model in models.items():
+        try:
+            gens[name] = _Generator(model, max_len, False, cache)
+            for _ in range(warmup):
+                gens[name].run(input_ids.to(model_device(model)), new_tokens)
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            if cache != "static":
+                raise
+            gens[name] = _Generator(model, max_len, False, "dynamic")
+            for _ in range(warmup):
+                gens[name].run(input_ids.to(model_device(model)), new_tokens)
+    samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in models}
+    for _ in tqdm(range(rounds), desc="interleaved generation rounds", disable=not show_progress):
+        for name, gen in gens.items():
+            ttft, steps, _ = gen.run(input_ids.to(gen.device), new_tokens)
+            samples[name][0].append(ttft)
+            samples[name][1].append(sum(steps) / len(steps))
+    out = {}
+    for name, (ttfts, tpots) in samples.items():
+        t_med, t20, t80 = quantiles(ttfts)
+        p_med, p20, p80 = quantiles(tpots)
+        out[name] = {
+            "ttft_ms": t_med,
+            "ttft_p20_ms": t20,
+            "ttft_p80_ms": t80,
+            "tpot_ms": p_med,
+            "tpot_p20_ms": p20,
+            "tpot_p80_ms": p80,
+            "rounds": rounds,
+            "cache": gens[name].cache_kind,
+        }
+    return out
+
+
 # ----------------------------------------------------------------------------- variants
 def has_sparse_layers(model: nn.Module) -> bool:
     from sparsekit.nn import SparseLinear

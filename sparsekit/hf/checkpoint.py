@@ -31,6 +31,7 @@ from sparsekit._io import atomic_dir
 from sparsekit.arch import is_conv1d, set_submodule
 from sparsekit.formats.weight import weight_format
 from sparsekit.nn import SparseLinear
+from sparsekit.pruning.structured import resize_to_widths
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,24 @@ def layer_metadata(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def quantization_config_dict(model: nn.Module) -> dict[str, Any]:
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": layer_metadata(model)}
+    qc = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "layers": layer_metadata(model)}
+    widths = getattr(getattr(model, "config", None), "block_widths", None)
+    if widths:  # per-block widths of an adaptively width-pruned model
+        qc["widths"] = widths
+    return qc
+
+
+def install_widths(model: nn.Module, widths: list[dict[str, int]] | None) -> None:
+    """Resize the blocks of a freshly built model to a checkpoint's per-block widths."""
+    if not widths:
+        return
+    try:
+        resize_to_widths(model, widths)
+    except ValueError as exc:
+        raise CheckpointError(
+            f"config.json quantization_config.widths: {exc}; save the model again"
+        ) from None
+    model.config.block_widths = widths
 
 
 def check_format_version(version: Any, where: str) -> None:
@@ -162,6 +180,8 @@ def save(
         "sparsekit_aliases": json.dumps(aliases),
     }
     config = copy.deepcopy(config)
+    if hasattr(config, "block_widths"):
+        del config.block_widths  # kept in quantization_config, where the loader reads it
     config.quantization_config = qconfig
     with atomic_dir(save_directory) as tmp:
         config.save_pretrained(tmp)
@@ -302,6 +322,7 @@ def load(
     del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    install_widths(model, qc.get("widths"))
     install_sparse_shells(model, qc.get("layers", {}))
     _check_shapes(model, state, str(directory / WEIGHTS_NAME))
     model.load_state_dict(state, strict=True, assign=True)

@@ -1,4 +1,7 @@
-"""Sparse recovery fine-tuning: a short AdamW run on calibration text with every mask held fixed.
+"""Recovery fine-tuning: a short AdamW run on calibration text with every mask held fixed, on the
+plain LM loss or distilled from the dense teacher's logits (KL on the vocabulary distribution, as
+Minitron heals its pruned models). A structurally pruned model has no zeros: all its block
+linears train (their all-True masks change nothing).
 
 The pruned layers train as ``masked`` SparseLinear (``masked_mm``: the gradient of a pruned
 entry is exactly zero, so it stays zero), then go back to their original format. Pure training:
@@ -40,9 +43,29 @@ class FinetuneReport:
     masks_exact: bool = True
     trained_layers: int = 0
     seconds: float = 0.0
+    loss: str = "lm"  # "lm" | "distill" | "distill+lm"
+    temperature: float = 1.0
+    lm_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+    """temperature^2 * mean over tokens of KL(softmax(t / T) || softmax(s / T)); logits [B, L, V]."""
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1).flatten(0, -2)
+    t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, -2)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def _loss(model, teacher, batch, temperature: float, lm_weight: float) -> torch.Tensor:
+    if teacher is None:
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
+    with torch.no_grad():
+        target = teacher(input_ids=batch, use_cache=False).logits
+    out = model(input_ids=batch, labels=batch if lm_weight else None, use_cache=False)
+    loss = distill_loss(out.logits, target, temperature)
+    return loss + lm_weight * out.loss if lm_weight else loss
 
 
 def _sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
@@ -62,6 +85,9 @@ def finetune(
     seed: int = 0,
     weight_decay: float = 0.0,
     evaluate: Callable[[nn.Module], float] | None = None,
+    teacher: nn.Module | None = None,
+    temperature: float = 1.0,
+    lm_weight: float = 0.0,
 ) -> FinetuneReport:
     """Fine-tune the pruned linears of ``model`` in place with their masks fixed; return the report.
 
@@ -70,13 +96,25 @@ def finetune(
     with zeros kept). Only those layers' weights and biases train; embeddings and norms are frozen.
     input_ids: LongTensor [n, L] of training tokens; default: ``nsamples`` x ``seqlen`` tokens of
     ``calib`` through ``tokenizer``. evaluate(model) -> perplexity, run before and after.
+    teacher: the dense model; the loss becomes temperature^2 * KL(teacher || student) per token
+    (plus ``lm_weight`` times the LM loss). It must share the student's vocabulary.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if teacher is not None:
+        t_vocab, s_vocab = teacher.config.vocab_size, model.config.vocab_size
+        if t_vocab != s_vocab:
+            raise ValueError(f"teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab})")
+        teacher.eval()
     started = time.perf_counter()
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("finetune needs a tokenizer or input_ids [nsamples, seqlen]")
         input_ids = calibration_ids(tokenizer, calib, nsamples, seqlen, seed)
     report = FinetuneReport(steps, lr, input_ids.shape[1], input_ids.shape[0], batch_size)
+    if teacher is not None:
+        report.loss = "distill+lm" if lm_weight else "distill"
+        report.temperature, report.lm_weight = temperature, lm_weight
     if evaluate is not None:
         report.ppl_before = float(evaluate(model))
 
@@ -111,7 +149,7 @@ def finetune(
         for step in range(steps):
             rows = torch.randint(0, input_ids.shape[0], (batch_size,), generator=generator)
             batch = input_ids[rows].to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            loss = _loss(model, teacher, batch, temperature, lm_weight)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"fine-tune loss is {loss.item()} at step {step}; lower lr (now {lr})"

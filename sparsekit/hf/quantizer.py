@@ -21,16 +21,29 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import FORMAT_VERSION, QUANT_METHOD, check_format_version, install_sparse_shells
+from .checkpoint import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    check_format_version,
+    install_sparse_shells,
+    install_widths,
+)
 
 
 class SparsekitConfig(QuantizationConfigMixin):
     """``quantization_config`` of a sparsekit checkpoint: format version and per-layer formats."""
 
-    def __init__(self, format_version: int = FORMAT_VERSION, layers: dict[str, Any] | None = None, **kwargs):
+    def __init__(
+        self,
+        format_version: int = FORMAT_VERSION,
+        layers: dict[str, Any] | None = None,
+        widths: list[dict[str, int]] | None = None,
+        **kwargs,
+    ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.layers = layers or {}
+        self.widths = widths
 
     def post_init(self) -> None:
         check_format_version(self.format_version, "quantization_config")
@@ -47,6 +60,7 @@ class SparsekitHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         layers = self.quantization_config.layers
+        install_widths(model, self.quantization_config.widths)
         install_sparse_shells(model, layers)
         # A parent's _init_weights may reach for child.weight (GPT-2 scales c_proj.weight), which a
         # compressed layer does not have; every tensor of the parents is loaded from the checkpoint.

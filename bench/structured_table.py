@@ -1,0 +1,140 @@
+"""Structured pruning on the real default model: ppl, parameters, prune time and end-to-end
+TTFT / TPOT of every variant, with all generations interleaved in rounds (one run, one machine).
+
+    python bench/structured_table.py --out reports/structured          # about 35 min on 2 cores
+    python bench/structured_table.py --variants dense,flap-20,angular-6 --out /tmp/s   # a subset
+
+Variants: dense; shortgpt-N / angular-N (N of 30 blocks; -r: with the linear repair);
+wanda-sp-P / flap-P (P% of block parameters, same widths in every block; flap-P-adaptive: per-block
+widths); sparsegpt-2:4; flap-20+2:4 (stacked). Writes structured.json and structured.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+import sparsekit
+from sparsekit._io import write_json_atomic, write_text_atomic
+from sparsekit.arch import model_bytes
+from sparsekit.bench.e2e import prompt_ids, time_generation_interleaved
+from sparsekit.bench.env import environment
+from sparsekit.eval.perplexity import perplexity_of_ids
+from sparsekit.hf.data import calibration_ids, evaluation_ids
+from sparsekit.hf.models import load_model
+from sparsekit.pruning.structured import param_count
+
+DEFAULT_VARIANTS = (
+    "dense,shortgpt-3,shortgpt-3-r,shortgpt-6,shortgpt-6-r,shortgpt-9,shortgpt-9-r,"
+    "angular-3,angular-3-r,angular-6,angular-6-r,angular-9,angular-9-r,"
+    "wanda-sp-20,wanda-sp-50,flap-20,flap-50,flap-20-adaptive,flap-50-adaptive,sparsegpt-2:4,flap-20+2:4"
+)
+
+
+def steps_of(variant: str) -> list[tuple[str, str, dict]]:
+    """'angular-6-r' -> [("angular", "0", {"remove_layers": 6, "repair": True})], etc."""
+    if variant == "dense":
+        return []
+    if variant == "sparsegpt-2:4":
+        return [("sparsegpt", "2:4", {})]
+    if variant.endswith("+2:4"):
+        return steps_of(variant[:-4]) + [("sparsegpt", "2:4", {})]
+    for method in ("shortgpt", "angular"):
+        if variant.startswith(method + "-"):
+            parts = variant[len(method) + 1 :].split("-")
+            return [(method, "0", {"remove_layers": int(parts[0]), "repair": parts[1:] == ["r"]})]
+    for method in ("wanda-sp", "flap"):
+        if variant.startswith(method + "-"):
+            parts = variant[len(method) + 1 :].split("-")
+            widths = "adaptive" if parts[1:] == ["adaptive"] else "uniform"
+            return [(method, str(int(parts[0]) / 100), {"widths": widths})]
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="reports/structured")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(torch.get_num_threads())
+
+    dense, tokenizer = load_model(args.model)
+    calib = calibration_ids(tokenizer, "wiki-offline", args.nsamples, args.seqlen, seed=0)
+    eval_ids = evaluation_ids(tokenizer, "wiki-offline", max_tokens=args.eval_tokens)
+    prompts, prompt_source = prompt_ids(tokenizer, 1, args.prompt_len)
+    rows, models = [], {}
+    for variant in args.variants.split(","):
+        model = copy.deepcopy(dense)
+        started = time.perf_counter()
+        for method, sparsity, kw in steps_of(variant):
+            sparsekit.prune(model, method=method, sparsity=sparsity, calib=calib, show_progress=False, **kw)
+        prune_s = time.perf_counter() - started
+        ppl = perplexity_of_ids(model, eval_ids, seqlen=args.eval_seqlen).ppl
+        rows.append(
+            {
+                "variant": variant,
+                "ppl": ppl,
+                "params": param_count(model),
+                "bytes": model_bytes(model),
+                "layers": model.config.num_hidden_layers,
+                "prune_s": prune_s if variant != "dense" else 0.0,
+            }
+        )
+        logging.info("%s: ppl %.2f, %d params, pruned in %.1f s", variant, ppl, rows[-1]["params"], prune_s)
+        models[variant] = model
+    timing = time_generation_interleaved(models, prompts, args.new_tokens, rounds=args.rounds)
+    base = timing.get("dense", next(iter(timing.values())))
+    for row in rows:
+        t = timing[row["variant"]]
+        row |= t | {
+            "decode_speedup": base["tpot_ms"] / t["tpot_ms"],
+            "prefill_speedup": base["ttft_ms"] / t["ttft_ms"],
+        }
+    env = environment()
+    setup = (
+        f"model {args.model}; calibration wiki-offline {args.nsamples} x {args.seqlen} tokens (seed 0); "
+        f"ppl on {eval_ids.shape[1]} held-out tokens in windows of {args.eval_seqlen}; generation: batch 1, "
+        f"{args.prompt_len}-token prompt ({prompt_source}), {args.new_tokens} new tokens, greedy, static KV "
+        f"cache, fp32 eager, {args.rounds} rounds with every variant interleaved in each round"
+    )
+    out = Path(args.out)
+    write_json_atomic(out / "structured.json", {"env": env, "setup": setup, "rows": rows})
+    lines = [
+        "| variant | blocks | params (M) | ppl | prune s | TTFT ms (p20-p80) | TPOT ms (p20-p80) "
+        "| decode x | prefill x |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} "
+            f"| {r['prune_s']:.0f} | "
+            f"{r['ttft_ms']:.0f} ({r['ttft_p20_ms']:.0f}-{r['ttft_p80_ms']:.0f}) | "
+            f"{r['tpot_ms']:.1f} ({r['tpot_p20_ms']:.1f}-{r['tpot_p80_ms']:.1f}) | "
+            f"{r['decode_speedup']:.2f} | {r['prefill_speedup']:.2f} |"
+        )
+    markdown = "\n".join(lines) + (
+        f"\n\n{setup}.\nMachine: {env['cpu']} ({env['cpu_threads']} threads), torch {env['torch']}, "
+        f"commit {env['commit']}, {env['time_utc']}.\n"
+    )
+    write_text_atomic(out / "structured.md", markdown)
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Structured pruning: remove decoder blocks (depth) or heads and MLP channels (width)."""
+
+from .base import (
+    StructuredConfig,
+    StructuredMethod,
+    StructuredReport,
+    block_param_count,
+    is_structured,
+    param_count,
+    register_structured,
+    structured_method,
+    structured_method_names,
+)
+from .depth import Angular, ShortGPT, remove_blocks
+from .layout import BlockWidths, block_layouts, block_widths, resize_to_widths
+from .width import FLAP, WandaSP
+
+__all__ = [
+    "FLAP",
+    "Angular",
+    "BlockWidths",
+    "ShortGPT",
+    "StructuredConfig",
+    "StructuredMethod",
+    "StructuredReport",
+    "WandaSP",
+    "block_layouts",
+    "block_param_count",
+    "block_widths",
+    "is_structured",
+    "param_count",
+    "register_structured",
+    "remove_blocks",
+    "resize_to_widths",
+    "structured_method",
+    "structured_method_names",
+]

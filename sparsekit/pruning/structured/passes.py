@@ -1,0 +1,49 @@
+"""Calibration passes shared by the structured methods: capture block-0 inputs, run blocks in order."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from sparsekit.arch import find_decoder_blocks, model_device
+
+from ..capture import Chunk, capture_block_inputs
+from ..offload import materialized
+
+
+def compute_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    return torch.device(device) if device is not None else model_device(model)
+
+
+def capture(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device) -> list[Chunk]:
+    """Inputs of block 0 for ``input_ids`` [n, L], in chunks of ``batch_size`` sequences."""
+    _, blocks = find_decoder_blocks(model)
+    return capture_block_inputs(model, blocks, input_ids, batch_size, device)
+
+
+@contextmanager
+def on_device(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """The block's weights on ``device`` for the duration (offloaded weights brought in)."""
+    home = model_device(block)
+    with materialized(block, device):
+        block.to(device)
+        try:
+            yield
+        finally:
+            block.to(home)
+
+
+def forward(
+    block: nn.Module, chunks: list[Chunk], hidden: list[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """Outputs of ``block`` on each chunk (its own hidden states, or ``hidden`` with its arguments)."""
+    outputs = []
+    with torch.no_grad():
+        for i, chunk in enumerate(chunks):
+            x = chunk.hidden if hidden is None else hidden[i]
+            out = block(x, *chunk.args, **chunk.kwargs)
+            outputs.append(out[0] if isinstance(out, tuple | list) else out)
+    return outputs

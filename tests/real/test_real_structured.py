@@ -1,0 +1,145 @@
+"""Structured pruning of the real default model (SmolLM2-135M: 30 LLaMA blocks, 9 query / 3 KV
+heads): the CLI writes a smaller checkpoint that plain transformers loads in a fresh process."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+
+import sparsekit
+from sparsekit.cli import main
+from sparsekit.hf.checkpoint import is_checkpoint
+from sparsekit.hf.data import calibration_ids, evaluation_ids
+
+pytestmark = pytest.mark.real
+
+SEQLEN = 256
+
+
+@pytest.fixture(scope="module")
+def eval_ids(smollm2):
+    return evaluation_ids(smollm2[1], "wiki-offline", max_tokens=4 * SEQLEN)
+
+
+@pytest.fixture(scope="module")
+def calib(smollm2):
+    return calibration_ids(smollm2[1], "wiki-offline", nsamples=8, seqlen=SEQLEN, seed=0)
+
+
+@pytest.fixture(scope="module")
+def dense_ppl(smollm2, eval_ids):
+    return sparsekit.perplexity(smollm2[0], eval_ids, seqlen=SEQLEN).ppl
+
+
+def _ppl(model, ids):
+    return sparsekit.perplexity(model, ids, seqlen=SEQLEN).ppl
+
+
+def test_depth_repair_recovers_part_of_the_loss(smollm2, calib, eval_ids, dense_ppl):
+    ppl = {}
+    for repair in (False, True):
+        model = copy.deepcopy(smollm2[0])
+        report = sparsekit.prune(
+            model, method="angular", remove_layers=4, repair=repair, calib=calib, show_progress=False
+        )
+        assert model.config.num_hidden_layers == 26 and len(report.removed_blocks) == 4
+        assert report.removed_blocks == list(range(report.removed_blocks[0], report.removed_blocks[0] + 4))
+        assert report.removed_fraction == pytest.approx(4 / 30)
+        ppl[repair] = _ppl(model, eval_ids)
+    assert dense_ppl < ppl[True] < ppl[False], (dense_ppl, ppl)
+
+
+def test_width_methods_keep_a_working_model(smollm2, calib, eval_ids, dense_ppl):
+    for method, kw in (("wanda-sp", {}), ("flap", {}), ("flap", {"widths": "adaptive", "heads": "query"})):
+        model = copy.deepcopy(smollm2[0])
+        report = sparsekit.prune(model, method=method, sparsity=0.2, calib=calib, show_progress=False, **kw)
+        assert report.removed_fraction == pytest.approx(0.2, abs=0.01)
+        assert report.params_after < report.params_before
+        ppl = _ppl(model, eval_ids)
+        assert dense_ppl < ppl < 4 * dense_ppl, (method, kw, ppl)
+
+
+_PLAIN = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(path).eval()
+tok = AutoTokenizer.from_pretrained(path)
+assert "sparsekit" not in sys.modules
+assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "tied embeddings lost"
+ids = tok("The capital of France is", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=4, do_sample=False)
+print(model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads,
+      model.config.intermediate_size, sum(p.numel() for p in model.parameters()))
+"""
+
+
+def test_cli_flap_checkpoint_loads_in_plain_transformers(tmp_path, capsys):
+    out = tmp_path / "flap"
+    code = main(
+        [
+            "prune",
+            "smollm2",
+            "--method",
+            "flap",
+            "--sparsity",
+            "0.2",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "128",
+            "--heads",
+            "query",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "removed 20" in printed or "removed 19" in printed, printed
+    assert not is_checkpoint(out), "uniform widths save as an ordinary HF checkpoint"
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["kind"] == "structured" and report["uniform_widths"]
+    result = subprocess.run(
+        [sys.executable, "-c", _PLAIN, str(out)], capture_output=True, text=True, check=True
+    )
+    layers, heads, kv, inter, params = map(int, result.stdout.split())
+    assert layers == 30 and kv == 3 and heads in (3, 6, 9) and inter % 8 == 0
+    assert params == report["params_after"] < report["params_before"]
+
+
+def test_cli_angular_then_2_4_stacks_and_saves_compressed(tmp_path, capsys):
+    out = tmp_path / "stacked"
+    code = main(
+        [
+            "prune",
+            "smollm2",
+            "--method",
+            "angular",
+            "--remove-layers",
+            "3",
+            "--then-method",
+            "wanda",
+            "--then-sparsity",
+            "2:4",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "128",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert is_checkpoint(out)
+    model = sparsekit.load(out)
+    assert model.config.num_hidden_layers == 27
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["then"]["overall_sparsity"] == pytest.approx(0.5)
+
+
+def test_cli_refuses_removing_every_block(capsys):
+    assert main(["prune", "smollm2", "--method", "shortgpt", "--remove-layers", "30"]) == 2
+    assert "would leave none" in capsys.readouterr().err
