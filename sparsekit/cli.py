@@ -76,7 +76,7 @@ def _prune_options(args: argparse.Namespace, method: str, sparsity: str) -> dict
             "bias_compensation": args.bias_compensation,
             "tokens": args.tokens,
         }
-    if args.remove_layers is not None or args.repair:
+    if (args.remove_layers is not None or args.repair) and method == args.method:
         raise ValueError(
             f"--remove-layers and --repair are for depth methods (shortgpt, angular), not {method}"
         )

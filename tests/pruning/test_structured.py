@@ -146,8 +146,10 @@ def test_global_selection_removes_the_lowest_scores_across_blocks_by_cost():
     layouts = block_layouts(make("llama", layers=2))
     attn = [[Unit(b, "attn", i, 10.0, 100) for i in range(2)] for b in range(2)]
     # block 0's channels all score below block 1's: the budget comes out of block 0 first
-    mlp = [[Unit(0, "mlp", i, -1.0 + i / 1000, 10) for i in range(128)],
-           [Unit(1, "mlp", i, 1.0 + i / 1000, 10) for i in range(128)]]
+    mlp = [
+        [Unit(0, "mlp", i, -1.0 + i / 1000, 10) for i in range(128)],
+        [Unit(1, "mlp", i, 1.0 + i / 1000, 10) for i in range(128)],
+    ]
     config = StructuredConfig(sparsity=0.25, channel_multiple=1)
     chosen = select_global(layouts, attn, mlp, config, [2000, 2000])
     assert [len(a) for a, _ in chosen] == [0, 0]
@@ -345,3 +347,16 @@ def test_stacked_structured_then_2_4_saves_compressed(tmp_path):
     sparsekit.save(model, tmp_path / "m")
     ids = calib(2, 10)
     torch.testing.assert_close(logits(sparsekit.load(tmp_path / "m"), ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt2"])
+def test_depth_pruning_keeps_every_family_generating(arch):
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    report = prune(model, "angular", remove_layers=1)
+    assert model.config.num_hidden_layers == 1 and len(report.removed_blocks) == 1
+    ids = calib(1, 6)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    seq = ids
+    for _ in range(3):
+        seq = torch.cat([seq, logits(model, seq)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)

@@ -108,6 +108,34 @@ def test_cli_flap_checkpoint_loads_in_plain_transformers(tmp_path, capsys):
     layers, heads, kv, inter, params = map(int, result.stdout.split())
     assert layers == 30 and kv == 3 and heads in (3, 6, 9) and inter % 8 == 0
     assert params == report["params_after"] < report["params_before"]
+    healed = tmp_path / "healed"
+    code = main(
+        [
+            "finetune",
+            str(out),
+            "--distill",
+            "smollm2",
+            "--steps",
+            "2",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "64",
+            "--batch-size",
+            "2",
+            "--eval-tokens",
+            "512",
+            "--eval-seqlen",
+            "256",
+            "--out",
+            str(healed),
+        ]
+    )
+    assert code == 0
+    assert "fine-tuned (distill)" in capsys.readouterr().out
+    ft = json.loads((healed / "finetune_report.json").read_text())
+    assert ft["loss"] == "distill" and len(ft["losses"]) == 2 and ft["ppl_after"] > 0
+    assert not is_checkpoint(healed)  # still a plain HF checkpoint
 
 
 def test_cli_angular_then_2_4_stacks_and_saves_compressed(tmp_path, capsys):
