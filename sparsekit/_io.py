@@ -9,12 +9,61 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OWNER_FILE = ".sparsekit-owner"  # pid of the process writing a temp folder
+STALE_AFTER_S = 3600  # a temp folder without an owner file this old is debris
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Remove ``.NAME.tmp-*`` / ``.NAME.old-*`` folders beside ``target`` left by a killed save
+    (their writer's pid is gone, or they have no owner and are over an hour old)."""
+    removed = []
+    for item in [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]:
+        owner = item / OWNER_FILE
+        try:
+            pid = int(owner.read_text()) if owner.is_file() else None
+            stale = (not _pid_alive(pid)) if pid else time.time() - item.stat().st_mtime > STALE_AFTER_S
+        except (OSError, ValueError):
+            continue
+        if stale:
+            shutil.rmtree(item, ignore_errors=True)
+            removed.append(item)
+            log.warning("removed %s, left by an interrupted save", item)
+    return removed
+
+
+def check_can_create(target: str | Path) -> None:
+    """Raise (before any long work) when ``target`` exists or its folder cannot be written."""
+    target = Path(target).expanduser().resolve()
+    if target.exists():
+        raise FileExistsError(f"{target} exists; remove it or pick another output folder")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"cannot create {target}: {parent} is not a writable folder; pick another output"
+        )
 
 
 def _umask() -> int:
@@ -44,9 +93,12 @@ def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    (tmp / OWNER_FILE).write_text(str(os.getpid()))
     try:
         yield tmp
+        (tmp / OWNER_FILE).unlink(missing_ok=True)
         _default_permissions(tmp)
         old = None
         if target.exists():

@@ -36,6 +36,15 @@ def _tokenizer_for(model: nn.Module, tokenizer):
     return AutoTokenizer.from_pretrained(name)
 
 
+def check_context(model: nn.Module, seqlen: int, what: str) -> None:
+    """Refuse sequences longer than the model's position table (they would fail or crawl)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise ValueError(
+            f"{what} {seqlen} exceeds the model's max_position_embeddings {limit}; use <= {limit}"
+        )
+
+
 def calibration_batch(
     model: nn.Module,
     calib: str | list[str] | torch.Tensor,
@@ -45,6 +54,8 @@ def calibration_batch(
     seed: int = 0,
 ) -> tuple[torch.Tensor, str]:
     """Resolve ``calib`` (corpus spec, texts, or LongTensor [n, L]) to token ids [n, L] and a label."""
+    length = calib.shape[-1] if isinstance(calib, torch.Tensor) else seqlen
+    check_context(model, length, "calibration seqlen")
     if isinstance(calib, torch.Tensor):
         return calib, f"tensor[{calib.shape[0]}x{calib.shape[1]}]"
     ids = calibration_ids(_tokenizer_for(model, tokenizer), calib, nsamples, seqlen, seed)
@@ -101,6 +112,7 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity on ``input_ids`` [1, T] or on a dataset spec's evaluation split (non-overlapping
     windows of ``seqlen`` tokens, mean token NLL, exp)."""
+    check_context(model, seqlen, "evaluation seqlen")
     if isinstance(input_ids, str) or input_ids is None:
         dataset = input_ids or DEFAULT_CORPUS
         return _perplexity(

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from sparsekit._io import atomic_dir, write_json_atomic
+from sparsekit._io import atomic_dir, check_can_create, write_json_atomic
 from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.pruning import method_names
+from sparsekit.pruning.engine import PartialPruneError
 from sparsekit.pruning.structured import is_structured, structured_method_names
 
 log = logging.getLogger("sparsekit")
@@ -28,6 +29,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=_dtype, default=torch.float32, help="compute dtype (default float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+
+
+def check_at_least(minimum: float, **values: float | None) -> None:
+    """Raise naming the flag when a numeric argument is below ``minimum`` (None: not given)."""
+    for name, value in values.items():
+        if value is not None and not value >= minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum:g}, got {value}")
 
 
 def load_any(
@@ -90,8 +98,17 @@ def _prune_options(args: argparse.Namespace, method: str, sparsity: str) -> dict
 def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, str]]:
     """Everything checkable before the model loads; returns the (method, sparsity) steps to run."""
     from sparsekit.formats import parse_sparsity
+    from sparsekit.hf.data import check_corpus
     from sparsekit.pruning.structured import StructuredConfig
 
+    check_at_least(1, nsamples=args.nsamples, batch_size=args.batch_size, blocksize=args.blocksize)
+    check_at_least(2, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen)
+    check_at_least(0, percdamp=args.percdamp)
+    if args.eval_tokens is not None:
+        check_at_least(args.eval_seqlen, eval_tokens=args.eval_tokens)
+    check_corpus(args.calib)
+    if args.eval:
+        check_corpus(args.eval_dataset)
     steps = [(args.method, args.sparsity)]
     if args.then_method:
         if not is_structured(args.method) or is_structured(args.then_method):
@@ -111,8 +128,8 @@ def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, str]]:
             )
         else:
             parse_sparsity(sparsity)  # fail on a bad pattern before the model loads
-    if args.out and Path(args.out).exists():
-        raise FileExistsError(f"{args.out} exists; remove it or pick another --out")
+    if args.out:
+        check_can_create(args.out)
     if args.offload_folder and args.out and args.save_format == "compressed":
         raise ValueError(
             "--offload-folder keeps the weights on disk, and compressing them would bring every layer "
@@ -213,6 +230,12 @@ def save_pruned(model, tokenizer, out: str, summary: dict, save_format: str = "c
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sparsekit.api import perplexity
+    from sparsekit.hf.data import check_corpus
+
+    check_at_least(2, seqlen=args.seqlen)
+    if args.max_tokens is not None:
+        check_at_least(args.seqlen, max_tokens=args.max_tokens)
+    check_corpus(args.dataset)
 
     model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
     result = perplexity(
@@ -306,6 +329,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from sparsekit.hf.finetune import finetune
     from sparsekit.nn import SparseLinear
 
+    check_at_least(1, steps=args.steps, nsamples=args.nsamples, batch_size=args.batch_size)
+    check_at_least(2, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen)
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
     out = args.out or args.checkpoint
     if not is_checkpoint(args.checkpoint) and not args.out:
         raise ValueError(
@@ -521,7 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, ImportError) as exc:
+    except (
+        ValueError,
+        OSError,
+        ConnectionError,
+        ImportError,
+        PartialPruneError,
+        torch.cuda.OutOfMemoryError,
+    ) as exc:
         print(f"sparsekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -122,8 +122,8 @@ class _Generator:
         return StaticCache(config=self.model.config, max_cache_len=self.max_len)
 
     def _forward(self, ids: torch.Tensor, cache_position: torch.Tensor, past) -> tuple[torch.Tensor, object]:
-        out = self.model(ids, past_key_values=past, cache_position=cache_position, use_cache=True)
-        return out.logits[:, -1].argmax(-1, keepdim=True), out.past_key_values
+        out = self.model(ids, cache=past, cache_position=cache_position, use_cache=True)
+        return out.logits[:, -1].argmax(-1, keepdim=True), out.cache
 
     def _mark_step(self) -> None:
         if self.compiled and self.device.type == "cuda":

@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import struct
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -178,6 +179,7 @@ def save(
         "sparsekit_format_version": str(FORMAT_VERSION),
         "sparsekit_layers": json.dumps({k: v["format"] for k, v in qconfig["layers"].items()}),
         "sparsekit_aliases": json.dumps(aliases),
+        "sparsekit_checksums": json.dumps({k: tensor_checksum(v) for k, v in state.items()}),
     }
     config = copy.deepcopy(config)
     if hasattr(config, "block_widths"):
@@ -195,6 +197,57 @@ def save(
             (tmp / file_name).write_text(json.dumps(data, indent=2))
     log.info("saved %d sparse layers to %s", len(qconfig["layers"]), save_directory)
     return Path(save_directory)
+
+
+# ----------------------------------------------------------------------------- integrity
+def tensor_checksum(t: torch.Tensor) -> str:
+    """crc32 of a tensor's bytes, as 8 hex digits."""
+    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{zlib.crc32(data):08x}"
+
+
+def validate_state(
+    state: dict[str, torch.Tensor], metadata: dict[str, str], layers: dict[str, dict[str, Any]], where: str
+) -> None:
+    """Refuse a damaged checkpoint before a kernel indexes with it, naming the tensor.
+
+    Checks: every tensor the writer recorded is present, with the crc32 it had when written, and
+    none was added; every compressed layer's tensors fit its format (shapes, dtypes, and contents:
+    2:4 positions distinct and ascending, bitmap bit counts and tile offsets consistent);
+    every floating-point tensor is finite.
+    """
+    fix = "the file is damaged: save the model again (or copy the folder again)"
+    recorded = metadata.get("sparsekit_checksums")
+    if recorded is None:
+        log.warning("%s carries no per-tensor checksums (written by an older sparsekit); not verified", where)
+    else:
+        checksums = json.loads(recorded)
+        missing = [k for k in checksums if k not in state]
+        extra = [k for k in state if k not in checksums]
+        if missing or extra:
+            raise CheckpointError(f"{where}: tensors missing {missing[:5]}, unexpected {extra[:5]}; {fix}")
+        for name, crc in checksums.items():
+            if tensor_checksum(state[name]) != crc:
+                raise CheckpointError(f"{where}: tensor {name} does not match its checksum; {fix}")
+    for name, info in layers.items():
+        fmt = weight_format(info["format"])
+        tensors = SimpleNamespace(**{s.name: state.get(f"{name}.{s.name}") for s in fmt.layout(1, 4)})
+        try:
+            fmt.validate(tensors, info["out_features"], info["in_features"], name)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{where}: tensor {name} holds NaN or Inf values; {fix}")
+
+
+def verify_file(path: str | Path, layers: dict[str, dict[str, Any]]) -> None:
+    """``validate_state`` on a checkpoint file on disk (the ``from_pretrained`` path)."""
+    path = Path(path)
+    metadata = _check_safetensors_file(path)
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    validate_state(state, metadata, layers, str(path))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -224,8 +277,11 @@ def _check_safetensors_file(path: Path) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
-def read_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict with tied aliases restored, safetensors metadata) of a sparsekit checkpoint."""
+def read_state(
+    directory: str | Path, layers: dict[str, dict[str, Any]] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict with tied aliases restored, safetensors metadata) of a sparsekit checkpoint,
+    validated (``validate_state``) against the compressed ``layers`` of its config when given."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(
@@ -238,6 +294,8 @@ def read_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as exc:  # safetensors raises its own error type for a bad file
         raise CheckpointError(f"{path} could not be read ({exc}); save the model again") from exc
+    if layers is not None:
+        validate_state(state, metadata, layers, str(path))
     for alias, source in json.loads(metadata.get("sparsekit_aliases", "{}")).items():
         state[alias] = state[source]
     return state, metadata
@@ -318,7 +376,7 @@ def load(
 
     directory = Path(directory)
     config, qc = load_config(directory, trust_remote_code)
-    state, _ = read_state(directory)
+    state, _ = read_state(directory, qc.get("layers", {}))
     del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -360,7 +418,7 @@ def export_dense(src_dir: str | Path, out_dir: str | Path) -> Path:
     if src_dir.resolve() == out_dir.resolve():
         raise ValueError("export_dense needs an --out folder other than the source checkpoint")
     _, qc = load_config(src_dir)
-    state, metadata = read_state(src_dir)
+    state, metadata = read_state(src_dir, qc.get("layers", {}))
     aliases = json.loads(metadata.get("sparsekit_aliases", "{}"))
     for alias in aliases:  # transformers ties them again on load
         state.pop(alias, None)

@@ -105,10 +105,19 @@ def _file_docs(path: Path) -> Iterator[tuple[str, str]]:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
-                    yield str(number), _record_text(json.loads(line), path)
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(
+                            f"{path}, line {number}: not a JSON record ({exc.msg}); fix that line"
+                        ) from None
+                    yield str(number), _record_text(record, path)
     elif path.suffix == ".json":
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
         items = data.items() if isinstance(data, dict) else enumerate(data)
         for key, value in items:
             yield str(key), _record_text(value, path)
@@ -127,6 +136,15 @@ def _record_text(record, path: Path) -> str:
                 return record[key]
     raise ValueError(
         f"{path}: records must be strings or objects with a 'text' field, got {str(record)[:80]}"
+    )
+
+
+def check_corpus(spec: str) -> None:
+    """Raise unless ``spec`` names a corpus or an existing file (cheap: nothing is read)."""
+    if spec in CORPORA or Path(os.path.expanduser(spec)).is_file():
+        return
+    raise ValueError(
+        f"unknown corpus {spec!r}: choose {', '.join(CORPORA)}, or a path to a .txt/.jsonl/.json file"
     )
 
 

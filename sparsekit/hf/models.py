@@ -59,8 +59,11 @@ def resolve_model(spec: str) -> ModelSource:
         if len(ggufs) > 1:
             raise ValueError(f"{spec} holds several GGUF files ({', '.join(ggufs)}); pass one of them")
         raise FileNotFoundError(f"{spec} has neither config.json nor a .gguf file: not a model folder")
-    if spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no model at {spec}")
+    if spec.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir()):
+        raise FileNotFoundError(
+            f"no model folder {spec} (no such folder here, and {path.parent}/ is a local folder, so it is "
+            "not read as a hub id); check the path"
+        )
     return ModelSource(spec)  # a hub id
 
 

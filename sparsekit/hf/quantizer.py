@@ -24,9 +24,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .checkpoint import (
     FORMAT_VERSION,
     QUANT_METHOD,
+    WEIGHTS_NAME,
+    CheckpointError,
     check_format_version,
     install_sparse_shells,
     install_widths,
+    verify_file,
 )
 
 
@@ -58,8 +61,16 @@ class SparsekitHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         check_format_version(quantization_config.format_version, "config.json quantization_config")
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         layers = self.quantization_config.layers
+        files = [f for f in checkpoint_files or [] if str(f).endswith(".safetensors")]
+        if not files:
+            raise CheckpointError(
+                f"a sparsekit checkpoint is one {WEIGHTS_NAME}; transformers found {checkpoint_files}: "
+                "save the model again with sparsekit.save"
+            )
+        for path in files:  # checksums, structure, finite values: before any weight is loaded
+            verify_file(path, layers)
         install_widths(model, self.quantization_config.widths)
         install_sparse_shells(model, layers)
         # A parent's _init_weights may reach for child.weight (GPT-2 scales c_proj.weight), which a

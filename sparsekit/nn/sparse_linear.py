@@ -215,6 +215,8 @@ class SparseLinear(nn.Module):
         return isinstance(fmt, Sparse24) and fmt.wants_semi_structured(self, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
         fmt = self.weight_format
         backend = self._backend
         if backend == "semi_structured" or (

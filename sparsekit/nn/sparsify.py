@@ -152,6 +152,14 @@ def sparsify(
         del module, weight
     release_memory()
     report.model_bytes_after = model_bytes(model)
+    if report.layer_bytes_after > report.layer_bytes_before:
+        log.warning(
+            "format %s makes these layers larger (%.1f MB -> %.1f MB): they are not sparse enough for it; "
+            "use format='auto' (keeps such layers dense) or prune more",
+            format,
+            report.layer_bytes_before / 1e6,
+            report.layer_bytes_after / 1e6,
+        )
     log.info(
         "sparsified %d layers (%s): %.1f MB -> %.1f MB of layer weights",
         len(report.layers),

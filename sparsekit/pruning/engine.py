@@ -39,6 +39,23 @@ from .offload import materialized
 log = logging.getLogger(__name__)
 
 
+class PartialPruneError(RuntimeError):
+    """Pruning failed after some blocks were changed in place: the message says which."""
+
+
+def check_finite_weights(blocks: nn.ModuleList, prefix: str) -> None:
+    """Refuse NaN / Inf weights up front, naming the layer (before any block is touched)."""
+    for index, block in enumerate(blocks):
+        for lname, module in block_linears(block).items():
+            weight = linear_weight(module)
+            if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+                bad = int((~torch.isfinite(weight)).sum())
+                raise ValueError(
+                    f"{prefix}.{index}.{lname} has {bad} NaN/Inf weights: the model is damaged (or was "
+                    "loaded in a dtype too narrow for it); fix or reload it before pruning"
+                )
+
+
 @dataclass
 class PruneConfig:
     """What to prune and how. ``sparsity``: 0.5, '50%', '2:4', '4:8', or a Pattern."""
@@ -58,6 +75,12 @@ class PruneConfig:
     forward_dtype: str | torch.dtype = "auto"
 
     def __post_init__(self) -> None:
+        if self.blocksize < 1:
+            raise ValueError(f"blocksize must be >= 1, got {self.blocksize}")
+        if not self.percdamp >= 0:
+            raise ValueError(f"percdamp must be >= 0 (a fraction of mean(diag H)), got {self.percdamp}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         self.method = pruning_method(self.method)
         self.sparsity = parse_sparsity(self.sparsity)
         if self.forward_dtype not in ("auto", "model"):
@@ -134,6 +157,7 @@ def prune_model(
     timer = Timer(device)
     nsamples, seqlen = tuple(input_ids.shape) if input_ids is not None else (0, 0)
     method = config.method
+    check_finite_weights(blocks, prefix)
     report = PruneReport(method.name, str(config.sparsity), nsamples, seqlen)
     needs_data = method.needs_calibration
     chunks: list[Chunk] = []
@@ -155,11 +179,20 @@ def prune_model(
         for index in progress:
             block = blocks[index]
             home = model_device(block)
-            with materialized(block, device) as changed:
-                block.to(device)
-                linears = _prune_block(block, f"{prefix}.{index}", chunks, config, timer, report)
-                changed.update(linears.values())  # written back where accelerate offloaded them
-                block.to(home)
+            try:
+                with materialized(block, device) as changed:
+                    block.to(device)
+                    linears = _prune_block(block, f"{prefix}.{index}", chunks, config, timer, report)
+                    changed.update(linears.values())  # written back where accelerate offloaded them
+                    block.to(home)
+            except Exception as exc:
+                if index == 0 and not report.layers:
+                    raise
+                done = f"blocks 0-{index - 1} are already pruned in place and " if index else ""
+                raise PartialPruneError(
+                    f"pruning stopped in {prefix}.{index} ({type(exc).__name__}: {exc}); {done}block {index} "
+                    "may be partly pruned: reload the model before trying again"
+                ) from exc
     report.timings_s = dict(timer.totals)
     log.info(
         "pruned %d layers to %.3f sparsity (%s)",

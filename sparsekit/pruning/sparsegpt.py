@@ -188,6 +188,23 @@ FACTOR_SOLVER = HessianFactorSolver()
 PLAIN_SOLVER = PlainSolver()
 
 
+def check_hessian(hessian: torch.Tensor) -> None:
+    """A Hessian must be finite, symmetric and have a non-negative diagonal (it is 2/n X^T X)."""
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError(
+            "hessian holds NaN or Inf: the calibration activations overflowed (try float32 forwards)"
+        )
+    scale = hessian.abs().max().clamp_min(1e-30)
+    asym = float((hessian - hessian.T).abs().max() / scale)
+    if asym > 1e-4:
+        raise ValueError(
+            f"hessian is not symmetric (max |H - H^T| / max |H| = {asym:.2g}); "
+            "pass 2/n X^T X of the layer inputs"
+        )
+    if bool((torch.diagonal(hessian) < 0).any()):
+        raise ValueError("hessian has negative diagonal entries, so it is not X^T X; pass 2/n X^T X")
+
+
 def sparsegpt_solve(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -209,6 +226,11 @@ def sparsegpt_solve(
             f"hessian must be [{cols}, {cols}] for a weight with in_features={cols}, got "
             f"{tuple(hessian.shape)}"
         )
+    check_hessian(hessian)
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    if not percdamp >= 0:
+        raise ValueError(f"percdamp must be >= 0 (a fraction of mean(diag H)), got {percdamp}")
     nm = isinstance(pattern, NMPattern)
     if nm:
         pattern.check_columns(cols)

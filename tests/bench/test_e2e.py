@@ -86,3 +86,22 @@ def test_sparse_checkpoint_is_the_sparse_variant():
     result = run_e2e(model, input_ids=_prompt(12), new_tokens=3, eval_ids=None, eval_tokens=0, repeats=1)
     assert [r.variant for r in result.rows] == ["dense (densified)", "sparse (checkpoint)"]
     assert result.rows[1].model_bytes < result.rows[0].model_bytes
+
+
+def test_interleaved_timing_runs_every_model_in_each_round_and_sees_their_cost():
+    import time
+
+    from sparsekit.bench.e2e import time_generation_interleaved
+
+    fast, slow = tiny_model("llama"), tiny_model("llama")
+    order = []
+    fast.register_forward_pre_hook(lambda m, a, k: order.append("fast"), with_kwargs=True)
+    slow.register_forward_pre_hook(lambda m, a, k: order.append("slow") or time.sleep(0.01), with_kwargs=True)
+    out = time_generation_interleaved(
+        {"fast": fast, "slow": slow}, _prompt(8), new_tokens=3, rounds=3, show_progress=False
+    )
+    assert set(out) == {"fast", "slow"} and out["fast"]["rounds"] == 3
+    assert out["slow"]["tpot_ms"] >= 10 > out["fast"]["tpot_ms"]
+    assert out["slow"]["ttft_p20_ms"] <= out["slow"]["ttft_ms"] <= out["slow"]["ttft_p80_ms"]
+    timed = order[2 * 3 :]  # after one warm-up generation (3 forwards) of each
+    assert timed == (["fast"] * 3 + ["slow"] * 3) * 3  # interleaved by round, not one model after the other

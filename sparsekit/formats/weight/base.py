@@ -105,6 +105,11 @@ class WeightFormat:
                 )
             if spec.dtype is None and not tensor.is_floating_point():
                 raise ValueError(f"{where}.{spec.name} is {tensor.dtype}, it must be floating point")
+        self.check_contents(t, out_features, in_features, where)
+
+    def check_contents(self, t: Any, out_features: int, in_features: int, where: str) -> None:
+        """Raise a ValueError naming ``where`` when the stored values break the format's invariants
+        (indices out of range, counts that disagree): what a kernel would index with."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

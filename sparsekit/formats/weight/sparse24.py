@@ -56,6 +56,19 @@ class Sparse24(WeightFormat):
     def fits(self, weight: torch.Tensor) -> bool:
         return is_24(weight)
 
+    def check_contents(self, t: Any, out_features: int, in_features: int, where: str) -> None:
+        """Every group's nibble holds two distinct kept positions, ascending (i0 < i1)."""
+        groups = in_features // 4
+        nib = torch.stack((t.meta & 15, t.meta >> 4), dim=-1).reshape(out_features, -1)[:, :groups]
+        bad = (nib & 3) >= (nib >> 2)
+        if bool(bad.any()):
+            row, group = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{where}.meta: row {row}, group {group} has kept positions {int(nib[row, group] & 3)} and "
+                f"{int(nib[row, group] >> 2)}; 2:4 positions must be distinct and ascending. The file is "
+                "damaged: save the model again"
+            )
+
     def compress(self, weight, mask):
         values, meta = compress_24(weight.contiguous())
         return {"values": values, "meta": meta}

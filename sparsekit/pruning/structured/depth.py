@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from sparsekit.arch import find_decoder_blocks, set_submodule
 
 from ..capture import Chunk
+from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
     StructuredMethod,
@@ -262,6 +263,7 @@ class _DepthMethod(StructuredMethod):
         check_calibration(input_ids, self.name)
         _, blocks = find_decoder_blocks(model)
         n = layers_to_remove(len(blocks), config)
+        check_finite_weights(blocks, find_decoder_blocks(model)[0])
         if config.repair:
             for index, block in enumerate(blocks):  # refuse before any work
                 try:

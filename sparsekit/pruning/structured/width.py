@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from sparsekit.arch import find_decoder_blocks
 
+from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
     StructuredMethod,
@@ -357,6 +358,7 @@ class _WidthMethod(StructuredMethod):
             raise ValueError(f"remove_layers is for depth methods (shortgpt, angular), not {self.name}")
         layouts = block_layouts(model)  # refuses an architecture it does not understand, before any work
         _, blocks = find_decoder_blocks(model)
+        check_finite_weights(blocks, find_decoder_blocks(model)[0])
         report = StructuredReport(self.name, config.sparsity, *input_ids.shape)
         report.params_before, report.block_params_before = param_count(model), block_param_count(model)
         first = layouts[0]
