@@ -255,8 +255,10 @@ def test_least_squares_map_matches_lstsq():
     y = [torch.randn(3, 20, 8), torch.randn(2, 20, 8)]
     t_true = torch.randn(8, 8)
     target = [yi + mi @ t_true for mi, yi in zip(m, y, strict=True)]
-    t = least_squares_map(m, y, target, damp=0.0)
+    t = least_squares_map(m, y, target, damp=0.0, normalized=False)
     torch.testing.assert_close(t.float(), t_true, rtol=1e-4, atol=1e-4)
+    weighted = least_squares_map(m, y, target, damp=0.0)  # a consistent system: same solution
+    torch.testing.assert_close(weighted.float(), t_true, rtol=1e-4, atol=1e-4)
     a = torch.cat([x.reshape(-1, 8) for x in m]).double()
     b = torch.cat([(ti - yi).reshape(-1, 8) for ti, yi in zip(target, y, strict=True)]).double()
     torch.testing.assert_close(t, torch.linalg.lstsq(a, b).solution, rtol=1e-6, atol=1e-6)

@@ -166,17 +166,31 @@ def fold_map(down: nn.Linear, transform: torch.Tensor) -> None:
 
 
 def least_squares_map(
-    m: list[torch.Tensor], y: list[torch.Tensor], target: list[torch.Tensor], damp: float = 1e-4
+    m: list[torch.Tensor],
+    y: list[torch.Tensor],
+    target: list[torch.Tensor],
+    damp: float = 1e-4,
+    normalized: bool = True,
 ) -> torch.Tensor:
-    """T [H, H] minimising sum ||Y + M T - target||^2 (normal equations in float64, ridge ``damp``
-    times the mean diagonal)."""
+    """T [H, H] minimising sum_t w_t ||Y_t + M_t T - target_t||^2 over tokens t (normal equations in
+    float64, ridge ``damp`` times the mean diagonal).
+
+    normalized: w_t = 1 / ||target_t||^2, so each token counts by its relative error. The next
+    block starts with an RMSNorm (scale-invariant), and a few attention-sink tokens whose hidden
+    states are ~100x larger than the rest would otherwise decide the fit: on SmolLM2 with 9
+    blocks cut, the unweighted fit made perplexity worse than no repair (465 vs 186), the
+    weighted one better (80).
+    """
     hidden = m[0].shape[-1]
     gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=m[0].device)
     cross = torch.zeros_like(gram)
     for mi, yi, ti in zip(m, y, target, strict=True):
-        mi = mi.reshape(-1, hidden).double()
+        mi, yi, ti = (v.reshape(-1, hidden).double() for v in (mi, yi, ti))
+        if normalized:
+            w = 1.0 / ti.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            mi, yi, ti = mi * w, yi * w, ti * w
         gram += mi.T @ mi
-        cross += mi.T @ (ti.reshape(-1, hidden).double() - yi.reshape(-1, hidden).double())
+        cross += mi.T @ (ti - yi)
     ridge = damp * gram.diagonal().mean().clamp_min(1e-12)
     gram.diagonal().add_(ridge)
     return torch.linalg.solve(gram, cross)
