@@ -152,7 +152,7 @@ def sparsify(
         del module, weight
     release_memory()
     report.model_bytes_after = model_bytes(model)
-    if report.layer_bytes_after > report.layer_bytes_before:
+    if report.layer_bytes_after > report.layer_bytes_before and not (fixed is not None and fixed.trainable):
         log.warning(
             "format %s makes these layers larger (%.1f MB -> %.1f MB): they are not sparse enough for it; "
             "use format='auto' (keeps such layers dense) or prune more",
