@@ -34,7 +34,7 @@ from sparsekit.kernels.dtypes import parse_dtype
 from .capture import Chunk, capture_block_inputs, floats_to, resolve_forward_dtype, run_block
 from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error
 from .method import InputStat, PruningMethod, pruning_method
-from .offload import materialized
+from .offload import check_writable_offload, materialized
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ def prune_model(
     nsamples, seqlen = tuple(input_ids.shape) if input_ids is not None else (0, 0)
     method = config.method
     check_finite_weights(blocks, prefix)
+    check_writable_offload(model)
     report = PruneReport(method.name, str(config.sparsity), nsamples, seqlen)
     needs_data = method.needs_calibration
     chunks: list[Chunk] = []

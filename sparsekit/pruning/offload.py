@@ -68,6 +68,23 @@ def _write_back(weights_map, name: str, tensor: torch.Tensor) -> None:
     offload_weight(value, key, loader.save_folder, loader.index)  # the index now points at the new file
 
 
+def check_writable_offload(root: nn.Module) -> None:
+    """Before any weight changes: every offloaded tensor that lives in the checkpoint's own files
+    needs an offload folder to take its pruned value (otherwise the write-back would fail midway)."""
+    for module in offloaded_modules(root):
+        weights_map = _offloading_hook(module).weights_map
+        if isinstance(weights_map, dict):
+            continue
+        loader = weights_map.dataset
+        for name in _hooked_tensor_names(module, _offloading_hook(module)):
+            key = weights_map.prefix + name
+            if key not in loader.state_dict and loader.save_folder is None:
+                raise ValueError(
+                    f"{key} is offloaded to the checkpoint's own files and there is no offload folder to "
+                    "write its pruned value to: load the model with from_pretrained(..., offload_folder=DIR)"
+                )
+
+
 @contextmanager
 def materialized(block: nn.Module, device: torch.device) -> Iterator[set[nn.Module]]:
     """Load ``block``'s offloaded tensors onto ``device`` for the duration; yields a set to which the

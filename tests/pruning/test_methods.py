@@ -85,7 +85,8 @@ def test_sparsegpt_keeps_dtype_and_handles_dead_inputs():
 
 def test_sparsegpt_rejects_a_hessian_that_is_not_positive_definite():
     with pytest.raises(HessianNotPositiveDefinite, match="more calibration samples or a larger percdamp"):
-        sparsegpt_prune(torch.randn(4, 8), -torch.eye(8), 0.5, blocksize=8)
+        # symmetric, positive diagonal (1), eigenvalues down to -1000: no dampening rescues it
+        sparsegpt_prune(torch.randn(4, 8), 1001 * torch.ones(8, 8) - 1000 * torch.eye(8), 0.5, blocksize=8)
 
 
 def test_sparsegpt_rejects_nan_hessian():
