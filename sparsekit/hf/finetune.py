@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit.arch import set_submodule
+from sparsekit.arch import linear_weight, set_submodule
 from sparsekit.nn import SparseLinear, densify, sparsify
-from sparsekit.nn.sparsify import release_memory
+from sparsekit.nn.sparsify import release_memory, sparse_candidates
 
 from .data import DEFAULT_CORPUS, calibration_ids
 
@@ -66,6 +66,11 @@ def _loss(model, teacher, batch, temperature: float, lm_weight: float) -> torch.
     out = model(input_ids=batch, labels=batch if lm_weight else None, use_cache=False)
     loss = distill_loss(out.logits, target, temperature)
     return loss + lm_weight * out.loss if lm_weight else loss
+
+
+def _has_zeros(model: nn.Module) -> bool:
+    """Whether any decoder linear holds exact zeros (a pruned, unsparsified model)."""
+    return any(bool((linear_weight(m) == 0).any()) for m in sparse_candidates(model).values())
 
 
 def _sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
@@ -120,15 +125,20 @@ def finetune(
 
     originals = {name: m.format for name, m in _sparse_layers(model).items()}
     was_dense = not originals
-    if was_dense:
-        sparsify(model, format="masked")
+    plain = was_dense and not _has_zeros(model)  # structurally pruned: nothing to mask
+    if plain:
+        layers = dict(sparse_candidates(model))
+        masks = None
     else:
-        for name, module in _sparse_layers(model).items():
-            set_submodule(model, name, module.to_format("masked"))
-    layers = _sparse_layers(model)
-    if not layers:
-        raise ValueError("no pruned linear layers to fine-tune: prune the model first")
-    masks = {name: m.mask().clone() for name, m in layers.items()}
+        if was_dense:
+            sparsify(model, format="masked")
+        else:
+            for name, module in _sparse_layers(model).items():
+                set_submodule(model, name, module.to_format("masked"))
+        layers = _sparse_layers(model)
+        if not layers:
+            raise ValueError("no pruned linear layers to fine-tune: prune the model first")
+        masks = {name: m.mask().clone() for name, m in layers.items()}
     report.trained_layers = len(layers)
 
     for p in model.parameters():
@@ -167,11 +177,13 @@ def finetune(
             p.requires_grad_(False)
         del optimizer
     with torch.no_grad():
-        report.masks_exact = all(
+        report.masks_exact = masks is None or all(
             not bool(((m.weight != 0) & ~masks[n]).any()) and torch.equal(m.mask(), masks[n])
             for n, m in layers.items()
         )
-        if was_dense:
+        if plain:
+            pass
+        elif was_dense:
             densify(model)
         else:
             for name, module in _sparse_layers(model).items():
