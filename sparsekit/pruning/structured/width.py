@@ -266,6 +266,25 @@ def _kept_heads(layout: BlockLayout, head_scores: torch.Tensor, units: list[Unit
     return q, torch.arange(layout.kv_heads)
 
 
+def _one_block_config(model: nn.Module, **flags: bool):
+    """A copy of the model's config cut to one block (per-layer lists sliced), with ``flags`` set."""
+    config = copy.deepcopy(model.config)
+    total = config.num_hidden_layers
+    for k, v in list(vars(config).items()):
+        if isinstance(v, list) and len(v) == total and k != "architectures":
+            setattr(config, k, v[:1])
+    config.num_hidden_layers = 1
+    for key, value in flags.items():
+        setattr(config, key, value)
+    return config
+
+
+def _probe_layout(model: nn.Module, **flags: bool) -> BlockLayout:
+    """The layout of a one-block copy of ``model`` built on the meta device with ``flags`` set."""
+    with torch.device("meta"):
+        return block_layouts(type(model)(_one_block_config(model, **flags)))[0]
+
+
 def bias_config_keys(model: nn.Module) -> dict[str, str]:
     """{"o_proj" | "down_proj": config key} for the biases this architecture lets a config turn on.
 
@@ -275,17 +294,8 @@ def bias_config_keys(model: nn.Module) -> dict[str, str]:
     for proj, key in (("o_proj", "attention_bias"), ("down_proj", "mlp_bias")):
         if not hasattr(model.config, key):
             continue
-        probe_config = copy.deepcopy(model.config)
-        total = probe_config.num_hidden_layers
-        for k, v in list(vars(probe_config).items()):
-            if isinstance(v, list) and len(v) == total and k != "architectures":
-                setattr(probe_config, k, v[:1])
-        probe_config.num_hidden_layers = 1
-        setattr(probe_config, key, True)
         try:
-            with torch.device("meta"):
-                probe = type(model)(probe_config)
-            layout = block_layouts(probe)[0]
+            layout = _probe_layout(model, **{key: True})
         except Exception:  # noqa: BLE001 - an architecture that cannot be probed gets no compensation
             continue
         if layout.linear(proj).bias is not None:
@@ -295,17 +305,10 @@ def bias_config_keys(model: nn.Module) -> dict[str, str]:
 
 def _conform_biases(model: nn.Module, keys: dict[str, str], layouts: list[BlockLayout]) -> None:
     """Turn the config flags on and give every linear the flag covers a (zero) bias."""
-    probe_config = copy.deepcopy(model.config)
-    for key in keys.values():
+    flags = {key: True for key in keys.values()}
+    probe = _probe_layout(model, **flags)
+    for key in flags:
         setattr(model.config, key, True)
-        setattr(probe_config, key, True)
-    total = probe_config.num_hidden_layers
-    for k, v in list(vars(probe_config).items()):
-        if isinstance(v, list) and len(v) == total and k != "architectures":
-            setattr(probe_config, k, v[:1])
-    probe_config.num_hidden_layers = 1
-    with torch.device("meta"):
-        probe = block_layouts(type(model)(probe_config))[0]
     for layout in layouts:
         for name in ATTN_NAMES + MLP_NAMES:
             if probe.linear(name).bias is not None:
