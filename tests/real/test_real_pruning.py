@@ -8,26 +8,9 @@ import pytest
 import sparsekit
 from sparsekit.cli import main
 from sparsekit.hf.checkpoint import is_checkpoint
-from sparsekit.hf.data import calibration_ids, evaluation_ids
+from tests.real.conftest import SEQLEN
 
 pytestmark = pytest.mark.real
-
-SEQLEN = 256
-
-
-@pytest.fixture(scope="module")
-def eval_ids(smollm2):
-    return evaluation_ids(smollm2[1], "wiki-offline", max_tokens=4 * SEQLEN)
-
-
-@pytest.fixture(scope="module")
-def calib(smollm2):
-    return calibration_ids(smollm2[1], "wiki-offline", nsamples=8, seqlen=SEQLEN, seed=0)
-
-
-@pytest.fixture(scope="module")
-def dense_ppl(smollm2, eval_ids):
-    return sparsekit.perplexity(smollm2[0], eval_ids, seqlen=SEQLEN).ppl
 
 
 def test_dense_perplexity_is_that_of_a_working_model(dense_ppl):
