@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "perplexity": "sparsekit.api",
     "prune": "sparsekit.api",
+    "zero_shot": "sparsekit.api",
     "NMPattern": "sparsekit.formats",
     "Unstructured": "sparsekit.formats",
     "parse_sparsity": "sparsekit.formats",

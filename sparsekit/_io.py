@@ -52,6 +52,19 @@ def remove_stale_temps(target: Path) -> list[Path]:
     return removed
 
 
+def check_can_write_file(target: str | Path) -> None:
+    """Raise (before any long work) unless ``target`` can be written: not a folder, and its nearest
+    existing parent a writable folder (an existing file is replaced atomically later)."""
+    target = Path(target).expanduser().resolve()
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder; give a file path such as {target / 'result.json'}")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {target}: {parent} is not a writable folder")
+
+
 def check_can_create(target: str | Path) -> None:
     """Raise (before any long work) when ``target`` exists or its folder cannot be written."""
     target = Path(target).expanduser().resolve()

@@ -1,8 +1,11 @@
-"""The user-facing Python API: prune a model from a calibration spec, measure its perplexity."""
+"""The user-facing Python API: prune a model from a calibration spec, measure its perplexity and
+zero-shot accuracy."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -124,3 +127,34 @@ def perplexity(
             **kwargs,
         )
     return _perplexity(model, input_ids=input_ids, seqlen=seqlen, max_tokens=max_tokens, **kwargs)
+
+
+def zero_shot(
+    model: nn.Module,
+    tasks: str | Sequence[str] = ("wiki_lambada", "wiki_continuation"),
+    tokenizer=None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    seed: int = 0,
+):
+    """Accuracy of ``model`` on lm-evaluation-harness tasks (needs ``pip install 'sparsekit[eval]'``).
+
+    tasks: names or 'a,b': the offline 'wiki_lambada', 'wiki_continuation', or any harness task
+    (boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa, ...) whose
+    dataset is reachable; ``include_path`` adds folders of task YAMLs. limit: items per task.
+    Returns a ``ZeroShotResult`` (per-task metrics with stderr, item counts, versions, environment).
+    """
+    from sparsekit.eval.zero_shot import zero_shot as _zero_shot
+
+    return _zero_shot(
+        model,
+        tasks,
+        _tokenizer_for(model, tokenizer),
+        limit=limit,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+        include_path=include_path,
+        seed=seed,
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sparsekit._io import atomic_dir, check_can_create, write_json_atomic
+from sparsekit._io import atomic_dir, check_can_create, check_can_write_file, write_json_atomic
 from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.pruning import method_names
 from sparsekit.pruning.engine import PartialPruneError
@@ -228,29 +228,89 @@ def save_pruned(model, tokenizer, out: str, summary: dict, save_format: str = "c
         write_json_atomic(tmp / "prune_report.json", summary)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from sparsekit.api import perplexity
+def _limit(text: str) -> int | float:
+    """--limit: an item count (10) or a fraction of each task (0.1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--limit takes a number of items or a fraction, got {text!r}"
+        ) from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _check_eval_args(args: argparse.Namespace):
+    """Everything checkable before the model loads; returns the TaskManager (or None without --tasks)."""
     from sparsekit.hf.data import check_corpus
 
     check_at_least(2, seqlen=args.seqlen)
+    check_at_least(1, batch_size=args.batch_size)
+    check_at_least(0, num_fewshot=args.num_fewshot)
     if args.max_tokens is not None:
         check_at_least(args.seqlen, max_tokens=args.max_tokens)
-    check_corpus(args.dataset)
-
-    model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
-    result = perplexity(
-        model,
-        args.dataset,
-        seqlen=args.seqlen,
-        tokenizer=tokenizer,
-        max_tokens=args.max_tokens,
-        show_progress=True,
-    )
-    print(
-        f"perplexity {result.ppl:.3f} on {result.dataset}: {result.windows} windows x {result.seqlen} tokens"
-    )
+    if args.limit is not None and not args.limit > 0:
+        raise ValueError(f"--limit must be > 0, got {args.limit}")
+    if args.ppl or not args.tasks:
+        check_corpus(args.dataset)
     if args.json:
-        write_json_atomic(args.json, result.to_dict())
+        check_can_write_file(args.json)
+    if not args.tasks:
+        if args.limit is not None or args.num_fewshot is not None or args.include_path:
+            raise ValueError("--limit, --num-fewshot and --include-path go with --tasks")
+        return None
+    from sparsekit.eval.zero_shot import check_tasks_available, parse_tasks, task_manager
+
+    names = parse_tasks(args.tasks)
+    manager = task_manager(names, args.include_path)
+    check_tasks_available(manager, names)
+    return manager
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sparsekit.api import perplexity
+
+    manager = _check_eval_args(args)
+    model, tokenizer = load_any(
+        args.model,
+        args.dtype,
+        args.device,
+        args.trust_remote_code,
+        args.offload_folder,
+        args.max_cpu_memory,
+    )
+    record: dict = {"model": args.model}
+    ppl = None
+    if args.ppl or not args.tasks:
+        ppl = perplexity(
+            model,
+            args.dataset,
+            seqlen=args.seqlen,
+            tokenizer=tokenizer,
+            max_tokens=args.max_tokens,
+            show_progress=True,
+        )
+        record["perplexity"] = ppl.to_dict()
+        if not args.tasks:
+            print(f"perplexity {ppl.ppl:.3f} on {ppl.dataset}: {ppl.windows} windows x {ppl.seqlen} tokens")
+            if args.json:
+                write_json_atomic(args.json, ppl.to_dict())
+            return 0
+    from sparsekit.eval.zero_shot import eval_markdown, parse_tasks, zero_shot
+
+    result = zero_shot(
+        model,
+        parse_tasks(args.tasks),
+        tokenizer,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        manager=manager,
+    )
+    record["zero_shot"] = result.to_dict()
+    print(eval_markdown(args.model, result, ppl))
+    if args.json:
+        write_json_atomic(args.json, record)
     return 0
 
 
@@ -304,9 +364,12 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from sparsekit.bench.demo import QUICK, DemoConfig, run_demo
+    from sparsekit.bench.demo import FULL, QUICK, DemoConfig, run_demo
 
-    config = replace(QUICK if args.quick else DemoConfig(), model=args.model, threads=args.threads)
+    if args.quick and args.full:
+        raise ValueError("--quick and --full exclude each other")
+    base = QUICK if args.quick else FULL if args.full else DemoConfig()
+    config = replace(base, model=args.model, threads=args.threads)
     report = run_demo(args.out, quick=args.quick, config=config)
     print(f"report: {report}")
     return 0
@@ -460,12 +523,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("eval", help="perplexity of a model or a pruned checkpoint")
-    p.add_argument("model")
-    p.add_argument("--dataset", default="wiki-offline")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=None)
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, or zero-shot accuracy through lm-evaluation-harness, of a model or checkpoint",
+        description="Without --tasks: perplexity on --dataset. With --tasks: lm-evaluation-harness tasks "
+        "(offline: wiki_lambada, wiki_continuation; standard: boolq, rte, hellaswag, winogrande, arc_easy, "
+        "arc_challenge, openbookqa, piqa, ... where their datasets are reachable); add --ppl for both in "
+        "one table. Needs pip install 'sparsekit[eval]' for --tasks.",
+    )
+    p.add_argument("model", help="hub id, folder, GGUF, 'smollm2', a `prune --out` folder or a checkpoint")
+    p.add_argument("--tasks", help="comma-separated harness tasks, e.g. wiki_lambada,wiki_continuation")
+    p.add_argument("--ppl", action="store_true", help="with --tasks: also perplexity on --dataset")
+    p.add_argument("--limit", type=_limit, default=None, help="items per task (or a fraction, 0.1)")
+    p.add_argument("--batch-size", type=int, default=8, help="harness batch size")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: task's, 0)")
+    p.add_argument(
+        "--include-path", action="append", default=None, help="folder of extra task YAMLs (repeatable)"
+    )
+    p.add_argument("--dataset", default="wiki-offline", help="perplexity corpus")
+    p.add_argument("--seqlen", type=int, default=512, help="perplexity window")
+    p.add_argument("--max-tokens", type=int, default=None, help="cap on perplexity tokens")
     p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--offload-folder", help="keep at most --max-cpu-memory of weights in RAM, the rest here")
+    p.add_argument("--max-cpu-memory", default="4GiB", help="RAM budget for weights with --offload-folder")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("bench", help="per-layer and end-to-end speed benchmarks")
@@ -506,6 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="prune, evaluate and benchmark the embedded model; write a report")
     p.add_argument("--out", help="report directory (default reports/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run, about a minute)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the docs/results.md run: 10 variants, 32 x 512 calibration, 150 + 100 task items "
+        "(about 35 minutes on 2 cores)",
+    )
     p.add_argument("--model", default="smollm2")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_demo)

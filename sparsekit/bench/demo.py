@@ -1,12 +1,14 @@
 """``sparsekit demo``: prune, evaluate and benchmark the embedded default model, write one report.
 
 Steps (each logged with its wall time):
-  1. quality: perplexity of dense and of magnitude / Wanda / SparseGPT at 50% and 2:4
-     (``quality_table``, one model load, calibration and evaluation from the offline corpus);
-  2. per-layer: dense vs every sparse backend on SmolLM2-135M's and one Llama-2-7B shape;
-  3. end to end: TTFT / TPOT / memory / perplexity, dense vs 2:4 sparsified;
-  4. ``reports/<timestamp>/report.md`` with the tables, PNG plots and the JSONs beside it.
-The default sizes fit in about 15 minutes on two CPU cores; ``quick`` shrinks everything for CI.
+  1. compare: every method family (unstructured, N:M, structured depth and width) pruned from the
+     same model with the same calibration, each with perplexity, zero-shot accuracy through
+     lm-evaluation-harness (offline wiki_lambada / wiki_continuation), parameters and bytes, and
+     TTFT / TPOT with all variants' generations interleaved; a Pareto plot of accuracy vs decode speed;
+  2. per-layer: dense vs every sparse backend on SmolLM2-135M's linear shapes;
+  3. ``reports/<timestamp>/report.md`` with the tables, PNG plots and the JSONs beside it.
+Default sizes: under 10 minutes on two CPU cores (``DemoConfig``); ``FULL`` (``--full``) is the
+run behind docs/results.md; ``QUICK`` shrinks everything for CI.
 """
 
 from __future__ import annotations
@@ -15,18 +17,27 @@ import datetime
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sparsekit._io import write_json_atomic
-from sparsekit.bench.e2e import e2e_markdown, run_e2e, write_e2e_report
-from sparsekit.bench.env import environment
+from sparsekit._env import environment
+from sparsekit._io import write_json_atomic, write_text_atomic
+from sparsekit.bench.compare import (
+    DEMO_VARIANTS,
+    FULL_VARIANTS,
+    Variant,
+    compare_markdown,
+    compare_variants,
+    depth,
+    plot_pareto,
+    rows_to_dicts,
+    unstructured,
+    width,
+)
 from sparsekit.bench.layers import layers_markdown, linear_shapes, run_layers, write_layers_report
-from sparsekit.bench.plots import plot_quality
-from sparsekit.bench.quality import quality_markdown, quality_table
 from sparsekit.bench.timing import choose_threads
 
 log = logging.getLogger(__name__)
@@ -36,34 +47,44 @@ log = logging.getLogger(__name__)
 class DemoConfig:
     model: str = "smollm2"
     corpus: str = "wiki-offline"
-    nsamples: int = 16  # calibration: 16 x 256 tokens (Wanda/SparseGPT use 128 x 2048 on GPUs)
+    nsamples: int = 8  # calibration: 8 x 256 tokens (Wanda/SparseGPT use 128 x 2048 on GPUs)
     seqlen: int = 256
-    eval_tokens: int = 8192  # 16 windows of 512 held-out tokens
+    eval_tokens: int = 4096  # 8 windows of 512 held-out tokens
     eval_seqlen: int = 512
-    methods: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
-    patterns: tuple[str, ...] = ("0.5", "2:4")
-    layer_models: tuple[str, ...] = ("smollm2-135m", "llama-2-7b")
+    variants: tuple[Variant, ...] = DEMO_VARIANTS
+    tasks: tuple[str, ...] = ("wiki_lambada", "wiki_continuation")
+    task_limits: dict[str, int] = field(default_factory=lambda: {"wiki_lambada": 40, "wiki_continuation": 20})
+    layer_models: tuple[str, ...] = ("smollm2-135m",)
     layer_llama_layers: str = "q_proj,k_proj,v_proj,o_proj"  # one Llama-7B shape: 4096 x 4096
-    layer_ms: tuple[int, ...] = (1, 16, 64)
-    e2e_prompt_len: int = 128
-    e2e_new_tokens: int = 32
-    e2e_batch: int = 1
-    e2e_repeats: int = 3
-    e2e_eval_tokens: int = 2048
+    layer_ms: tuple[int, ...] = (1, 16)
+    prompt_len: int = 128
+    new_tokens: int = 16
+    rounds: int = 3
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
+
+FULL = DemoConfig(
+    nsamples=32,
+    seqlen=512,
+    eval_tokens=8192,
+    variants=FULL_VARIANTS,
+    task_limits={"wiki_lambada": 150, "wiki_continuation": 100},
+    layer_models=("smollm2-135m", "llama-2-7b"),
+    layer_ms=(1, 16, 64),
+    rounds=5,
+)
 
 QUICK = DemoConfig(
     nsamples=4,
     seqlen=64,
     eval_tokens=1024,
     eval_seqlen=128,
-    layer_models=("smollm2-135m",),
-    layer_ms=(1, 16),
-    e2e_prompt_len=32,
-    e2e_new_tokens=6,
-    e2e_repeats=2,
-    e2e_eval_tokens=256,
+    variants=(DEMO_VARIANTS[0], unstructured("magnitude", "2:4"), depth("angular", 2), width("flap", 0.2)),
+    task_limits={"wiki_lambada": 4, "wiki_continuation": 2},
+    layer_ms=(1,),
+    prompt_len=16,
+    new_tokens=4,
+    rounds=2,
 )
 
 
@@ -105,7 +126,14 @@ def run_demo(
         torch.set_num_threads(prev_threads)
 
 
+def _config_dict(cfg: DemoConfig) -> dict:
+    return asdict(replace(cfg, variants=())) | {"variants": [v.name for v in cfg.variants]}
+
+
 def _run(cfg, out_dir, quick, model, tokenizer, show_progress, threads, threads_note) -> Path:
+    from sparsekit.bench.e2e import prompt_ids
+    from sparsekit.hf.data import calibration_ids, evaluation_ids
+
     if threads_note:
         log.info("demo: %s", threads_note)
     started = time.perf_counter()
@@ -120,69 +148,71 @@ def _run(cfg, out_dir, quick, model, tokenizer, show_progress, threads, threads_
     if model is None:
         from sparsekit.hf.models import load_model
 
-        log.info("demo [0/3]: loading %s", cfg.model)
+        log.info("demo [0/2]: loading %s", cfg.model)
         model, tokenizer = load_model(cfg.model)
     if tokenizer is None:
         raise ValueError("run_demo needs the model's tokenizer with an already-loaded model")
     model.eval()
-    from sparsekit.hf.data import calibration_ids, evaluation_ids
-
     calib = calibration_ids(tokenizer, cfg.corpus, cfg.nsamples, cfg.seqlen, seed=0)
     eval_ids = evaluation_ids(tokenizer, cfg.corpus, max_tokens=cfg.eval_tokens)
+    prompts, prompt_source = prompt_ids(tokenizer, 1, cfg.prompt_len)
     stage("load", t0)
 
-    # 1. quality
+    # 1. every method family, quality and speed
     t0 = time.perf_counter()
-    cells = len(cfg.methods) * len(cfg.patterns)
     log.info(
-        "demo [1/3]: quality: %d prune+eval cells, calibration %d x %d, eval %d tokens",
-        cells,
+        "demo [1/2]: %d variants (%s); calibration %d x %d, ppl on %d tokens, tasks %s",
+        len(cfg.variants),
+        ", ".join(v.name for v in cfg.variants),
         cfg.nsamples,
         cfg.seqlen,
         eval_ids.shape[1],
+        cfg.task_limits,
     )
-    qrows = quality_table(
-        model, calib, eval_ids, cfg.methods, cfg.patterns, cfg.eval_seqlen, show_progress=show_progress
+    rows = compare_variants(
+        model,
+        tokenizer,
+        cfg.variants,
+        calib,
+        eval_ids,
+        cfg.eval_seqlen,
+        cfg.tasks,
+        cfg.task_limits,
+        prompts,
+        cfg.new_tokens,
+        cfg.rounds,
+        show_progress=show_progress,
     )
     env = environment()
-    write_json_atomic(
-        out_dir / "quality.json", {"env": env, "config": asdict(cfg), "rows": [asdict(r) for r in qrows]}
+    setup = (
+        f"model {cfg.model}; calibration {cfg.corpus} {calib.shape[0]} x {calib.shape[1]} tokens (seed 0); "
+        f"ppl on {eval_ids.shape[1]} held-out tokens in windows of {cfg.eval_seqlen}; zero-shot through "
+        f"lm-evaluation-harness, first items per task {cfg.task_limits}; generation batch 1, "
+        f"{cfg.prompt_len}-token prompt ({prompt_source}), {cfg.new_tokens} new tokens, greedy, fp32 eager, "
+        f"{cfg.rounds} rounds with every variant interleaved in each round"
     )
-    plot_quality(qrows, out_dir / "quality.png", title=f"{cfg.model}: perplexity ({cfg.corpus})")
-    stage("quality", t0)
+    write_json_atomic(
+        out_dir / "compare.json",
+        {"env": env, "setup": setup, "config": _config_dict(cfg), "rows": rows_to_dicts(rows)},
+    )
+    compare_md = compare_markdown(rows)
+    write_text_atomic(out_dir / "compare.md", compare_md + f"\n\n{setup}.\n")
+    plot_pareto(rows, out_dir / "pareto.png", title=f"{cfg.model}: quality vs decode speed")
+    stage("compare", t0)
 
     # 2. per-layer
     t0 = time.perf_counter()
     shapes = _demo_shapes(cfg)
-    log.info("demo [2/3]: per-layer: %d shapes x M %s", len(shapes), list(cfg.layer_ms))
+    log.info("demo [2/2]: per-layer: %d shapes x M %s", len(shapes), list(cfg.layer_ms))
     layers = run_layers(shapes, cfg.layer_ms, "2:4", show_progress=show_progress)
     layers.config["threads_note"] = threads_note
     write_layers_report(layers, out_dir)
     stage("layers", t0)
 
-    # 3. end to end
-    t0 = time.perf_counter()
-    log.info("demo [3/3]: end to end: dense vs 2:4 sparsified")
-    e2e = run_e2e(
-        model,
-        tokenizer,
-        prompt_len=cfg.e2e_prompt_len,
-        new_tokens=cfg.e2e_new_tokens,
-        batch=cfg.e2e_batch,
-        pattern="2:4",
-        repeats=cfg.e2e_repeats,
-        eval_tokens=cfg.e2e_eval_tokens,
-        eval_seqlen=min(cfg.eval_seqlen, cfg.e2e_eval_tokens),
-        model_label=cfg.model,
-    )
-    e2e.config["threads_note"] = threads_note
-    write_e2e_report(e2e, out_dir)
-    stage("e2e", t0)
-
     total = time.perf_counter() - started
     summary = {
         "env": env,
-        "config": asdict(cfg),
+        "config": _config_dict(cfg),
         "quick": quick,
         "stages_s": stages,
         "total_s": total,
@@ -192,15 +222,15 @@ def _run(cfg, out_dir, quick, model, tokenizer, show_progress, threads, threads_
         "files": sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".")),
     }
     report = out_dir / "report.md"
-    report.write_text(
-        _report_markdown(cfg, env, qrows, layers, e2e, stages, total, load_avg, calib, eval_ids, threads_note)
+    write_text_atomic(
+        report, _report_markdown(cfg, env, compare_md, setup, layers, stages, total, load_avg, threads_note)
     )
     write_json_atomic(out_dir / "demo.json", summary)
     log.info("demo: report written to %s (%.1f s)", report, total)
     return report
 
 
-def _report_markdown(cfg, env, qrows, layers, e2e, stages, total, load_avg, calib, eval_ids, note) -> str:
+def _report_markdown(cfg, env, compare_md, setup, layers, stages, total, load_avg, note) -> str:
     machine = f"{env['device']} ({env['cpu']}, {env['cpu_threads']} threads)"
     if env.get("capability"):
         machine = f"{env['device']} ({env['capability']}, CUDA {env.get('cuda')}), CPU {env['cpu']}"
@@ -212,25 +242,18 @@ def _report_markdown(cfg, env, qrows, layers, e2e, stages, total, load_avg, cali
         f"{env['transformers']}, Python {env['python']}; commit {env['commit']}; {env['time_utc']}.",
         *([f"Note: {note}."] if note else []),
         "",
-        f"Model: {cfg.model}. Calibration: {cfg.corpus}, {calib.shape[0]} x {calib.shape[1]} tokens "
-        f"(seed 0). Evaluation: held-out {cfg.corpus} split, {eval_ids.shape[1]} tokens in windows of "
-        f"{cfg.eval_seqlen}.",
+        "## Every method family: quality, size and speed",
         "",
-        "## Quality (perplexity, lower is better)",
+        compare_md,
         "",
-        quality_markdown(qrows),
+        f"Setup: {setup}.",
         "",
-        "![perplexity](quality.png)",
+        "![accuracy and perplexity vs decode speedup](pareto.png)",
         "",
         "## Per-layer speed (2:4 weights)",
         "",
         layers_markdown(layers),
         "![speedup vs M](layers.png)",
-        "",
-        "## End to end (dense vs 2:4 sparsified)",
-        "",
-        e2e_markdown(e2e),
-        "![TTFT and TPOT](e2e.png)",
         "",
         "## Wall time",
         "",
@@ -239,7 +262,7 @@ def _report_markdown(cfg, env, qrows, layers, e2e, stages, total, load_avg, cali
         *[f"| {k} | {v:.1f} |" for k, v in stages.items()],
         f"| **total** | **{total:.1f}** |",
         "",
-        "Files: quality.json, layers.json / layers.md / layers.png, e2e.json / e2e.md / e2e.png, "
+        "Files: compare.json / compare.md / pareto.png, layers.json / layers.md / layers.png, "
         "demo.json (environment, configuration, stage times).",
     ]
     return "\n".join(lines) + "\n"

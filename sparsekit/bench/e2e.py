@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsekit._env import environment
 from sparsekit.arch import model_bytes, model_device
-from sparsekit.bench.env import environment
 from sparsekit.bench.timing import RegionTimer, quantiles
 
 log = logging.getLogger(__name__)

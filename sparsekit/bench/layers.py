@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsekit._env import environment
 from sparsekit.arch import model_bytes
-from sparsekit.bench.env import environment
 from sparsekit.bench.roofline import Roofline, measure_roofline
 from sparsekit.bench.timing import CacheFlush, Timing, time_cpu_interleaved, time_gpu
 from sparsekit.formats import NMPattern, parse_sparsity, pattern_mask

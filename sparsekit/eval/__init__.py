@@ -1,4 +1,4 @@
-"""Evaluation: perplexity."""
+"""Evaluation: perplexity, and zero-shot accuracy through lm-evaluation-harness (optional extra)."""
 
 from .perplexity import PerplexityResult, perplexity, perplexity_of_ids
 

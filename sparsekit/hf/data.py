@@ -8,11 +8,13 @@ seeded random offsets; evaluation is the held-out text in a fixed order.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import os
 import random
+import socket
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ HUB_CORPORA = ("wikitext2", "c4", "dolly")
 CORPORA = (DEFAULT_CORPUS, *HUB_CORPORA)
 _EVAL_EVERY = 10  # 1 in 10 documents is held out for evaluation
 _SEPARATOR = "\n\n"
+_HUB = ("huggingface.co", 443)
 
 
 def _is_eval_doc(key: str) -> bool:
@@ -57,6 +60,39 @@ def _wiki_offline_docs() -> Iterator[tuple[str, str]]:
         yield title, articles[title].get("extract", "").strip()
 
 
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether huggingface.co answers (False at once under HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    if any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    ):
+        return False
+    try:
+        with socket.create_connection(_HUB, timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def offline_if_unreachable() -> Iterator[bool]:
+    """Put datasets / huggingface_hub in offline mode while the hub is unreachable, so a dataset that
+    is not cached fails at once instead of retrying for tens of seconds. Yields whether online."""
+    online = hub_reachable()
+    if online:
+        yield True
+        return
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield False
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
 def _load_hub_dataset(*args, **kwargs):
     try:
         import datasets
@@ -65,7 +101,8 @@ def _load_hub_dataset(*args, **kwargs):
             "hub corpora (wikitext2, c4, dolly) need the datasets package: pip install 'sparsekit[data]'"
         ) from None
     try:
-        return datasets.load_dataset(*args, **kwargs)
+        with offline_if_unreachable():
+            return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # network errors come in many types
         raise ConnectionError(
             f"could not load {args[0]} from the Hugging Face hub ({exc}); use --calib wiki-offline "

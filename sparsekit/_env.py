@@ -1,4 +1,4 @@
-"""The environment every benchmark row carries: device, versions, commit, time."""
+"""The environment every benchmark and evaluation record carries: device, versions, commit, time."""
 
 from __future__ import annotations
 
