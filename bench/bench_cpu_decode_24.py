@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="SmolLM2 shapes only")
     args = parser.parse_args()
 
-    from sparsekit.bench.env import environment
+    from sparsekit._env import environment
     from sparsekit.bench.roofline import measure_roofline
     from sparsekit.bench.timing import time_cpu_interleaved
     from sparsekit.kernels import sparse24_cpu

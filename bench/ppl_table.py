@@ -12,8 +12,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from sparsekit._env import environment
 from sparsekit._io import write_json_atomic
-from sparsekit.bench.env import environment
 from sparsekit.bench.quality import quality_markdown, quality_table
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model

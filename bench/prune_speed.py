@@ -19,9 +19,9 @@ import logging
 import time
 from pathlib import Path
 
+from sparsekit._env import environment
 from sparsekit._io import write_json_atomic
 from sparsekit.api import prune
-from sparsekit.bench.env import environment
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model

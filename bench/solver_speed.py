@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from sparsekit._env import environment
 from sparsekit._io import write_json_atomic, write_text_atomic
-from sparsekit.bench.env import environment
 from sparsekit.bench.timing import time_cpu
 from sparsekit.pruning import sparsegpt_prune_ref, sparsegpt_solve
 from sparsekit.pruning.sparsegpt import hessian_factor

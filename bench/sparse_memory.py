@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from sparsekit._env import environment
 from sparsekit.arch import model_bytes
-from sparsekit.bench.env import environment
 from sparsekit.hf.models import load_model
 from sparsekit.nn import sparsify
 from sparsekit.nn.sparsify import release_memory

@@ -16,8 +16,8 @@ import logging
 from pathlib import Path
 
 import sparsekit
+from sparsekit._env import environment
 from sparsekit._io import write_json_atomic, write_text_atomic
-from sparsekit.bench.env import environment
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.finetune import finetune
