@@ -6,10 +6,14 @@ Wanda: the torch path (kthvalue threshold, no sort) and, on GPU, the Triton kern
 straightforward implementation as in the reference Wanda code (sort whole rows; N:M masks built
 by a Python loop over column groups). The naive N:M uses topk(largest=False) like the reference,
 so its tie-breaking differs: it is here for speed only. Never times the Triton interpreter.
-Under ``--benchmark-disable`` (the default in pyproject) every case runs once as a smoke test.
+Under ``--benchmark-disable`` (the default in pyproject) every case runs once and still checks
+its result against the independent implementation (the naive Wanda mask, the per-column OBS
+loop, the fp64 Gram), so the default test run can fail on a wrong kernel.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -60,7 +64,26 @@ def test_wanda_cpu(benchmark, impl, shape, pattern):
     fn = wanda_naive if impl == "naive" else wanda_mask_torch
     benchmark.group = f"wanda-cpu-{_ids(shape)}-{_ids(pattern)}"
     mask = benchmark.pedantic(fn, args=(weight, act_norm), kwargs=_pattern_kwargs(pattern), rounds=3)
-    assert mask.shape == shape
+    _check_wanda_mask(mask, shape, pattern)
+
+
+@functools.lru_cache(maxsize=2)
+def _naive_mask(shape, pattern) -> torch.Tensor:
+    weight, act_norm = _wanda_inputs(shape)
+    return wanda_naive(weight, act_norm, **_pattern_kwargs(pattern))
+
+
+def _check_wanda_mask(mask: torch.Tensor, shape, pattern) -> None:
+    """Exact keep counts, and the naive mask's choice (N:M: up to ties, which the naive code breaks
+    the other way; random fp16 weights times distinct norms leave almost none)."""
+    rows, cols = shape
+    if isinstance(pattern, float):
+        assert (mask.sum(1) == cols - int(cols * pattern)).all()
+        assert torch.equal(mask, _naive_mask(shape, pattern))
+    else:
+        n, m = pattern
+        assert (mask.reshape(rows, -1, m).sum(-1) == n).all()
+        assert (mask != _naive_mask(shape, pattern)).float().mean() < 1e-5
 
 
 @cuda
@@ -92,7 +115,12 @@ def test_obs_block_cpu(benchmark, impl, pattern):
     w = torch.randn(4096, 128)
     fn = obs_block_solve_ref if impl == "ref" else obs_block_solve_torch
     benchmark.group = f"obs-block-4096x128-{_ids(pattern)}"
-    benchmark.pedantic(fn, args=(w, hinv), kwargs=_pattern_kwargs(pattern), rounds=3)
+    q, _, mask = benchmark.pedantic(fn, args=(w, hinv), kwargs=_pattern_kwargs(pattern), rounds=3)
+    if impl == "torch":  # the fast solve against the paper's per-column loop
+        q_ref, _, mask_ref = obs_block_solve_ref(w, hinv, **_pattern_kwargs(pattern))
+        assert (mask != mask_ref).float().mean() < 1e-4
+        assert ((q - q_ref).norm() / q_ref.norm()).item() < 1e-3
+    assert torch.equal(q[~mask], torch.zeros_like(q[~mask]))
 
 
 @pytest.mark.parametrize("stat", ["sq_sum", "gram"])
@@ -102,4 +130,9 @@ def test_calib_stats_cpu(benchmark, stat):
     out = torch.zeros(4096) if stat == "sq_sum" else torch.zeros(4096, 4096)
     fn = accumulate_sq_sum if stat == "sq_sum" else accumulate_gram
     benchmark.group = f"calib-{stat}-2048x4096-bf16"
-    benchmark.pedantic(fn, args=(x, out), rounds=3)
+    rounds = 3
+    benchmark.pedantic(fn, args=(x, out), rounds=rounds)
+    calls = rounds if benchmark.enabled else 1  # each call accumulates into out
+    xd = x.double()
+    expected = calls * (xd.square().sum(0) if stat == "sq_sum" else xd.T @ xd)
+    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5

@@ -12,6 +12,7 @@ bytes of the weight format.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from sparsekit._env import environment
 from sparsekit.arch import model_bytes
 from sparsekit.bench.roofline import Roofline, measure_roofline
-from sparsekit.bench.timing import CacheFlush, Timing, time_cpu_interleaved, time_gpu
+from sparsekit.bench.timing import Rotation, Timing, copies_for, llc_bytes, time_cpu_interleaved, time_gpu
 from sparsekit.formats import NMPattern, parse_sparsity, pattern_mask
 from sparsekit.kernels import use_backend
 
@@ -125,6 +126,7 @@ class Prepared:
     fn: Callable[[], torch.Tensor]
     weight_bytes: int
     impl: str
+    replicate: Callable[[], Callable[[], torch.Tensor]] | None = None  # the same call on a copy of the weight
 
 
 class Unavailable(Exception):
@@ -135,71 +137,62 @@ def _nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _sparse_linear(case: Case, fmt: str) -> Prepared | None:
-    """Through ``SparseLinear`` where sparsekit.nn provides it (the path models use)."""
-    try:
-        from sparsekit.nn import SparseLinear
-    except ImportError:
-        return None
-    lin = nn.Linear(case.shape.k, case.shape.n, bias=False, device=case.device, dtype=case.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(case.weight)
-    module = SparseLinear.from_linear(lin, mask=case.mask, format=fmt).eval()
-    x = case.x
-
+def _module_call(module: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     def fn() -> torch.Tensor:
         with torch.no_grad():
             return module(x)
 
-    return Prepared(fn, model_bytes(module), f"SparseLinear({fmt})")
+    return fn
+
+
+def _as_module(case: Case, fmt: str | None) -> Prepared:
+    """The layer a model runs: nn.Linear (``fmt`` None) or SparseLinear in ``fmt``, called as a module."""
+    from sparsekit.nn import SparseLinear
+
+    lin = nn.Linear(case.shape.k, case.shape.n, bias=False, device=case.device, dtype=case.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(case.weight)
+    module = lin if fmt is None else SparseLinear.from_linear(lin, mask=case.mask, format=fmt)
+    module.eval()
+    blas = "cuBLAS" if case.device.type == "cuda" else "CPU BLAS"
+    impl = f"SparseLinear({fmt})" if fmt else f"nn.Linear ({blas})"
+    return Prepared(
+        _module_call(module, case.x),
+        model_bytes(module),
+        impl,
+        replicate=lambda: _module_call(copy.deepcopy(module), case.x),
+    )
 
 
 def setup_dense(case: Case) -> Prepared:
-    w, x = case.weight, case.x
-    impl = "cuBLAS" if case.device.type == "cuda" else "CPU BLAS"
-    return Prepared(lambda: F.linear(x, w), _nbytes(w), f"F.linear ({impl})")
+    return _as_module(case, None)
 
 
 def setup_dense_compiled(case: Case) -> Prepared:
-    w, x = case.weight, case.x
+    x = case.x
     compiled = torch.compile(F.linear, dynamic=False)
-    compiled(x, w)  # the compile is untimed
-    return Prepared(lambda: compiled(x, w), _nbytes(w), "torch.compile(F.linear)")
+    compiled(x, case.weight)  # the compile is untimed
+
+    def make(w: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: compiled(x, w)
+
+    return Prepared(
+        make(case.weight), _nbytes(case.weight), "torch.compile(F.linear)", lambda: make(case.weight.clone())
+    )
 
 
 def setup_24(case: Case) -> Prepared:
     if not isinstance(parse_sparsity(case.pattern), NMPattern) or case.pattern.replace(" ", "") != "2:4":
         raise Unavailable("2:4 format needs --pattern 2:4")
-    via_module = _sparse_linear(case, "2:4")
-    if via_module is not None:
-        return via_module
-    from sparsekit.kernels import compress_24, sparse24_mm
-
-    values, meta = compress_24(case.weight)
-    x = case.x
-    return Prepared(lambda: sparse24_mm(x, values, meta), _nbytes(values, meta), "sparse24_mm")
+    return _as_module(case, "2:4")
 
 
 def setup_bitmap(case: Case) -> Prepared:
-    via_module = _sparse_linear(case, "bitmap")
-    if via_module is not None:
-        return via_module
-    from sparsekit.kernels import bitmap_mm, compress_bitmap
-
-    values, bits, offsets = compress_bitmap(case.weight)
-    x = case.x
-    return Prepared(lambda: bitmap_mm(x, values, bits, offsets), _nbytes(values, bits, offsets), "bitmap_mm")
+    return _as_module(case, "bitmap")
 
 
 def setup_masked(case: Case) -> Prepared:
-    via_module = _sparse_linear(case, "masked")
-    if via_module is not None:
-        return via_module
-    from sparsekit.kernels import masked_mm, pack_mask
-
-    bits = pack_mask(case.mask)
-    w, x = case.weight, case.x
-    return Prepared(lambda: masked_mm(x, w, bits), _nbytes(w, bits), "masked_mm")
+    return _as_module(case, "masked")
 
 
 def setup_cusparselt(case: Case) -> Prepared:
@@ -227,10 +220,14 @@ def setup_cusparselt(case: Case) -> Prepared:
 def setup_csr(case: Case) -> Prepared:
     if case.device.type != "cpu":
         raise Unavailable("the CSR baseline is measured on the CPU only")
-    w_csr = case.weight.to_sparse_csr()
     xt = case.x.T.contiguous()
+
+    def make(w_csr: torch.Tensor) -> Callable[[], torch.Tensor]:
+        return lambda: (w_csr @ xt).T
+
+    w_csr = case.weight.to_sparse_csr()
     wbytes = _nbytes(w_csr.values(), w_csr.col_indices(), w_csr.crow_indices())
-    return Prepared(lambda: (w_csr @ xt).T, wbytes, "torch CSR (MKL)")
+    return Prepared(make(w_csr), wbytes, "torch CSR (MKL)", lambda: make(case.weight.to_sparse_csr()))
 
 
 SETUPS: dict[str, Callable[[Case], Prepared]] = {
@@ -326,15 +323,17 @@ def run_layers(
     device: str | torch.device | None = None,
     cuda_graphs: bool = False,
     min_time_s: float = 0.1,
-    flush_cache: bool = True,
+    cold: bool = True,
     show_progress: bool = True,
 ) -> LayersResult:
     """Time every backend at every (shape, M); speedups against the best dense baseline per cell.
 
-    CPU runs use the sparse ops' torch paths (``use_backend("torch")``: never the Triton
-    interpreter), timed round-robin (every backend sees the same contention) with the
-    last-level cache flushed before each call
-    (``flush_cache``). On CUDA the Triton kernels run, timed with ``triton.testing.do_bench``
+    CPU runs use the sparse ops' torch / C++ paths (``use_backend("torch")``: never the Triton
+    interpreter), each layer called as the module a model holds (``nn.Linear`` / ``SparseLinear``),
+    timed round-robin (every backend sees the same contention). With ``cold`` (default) every
+    backend rotates over copies of its layer adding up to twice the last-level cache, so each call
+    reads its weight from DRAM as a decode step does (``Rotation``); ``cold=False`` times one
+    cache-resident copy. On CUDA the Triton kernels run, timed with ``triton.testing.do_bench``
     (L2 flush; ``do_bench_cudagraph`` for M <= 64 when ``cuda_graphs``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -344,12 +343,13 @@ def run_layers(
     unknown = [b for b in backends if b not in SETUPS]
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
+    rotate = device.type == "cpu" and cold
+    pool = 2 * llc_bytes()
     with use_backend("torch" if device.type == "cpu" else "auto"):
         env = environment()
         roof = measure_roofline(str(device), dtype)
         rows: list[LayerRow] = []
         skipped: list[str] = []
-        flush = CacheFlush() if device.type == "cpu" and flush_cache else None
         cells = [(s, m) for s in shapes for m in ms]
         for shape, m in tqdm(cells, desc="layers", disable=not show_progress):
             case = make_case(shape, m, pattern, dtype, device)
@@ -362,9 +362,12 @@ def run_layers(
                         log.info("skipping %s: %s", backend, exc)
                     skipped.append(f"{backend} @ {shape.label} M={m}: {exc}")
             if device.type == "cpu":
-                timings = time_cpu_interleaved(
-                    {b: p.fn for b, p in prepared.items()}, min_time_s=min_time_s, flush=flush
-                )
+                fns = {b: _rotated(p, pool) if rotate else p.fn for b, p in prepared.items()}
+                timings = time_cpu_interleaved(fns, min_time_s=min_time_s)
+                for b, fn in fns.items():
+                    if isinstance(fn, Rotation):
+                        timings[b].method += f", weight rotated over {len(fn.fns)} copies (2x LLC)"
+                del fns
             else:
                 timings = {b: time_gpu(p.fn, cuda_graph=cuda_graphs and m <= 64) for b, p in prepared.items()}
             cell_rows = [_row(case, b, p, timings[b], roof, env) for b, p in prepared.items()]
@@ -388,13 +391,25 @@ def run_layers(
         "dtype": str(dtype).replace("torch.", ""),
         "device": str(device),
         "cuda_graphs": cuda_graphs,
+        "cold": rotate,
         "timer": (
-            f"median of interleaved repeats (p20..p80), LLC flush {'on' if flush else 'off'}"
+            "median of interleaved repeats (p20..p80), "
+            + (f"weights from DRAM (rotated over {pool / 2**20:.0f} MiB)" if rotate else "cache-resident")
             if device.type == "cpu"
             else "triton.testing.do_bench (L2 flush, median, p20..p80)"
         ),
     }
     return LayersResult(env, roof.to_dict(), config, rows, skipped)
+
+
+def _rotated(prepared: Prepared, pool_bytes: int) -> Rotation | Callable[[], torch.Tensor]:
+    """``prepared`` rotated over copies of its weight adding up to ``pool_bytes``, warmed once."""
+    if prepared.replicate is None:
+        return prepared.fn
+    n = copies_for(prepared.weight_bytes, pool_bytes)
+    rotation = Rotation([prepared.fn] + [prepared.replicate() for _ in range(n - 1)])
+    rotation.warm()
+    return rotation
 
 
 def _row(case: Case, backend: str, prepared: Prepared, timing: Timing, roof: Roofline, env: dict) -> LayerRow:

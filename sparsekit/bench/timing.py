@@ -1,13 +1,15 @@
 """Timers: medians with 20th/80th percentiles.
 
 CPU: wall clock around each call, median of repeats (adaptive: at least ``min_repeats`` and
-enough calls to fill ``min_time_s``). GPU: ``triton.testing.do_bench`` (warmup, an L2 flush
+enough calls to fill ``min_time_s``); ``Rotation`` makes each call read its weight from DRAM, as
+a decode step does. GPU: ``triton.testing.do_bench`` (warmup, an L2 flush
 before each call, CUDA events), or ``do_bench_cudagraph`` for small-M cases where launch
 overhead would otherwise dominate.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -46,7 +48,7 @@ def quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples_ms), cuts[1], cuts[7]
 
 
-def _llc_bytes() -> int:
+def llc_bytes() -> int:
     """Size of the largest CPU cache (sysfs), 32 MiB when unknown."""
     best = 0
     for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
@@ -58,15 +60,35 @@ def _llc_bytes() -> int:
     return best or 32 * 2**20
 
 
-class CacheFlush:
-    """Writes a buffer the size of the last-level cache, so the next call reads its weight from DRAM
-    (the CPU analogue of do_bench's L2 flush; a decode step streams a whole model, never a cached one)."""
+class Rotation:
+    """Call ``fns`` in turn, one per call: each a copy of the same layer on its own weight.
 
-    def __init__(self, nbytes: int | None = None) -> None:
-        self.buf = torch.empty((nbytes or _llc_bytes()) // 4, dtype=torch.float32)
+    How a decode step reads a layer's weight: from DRAM, because every other layer was streamed
+    since its last use. With copies adding up to more than the last-level cache, the copy called
+    next was evicted by the others (clean lines, as in a model), so each call pays the weight's
+    DRAM read. A cache flush before each call gets this wrong: it leaves the cache full of dirty
+    lines whose write-back the timed call then pays, and it evicts the input and the code too.
+    """
 
-    def __call__(self) -> None:
-        self.buf.fill_(1.0)
+    def __init__(self, fns: list[Callable[[], object]]) -> None:
+        if not fns:
+            raise ValueError("Rotation needs at least one function")
+        self.fns, self.i = fns, 0
+
+    def __call__(self) -> object:
+        fn = self.fns[self.i]
+        self.i = (self.i + 1) % len(self.fns)
+        return fn()
+
+    def warm(self) -> None:
+        """One pass over every copy (first-touch page faults, lazily built kernels), untimed."""
+        for fn in self.fns:
+            fn()
+
+
+def copies_for(weight_bytes: int, pool_bytes: int, max_copies: int = 4096) -> int:
+    """How many copies of a ``weight_bytes`` weight add up to ``pool_bytes`` (at least 2)."""
+    return max(2, min(max_copies, math.ceil(pool_bytes / max(weight_bytes, 1))))
 
 
 def time_cpu(
@@ -75,10 +97,9 @@ def time_cpu(
     min_repeats: int = 5,
     max_repeats: int = 200,
     min_time_s: float = 0.2,
-    flush: Callable[[], None] | None = None,
 ) -> Timing:
     """Median of repeated calls of ``fn`` on the CPU, after ``warmup`` untimed calls."""
-    return time_cpu_interleaved({"fn": fn}, warmup, min_repeats, max_repeats, min_time_s, flush)["fn"]
+    return time_cpu_interleaved({"fn": fn}, warmup, min_repeats, max_repeats, min_time_s)["fn"]
 
 
 def time_cpu_interleaved(
@@ -87,7 +108,6 @@ def time_cpu_interleaved(
     min_repeats: int = 5,
     max_repeats: int = 100,
     min_time_s: float = 0.2,
-    flush: Callable[[], None] | None = None,
 ) -> dict[str, Timing]:
     """Time several functions round-robin: one call of each per round, medians per function.
 
@@ -95,7 +115,6 @@ def time_cpu_interleaved(
     every function see the same bursts, so their ratio (the speedup) stays meaningful even when
     absolute times move. Rounds continue until ``min_repeats`` and ``min_time_s`` (per function)
     are both met, or ``max_repeats``; calls slower than 0.1 s stop after 3 rounds.
-    ``flush`` runs untimed before every call.
     """
     slowest = 0.0
     for fn in fns.values():
@@ -110,8 +129,6 @@ def time_cpu_interleaved(
     rounds = 0
     while rounds < max_repeats and (rounds < min_repeats or min(spent.values()) < min_time_s):
         for name, fn in fns.items():
-            if flush is not None:
-                flush()
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start
@@ -120,7 +137,7 @@ def time_cpu_interleaved(
         rounds += 1
         if rounds >= 3 and max(spent.values()) / rounds > 0.1:
             break
-    method = "cpu-wall, interleaved" + (", cache flushed" if flush is not None else "")
+    method = "cpu-wall, interleaved"
     return {name: Timing(*quantiles(s), len(s), method) for name, s in samples.items()}
 
 

@@ -138,16 +138,19 @@ GRAM_TILES = 4  # CPU: column tiles of the symmetric Gram; 4 tiles compute 10 of
 
 
 def _symmetric_gram_(x: torch.Tensor, out: torch.Tensor) -> None:
-    """out += x^T x computing only the block upper triangle (GEMMs on strided views of x [T, K]),
-    then mirroring it: 0.625x the flops of the full product at 4 tiles. Small K: one GEMM."""
+    """out += x^T x computing only the block upper triangle (GEMMs on strided views of x [T, K])
+    and adding its mirror image below the diagonal: 0.625x the flops of the full product at 4
+    tiles. ``out`` need not be symmetric: both triangles are accumulated, never overwritten.
+    Small K: one GEMM."""
     k = x.shape[1]
     if k < 512:
         out.addmm_(x.T, x)
         return
     bounds = [k * i // GRAM_TILES for i in range(GRAM_TILES + 1)]
     for i0, i1 in zip(bounds[:-1], bounds[1:], strict=True):
-        out[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])
-        out[i1:, i0:i1] = out[i0:i1, i1:].T
+        strip = x[:, i0:i1].T @ x[:, i0:]  # [i1 - i0, K - i0]: the diagonal block and right of it
+        out[i0:i1, i0:] += strip
+        out[i1:, i0:i1] += strip[:, i1 - i0 :].T
 
 
 AOT_CASES = [

@@ -133,7 +133,8 @@ def compress_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.contiguous(), meta.contiguous()
 
 
-def _check_format(values: torch.Tensor, meta: torch.Tensor) -> None:
+def check_24_layout(values: torch.Tensor, meta: torch.Tensor) -> None:
+    """Raise a ValueError unless values [N, K/2] (float) and meta [N, ceil(K/8)] uint8 fit together."""
     if values.dim() != 2 or meta.dim() != 2:
         raise ValueError(
             f"need values [N, K/2] and meta [N, ceil(K/8)], got {tuple(values.shape)} and {tuple(meta.shape)}"
@@ -162,7 +163,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     CPU: the vectorized expansion of sparse24_cpu (its traceable torch form under torch.compile,
     so a compiled graph never breaks on the C++ call); elsewhere one scatter.
     """
-    _check_format(values, meta)
+    check_24_layout(values, meta)
     rows, half = values.shape
     if values.device.type == "cpu":
         if torch.compiler.is_compiling():
@@ -175,7 +176,7 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 def decompress_24_ref(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """Plain reference of decompress_24: one where() per slot of the group."""
-    _check_format(values, meta)
+    check_24_layout(values, meta)
     rows, half = values.shape
     idx = _group_indices(meta, half // 2)
     v = values.reshape(rows, half // 2, 2)
@@ -189,7 +190,7 @@ def decompress_24_ref(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- GEMM
 def _check_mm(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> None:
-    _check_format(values, meta)
+    check_24_layout(values, meta)
     check_dtype("x", x, FLOAT_DTYPES)
     check_same_device(x=x, values=values, meta=meta, bias=bias)
     k = 2 * values.shape[1]

@@ -4,10 +4,12 @@
 bias [N] or None -> y [..., N] = x @ decompress_24(values, meta).T + bias, fp32 accumulation.
 
 Decode (M <= ``DIRECT_MAX_M``): one pass over values + meta (0.5625x the dense fp32/bf16 bytes).
-With AVX-512 each 64-column step loads 8 meta bytes and 32 values, and builds 4 dense
-16-lane vectors with one masked permute each (lane j of group g takes value 0, value 1 or zero
-by comparing j with the nibble's i0/i1), FMA'd into per-row accumulators; no dense weight is
-ever written. Without AVX-512 the same loop runs scalar (correct, not fast).
+With AVX-512 each 64-column step loads 8 meta bytes and 32 values and never builds the dense
+weight: it gathers x instead. The 16 values of 8 groups sit at columns 4*group + slot inside 32
+columns of x, so one two-source permute (vpermt2ps, indices from the meta word: computed once
+per step and reused for every row of x) fetches the matching x entries and one FMA multiplies
+them by the values: 2 permutes + 2 FMAs per 64 columns and row. Without AVX-512 the same loop
+runs scalar (correct, not fast).
 
 Prefill (larger M): decompress ``ROW_BLOCK`` rows at a time into a reused buffer and run the BLAS
 GEMM on it, so a dense copy of the whole weight is never held either.
@@ -24,6 +26,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -160,9 +163,41 @@ def sparse24_mm_cpu(
     return y.reshape(*x.shape[:-1], n)
 
 
+def bind_sparse24_cpu(values: torch.Tensor, meta: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``fn(x, bias) -> y``: the CPU 2:4 GEMM of one stored weight with every check done now.
+
+    What a model's decode loop calls hundreds of times per token: the format and contiguity are
+    checked once here (``sparse24_mm`` re-checks them on every call, then dispatches a custom op);
+    the returned call only reshapes x and enters the C++ kernel. x must be [..., K] of the values'
+    dtype on the CPU (``SparseLinear`` checks width, dtype and device before taking this path).
+    """
+    if values.device.type != "cpu" or not values.is_contiguous() or not meta.is_contiguous():
+        raise ValueError("bind_sparse24_cpu needs contiguous CPU values and meta")
+    n, k = values.shape[0], 2 * values.shape[1]
+    ext = extension()
+    direct_max = DIRECT_MAX_M[values.dtype]
+
+    def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, k)
+        if ext is not None and x2.shape[0] <= direct_max:
+            y = ext.mm(x2 if x2.is_contiguous() else x2.contiguous(), values, meta, bias)
+        else:
+            y = _blocked_mm(x2, values, meta, bias)
+        return y.reshape(*x.shape[:-1], n)
+
+    return mm
+
+
 def has_fast_path() -> bool:
     ext = extension()
     return ext is not None and bool(ext.has_avx512())
 
 
-__all__ = ["sparse24_mm_cpu", "decompress_rows", "decompress_24_torch", "extension", "has_fast_path"]
+__all__ = [
+    "bind_sparse24_cpu",
+    "sparse24_mm_cpu",
+    "decompress_rows",
+    "decompress_24_torch",
+    "extension",
+    "has_fast_path",
+]

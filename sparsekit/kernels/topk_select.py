@@ -6,6 +6,8 @@ the lower column index wins. Pure torch (O(K) per row via kthvalue, no full sort
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -85,5 +87,12 @@ def _nm_rank_mask(grouped: torch.Tensor, n: int, out: torch.Tensor) -> None:
 
 
 def keep_count(size: int, sparsity: float) -> int:
-    """Entries kept in a group of ``size`` at ``sparsity``: size - floor(size * sparsity)."""
-    return size - int(size * sparsity)
+    """Entries kept in a group of ``size`` at ``sparsity``: size - floor(size * sparsity).
+
+    The floor is of the decimal product the user meant: 100 * 0.29 is 28.999999999999996 in
+    binary floating point and prunes 29, not 28 (a product within 1e-9 relative of an integer
+    is that integer)."""
+    product = size * sparsity
+    nearest = round(product)
+    pruned = nearest if abs(product - nearest) <= 1e-9 * max(1.0, abs(product)) else math.floor(product)
+    return size - int(pruned)

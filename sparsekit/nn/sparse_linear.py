@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsekit.arch import is_conv1d, linear_weight
 from sparsekit.formats.weight import Sparse24, WeightFormat, choose_format, is_24, weight_format
-from sparsekit.kernels import Backend
+from sparsekit.kernels import Backend, current_backend
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,17 @@ class SparseLinear(nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         self._backend = _check_backend(value)
+        if "_cache" in self.__dict__:
+            self._cache.clear()
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, torch.Tensor) and "_cache" in self.__dict__:
+            self._cache.clear()  # a new stored tensor: bound calls and derived weights are stale
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict:
+        # copies and pickles never carry derived state (a bound call would point at the original)
+        return {**super().__getstate__(), "_cache": {}}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -214,9 +225,23 @@ class SparseLinear(nn.Module):
         fmt = self.weight_format
         return isinstance(fmt, Sparse24) and fmt.wants_semi_structured(self, rows)
 
+    def _bound_cpu(self):
+        """(the format's pre-checked CPU call for the stored tensors, their dtype), built once
+        (``_cache`` is cleared by ``.to()`` and ``load_state_dict``); (None, None) where there is none."""
+        bound = self._cache.get("cpu")
+        if bound is None:
+            fn = self.weight_format.bind_cpu(self) if self._backend in ("auto", "torch") else None
+            bound = self._cache["cpu"] = (fn, self._stored().dtype) if fn is not None else (None, None)
+        return bound
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        # eager CPU hot path: checks were made when the call was bound; one C++ call per forward
+        if not x.is_cuda and not torch.compiler.is_compiling() and current_backend() is not Backend.TRITON:
+            fn, dtype = self._bound_cpu()
+            if fn is not None and x.dtype == dtype and x.device.type == "cpu" and not x.requires_grad:
+                return fn(x, self.bias)
         fmt = self.weight_format
         backend = self._backend
         if backend == "semi_structured" or (

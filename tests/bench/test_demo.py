@@ -27,7 +27,9 @@ def test_demo_quick_writes_the_report(smollm2, tmp_path):
     assert {r["family"] for r in rows} == {"dense", "N:M", "depth", "width"}
     by_name = {r["variant"]: r for r in rows}
     dense = by_name["dense"]
-    assert dense["decode_speedup"] == 1.0 and dense["nonzero_params"] == dense["params"]
+    assert dense["decode_speedup"] == 1.0
+    # the de-quantized Q4_1 GGUF holds a few exact zeros of its own (0.24% of SmolLM2's weights)
+    assert 0.99 * dense["params"] < dense["nonzero_params"] <= dense["params"]
     for row in rows:
         assert set(row["zero_shot"]) == {"wiki_lambada", "wiki_continuation"}
         assert row["zero_shot"]["wiki_lambada"]["items"] == QUICK.task_limits["wiki_lambada"]

@@ -5,7 +5,7 @@ import torch
 
 from sparsekit.bench import layers
 from sparsekit.bench.layers import LinearShape, linear_shapes, run_layers, write_layers_report
-from sparsekit.bench.timing import quantiles, time_cpu_interleaved
+from sparsekit.bench.timing import Rotation, copies_for, quantiles, time_cpu_interleaved
 from sparsekit.kernels import current_backend
 
 TINY = [LinearShape("tiny", "q_proj", 64, 128), LinearShape("tiny", "down_proj", 32, 256)]
@@ -39,7 +39,7 @@ def test_quantiles_order():
 
 @pytest.mark.parametrize("pattern", ["2:4", "0.5"])
 def test_run_layers_tiny(tmp_path, pattern):
-    result = run_layers(TINY, (1, 4), pattern, min_time_s=0.0, flush_cache=False, show_progress=False)
+    result = run_layers(TINY, (1, 4), pattern, min_time_s=0.0, cold=False, show_progress=False)
     backends = {r.backend for r in result.rows}
     expected = {"dense", "bitmap", "masked"} | ({"2:4"} if pattern == "2:4" else set())
     assert backends == expected
@@ -64,16 +64,12 @@ def test_run_layers_tiny(tmp_path, pattern):
 
 def test_cpu_run_never_leaves_the_backend_forced():
     before = current_backend()
-    run_layers(
-        TINY[:1], (1,), "2:4", ("dense", "2:4"), min_time_s=0.0, flush_cache=False, show_progress=False
-    )
+    run_layers(TINY[:1], (1,), "2:4", ("dense", "2:4"), min_time_s=0.0, show_progress=False)
     assert current_backend() is before
 
 
 def test_gpu_only_backend_is_skipped_with_a_reason():
-    result = run_layers(
-        TINY[:1], (1,), "2:4", ("dense", "cusparselt"), min_time_s=0.0, flush_cache=False, show_progress=False
-    )
+    result = run_layers(TINY[:1], (1,), "2:4", ("dense", "cusparselt"), min_time_s=0.0, show_progress=False)
     assert {r.backend for r in result.rows} == {"dense"}
     assert any("cusparselt" in s and "CUDA" in s for s in result.skipped)
 
@@ -89,3 +85,47 @@ def test_cli_bench_layers(tmp_path, capsys):
     data = json.loads((out / "layers.json").read_text())
     assert {r["backend"] for r in data["rows"]} == {"dense", "2:4"} and "env" in data
     assert "speedup" in capsys.readouterr().out
+
+
+def test_rotation_calls_each_copy_in_turn():
+    calls = []
+    rot = Rotation([lambda i=i: calls.append(i) for i in range(3)])
+    for _ in range(7):
+        rot()
+    assert calls == [0, 1, 2, 0, 1, 2, 0]
+    rot.warm()
+    assert calls[-3:] == [0, 1, 2]
+    assert copies_for(1 << 20, 8 << 20) == 8 and copies_for(64 << 20, 8 << 20) == 2
+    assert copies_for(1, 1 << 40) == 4096
+    with pytest.raises(ValueError):
+        Rotation([])
+
+
+def test_cold_layers_rotate_over_distinct_copies_of_the_weight(monkeypatch):
+    """Each backend's calls go to copies of its layer with their own storage, adding up to the pool
+    (twice the last-level cache), and every copy computes the same result."""
+    monkeypatch.setattr(layers, "llc_bytes", lambda: 256 * 1024)  # pool 512 KiB
+    made = []
+    real = layers._rotated
+
+    def spy(prepared, pool):
+        rot = real(prepared, pool)
+        made.append((prepared, rot))
+        return rot
+
+    monkeypatch.setattr(layers, "_rotated", spy)
+    result = run_layers(TINY[:1], (1,), "2:4", ("dense", "2:4"), min_time_s=0.0, show_progress=False)
+    assert result.config["cold"] and "rotated" in result.config["timer"]
+    assert all("copies" in r.timer for r in result.rows)
+    for prepared, rot in made:
+        assert isinstance(rot, Rotation)
+        assert len(rot.fns) == copies_for(prepared.weight_bytes, 512 * 1024)
+        outs = [fn() for fn in rot.fns[:3]]
+        assert all(torch.equal(o, outs[0]) for o in outs)
+    dense_copies = made[0][1].fns
+    held = [
+        next(c.cell_contents for c in f.__closure__ if isinstance(c.cell_contents, torch.nn.Module))
+        for f in dense_copies[:5]
+    ]
+    ptrs = {m.weight.data_ptr() for m in held}
+    assert len(ptrs) == 5  # distinct weights, not one weight called five times

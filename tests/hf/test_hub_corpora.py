@@ -29,7 +29,10 @@ def fake_datasets(monkeypatch):
 
     module = types.ModuleType("datasets")
     module.load_dataset = load_dataset
+    module.config = types.ModuleType("datasets.config")  # offline_if_unreachable sets HF_HUB_OFFLINE here
+    module.config.HF_HUB_OFFLINE = False
     monkeypatch.setitem(sys.modules, "datasets", module)
+    monkeypatch.setitem(sys.modules, "datasets.config", module.config)
     return calls
 
 

@@ -60,9 +60,9 @@ def test_torch_symmetric_gram_matches_full_product(torch_backend, assert_close, 
     """Large K takes the block-upper-triangle path (uneven tiles at 1003); it must equal x^T x."""
     x = _x((2, 40, k), torch.bfloat16)
     tokens = x.reshape(-1, k).double()
-    start = torch.randn(k, k)
-    gram = start + start.T  # accumulates into a symmetric matrix
+    gram = torch.randn(k, k)  # not symmetric: both triangles must accumulate, neither be overwritten
     expected = gram.double() + tokens.T @ tokens
     accumulate_gram(x, gram)
-    assert torch.equal(gram, gram.T)
     assert_close(gram, expected.float(), torch.float32)
+    fresh = accumulate_gram(x, torch.zeros(k, k))
+    assert torch.equal(fresh, fresh.T)  # from zeros the result is exactly symmetric

@@ -42,3 +42,32 @@ def test_kth_smallest_is_exact(size):
 def test_topk_keep_mask_exact_count_with_ties():
     scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5]])
     assert topk_keep_mask(scores, 2).tolist() == [[False, True, True, False, False]]
+
+
+@pytest.mark.parametrize(
+    "size,sparsity,kept",
+    [
+        (100, 0.29, 71),
+        (100, 0.57, 43),
+        (10, 0.7, 3),
+        (4096, 0.5, 2048),
+        (7, 0.5, 4),
+        (3, 0.3, 3),
+        (100, 0.0, 100),
+    ],
+)
+def test_keep_count_floors_the_decimal_product(size, sparsity, kept):
+    """size - floor(size * sparsity) of the decimal the user wrote: 100 * 0.29 is 28.999... in binary."""
+    from fractions import Fraction
+
+    assert topk_select.keep_count(size, sparsity) == kept
+    assert kept == size - int(size * Fraction(str(sparsity)))  # the exact decimal rule, independently
+
+
+def test_keep_count_agrees_with_exact_decimals_everywhere():
+    from fractions import Fraction
+
+    for size in (1, 3, 7, 64, 100, 127, 1000, 4096, 11008):
+        for hundredths in range(100):
+            sparsity = hundredths / 100
+            assert topk_select.keep_count(size, sparsity) == size - int(size * Fraction(hundredths, 100))

@@ -14,6 +14,7 @@ from ``sparsekit/formats/weight/__init__.py``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -86,6 +87,11 @@ class WeightFormat:
     def matmul(self, t: Any, x: torch.Tensor, bias: torch.Tensor | None, backend: Backend | None):
         """y [..., N] = x [..., K] @ W.T + bias; ``backend`` None follows ``use_backend``."""
         raise NotImplementedError
+
+    def bind_cpu(self, t: Any) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+        """``fn(x, bias) -> y`` for CPU forwards of these stored tensors with every check done
+        once, now (the eager hot path of ``SparseLinear``); None: no such path, use ``matmul``."""
+        return None
 
     # ---------------------------------------------------------------- checkpoints
     def validate(self, t: Any, out_features: int, in_features: int, where: str) -> None:

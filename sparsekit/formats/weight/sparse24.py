@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from sparsekit.kernels import compress_24, decompress_24, sparse24_mm
+from sparsekit.kernels.sparse24 import check_24_layout
+from sparsekit.kernels.sparse24_cpu import bind_sparse24_cpu
 
 from .base import TensorSpec, WeightFormat, register
 
@@ -92,6 +94,12 @@ class Sparse24(WeightFormat):
         n, k = t.values.shape[0], 2 * t.values.shape[1]
         y = F.linear(x.reshape(-1, k), cache["semi"], bias)
         return y.reshape(*x.shape[:-1], n)
+
+    def bind_cpu(self, t: Any):
+        if t.values.device.type != "cpu" or t.values.requires_grad:
+            return None
+        check_24_layout(t.values, t.meta)
+        return bind_sparse24_cpu(t.values.contiguous(), t.meta.contiguous())
 
     def matmul(self, t, x, bias, backend):
         return sparse24_mm(x, t.values, t.meta, bias, backend=backend)

@@ -69,6 +69,28 @@ struct Expander {
 };
 #endif
 
+#if SK_AVX512
+// Decode never builds dense weight vectors: it gathers x instead. 16 values of a row (groups
+// g..g+7, two values each) sit at columns 4*group + slot, all inside 32 consecutive columns of x;
+// one two-source permute (vpermt2ps) fetches those x entries, one FMA multiplies them by the
+// values. The permute indices depend on the meta word alone, so they are computed once per 64
+// columns and reused for every row of x.
+struct Gather {
+  __m512i shift, base, three;
+  Gather() {
+    alignas(64) int32_t s[16], b[16];
+    // lane l: value 2*(l/2) + l%2 of the 8 groups: nibble l/2, bits 2*(l%2)..+1 give its slot
+    for (int l = 0; l < 16; ++l) { s[l] = 4 * (l / 2) + 2 * (l % 2); b[l] = 4 * (l / 2); }
+    shift = _mm512_load_si512(s); base = _mm512_load_si512(b); three = _mm512_set1_epi32(3);
+  }
+  // column index (0..31) inside the 32 columns of 8 groups, from their 8 nibbles (32 bits)
+  inline __m512i index(uint32_t nibbles) const {
+    const __m512i slot = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(nibbles)), shift), three);
+    return _mm512_add_epi32(base, slot);
+  }
+};
+#endif
+
 // y[m, n] (+)= sum_k x[m, k] w[n, k] for rows m0..m0+R of x (fp32), one output row n
 template <typename T, int R>
 inline void row_dot(const T* vrow, const uint8_t* mrow, const float* x, int64_t ldx, int64_t K,
@@ -78,25 +100,24 @@ inline void row_dot(const T* vrow, const uint8_t* mrow, const float* x, int64_t 
   float acc[R];
   for (int r = 0; r < R; ++r) acc[r] = 0.f;
 #if SK_AVX512
-  static const Expander E;
-  __m512 a[R];
-  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  static const Gather X;
+  __m512 a[R], b[R];  // two independent FMA chains per row (first and second 32 columns)
+  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
   for (; g + 16 <= G; g += 16) {
     uint64_t mw;
     std::memcpy(&mw, mrow + g / 2, 8);
+    const __m512i ia = X.index(uint32_t(mw)), ib = X.index(uint32_t(mw >> 32));
     const __m512 va = load16<T>(vrow + 2 * g), vb = load16<T>(vrow + 2 * g + 16);
     const float* xk = x + 4 * g;
-    const __m512 w0 = E.dense<0>(mw, va, vb), w1 = E.dense<1>(mw, va, vb);
-    const __m512 w2 = E.dense<2>(mw, va, vb), w3 = E.dense<3>(mw, va, vb);
     for (int r = 0; r < R; ++r) {
       const float* xr = xk + r * ldx;
-      __m512 s = _mm512_mul_ps(w0, _mm512_loadu_ps(xr));
-      s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), s);
-      s = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xr + 32), s);
-      a[r] = _mm512_add_ps(a[r], _mm512_fmadd_ps(w3, _mm512_loadu_ps(xr + 48), s));
+      const __m512 xa = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), ia, _mm512_loadu_ps(xr + 16));
+      const __m512 xb = _mm512_permutex2var_ps(_mm512_loadu_ps(xr + 32), ib, _mm512_loadu_ps(xr + 48));
+      a[r] = _mm512_fmadd_ps(va, xa, a[r]);
+      b[r] = _mm512_fmadd_ps(vb, xb, b[r]);
     }
   }
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_reduce_add_ps(a[r]);
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
 #endif
   for (; g < G; ++g) {
     float w[4];
