@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint gpu-bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,3 +29,9 @@ lint: setup
 	$(BIN)/ruff check sparsekit tests bench
 	$(BIN)/ruff format --check sparsekit tests bench
 	$(BIN)/lint-imports
+
+# The GPU suite on a bare CUDA machine (torch, triton, transformers, pytest preinstalled; offline):
+# sparsekit itself without dependencies, then every stage; reports in reports/gpu/ (results-gpu.md).
+gpu-bench:
+	$(PY) -m pip install --no-deps --no-build-isolation -e . || echo "pip install failed: running from the source tree"
+	PYTHONPATH=$(CURDIR) $(PY) bench/gpu_suite.py --out reports/gpu

@@ -4,11 +4,12 @@
 
 For each variant (dense and 2:4-sparsified SmolLM2, in fp32 and in bf16; the 2:4 weights are
 magnitude-pruned: the decode speed of a 2:4 model does not depend on which weights were kept):
-  1. TPOT without hooks, all four models' generations interleaved in rounds;
-  2. one decode step split into linears / lm_head / attention / rest (``decode_breakdown``);
-  3. the same linears timed alone by the per-layer harness (weights from DRAM) and added up
-     (``per_layer_prediction``): per weight shape, in total, and with the measured attention and
-     rest added, against the TPOT of step 1.
+  1. each decode step split into linears / lm_head / attention / rest (``decode_breakdowns``:
+     forward hooks with wall clocks), and the same steps without hooks (TPOT), the four models'
+     generations interleaved in rounds, hooked and plain alternating;
+  2. the same linears timed alone by the per-layer harness (weights from DRAM: rotated over
+     copies adding up to the model's size) and added up as the model calls them
+     (``per_layer_prediction``), per weight shape and in total, against the in-model times of 1.
 Writes <out>.json and <out>.md.
 """
 
@@ -29,10 +30,10 @@ from sparsekit.arch import model_bytes
 from sparsekit.bench.breakdown import (
     breakdown_markdown,
     consistency_rows,
-    decode_breakdown,
+    decode_breakdowns,
     per_layer_prediction,
 )
-from sparsekit.bench.e2e import prompt_ids, sparsified_copy, time_generation_interleaved
+from sparsekit.bench.e2e import prompt_ids, sparsified_copy
 from sparsekit.bench.roofline import measure_roofline
 from sparsekit.hf.models import load_model
 
@@ -61,20 +62,24 @@ def main() -> None:
         dense = copy.deepcopy(model).to(dtype) if dtype != torch.float32 else model
         variants[f"dense {dname}"] = dense
         variants[f"2:4 {dname}"] = sparsified_copy(dense, "2:4")[0]
-    tpot = time_generation_interleaved(variants, prompts, args.new_tokens, rounds=args.rounds)
+    breakdowns = decode_breakdowns(variants, prompts, args.new_tokens, rounds=args.rounds)
     env = environment()
     named, out_rows = [], []
     for name, variant in variants.items():
-        logging.info("breakdown: %s", name)
-        b = decode_breakdown(variant, prompts, args.new_tokens, rounds=3)
-        p = per_layer_prediction(b)
-        t = tpot[name]["tpot_ms"]
+        logging.info("per-layer prediction: %s", name)
+        b = breakdowns[name]
+        p = per_layer_prediction(b, pool_bytes=model_bytes(variant))
+        t = b.plain_step_ms
         named.append((name, b, p, t))
         floor = model_bytes(variant) / (measure_roofline("cpu").read_gbps * 1e9) * 1e3
         out_rows.append(
             {
                 "variant": name,
-                "tpot": tpot[name],
+                "tpot": {
+                    "tpot_ms": t,
+                    "tpot_p20_ms": b.plain_step_p20_ms,
+                    "tpot_p80_ms": b.plain_step_p80_ms,
+                },
                 "model_bytes": model_bytes(variant),
                 "bandwidth_floor_ms": floor,
                 "breakdown": b.to_dict(),
@@ -95,9 +100,10 @@ def main() -> None:
         "",
         f"CPU {env.get('cpu')}, {env['torch_threads']} threads, torch {env.get('torch')}, commit "
         f"{env.get('commit')}, {env.get('time_utc')}. Batch 1, {args.prompt_len}-token prompt ({source}), "
-        f"{args.new_tokens} new tokens; TPOT: medians of {args.rounds} interleaved rounds; breakdown: "
-        "medians over 3 generations' decode steps; per-layer: the same shapes alone, weights read from "
-        f"DRAM. Read bandwidth {roof.read_gbps:.1f} GB/s, copy {roof.copy_gbps:.1f} GB/s.",
+        f"{args.new_tokens} new tokens; {args.rounds} rounds, each running every model once with hooks and "
+        "once without (TPOT), medians over their decode steps; per-layer: the same "
+        "shapes alone, weights read from DRAM (each rotated over copies adding up to the model's bytes). "
+        f"Read bandwidth {roof.read_gbps:.1f} GB/s, copy {roof.copy_gbps:.1f} GB/s.",
         "",
         "| variant | model MB | TPOT ms (p20-p80) | bandwidth floor ms | TPOT / floor |",
         "|---|---:|---:|---:|---:|",

@@ -333,6 +333,11 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_dtypes(text: str | None) -> tuple[torch.dtype, ...] | None:
+    """'fp32,bf16' -> (torch.float32, torch.bfloat16); None stays None."""
+    return tuple(parse_dtype(d) for d in text.split(",")) if text else None
+
+
 def cmd_bench_e2e(args: argparse.Namespace) -> int:
     from sparsekit.bench.e2e import run_e2e, write_e2e_report
     from sparsekit.bench.timing import choose_threads
@@ -353,6 +358,8 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         cache=args.cache,
         model_label=args.model,
+        method=args.method,
+        dtypes=_parse_dtypes(args.dtypes),
     )
     result.config["threads_note"] = threads_note
     paths = write_e2e_report(result, args.out)
@@ -573,10 +580,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--pattern", default="2:4", help="magnitude pattern for an unpruned model")
-    p.add_argument("--compile", action="store_true", help="torch.compile (CUDA graphs on GPU for decode)")
+    p.add_argument("--pattern", default="2:4", help="pattern the sparse variant of an unpruned model gets")
+    p.add_argument(
+        "--method",
+        choices=("wanda", "sparsegpt", "magnitude"),
+        default="wanda",
+        help="how an unpruned model is pruned (calibrated on 8 x 256 offline tokens)",
+    )
+    p.add_argument("--dtypes", default=None, help="e.g. fp32,bf16: dense and sparse rows in each")
+    p.add_argument(
+        "--compile", action="store_true", help="add torch.compile'd twins (CUDA graphs on GPU for decode)"
+    )
     p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache kind")
-    p.add_argument("--repeats", type=int, default=3, help="timed generations after one untimed")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds after one untimed")
     p.add_argument("--eval-tokens", type=int, default=2048, help="perplexity tokens (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="reports/e2e", help="directory for e2e.json/.md/.png")

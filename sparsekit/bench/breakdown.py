@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from sparsekit.arch import find_decoder_blocks, model_device, model_dtype
+from sparsekit.arch import model_device, model_dtype
 from sparsekit.bench.e2e import _Generator
 from sparsekit.bench.layers import LinearShape, run_layers
-from sparsekit.bench.timing import synchronize
+from sparsekit.bench.timing import quantiles, synchronize
 from sparsekit.nn import SparseLinear
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ class Breakdown:
     batch: int
     hooks: int  # hooked modules (each costs about two clock reads per step)
     dtype: str = ""
+    plain_step_ms: float = float("nan")  # median decode step without hooks, interleaved with the hooked runs
+    plain_step_p20_ms: float = float("nan")
+    plain_step_p80_ms: float = float("nan")
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -67,15 +70,14 @@ class Breakdown:
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    _, blocks = find_decoder_blocks(model)
-    found = []
-    for block in blocks:
-        attn = next(
-            (getattr(block, a) for a in ("self_attn", "attn", "attention") if hasattr(block, a)), None
-        )
-        if attn is not None:
-            found.append(attn)
-    return found
+    """The decoder blocks' attention modules (``self_attn`` / ``attn`` / ``attention``, outermost),
+    found by name so a sparsified model (SparseLinear layers) is found as well as a dense one."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("self_attn", "attn", "attention"):
+            if not any(name.startswith(outer + ".") for outer, _ in found):
+                found.append((name, module))
+    return [m for _, m in found]
 
 
 def _format_of(module: nn.Module) -> str:
@@ -130,62 +132,112 @@ class _Hooks:
             h.remove()
 
 
-@torch.no_grad()
-def decode_breakdown(
-    model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 16, rounds: int = 3, cache: str = "static"
-) -> Breakdown:
-    """Median per decode step of each category over ``rounds`` generations of ``new_tokens``."""
-    if new_tokens < 2:
-        raise ValueError(f"a breakdown needs at least 2 new tokens (one decode step), got {new_tokens}")
-    device = model_device(model)
-    input_ids = input_ids.to(device)
-    gen = _Generator(model, input_ids.shape[1] + new_tokens, False, cache)
-    gen.run(input_ids, new_tokens)  # untimed warmup (lazily bound kernels, first-touch pages)
-    hooks = _Hooks(model)
-    per_step: dict[str, list[float]] = defaultdict(list)
-    decode = gen.decode_fn
+class _Probe:
+    """One model's generator whose decode steps record the hooks' split of each step."""
 
-    def timed_decode(*args):
+    def __init__(self, model: nn.Module, max_len: int, cache: str) -> None:
+        self.model, self.device = model, model_device(model)
+        self.gen = _Generator(model, max_len, False, cache)
+        self.hooks: _Hooks | None = None
+        self.per_step: dict[str, list[float]] = defaultdict(list)
+        self.plain_steps: list[float] = []
+        self.groups: list[LinearGroup] = []
+        self.hooked_modules = 0
+        self.decode = self.gen.decode_fn
+        self.gen.decode_fn = self._timed_decode
+
+    def attach(self) -> None:
+        self.hooks = _Hooks(self.model)
+
+    def detach(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
+        self.hooks = None
+
+    def _timed_decode(self, *args):
+        hooks = self.hooks
+        if hooks is None:  # no hooks: the plain step time (what TPOT measures)
+            synchronize(self.device)
+            start = time.perf_counter()
+            out = self.decode(*args)
+            synchronize(self.device)
+            self.plain_steps.append((time.perf_counter() - start) * 1e3)
+            return out
         hooks.totals.clear()
         hooks.on = True
-        synchronize(device)
+        synchronize(self.device)
         start = time.perf_counter()
-        out = decode(*args)
-        synchronize(device)
+        out = self.decode(*args)
+        synchronize(self.device)
         step = (time.perf_counter() - start) * 1e3
         hooks.on = False
         totals = dict(hooks.totals)
         linears = sum(v for k, v in totals.items() if k.startswith("linear "))
         head = sum(v for k, v in totals.items() if k.startswith("lm_head "))
         attention = totals.get("attention", 0.0) - totals.get("attention linears", 0.0)
-        per_step["step"].append(step)
-        per_step["linears"].append(linears)
-        per_step["lm_head"].append(head)
-        per_step["attention"].append(attention)
-        per_step["rest"].append(step - linears - head - attention)
+        for key, value in (("step", step), ("linears", linears), ("lm_head", head), ("attention", attention)):
+            self.per_step[key].append(value)
+        self.per_step["rest"].append(step - linears - head - attention)
         for key in hooks.groups:
-            per_step[key].append(totals.get(key, 0.0))
+            self.per_step[key].append(totals.get(key, 0.0))
+        self.groups = list(hooks.groups.values())
+        self.hooked_modules = len(hooks.handles) // 2
         return out
 
-    gen.decode_fn = timed_decode
+    def result(self, batch: int) -> Breakdown:
+        med = {k: statistics.median(v) for k, v in self.per_step.items()}
+        for g in self.groups:
+            g.ms_per_step = med[g.key]
+        plain = quantiles(self.plain_steps) if self.plain_steps else (float("nan"),) * 3
+        return Breakdown(
+            step_ms=med["step"],
+            categories={c: med[c] for c in CATEGORIES},
+            groups=self.groups,
+            steps=len(self.per_step["step"]),
+            batch=batch,
+            hooks=self.hooked_modules,
+            dtype=str(model_dtype(self.model)).replace("torch.", ""),
+            plain_step_ms=plain[0],
+            plain_step_p20_ms=plain[1],
+            plain_step_p80_ms=plain[2],
+        )
+
+
+@torch.no_grad()
+def decode_breakdowns(
+    models: dict[str, nn.Module],
+    input_ids: torch.Tensor,
+    new_tokens: int = 16,
+    rounds: int = 3,
+    cache: str = "static",
+) -> dict[str, Breakdown]:
+    """Median per decode step of each category, per model, over ``rounds`` rounds. Each round runs,
+    for every model in turn, one generation of ``new_tokens`` with the hooks and one without
+    (``plain_step_ms``: the TPOT the hooks perturb), so all of them see the same machine."""
+    if new_tokens < 2:
+        raise ValueError(f"a breakdown needs at least 2 new tokens (one decode step), got {new_tokens}")
+    probes = {name: _Probe(m, input_ids.shape[1] + new_tokens, cache) for name, m in models.items()}
+    for probe in probes.values():  # untimed warmup (lazily bound kernels, first-touch pages)
+        probe.gen.run(input_ids.to(probe.device), new_tokens)
+        probe.plain_steps.clear()
     try:
         for _ in range(rounds):
-            gen.run(input_ids, new_tokens)
+            for probe in probes.values():
+                probe.attach()
+                probe.gen.run(input_ids.to(probe.device), new_tokens)
+                probe.detach()
+                probe.gen.run(input_ids.to(probe.device), new_tokens)
     finally:
-        hooks.remove()
-    med = {k: statistics.median(v) for k, v in per_step.items()}
-    groups = list(hooks.groups.values())
-    for g in groups:
-        g.ms_per_step = med[g.key]
-    return Breakdown(
-        step_ms=med["step"],
-        categories={c: med[c] for c in CATEGORIES},
-        groups=groups,
-        steps=len(per_step["step"]),
-        batch=input_ids.shape[0],
-        hooks=len(hooks.handles) // 2,
-        dtype=str(model_dtype(model)).replace("torch.", ""),
-    )
+        for probe in probes.values():
+            probe.detach()
+    return {name: probe.result(input_ids.shape[0]) for name, probe in probes.items()}
+
+
+def decode_breakdown(
+    model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 16, rounds: int = 3, cache: str = "static"
+) -> Breakdown:
+    """``decode_breakdowns`` of one model."""
+    return decode_breakdowns({"model": model}, input_ids, new_tokens, rounds, cache)["model"]
 
 
 _BACKEND_OF_FORMAT = {"dense": "dense", "2:4": "2:4", "bitmap": "bitmap", "masked": "masked"}
@@ -201,9 +253,12 @@ class Prediction:
     layer_rows: list[dict]
 
 
-def per_layer_prediction(breakdown: Breakdown, device: str = "cpu", min_time_s: float = 0.2) -> Prediction:
-    """Time each of the breakdown's linear groups alone (``run_layers``, weights from DRAM) and add
-    them up as the model calls them."""
+def per_layer_prediction(
+    breakdown: Breakdown, device: str = "cpu", min_time_s: float = 0.2, pool_bytes: int | None = None
+) -> Prediction:
+    """Time each of the breakdown's linear groups alone (``run_layers``, weights from DRAM: each
+    rotated over copies adding up to ``pool_bytes``, best the model's own bytes, which is what a
+    decode step streams between two calls of one layer) and add them up as the model calls them."""
     dtype = getattr(torch, breakdown.dtype)
     predicted: dict[str, float] = {}
     rows: list[dict] = []
@@ -220,6 +275,7 @@ def per_layer_prediction(breakdown: Breakdown, device: str = "cpu", min_time_s: 
             device,
             min_time_s=min_time_s,
             show_progress=False,
+            pool_bytes=pool_bytes,
         )
         row = result.rows[0]
         predicted[g.key] = g.count * row.median_ms
@@ -254,17 +310,17 @@ def consistency_rows(
             "ratio": predicted / in_model,
         }
     )
-    other = breakdown.categories["attention"] + breakdown.categories["rest"]
-    step = tpot_ms if tpot_ms is not None else breakdown.step_ms
-    rows.append(
-        {
-            "what": "decode step (per-layer linears + measured attention and rest)",
-            "count": None,
-            "in_model_ms": step,
-            "per_layer_ms": predicted + other,
-            "ratio": (predicted + other) / step,
-        }
-    )
+    tpot_ms = breakdown.plain_step_ms if tpot_ms is None else tpot_ms
+    if tpot_ms == tpot_ms:  # not NaN: what the hooks cost, the same step with and without them
+        rows.append(
+            {
+                "what": "decode step: hooked (in model) vs TPOT without hooks (per-layer column)",
+                "count": None,
+                "in_model_ms": breakdown.step_ms,
+                "per_layer_ms": tpot_ms,
+                "ratio": tpot_ms / breakdown.step_ms,
+            }
+        )
     return rows
 
 

@@ -5,8 +5,10 @@ Steps (each logged with its wall time):
      same model with the same calibration, each with perplexity, zero-shot accuracy through
      lm-evaluation-harness (offline wiki_lambada / wiki_continuation), parameters and bytes, and
      TTFT / TPOT with all variants' generations interleaved; a Pareto plot of accuracy vs decode speed;
-  2. per-layer: dense vs every sparse backend on SmolLM2-135M's linear shapes;
-  3. ``reports/<timestamp>/report.md`` with the tables, PNG plots and the JSONs beside it.
+  2. end to end: dense vs the SparseGPT 2:4 model in fp32 and bf16 (TTFT / TPOT interleaved,
+     the bandwidth floor beside each row);
+  3. per-layer: dense vs every sparse backend on SmolLM2-135M's linear shapes (weights from DRAM);
+  4. ``reports/<timestamp>/report.md`` with the tables, PNG plots and the JSONs beside it.
 Default sizes: under 10 minutes on two CPU cores (``DemoConfig``); ``FULL`` (``--full``) is the
 run behind docs/results.md; ``QUICK`` shrinks everything for CI.
 """
@@ -37,8 +39,10 @@ from sparsekit.bench.compare import (
     unstructured,
     width,
 )
+from sparsekit.bench.e2e import e2e_markdown, run_e2e, write_e2e_report
 from sparsekit.bench.layers import layers_markdown, linear_shapes, run_layers, write_layers_report
 from sparsekit.bench.timing import choose_threads
+from sparsekit.kernels.dtypes import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ class DemoConfig:
     prompt_len: int = 128
     new_tokens: int = 16
     rounds: int = 3
+    e2e_method: str = "sparsegpt"  # the end-to-end stage: dense vs this method's 2:4 model
+    e2e_dtypes: tuple[str, ...] = ("fp32", "bf16")
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
 
@@ -85,6 +91,8 @@ QUICK = DemoConfig(
     prompt_len=16,
     new_tokens=4,
     rounds=2,
+    e2e_method="magnitude",
+    e2e_dtypes=("fp32",),
 )
 
 
@@ -148,7 +156,7 @@ def _run(cfg, out_dir, quick, model, tokenizer, show_progress, threads, threads_
     if model is None:
         from sparsekit.hf.models import load_model
 
-        log.info("demo [0/2]: loading %s", cfg.model)
+        log.info("demo [0/3]: loading %s", cfg.model)
         model, tokenizer = load_model(cfg.model)
     if tokenizer is None:
         raise ValueError("run_demo needs the model's tokenizer with an already-loaded model")
@@ -161,7 +169,7 @@ def _run(cfg, out_dir, quick, model, tokenizer, show_progress, threads, threads_
     # 1. every method family, quality and speed
     t0 = time.perf_counter()
     log.info(
-        "demo [1/2]: %d variants (%s); calibration %d x %d, ppl on %d tokens, tasks %s",
+        "demo [1/3]: %d variants (%s); calibration %d x %d, ppl on %d tokens, tasks %s",
         len(cfg.variants),
         ", ".join(v.name for v in cfg.variants),
         cfg.nsamples,
@@ -200,10 +208,31 @@ def _run(cfg, out_dir, quick, model, tokenizer, show_progress, threads, threads_
     plot_pareto(rows, out_dir / "pareto.png", title=f"{cfg.model}: quality vs decode speed")
     stage("compare", t0)
 
-    # 2. per-layer
+    # 2. end to end in every dtype: dense vs the best one-shot 2:4 model, with the bandwidth floor
+    t0 = time.perf_counter()
+    log.info("demo [2/3]: end to end, dense vs %s 2:4 in %s", cfg.e2e_method, ", ".join(cfg.e2e_dtypes))
+    e2e = run_e2e(
+        model,
+        tokenizer,
+        input_ids=prompts,
+        new_tokens=cfg.new_tokens,
+        eval_ids=eval_ids,
+        eval_seqlen=cfg.eval_seqlen,
+        repeats=cfg.rounds,
+        method=cfg.e2e_method,
+        calib_ids=calib,
+        dtypes=tuple(parse_dtype(d) for d in cfg.e2e_dtypes),
+        model_label=cfg.model,
+        show_progress=show_progress,
+    )
+    e2e.config["threads_note"] = threads_note
+    write_e2e_report(e2e, out_dir)
+    stage("e2e", t0)
+
+    # 3. per-layer
     t0 = time.perf_counter()
     shapes = _demo_shapes(cfg)
-    log.info("demo [2/2]: per-layer: %d shapes x M %s", len(shapes), list(cfg.layer_ms))
+    log.info("demo [3/3]: per-layer: %d shapes x M %s", len(shapes), list(cfg.layer_ms))
     layers = run_layers(shapes, cfg.layer_ms, "2:4", show_progress=show_progress)
     layers.config["threads_note"] = threads_note
     write_layers_report(layers, out_dir)
@@ -223,14 +252,15 @@ def _run(cfg, out_dir, quick, model, tokenizer, show_progress, threads, threads_
     }
     report = out_dir / "report.md"
     write_text_atomic(
-        report, _report_markdown(cfg, env, compare_md, setup, layers, stages, total, load_avg, threads_note)
+        report,
+        _report_markdown(cfg, env, compare_md, setup, e2e, layers, stages, total, load_avg, threads_note),
     )
     write_json_atomic(out_dir / "demo.json", summary)
     log.info("demo: report written to %s (%.1f s)", report, total)
     return report
 
 
-def _report_markdown(cfg, env, compare_md, setup, layers, stages, total, load_avg, note) -> str:
+def _report_markdown(cfg, env, compare_md, setup, e2e, layers, stages, total, load_avg, note) -> str:
     machine = f"{env['device']} ({env['cpu']}, {env['cpu_threads']} threads)"
     if env.get("capability"):
         machine = f"{env['device']} ({env['capability']}, CUDA {env.get('cuda')}), CPU {env['cpu']}"
@@ -250,6 +280,11 @@ def _report_markdown(cfg, env, compare_md, setup, layers, stages, total, load_av
         "",
         "![accuracy and perplexity vs decode speedup](pareto.png)",
         "",
+        f"## End to end: dense vs {cfg.e2e_method} 2:4 in {', '.join(cfg.e2e_dtypes)}",
+        "",
+        e2e_markdown(e2e),
+        "![TTFT and TPOT](e2e.png)",
+        "",
         "## Per-layer speed (2:4 weights)",
         "",
         layers_markdown(layers),
@@ -262,7 +297,8 @@ def _report_markdown(cfg, env, compare_md, setup, layers, stages, total, load_av
         *[f"| {k} | {v:.1f} |" for k, v in stages.items()],
         f"| **total** | **{total:.1f}** |",
         "",
-        "Files: compare.json / compare.md / pareto.png, layers.json / layers.md / layers.png, "
+        "Files: compare.json / compare.md / pareto.png, e2e.json / e2e.md / e2e.png, "
+        "layers.json / layers.md / layers.png, "
         "demo.json (environment, configuration, stage times).",
     ]
     return "\n".join(lines) + "\n"

@@ -44,6 +44,10 @@ class E2ERow:
     ppl: float | None
     cache: str  # "static" | "dynamic"
     compiled: bool
+    dtype: str = ""
+    decode_speedup: float = float("nan")  # best dense TPOT of this dtype (eager or compiled) / this TPOT
+    prefill_speedup: float = float("nan")  # the same for TTFT
+    floor_ms: float = float("nan")  # model bytes / measured read bandwidth: a step's fastest weight stream
     sparsify: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
@@ -217,9 +221,12 @@ def time_generation_interleaved(
     warmup: int = 1,
     cache: str = "static",
     show_progress: bool = True,
+    compile: bool | dict[str, bool] = False,
 ) -> dict[str, dict]:
     """TTFT and TPOT of several models measured in rounds: each round runs one generation of every
     model in turn, so drift of the machine (clock, other load) hits all of them alike.
+    ``compile``: torch.compile every model, or those named True in a dict (the compile happens in
+    the untimed warmup).
 
     Returns {name: {ttft_ms, ttft_p20_ms, ttft_p80_ms, tpot_ms, tpot_p20_ms, tpot_p80_ms, rounds}}:
     medians over rounds and the 20th / 80th percentiles (TPOT spread over the per-round means).
@@ -231,15 +238,16 @@ def time_generation_interleaved(
     max_len = input_ids.shape[1] + new_tokens
     gens = {}
     for name, model in models.items():
+        compiled = compile.get(name, False) if isinstance(compile, dict) else compile
         try:
-            gens[name] = _Generator(model, max_len, False, cache)
-            for _ in range(warmup):
+            gens[name] = _Generator(model, max_len, compiled, cache)
+            for _ in range(max(warmup, 2 if compiled else 0)):
                 gens[name].run(input_ids.to(model_device(model)), new_tokens)
         except (TypeError, ValueError, RuntimeError, AttributeError):
             if cache != "static":
                 raise
-            gens[name] = _Generator(model, max_len, False, "dynamic")
-            for _ in range(warmup):
+            gens[name] = _Generator(model, max_len, compiled, "dynamic")
+            for _ in range(max(warmup, 2 if compiled else 0)):
                 gens[name].run(input_ids.to(model_device(model)), new_tokens)
     samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in models}
     for _ in tqdm(range(rounds), desc="interleaved generation rounds", disable=not show_progress):
@@ -260,6 +268,7 @@ def time_generation_interleaved(
             "tpot_p80_ms": p80,
             "rounds": rounds,
             "cache": gens[name].cache_kind,
+            "compiled": gens[name].compiled,
         }
     return out
 
@@ -271,16 +280,36 @@ def has_sparse_layers(model: nn.Module) -> bool:
     return any(isinstance(m, SparseLinear) for m in model.modules())
 
 
-def sparsified_copy(model: nn.Module, pattern: str = "2:4", pruned: bool = False) -> tuple[nn.Module, dict]:
-    """A deep copy pruned with magnitude at ``pattern`` (unless ``pruned``), then ``sparsify``'d."""
+def pruned_copy(
+    model: nn.Module,
+    pattern: str = "2:4",
+    method: str = "magnitude",
+    calib_ids: torch.Tensor | None = None,
+) -> tuple[nn.Module, dict]:
+    """A deep copy pruned in place by ``method`` at ``pattern`` (zeros in plain linears).
+    Wanda and SparseGPT need ``calib_ids`` [nsamples, seqlen]."""
     from sparsekit.api import prune
+
+    if method != "magnitude" and calib_ids is None:
+        raise ValueError(f"method {method!r} needs calib_ids [nsamples, seqlen]; or use method='magnitude'")
+    pruned = copy.deepcopy(model)
+    calib = {} if method == "magnitude" else {"calib": calib_ids}
+    report = prune(pruned, method=method, sparsity=pattern, show_progress=False, **calib)
+    return pruned.eval(), {"method": method, "pruned_sparsity": report.overall_sparsity}
+
+
+def sparsified_copy(
+    model: nn.Module,
+    pattern: str = "2:4",
+    pruned: bool = False,
+    method: str = "magnitude",
+    calib_ids: torch.Tensor | None = None,
+) -> tuple[nn.Module, dict]:
+    """A deep copy pruned by ``method`` at ``pattern`` (unless ``pruned``: the weights already carry
+    their zeros), then ``sparsify``'d."""
     from sparsekit.nn import sparsify
 
-    sparse = copy.deepcopy(model)
-    info: dict = {}
-    if not pruned:
-        report = prune(sparse, method="magnitude", sparsity=pattern, show_progress=False)
-        info["magnitude_sparsity"] = report.overall_sparsity
+    sparse, info = (copy.deepcopy(model), {}) if pruned else pruned_copy(model, pattern, method, calib_ids)
     info.update(sparsify(sparse, format="auto").to_dict())
     return sparse.eval(), info
 
@@ -305,6 +334,45 @@ def prompt_ids(tokenizer, batch: int, prompt_len: int, corpus: str = "dolly") ->
         return calibration_ids(tokenizer, DEFAULT_CORPUS, batch, prompt_len, seed=1), DEFAULT_CORPUS
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> 'bf16' (the short names rows and labels use)."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    return model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+
+
+def _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids) -> dict[str, tuple]:
+    """{label: (model, sparsify info, is_dense)}: dense and sparse in every dtype.
+
+    A model that already holds SparseLinear layers (a sparsekit checkpoint) is the sparse variant
+    and its densified copy the dense one; otherwise the sparse variant is pruned once (in the
+    model's own dtype) and sparsified from a copy cast to each dtype.
+    """
+    from sparsekit.nn import sparsify
+
+    if has_sparse_layers(model):
+        dense_base, zeros, info, label = densified_copy(model), None, {}, "sparse (checkpoint)"
+    elif pruned:
+        dense_base, zeros, info, label = model, model, {}, f"sparse ({pattern}, as given)"
+    else:
+        dense_base = model
+        zeros, info = pruned_copy(model, pattern, method, calib_ids)
+        label = f"sparse ({pattern}, {method})"
+    out = {}
+    for dtype in dtypes:
+        tag = "" if len(dtypes) == 1 else f" {_dtype_name(dtype)}"
+        if zeros is None:
+            sparse, layers = _cast(model, dtype), info
+        else:
+            sparse = copy.deepcopy(zeros).to(dtype)
+            layers = {**info, **sparsify(sparse, format="auto").to_dict()}
+        out[f"dense{tag}"] = (_cast(dense_base, dtype).eval(), {}, True)
+        out[f"{label}{tag}"] = (sparse.eval(), layers, False)
+    return out
+
+
 def run_e2e(
     model: nn.Module,
     tokenizer=None,
@@ -320,23 +388,33 @@ def run_e2e(
     eval_seqlen: int = 512,
     corpus: str = "dolly",
     warmup: int = 1,
-    repeats: int = 3,
+    repeats: int = 5,
     cache: str = "static",
     model_label: str = "model",
+    method: str = "wanda",
+    calib_ids: torch.Tensor | None = None,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    show_progress: bool = True,
 ) -> E2EResult:
     """Dense vs sparsified generation speed, memory and perplexity of ``model`` (left unchanged).
 
-    The sparse variant is a copy pruned with magnitude at ``pattern`` (skipped when ``pruned``:
-    the weights already carry their zeros) and swapped to SparseLinear by ``sparsify``. A model
-    that already holds SparseLinear layers (a sparsekit checkpoint) is the sparse variant, and its
-    densified copy is the dense one. ``input_ids`` [batch, prompt_len] and ``eval_ids`` [1, T]
-    replace the corpus text (needed when there is no tokenizer).
+    Variants: dense and sparse in each of ``dtypes`` (default: the model's), eager, plus their
+    torch.compile'd twins with ``compile``. The sparse variant of a dense model is a copy pruned by
+    ``method`` ('wanda' by default, calibrated on 8 x 256 tokens of the offline corpus; 'magnitude'
+    needs no data) at ``pattern`` and swapped to SparseLinear; a sparsekit checkpoint is the sparse
+    variant itself. All variants' generations are interleaved in ``repeats`` rounds (after
+    ``warmup`` untimed ones); speedups are against the best dense variant of the same dtype
+    (eager or compiled), and ``floor_ms`` is model bytes over the measured read bandwidth.
+    ``input_ids`` [batch, prompt_len] and ``eval_ids`` [1, T] replace the corpus text (needed
+    when there is no tokenizer).
     """
+    from sparsekit.bench.roofline import measure_roofline
     from sparsekit.eval.perplexity import perplexity_of_ids
-    from sparsekit.hf.data import DEFAULT_CORPUS, evaluation_ids
+    from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids, evaluation_ids
 
     device = model_device(model)
     env = environment()
+    notes: list[str] = []
     prompt_source = "input_ids"
     if input_ids is None:
         if tokenizer is None:
@@ -346,74 +424,104 @@ def run_e2e(
     if eval_ids is None and tokenizer is not None and eval_tokens > 0:
         eval_ids = evaluation_ids(tokenizer, DEFAULT_CORPUS, max_tokens=eval_tokens)
     seqlen = min(eval_seqlen, eval_ids.shape[1]) if eval_ids is not None else eval_seqlen
-
-    if has_sparse_layers(model):  # a sparse checkpoint: it is the sparse variant
-        variants = [("dense (densified)", lambda: (densified_copy(model), {})), ("sparse (checkpoint)", None)]
-    else:
-        variants = [("dense", None), (f"sparse ({pattern})", lambda: sparsified_copy(model, pattern, pruned))]
-
-    rows = []
-    for label, build in variants:
-        log.info("e2e: %s: building", label)
-        if build is None:
-            variant, info = model, {}
+    needs_calib = not pruned and not has_sparse_layers(model) and method != "magnitude"
+    if needs_calib and calib_ids is None:
+        if tokenizer is None:
+            notes.append(f"no tokenizer to calibrate {method}: pruned with magnitude")
+            method = "magnitude"
         else:
-            variant, info = build()
-            variant.to(device)
-        log.info("e2e: %s: timing %d x (%d prompt + %d new tokens)", label, batch, prompt_len, new_tokens)
-        timing = time_generation(variant, input_ids, new_tokens, compile, warmup, repeats, cache)
+            calib_ids = calibration_ids(tokenizer, DEFAULT_CORPUS, 8, 256, seed=0)
+    dtypes = tuple(dtypes or (next(model.parameters()).dtype,))
+
+    log.info("e2e: building variants (%s, %s)", method, ", ".join(_dtype_name(d) for d in dtypes))
+    built = _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids)
+    for variant, _, _ in built.values():
+        variant.to(device)
+    timed = {name: m for name, (m, _, _) in built.items()}
+    flags = dict.fromkeys(timed, False)
+    if compile:
+        for name, (m, _, _) in list(built.items()):
+            timed[f"{name}, compiled"] = m
+            flags[f"{name}, compiled"] = True
+    log.info("e2e: timing %d variants in %d interleaved rounds", len(timed), repeats)
+    timings = time_generation_interleaved(
+        timed, input_ids, new_tokens, repeats, warmup, cache, show_progress, compile=flags
+    )
+    read_gbps = measure_roofline(str(device), torch.float32).read_gbps
+    rows = []
+    for name, variant in timed.items():
+        base = name.removesuffix(", compiled")
+        _, info, _ = built[base]
+        timing = timings[name]
+        in_use = reset_peak_memory(device)
+        gen = _Generator(variant, prompt_len + new_tokens, False, timing["cache"])
+        gen.run(input_ids.to(device), new_tokens)
+        peak = peak_memory(device)
         ppl = None
-        if eval_ids is not None:
+        if eval_ids is not None and not flags[name]:
             ppl = perplexity_of_ids(variant, eval_ids, seqlen).ppl
+        elif eval_ids is not None:
+            ppl = next((r.ppl for r in rows if r.variant == base), None)
         nbytes = model_bytes(variant)
-        row = E2ERow(
-            variant=label,
-            ttft_ms=timing["ttft_ms"],
-            ttft_p20_ms=timing["ttft_p20_ms"],
-            ttft_p80_ms=timing["ttft_p80_ms"],
-            tpot_ms=timing["tpot_ms"],
-            tpot_p20_ms=timing["tpot_p20_ms"],
-            tpot_p80_ms=timing["tpot_p80_ms"],
-            prefill_tok_s=batch * prompt_len / (timing["ttft_ms"] * 1e-3),
-            decode_tok_s=batch / (timing["tpot_ms"] * 1e-3),
-            model_bytes=nbytes,
-            decode_gbps=nbytes / (timing["tpot_ms"] * 1e-3) / 1e9,
-            peak_bytes=timing["peak_bytes"],
-            peak_over_start_bytes=timing["peak_over_start_bytes"],
-            ppl=ppl,
-            cache=timing["cache"],
-            compiled=compile,
-            sparsify=info,
-            notes=timing["notes"],
-            env={k: env[k] for k in ("device", "torch", "commit", "time_utc") if k in env},
+        rows.append(
+            E2ERow(
+                variant=name,
+                ttft_ms=timing["ttft_ms"],
+                ttft_p20_ms=timing["ttft_p20_ms"],
+                ttft_p80_ms=timing["ttft_p80_ms"],
+                tpot_ms=timing["tpot_ms"],
+                tpot_p20_ms=timing["tpot_p20_ms"],
+                tpot_p80_ms=timing["tpot_p80_ms"],
+                prefill_tok_s=batch * prompt_len / (timing["ttft_ms"] * 1e-3),
+                decode_tok_s=batch / (timing["tpot_ms"] * 1e-3),
+                model_bytes=nbytes,
+                decode_gbps=nbytes / (timing["tpot_ms"] * 1e-3) / 1e9,
+                peak_bytes=peak,
+                peak_over_start_bytes=max(0, peak - in_use),
+                ppl=ppl,
+                cache=timing["cache"],
+                compiled=flags[name],
+                dtype=_dtype_name(next(variant.parameters()).dtype),
+                floor_ms=nbytes / (read_gbps * 1e9) * 1e3,
+                sparsify=info,
+                notes=list(notes),
+                env={k: env[k] for k in ("device", "torch", "commit", "time_utc") if k in env},
+            )
         )
+    for row in rows:
+        dense = [r for r in rows if r.dtype == row.dtype and built[r.variant.removesuffix(", compiled")][2]]
+        row.decode_speedup = min(r.tpot_ms for r in dense) / row.tpot_ms
+        row.prefill_speedup = min(r.ttft_ms for r in dense) / row.ttft_ms
         log.info(
-            "e2e: %s: TTFT %.1f ms, TPOT %.2f ms, %.1f MB, ppl %s",
+            "e2e: %s: TTFT %.1f ms, TPOT %.2f ms (%.2fx dense), %.1f MB, ppl %s",
             row.variant,
             row.ttft_ms,
             row.tpot_ms,
-            nbytes / 1e6,
-            f"{ppl:.2f}" if ppl is not None else "-",
+            row.decode_speedup,
+            row.model_bytes / 1e6,
+            f"{row.ppl:.2f}" if row.ppl is not None else "-",
         )
-        rows.append(row)
-        if build is not None:
-            del variant
     config = {
         "model": model_label,
         "device": str(device),
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": ",".join(_dtype_name(d) for d in dtypes),
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "pattern": pattern,
+        "method": method if not pruned and not has_sparse_layers(model) else "as given",
         "pruned_input": pruned,
         "compile": compile,
         "prompts": prompt_source,
         "warmup": warmup,
         "repeats": repeats,
+        "read_gbps": read_gbps,
         "eval_tokens": int(eval_ids.shape[1]) if eval_ids is not None else 0,
         "eval_seqlen": seqlen,
-        "timer": "device-synchronized wall time per region; TPOT = mean decode-step time, prefill excluded",
+        "timer": (
+            "device-synchronized wall time per region; every variant's generations interleaved in "
+            "rounds; TPOT = mean decode-step time, prefill excluded"
+        ),
     }
     return E2EResult(env, config, rows)
 
@@ -424,28 +532,32 @@ def e2e_markdown(result: E2EResult) -> str:
     lines = [
         f"{cfg['model']} on {env.get('device')} ({env.get('cpu')}, {env.get('cpu_threads')} threads), "
         f"{cfg['dtype']}, batch {cfg['batch']}, prompt {cfg['prompt_len']} tokens ({cfg['prompts']}), "
-        f"{cfg['new_tokens']} new tokens, {cfg['repeats']} timed runs after {cfg['warmup']} untimed; "
-        f"compile {'on' if cfg['compile'] else 'off'}; torch {env.get('torch')}, commit {env.get('commit')}, "
-        f"{env.get('time_utc')}.",
+        f"{cfg['new_tokens']} new tokens, {cfg['repeats']} interleaved rounds after {cfg['warmup']} untimed; "
+        f"sparse variant: {cfg.get('method', '?')} {cfg['pattern']}; torch {env.get('torch')}, commit "
+        f"{env.get('commit')}, {env.get('time_utc')}.",
         "",
-        "| variant | TTFT ms (p20..p80) | TPOT ms (p20..p80) | prefill tok/s | decode tok/s | model MB | "
-        "decode GB/s | peak MB (+ over start) | ppl |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | TTFT ms (p20..p80) | TPOT ms (p20..p80) | decode x | prefill x | model MB | floor ms | "
+        "TPOT / floor | peak MB (+ over start) | ppl |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result.rows:
         ppl = f"{r.ppl:.2f}" if r.ppl is not None else "-"
         lines.append(
             f"| {r.variant} | {r.ttft_ms:.1f} ({r.ttft_p20_ms:.1f}..{r.ttft_p80_ms:.1f}) | "
-            f"{r.tpot_ms:.2f} ({r.tpot_p20_ms:.2f}..{r.tpot_p80_ms:.2f}) | {r.prefill_tok_s:.0f} | "
-            f"{r.decode_tok_s:.1f} | {r.model_bytes / 1e6:.1f} | {r.decode_gbps:.2f} | "
-            f"{r.peak_bytes / 1e6:.0f} (+{r.peak_over_start_bytes / 1e6:.0f}) | {ppl} |"
+            f"{r.tpot_ms:.2f} ({r.tpot_p20_ms:.2f}..{r.tpot_p80_ms:.2f}) | {r.decode_speedup:.2f} | "
+            f"{r.prefill_speedup:.2f} | {r.model_bytes / 1e6:.1f} | {r.floor_ms:.2f} | "
+            f"{r.tpot_ms / r.floor_ms:.2f}x | {r.peak_bytes / 1e6:.0f} "
+            f"(+{r.peak_over_start_bytes / 1e6:.0f}) | {ppl} |"
         )
     peak_kind = "CUDA max allocated" if cfg["device"].startswith("cuda") else "process RSS high-water mark"
     lines += [
         "",
-        f"Peak memory: {peak_kind} during the timed runs (+ the rise over what was resident when "
-        f"they began); perplexity on {cfg['eval_tokens']} held-out tokens in windows of "
-        f"{cfg['eval_seqlen']}. Decode GB/s = model bytes / TPOT.",
+        "decode x / prefill x: the best dense variant of the same dtype (eager or compiled) over this "
+        f"one. floor: model bytes / the measured read bandwidth ({cfg.get('read_gbps', float('nan')):.1f} "
+        "GB/s), the fastest a decode step can stream the weights; TPOT / floor says how much of a step "
+        f"is not bytes. Peak memory: {peak_kind} during one generation of that variant (+ the rise over "
+        f"what was resident before it); perplexity on {cfg['eval_tokens']} held-out tokens in windows of "
+        f"{cfg['eval_seqlen']}.",
     ]
     notes = sorted(
         {n for r in result.rows for n in r.notes}

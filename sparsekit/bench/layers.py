@@ -118,7 +118,7 @@ class Case:
     pattern: str
     weight: torch.Tensor  # dense with zeros
     mask: torch.Tensor
-    x: torch.Tensor
+    x: torch.Tensor  # [1, m, k]
 
 
 @dataclass
@@ -220,7 +220,7 @@ def setup_cusparselt(case: Case) -> Prepared:
 def setup_csr(case: Case) -> Prepared:
     if case.device.type != "cpu":
         raise Unavailable("the CSR baseline is measured on the CPU only")
-    xt = case.x.T.contiguous()
+    xt = case.x.reshape(-1, case.shape.k).T.contiguous()
 
     def make(w_csr: torch.Tensor) -> Callable[[], torch.Tensor]:
         return lambda: (w_csr @ xt).T
@@ -310,7 +310,9 @@ def make_case(
     w = torch.randn(shape.n, shape.k, generator=gen) / shape.k**0.5
     mask = pattern_mask(w.abs(), parse_sparsity(pattern))
     w = (w * mask).to(device=device, dtype=dtype)
-    x = torch.randn(m, shape.k, generator=gen).to(device=device, dtype=dtype)
+    # [1, M, K]: what a batch-1 model passes a linear (a 3-D input takes a slower path than 2-D
+    # in F.linear, 7-15% at decode on the CPU, so a 2-D benchmark would flatter dense)
+    x = torch.randn(1, m, shape.k, generator=gen).to(device=device, dtype=dtype)
     return Case(shape, m, dtype, device, pattern, w, mask.to(device), x)
 
 
@@ -325,15 +327,18 @@ def run_layers(
     min_time_s: float = 0.1,
     cold: bool = True,
     show_progress: bool = True,
+    pool_bytes: int | None = None,
 ) -> LayersResult:
     """Time every backend at every (shape, M); speedups against the best dense baseline per cell.
 
     CPU runs use the sparse ops' torch / C++ paths (``use_backend("torch")``: never the Triton
     interpreter), each layer called as the module a model holds (``nn.Linear`` / ``SparseLinear``),
     timed round-robin (every backend sees the same contention). With ``cold`` (default) every
-    backend rotates over copies of its layer adding up to twice the last-level cache, so each call
-    reads its weight from DRAM as a decode step does (``Rotation``); ``cold=False`` times one
-    cache-resident copy. On CUDA the Triton kernels run, timed with ``triton.testing.do_bench``
+    backend rotates over copies of its layer adding up to ``pool_bytes`` (default twice the
+    last-level cache; a model's own size reproduces what its decode streams between two uses of a
+    layer), so each call reads its weight from DRAM as a decode step does (``Rotation``);
+    ``cold=False`` times one cache-resident copy. On CUDA the Triton kernels run, timed with
+    ``triton.testing.do_bench``
     (L2 flush; ``do_bench_cudagraph`` for M <= 64 when ``cuda_graphs``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -344,7 +349,7 @@ def run_layers(
     if unknown:
         raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
     rotate = device.type == "cpu" and cold
-    pool = 2 * llc_bytes()
+    pool = pool_bytes or 2 * llc_bytes()
     with use_backend("torch" if device.type == "cpu" else "auto"):
         env = environment()
         roof = measure_roofline(str(device), dtype)
@@ -366,7 +371,7 @@ def run_layers(
                 timings = time_cpu_interleaved(fns, min_time_s=min_time_s)
                 for b, fn in fns.items():
                     if isinstance(fn, Rotation):
-                        timings[b].method += f", weight rotated over {len(fn.fns)} copies (2x LLC)"
+                        timings[b].method += f", weight rotated over {len(fn.fns)} copies ({pool >> 20} MiB)"
                 del fns
             else:
                 timings = {b: time_gpu(p.fn, cuda_graph=cuda_graphs and m <= 64) for b, p in prepared.items()}

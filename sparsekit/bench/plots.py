@@ -102,13 +102,21 @@ def write_report(
     out: str | Path, stem: str, data: dict, markdown: str, plot: Callable[[Path], object]
 ) -> dict[str, Path]:
     """Write ``<stem>.json`` (``data``), ``<stem>.md`` and ``<stem>.png`` (``plot(path)``) into ``out``,
-    each atomically; returns their paths by suffix."""
+    each atomically; returns their paths by suffix. Without matplotlib (a bare GPU machine) the
+    PNG is left out, with a warning."""
+    import importlib.util
+    import logging
+
     from sparsekit._io import write_json_atomic, write_text_atomic
 
     out = Path(out)
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     write_json_atomic(paths["json"], data)
     write_text_atomic(paths["md"], markdown)
+    if importlib.util.find_spec("matplotlib") is None:
+        logging.getLogger(__name__).warning("matplotlib is not installed: %s.png not written", stem)
+        del paths["png"]
+        return paths
     tmp = out / f".{stem}.tmp.png"
     plot(tmp)
     os.replace(tmp, paths["png"])

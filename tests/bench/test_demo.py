@@ -16,9 +16,17 @@ def test_demo_quick_writes_the_report(smollm2, tmp_path):
     report = run_demo(tmp_path / "demo", quick=True, model=model, tokenizer=tokenizer, show_progress=False)
     assert next(model.parameters()).equal(before)  # the session model stays dense
     text = report.read_text()
-    for heading in ("## Every method family", "## Per-layer speed", "## Wall time"):
+    for heading in ("## Every method family", "## End to end", "## Per-layer speed", "## Wall time"):
         assert heading in text
-    for name in ("pareto.png", "layers.png", "compare.json", "compare.md", "layers.json"):
+    for name in (
+        "pareto.png",
+        "layers.png",
+        "compare.json",
+        "compare.md",
+        "layers.json",
+        "e2e.json",
+        "e2e.md",
+    ):
         assert (report.parent / name).is_file(), name
     summary = json.loads((report.parent / "demo.json").read_text())
     assert summary["env"]["commit"] and summary["total_s"] > 0 and summary["quick"] is True
@@ -38,3 +46,6 @@ def test_demo_quick_writes_the_report(smollm2, tmp_path):
     assert sparse["nonzero_params"] < 0.75 * dense["nonzero_params"]  # 2:4 on the block linears
     assert sparse["bytes"] < dense["bytes"]  # stored compressed
     assert by_name["angular -2 blocks +repair"]["params"] < dense["params"]  # blocks removed
+    e2e = json.loads((report.parent / "e2e.json").read_text())["rows"]
+    assert [r["variant"] for r in e2e] == ["dense", "sparse (2:4, magnitude)"]
+    assert e2e[0]["decode_speedup"] == 1.0 and e2e[1]["floor_ms"] < e2e[0]["floor_ms"]

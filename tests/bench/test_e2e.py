@@ -63,16 +63,22 @@ def test_run_e2e_dense_vs_sparse(tmp_path):
     )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # left unchanged
     dense, sparse = result.rows
-    assert dense.variant == "dense" and sparse.variant == "sparse (2:4)"
+    # no tokenizer to calibrate the default Wanda: magnitude, and the report says so
+    assert dense.variant == "dense" and sparse.variant == "sparse (2:4, magnitude)"
+    assert any("magnitude" in n for n in sparse.notes) and result.config["method"] == "magnitude"
     assert sparse.sparsify["layers_swapped"] == 14 and sparse.sparsify["formats"] == {"2:4": 14}
     assert sparse.model_bytes < dense.model_bytes == model_bytes(model)
+    assert dense.decode_speedup == 1.0 and sparse.decode_speedup == pytest.approx(
+        dense.tpot_ms / sparse.tpot_ms
+    )
     for r in result.rows:
         assert r.ttft_ms > 0 and r.tpot_ms > 0 and r.decode_tok_s == pytest.approx(2 / (r.tpot_ms * 1e-3))
         assert r.ppl is not None and r.ppl > 1 and r.env["device"] == "cpu"
+        assert r.floor_ms == pytest.approx(r.model_bytes / (result.config["read_gbps"] * 1e9) * 1e3)
     paths = write_e2e_report(result, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["env"]["commit"] and data["config"]["batch"] == 2 and data["config"]["prompt_len"] == 40
-    assert "TTFT" in paths["md"].read_text()
+    assert "TTFT" in paths["md"].read_text() and "floor" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -84,7 +90,7 @@ def test_sparse_checkpoint_is_the_sparse_variant():
     prune(model, method="magnitude", sparsity="2:4")
     sparsify(model)
     result = run_e2e(model, input_ids=_prompt(12), new_tokens=3, eval_ids=None, eval_tokens=0, repeats=1)
-    assert [r.variant for r in result.rows] == ["dense (densified)", "sparse (checkpoint)"]
+    assert [r.variant for r in result.rows] == ["dense", "sparse (checkpoint)"]
     assert result.rows[1].model_bytes < result.rows[0].model_bytes
 
 
@@ -105,3 +111,30 @@ def test_interleaved_timing_runs_every_model_in_each_round_and_sees_their_cost()
     assert out["slow"]["ttft_p20_ms"] <= out["slow"]["ttft_ms"] <= out["slow"]["ttft_p80_ms"]
     timed = order[2 * 3 :]  # after one warm-up generation (3 forwards) of each
     assert timed == (["fast"] * 3 + ["slow"] * 3) * 3  # interleaved by round, not one model after the other
+
+
+def test_run_e2e_every_dtype_with_calibrated_pruning():
+    """dtypes: dense and sparse rows per dtype, each sparse row compared with the dense of its dtype;
+    with calibration ids the default Wanda prunes."""
+    model = tiny_model("llama")
+    result = run_e2e(
+        model,
+        input_ids=_prompt(12),
+        new_tokens=3,
+        eval_ids=None,
+        eval_tokens=0,
+        repeats=2,
+        calib_ids=_prompt(16, batch=4),
+        dtypes=(torch.float32, torch.bfloat16),
+        show_progress=False,
+    )
+    names = [r.variant for r in result.rows]
+    assert names == ["dense fp32", "sparse (2:4, wanda) fp32", "dense bf16", "sparse (2:4, wanda) bf16"]
+    assert [r.dtype for r in result.rows] == ["fp32", "fp32", "bf16", "bf16"]
+    by = {r.variant: r for r in result.rows}
+    assert by["dense bf16"].model_bytes < by["dense fp32"].model_bytes
+    for dt in ("fp32", "bf16"):
+        dense, sparse = by[f"dense {dt}"], by[f"sparse (2:4, wanda) {dt}"]
+        assert dense.decode_speedup == 1.0
+        assert sparse.decode_speedup == pytest.approx(dense.tpot_ms / sparse.tpot_ms)
+        assert sparse.sparsify["method"] == "wanda" and sparse.model_bytes < dense.model_bytes

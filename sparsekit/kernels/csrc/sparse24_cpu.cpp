@@ -13,6 +13,7 @@
 
 namespace {
 
+constexpr int PF_BYTES = 2048;  // software prefetch distance along the values of a row block
 constexpr int MB = 8;  // x rows per pass: MB accumulators + temporaries stay in the 32 zmm registers
 
 inline int nibble(const uint8_t* mrow, int64_t g) { return (mrow[g >> 1] >> ((g & 1) * 4)) & 15; }
@@ -104,6 +105,12 @@ inline void row_dot(const T* vrow, const uint8_t* mrow, const float* x, int64_t 
   __m512 a[R], b[R];  // two independent FMA chains per row (first and second 32 columns)
   for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
   for (; g + 16 <= G; g += 16) {
+    // the weight streams from DRAM once per token: ask for it PF_BYTES ahead (past the row's end
+    // this is the next row, stored right after it)
+    const char* vnext = reinterpret_cast<const char*>(vrow + 2 * g) + PF_BYTES;
+    _mm_prefetch(vnext, _MM_HINT_T0);
+    if (sizeof(T) == 4) _mm_prefetch(vnext + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(mrow + g / 2) + PF_BYTES / 8, _MM_HINT_T0);
     uint64_t mw;
     std::memcpy(&mw, mrow + g / 2, 8);
     const __m512i ia = X.index(uint32_t(mw)), ib = X.index(uint32_t(mw >> 32));
