@@ -5,11 +5,12 @@
 For each variant (dense and 2:4-sparsified SmolLM2, in fp32 and in bf16; the 2:4 weights are
 magnitude-pruned: the decode speed of a 2:4 model does not depend on which weights were kept):
   1. each decode step split into linears / lm_head / attention / rest (``decode_breakdowns``:
-     forward hooks with wall clocks), and the same steps without hooks (TPOT), the four models'
-     generations interleaved in rounds, hooked and plain alternating;
-  2. the same linears timed alone by the per-layer harness (weights from DRAM: rotated over
-     copies adding up to the model's size) and added up as the model calls them
-     (``per_layer_prediction``), per weight shape and in total, against the in-model times of 1.
+     forward hooks with wall clocks), and the same steps without hooks (TPOT);
+  2. the same linears alone, as the per-layer harness times them (``LayersAlone``: one module per
+     layer of the model on random weights of the same shape and format, so the weights stream
+     from DRAM as often as in the model), added up per weight shape and in total;
+  all in rounds, each round running every model hooked, plain and alone in turn (the VM's speed
+  drifts by tens of percent over minutes: only interleaved measurements compare).
 Writes <out>.json and <out>.md.
 """
 
@@ -27,12 +28,7 @@ import torch
 from sparsekit._env import environment
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.arch import model_bytes
-from sparsekit.bench.breakdown import (
-    breakdown_markdown,
-    consistency_rows,
-    decode_breakdowns,
-    per_layer_prediction,
-)
+from sparsekit.bench.breakdown import breakdown_markdown, consistency_rows, decode_breakdowns
 from sparsekit.bench.e2e import prompt_ids, sparsified_copy
 from sparsekit.bench.roofline import measure_roofline
 from sparsekit.hf.models import load_model
@@ -66,25 +62,21 @@ def main() -> None:
     env = environment()
     named, out_rows = [], []
     for name, variant in variants.items():
-        logging.info("per-layer prediction: %s", name)
         b = breakdowns[name]
-        p = per_layer_prediction(b, pool_bytes=model_bytes(variant))
-        t = b.plain_step_ms
-        named.append((name, b, p, t))
+        named.append((name, b))
         floor = model_bytes(variant) / (measure_roofline("cpu").read_gbps * 1e9) * 1e3
         out_rows.append(
             {
                 "variant": name,
                 "tpot": {
-                    "tpot_ms": t,
+                    "tpot_ms": b.plain_step_ms,
                     "tpot_p20_ms": b.plain_step_p20_ms,
                     "tpot_p80_ms": b.plain_step_p80_ms,
                 },
                 "model_bytes": model_bytes(variant),
                 "bandwidth_floor_ms": floor,
                 "breakdown": b.to_dict(),
-                "consistency": consistency_rows(b, p, t),
-                "per_layer_rows": p.layer_rows,
+                "consistency": consistency_rows(b),
             }
         )
     roof = measure_roofline("cpu")
@@ -100,10 +92,10 @@ def main() -> None:
         "",
         f"CPU {env.get('cpu')}, {env['torch_threads']} threads, torch {env.get('torch')}, commit "
         f"{env.get('commit')}, {env.get('time_utc')}. Batch 1, {args.prompt_len}-token prompt ({source}), "
-        f"{args.new_tokens} new tokens; {args.rounds} rounds, each running every model once with hooks and "
-        "once without (TPOT), medians over their decode steps; per-layer: the same "
-        "shapes alone, weights read from DRAM (each rotated over copies adding up to the model's bytes). "
-        f"Read bandwidth {roof.read_gbps:.1f} GB/s, copy {roof.copy_gbps:.1f} GB/s.",
+        f"{args.new_tokens} new tokens; {args.rounds} rounds, each running every model once with hooks, once "
+        "without (TPOT) and as many steps of its linears alone (one module per layer of the model, "
+        "random weights of the same shape and format: the per-layer harness's measurement); medians "
+        f"over the steps. Read bandwidth {roof.read_gbps:.1f} GB/s, copy {roof.copy_gbps:.1f} GB/s.",
         "",
         "| variant | model MB | TPOT ms (p20-p80) | bandwidth floor ms | TPOT / floor |",
         "|---|---:|---:|---:|---:|",

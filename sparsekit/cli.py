@@ -156,14 +156,40 @@ def _print_report(report, method: str) -> None:
             f"sparsity ({report.sparsity}); calib {report.calib}, {report.nsamples} x {report.seqlen} tokens"
         )
     print("time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items()))
+    for rank, timings in enumerate(getattr(report, "rank_timings_s", None) or []):
+        print(
+            f"  rank {rank} of {report.world_size}: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+        )
     for note in report.notes:
         print("note:", note)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from sparsekit.api import perplexity, prune
+    from sparsekit.pruning import distributed
 
     steps = _check_prune_args(args)
+    check_at_least(1, dist_timeout=args.dist_timeout)
+    if not distributed.launched_by_torchrun():
+        return _prune_and_save(args, steps)
+    world = distributed.init(timeout_s=args.dist_timeout)
+    if not world.main:  # progress and logs from rank 0 only
+        logging.getLogger().setLevel(logging.WARNING)
+    if args.offload_folder:  # each rank writes its pruned blocks back into an offload folder of its own
+        args.offload_folder = str(Path(args.offload_folder) / f"rank{world.rank}")
+    try:
+        return _prune_and_save(args, steps, world)
+    finally:
+        distributed.shutdown()
+
+
+def _prune_and_save(args: argparse.Namespace, steps, world=None) -> int:
+    """Load, prune every step, evaluate and save; under torchrun every rank prunes, rank 0 alone
+    evaluates, prints and writes (atomically) while the others wait at a barrier."""
+    from sparsekit.api import perplexity, prune
+    from sparsekit.pruning import distributed
+
+    main_rank = world is None or world.main
     # the model stays on the CPU (or on disk); blocks visit --device one at a time, so it may exceed
     # device memory
     model, tokenizer = load_any(
@@ -172,8 +198,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     summary: dict = {}
     for index, (method, sparsity) in enumerate(steps):
         report = prune(model, tokenizer=tokenizer, **_prune_options(args, method, sparsity))
-        _print_report(report, method)
+        if main_rank:
+            _print_report(report, method)
         summary = report.to_dict() if index == 0 else summary | {"then": report.to_dict()}
+    if not main_rank:
+        distributed.barrier()  # rank 0 evaluates and writes
+        return 0
     if args.eval:
         if not args.offload_folder:
             model.to(args.device)
@@ -192,6 +222,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             save_format = "dense" if summary.get("uniform_widths", True) else "widths"
         save_pruned(model if args.offload_folder else model.cpu(), tokenizer, args.out, summary, save_format)
         print(f"saved ({save_format}) to {args.out}")
+    if world is not None:
+        distributed.barrier()
     return 0
 
 
@@ -510,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
         "fast), model, bf16, fp16, fp32; statistics are fp32 and weights keep their dtype",
     )
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per block forward")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun: seconds a rank waits for the others (a failed or killed rank) before it "
+        "stops with an error; must cover rank 0's --eval and save",
+    )
     p.add_argument("--eval", action="store_true", help="print perplexity after pruning")
     p.add_argument("--eval-dataset", default="wiki-offline")
     p.add_argument("--eval-seqlen", type=int, default=512)
@@ -660,6 +699,14 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         print(f"sparsekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except torch.distributed.DistError as exc:  # under torchrun: another rank failed, died or timed out
+        print(
+            f"sparsekit {args.command}: error: the process group failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); another rank failed, was killed or did not "
+            "answer within --dist-timeout; nothing was written",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ On the CPU the hooks read a wall clock (the CPU is synchronous, so the split is 
 hooks' own cost, about a microsecond each); on CUDA each hook synchronizes, so there the split
 attributes time but slows the step.
 
-``per_layer_prediction`` times the same linears in isolation with ``run_layers`` (weights read
-from DRAM, as in a model) and adds them up, so the two measurements can be compared.
+``LayersAlone`` runs the same linears the way the per-layer harness times them (modules on
+random weights of the same shape and format, nothing else), one copy per layer of the model so
+the weights stream from DRAM as often as in the model; its steps are interleaved with the
+model's, so the two measurements can be compared on a machine whose speed drifts.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from torch import nn
 
 from sparsekit.arch import model_device, model_dtype
 from sparsekit.bench.e2e import _Generator
-from sparsekit.bench.layers import LinearShape, run_layers
+from sparsekit.bench.layers import SETUPS, LinearShape, make_case
 from sparsekit.bench.timing import quantiles, synchronize
+from sparsekit.kernels import use_backend
 from sparsekit.nn import SparseLinear
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,7 @@ class Breakdown:
     plain_step_ms: float = float("nan")  # median decode step without hooks, interleaved with the hooked runs
     plain_step_p20_ms: float = float("nan")
     plain_step_p80_ms: float = float("nan")
+    layers_alone: dict[str, float] = field(default_factory=dict)  # group key -> ms per step, ``LayersAlone``
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -210,97 +214,110 @@ def decode_breakdowns(
     new_tokens: int = 16,
     rounds: int = 3,
     cache: str = "static",
+    layers_alone: bool = True,
 ) -> dict[str, Breakdown]:
     """Median per decode step of each category, per model, over ``rounds`` rounds. Each round runs,
-    for every model in turn, one generation of ``new_tokens`` with the hooks and one without
-    (``plain_step_ms``: the TPOT the hooks perturb), so all of them see the same machine."""
+    for every model in turn, one generation of ``new_tokens`` with the hooks, one without
+    (``plain_step_ms``: the TPOT the hooks perturb) and, with ``layers_alone``, as many steps of
+    its linears alone (``LayersAlone``: the per-layer prediction), so every measurement sees the
+    same machine: a shared VM's speed drifts by tens of percent over minutes."""
     if new_tokens < 2:
         raise ValueError(f"a breakdown needs at least 2 new tokens (one decode step), got {new_tokens}")
     probes = {name: _Probe(m, input_ids.shape[1] + new_tokens, cache) for name, m in models.items()}
-    for probe in probes.values():  # untimed warmup (lazily bound kernels, first-touch pages)
+    alone: dict[str, LayersAlone] = {}
+    for name, probe in probes.items():  # untimed warmup (lazily bound kernels, first-touch pages)
+        probe.attach()
         probe.gen.run(input_ids.to(probe.device), new_tokens)
+        groups = list(probe.hooks.groups.values())
+        probe.detach()
+        probe.per_step.clear()
         probe.plain_steps.clear()
+        if layers_alone:
+            alone[name] = LayersAlone(groups, input_ids.shape[0], model_dtype(probe.model), probe.device)
     try:
         for _ in range(rounds):
-            for probe in probes.values():
+            for name, probe in probes.items():
                 probe.attach()
                 probe.gen.run(input_ids.to(probe.device), new_tokens)
                 probe.detach()
                 probe.gen.run(input_ids.to(probe.device), new_tokens)
+                for _ in range(new_tokens - 1 if name in alone else 0):
+                    alone[name].step()
     finally:
         for probe in probes.values():
             probe.detach()
-    return {name: probe.result(input_ids.shape[0]) for name, probe in probes.items()}
+    out = {name: probe.result(input_ids.shape[0]) for name, probe in probes.items()}
+    for name, a in alone.items():
+        out[name].layers_alone = a.medians()
+    return out
 
 
 def decode_breakdown(
-    model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 16, rounds: int = 3, cache: str = "static"
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    new_tokens: int = 16,
+    rounds: int = 3,
+    cache: str = "static",
+    layers_alone: bool = True,
 ) -> Breakdown:
     """``decode_breakdowns`` of one model."""
-    return decode_breakdowns({"model": model}, input_ids, new_tokens, rounds, cache)["model"]
+    return decode_breakdowns({"model": model}, input_ids, new_tokens, rounds, cache, layers_alone)["model"]
 
 
 _BACKEND_OF_FORMAT = {"dense": "dense", "2:4": "2:4", "bitmap": "bitmap", "masked": "masked"}
 
 
-@dataclass
-class Prediction:
-    """Per-layer medians (M = batch) times the number of such linears per step, per group."""
+class LayersAlone:
+    """The per-layer harness's version of one decode step: for every group, ``count`` independent
+    layers of its shape and format (fresh random weights of that pattern, called as modules with
+    x [batch, 1, K], as ``run_layers`` does), each called once per step. Nothing else runs, so
+    summing a group's calls is the per-layer table's prediction of that group's in-model time,
+    with the weights streamed from DRAM exactly as often as in the model."""
 
-    groups: dict[str, float]  # LinearGroup.key -> predicted ms per step
-    linears_ms: float
-    lm_head_ms: float
-    layer_rows: list[dict]
+    def __init__(self, groups: Sequence[LinearGroup], batch: int, dtype: torch.dtype, device) -> None:
+        self.calls: dict[str, list] = {}
+        for g in groups:
+            pattern = "2:4" if g.format == "2:4" else "0.5"
+            shape = LinearShape("model", g.key, g.n, g.k)
+            case = make_case(shape, batch, pattern, dtype, torch.device(device))
+            case.x = case.x.reshape(batch, 1, g.k)  # the decode step's [batch, 1 token, K]
+            prepared = SETUPS[_BACKEND_OF_FORMAT[g.format]](case)
+            self.calls[g.key] = [prepared.fn] + [prepared.replicate() for _ in range(g.count - 1)]
+        self.device = torch.device(device)
+        self.samples: dict[str, list[float]] = defaultdict(list)
+        self.step()  # untimed: first touch, lazily bound kernels
+        self.samples.clear()
 
+    def step(self) -> None:
+        with use_backend("torch" if self.device.type == "cpu" else "auto"):
+            for key, fns in self.calls.items():
+                synchronize(self.device)
+                start = time.perf_counter()
+                for fn in fns:
+                    fn()
+                synchronize(self.device)
+                self.samples[key].append((time.perf_counter() - start) * 1e3)
 
-def per_layer_prediction(
-    breakdown: Breakdown, device: str = "cpu", min_time_s: float = 0.2, pool_bytes: int | None = None
-) -> Prediction:
-    """Time each of the breakdown's linear groups alone (``run_layers``, weights from DRAM: each
-    rotated over copies adding up to ``pool_bytes``, best the model's own bytes, which is what a
-    decode step streams between two calls of one layer) and add them up as the model calls them."""
-    dtype = getattr(torch, breakdown.dtype)
-    predicted: dict[str, float] = {}
-    rows: list[dict] = []
-    for g in breakdown.groups:
-        backend = _BACKEND_OF_FORMAT[g.format]
-        pattern = "2:4" if g.format == "2:4" else "0.5"
-        shape = LinearShape("model", g.key, g.n, g.k)
-        result = run_layers(
-            [shape],
-            (breakdown.batch,),
-            pattern,
-            (backend,),
-            dtype,
-            device,
-            min_time_s=min_time_s,
-            show_progress=False,
-            pool_bytes=pool_bytes,
-        )
-        row = result.rows[0]
-        predicted[g.key] = g.count * row.median_ms
-        rows.append({"group": g.key, "count": g.count, **asdict(row), "env": {}})
-    linears = sum(v for k, v in predicted.items() if k.startswith("linear "))
-    head = sum(v for k, v in predicted.items() if k.startswith("lm_head "))
-    return Prediction(predicted, linears, head, rows)
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.samples.items()}
 
 
-def consistency_rows(
-    breakdown: Breakdown, prediction: Prediction, tpot_ms: float | None = None
-) -> list[dict]:
-    """In-model vs per-layer, per group and in total; ``tpot_ms``: the hook-free decode step."""
+def consistency_rows(breakdown: Breakdown) -> list[dict]:
+    """In model vs the layers alone, per group and in total, plus the hooks' cost (hooked step vs
+    the hook-free TPOT of the same rounds)."""
+    alone = breakdown.layers_alone
     rows = [
         {
             "what": g.key,
             "count": g.count,
             "in_model_ms": g.ms_per_step,
-            "per_layer_ms": prediction.groups[g.key],
-            "ratio": prediction.groups[g.key] / g.ms_per_step if g.ms_per_step else float("nan"),
+            "per_layer_ms": alone[g.key],
+            "ratio": alone[g.key] / g.ms_per_step if g.ms_per_step else float("nan"),
         }
         for g in breakdown.groups
     ]
     in_model = breakdown.categories["linears"] + breakdown.categories["lm_head"]
-    predicted = prediction.linears_ms + prediction.lm_head_ms
+    predicted = sum(alone.values())
     rows.append(
         {
             "what": "all linears + lm_head",
@@ -310,27 +327,26 @@ def consistency_rows(
             "ratio": predicted / in_model,
         }
     )
-    tpot_ms = breakdown.plain_step_ms if tpot_ms is None else tpot_ms
-    if tpot_ms == tpot_ms:  # not NaN: what the hooks cost, the same step with and without them
-        rows.append(
-            {
-                "what": "decode step: hooked (in model) vs TPOT without hooks (per-layer column)",
-                "count": None,
-                "in_model_ms": breakdown.step_ms,
-                "per_layer_ms": tpot_ms,
-                "ratio": tpot_ms / breakdown.step_ms,
-            }
-        )
+    rows.append(
+        {
+            "what": "decode step: hooked (in model) vs TPOT without hooks (per-layer column)",
+            "count": None,
+            "in_model_ms": breakdown.step_ms,
+            "per_layer_ms": breakdown.plain_step_ms,
+            "ratio": breakdown.plain_step_ms / breakdown.step_ms,
+        }
+    )
     return rows
 
 
-def breakdown_markdown(named: Sequence[tuple[str, Breakdown, Prediction, float | None]]) -> str:
+def breakdown_markdown(named: Sequence[tuple[str, Breakdown]]) -> str:
     """One table of categories per variant, then in-model vs per-layer per group."""
     lines = [
         "| variant | decode step ms (hooked) | TPOT ms (no hooks) | linears | lm_head | attention | rest |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, b, _, tpot in named:
+    for name, b in named:
+        tpot = b.plain_step_ms
         cats = " | ".join(
             f"{b.categories[c]:.2f} ({100 * b.categories[c] / b.step_ms:.0f}%)" for c in CATEGORIES
         )
@@ -340,8 +356,8 @@ def breakdown_markdown(named: Sequence[tuple[str, Breakdown, Prediction, float |
         "| variant | what | count | in model ms/step | per-layer sum ms/step | per-layer / in-model |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for name, b, p, tpot in named:
-        for r in consistency_rows(b, p, tpot):
+    for name, b in named:
+        for r in consistency_rows(b):
             count = "" if r["count"] is None else r["count"]
             lines.append(
                 f"| {name} | {r['what']} | {count} | {r['in_model_ms']:.2f} | {r['per_layer_ms']:.2f} | "

@@ -115,6 +115,10 @@ class _Generator:
         forward = self._forward
         self.prefill_fn, self.decode_fn = forward, forward
         if compile:
+            # every generator compiles the same ``_forward`` code object (prefill and decode shapes,
+            # per model): past dynamo's recompile limit it would silently fall back to eager
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 64)
             cuda = self.device.type == "cuda"
             # CUDA graphs (reduce-overhead) for the decode step, where launch overhead dominates
             self.decode_fn = torch.compile(forward, mode="reduce-overhead" if cuda else "default")
@@ -549,7 +553,12 @@ def e2e_markdown(result: E2EResult) -> str:
             f"{r.tpot_ms / r.floor_ms:.2f}x | {r.peak_bytes / 1e6:.0f} "
             f"(+{r.peak_over_start_bytes / 1e6:.0f}) | {ppl} |"
         )
-    peak_kind = "CUDA max allocated" if cfg["device"].startswith("cuda") else "process RSS high-water mark"
+    peak_kind = (
+        "CUDA max allocated"
+        if cfg["device"].startswith("cuda")
+        else "process RSS high-water mark (on the CPU every variant is resident, so this is the "
+        "process's peak, not the variant's: bench/sparse_memory.py measures one model at a time)"
+    )
     lines += [
         "",
         "decode x / prefill x: the best dense variant of the same dtype (eager or compiled) over this "

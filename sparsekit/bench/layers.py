@@ -311,7 +311,7 @@ def make_case(
     mask = pattern_mask(w.abs(), parse_sparsity(pattern))
     w = (w * mask).to(device=device, dtype=dtype)
     # [1, M, K]: what a batch-1 model passes a linear (a 3-D input takes a slower path than 2-D
-    # in F.linear, 7-15% at decode on the CPU, so a 2-D benchmark would flatter dense)
+    # in F.linear on the CPU, so a 2-D benchmark would flatter dense)
     x = torch.randn(1, m, shape.k, generator=gen).to(device=device, dtype=dtype)
     return Case(shape, m, dtype, device, pattern, w, mask.to(device), x)
 

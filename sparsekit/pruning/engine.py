@@ -32,8 +32,9 @@ from sparsekit.formats import Pattern, mask_sparsity, parse_sparsity
 from sparsekit.kernels.dtypes import parse_dtype
 
 from .capture import Chunk, capture_block_inputs, floats_to, resolve_forward_dtype, run_block
-from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error
-from .method import InputStat, PruningMethod, pruning_method
+from .distributed import World, all_reduce_sum_, assign, broadcast_, current_world, gather_objects, shard
+from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error_parts
+from .method import Gram, InputStat, PruningMethod, pruning_method
 from .offload import check_writable_offload, materialized
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class PruneReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     forward_dtype: str = ""  # dtype of the calibration forwards
+    world_size: int = 1  # processes that pruned together (torch.distributed)
+    rank_timings_s: list[dict[str, float]] = field(default_factory=list)  # each rank's phases
 
     @property
     def overall_sparsity(self) -> float:
@@ -128,6 +131,8 @@ class PruneReport:
             "overall_sparsity": self.overall_sparsity,
             "timings_s": self.timings_s,
             "forward_dtype": self.forward_dtype,
+            "world_size": self.world_size,
+            "rank_timings_s": self.rank_timings_s,
             "block_rel_errors": self.block_rel_errors,
             "notes": self.notes,
             "layers": [vars(r) | {"shape": list(r.shape)} for r in self.layers],
@@ -159,14 +164,25 @@ def prune_model(
     method = config.method
     check_finite_weights(blocks, prefix)
     check_writable_offload(model)
-    report = PruneReport(method.name, str(config.sparsity), nsamples, seqlen)
+    world = current_world()
+    report = PruneReport(method.name, str(config.sparsity), nsamples, seqlen, world_size=world.size)
     needs_data = method.needs_calibration
     chunks: list[Chunk] = []
     if needs_data:
         _check_calibration(input_ids, method.name)
-        log.info("capturing inputs of %s.0 for %d x %d calibration tokens", prefix, nsamples, seqlen)
+        mine = input_ids
+        if world.active:  # whole chunks of the global order, so no chunk depends on the world size
+            share = shard(-(-nsamples // config.batch_size), world)
+            mine = input_ids[share.start * config.batch_size : share.stop * config.batch_size]
+        log.info(
+            "capturing inputs of %s.0 for %d x %d calibration tokens%s",
+            prefix,
+            mine.shape[0],
+            seqlen,
+            f" (rank {world.rank} of {world.size}: {nsamples} in all)" if world.active else "",
+        )
         with timer.phase("forward"):
-            chunks = capture_block_inputs(model, blocks, input_ids, config.batch_size, device)
+            chunks = capture_block_inputs(model, blocks, mine, config.batch_size, device)
         forward_dtype = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
         report.forward_dtype = str(forward_dtype).replace("torch.", "")
         for chunk in chunks:
@@ -174,7 +190,9 @@ def prune_model(
             chunk.args = floats_to(chunk.args, forward_dtype)
             chunk.kwargs = floats_to(chunk.kwargs, forward_dtype)
     progress = tqdm(
-        range(len(blocks)), desc=f"{method.name} {config.sparsity}", disable=not config.show_progress
+        range(len(blocks)),
+        desc=f"{method.name} {config.sparsity}",
+        disable=not config.show_progress or not world.main,
     )
     with torch.no_grad():
         for index in progress:
@@ -183,7 +201,7 @@ def prune_model(
             try:
                 with materialized(block, device) as changed:
                     block.to(device)
-                    linears = _prune_block(block, f"{prefix}.{index}", chunks, config, timer, report)
+                    linears = _prune_block(block, f"{prefix}.{index}", chunks, config, timer, report, world)
                     changed.update(linears.values())  # written back where accelerate offloaded them
                     block.to(home)
             except Exception as exc:
@@ -195,6 +213,8 @@ def prune_model(
                     "may be partly pruned: reload the model before trying again"
                 ) from exc
     report.timings_s = dict(timer.totals)
+    if world.active:
+        report.rank_timings_s = gather_objects(report.timings_s)
     log.info(
         "pruned %d layers to %.3f sparsity (%s)",
         len(report.layers),
@@ -211,11 +231,15 @@ def _prune_block(
     config: PruneConfig,
     timer: Timer,
     report: PruneReport,
+    world: World | None = None,
 ) -> dict[str, nn.Module]:
     """Statistics, pruning and the pruned re-run of one block (on the device); returns its linears.
 
-    ``chunks`` (empty for magnitude) hold the block's inputs and receive its pruned outputs.
+    ``chunks`` (empty for magnitude) hold the block's inputs and receive its pruned outputs. With
+    an active ``world`` the statistics are summed over the ranks first, each layer is solved on
+    one rank and its pruned weight broadcast to the others.
     """
+    world = world or World()
     linears = block_linears(block)
     stats: dict[str, InputStat] = {}
     dense_outputs = None
@@ -228,12 +252,13 @@ def _prune_block(
         with timer.phase("forward"):
             dense_outputs = run_block(runner, chunks, collector.next_chunk)
         collector.remove()
-        stats = collector.owner
+        stats = collector.finish(world)
         dense_weights = {
             n: linear_weight(m).detach().clone() for n, m in run_linears.items() if config.measure_error
         }
+    results = _prune_linears(linears, stats, config, timer, world)
     for lname, module in linears.items():
-        mask, percdamp = _prune_linear(module, stats.get(lname), config, timer)
+        mask, percdamp = results[lname]
         shape = tuple(linear_weight(module).shape)
         layer = LayerReport(f"{block_name}.{lname}", shape, mask_sparsity(mask), percdamp=percdamp)
         if percdamp is not None and percdamp > config.percdamp:
@@ -250,11 +275,53 @@ def _prune_block(
             probe.remove()
             for layer, err in zip(report.layers[-len(linears) :], probe.errors().values(), strict=True):
                 layer.output_rel_error = err
-        report.block_rel_errors.append(rel_error(dense_outputs, pruned_outputs))
+        num, den = rel_error_parts(dense_outputs, pruned_outputs)
+        if world.active:
+            parts = torch.tensor([num, den], dtype=torch.float64, device=chunks[0].hidden.device)
+            all_reduce_sum_([parts])
+            num, den = parts.tolist()
+        report.block_rel_errors.append(num / max(den, 1e-30))
         for chunk, out in zip(chunks, pruned_outputs, strict=True):
             chunk.hidden = out
         del dense_outputs, pruned_outputs, dense_weights
     return linears
+
+
+def _solve_cost(module: nn.Module, config: PruneConfig) -> float:
+    """What a layer's solve costs, for spreading a block's layers over ranks: rows x cols^2 for a
+    Hessian-based update (SparseGPT), rows x cols for a score-and-select method."""
+    rows, cols = linear_weight(module).shape
+    return float(rows) * cols * (cols if isinstance(config.method.statistic, Gram) else 1)
+
+
+def _prune_linears(
+    linears: dict[str, nn.Module],
+    stats: dict[str, InputStat],
+    config: PruneConfig,
+    timer: Timer,
+    world: World,
+) -> dict[str, tuple[torch.Tensor, float | None]]:
+    """Prune every linear (each on its owner rank when ``world`` is active, then broadcast)."""
+    if not world.active:
+        return {n: _prune_linear(m, stats.get(n), config, timer) for n, m in linears.items()}
+    owner = assign([(n, _solve_cost(m, config)) for n, m in linears.items()], world.size)
+    results = {
+        n: _prune_linear(m, stats.get(n), config, timer) for n, m in linears.items() if owner[n] == world.rank
+    }
+    with timer.phase("communication"):
+        for name, module in linears.items():  # the same order on every rank
+            weight = linear_weight(module).detach()
+            mask, percdamp = results.get(
+                name, (torch.empty(weight.shape, dtype=torch.bool, device=weight.device), None)
+            )
+            broadcast_(weight, owner[name])
+            mask_u8 = broadcast_(mask.to(torch.uint8), owner[name])
+            damp = torch.tensor(
+                [float("nan") if percdamp is None else percdamp], dtype=torch.float64, device=weight.device
+            )
+            broadcast_(damp, owner[name])
+            results[name] = (mask_u8.bool(), None if damp.isnan().item() else damp.item())
+    return results
 
 
 def _check_calibration(input_ids: torch.Tensor | None, method_name: str) -> None:

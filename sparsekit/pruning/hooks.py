@@ -47,6 +47,7 @@ class StatsCollector:
         self.timer = timer
         self.owner: dict[str, InputStat] = {}
         self._seen: list[tuple[torch.Tensor, InputStat]] = []
+        self._partial: dict[int, InputStat] = {}  # stats holding an fp32 partial of this chunk
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str) -> Callable:
@@ -68,6 +69,7 @@ class StatsCollector:
                     )
                 self.statistic.accumulate(x, stat.value)
                 stat.tokens += x.numel() // x.shape[-1]
+                self._partial[id(stat)] = stat
             self._seen.append((x, stat))
 
         return hook
@@ -76,7 +78,36 @@ class StatsCollector:
         return InputStat(self.statistic.new(x.shape[-1], x.device))
 
     def next_chunk(self) -> None:
+        """After each calibration chunk: add its fp32 partials to the float64 totals."""
+        with self.timer.phase("statistics"):
+            for stat in self._partial.values():
+                if stat.total is None:
+                    stat.total = torch.zeros_like(stat.value, dtype=torch.float64)
+                stat.total += stat.value
+                stat.value.zero_()
+        self._partial.clear()
         self._seen.clear()
+
+    def finish(self, world=None) -> dict[str, InputStat]:
+        """The statistics summed over every chunk (and over every rank of ``world`` when it is
+        active), as fp32 ``value``s; returns them by layer name."""
+        self.next_chunk()
+        unique = list({id(s): s for _, s in sorted(self.owner.items())}.values())
+        if world is not None and world.active:
+            from .distributed import all_reduce_sum_
+
+            with self.timer.phase("communication"):
+                totals = [s.total for s in unique]
+                tokens = torch.tensor(
+                    [s.tokens for s in unique], dtype=torch.float64, device=totals[0].device
+                )
+                all_reduce_sum_([*totals, tokens])
+            for stat, count in zip(unique, tokens.tolist(), strict=True):
+                stat.tokens = int(count)
+        for stat in unique:
+            stat.value = stat.total.to(torch.float32)
+            stat.total = None
+        return self.owner
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -84,9 +115,15 @@ class StatsCollector:
         self._seen.clear()
 
 
-def rel_error(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
+def rel_error_parts(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> tuple[float, float]:
+    """(sum ||dense - pruned||^2, sum ||dense||^2) over the chunks."""
     num = sum((d.float() - p.float()).square().sum().item() for d, p in zip(dense, pruned, strict=True))
     den = sum(d.float().square().sum().item() for d in dense)
+    return num, den
+
+
+def rel_error(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
+    num, den = rel_error_parts(dense, pruned)
     return num / max(den, 1e-30)
 
 

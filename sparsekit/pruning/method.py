@@ -60,10 +60,17 @@ class Gram(Statistic):
 
 @dataclass
 class InputStat:
-    """A statistic of one input tensor, shared by every linear layer that reads it."""
+    """A statistic of one input tensor, shared by every linear layer that reads it.
+
+    While the calibration forwards run, ``value`` holds the current chunk's fp32 partial and
+    ``total`` the float64 sum of the finished chunks (``StatsCollector.next_chunk``); after
+    ``StatsCollector.finish`` ``value`` is the fp32 total the methods read. Summing per-chunk
+    partials in float64 makes the result independent of how the chunks are split over ranks.
+    """
 
     value: torch.Tensor
     tokens: int = 0
+    total: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------- methods

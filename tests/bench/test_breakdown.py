@@ -6,13 +6,7 @@ import time
 import pytest
 import torch
 
-from sparsekit.bench.breakdown import (
-    CATEGORIES,
-    consistency_rows,
-    decode_breakdown,
-    decode_breakdowns,
-    per_layer_prediction,
-)
+from sparsekit.bench.breakdown import CATEGORIES, consistency_rows, decode_breakdown, decode_breakdowns
 from sparsekit.bench.e2e import sparsified_copy
 from tests.conftest import tiny_model
 
@@ -57,14 +51,27 @@ def test_sparsified_models_are_split_by_format_and_interleaved():
     assert out["2:4"].hooks == out["dense"].hooks == 17
 
 
-def test_per_layer_prediction_times_each_group_and_compares():
+def test_layers_alone_run_one_copy_per_layer_interleaved_and_compare():
     model = tiny_model("llama")
-    b = decode_breakdown(model, _prompt(), new_tokens=3, rounds=1)
-    p = per_layer_prediction(b, min_time_s=0.0, pool_bytes=1 << 20)
-    assert set(p.groups) == {g.key for g in b.groups}
-    assert all(v > 0 for v in p.groups.values())
-    rows = consistency_rows(b, p, tpot_ms=b.step_ms)
+    b = decode_breakdown(model, _prompt(), new_tokens=3, rounds=2)
+    assert set(b.layers_alone) == {g.key for g in b.groups}
+    assert all(v > 0 for v in b.layers_alone.values())
+    rows = consistency_rows(b)
     total = next(r for r in rows if r["what"] == "all linears + lm_head")
-    assert total["per_layer_ms"] == pytest.approx(p.linears_ms + p.lm_head_ms)
+    assert total["per_layer_ms"] == pytest.approx(sum(b.layers_alone.values()))
     assert total["ratio"] == pytest.approx(total["per_layer_ms"] / total["in_model_ms"])
-    assert rows[-1]["ratio"] == pytest.approx(1.0)
+    assert rows[-1]["per_layer_ms"] == b.plain_step_ms > 0
+
+
+def test_layers_alone_holds_distinct_weights_per_layer():
+    from sparsekit.bench.breakdown import LayersAlone, LinearGroup
+
+    alone = LayersAlone([LinearGroup(32, 64, "2:4", 3, False)], 1, torch.float32, "cpu")
+    (fns,) = alone.calls.values()
+    held = [
+        next(c.cell_contents for c in f.__closure__ if isinstance(c.cell_contents, torch.nn.Module))
+        for f in fns
+    ]
+    assert len({m.values.data_ptr() for m in held}) == 3 and all(m.format == "2:4" for m in held)
+    alone.step()
+    assert len(alone.samples["linear 32x64 2:4"]) == 1

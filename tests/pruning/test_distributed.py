@@ -1,0 +1,139 @@
+"""Pruning on 2 processes (torch.distributed, Gloo on the CPU) against 1: the same masks and
+weights, only rank 0 writes, and a failing rank stops the other with a clear error."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsekit.pruning.distributed import World, assign, shard
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# one process of the group: prune the tiny model and save what it has (every rank saves)
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {root!r})
+    from tests.conftest import tiny_model
+    from sparsekit.pruning import PruneConfig, prune_model
+    from sparsekit.pruning import distributed
+
+    method, sparsity, out, fail_rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    world = distributed.init(timeout_s=float(os.environ.get("TIMEOUT", "60")))
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+    if world.rank == fail_rank:
+        import sparsekit.pruning.engine as engine
+        def boom(*a, **k):
+            raise RuntimeError("injected failure")
+        engine._prune_linear = boom
+    report = prune_model(model, ids, PruneConfig(method=method, sparsity=sparsity, batch_size=2,
+                                                 blocksize=16, show_progress=False))
+    torch.save(model.state_dict(), f"{{out}}/rank{{world.rank}}.pt")
+    if world.main:
+        json.dump(report.to_dict(), open(f"{{out}}/report.json", "w"))
+    distributed.shutdown()
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_group(tmp_path: Path, method: str, sparsity: str, fail_rank: int = -1, timeout: float = 60):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT)))
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "TIMEOUT": str(timeout),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), method, sparsity, str(tmp_path), str(fail_rank)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=timeout + 120)[0] for p in procs]
+    return [p.returncode for p in procs], outs
+
+
+def _single(method: str, sparsity: str):
+    from sparsekit.pruning import PruneConfig, prune_model
+    from tests.conftest import tiny_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_model("qwen2")
+        ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+        report = prune_model(
+            model,
+            ids,
+            PruneConfig(method=method, sparsity=sparsity, batch_size=2, blocksize=16, show_progress=False),
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return model.state_dict(), report
+
+
+@pytest.mark.parametrize(
+    ("method", "sparsity"), [("wanda", "0.5"), ("magnitude", "2:4"), ("sparsegpt", "2:4")]
+)
+def test_two_ranks_reproduce_one_process(tmp_path, method, sparsity):
+    codes, outs = _run_group(tmp_path, method, sparsity)
+    assert codes == [0, 0], outs
+    single, single_report = _single(method, sparsity)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, ref in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank holds the same model
+        if "layers" in name and name.endswith("proj.weight"):
+            assert torch.equal(ranks[0][name] != 0, ref != 0), name  # identical masks
+            torch.testing.assert_close(ranks[0][name], ref, rtol=1e-5, atol=1e-6)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 2 and len(report["rank_timings_s"]) == 2
+    assert report["nsamples"] == 8 and report["overall_sparsity"] == pytest.approx(
+        single_report.overall_sparsity
+    )
+    if method != "magnitude":
+        assert "communication" in report["timings_s"]
+        assert report["block_rel_errors"] == pytest.approx(single_report.block_rel_errors, rel=1e-4)
+
+
+def test_a_failing_rank_stops_the_other_with_an_error(tmp_path):
+    codes, outs = _run_group(tmp_path, "sparsegpt", "0.5", fail_rank=1, timeout=20)
+    assert codes[0] != 0 and codes[1] != 0, outs
+    assert "injected failure" in outs[1]
+    assert not (tmp_path / "report.json").exists() and not (tmp_path / "rank0.pt").exists()
+
+
+def test_shard_and_assign():
+    assert [list(shard(5, World(r, 2))) for r in range(2)] == [[0, 1], [2, 3, 4]]
+    with pytest.raises(ValueError, match="at least one"):
+        shard(1, World(0, 2))
+    owner = assign([("a", 9.0), ("b", 5.0), ("c", 4.0), ("d", 1.0)], 2)
+    assert owner == {"a": 0, "b": 1, "c": 1, "d": 0}  # loads 10 and 9
+    assert assign([("x", 1.0), ("y", 1.0)], 2) == {"x": 0, "y": 1}
