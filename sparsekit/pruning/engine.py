@@ -30,11 +30,12 @@ from sparsekit.arch import (
 )
 from sparsekit.formats import Pattern, mask_sparsity, parse_sparsity
 from sparsekit.kernels.dtypes import parse_dtype
+from sparsekit.kernels.mask_bits import pack_mask, unpack_mask
 
 from .capture import Chunk, capture_block_inputs, floats_to, resolve_forward_dtype, run_block
 from .distributed import World, all_reduce_sum_, assign, broadcast_, current_world, gather_objects, shard
 from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error_parts
-from .method import Gram, InputStat, PruningMethod, pruning_method
+from .method import InputStat, PruningMethod, pruning_method
 from .offload import check_writable_offload, materialized
 
 log = logging.getLogger(__name__)
@@ -287,13 +288,6 @@ def _prune_block(
     return linears
 
 
-def _solve_cost(module: nn.Module, config: PruneConfig) -> float:
-    """What a layer's solve costs, for spreading a block's layers over ranks: rows x cols^2 for a
-    Hessian-based update (SparseGPT), rows x cols for a score-and-select method."""
-    rows, cols = linear_weight(module).shape
-    return float(rows) * cols * (cols if isinstance(config.method.statistic, Gram) else 1)
-
-
 def _prune_linears(
     linears: dict[str, nn.Module],
     stats: dict[str, InputStat],
@@ -301,26 +295,30 @@ def _prune_linears(
     timer: Timer,
     world: World,
 ) -> dict[str, tuple[torch.Tensor, float | None]]:
-    """Prune every linear (each on its owner rank when ``world`` is active, then broadcast)."""
-    if not world.active:
+    """Prune every linear. With an active ``world`` and a method whose solves are worth spreading
+    (``solve_cost``), each layer is pruned on one rank, by cost, and broadcast from it; otherwise
+    every rank prunes every layer (same statistics, same code: the same weights)."""
+    costs = {n: config.method.solve_cost(*linear_weight(m).shape) for n, m in linears.items()}
+    if not world.active or any(c is None for c in costs.values()):  # cheap solves: every rank its own
         return {n: _prune_linear(m, stats.get(n), config, timer) for n, m in linears.items()}
-    owner = assign([(n, _solve_cost(m, config)) for n, m in linears.items()], world.size)
+    owner = assign(list(costs.items()), world.size)
     results = {
         n: _prune_linear(m, stats.get(n), config, timer) for n, m in linears.items() if owner[n] == world.rank
     }
     with timer.phase("communication"):
         for name, module in linears.items():  # the same order on every rank
             weight = linear_weight(module).detach()
+            src = owner[name]
             mask, percdamp = results.get(
-                name, (torch.empty(weight.shape, dtype=torch.bool, device=weight.device), None)
+                name, (torch.zeros(weight.shape, dtype=torch.bool, device=weight.device), None)
             )
-            broadcast_(weight, owner[name])
-            mask_u8 = broadcast_(mask.to(torch.uint8), owner[name])
+            broadcast_(weight, src)
+            bits = broadcast_(pack_mask(mask.to(weight.device)), src)  # 1 bit per weight on the wire
             damp = torch.tensor(
                 [float("nan") if percdamp is None else percdamp], dtype=torch.float64, device=weight.device
             )
-            broadcast_(damp, owner[name])
-            results[name] = (mask_u8.bool(), None if damp.isnan().item() else damp.item())
+            broadcast_(damp, src)
+            results[name] = (unpack_mask(bits, weight.shape), None if damp.isnan().item() else damp.item())
     return results
 
 

@@ -98,6 +98,12 @@ class PruningMethod:
     def needs_calibration(self) -> bool:
         return self.statistic is not None
 
+    def solve_cost(self, rows: int, cols: int) -> float | None:
+        """The relative cost of pruning one [rows, cols] layer, by which a distributed run spreads a
+        block's layers over ranks (and broadcasts each result); None: cheaper than broadcasting the
+        result, so every rank prunes every layer itself (the same inputs give the same weights)."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

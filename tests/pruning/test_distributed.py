@@ -137,3 +137,49 @@ def test_shard_and_assign():
     owner = assign([("a", 9.0), ("b", 5.0), ("c", 4.0), ("d", 1.0)], 2)
     assert owner == {"a": 0, "b": 1, "c": 1, "d": 0}  # loads 10 and 9
     assert assign([("x", 1.0), ("y", 1.0)], 2) == {"x": 0, "y": 1}
+
+
+def _launch(argv: list[str], procs: int, timeout: float = 120) -> list[subprocess.CompletedProcess]:
+    """``python -m sparsekit ARGV`` as torchrun would start it on ``procs`` ranks (1: no group)."""
+    port = _free_port()
+    running = []
+    for rank in range(procs):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if procs > 1:
+            env |= {"RANK": str(rank), "WORLD_SIZE": str(procs), "LOCAL_RANK": str(rank)}
+            env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        running.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "sparsekit", *argv],
+                env=env,
+                cwd=ROOT,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return [(p.wait(timeout=timeout), p.stdout.read()) for p in running]
+
+
+def test_cli_under_two_ranks_prunes_an_offloaded_model_like_one_process(saved_llama):
+    """`python -m sparsekit prune` on 2 ranks (as torchrun starts it) with disk offload: rank 0
+    alone writes, each rank offloads into its own folder, and the result equals 1 process."""
+    from transformers import AutoModelForCausalLM
+
+    _, tmp = saved_llama
+    calib = tmp / "calib.txt"
+    calib.write_text(("the cat sat on the mat and the dog " * 200 + "\n") * 8)
+    common = ["prune", str(tmp / "dense"), "--method", "wanda", "--sparsity", "2:4", "--calib", str(calib)]
+    common += ["--nsamples", "4", "--seqlen", "16", "--batch-size", "2", "--save-format", "dense"]
+    common += ["--max-cpu-memory", "64KB", "--dist-timeout", "60"]
+    ((code, out),) = _launch([*common, "--offload-folder", str(tmp / "off1"), "--out", str(tmp / "one")], 1)
+    assert code == 0, out
+    results = _launch([*common, "--offload-folder", str(tmp / "off2"), "--out", str(tmp / "two")], 2)
+    assert [c for c, _ in results] == [0, 0], results
+    assert "pruned 14 linear layers" in results[0][1] and "pruned" not in results[1][1]  # rank 0 prints
+    assert "rank 1 of 2" in results[0][1]
+    assert (tmp / "off2" / "rank0").is_dir() and (tmp / "off2" / "rank1").is_dir()
+    one, two = (AutoModelForCausalLM.from_pretrained(tmp / name).state_dict() for name in ("one", "two"))
+    for name, w in one.items():
+        assert torch.equal(w != 0, two[name] != 0), name
+        torch.testing.assert_close(w, two[name], rtol=1e-5, atol=1e-6)

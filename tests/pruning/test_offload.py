@@ -5,7 +5,6 @@ import torch
 
 from sparsekit.pruning import PruneConfig, prune_model
 from sparsekit.pruning.offload import offloaded_modules
-from tests.conftest import tiny_model
 
 DISK_MAP = {
     "model.embed_tokens": "cpu",
@@ -15,19 +14,6 @@ DISK_MAP = {
     "model.rotary_emb": "cpu",
     "lm_head": "cpu",
 }
-
-
-@pytest.fixture
-def saved_llama(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    model = tiny_model("llama").eval()
-    model.save_pretrained(tmp_path / "dense")
-    words = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(tmp_path / "dense")
-    return model, tmp_path
 
 
 def _offloaded(tmp_path):
