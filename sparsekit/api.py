@@ -79,15 +79,15 @@ def prune(
 ) -> PruneReport | StructuredReport:
     """Prune ``model`` in place one-shot and return the report.
 
-    method: a registered name ('magnitude' | 'wanda' | 'sparsegpt', or the structured
+    method: a registered name ('magnitude' | 'wanda' | 'ria' | 'sparsegpt', or the structured
     'shortgpt' | 'angular' | 'wanda-sp' | 'flap') or a method object.
     sparsity: 0.5, '50%', '2:4', '4:8'; for structured methods the fraction of decoder-block
     parameters removed (keywords: remove_layers, repair, heads, widths, bias_compensation,
     tokens; see ``StructuredConfig``). Structured methods return a ``StructuredReport`` and leave
     a smaller dense model; prune again with an unstructured method to stack.
     calib: 'wiki-offline' | 'wikitext2' | 'c4' | 'dolly' | a text/JSONL path | list of texts |
-    LongTensor [nsamples, seqlen]. Extra keywords go to ``PruneConfig`` (blocksize, percdamp,
-    batch_size, device, show_progress, ...).
+    LongTensor [nsamples, seqlen]. Extra keywords go to ``PruneConfig`` (allocation='owl',
+    blocksize, percdamp, batch_size, device, show_progress, ...).
     """
     if is_structured(method):
         structured = structured_method(method)
@@ -98,7 +98,7 @@ def prune(
         return report
     prune_config = PruneConfig(method=method, sparsity=sparsity, **config)
     ids, label = None, "none"
-    if prune_config.method.needs_calibration:
+    if prune_config.method.needs_calibration or prune_config.allocation.needs_scores:
         ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
     report = prune_model(model, ids, prune_config)
     report.calib = label

@@ -88,10 +88,14 @@ def _prune_options(args: argparse.Namespace, method: str, sparsity: str) -> dict
         raise ValueError(
             f"--remove-layers and --repair are for depth methods (shortgpt, angular), not {method}"
         )
+    from sparsekit.pruning.allocation import OWL
+
+    alloc = OWL(lam=args.owl_lambda, m=args.owl_m) if args.allocation == "owl" else "uniform"
     return common | {
         "blocksize": args.blocksize,
         "percdamp": args.percdamp,
         "forward_dtype": args.forward_dtype,
+        "allocation": alloc if method == args.method else "uniform",
     }
 
 
@@ -529,6 +533,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="after a structured method, prune what remains with this method (stacking)",
     )
     p.add_argument("--then-sparsity", default="2:4", help="sparsity of --then-method")
+    p.add_argument(
+        "--allocation",
+        choices=("uniform", "owl"),
+        default="uniform",
+        help="per-block sparsity: the same everywhere, or OWL (blocks with more activation outliers "
+        "keep more; unstructured sparsity only; the overall sparsity stays the target)",
+    )
+    p.add_argument(
+        "--owl-lambda", type=float, default=0.08, help="OWL: block sparsities span target +- lambda"
+    )
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL: outliers are scores above M x their mean")
     p.add_argument("--calib", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | dolly | PATH")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)

@@ -2,6 +2,7 @@
 
 from sparsekit.arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, find_decoder_blocks
 
+from .allocation import OWL, Allocation, Uniform, outlier_ratio
 from .engine import LayerReport, PruneConfig, PruneReport, prune_model
 
 # registration: importing a method's module registers it
@@ -14,6 +15,7 @@ from .method import (
     pruning_method,
     register_method,
 )
+from .ria import RIA, ria_prune, ria_scores
 from .sparsegpt import (
     FACTOR_SOLVER,
     PLAIN_SOLVER,
@@ -26,6 +28,13 @@ from .sparsegpt import (
 from .wanda import Wanda, wanda_prune
 
 __all__ = [
+    "OWL",
+    "RIA",
+    "Allocation",
+    "Uniform",
+    "outlier_ratio",
+    "ria_prune",
+    "ria_scores",
     "FACTOR_SOLVER",
     "PLAIN_SOLVER",
     "SUPPORTED_MODEL_TYPES",

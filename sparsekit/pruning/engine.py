@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,14 +28,15 @@ from sparsekit.arch import (
     model_dtype,
     set_linear_weight,
 )
-from sparsekit.formats import Pattern, mask_sparsity, parse_sparsity
+from sparsekit.formats import Pattern, Unstructured, mask_sparsity, parse_sparsity
 from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.kernels.mask_bits import pack_mask, unpack_mask
 
+from .allocation import Allocation, allocation, outlier_ratio
 from .capture import Chunk, capture_block_inputs, floats_to, resolve_forward_dtype, run_block
 from .distributed import World, all_reduce_sum_, assign, broadcast_, current_world, gather_objects, shard
 from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error_parts
-from .method import InputStat, PruningMethod, pruning_method
+from .method import InputStat, PruningMethod, SquaredNorm, pruning_method
 from .offload import check_writable_offload, materialized
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class PruneConfig:
     # fast bf16 matmuls, as the papers ran fp16 forwards; otherwise the model's dtype), "model",
     # or a torch dtype. Statistics accumulate in fp32 and the weights are pruned in their own dtype.
     forward_dtype: str | torch.dtype = "auto"
+    # how much of each block to prune: "uniform", "owl" (outlier-weighted, unstructured only) or
+    # an ``Allocation`` value such as ``OWL(lam=0.1)``
+    allocation: str | Allocation = "uniform"
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -85,6 +89,12 @@ class PruneConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         self.method = pruning_method(self.method)
         self.sparsity = parse_sparsity(self.sparsity)
+        self.allocation = allocation(self.allocation)
+        if self.allocation.needs_scores and not isinstance(self.sparsity, Unstructured):
+            raise ValueError(
+                f"allocation {self.allocation.name!r} spreads an unstructured sparsity over blocks; "
+                f"{self.sparsity} fixes every group's count: use a ratio like 0.7, or allocation='uniform'"
+            )
         if self.forward_dtype not in ("auto", "model"):
             try:
                 self.forward_dtype = parse_dtype(self.forward_dtype)
@@ -113,6 +123,7 @@ class PruneReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     forward_dtype: str = ""  # dtype of the calibration forwards
+    block_sparsities: list[float] = field(default_factory=list)  # per block, when not uniform
     world_size: int = 1  # processes that pruned together (torch.distributed)
     rank_timings_s: list[dict[str, float]] = field(default_factory=list)  # each rank's phases
 
@@ -132,6 +143,7 @@ class PruneReport:
             "overall_sparsity": self.overall_sparsity,
             "timings_s": self.timings_s,
             "forward_dtype": self.forward_dtype,
+            "block_sparsities": self.block_sparsities,
             "world_size": self.world_size,
             "rank_timings_s": self.rank_timings_s,
             "block_rel_errors": self.block_rel_errors,
@@ -167,7 +179,7 @@ def prune_model(
     check_writable_offload(model)
     world = current_world()
     report = PruneReport(method.name, str(config.sparsity), nsamples, seqlen, world_size=world.size)
-    needs_data = method.needs_calibration
+    needs_data = method.needs_calibration or config.allocation.needs_scores
     chunks: list[Chunk] = []
     if needs_data:
         _check_calibration(input_ids, method.name)
@@ -190,6 +202,21 @@ def prune_model(
             chunk.hidden = chunk.hidden.to(forward_dtype)
             chunk.args = floats_to(chunk.args, forward_dtype)
             chunk.kwargs = floats_to(chunk.kwargs, forward_dtype)
+    block_configs = [config] * len(blocks)
+    if config.allocation.needs_scores:
+        with timer.phase("allocation"):
+            ratios = _outlier_ratios(blocks, chunks, config, timer, world, device)
+        report.block_sparsities = config.allocation.block_sparsities(config.sparsity.sparsity, ratios)
+        block_configs = [replace(config, sparsity=Unstructured(s)) for s in report.block_sparsities]
+        if not method.needs_calibration:
+            chunks = []  # magnitude needed the data only for the allocation
+        log.info(
+            "%s allocation: block sparsities %.3f..%.3f around %.3f",
+            config.allocation.name,
+            min(report.block_sparsities),
+            max(report.block_sparsities),
+            config.sparsity.sparsity,
+        )
     progress = tqdm(
         range(len(blocks)),
         desc=f"{method.name} {config.sparsity}",
@@ -202,7 +229,9 @@ def prune_model(
             try:
                 with materialized(block, device) as changed:
                     block.to(device)
-                    linears = _prune_block(block, f"{prefix}.{index}", chunks, config, timer, report, world)
+                    linears = _prune_block(
+                        block, f"{prefix}.{index}", chunks, block_configs[index], timer, report, world
+                    )
                     changed.update(linears.values())  # written back where accelerate offloaded them
                     block.to(home)
             except Exception as exc:
@@ -286,6 +315,38 @@ def _prune_block(
             chunk.hidden = out
         del dense_outputs, pruned_outputs, dense_weights
     return linears
+
+
+def _outlier_ratios(
+    blocks: nn.ModuleList, chunks: list[Chunk], config: PruneConfig, timer: Timer, world: World, device
+) -> list[float]:
+    """OWL's pre-pass: the dense model's blocks in order, each on the previous block's dense outputs,
+    with Wanda scores |W| * ||X||_2 of every linear -> each block's outlier ratio. ``chunks`` are
+    left as they are (the pruning pass starts from block 0's inputs again)."""
+    chunks = [Chunk(c.hidden, c.args, c.kwargs) for c in chunks]
+    ratios = []
+    for block in blocks:
+        home = model_device(block)
+        with materialized(block, device):
+            block.to(device)
+            runner = block if chunks[0].hidden.dtype == model_dtype(block) else copy.deepcopy(block)
+            runner.to(chunks[0].hidden.dtype)
+            linears = block_linears(runner)
+            collector = StatsCollector(linears, SquaredNorm(), timer, config.share_statistics)
+            with timer.phase("forward"):
+                outputs = run_block(runner, chunks, collector.next_chunk)
+            collector.remove()
+            stats = collector.finish(world)
+            scores = [
+                linear_weight(block_linears(block)[n]).detach().abs().float()
+                * stats[n].value.sqrt().reshape(1, -1)
+                for n in linears
+            ]
+            ratios.append(outlier_ratio(scores, config.allocation.m))
+            block.to(home)
+        for chunk, out in zip(chunks, outputs, strict=True):
+            chunk.hidden = out
+    return ratios
 
 
 def _prune_linears(
