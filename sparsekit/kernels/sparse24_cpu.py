@@ -3,7 +3,8 @@
 ``sparse24_mm_cpu``: x [..., K] (fp32/bf16/fp16), values [N, K/2], meta [N, ceil(K/8)] uint8,
 bias [N] or None -> y [..., N] = x @ decompress_24(values, meta).T + bias, fp32 accumulation.
 
-Decode (M <= ``DIRECT_MAX_M``): one pass over values + meta (0.5625x the dense fp32/bf16 bytes).
+Decode (M <= ``DIRECT_MAX_M``): one pass over values + meta (0.5625x the dense fp32/bf16 bytes),
+in tiles of about 32 KiB that every 8 rows of x re-read from cache.
 With AVX-512 each 64-column step loads 8 meta bytes and 32 values and never builds the dense
 weight: it gathers x instead. The 16 values of 8 groups sit at columns 4*group + slot inside 32
 columns of x, so one two-source permute (vpermt2ps, indices from the meta word: computed once
@@ -34,10 +35,12 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-# largest M for the direct kernel; above it, blocked decompress + BLAS GEMM. Measured on a Zen 5
-# (AVX-512) core: fp32 direct wins to M=8; for bf16/fp16 the oneDNN GEMM (AVX512-BF16) wins from
-# M=4 on, and the direct kernel still beats blocked there (bench/bench_cpu_decode_24.py).
-DIRECT_MAX_M = {torch.float32: 8, torch.bfloat16: 4, torch.float16: 4}
+# largest M for the direct kernel; above it, blocked decompress + BLAS GEMM. Measured on the
+# Xeon-512 VM of docs/results.md with weight tiles re-read from cache for every 8 rows of x: the
+# direct kernel beats dense fp32 through M = 16 and loses from M = 32; in bf16 oneDNN's GEMM
+# wins from M = 8 on large shapes, but the direct kernel still beats the blocked path at M = 16
+# (bench/bench_cpu_decode_24.py).
+DIRECT_MAX_M = {torch.float32: 16, torch.bfloat16: 16, torch.float16: 16}
 ROW_BLOCK = 256  # rows per decompressed block in the GEMM path: 256 x 4096 fp32 = 4 MiB
 
 CPP_SOURCE = Path(__file__).with_name("csrc") / "sparse24_cpu.cpp"  # shipped as package data

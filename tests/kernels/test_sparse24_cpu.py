@@ -79,6 +79,16 @@ def test_cpu_mm_every_m(m, cpu_path, assert_close):
     assert_close(sparse24_mm(x, values, meta), sparse24_mm_ref(x, values, meta))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [3, 13, 16])
+def test_cpu_mm_across_weight_tiles(m, dtype, cpu_path, assert_close):
+    """N = 700 rows at K = 200 span several ~32 KiB weight tiles, each re-read for every 8 rows of x."""
+    values, meta = compress_24(_weight_24(700, 200, dtype))
+    x = torch.randn(m, 200, dtype=dtype)
+    bias = torch.randn(700, dtype=dtype)
+    assert_close(sparse24_mm(x, values, meta, bias), sparse24_mm_ref(x, values, meta, bias))
+
+
 def test_cpu_mm_batched_noncontiguous(cpu_path, assert_close):
     values, meta = compress_24(_weight_24(33, 136, torch.bfloat16))
     x = torch.randn(136, 2, 3, dtype=torch.bfloat16).permute(1, 2, 0)  # [2, 3, 136], not contiguous

@@ -154,17 +154,23 @@ void mm_impl(const T* v, const uint8_t* meta, const float* x, const T* bias, T* 
              int64_t K) {
   // grain: enough rows that each task streams >= ~64 KiB of weights
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * int64_t(sizeof(T)) / 2));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      switch (std::min<int64_t>(MB, M - m0)) {
-        case 1: rows_block<T, 1>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-        case 2: rows_block<T, 2>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-        case 3: rows_block<T, 3>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-        case 4: rows_block<T, 4>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-        case 5: rows_block<T, 5>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-        case 6: rows_block<T, 6>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-        case 7: rows_block<T, 7>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-        default: rows_block<T, 8>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
+  // tiles of NT weight rows (~32 KiB of values): with M > MB every pass of MB rows of x re-reads
+  // the tile from L1/L2, so the weight streams from DRAM once whatever M is
+  const int64_t NT = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, K * int64_t(sizeof(T)) / 2));
+  at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t n0 = c0; n0 < c1; n0 += NT) {
+      const int64_t n1 = std::min<int64_t>(c1, n0 + NT);
+      for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        switch (std::min<int64_t>(MB, M - m0)) {
+          case 1: rows_block<T, 1>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
+          case 2: rows_block<T, 2>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
+          case 3: rows_block<T, 3>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
+          case 4: rows_block<T, 4>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
+          case 5: rows_block<T, 5>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
+          case 6: rows_block<T, 6>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
+          case 7: rows_block<T, 7>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
+          default: rows_block<T, 8>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
+        }
       }
     }
   });
