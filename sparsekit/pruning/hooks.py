@@ -122,10 +122,6 @@ def rel_error_parts(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> tu
     return num, den
 
 
-def rel_error(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
-    num, den = rel_error_parts(dense, pruned)
-    return num / max(den, 1e-30)
-
 
 class OutputErrorProbe:
     """Hooks comparing each pruned linear's output with the dense weight's on the same input.
