@@ -86,10 +86,17 @@ def prune(
     tokens; see ``StructuredConfig``). Structured methods return a ``StructuredReport`` and leave
     a smaller dense model; prune again with an unstructured method to stack.
     calib: 'wiki-offline' | 'wikitext2' | 'c4' | 'dolly' | a text/JSONL path | list of texts |
-    LongTensor [nsamples, seqlen]. Extra keywords go to ``PruneConfig`` (allocation='owl',
-    blocksize, percdamp, batch_size, device, show_progress, ...).
+    LongTensor [nsamples, seqlen]. Extra keywords go to ``PruneConfig``: the steps around the
+    method's score, allocation='owl', refine='dsnot', update='sparsegpt' | 'admm', permute=True
+    (N:M), and blocksize, percdamp, batch_size, device, show_progress, ...
     """
     if is_structured(method):
+        steps = {k: config[k] for k in ("refine", "update", "permute", "allocation") if config.get(k)}
+        if any(v not in ("none", "uniform", False) for v in steps.values()):
+            raise ValueError(
+                f"{', '.join(steps)} act on an unstructured or N:M mask, and {method} removes whole "
+                "structures: prune again with wanda/sparsegpt/ria to use them (stacking)"
+            )
         structured = structured_method(method)
         structured_config = StructuredConfig(sparsity=sparsity, **config)
         ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
@@ -98,7 +105,7 @@ def prune(
         return report
     prune_config = PruneConfig(method=method, sparsity=sparsity, **config)
     ids, label = None, "none"
-    if prune_config.method.needs_calibration or prune_config.allocation.needs_scores:
+    if prune_config.needs_calibration:
         ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
     report = prune_model(model, ids, prune_config)
     report.calib = label

@@ -9,6 +9,8 @@ many bytes it holds, and swapping one submodule for another.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -126,3 +128,53 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+@dataclass(frozen=True)
+class ChannelFold:
+    """Input channels of ``consumer`` that its ``producers`` make, so permuting the consumer's input
+    columns is free at run time when the producers' output rows take the same permutation.
+
+    The producers' outputs are ``segments`` runs of ``width`` channels (KV heads; one run for an
+    MLP), each permuted on its own; the consumer's input is ``segments * repeats`` runs, run j made
+    by producer run j // repeats (the query heads sharing a KV head)."""
+
+    consumer: str
+    producers: tuple[str, ...]
+    width: int
+    segments: int = 1
+    repeats: int = 1
+
+
+_MLP_FOLDS = (
+    (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+    (("fc1",), "fc2"),
+    (("mlp.c_fc",), "mlp.c_proj"),
+)
+_ATTN_FOLDS = (("self_attn.v_proj", "self_attn.o_proj"), ("self_attn.v_proj", "self_attn.out_proj"))
+
+
+def channel_folds(block: nn.Module) -> list[ChannelFold]:
+    """The foldable (producer rows -> consumer columns) pairs of one decoder block: the MLP's hidden
+    channels (elementwise between the layers) and the attention's value channels per KV head.
+    Shapes are checked; a pair whose shapes do not fit, or an attention with a norm on v, is left out."""
+    linears = block_linears(block)
+    folds = []
+    for producers, consumer in _MLP_FOLDS:
+        if consumer in linears and all(p in linears for p in producers):
+            width = linear_weight(linears[consumer]).shape[1]
+            if all(linear_weight(linears[p]).shape[0] == width for p in producers):
+                folds.append(ChannelFold(consumer, producers, width))
+    for producer, consumer in _ATTN_FOLDS:
+        if producer not in linears or consumer not in linears:
+            continue
+        attn = block.get_submodule(producer.rpartition(".")[0])
+        head_dim = getattr(attn, "head_dim", None)
+        repeats = getattr(attn, "num_key_value_groups", 1)
+        v_out = linear_weight(linears[producer]).shape[0]
+        o_in = linear_weight(linears[consumer]).shape[1]
+        if not isinstance(head_dim, int) or hasattr(attn, "v_norm") or v_out % head_dim:
+            continue
+        if o_in == v_out * repeats:
+            folds.append(ChannelFold(consumer, (producer,), head_dim, v_out // head_dim, repeats))
+    return folds

@@ -96,6 +96,9 @@ def _prune_options(args: argparse.Namespace, method: str, sparsity: str) -> dict
         "percdamp": args.percdamp,
         "forward_dtype": args.forward_dtype,
         "allocation": alloc if method == args.method else "uniform",
+        "refine": args.refine,
+        "update": args.update,
+        "permute": args.permute,
     }
 
 
@@ -131,7 +134,19 @@ def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, str]]:
                 tokens=args.tokens,
             )
         else:
-            parse_sparsity(sparsity)  # fail on a bad pattern before the model loads
+            from sparsekit.pruning import PruneConfig
+
+            # a bad pattern or combination (--permute without N:M, ...) fails before the model loads
+            PruneConfig(
+                method=method, sparsity=parse_sparsity(sparsity), refine=args.refine, update=args.update,
+                permute=args.permute,
+            )  # fmt: skip
+    steps_unstructured = [m for m, _ in steps if not is_structured(m)]
+    if not steps_unstructured and (args.refine != "none" or args.update != "none" or args.permute):
+        raise ValueError(
+            "--refine, --update and --permute act on an unstructured or N:M method's mask, and "
+            f"{args.method} removes whole structures: add --then-method wanda|sparsegpt|ria, or drop them"
+        )
     if args.out:
         check_can_create(args.out)
     if args.offload_folder and args.out and args.save_format == "compressed":
@@ -156,7 +171,8 @@ def _print_report(report, method: str) -> None:
             print(f"widths before {report.widths_before}, after ({where}): {shown}")
     else:
         print(
-            f"pruned {len(report.layers)} linear layers with {method} to {report.overall_sparsity:.3f} "
+            f"pruned {len(report.layers)} linear layers with {getattr(report, 'recipe', '') or method} "
+            f"to {report.overall_sparsity:.3f} "
             f"sparsity ({report.sparsity}); calib {report.calib}, {report.nsamples} x {report.seqlen} tokens"
         )
     print("time per phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_s.items()))
@@ -544,6 +560,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--owl-lambda", type=float, default=0.08, help="OWL: block sparsities span target +- lambda"
     )
     p.add_argument("--owl-m", type=float, default=5.0, help="OWL: outliers are scores above M x their mean")
+    p.add_argument(
+        "--refine",
+        choices=("none", "dsnot"),
+        default="none",
+        help="after the method's mask: DSnoT prune-and-grow swaps lowering each row's expected output error",
+    )
+    p.add_argument(
+        "--update",
+        choices=("none", "sparsegpt", "admm"),
+        default="none",
+        help="set the kept weights: SparseGPT's OBS solve on the fixed mask, or ADMM least squares "
+        "(20 iterations, warm-started from the method's weights, never worse on the calibration data)",
+    )
+    p.add_argument(
+        "--permute",
+        action="store_true",
+        help="N:M: permute down_proj / o_proj input channels before masking (RIA), folded into "
+        "gate/up and v_proj so the saved model needs no permutation",
+    )
     p.add_argument("--calib", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | dolly | PATH")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)

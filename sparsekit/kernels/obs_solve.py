@@ -96,11 +96,13 @@ def _block_unstructured_mask(w: torch.Tensor, diag: torch.Tensor, sparsity: floa
     return topk_keep_mask(saliency.reshape(-1), keep).reshape(w.shape)
 
 
-def _check(w: torch.Tensor, hinv: torch.Tensor, sparsity, n, m) -> None:
+def _check(w: torch.Tensor, hinv: torch.Tensor, sparsity, n, m, mask=None) -> None:
     if w.dim() != 2 or hinv.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"need w [R, B] and hinv [B, B], got {tuple(w.shape)} and {tuple(hinv.shape)}")
-    if (sparsity is None) == (n is None):
-        raise ValueError("give either sparsity or n and m")
+    if (sparsity is not None) + (n is not None) + (mask is not None) != 1:
+        raise ValueError("give exactly one of sparsity, n and m, or a fixed mask")
+    if mask is not None and (mask.shape != w.shape or mask.dtype != torch.bool):
+        raise ValueError(f"a fixed mask must be bool {tuple(w.shape)}, got {mask.dtype} {tuple(mask.shape)}")
     if n is not None and w.shape[1] % m:
         raise ValueError(f"block width {w.shape[1]} must be a multiple of m={m} so no group straddles blocks")
 
@@ -111,15 +113,18 @@ def obs_block_solve_ref(
     sparsity: float | None = None,
     n: int | None = None,
     m: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain per-column loop, as in the SparseGPT paper's Algorithm 1 for one block."""
-    _check(w, hinv, sparsity, n, m)
+    """Plain per-column loop, as in the SparseGPT paper's Algorithm 1 for one block.
+
+    ``mask`` [R, B] bool: a fixed keep-mask (the OBS update of the kept weights only)."""
+    _check(w, hinv, sparsity, n, m, mask)
     w = w.clone()
     rows, width = w.shape
     q = torch.zeros_like(w)
     err = torch.zeros_like(w)
     diag = torch.diagonal(hinv)
-    mask = torch.ones_like(w, dtype=torch.bool)
+    mask = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.clone()
     if sparsity is not None:
         mask = _block_unstructured_mask(w, diag, sparsity)
     for i in range(width):
@@ -168,6 +173,7 @@ def obs_block_solve_t_(
     n: int | None = None,
     m: int | None = None,
     sub_block: int = 16,
+    maskt: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place transposed solve: wt [B, R] contiguous fp32 -> q (in wt), returns (errt, maskt) [B, R].
 
@@ -179,17 +185,20 @@ def obs_block_solve_t_(
     bit-identical to the reference's (w_i - q_i) / hinv_ii), and one ``addr_``.
     """
     with one_thread(wt.device):
-        return _solve_t(wt, hinv, sparsity, n, m, sub_block)
+        return _solve_t(wt, hinv, sparsity, n, m, sub_block, maskt)
 
 
-def _solve_t(wt, hinv, sparsity, n, m, sub_block):
+def _solve_t(wt, hinv, sparsity, n, m, sub_block, fixed=None):
     width = wt.shape[0]
     if n is not None:
         sub_block = max(m, sub_block - sub_block % m)
     diag = torch.diagonal(hinv)
     errt = torch.empty_like(wt)
     inf = torch.tensor(float("inf"), dtype=wt.dtype, device=wt.device)
-    if sparsity is not None:
+    if fixed is not None:  # a given keep-mask [B, R]: only the update runs
+        maskt = fixed
+        denom = torch.where(maskt, inf, diag.unsqueeze(1))
+    elif sparsity is not None:
         # joint top-k over the [R, B] block in the reference's row-major flat order (ties)
         saliency = (wt.square() / diag.square().unsqueeze(1)).T
         keep = keep_count(saliency.numel(), sparsity)
@@ -222,11 +231,13 @@ def obs_block_solve_torch(
     n: int | None = None,
     m: int | None = None,
     sub_block: int = 16,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same result as the reference, faster: ``obs_block_solve_t_`` on a transposed copy."""
-    _check(w, hinv, sparsity, n, m)
+    _check(w, hinv, sparsity, n, m, mask)
     wt = w.T.clone(memory_format=torch.contiguous_format)  # [B, R]: column i of w is row i
-    errt, maskt = obs_block_solve_t_(wt, hinv, sparsity, n, m, sub_block)
+    fixed = None if mask is None else mask.T.contiguous()
+    errt, maskt = obs_block_solve_t_(wt, hinv, sparsity, n, m, sub_block, fixed)
     return wt.T.contiguous(), errt.T.contiguous(), maskt.T.contiguous()
 
 
@@ -237,15 +248,20 @@ def obs_block_solve_triton(
     n: int | None = None,
     m: int | None = None,
     block_r: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton kernel; the unstructured per-block mask is chosen by torch before the launch."""
-    _check(w, hinv, sparsity, n, m)
+    """The Triton kernel; the unstructured per-block mask is chosen by torch before the launch
+    (or given: ``mask`` [R, B] bool, read by the kernel as the unstructured one is)."""
+    _check(w, hinv, sparsity, n, m, mask)
     rows, width = w.shape
     if width > 256:
         raise ValueError(f"the Triton block solve keeps rows in registers: use blocksize <= 256, got {width}")
     w = w.float().contiguous()
     hinv = hinv.float().contiguous()
-    if sparsity is not None:
+    mask_given = mask is not None
+    if mask is not None:
+        mask = mask.to(torch.uint8).contiguous()
+    elif sparsity is not None:
         mask = _block_unstructured_mask(w, torch.diagonal(hinv), sparsity).to(torch.uint8)
     else:
         mask = torch.empty((rows, width), dtype=torch.uint8, device=w.device)
@@ -264,8 +280,8 @@ def obs_block_solve_triton(
         hinv.stride(0),
         mask.stride(0),
         q.stride(0),
-        NM_N=n or 0,
-        NM_M=m or 0,
+        NM_N=0 if mask_given else n or 0,
+        NM_M=0 if mask_given else m or 0,
         BLOCK_R=block_r,
         BLOCK_B=block_b,
         num_warps=4,
@@ -279,11 +295,14 @@ def obs_block_solve(
     sparsity: float | None = None,
     n: int | None = None,
     m: int | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [R, B] fp32, hinv [B, B] fp32 -> (q, err, mask) [R, B]: Triton on CUDA, blocked torch on CPU."""
+    """w [R, B] fp32, hinv [B, B] fp32 -> (q, err, mask) [R, B]: Triton on CUDA, blocked torch on CPU.
+
+    ``mask`` [R, B] bool: a fixed keep-mask instead of choosing one (sparsity / n:m)."""
     if use_triton(w, hinv):
-        return obs_block_solve_triton(w, hinv, sparsity, n, m)
-    return obs_block_solve_torch(w, hinv, sparsity, n, m)
+        return obs_block_solve_triton(w, hinv, sparsity, n, m, mask=mask)
+    return obs_block_solve_torch(w, hinv, sparsity, n, m, mask=mask)
 
 
 _OBS_SIG = {

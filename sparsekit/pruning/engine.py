@@ -22,22 +22,33 @@ from tqdm.auto import tqdm
 
 from sparsekit.arch import (
     block_linears,
+    channel_folds,
     find_decoder_blocks,
     linear_weight,
     model_device,
     model_dtype,
     set_linear_weight,
 )
-from sparsekit.formats import Pattern, Unstructured, mask_sparsity, parse_sparsity
+from sparsekit.formats import NMPattern, Pattern, Unstructured, mask_sparsity, parse_sparsity
 from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.kernels.mask_bits import pack_mask, unpack_mask
 
 from .allocation import Allocation, allocation, outlier_ratio
 from .capture import Chunk, capture_block_inputs, floats_to, resolve_forward_dtype, run_block
+from .compose import MaskRefine, NoRefine, NoUpdate, WeightUpdate, mask_refine, weight_update
 from .distributed import World, all_reduce_sum_, assign, broadcast_, current_world, gather_objects, shard
 from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error_parts
-from .method import InputStat, PruningMethod, SquaredNorm, pruning_method
+from .method import (
+    InputStat,
+    PruningMethod,
+    SquaredNorm,
+    Statistic,
+    pruning_method,
+    split_stat,
+    statistic_for,
+)
 from .offload import check_writable_offload, materialized
+from .permute import fold_permutation, permute_columns_, permute_rows_, permute_stats
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +90,13 @@ class PruneConfig:
     # how much of each block to prune: "uniform", "owl" (outlier-weighted, unstructured only) or
     # an ``Allocation`` value such as ``OWL(lam=0.1)``
     allocation: str | Allocation = "uniform"
+    # after the method's mask: "none" or "dsnot" (a ``MaskRefine``), then "none", "sparsegpt" or
+    # "admm" (a ``WeightUpdate``) for the kept weights
+    refine: str | MaskRefine = "none"
+    update: str | WeightUpdate = "none"
+    # N:M only: permute each foldable layer's input channels before masking (RIA), folded into the
+    # producing layers so the saved model runs without a permutation
+    permute: bool = False
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -95,11 +113,54 @@ class PruneConfig:
                 f"allocation {self.allocation.name!r} spreads an unstructured sparsity over blocks; "
                 f"{self.sparsity} fixes every group's count: use a ratio like 0.7, or allocation='uniform'"
             )
+        self.refine = mask_refine(self.refine)
+        self.update = weight_update(self.update)
+        self._check_combination()
         if self.forward_dtype not in ("auto", "model"):
             try:
                 self.forward_dtype = parse_dtype(self.forward_dtype)
             except ValueError as exc:
                 raise ValueError(f"forward_dtype: {exc}, or auto / model") from None
+
+    def _check_combination(self) -> None:
+        if self.permute and not isinstance(self.sparsity, NMPattern):
+            raise ValueError(
+                f"permute=True groups input channels for N:M sparsity; {self.sparsity} has no groups: "
+                "use a sparsity like '2:4', or drop --permute"
+            )
+        if (
+            self.update.name == "sparsegpt"
+            and self.method.name == "sparsegpt"
+            and isinstance(self.refine, NoRefine)
+        ):
+            raise ValueError(
+                "update='sparsegpt' after method='sparsegpt' solves the same mask twice; use update='none' "
+                "(SparseGPT already updates), update='admm', or add refine='dsnot' to re-solve a refined mask"
+            )
+
+    @property
+    def statistic(self) -> Statistic | None:
+        """What the engine collects per layer input: everything the method, refine and update read."""
+        parts = [self.method.statistic] if self.method.statistic is not None else []
+        return statistic_for(parts + list(self.refine.statistics) + list(self.update.statistics))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic is not None or self.allocation.needs_scores
+
+    def solve_cost(self, rows: int, cols: int) -> float | None:
+        """The method's solve cost plus the update's (None when both are cheap, see PruningMethod)."""
+        costs = [c for c in (self.method.solve_cost(rows, cols), self.update.solve_cost(rows, cols)) if c]
+        return sum(costs) if costs else None
+
+    @property
+    def label(self) -> str:
+        """The method and every non-default step, e.g. 'ria+permute+dsnot+admm'."""
+        steps = [self.method.name] + (["permute"] if self.permute else [])
+        steps += [s.name for s in (self.refine, self.update) if s.name != "none"]
+        if self.allocation.name != "uniform":
+            steps.append(self.allocation.name)
+        return "+".join(steps)
 
 
 @dataclass
@@ -125,6 +186,8 @@ class PruneReport:
     forward_dtype: str = ""  # dtype of the calibration forwards
     block_sparsities: list[float] = field(default_factory=list)  # per block, when not uniform
     world_size: int = 1  # processes that pruned together (torch.distributed)
+    recipe: str = ""  # method and steps, e.g. 'ria+permute+dsnot+admm' (PruneConfig.label)
+    permuted: list[dict[str, Any]] = field(default_factory=list)  # layer, kept score before/after
     rank_timings_s: list[dict[str, float]] = field(default_factory=list)  # each rank's phases
 
     @property
@@ -136,6 +199,8 @@ class PruneReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,  # the method's name
+            "recipe": self.recipe,
+            "permuted": self.permuted,
             "sparsity": self.sparsity,
             "nsamples": self.nsamples,
             "seqlen": self.seqlen,
@@ -153,13 +218,26 @@ class PruneReport:
 
 
 def _prune_linear(
-    module: nn.Module, stat: InputStat | None, config: PruneConfig, timer: Timer
+    module: nn.Module, stats: dict[str, InputStat], config: PruneConfig, timer: Timer
 ) -> tuple[torch.Tensor, float | None]:
+    """method -> refine -> update on one layer; ``stats`` by statistic name."""
     weight = linear_weight(module).detach()
+    method = config.method
     with timer.phase("solve"):
-        result = config.method.prune(weight, stat, config)
-        set_linear_weight(module, result.weight)
-    return result.mask, result.percdamp
+        own = stats.get(method.statistic.name) if method.statistic is not None else None
+        result = method.prune(weight, own, config)
+        pruned, mask = result.weight, result.mask
+    if not isinstance(config.refine, NoRefine):
+        with timer.phase("refine"):
+            refined = config.refine.refine(weight, pruned, mask, stats, config.sparsity)
+            grown = refined & ~mask
+            pruned = torch.where(refined, torch.where(grown, weight, pruned), torch.zeros_like(pruned))
+            mask = refined
+    if not isinstance(config.update, NoUpdate):
+        with timer.phase("update"):
+            pruned = config.update.update(weight, pruned, mask, stats, config)
+    set_linear_weight(module, pruned)
+    return mask, result.percdamp
 
 
 def prune_model(
@@ -178,11 +256,13 @@ def prune_model(
     check_finite_weights(blocks, prefix)
     check_writable_offload(model)
     world = current_world()
-    report = PruneReport(method.name, str(config.sparsity), nsamples, seqlen, world_size=world.size)
-    needs_data = method.needs_calibration or config.allocation.needs_scores
+    report = PruneReport(
+        method.name, str(config.sparsity), nsamples, seqlen, world_size=world.size, recipe=config.label
+    )
+    needs_data = config.needs_calibration
     chunks: list[Chunk] = []
     if needs_data:
-        _check_calibration(input_ids, method.name)
+        _check_calibration(input_ids, config.label)
         mine = input_ids
         if world.active:  # whole chunks of the global order, so no chunk depends on the world size
             share = shard(-(-nsamples // config.batch_size), world)
@@ -208,7 +288,7 @@ def prune_model(
             ratios = _outlier_ratios(blocks, chunks, config, timer, world, device)
         report.block_sparsities = config.allocation.block_sparsities(config.sparsity.sparsity, ratios)
         block_configs = [replace(config, sparsity=Unstructured(s)) for s in report.block_sparsities]
-        if not method.needs_calibration:
+        if config.statistic is None:
             chunks = []  # magnitude needed the data only for the allocation
         log.info(
             "%s allocation: block sparsities %.3f..%.3f around %.3f",
@@ -219,7 +299,7 @@ def prune_model(
         )
     progress = tqdm(
         range(len(blocks)),
-        desc=f"{method.name} {config.sparsity}",
+        desc=f"{config.label} {config.sparsity}",
         disable=not config.show_progress or not world.main,
     )
     with torch.no_grad():
@@ -271,21 +351,36 @@ def _prune_block(
     """
     world = world or World()
     linears = block_linears(block)
-    stats: dict[str, InputStat] = {}
+    stats: dict[str, dict[str, InputStat]] = {}
     dense_outputs = None
     runner, run_linears = block, linears  # what the calibration forwards run: the block or a cast copy
     if chunks and chunks[0].hidden.dtype != model_dtype(block):
         runner = copy.deepcopy(block).to(chunks[0].hidden.dtype)
         run_linears = block_linears(runner)
     if chunks:
-        collector = StatsCollector(run_linears, config.method.statistic, timer, config.share_statistics)
+        collector = StatsCollector(run_linears, config.statistic, timer, config.share_statistics)
         with timer.phase("forward"):
             dense_outputs = run_block(runner, chunks, collector.next_chunk)
         collector.remove()
-        stats = collector.finish(world)
+        collected = collector.finish(world)
+        stats = {
+            n: split_stat(config.statistic, collected.get(n), linear_weight(m).shape[1])
+            for n, m in linears.items()
+        }
         dense_weights = {
             n: linear_weight(m).detach().clone() for n, m in run_linears.items() if config.measure_error
         }
+        if config.permute:
+            with timer.phase("permute"):
+                _permute_block(
+                    block,
+                    block_name,
+                    [runner] if runner is not block else [],
+                    dense_weights,
+                    stats,
+                    config,
+                    report,
+                )
     results = _prune_linears(linears, stats, config, timer, world)
     for lname, module in linears.items():
         mask, percdamp = results[lname]
@@ -315,6 +410,41 @@ def _prune_block(
             chunk.hidden = out
         del dense_outputs, pruned_outputs, dense_weights
     return linears
+
+
+def _permute_block(
+    block: nn.Module,
+    block_name: str,
+    copies: list[nn.Module],
+    dense_weights: dict[str, torch.Tensor],
+    stats: dict[str, dict[str, InputStat]],
+    config: PruneConfig,
+    report: PruneReport,
+) -> None:
+    """RIA's channel permutation on every foldable layer of ``block`` (and of its forward ``copies``,
+    the dense weights kept for the error probe, the consumer's statistics), before any masking."""
+    method, pattern = config.method, config.sparsity
+    linears = block_linears(block)
+    for fold in channel_folds(block):
+        consumer = linears[fold.consumer]
+        own = stats[fold.consumer].get(method.statistic.name) if method.statistic is not None else None
+        scores = method.channel_scores(linear_weight(consumer).detach(), own)
+        rows, cols, before, after = fold_permutation(fold, scores, pattern.keep, pattern.group)
+        for module_set in [linears] + [block_linears(c) for c in copies]:
+            permute_columns_(module_set[fold.consumer], cols)
+            for name in fold.producers:
+                permute_rows_(module_set[name], rows)
+        if fold.consumer in dense_weights:
+            dense_weights[fold.consumer] = dense_weights[fold.consumer][
+                :, cols.to(dense_weights[fold.consumer].device)
+            ]
+        for name in fold.producers:
+            if name in dense_weights:
+                dense_weights[name] = dense_weights[name][rows.to(dense_weights[name].device)]
+        stats[fold.consumer] = permute_stats(stats[fold.consumer], cols)
+        layer = f"{block_name}.{fold.consumer}"
+        report.permuted.append({"layer": layer, "kept_score_before": before, "kept_score_after": after})
+        log.debug("%s: permuted input channels, kept score %.4g -> %.4g", layer, before, after)
 
 
 def _outlier_ratios(
@@ -351,7 +481,7 @@ def _outlier_ratios(
 
 def _prune_linears(
     linears: dict[str, nn.Module],
-    stats: dict[str, InputStat],
+    stats: dict[str, dict[str, InputStat]],
     config: PruneConfig,
     timer: Timer,
     world: World,
@@ -359,12 +489,14 @@ def _prune_linears(
     """Prune every linear. With an active ``world`` and a method whose solves are worth spreading
     (``solve_cost``), each layer is pruned on one rank, by cost, and broadcast from it; otherwise
     every rank prunes every layer (same statistics, same code: the same weights)."""
-    costs = {n: config.method.solve_cost(*linear_weight(m).shape) for n, m in linears.items()}
+    costs = {n: config.solve_cost(*linear_weight(m).shape) for n, m in linears.items()}
     if not world.active or any(c is None for c in costs.values()):  # cheap solves: every rank its own
-        return {n: _prune_linear(m, stats.get(n), config, timer) for n, m in linears.items()}
+        return {n: _prune_linear(m, stats.get(n, {}), config, timer) for n, m in linears.items()}
     owner = assign(list(costs.items()), world.size)
     results = {
-        n: _prune_linear(m, stats.get(n), config, timer) for n, m in linears.items() if owner[n] == world.rank
+        n: _prune_linear(m, stats.get(n, {}), config, timer)
+        for n, m in linears.items()
+        if owner[n] == world.rank
     }
     with timer.phase("communication"):
         for name, module in linears.items():  # the same order on every rank

@@ -122,7 +122,6 @@ def rel_error_parts(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> tu
     return num, den
 
 
-
 class OutputErrorProbe:
     """Hooks comparing each pruned linear's output with the dense weight's on the same input.
 

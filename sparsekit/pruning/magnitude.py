@@ -39,3 +39,6 @@ class Magnitude(PruningMethod):
     def prune(self, weight: torch.Tensor, stat: InputStat | None, config) -> LayerResult:
         pruned, mask = magnitude_prune(weight, config.sparsity)
         return LayerResult(pruned, mask)
+
+    def channel_scores(self, weight: torch.Tensor, stat: InputStat | None) -> torch.Tensor:
+        return weight.detach().abs().float()

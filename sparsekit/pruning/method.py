@@ -8,6 +8,7 @@ a ``PruningMethod`` subclass decorated with ``@register_method``, imported from
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -27,8 +28,11 @@ class Statistic:
 
     name: ClassVar[str]
 
-    def new(self, in_features: int, device: torch.device) -> torch.Tensor:
+    def shape(self, in_features: int) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def new(self, in_features: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros(self.shape(in_features), dtype=torch.float32, device=device)
 
     def accumulate(self, x: torch.Tensor, value: torch.Tensor) -> None:
         raise NotImplementedError
@@ -39,8 +43,8 @@ class SquaredNorm(Statistic):
 
     name = "sq_sum"
 
-    def new(self, in_features: int, device: torch.device) -> torch.Tensor:
-        return torch.zeros(in_features, dtype=torch.float32, device=device)
+    def shape(self, in_features: int) -> tuple[int, ...]:
+        return (in_features,)
 
     def accumulate(self, x: torch.Tensor, value: torch.Tensor) -> None:
         accumulate_sq_sum(x, value)
@@ -51,11 +55,69 @@ class Gram(Statistic):
 
     name = "gram"
 
-    def new(self, in_features: int, device: torch.device) -> torch.Tensor:
-        return torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+    def shape(self, in_features: int) -> tuple[int, ...]:
+        return (in_features, in_features)
 
     def accumulate(self, x: torch.Tensor, value: torch.Tensor) -> None:
         accumulate_gram(x, value)
+
+
+class InputSum(Statistic):
+    """sum over tokens of x_k, [K]: with the token count, the mean input DSnoT needs."""
+
+    name = "sum"
+
+    def shape(self, in_features: int) -> tuple[int, ...]:
+        return (in_features,)
+
+    def accumulate(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        value.add_(x.reshape(-1, x.shape[-1]).float().sum(dim=0))
+
+
+class Bundle(Statistic):
+    """Several statistics of one input in one flat fp32 buffer, so collecting, chunk sums and the
+    distributed all-reduce handle them as one tensor; ``split`` gives each back by name."""
+
+    def __init__(self, parts: tuple[Statistic, ...]) -> None:
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+
+    def shape(self, in_features: int) -> tuple[int, ...]:
+        return (sum(math.prod(p.shape(in_features)) for p in self.parts),)
+
+    def _views(self, value: torch.Tensor, in_features: int) -> dict[str, torch.Tensor]:
+        views, start = {}, 0
+        for part in self.parts:
+            shape = part.shape(in_features)
+            size = math.prod(shape)
+            views[part.name] = value[start : start + size].view(shape)
+            start += size
+        return views
+
+    def accumulate(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        for part in self.parts:
+            part.accumulate(x, self._views(value, x.shape[-1])[part.name])
+
+    def split(self, stat: InputStat, in_features: int) -> dict[str, InputStat]:
+        views = self._views(stat.value, in_features)
+        return {name: InputStat(view, stat.tokens) for name, view in views.items()}
+
+
+def statistic_for(parts: list[Statistic]) -> Statistic | None:
+    """One statistic collecting every distinct one of ``parts`` (by name): None, itself, or a Bundle."""
+    unique = list({p.name: p for p in parts}.values())
+    if not unique:
+        return None
+    return unique[0] if len(unique) == 1 else Bundle(tuple(unique))
+
+
+def split_stat(statistic: Statistic | None, stat: InputStat | None, in_features: int) -> dict[str, InputStat]:
+    """A collected stat of a [.., in_features] input as {statistic name: InputStat}."""
+    if statistic is None or stat is None:
+        return {}
+    if isinstance(statistic, Bundle):
+        return statistic.split(stat, in_features)
+    return {statistic.name: stat}
 
 
 @dataclass
@@ -97,6 +159,11 @@ class PruningMethod:
     @property
     def needs_calibration(self) -> bool:
         return self.statistic is not None
+
+    def channel_scores(self, weight: torch.Tensor, stat: InputStat | None) -> torch.Tensor:
+        """weight [N, K] -> importance [N, K] fp32 by which an N:M channel permutation groups input
+        channels (``PruneConfig(permute=True)``); the method's own score where it has one."""
+        raise ValueError(f"{self.name} has no per-weight score to choose a channel permutation with")
 
     def solve_cost(self, rows: int, cols: int) -> float | None:
         """The relative cost of pruning one [rows, cols] layer, by which a distributed run spreads a

@@ -44,3 +44,6 @@ class RIA(PruningMethod):
     def prune(self, weight: torch.Tensor, stat: InputStat | None, config) -> LayerResult:
         pruned, mask = ria_prune(weight, stat.value.sqrt(), config.sparsity)
         return LayerResult(pruned, mask)
+
+    def channel_scores(self, weight: torch.Tensor, stat: InputStat | None) -> torch.Tensor:
+        return ria_scores(weight, stat.value.sqrt())

@@ -132,11 +132,14 @@ class PlainSolver(SparseGPTSolver):
 def _solve_with_inverse_factor(wt, hinv, blocksize, kwargs, block_solver):
     """The paper's loop: U = chol(H^-1) upper; after block b, W[:, later] -= E_b U[b, later]."""
     cols = wt.shape[0]
+    kwargs = dict(kwargs)
+    keep_t = kwargs.pop("keep_t", None)  # a fixed keep-mask^T [K, N]
     maskt = torch.ones_like(wt, dtype=torch.bool)
     err_sq = torch.zeros(cols, dtype=torch.float64, device=wt.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        q, err, block_mask = block_solver(wt[i1:i2].T, hinv[i1:i2, i1:i2], **kwargs)
+        kw = kwargs if keep_t is None else {"mask": keep_t[i1:i2].T}
+        q, err, block_mask = block_solver(wt[i1:i2].T, hinv[i1:i2, i1:i2], **kw)
         wt[i1:i2], maskt[i1:i2] = q.T, block_mask.T
         err_sq[i1:i2] = err.square().sum(dim=0)
         if i2 < cols:
@@ -154,6 +157,8 @@ def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs):
     [B, B] triangular inverse per block; the in-block solve is unchanged.
     """
     cols = wt.shape[0]
+    kwargs = dict(kwargs)
+    keep_t = kwargs.pop("keep_t", None)  # a fixed keep-mask^T [K, N]
     cpu_fast = not use_triton(wt, upper_v)
     maskt = torch.ones_like(wt, dtype=torch.bool)
     err_sq = torch.zeros(cols, dtype=torch.float64, device=wt.device)
@@ -171,9 +176,11 @@ def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs):
             else:
                 start = torch.addmm(wt[i1:i2], u_block.T, acc[i1:i2])  # (W0_b + S_b U_bb)^T
             if cpu_fast:  # q lands in ``start``, no transposes
-                errt, maskt[i1:i2] = obs_block_solve_t_(start, u_block, **kwargs)
+                fixed = None if keep_t is None else keep_t[i1:i2]
+                errt, maskt[i1:i2] = obs_block_solve_t_(start, u_block, **kwargs, maskt=fixed)
             else:
-                q, err, block_mask = obs_block_solve(start.T, u_block, **kwargs)
+                kw = kwargs if keep_t is None else {"mask": keep_t[i1:i2].T}
+                q, err, block_mask = obs_block_solve(start.T, u_block, **kw)
                 start, errt, maskt[i1:i2] = q.T, err.T, block_mask.T
             err_sq[i1:i2] = errt.square().sum(dim=1)
             wt[i1:i2].sub_(start)  # (W0 - Q)_b^T, for the GEMM
@@ -212,11 +219,14 @@ def sparsegpt_solve(
     blocksize: int = 128,
     percdamp: float = 0.01,
     solver: SparseGPTSolver = FACTOR_SOLVER,
+    keep: torch.Tensor | None = None,
 ) -> SparseGPTResult:
     """Prune weight [N, K] with its Hessian [K, K]; returns weights, mask and diagnostics.
 
     ``solver``: ``FACTOR_SOLVER`` (default, from H's own reversed Cholesky factor, no inverse) or
     ``PLAIN_SOLVER`` (the paper's loop on U = chol(H^-1) with the per-column reference).
+    ``keep`` [N, K] bool: a fixed mask (True = kept), chosen elsewhere; the solve then only
+    updates the kept weights (OBS), and ``sparsity`` is not used to choose.
     """
     pattern = parse_sparsity(sparsity)
     _check_weight(weight)
@@ -231,7 +241,11 @@ def sparsegpt_solve(
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     if not percdamp >= 0:
         raise ValueError(f"percdamp must be >= 0 (a fraction of mean(diag H)), got {percdamp}")
-    nm = isinstance(pattern, NMPattern)
+    nm = isinstance(pattern, NMPattern) and keep is None
+    if keep is not None and (keep.shape != weight.shape or keep.dtype != torch.bool):
+        raise ValueError(
+            f"keep must be a bool mask {tuple(weight.shape)}, got {keep.dtype} {tuple(keep.shape)}"
+        )
     if nm:
         pattern.check_columns(cols)
         if blocksize % pattern.group:
@@ -241,7 +255,12 @@ def sparsegpt_solve(
     dead = torch.diagonal(hessian) == 0
     if dead.any():
         wt[dead] = 0.0
-    kwargs = dict(n=pattern.keep, m=pattern.group) if nm else dict(sparsity=pattern.sparsity)
+    if keep is not None:
+        kwargs = dict(keep_t=keep.T.contiguous().to(wt.device))
+    elif nm:
+        kwargs = dict(n=pattern.keep, m=pattern.group)
+    else:
+        kwargs = dict(sparsity=pattern.sparsity)
     maskt, err_sq, u_diag, damp_used = solver.solve(wt, hessian, dead, percdamp, blocksize, kwargs)
     obs_loss = 0.5 * (err_sq * u_diag.double().square()).sum().item()
     if dead.any():
@@ -294,6 +313,10 @@ class SparseGPT(PruningMethod):
             weight, hessian, config.sparsity, config.blocksize, config.percdamp, solver=self.solver
         )
         return LayerResult(result.weight, result.mask, result.percdamp)
+
+    def channel_scores(self, weight: torch.Tensor, stat: InputStat | None) -> torch.Tensor:
+        """|W| sqrt(H_kk): the OBS saliency w^2 / [H^-1]_kk^2 with H^-1 taken as diagonal (square root)."""
+        return weight.detach().abs().float() * torch.diagonal(stat.value).clamp_min(0).sqrt().reshape(1, -1)
 
     def __repr__(self) -> str:
         return f"SparseGPT(solver={type(self.solver).__name__})"

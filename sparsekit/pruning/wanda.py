@@ -41,3 +41,6 @@ class Wanda(PruningMethod):
     def prune(self, weight: torch.Tensor, stat: InputStat | None, config) -> LayerResult:
         pruned, mask = wanda_prune(weight, stat.value.sqrt(), config.sparsity)
         return LayerResult(pruned, mask)
+
+    def channel_scores(self, weight: torch.Tensor, stat: InputStat | None) -> torch.Tensor:
+        return weight.detach().abs().float() * stat.value.sqrt().reshape(1, -1)

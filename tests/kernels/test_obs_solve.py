@@ -67,3 +67,32 @@ def test_inputs_are_not_modified():
 def test_nm_rank_rule_equals_the_stable_sort():
     s = torch.randint(0, 3, (8, 50)).float()  # many ties
     assert torch.equal(nm_keep_rows(s, 4).T, nm_keep_mask(s.T.contiguous(), 4, 8))
+
+
+FIXED = [(7, 24), (1, 16), (33, 128)]
+
+
+@pytest.mark.parametrize("shape", FIXED, ids=lambda s: f"R{s[0]}-B{s[1]}")
+def test_fixed_mask_triton_and_torch_match_ref(triton_backend, assert_close, shape):
+    """A given keep-mask: only the OBS update runs, on exactly that mask, in every path."""
+    rows, width = shape
+    w, hinv = _block(rows, width)
+    mask = torch.rand(rows, width) > 0.6
+    want = obs_block_solve_ref(w, hinv, mask=mask)
+    assert torch.equal(want[2], mask)
+    _check(obs_block_solve(w, hinv, mask=mask), want, assert_close)
+    _check(obs_block_solve_torch(w, hinv, mask=mask, sub_block=8), want, assert_close)
+
+
+def test_fixed_mask_of_its_own_choice_reproduces_the_solve(assert_close):
+    w, hinv = _block(9, 32)
+    chosen = obs_block_solve_ref(w, hinv, n=2, m=4)
+    _check(obs_block_solve_ref(w, hinv, mask=chosen[2]), chosen, assert_close)
+
+
+def test_fixed_mask_is_checked():
+    w, hinv = _block(3, 8)
+    with pytest.raises(ValueError, match="exactly one"):
+        obs_block_solve_ref(w, hinv, sparsity=0.5, mask=torch.ones(3, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="fixed mask must be bool"):
+        obs_block_solve_ref(w, hinv, mask=torch.ones(3, 7, dtype=torch.bool))

@@ -183,3 +183,34 @@ def test_cli_under_two_ranks_prunes_an_offloaded_model_like_one_process(saved_ll
     for name, w in one.items():
         assert torch.equal(w != 0, two[name] != 0), name
         torch.testing.assert_close(w, two[name], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_composed_recipe_on_two_ranks_equals_one_process(saved_llama):
+    """--permute --refine dsnot --update admm from the CLI: the ADMM solves are spread over the
+    ranks by cost and broadcast, the permutations are computed on every rank alike; the saved
+    model equals one process's and keeps 2:4 in storage order."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsekit.formats import parse_sparsity
+    from sparsekit.formats.masks import check_mask
+
+    _, tmp = saved_llama
+    calib = tmp / "calib.txt"
+    calib.write_text(("the cat sat on the mat and the dog " * 200 + "\n") * 8)
+    common = ["prune", str(tmp / "dense"), "--method", "ria", "--sparsity", "2:4", "--calib", str(calib)]
+    common += ["--nsamples", "4", "--seqlen", "16", "--batch-size", "2", "--save-format", "dense"]
+    common += ["--permute", "--refine", "dsnot", "--update", "admm", "--dist-timeout", "60"]
+    ((code, out),) = _launch([*common, "--out", str(tmp / "one")], 1)
+    assert code == 0, out
+    assert "with ria+permute+dsnot+admm" in out
+    results = _launch([*common, "--out", str(tmp / "two")], 2)
+    assert [c for c, _ in results] == [0, 0], results
+    one, two = (AutoModelForCausalLM.from_pretrained(tmp / name).state_dict() for name in ("one", "two"))
+    for name, w in one.items():
+        assert torch.equal(w != 0, two[name] != 0), name
+        torch.testing.assert_close(w, two[name], rtol=1e-5, atol=1e-6)
+        if "layers" in name and name.endswith("proj.weight"):
+            check_mask(w != 0, parse_sparsity("2:4"))
+    report = json.loads((tmp / "two" / "prune_report.json").read_text())
+    steps = report["steps"] if "steps" in report else [report]
+    assert any(step.get("recipe") == "ria+permute+dsnot+admm" for step in steps), report
