@@ -4,8 +4,8 @@
 
 Same calibration (32 x 512 tokens of the offline corpus, seed 0) and evaluation (8,192 held-out
 tokens, windows of 512) for every row, each pruned from a fresh copy of the dense model; prune
-time beside each (the OWL rows include its extra dense pass over the blocks). Part of issue 15
-(score x allocation); DSnoT, the ADMM update and RIA's channel permutation are not built yet.
+time beside each (the OWL rows include its extra dense pass over the blocks): the score x
+allocation grid. The whole composition (refine, update, permutation) is bench/beyond_sparsegpt.py.
 Writes <out>.json and <out>.md.
 """
 

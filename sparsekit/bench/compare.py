@@ -55,10 +55,12 @@ def _step(method: str, sparsity: str, **keywords: object) -> tuple[str, str, tup
     return (method, sparsity, tuple(sorted(keywords.items())))
 
 
-def unstructured(method: str, sparsity: str) -> Variant:
+def unstructured(method: str, sparsity: str, **steps: object) -> Variant:
+    """``steps``: PruneConfig's composition keywords (update='admm', refine='dsnot', permute=True)."""
     family = "N:M" if ":" in sparsity else "unstructured"
     label = sparsity if ":" in sparsity else f"{round(100 * float(sparsity))}%"
-    return Variant(f"{method} {label}", family, (_step(method, sparsity),), sparsify=True)
+    recipe = "+".join([method] + [k if v is True else str(v) for k, v in steps.items()])
+    return Variant(f"{recipe} {label}", family, (_step(method, sparsity, **steps),), sparsify=True)
 
 
 def depth(method: str, blocks: int, repair: bool = True) -> Variant:
@@ -82,6 +84,7 @@ DEMO_VARIANTS = (
     unstructured("magnitude", "2:4"),
     unstructured("wanda", "0.5"),
     unstructured("sparsegpt", "2:4"),
+    unstructured("sparsegpt", "2:4", update="admm"),
     depth("angular", 6),
     width("flap", 0.2),
 )
@@ -93,6 +96,7 @@ FULL_VARIANTS = (
     unstructured("wanda", "2:4"),
     unstructured("sparsegpt", "0.5"),
     unstructured("sparsegpt", "2:4"),
+    unstructured("sparsegpt", "2:4", update="admm"),
     depth("angular", 6),
     width("flap", 0.2),
     width("flap", 0.2, widths="adaptive"),

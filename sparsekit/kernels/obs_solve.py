@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._backend import use_triton
 from .aot import AotCase
-from .topk_select import keep_count, nm_keep_mask, topk_keep_mask
+from .topk_select import keep_count, kth_smallest, nm_keep_mask, topk_keep_mask
 
 
 @triton.jit
@@ -184,29 +184,47 @@ def obs_block_solve_t_(
     ops: err_i = w_i / denom_i with denom = hinv_ii where pruned and inf where kept (so err is
     bit-identical to the reference's (w_i - q_i) / hinv_ii), and one ``addr_``.
     """
-    with one_thread(wt.device):
-        return _solve_t(wt, hinv, sparsity, n, m, sub_block, maskt)
-
-
-def _solve_t(wt, hinv, sparsity, n, m, sub_block, fixed=None):
-    width = wt.shape[0]
-    if n is not None:
-        sub_block = max(m, sub_block - sub_block % m)
     diag = torch.diagonal(hinv)
-    errt = torch.empty_like(wt)
     inf = torch.tensor(float("inf"), dtype=wt.dtype, device=wt.device)
-    if fixed is not None:  # a given keep-mask [B, R]: only the update runs
-        maskt = fixed
-        denom = torch.where(maskt, inf, diag.unsqueeze(1))
-    elif sparsity is not None:
-        # joint top-k over the [R, B] block in the reference's row-major flat order (ties)
-        saliency = (wt.square() / diag.square().unsqueeze(1)).T
-        keep = keep_count(saliency.numel(), sparsity)
-        maskt = topk_keep_mask(saliency.reshape(-1), keep).view(saliency.shape).T.contiguous()
+    # whole-block elementwise work with every thread; only the column loop runs on one
+    if maskt is None and sparsity is not None:
+        maskt = _unstructured_keep_t(wt.square().div_(diag.square().unsqueeze(1)), sparsity)
+    if maskt is not None:  # chosen above, or a given keep-mask [B, R]: only the update runs
         denom = torch.where(maskt, inf, diag.unsqueeze(1))
     else:
         maskt = torch.empty_like(wt, dtype=torch.bool)
         denom = torch.empty_like(wt)
+    with one_thread(wt.device):
+        errt = _solve_t(wt, hinv, diag, inf, maskt, denom, n, m, sub_block)
+    wt.mul_(maskt)
+    return errt, maskt
+
+
+def _unstructured_keep_t(saliency_t: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """saliency_t [B, R] -> keep-mask [B, R]: the joint top-k of the [R, B] block, ties to the
+    lower index in the reference's row-major [R, B] order. The threshold does not depend on the
+    order, so the transpose is only paid when a tie straddles it."""
+    flat = saliency_t.reshape(-1)
+    keep = keep_count(flat.numel(), sparsity)
+    if keep in (0, flat.numel()):
+        return torch.full_like(saliency_t, keep > 0, dtype=torch.bool)
+    if torch.isnan(flat).any():
+        raise ValueError("saliency contains NaN: check the weights and the Hessian for NaN/inf")
+    threshold = kth_smallest(flat, flat.numel() - keep + 1)
+    above = saliency_t > threshold
+    at = saliency_t == threshold
+    room = keep - int(above.sum())
+    if int(at.sum()) == room:
+        return above | at
+    at_rb = at.T.reshape(-1)
+    return above | (at_rb & (at_rb.cumsum(0) <= room)).view(at.shape[1], at.shape[0]).T
+
+
+def _solve_t(wt, hinv, diag, inf, maskt, denom, n, m, sub_block):
+    width = wt.shape[0]
+    if n is not None:
+        sub_block = max(m, sub_block - sub_block % m)
+    errt = torch.empty_like(wt)
     for s0 in range(0, width, sub_block):
         s1 = min(s0 + sub_block, width)
         for i in range(s0, s1):
@@ -220,8 +238,7 @@ def _solve_t(wt, hinv, sparsity, n, m, sub_block, fixed=None):
                 wt[i + 1 : s1].addr_(hinv[i, i + 1 : s1], errt[i], alpha=-1.0)
         if s1 < width:
             wt[s1:].addmm_(hinv[s0:s1, s1:].T, errt[s0:s1], alpha=-1.0)
-    wt.mul_(maskt)
-    return errt, maskt
+    return errt
 
 
 def obs_block_solve_torch(

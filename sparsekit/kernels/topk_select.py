@@ -37,17 +37,19 @@ def topk_keep_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest (1-based) along the last dim, keepdim; exact.
 
-    A large 1-D input is first bracketed with a strided sample's quantiles, so ``kthvalue``
-    (a copy and a quickselect, single-threaded) runs only on the few entries inside the bracket;
-    when the bracket misses (checked by counting) it falls back to the whole row.
+    A large 1-D input is first bracketed with a sample's quantiles, so ``kthvalue`` (a copy and a
+    quickselect, single-threaded) runs only on the few entries inside the bracket; when the
+    bracket misses (checked by counting) it falls back to the whole row. The sample is spread by
+    a multiplicative hash, not a stride: a flattened [R, B] block sampled with stride B would
+    see one column only (SparseGPT's blocks: every bracket missed).
     """
     size = scores.shape[-1]
     if scores.dim() != 1 or size < 1 << 16:
         return scores.kthvalue(k, dim=-1, keepdim=True).values
-    stride = size // 4096
-    sample = scores[::stride].sort().values
+    picks = torch.arange(4096, dtype=torch.int64, device=scores.device).mul_(2654435761).remainder_(size)
+    sample = scores[picks].sort().values
     pos = (k - 1) * sample.numel() / size  # where the answer falls in the sample
-    margin = 64  # ~4.5 standard deviations of a rank in a 4096-sample
+    margin = 160  # 5 standard deviations of a median rank in a 4096-sample (sqrt(4096 / 4) = 32)
     lo = sample[max(0, int(pos) - margin)]
     hi = sample[min(sample.numel() - 1, int(pos) + 1 + margin)]
     below = int((scores < lo).sum())

@@ -3,6 +3,17 @@
 from sparsekit.arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, find_decoder_blocks
 
 from .allocation import OWL, Allocation, Uniform, outlier_ratio
+from .compose import (
+    ADMMUpdate,
+    DSnoT,
+    MaskRefine,
+    NoRefine,
+    NoUpdate,
+    SparseGPTUpdate,
+    WeightUpdate,
+    mask_refine,
+    weight_update,
+)
 from .engine import LayerReport, PruneConfig, PruneReport, prune_model
 
 # registration: importing a method's module registers it
@@ -28,6 +39,15 @@ from .sparsegpt import (
 from .wanda import Wanda, wanda_prune
 
 __all__ = [
+    "ADMMUpdate",
+    "DSnoT",
+    "MaskRefine",
+    "NoRefine",
+    "NoUpdate",
+    "SparseGPTUpdate",
+    "WeightUpdate",
+    "mask_refine",
+    "weight_update",
     "OWL",
     "RIA",
     "Allocation",

@@ -353,6 +353,7 @@ def _prune_block(
     linears = block_linears(block)
     stats: dict[str, dict[str, InputStat]] = {}
     dense_outputs = None
+    dense_weights: dict[str, torch.Tensor] = {}
     runner, run_linears = block, linears  # what the calibration forwards run: the block or a cast copy
     if chunks and chunks[0].hidden.dtype != model_dtype(block):
         runner = copy.deepcopy(block).to(chunks[0].hidden.dtype)
@@ -370,17 +371,10 @@ def _prune_block(
         dense_weights = {
             n: linear_weight(m).detach().clone() for n, m in run_linears.items() if config.measure_error
         }
-        if config.permute:
-            with timer.phase("permute"):
-                _permute_block(
-                    block,
-                    block_name,
-                    [runner] if runner is not block else [],
-                    dense_weights,
-                    stats,
-                    config,
-                    report,
-                )
+    if config.permute:  # magnitude permutes without data: no chunks, no statistics
+        with timer.phase("permute"):
+            copies = [runner] if runner is not block else []
+            _permute_block(block, block_name, copies, dense_weights, stats, config, report)
     results = _prune_linears(linears, stats, config, timer, world)
     for lname, module in linears.items():
         mask, percdamp = results[lname]
@@ -427,7 +421,8 @@ def _permute_block(
     linears = block_linears(block)
     for fold in channel_folds(block):
         consumer = linears[fold.consumer]
-        own = stats[fold.consumer].get(method.statistic.name) if method.statistic is not None else None
+        layer_stats = stats.get(fold.consumer, {})
+        own = layer_stats.get(method.statistic.name) if method.statistic is not None else None
         scores = method.channel_scores(linear_weight(consumer).detach(), own)
         rows, cols, before, after = fold_permutation(fold, scores, pattern.keep, pattern.group)
         for module_set in [linears] + [block_linears(c) for c in copies]:
@@ -441,7 +436,8 @@ def _permute_block(
         for name in fold.producers:
             if name in dense_weights:
                 dense_weights[name] = dense_weights[name][rows.to(dense_weights[name].device)]
-        stats[fold.consumer] = permute_stats(stats[fold.consumer], cols)
+        if layer_stats:
+            stats[fold.consumer] = permute_stats(layer_stats, cols)
         layer = f"{block_name}.{fold.consumer}"
         report.permuted.append({"layer": layer, "kept_score_before": before, "kept_score_after": after})
         log.debug("%s: permuted input channels, kept score %.4g -> %.4g", layer, before, after)

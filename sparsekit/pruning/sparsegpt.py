@@ -201,8 +201,11 @@ def check_hessian(hessian: torch.Tensor) -> None:
         raise ValueError(
             "hessian holds NaN or Inf: the calibration activations overflowed (try float32 forwards)"
         )
-    scale = hessian.abs().max().clamp_min(1e-30)
-    asym = float((hessian - hessian.T).abs().max() / scale)
+    scale = hessian.abs().amax().clamp_min(1e-30)
+    # symmetry on up to 256 evenly spread rows against the same columns: a non-symmetric input
+    # (a wrong statistic, an overwritten triangle) shows in any of them, at 1/16 the cost of H - H^T
+    idx = torch.linspace(0, hessian.shape[0] - 1, min(hessian.shape[0], 256), device=hessian.device).long()
+    asym = float((hessian[idx] - hessian[:, idx].T).abs().amax() / scale)
     if asym > 1e-4:
         raise ValueError(
             f"hessian is not symmetric (max |H - H^T| / max |H| = {asym:.2g}); "

@@ -96,3 +96,13 @@ def test_fixed_mask_is_checked():
         obs_block_solve_ref(w, hinv, sparsity=0.5, mask=torch.ones(3, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="fixed mask must be bool"):
         obs_block_solve_ref(w, hinv, mask=torch.ones(3, 7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3])
+def test_unstructured_ties_follow_the_reference_order(torch_backend, assert_close, sparsity):
+    """Integer weights and an equal diagonal: the threshold is tied across columns, and the
+    transposed path must break the tie in the reference's row-major order."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-2, 3, (9, 16), generator=g).float()
+    hinv = torch.eye(16) * 0.5 + torch.triu(torch.rand(16, 16, generator=g) * 0.01, diagonal=1)
+    _check(obs_block_solve(w, hinv, sparsity=sparsity), obs_block_solve_ref(w, hinv, sparsity=sparsity), assert_close)

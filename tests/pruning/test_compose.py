@@ -234,6 +234,7 @@ RECIPES = [
     ("ria", "2:4", dict(permute=True)),
     ("sparsegpt", "4:8", dict(permute=True, refine="dsnot", update="admm")),
     ("magnitude", 0.6, dict(refine="dsnot", update="admm")),
+    ("magnitude", "2:4", dict(permute=True)),  # no calibration data at all
     ("sparsegpt", 0.5, dict(refine="dsnot", update="sparsegpt")),
 ]
 
@@ -241,9 +242,8 @@ RECIPES = [
 @pytest.mark.parametrize("method,sparsity,steps", RECIPES, ids=lambda v: str(v))
 def test_recipes_prune_exactly_and_keep_the_pattern_in_storage_order(method, sparsity, steps):
     model = _gqa_llama()
-    report = prune_model(
-        model, _calib(), PruneConfig(method=method, sparsity=sparsity, show_progress=False, **steps)
-    )
+    config = PruneConfig(method=method, sparsity=sparsity, show_progress=False, **steps)
+    report = prune_model(model, _calib() if config.needs_calibration else None, config)
     pattern = parse_sparsity(sparsity)
     for block in find_decoder_blocks(model)[1]:
         for module in block_linears(block).values():
