@@ -105,4 +105,8 @@ def test_unstructured_ties_follow_the_reference_order(torch_backend, assert_clos
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-2, 3, (9, 16), generator=g).float()
     hinv = torch.eye(16) * 0.5 + torch.triu(torch.rand(16, 16, generator=g) * 0.01, diagonal=1)
-    _check(obs_block_solve(w, hinv, sparsity=sparsity), obs_block_solve_ref(w, hinv, sparsity=sparsity), assert_close)
+    _check(
+        obs_block_solve(w, hinv, sparsity=sparsity),
+        obs_block_solve_ref(w, hinv, sparsity=sparsity),
+        assert_close,
+    )
