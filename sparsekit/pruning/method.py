@@ -95,8 +95,9 @@ class Bundle(Statistic):
         return views
 
     def accumulate(self, x: torch.Tensor, value: torch.Tensor) -> None:
+        views = self._views(value, x.shape[-1])
         for part in self.parts:
-            part.accumulate(x, self._views(value, x.shape[-1])[part.name])
+            part.accumulate(x, views[part.name])
 
     def split(self, stat: InputStat, in_features: int) -> dict[str, InputStat]:
         views = self._views(stat.value, in_features)
