@@ -1,11 +1,13 @@
 # Two entry points for a fresh machine; each sets up .venv on first use.
 #   make demo   prune the embedded default model, evaluate, benchmark, write reports/<time>/report.md
-#   make test   the test suite (what CI runs)
+#   make test   the test suite (what CI runs), including tests/test_wheel.py: the built wheel installed
+#               alone into a fresh venv prunes and evaluates offline from outside the checkout
+#   make wheel-check  only that installed-wheel check (about 20 s)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint gpu-bench
+.PHONY: setup demo test wheel-check lint gpu-bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +26,9 @@ test: setup
 	$(BIN)/ruff check sparsekit tests bench
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+wheel-check: setup
+	$(BIN)/python -m pytest -q tests/test_wheel.py
 
 lint: setup
 	$(BIN)/ruff check sparsekit tests bench

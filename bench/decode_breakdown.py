@@ -27,11 +27,11 @@ import torch
 
 from sparsekit._env import environment
 from sparsekit._io import write_json_atomic, write_text_atomic
-from sparsekit.arch import model_bytes
 from sparsekit.bench.breakdown import breakdown_markdown, consistency_rows, decode_breakdowns
 from sparsekit.bench.e2e import prompt_ids, sparsified_copy
 from sparsekit.bench.roofline import measure_roofline
 from sparsekit.hf.models import load_model
+from sparsekit.models import model_bytes
 
 
 def main() -> None:

@@ -54,8 +54,8 @@ def _prune(out: Path, method: str, sparsity: str, procs: int, args) -> dict:
 def _compare(a: Path, b: Path, eval_ids) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from sparsekit.arch import block_linears, find_decoder_blocks, linear_weight
     from sparsekit.eval.perplexity import perplexity_of_ids
+    from sparsekit.models import block_linears, find_decoder_blocks, linear_weight
 
     models = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (a, b)]
     blocks = [find_decoder_blocks(m)[1] for m in models]

@@ -20,7 +20,18 @@ from pathlib import Path
 
 import torch
 
-CASES = [(m, s) for m in ("magnitude", "wanda", "sparsegpt") for s in ("0.5", "2:4")]
+CASES = [(m, s, {}) for m in ("magnitude", "wanda", "sparsegpt") for s in ("0.5", "2:4")]
+# the steps and structured methods that ask the model description for blocks, folds, heads, channels
+CASES += [
+    ("wanda", "2:4", {"permute": True}),
+    ("wanda", "0.7", {"allocation": "owl"}),
+    ("flap", "0.2", {}),
+    ("flap", "0.2", {"widths": "adaptive"}),
+    ("wanda-sp", "0.2", {}),
+    ("shortgpt", "0.1", {}),
+    ("angular", "0.1", {"repair": True}),
+]
+STRUCTURED = ("flap", "wanda-sp", "shortgpt", "angular")
 
 
 def _hash(tensors) -> str:
@@ -38,35 +49,37 @@ def fingerprint(nsamples: int, seqlen: int, eval_tokens: int) -> dict:
     torch.set_num_threads(2)
     base, tok = load_model("smollm2")
     out = {}
-    for method, sparsity in CASES:
+    for method, sparsity, steps in CASES:
         model = copy.deepcopy(base)
+        calibrated = method != "magnitude" or "allocation" in steps
+        data = {"tokenizer": tok, "nsamples": nsamples, "seqlen": seqlen} if calibrated else {}
+        dtype = {} if method in STRUCTURED or not calibrated else {"forward_dtype": "float32"}
         sparsekit.prune(
-            model,
-            method=method,
-            sparsity=sparsity,
-            tokenizer=tok,
-            nsamples=nsamples,
-            seqlen=seqlen,
-            show_progress=False,
-            forward_dtype="float32",
+            model, method=method, sparsity=sparsity, show_progress=False, **data, **dtype, **steps
         )
         masks = [m.weight != 0 for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         ppl = sparsekit.perplexity(
             model, "wiki-offline", tokenizer=tok, seqlen=512, max_tokens=eval_tokens
         ).ppl
-        with tempfile.TemporaryDirectory() as d:
-            sparsekit.sparsify(model)
-            sparsekit.save(model, Path(d) / "ck")
-            state, _ = read_state(Path(d) / "ck")
+        ck = None
+        if method not in STRUCTURED:
+            with tempfile.TemporaryDirectory() as d:
+                sparsekit.sparsify(model)
+                sparsekit.save(model, Path(d) / "ck")
+                state, _ = read_state(Path(d) / "ck")
+                ck = _hash(state[k] for k in sorted(state))
+        else:
+            state = model.state_dict()
             ck = _hash(state[k] for k in sorted(state))
-        out[f"{method} {sparsity}"] = {
+        label = " ".join([method, sparsity, *(f"{k}={v}" for k, v in steps.items())])
+        out[label] = {
             "masks": _hash(masks),
             "weights": _hash(weights),
             "ppl": round(ppl, 4),
             "checkpoint": ck,
         }
-        print(method, sparsity, out[f"{method} {sparsity}"], flush=True)
+        print(label, out[label], flush=True)
     return out
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from sparsekit._env import environment
-from sparsekit.arch import model_bytes
 from sparsekit.hf.models import load_model
+from sparsekit.models import model_bytes
 from sparsekit.nn import sparsify
 from sparsekit.nn.sparsify import release_memory
 from sparsekit.pruning import PruneConfig, prune_model

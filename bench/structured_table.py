@@ -22,11 +22,11 @@ import torch
 import sparsekit
 from sparsekit._env import environment
 from sparsekit._io import write_json_atomic, write_text_atomic
-from sparsekit.arch import model_bytes
 from sparsekit.bench.e2e import prompt_ids, time_generation_interleaved
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
+from sparsekit.models import model_bytes
 from sparsekit.pruning.structured import param_count
 
 DEFAULT_VARIANTS = (

@@ -10,22 +10,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sparsekit._checks import (
+    DEFAULT_NSAMPLES,
+    DEFAULT_SEQLEN,
+    check_calibration_memory,
+    check_prune_request,
+)
 from sparsekit.eval.perplexity import PerplexityResult
 from sparsekit.eval.perplexity import perplexity as _perplexity
 from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids
-from sparsekit.pruning import PruneConfig, PruneReport, PruningMethod, prune_model
-from sparsekit.pruning.structured import (
-    StructuredConfig,
-    StructuredMethod,
-    StructuredReport,
-    is_structured,
-    structured_method,
-)
+from sparsekit.models import describe
+from sparsekit.nn import densify
+from sparsekit.pruning import PruneReport, PruningMethod, prune_model
+from sparsekit.pruning.structured import StructuredMethod, StructuredReport
 
 log = logging.getLogger(__name__)
-
-DEFAULT_NSAMPLES = 128  # SparseGPT / Wanda defaults
-DEFAULT_SEQLEN = 2048
 
 
 def _tokenizer_for(model: nn.Module, tokenizer):
@@ -37,6 +36,16 @@ def _tokenizer_for(model: nn.Module, tokenizer):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)
+
+
+def _decompress_blocks(model: nn.Module) -> None:
+    """A compressed model (SparseLinear block layers, e.g. a loaded sparsekit checkpoint) goes back
+    to dense linears with its zeros, so it can be pruned further or stacked with another method."""
+    compressed = describe(model).compressed_layers()
+    if compressed:
+        log.info("decompressing %d SparseLinear block layers (zeros kept) before pruning", len(compressed))
+        densify(model)
+        describe(model, refresh=True)
 
 
 def check_context(model: nn.Module, seqlen: int, what: str) -> None:
@@ -69,7 +78,7 @@ def calibration_batch(
 def prune(
     model: nn.Module,
     method: str | PruningMethod | StructuredMethod = "wanda",
-    sparsity: str | float = 0.5,
+    sparsity: str | float | None = None,
     calib: str | list[str] | torch.Tensor = DEFAULT_CORPUS,
     tokenizer=None,
     nsamples: int = DEFAULT_NSAMPLES,
@@ -81,33 +90,40 @@ def prune(
 
     method: a registered name ('magnitude' | 'wanda' | 'ria' | 'sparsegpt', or the structured
     'shortgpt' | 'angular' | 'wanda-sp' | 'flap') or a method object.
-    sparsity: 0.5, '50%', '2:4', '4:8'; for structured methods the fraction of decoder-block
-    parameters removed (keywords: remove_layers, repair, heads, widths, bias_compensation,
-    tokens; see ``StructuredConfig``). Structured methods return a ``StructuredReport`` and leave
-    a smaller dense model; prune again with an unstructured method to stack.
+    sparsity: 0.5 (the default for the per-layer methods), '50%', '2:4', '4:8'; for structured
+    methods the fraction of decoder-block parameters removed, which they need explicitly (or,
+    depth methods, remove_layers) (keywords: remove_layers, repair, heads, widths,
+    bias_compensation, tokens; see ``StructuredConfig``). Structured methods return a
+    ``StructuredReport`` and leave a smaller dense model; prune again with an unstructured method
+    to stack. A sparsity of 0 is refused.
     calib: 'wiki-offline' | 'wikitext2' | 'c4' | 'dolly' | a text/JSONL path | list of texts |
     LongTensor [nsamples, seqlen]. Extra keywords go to ``PruneConfig``: the steps around the
-    method's score, allocation='owl', refine='dsnot', update='sparsegpt' | 'admm', permute=True
-    (N:M), and blocksize, percdamp, batch_size, device, show_progress, ...
+    method's score, allocation='owl' (owl_lambda, owl_m), refine='dsnot', update='sparsegpt' |
+    'admm', permute=True (N:M), and blocksize, percdamp, batch_size, device, show_progress, ...
+
+    Before any work (``sparsekit._checks``): every keyword that differs from its default must be
+    used by this method (else ValueError), ``device`` must exist here, and the calibration's
+    estimated memory must fit in what is free on the device and the host.
     """
-    if is_structured(method):
-        steps = {k: config[k] for k in ("refine", "update", "permute", "allocation") if config.get(k)}
-        if any(v not in ("none", "uniform", False) for v in steps.values()):
-            raise ValueError(
-                f"{', '.join(steps)} act on an unstructured or N:M mask, and {method} removes whole "
-                "structures: prune again with wanda/sparsegpt/ria to use them (stacking)"
-            )
-        structured = structured_method(method)
-        structured_config = StructuredConfig(sparsity=sparsity, **config)
-        ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
-        report = structured.prune(model, ids, structured_config)
-        report.calib = label
-        return report
-    prune_config = PruneConfig(method=method, sparsity=sparsity, **config)
+    tensor = isinstance(calib, torch.Tensor)
+    options = {"nsamples": nsamples, "seqlen": seqlen, "seed": seed, **config}
+    if isinstance(calib, str):
+        options["calib"] = calib
+    num_blocks = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    request = check_prune_request(method, sparsity, options, calib_is_data=tensor, num_blocks=num_blocks)
+    _decompress_blocks(model)
     ids, label = None, "none"
-    if prune_config.needs_calibration:
+    if request.needs_calibration:
+        n, length = tuple(calib.shape) if tensor and calib.dim() == 2 else (nsamples, seqlen)
+        check_context(model, length, "calibration seqlen")
+        check_calibration_memory(request, model, n, length, tokenize=not tensor)
         ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
-    report = prune_model(model, ids, prune_config)
+    elif not isinstance(calib, str):  # data passed along (a corpus name here would have been refused)
+        log.info("%s reads no calibration data: calib is not used", request.method.name)
+    if request.structured:
+        report = request.method.prune(model, ids, request.config)
+    else:
+        report = prune_model(model, ids, request.config)
     report.calib = label
     return report
 

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from pathlib import Path
 
 import torch
 
+from sparsekit._checks import (
+    CALIBRATION_INPUTS,
+    DEPTH_OPTIONS,
+    EXPERT_REMOVAL_OPTIONS,
+    PER_LAYER_OPTIONS,
+    WIDTH_OPTIONS,
+    PruneRequest,
+    check_prune_request,
+)
 from sparsekit._io import atomic_dir, check_can_create, check_can_write_file, write_json_atomic
+from sparsekit.hf.resources import check_device
 from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.pruning import method_names
 from sparsekit.pruning.engine import PartialPruneError
@@ -63,90 +74,123 @@ def load_any(
     )
 
 
-def _prune_options(args: argparse.Namespace, method: str, sparsity: str) -> dict:
-    """Keyword arguments for ``sparsekit.prune``: the per-layer engine's or a structured method's."""
-    common = {
-        "method": method,
-        "sparsity": sparsity,
-        "calib": args.calib,
-        "nsamples": args.nsamples,
-        "seqlen": args.seqlen,
-        "seed": args.seed,
-        "batch_size": args.batch_size,
-        "device": args.device,
-    }
-    if is_structured(method):
-        return common | {
-            "remove_layers": args.remove_layers,
-            "repair": args.repair,
-            "heads": args.heads,
-            "widths": args.widths,
-            "bias_compensation": args.bias_compensation,
-            "tokens": args.tokens,
-        }
-    if (args.remove_layers is not None or args.repair) and method == args.method:
-        raise ValueError(
-            f"--remove-layers and --repair are for depth methods (shortgpt, angular), not {method}"
+_PRUNE_OPTIONS = (  # CLI flags that are keyword options of sparsekit.prune, checked by sparsekit._checks
+    "calib",
+    "nsamples",
+    "seqlen",
+    "seed",
+    "batch_size",
+    "device",
+    *PER_LAYER_OPTIONS,
+    *DEPTH_OPTIONS,
+    *WIDTH_OPTIONS,
+    *EXPERT_REMOVAL_OPTIONS,
+)
+_NOT_ON_THE_CLI = ("share_statistics", "measure_error", "channel_multiple")
+
+
+@functools.cache
+def _defaults(*argv: str) -> dict:
+    """The parsed defaults of a subcommand (argv: the subcommand and its positionals)."""
+    return vars(build_parser().parse_args(list(argv)))
+
+
+def _given(args: argparse.Namespace, *argv: str) -> set[str]:
+    """Flags (as dests) whose value differs from the subcommand's default."""
+    defaults = _defaults(*argv)
+    return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+
+
+def _step_options(args: argparse.Namespace, method: str, stacked: bool) -> dict:
+    """The options one step of ``sparsekit prune`` is checked with: all of them, or, when a per-layer
+    method is stacked on a structured one, each family's own (the calibration settings go with the
+    structured step, which always calibrates)."""
+    keys = [k for k in _PRUNE_OPTIONS if k not in _NOT_ON_THE_CLI]
+    if stacked and is_structured(method):
+        keys = [k for k in keys if k not in PER_LAYER_OPTIONS]
+    elif stacked:
+        skip = (*DEPTH_OPTIONS, *WIDTH_OPTIONS, *EXPERT_REMOVAL_OPTIONS, *CALIBRATION_INPUTS, "batch_size")
+        keys = [k for k in keys if k not in skip]
+    return {k: getattr(args, k) for k in keys}
+
+
+def _prune_options(
+    args: argparse.Namespace, step: int, method: str, request: PruneRequest, stacked: bool
+) -> dict:
+    """Keyword arguments for ``sparsekit.prune`` for one checked step."""
+    options = _step_options(args, method, stacked)
+    if request.needs_calibration:
+        options |= {k: getattr(args, k) for k in (*CALIBRATION_INPUTS, "batch_size")}
+    sparsity = args.then_sparsity if step else args.sparsity
+    return {"method": method, "sparsity": sparsity, **options}
+
+
+def _refuse_without(given: set[str], keys: tuple[str, ...], needed: str, why: str) -> None:
+    unused = [k for k in keys if k in given]
+    if unused:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)
+        raise ValueError(f"{flags} {'does' if len(unused) == 1 else 'do'} nothing without {needed}: {why}")
+
+
+def _check_cli_only_prune_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """The flags of ``sparsekit prune`` that sparsekit.prune does not take: used, or refused
+    (--dist-timeout is kept outside torchrun: ``torchrun --nproc-per-node 1`` runs one plain process)."""
+    if not args.then_method:
+        _refuse_without(given, ("then_sparsity",), "--then-method", "add --then-method wanda|sparsegpt|ria")
+    if not args.eval:
+        _refuse_without(
+            given,
+            ("eval_dataset", "eval_seqlen", "eval_tokens"),
+            "--eval",
+            "add --eval to measure perplexity",
         )
-    from sparsekit.pruning.allocation import OWL
+    if not args.out:
+        _refuse_without(given, ("save_format",), "--out", "add --out FOLDER to save the pruned model")
+    if not args.offload_folder:
+        _refuse_without(
+            given,
+            ("max_cpu_memory",),
+            "--offload-folder",
+            "add --offload-folder DIR to keep the rest on disk",
+        )
+    if "save_format" in given and is_structured(args.method) and not args.then_method:
+        raise ValueError(
+            f"--save-format does nothing with {args.method} alone: a structured prune saves an ordinary, "
+            "smaller HF checkpoint (uniform widths) or a per-block-widths checkpoint (adaptive); drop it, "
+            "or stack --then-method to save that step's sparsity compressed or dense"
+        )
 
-    alloc = OWL(lam=args.owl_lambda, m=args.owl_m) if args.allocation == "owl" else "uniform"
-    return common | {
-        "blocksize": args.blocksize,
-        "percdamp": args.percdamp,
-        "forward_dtype": args.forward_dtype,
-        "allocation": alloc if method == args.method else "uniform",
-        "refine": args.refine,
-        "update": args.update,
-        "permute": args.permute,
-    }
 
-
-def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """Everything checkable before the model loads; returns the (method, sparsity) steps to run."""
-    from sparsekit.formats import parse_sparsity
+def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, PruneRequest]]:
+    """Everything checkable before the model loads; returns the (method, checked request) steps."""
     from sparsekit.hf.data import check_corpus
-    from sparsekit.pruning.structured import StructuredConfig
 
     check_at_least(1, nsamples=args.nsamples, batch_size=args.batch_size, blocksize=args.blocksize)
     check_at_least(2, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen)
     check_at_least(0, percdamp=args.percdamp)
     if args.eval_tokens is not None:
         check_at_least(args.eval_seqlen, eval_tokens=args.eval_tokens)
-    check_corpus(args.calib)
-    if args.eval:
-        check_corpus(args.eval_dataset)
-    steps = [(args.method, args.sparsity)]
+    check_device(args.device)
+    given = _given(args, "prune", args.model)
+    _check_cli_only_prune_flags(args, given)
+    methods = [args.method]
     if args.then_method:
         if not is_structured(args.method) or is_structured(args.then_method):
             raise ValueError(
                 "--then-method stacks an unstructured/N:M method on a structured one: "
                 "--method shortgpt|angular|wanda-sp|flap --then-method wanda|sparsegpt|magnitude"
             )
-        steps.append((args.then_method, args.then_sparsity))
-    for method, sparsity in steps:
-        if is_structured(method):
-            StructuredConfig(
-                sparsity=sparsity,
-                remove_layers=args.remove_layers,
-                heads=args.heads,
-                widths=args.widths,
-                tokens=args.tokens,
-            )
-        else:
-            from sparsekit.pruning import PruneConfig
-
-            # a bad pattern or combination (--permute without N:M, ...) fails before the model loads
-            PruneConfig(
-                method=method, sparsity=parse_sparsity(sparsity), refine=args.refine, update=args.update,
-                permute=args.permute,
-            )  # fmt: skip
-    steps_unstructured = [m for m, _ in steps if not is_structured(m)]
-    if not steps_unstructured and (args.refine != "none" or args.update != "none" or args.permute):
-        raise ValueError(
-            "--refine, --update and --permute act on an unstructured or N:M method's mask, and "
-            f"{args.method} removes whole structures: add --then-method wanda|sparsegpt|ria, or drop them"
-        )
+        methods.append(args.then_method)
+    stacked = len(methods) > 1
+    steps = []
+    for step, method in enumerate(methods):
+        sparsity = args.then_sparsity if step else args.sparsity
+        options = _step_options(args, method, stacked)
+        steps.append((method, check_prune_request(method, sparsity, options)))
+    if any(request.needs_calibration for _, request in steps):
+        check_corpus(args.calib)
+    if args.eval:
+        check_corpus(args.eval_dataset)
     if args.out:
         check_can_create(args.out)
     if args.offload_folder and args.out and args.save_format == "compressed":
@@ -216,8 +260,9 @@ def _prune_and_save(args: argparse.Namespace, steps, world=None) -> int:
         args.model, args.dtype, "cpu", args.trust_remote_code, args.offload_folder, args.max_cpu_memory
     )
     summary: dict = {}
-    for index, (method, sparsity) in enumerate(steps):
-        report = prune(model, tokenizer=tokenizer, **_prune_options(args, method, sparsity))
+    for index, (method, request) in enumerate(steps):
+        options = _prune_options(args, index, method, request, stacked=len(steps) > 1)
+        report = prune(model, tokenizer=tokenizer, **options)
         if main_rank:
             _print_report(report, method)
         summary = report.to_dict() if index == 0 else summary | {"then": report.to_dict()}
@@ -302,13 +347,32 @@ def _check_eval_args(args: argparse.Namespace):
         check_at_least(args.seqlen, max_tokens=args.max_tokens)
     if args.limit is not None and not args.limit > 0:
         raise ValueError(f"--limit must be > 0, got {args.limit}")
+    check_device(args.device)
+    given = _given(args, "eval", args.model)
+    if not args.offload_folder:
+        _refuse_without(
+            given,
+            ("max_cpu_memory",),
+            "--offload-folder",
+            "add --offload-folder DIR to keep the rest on disk",
+        )
+    if args.tasks and not args.ppl:
+        _refuse_without(
+            given, ("dataset", "seqlen", "max_tokens"), "--ppl", "with --tasks, add --ppl for perplexity too"
+        )
+    if not args.tasks:
+        _refuse_without(given, ("ppl",), "--tasks", "perplexity is what eval measures without --tasks")
+        _refuse_without(
+            given,
+            ("limit", "num_fewshot", "include_path", "batch_size"),
+            "--tasks",
+            "these set up lm-evaluation-harness tasks: add --tasks wiki_lambada,...",
+        )
     if args.ppl or not args.tasks:
         check_corpus(args.dataset)
     if args.json:
         check_can_write_file(args.json)
     if not args.tasks:
-        if args.limit is not None or args.num_fewshot is not None or args.include_path:
-            raise ValueError("--limit, --num-fewshot and --include-path go with --tasks")
         return None
     from sparsekit.eval.zero_shot import check_tasks_available, parse_tasks, task_manager
 
@@ -370,8 +434,8 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     from sparsekit.bench import layers
     from sparsekit.bench.timing import choose_threads
 
+    cuda = check_device(args.device).type == "cuda"
     _, threads_note = choose_threads(args.threads)
-    cuda = torch.device(args.device).type == "cuda"
     names = [args.model] if args.model else (args.shapes.split(",") if args.shapes else None)
     names = names or list(layers.GPU_SHAPES if cuda else layers.CPU_SHAPES)
     shapes = [s for name in names for s in layers.linear_shapes(name)]
@@ -394,6 +458,7 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
     from sparsekit.bench.e2e import run_e2e, write_e2e_report
     from sparsekit.bench.timing import choose_threads
 
+    check_device(args.device)
     _, threads_note = choose_threads(args.threads)
     model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
     pruned = Path(args.model, "prune_report.json").is_file()  # a `sparsekit prune --out` folder
@@ -455,6 +520,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     check_at_least(2, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen)
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not args.distill:
+        given = _given(args, "finetune", args.checkpoint)
+        _refuse_without(
+            given,
+            ("temperature", "lm_weight"),
+            "--distill",
+            "these weigh the teacher's logits: add --distill",
+        )
     out = args.out or args.checkpoint
     if not is_checkpoint(args.checkpoint) and not args.out:
         raise ValueError(
@@ -509,11 +582,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=method_names() + structured_method_names(), default="wanda")
     p.add_argument(
         "--sparsity",
-        default="0.5",
-        help="0.5, 50%%, 2:4, 4:8 ...; structured methods: the fraction of decoder-block parameters removed",
+        default=None,
+        help="0.5 (the default for the per-layer methods), 50%%, 2:4, 4:8 ...; structured methods need it "
+        "(or --remove-layers): the fraction of decoder-block parameters removed",
     )
     p.add_argument(
         "--remove-layers", type=int, default=None, help="depth methods: number of blocks to remove"
+    )
+    p.add_argument(
+        "--num-experts",
+        type=int,
+        default=None,
+        help="expert methods (reap, ean, frequency): experts every MoE block keeps (instead of --sparsity)",
     )
     p.add_argument(
         "--repair", action="store_true", help="depth methods: fold a least-squares map into each cut"
@@ -578,6 +658,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="N:M: permute down_proj / o_proj input channels before masking (RIA), folded into "
         "gate/up and v_proj so the saved model needs no permutation",
+    )
+    p.add_argument(
+        "--expert-tokens",
+        choices=("routed", "all"),
+        default="routed",
+        help="MoE: each expert's statistics from the tokens routed to it, or from every token",
+    )
+    p.add_argument(
+        "--expert-min-tokens",
+        type=int,
+        default=64,
+        help="MoE: experts with fewer routed calibration tokens get the block's pooled statistics added",
+    )
+    p.add_argument(
+        "--prune-routers", action="store_true", help="MoE: prune the routers too (kept dense by default)"
     )
     p.add_argument("--calib", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | dolly | PATH")
     p.add_argument("--nsamples", type=int, default=128)

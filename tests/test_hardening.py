@@ -18,6 +18,7 @@ from sparsekit._io import OWNER_FILE, atomic_dir, check_can_create
 from sparsekit.pruning import PruneConfig, PruningMethod, prune_model, sparsegpt_prune
 from sparsekit.pruning.engine import PartialPruneError
 from sparsekit.pruning.method import LayerResult
+from tests.cli_errors import CASES, case_id
 from tests.conftest import tiny_model
 
 
@@ -31,23 +32,21 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(cli, "load_any", refuse)
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--nsamples", "0"], "--nsamples must be >= 1"),
-        (["--seqlen", "1"], "--seqlen must be >= 2"),
-        (["--batch-size", "0"], "--batch-size must be >= 1"),
-        (["--blocksize", "0"], "--blocksize must be >= 1"),
-        (["--percdamp", "-0.1"], "--percdamp must be >= 0"),
-        (["--calib", "no/such/corpus.txt"], "unknown corpus"),
-        (["--eval", "--eval-dataset", "nope"], "unknown corpus"),
-        (["--sparsity", "3:2"], "0 < N < M"),
-        (["--method", "flap", "--sparsity", "2:4"], "not a fraction"),
-    ],
-)
-def test_prune_arguments_are_checked_before_the_model_loads(no_model_load, capsys, argv, message):
-    assert cli.main(["prune", "smollm2", *argv]) == 2
-    assert message in capsys.readouterr().err
+@pytest.fixture
+def binary_and_folder(tmp_path) -> dict[str, str]:
+    """What the error table's {bin} and {tmp} stand for."""
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "empty").mkdir()
+    return {"bin": str(tmp_path / "bin.txt"), "tmp": str(tmp_path / "empty")}
+
+
+@pytest.mark.parametrize(("argv", "message"), CASES, ids=[case_id(c) for c in CASES])
+def test_cli_errors_come_before_the_model_loads(no_model_load, binary_and_folder, capsys, argv, message):
+    """Every case of tests/cli_errors.py: exit code 2 and the message, nothing loaded (tests/test_wheel.py
+    runs the same table from an installed wheel)."""
+    assert cli.main([a.format(**binary_and_folder) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
 
 
 def test_existing_or_uncreatable_out_is_refused_before_loading(no_model_load, tmp_path, capsys):
@@ -56,15 +55,6 @@ def test_existing_or_uncreatable_out_is_refused_before_loading(no_model_load, tm
     (tmp_path / "file").write_text("")
     assert cli.main(["prune", "smollm2", "--out", str(tmp_path / "file" / "out")]) == 2
     assert "not a writable folder" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [(["--seqlen", "0"], "--seqlen must be >= 2"), (["--dataset", "nope"], "unknown corpus")],
-)
-def test_eval_arguments_are_checked_before_the_model_loads(no_model_load, capsys, argv, message):
-    assert cli.main(["eval", "smollm2", *argv]) == 2
-    assert message in capsys.readouterr().err
 
 
 def test_a_mistyped_relative_folder_is_not_sent_to_the_hub(tmp_path, monkeypatch):
@@ -201,3 +191,269 @@ def test_sparsify_warns_when_a_format_makes_the_model_larger(caplog):
         report = sparsify(tiny_model("llama"), format="bitmap")  # dense weights: bitmap is larger
     assert report.layer_bytes_after > report.layer_bytes_before
     assert "makes these layers larger" in caplog.text
+
+
+# ----------------------------------------------------------------------------- one check, CLI and API
+@pytest.mark.parametrize(
+    ("argv", "kwargs"),
+    [
+        (
+            ["--method", "flap", "--sparsity", "0.2", "--allocation", "owl"],
+            dict(method="flap", sparsity=0.2, allocation="owl"),
+        ),
+        (["--method", "shortgpt"], dict(method="shortgpt")),
+        (["--sparsity", "0"], dict(sparsity=0)),
+        (["--method", "wanda", "--blocksize", "64"], dict(method="wanda", blocksize=64)),
+        (["--method", "magnitude", "--nsamples", "16"], dict(method="magnitude", nsamples=16)),
+        (["--method", "wanda", "--remove-layers", "1"], dict(method="wanda", remove_layers=1)),
+        (["--device", "tpu9"], dict(device="tpu9")),
+    ],
+)
+def test_the_cli_and_the_api_refuse_with_the_same_check(no_model_load, capsys, argv, kwargs):
+    """The same function (sparsekit._checks.check_prune_request) refuses both, with the same words;
+    the API before it tokenizes or touches the model."""
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as api_error:
+        sparsekit.prune(model, calib="wiki-offline", tokenizer=_NoTokenizer(), show_progress=False, **kwargs)
+    assert cli.main(["prune", "smollm2", *argv]) == 2
+    assert str(api_error.value) in capsys.readouterr().err
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _NoTokenizer:
+    """A tokenizer that fails the test if calibration text is tokenized."""
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("calibration started before the check")
+
+
+def test_api_refuses_options_its_method_does_not_use():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (4, 16))
+    cases = [
+        (dict(method="flap", sparsity=0.2, refine="dsnot"), "refine (--refine) does nothing with flap"),
+        (dict(method="angular", sparsity=0.5, remove_layers=2), "not both (they disagree: round(0.5 x 2"),
+        (dict(method="angular", sparsity=0.0, remove_layers=0), "remove_layers 0 removes nothing"),
+        (dict(method="wanda", sparsity=0.5, nsamples=8), "calib is token ids [n, L] already"),
+        (dict(method="wanda", sparsity=0.5, owl_m=3.0), "only tunes allocation='owl'"),
+        (dict(method="wanda", sparsity=0.5, typo_option=1), "unknown option(s) typo_option"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as error:
+            sparsekit.prune(model, calib=ids, show_progress=False, **kwargs)
+        assert message in str(error.value), (kwargs, str(error.value))
+    # what is used passes: sparsity and remove_layers agreeing, OWL tuned under allocation='owl'
+    sparsekit.prune(
+        copy.deepcopy(model), "angular", sparsity=0.5, remove_layers=1, calib=ids, show_progress=False
+    )
+    report = sparsekit.prune(
+        copy.deepcopy(model), "wanda", sparsity=0.5, calib=ids, allocation="owl", owl_lambda=0.05,
+        show_progress=False,
+    )  # fmt: skip
+    assert max(report.block_sparsities) - min(report.block_sparsities) <= 0.1 + 1e-6
+
+
+def test_per_layer_methods_default_to_half_and_structured_ones_need_an_amount():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (4, 16))
+    report = sparsekit.prune(copy.deepcopy(model), "magnitude", show_progress=False)
+    assert report.sparsity == "0.5"
+    with pytest.raises(ValueError, match=r"angular needs an explicit amount.*--remove-layers"):
+        sparsekit.prune(copy.deepcopy(model), "angular", calib=ids, show_progress=False)
+
+
+# ----------------------------------------------------------------------------- devices
+def _no_cuda(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _one_gpu(monkeypatch, free_bytes: int = 80 * 2**30) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_bytes, 141 * 2**30))
+
+
+def test_device_parses_has_a_backend_and_exists(monkeypatch):
+    from sparsekit.hf.resources import available_devices, check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device 'tpu9' is not a device name \(Invalid device string"):
+        check_device("tpu9")
+    with pytest.raises(ValueError, match="holds no data"):
+        check_device("meta")
+    _no_cuda(monkeypatch)
+    with pytest.raises(ValueError, match=r"device 'cuda': .*CUDA.*; available here: cpu$"):
+        check_device("cuda")
+    _one_gpu(monkeypatch)
+    assert available_devices()[:2] == ["cpu", "cuda:0"]
+    assert check_device("cuda") == torch.device("cuda")
+    assert check_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(
+        ValueError, match=r"device 'cuda:1': there is only 1 cuda device here; available here: cpu, cuda:0"
+    ):
+        check_device("cuda:1")
+
+
+def test_cuda_without_cuda_is_refused_before_the_model_loads(no_model_load, monkeypatch, capsys):
+    _no_cuda(monkeypatch)
+    assert cli.main(["prune", "smollm2", "--device", "cuda"]) == 2
+    assert "device 'cuda'" in capsys.readouterr().err
+    assert cli.main(["eval", "smollm2", "--device", "cuda"]) == 2
+    assert "available here: cpu" in capsys.readouterr().err
+
+
+def test_api_checks_the_device_before_any_work(monkeypatch):
+    _no_cuda(monkeypatch)
+    model = tiny_model("llama")
+    for device in ("cuda", "tpu9"):
+        with pytest.raises(ValueError, match=f"device '{device}'"):
+            sparsekit.prune(model, "wanda", calib="wiki-offline", tokenizer=_NoTokenizer(), device=device)
+
+
+# ----------------------------------------------------------------------------- memory
+def _host_free(monkeypatch, free_bytes: int) -> None:
+    from sparsekit.hf import resources
+
+    monkeypatch.setattr(resources, "host_available_bytes", lambda meminfo="/proc/meminfo": free_bytes)
+
+
+def test_calibration_memory_estimate_counts_states_statistics_and_the_token_pool():
+    from sparsekit.hf.resources import CalibrationPlan, ModelShape, calibration_memory
+
+    smollm2 = ModelShape(hidden=576, layers=30, intermediate=1536, attention_width=576, kv_width=192)
+    plan = CalibrationPlan(
+        nsamples=100_000, seqlen=64, batch_size=8, copies=3, forward_bytes=2, model_bytes=4, gram=True
+    )
+    (cpu,) = calibration_memory(smollm2, plan, torch.device("cpu"))
+    states = cpu.parts["block inputs/outputs (3 x 100000 x 64 x 576 x 2 bytes)"]
+    assert states == 3 * 100_000 * 64 * 576 * 2  # 22 GB: what made memory pass 10 GB and keep growing
+    assert cpu.parts["one block's Gram statistics (float64)"] == (3 * 576**2 + 1536**2) * 12
+    assert cpu.parts["tokenized text pool (4x the tokens)"] == 4 * 6_400_000 * 44
+    device, host = calibration_memory(smollm2, plan, torch.device("cuda:0"))
+    assert device.where == "cuda:0" and states in device.parts.values()
+    assert (
+        host.where == "host"
+        and host.total
+        == cpu.parts["calibration token ids"] + cpu.parts["tokenized text pool (4x the tokens)"]
+    )
+    wanda = calibration_memory(smollm2, CalibrationPlan(128, 2048, 8, 3, 2, 4), torch.device("cpu"))[0]
+    assert wanda.parts["one block's statistics"] < 2**20  # vectors, not Gram matrices
+
+
+def test_host_memory_is_read_from_meminfo(tmp_path):
+    from sparsekit.hf.resources import host_available_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n")
+    assert host_available_bytes(str(meminfo)) == 20_000_000 * 1024
+    assert host_available_bytes(str(tmp_path / "none")) is None
+
+
+def test_calibration_too_large_for_the_host_is_refused_before_it_starts(monkeypatch):
+    _host_free(monkeypatch, 256 * 2**20)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError) as error:
+        sparsekit.prune(
+            model, "sparsegpt", calib="wiki-offline", tokenizer=_NoTokenizer(), nsamples=100_000, seqlen=64
+        )
+    message = str(error.value)
+    assert (
+        "calibration would hold about" in message
+        and "on cpu, but 256.0 MiB is free there (MemAvailable" in message
+    )
+    assert "block inputs/outputs (3 x 100000 x 64 x 64" in message and "Gram statistics" in message
+    fit = int(message.split("at most ")[1].split()[0])
+    assert 100 < fit < 100_000
+    # the advice holds: that many samples pass the check (the tokenizer then proves calibration started)
+    with pytest.raises(AssertionError, match="calibration started"):
+        sparsekit.prune(
+            model, "sparsegpt", calib="wiki-offline", tokenizer=_NoTokenizer(), nsamples=fit, seqlen=64
+        )
+
+
+def test_calibration_too_large_for_the_gpu_is_refused_with_the_free_memory(monkeypatch):
+    _one_gpu(monkeypatch, free_bytes=64 * 2**20)
+    _host_free(monkeypatch, 64 * 2**30)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"on cuda, but 64.0 MiB is free there \(torch.cuda.mem_get_info"):
+        sparsekit.prune(
+            model, "wanda", calib="wiki-offline", tokenizer=_NoTokenizer(), nsamples=100_000, seqlen=64,
+            device="cuda", forward_dtype="fp32",
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tests.tiny_folder import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_cli_refuses_100000_samples_before_calibrating(tiny_folder, monkeypatch, capsys):
+    from sparsekit import api
+
+    _host_free(monkeypatch, 512 * 2**20)
+    monkeypatch.setattr(api, "calibration_ids", _NoTokenizer())
+    argv = ["prune", str(tiny_folder), "--nsamples", "100000", "--seqlen", "64", "--device", "cpu"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "calibration would hold about" in err and "free there (MemAvailable" in err
+    assert "fewer samples (nsamples / --nsamples: at most" in err and "shorter sequences" in err
+
+
+# ----------------------------------------------------------------------------- calibration text
+class _WordTokenizer:
+    """One token per whitespace-separated word."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [len(w) for w in text.split()]}
+
+
+def test_a_binary_calibration_file_is_named(tmp_path):
+    from sparsekit.hf.data import calibration_ids, check_corpus
+
+    for name in ("calib.txt", "calib.jsonl", "calib.json"):
+        path = tmp_path / name
+        path.write_bytes(b'{"text": "\xd0\xd1\xff"}\n' * 10)
+        with pytest.raises(ValueError, match=f"{name} is not UTF-8 text or JSONL .*byte 0x"):
+            calibration_ids(_WordTokenizer(), str(path), nsamples=2, seqlen=4)
+        with pytest.raises(ValueError, match=f"{name} is not UTF-8 text or JSONL"):
+            check_corpus(str(path))
+    (tmp_path / "nul.txt").write_bytes(b"text\x00\x01\x02" * 100)
+    with pytest.raises(ValueError, match="holds NUL bytes"):
+        check_corpus(str(tmp_path / "nul.txt"))
+
+
+def test_short_calibration_text_says_how_many_tokens_it_has_and_needs(tmp_path, tiny_folder, capsys):
+    from sparsekit.hf.data import calibration_ids
+
+    path = tmp_path / "one.txt"
+    path.write_text("hello")
+    needs = (
+        r"has [01] tokens, fewer than one window: calibration needs at least seqlen \+ 1 = 33 tokens, and "
+        r"nsamples x seqlen = 128"
+    )
+    with pytest.raises(ValueError, match=needs):
+        calibration_ids(_WordTokenizer(), str(path), nsamples=4, seqlen=32)
+    with pytest.raises(ValueError, match=r"the 2 calibration texts has 4 tokens"):
+        calibration_ids(_WordTokenizer(), ["a b", "c d"], nsamples=4, seqlen=32)
+    assert (
+        cli.main(["prune", str(tiny_folder), "--calib", str(path), "--nsamples", "4", "--seqlen", "32"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert f"the calibration part of {path}" in err and "seqlen + 1 = 33" in err and "Traceback" not in err
+
+
+def test_a_compressed_model_is_decompressed_and_pruned_further(tmp_path):
+    """Pruning a loaded compressed checkpoint (SparseLinear blocks) prunes it further instead of
+    refusing it or skipping its layers."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    sparsekit.prune(model, method="wanda", sparsity=0.5, calib=ids, show_progress=False)
+    sparsekit.sparsify(model)
+    sparsekit.save(model, tmp_path / "c")
+    loaded = sparsekit.load(tmp_path / "c")
+    report = sparsekit.prune(loaded, method="wanda", sparsity=0.7, calib=ids, show_progress=False)
+    assert report.overall_sparsity == pytest.approx(0.7, abs=0.02)  # floor(K x 0.7) per row of 64 or 128
+    assert not any(isinstance(m, sparsekit.SparseLinear) for m in loaded.modules())

@@ -11,7 +11,7 @@ def _run(code: str) -> str:
 
 def test_kernel_and_pruning_layers_do_not_import_transformers():
     code = (
-        "import sys, sparsekit.kernels, sparsekit.formats.weight, sparsekit.arch, sparsekit.pruning, "
+        "import sys, sparsekit.kernels, sparsekit.formats.weight, sparsekit.models, sparsekit.pruning, "
         "sparsekit.nn; print('transformers' in sys.modules)"
     )
     assert _run(code) == "False"

@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from sparsekit.arch import model_device, model_dtype
 from sparsekit.bench.e2e import _Generator
 from sparsekit.bench.layers import SETUPS, LinearShape, make_case
 from sparsekit.bench.timing import quantiles, synchronize
 from sparsekit.kernels import use_backend
+from sparsekit.models import model_device, model_dtype
 from sparsekit.nn import SparseLinear
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from sparsekit.api import prune
-from sparsekit.arch import model_bytes
 from sparsekit.bench.e2e import time_generation_interleaved
 from sparsekit.eval.perplexity import perplexity_of_ids
+from sparsekit.models import model_bytes
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from sparsekit._env import environment
-from sparsekit.arch import model_bytes, model_device
 from sparsekit.bench.timing import RegionTimer, quantiles
+from sparsekit.models import model_bytes, model_device
 
 log = logging.getLogger(__name__)
 

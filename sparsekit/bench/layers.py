@@ -25,11 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsekit._env import environment
-from sparsekit.arch import model_bytes
 from sparsekit.bench.roofline import Roofline, measure_roofline
 from sparsekit.bench.timing import Rotation, Timing, copies_for, llc_bytes, time_cpu_interleaved, time_gpu
 from sparsekit.formats import NMPattern, parse_sparsity, pattern_mask
 from sparsekit.kernels import use_backend
+from sparsekit.models import model_bytes
 
 log = logging.getLogger(__name__)
 

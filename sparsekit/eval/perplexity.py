@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsekit.arch import model_device
 from sparsekit.hf.data import DEFAULT_CORPUS, evaluation_ids
+from sparsekit.models import model_device
 
 
 @dataclass

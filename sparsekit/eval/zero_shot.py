@@ -24,8 +24,8 @@ from pathlib import Path
 from torch import nn
 
 from sparsekit._env import environment
-from sparsekit.arch import model_device
 from sparsekit.hf.data import offline_if_unreachable
+from sparsekit.models import model_device
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparsekit._io import atomic_dir
-from sparsekit.arch import is_conv1d, set_submodule
 from sparsekit.formats.weight import weight_format
+from sparsekit.models import is_conv1d, set_submodule
 from sparsekit.nn import SparseLinear
 from sparsekit.pruning.structured import resize_to_widths
 
@@ -303,20 +303,35 @@ def read_state(
 
 def _materialize_computed_buffers(model: nn.Module) -> None:
     """After ``load_state_dict(assign=True)`` on a model built on the meta device, give the buffers
-    the checkpoint does not hold (rotary ``inv_freq`` tables) their computed values: storage on
-    the CPU, then transformers' own ``_init_weights`` of that (parameter-free) module."""
-    for name, module in model.named_modules():
+    the checkpoint does not hold (rotary ``inv_freq`` tables, Gemma's ``embed_scale``) their computed
+    values the way transformers computes them: its own ``_init_weights`` of that module, run on a
+    stand-in with fresh CPU tensors where the module also holds loaded parameters (so the loaded
+    weights are never re-initialised)."""
+    for module in model.modules():
         meta = [k for k, b in module._buffers.items() if b is not None and b.device.type == "meta"]
         if not meta:
             continue
+        target = module
         if any(True for _ in module.parameters(recurse=False)):
-            raise CheckpointError(f"{name or 'model'} has buffers {meta} that the checkpoint does not hold")
+            target = copy.copy(module)
+            target._parameters = {
+                k: None if p is None else nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=False)
+                for k, p in module._parameters.items()
+            }
+            target._buffers = dict(module._buffers)
         for key in meta:
-            module._buffers[key] = torch.empty_like(module._buffers[key], device="cpu")
+            target._buffers[key] = torch.empty_like(module._buffers[key], device="cpu")
         for attr, value in vars(module).items():  # plain tensor attributes beside the buffers
             if isinstance(value, torch.Tensor) and value.device.type == "meta":
-                setattr(module, attr, torch.empty_like(value, device="cpu"))
-        model._init_weights(module)
+                setattr(target, attr, torch.empty_like(value, device="cpu"))
+        model._init_weights(target)
+        if target is not module:
+            for key in meta:
+                module._buffers[key] = target._buffers[key]
+            for attr, value in vars(target).items():
+                if isinstance(value, torch.Tensor) and getattr(module, attr, None) is not None:
+                    if getattr(module, attr).device.type == "meta":
+                        setattr(module, attr, value)
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise CheckpointError(f"tensors {left[:5]} were neither in the checkpoint nor computable")

@@ -8,6 +8,7 @@ seeded random offsets; evaluation is the held-out text in a fixed order.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import importlib.util
 import json
@@ -137,7 +138,23 @@ def _hub_texts(name: str, split: str) -> Iterator[str]:
         raise ValueError(f"unknown corpus {name!r}; choose {', '.join(CORPORA)} or a .txt/.jsonl/.json path")
 
 
+def _not_text(path: Path, exc: UnicodeDecodeError) -> ValueError:
+    byte = exc.object[exc.start : exc.start + 1].hex()
+    return ValueError(
+        f"{path} is not UTF-8 text or JSONL (byte 0x{byte} does not decode as UTF-8: a binary or "
+        "differently encoded file): pass a .txt file of UTF-8 text, or a .jsonl / .json of records with "
+        "a 'text' field"
+    )
+
+
 def _file_docs(path: Path) -> Iterator[tuple[str, str]]:
+    try:
+        yield from _file_records(path)
+    except UnicodeDecodeError as exc:
+        raise _not_text(path, exc) from None
+
+
+def _file_records(path: Path) -> Iterator[tuple[str, str]]:
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -176,9 +193,33 @@ def _record_text(record, path: Path) -> str:
     )
 
 
+_SNIFF_BYTES = 1 << 16
+
+
+def check_text_file(path: Path) -> None:
+    """Raise unless the start of ``path`` is UTF-8 text (no NUL bytes): cheap, 64 KiB are read."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        decoder.decode(head, final=len(head) < _SNIFF_BYTES)
+    except UnicodeDecodeError as exc:
+        raise _not_text(path, exc) from None
+    if b"\x00" in head:
+        raise ValueError(
+            f"{path} is not UTF-8 text or JSONL (it holds NUL bytes, as binary files do): pass a .txt "
+            "file of UTF-8 text, or a .jsonl / .json of records with a 'text' field"
+        )
+
+
 def check_corpus(spec: str) -> None:
-    """Raise unless ``spec`` names a corpus or an existing file (cheap: nothing is read)."""
-    if spec in CORPORA or Path(os.path.expanduser(spec)).is_file():
+    """Raise unless ``spec`` names a corpus or an existing UTF-8 text file (cheap: its first 64 KiB
+    are read)."""
+    if spec in CORPORA:
+        return
+    path = Path(os.path.expanduser(spec))
+    if path.is_file():
+        check_text_file(path)
         return
     raise ValueError(
         f"unknown corpus {spec!r}: choose {', '.join(CORPORA)}, or a path to a .txt/.jsonl/.json file"
@@ -228,13 +269,34 @@ def calibration_ids(
     texts = list(calib) if isinstance(calib, list | tuple) else _shuffled(corpus_texts(calib, "calib"), rng)
     ids = _token_stream(tokenizer, texts, limit=4 * nsamples * seqlen)
     if len(ids) <= seqlen:
-        raise ValueError(
-            f"calibration text has {len(ids)} tokens, fewer than one window of seqlen={seqlen}; "
-            "give more text or a smaller --seqlen"
+        raise ValueError(_too_few_tokens(tokenizer, calib, len(ids), nsamples, seqlen))
+    if len(ids) < nsamples * seqlen:
+        log.warning(
+            "calibration text has %d tokens, fewer than nsamples x seqlen = %d: the %d windows overlap",
+            len(ids),
+            nsamples * seqlen,
+            nsamples,
         )
     pool = torch.tensor(ids, dtype=torch.long)
     starts = [rng.randrange(0, len(ids) - seqlen) for _ in range(nsamples)]
     return torch.stack([pool[s : s + seqlen] for s in starts])
+
+
+def _too_few_tokens(tokenizer, calib: str | list[str], count: int, nsamples: int, seqlen: int) -> str:
+    """The error for calibration text shorter than one window: what it has, what it needs, the fix."""
+    if isinstance(calib, str):
+        what = f"the calibration part of {calib}"
+        if calib not in HUB_CORPORA:  # a local file or the offline corpus: cheap to count the rest
+            held = len(_token_stream(tokenizer, corpus_texts(calib, "eval"), limit=4 * nsamples * seqlen))
+            if held:
+                what += f" (its other {held} tokens are in documents held out for evaluation, 1 in 10)"
+    else:
+        what = f"the {len(calib)} calibration texts"
+    return (
+        f"{what} has {count} tokens, fewer than one window: calibration needs at least seqlen + 1 = "
+        f"{seqlen + 1} tokens, and nsamples x seqlen = {nsamples * seqlen} for {nsamples} windows that do "
+        "not overlap: give more text, or a smaller seqlen (--seqlen)"
+    )
 
 
 def _shuffled(texts: Iterable[str], rng: random.Random, cap: int = 50_000) -> list[str]:

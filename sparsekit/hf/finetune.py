@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit.arch import linear_weight, set_submodule
+from sparsekit.models import linear_weight, set_submodule
 from sparsekit.nn import SparseLinear, densify, sparsify
 from sparsekit.nn.sparsify import release_memory, sparse_candidates
 

@@ -19,9 +19,9 @@ import logging
 import torch
 from torch import nn
 
-from sparsekit.arch import is_conv1d, linear_weight
 from sparsekit.formats.weight import Sparse24, WeightFormat, choose_format, is_24, weight_format
 from sparsekit.kernels import Backend, current_backend
+from sparsekit.models import is_conv1d, linear_weight, register_linear_like
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+@register_linear_like
 class SparseLinear(nn.Module):
     """A linear layer whose weight is stored in a ``WeightFormat``; see the module docstring."""
 

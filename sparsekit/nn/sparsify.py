@@ -17,16 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit.arch import (
-    UnsupportedArchitecture,
+from sparsekit.formats.weight import WeightFormat, choose_format, weight_format
+from sparsekit.models import (
     block_linears,
-    check_architecture,
     find_decoder_blocks,
     linear_weight,
     model_bytes,
     set_submodule,
 )
-from sparsekit.formats.weight import WeightFormat, choose_format, weight_format
 
 from .sparse_linear import SparseLinear
 
@@ -77,21 +75,8 @@ def release_memory() -> None:
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """find_decoder_blocks, also on a model whose linears are all SparseLinear already."""
-    try:
-        return find_decoder_blocks(model)
-    except UnsupportedArchitecture:
-        check_architecture(model)
-        lists = [
-            (name, m)
-            for name, m in model.named_modules()
-            if isinstance(m, nn.ModuleList)
-            and len(m)
-            and all(any(isinstance(c, SparseLinear) for c in block.modules()) for block in m)
-        ]
-        if not lists:
-            raise
-        return min(lists, key=lambda item: item[0].count("."))
+    """The decoder blocks (found also when their linears are SparseLinear already)."""
+    return find_decoder_blocks(model)
 
 
 def sparse_candidates(model: nn.Module) -> dict[str, nn.Module]:

@@ -1,6 +1,6 @@
 """Pruning algorithms (tensors in, tensors out), the method objects and the layer-sequential engine."""
 
-from sparsekit.arch import SUPPORTED_MODEL_TYPES, UnsupportedArchitecture, find_decoder_blocks
+from sparsekit.models import UnsupportedArchitecture, find_decoder_blocks
 
 from .allocation import OWL, Allocation, Uniform, outlier_ratio
 from .compose import (
@@ -57,7 +57,6 @@ __all__ = [
     "ria_scores",
     "FACTOR_SOLVER",
     "PLAIN_SOLVER",
-    "SUPPORTED_MODEL_TYPES",
     "HessianNotPositiveDefinite",
     "LayerReport",
     "LayerResult",

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit.arch import model_device
+from sparsekit.models import model_device
 
 from .offload import materialized, offloaded_modules
 
@@ -41,29 +41,61 @@ def resolve_forward_dtype(requested: str | torch.dtype, model_dtype: torch.dtype
 
 
 class _Captured(Exception):
-    """Raised by the pre-hook on block 0 once its inputs are recorded: nothing later needs to run."""
+    """Raised by the last block's stand-in once every block's inputs are recorded."""
 
 
 @dataclass
 class Chunk:
-    hidden: torch.Tensor  # [b, L, H] input of the current block
-    args: tuple
-    kwargs: dict[str, Any]
+    """A slice of the calibration batch: the hidden states entering the current block, and the
+    other inputs the model passes each block (per block: a hybrid or sliding-window model gives
+    each layer type its own attention mask and rotary tables, Gemma-4 a per-layer input)."""
+
+    hidden: torch.Tensor  # [b, L, H]
+    inputs: list[tuple[tuple, dict[str, Any]]]  # per block: (positional args after hidden, kwargs)
+
+    def run(self, block: nn.Module, index: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Output hidden states of ``block`` (decoder block ``index``) on this chunk."""
+        args, kwargs = self.inputs[index]
+        return _block_output(block(self.hidden if hidden is None else hidden, *args, **kwargs))
+
+    def copy(self) -> Chunk:
+        return Chunk(self.hidden, self.inputs)
 
 
 def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def floats_to(value: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors inside ``value`` (nested tuples / lists / dicts) cast to ``dtype``."""
+def _like(template: Any, hidden: torch.Tensor) -> Any:
+    """``hidden`` in the structure a real block returns (a tensor, or a tuple led by it)."""
+    if isinstance(template, tuple | list):
+        return type(template)([hidden, *template[1:]])
+    return hidden
+
+
+def floats_to(value: Any, dtype: torch.dtype, memo: dict[int, Any] | None = None) -> Any:
+    """Floating tensors inside ``value`` (nested tuples / lists / dicts) cast to ``dtype``; a tensor
+    met twice (the mask every layer of one type shares) is cast once when ``memo`` is given."""
+    memo = {} if memo is None else memo
     if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
+        if not value.is_floating_point():
+            return value
+        if id(value) not in memo:
+            memo[id(value)] = value.to(dtype)
+        return memo[id(value)]
     if isinstance(value, tuple | list):
-        return type(value)(floats_to(v, dtype) for v in value)
+        return type(value)(floats_to(v, dtype, memo) for v in value)
     if isinstance(value, dict):
-        return {k: floats_to(v, dtype) for k, v in value.items()}
+        return {k: floats_to(v, dtype, memo) for k, v in value.items()}
     return value
+
+
+def cast_chunks(chunks: list[Chunk], dtype: torch.dtype) -> None:
+    """Hidden states and every floating block input cast to ``dtype`` in place (shared tensors once)."""
+    for chunk in chunks:
+        memo: dict[int, Any] = {}
+        chunk.hidden = chunk.hidden.to(dtype)
+        chunk.inputs = [floats_to(inputs, dtype, memo) for inputs in chunk.inputs]
 
 
 def _move_own_tensors(module: nn.Module, device: torch.device) -> None:
@@ -101,42 +133,96 @@ def _non_block_leaves(module: nn.Module, block_ids: set[int]) -> Iterator[nn.Mod
         yield from _non_block_leaves(child, block_ids)
 
 
+@contextmanager
+def _stand_ins(blocks: nn.ModuleList, record: Callable[[int, tuple, dict], None]) -> Iterator[dict]:
+    """Blocks 1.. replaced (their ``forward`` only) by stand-ins that record their inputs and pass the
+    hidden states through; the last one stops the model. Block 0 runs for real: its output gives
+    the structure the stand-ins return."""
+    first_out: dict[str, Any] = {}
+    saved = [b.__dict__.get("forward") for b in blocks]  # accelerate's hooks wrap forward per instance
+
+    def stand_in(index: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            record(index, tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            if index == len(blocks) - 1:
+                raise _Captured
+            return _like(first_out.get("out"), hidden)
+
+        return forward
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        record(0, (hidden, *args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+    def post_hook(module, args, kwargs, out):
+        first_out["out"] = out
+        if len(blocks) == 1:
+            raise _Captured
+
+    handles = [
+        blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True),
+        blocks[0].register_forward_hook(post_hook, with_kwargs=True),
+    ]
+    for index in range(1, len(blocks)):
+        blocks[index].forward = stand_in(index)
+    try:
+        yield first_out
+    finally:
+        for h in handles:
+            h.remove()
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward
+
+
 def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[Chunk]:
-    """Run the model on ``input_ids`` [n, L] up to block 0 and record its inputs per chunk."""
+    """Run the model on ``input_ids`` [n, L] and record the inputs of every decoder block per chunk:
+    block 0's hidden states, and each block's other arguments. Only block 0 computes."""
     chunks: list[Chunk] = []
+    pending: dict[str, Any] = {}
 
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        chunks.append(Chunk(hidden.detach(), tuple(a for a in args[1:]), kwargs))
-        raise _Captured
+    def record(index: int, args: tuple, kwargs: dict) -> None:
+        if index == 0:  # args[0]: the hidden states
+            pending["hidden"], pending["inputs"] = args[0].detach(), []
+            args = args[1:]
+        pending["inputs"].append((args, kwargs))
 
-    handle = blocks[0].register_forward_pre_hook(record, with_kwargs=True)
     first = blocks[0]
     first_home = model_device(first)
-    try:
-        with materialized(first, device), _outside_blocks_on(model, blocks, device), torch.no_grad():
-            first.to(device)
-            try:
+    with materialized(first, device), _outside_blocks_on(model, blocks, device), torch.no_grad():
+        first.to(device)
+        try:
+            with _stand_ins(blocks, record):
                 for ids in input_ids.split(batch_size):
                     try:
                         model(ids.to(device), use_cache=False)
                     except _Captured:
                         pass
-            finally:
-                first.to(first_home)
-    finally:
-        handle.remove()
+                    if len(pending.get("inputs", ())) != len(blocks):
+                        raise RuntimeError(
+                            f"{type(model).__name__} called {len(pending.get('inputs', ()))} of its "
+                            f"{len(blocks)} decoder blocks: the anatomy's block list is not the model's"
+                        )
+                    chunks.append(Chunk(pending["hidden"], pending["inputs"]))
+                    pending.clear()
+        finally:
+            first.to(first_home)
     return chunks
 
 
-def run_block(block: nn.Module, chunks: list[Chunk], on_chunk: Callable[[], None] | None = None):
+def run_block(
+    block: nn.Module, chunks: list[Chunk], index: int, on_chunk: Callable[[], None] | None = None
+) -> list[torch.Tensor]:
+    """Outputs of decoder block ``index`` (``block``: it or a copy of it) on every chunk."""
     outputs = []
     with torch.no_grad():
         for chunk in chunks:
-            outputs.append(_block_output(block(chunk.hidden, *chunk.args, **chunk.kwargs)))
+            outputs.append(chunk.run(block, index))
             if on_chunk is not None:
                 on_chunk()
     return outputs

@@ -20,23 +20,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsekit.arch import (
+from sparsekit.formats import NMPattern, Pattern, Unstructured, mask_sparsity, parse_sparsity
+from sparsekit.kernels.dtypes import parse_dtype
+from sparsekit.kernels.mask_bits import pack_mask, unpack_mask
+from sparsekit.models import (
+    BlockAnatomy,
     block_linears,
     channel_folds,
-    find_decoder_blocks,
+    describe,
     linear_weight,
     model_device,
     model_dtype,
     set_linear_weight,
 )
-from sparsekit.formats import NMPattern, Pattern, Unstructured, mask_sparsity, parse_sparsity
-from sparsekit.kernels.dtypes import parse_dtype
-from sparsekit.kernels.mask_bits import pack_mask, unpack_mask
 
 from .allocation import Allocation, allocation, outlier_ratio
-from .capture import Chunk, capture_block_inputs, floats_to, resolve_forward_dtype, run_block
+from .capture import Chunk, capture_block_inputs, cast_chunks, resolve_forward_dtype, run_block
 from .compose import MaskRefine, NoRefine, NoUpdate, WeightUpdate, mask_refine, weight_update
 from .distributed import World, all_reduce_sum_, assign, broadcast_, current_world, gather_objects, shard
+from .experts import pool_expert_stats, routed_experts
 from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error_parts
 from .method import (
     InputStat,
@@ -97,6 +99,13 @@ class PruneConfig:
     # N:M only: permute each foldable layer's input channels before masking (RIA), folded into the
     # producing layers so the saved model runs without a permutation
     permute: bool = False
+    # Mixture-of-Experts blocks: each expert's statistics from the tokens routed to it ("routed") or
+    # from every token ("all", what a routing-blind port does); experts with fewer routed tokens
+    # than expert_min_tokens are topped up with the block's pooled statistics; routers (and
+    # routing-only linears such as a shared expert's gate) stay dense unless prune_routers
+    expert_tokens: str = "routed"
+    expert_min_tokens: int = 64
+    prune_routers: bool = False
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -105,6 +114,10 @@ class PruneConfig:
             raise ValueError(f"percdamp must be >= 0 (a fraction of mean(diag H)), got {self.percdamp}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.expert_tokens not in ("routed", "all"):
+            raise ValueError(f"expert_tokens={self.expert_tokens!r}: choose routed or all")
+        if self.expert_min_tokens < 0:
+            raise ValueError(f"expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
         self.method = pruning_method(self.method)
         self.sparsity = parse_sparsity(self.sparsity)
         self.allocation = allocation(self.allocation)
@@ -189,6 +202,7 @@ class PruneReport:
     recipe: str = ""  # method and steps, e.g. 'ria+permute+dsnot+admm' (PruneConfig.label)
     permuted: list[dict[str, Any]] = field(default_factory=list)  # layer, kept score before/after
     rank_timings_s: list[dict[str, float]] = field(default_factory=list)  # each rank's phases
+    experts: list[dict[str, Any]] = field(default_factory=list)  # MoE blocks: routed tokens per expert
 
     @property
     def overall_sparsity(self) -> float:
@@ -212,6 +226,7 @@ class PruneReport:
             "world_size": self.world_size,
             "rank_timings_s": self.rank_timings_s,
             "block_rel_errors": self.block_rel_errors,
+            "experts": self.experts,
             "notes": self.notes,
             "layers": [vars(r) | {"shape": list(r.shape)} for r in self.layers],
         }
@@ -247,8 +262,11 @@ def prune_model(
 
     input_ids: LongTensor [nsamples, seqlen] of calibration tokens (unused by magnitude).
     """
-    name, blocks = find_decoder_blocks(model)
-    prefix = block_prefix or name
+    anatomy = describe(model)
+    anatomy.require_dense(config.label)
+    _check_expert_options(anatomy, config)
+    blocks = anatomy.blocks
+    prefix = block_prefix or anatomy.blocks_path
     device = torch.device(config.device) if config.device is not None else model_device(model)
     timer = Timer(device)
     nsamples, seqlen = tuple(input_ids.shape) if input_ids is not None else (0, 0)
@@ -278,14 +296,11 @@ def prune_model(
             chunks = capture_block_inputs(model, blocks, mine, config.batch_size, device)
         forward_dtype = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
         report.forward_dtype = str(forward_dtype).replace("torch.", "")
-        for chunk in chunks:
-            chunk.hidden = chunk.hidden.to(forward_dtype)
-            chunk.args = floats_to(chunk.args, forward_dtype)
-            chunk.kwargs = floats_to(chunk.kwargs, forward_dtype)
+        cast_chunks(chunks, forward_dtype)
     block_configs = [config] * len(blocks)
     if config.allocation.needs_scores:
         with timer.phase("allocation"):
-            ratios = _outlier_ratios(blocks, chunks, config, timer, world, device)
+            ratios = _outlier_ratios(anatomy, chunks, config, timer, world, device)
         report.block_sparsities = config.allocation.block_sparsities(config.sparsity.sparsity, ratios)
         block_configs = [replace(config, sparsity=Unstructured(s)) for s in report.block_sparsities]
         if config.statistic is None:
@@ -310,7 +325,13 @@ def prune_model(
                 with materialized(block, device) as changed:
                     block.to(device)
                     linears = _prune_block(
-                        block, f"{prefix}.{index}", chunks, block_configs[index], timer, report, world
+                        anatomy[index],
+                        f"{prefix}.{index}",
+                        chunks,
+                        block_configs[index],
+                        timer,
+                        report,
+                        world,
                     )
                     changed.update(linears.values())  # written back where accelerate offloaded them
                     block.to(home)
@@ -335,7 +356,7 @@ def prune_model(
 
 
 def _prune_block(
-    block: nn.Module,
+    anatomy: BlockAnatomy,
     block_name: str,
     chunks: list[Chunk],
     config: PruneConfig,
@@ -350,20 +371,25 @@ def _prune_block(
     one rank and its pruned weight broadcast to the others.
     """
     world = world or World()
-    linears = block_linears(block)
+    block, index = anatomy.module, anatomy.index
+    linears = anatomy.prunable(routers=config.prune_routers)
     stats: dict[str, dict[str, InputStat]] = {}
     dense_outputs = None
     dense_weights: dict[str, torch.Tensor] = {}
     runner, run_linears = block, linears  # what the calibration forwards run: the block or a cast copy
     if chunks and chunks[0].hidden.dtype != model_dtype(block):
         runner = copy.deepcopy(block).to(chunks[0].hidden.dtype)
-        run_linears = block_linears(runner)
+        run_linears = anatomy.prunable(runner, routers=config.prune_routers)
+    routed = routed_experts(anatomy, runner, run_linears, config.expert_tokens == "all")
     if chunks:
         collector = StatsCollector(run_linears, config.statistic, timer, config.share_statistics)
-        with timer.phase("forward"):
-            dense_outputs = run_block(runner, chunks, collector.next_chunk)
+        with timer.phase("forward"), routed:
+            dense_outputs = run_block(runner, chunks, index, collector.next_chunk)
         collector.remove()
         collected = collector.finish(world)
+        if anatomy.experts is not None:
+            counts = pool_expert_stats(anatomy.experts, index, collected, config.expert_min_tokens)
+            report.experts.append(vars(counts))
         stats = {
             n: split_stat(config.statistic, collected.get(n), linear_weight(m).shape[1])
             for n, m in linears.items()
@@ -374,7 +400,7 @@ def _prune_block(
     if config.permute:  # magnitude permutes without data: no chunks, no statistics
         with timer.phase("permute"):
             copies = [runner] if runner is not block else []
-            _permute_block(block, block_name, copies, dense_weights, stats, config, report)
+            _permute_block(anatomy, block_name, copies, dense_weights, stats, config, report)
     results = _prune_linears(linears, stats, config, timer, world)
     for lname, module in linears.items():
         mask, percdamp = results[lname]
@@ -388,8 +414,8 @@ def _prune_block(
             for lname, module in run_linears.items():
                 set_linear_weight(module, linear_weight(linears[lname]).detach().to(chunks[0].hidden.dtype))
         probe = OutputErrorProbe(run_linears, dense_weights) if config.measure_error else None
-        with timer.phase("forward"):
-            pruned_outputs = run_block(runner, chunks)
+        with timer.phase("forward"), routed_experts(anatomy, runner, run_linears):
+            pruned_outputs = run_block(runner, chunks, index)
         if probe is not None:
             probe.remove()
             for layer, err in zip(report.layers[-len(linears) :], probe.errors().values(), strict=True):
@@ -406,8 +432,24 @@ def _prune_block(
     return linears
 
 
+def _check_expert_options(anatomy, config: PruneConfig) -> None:
+    """Expert options on a model without a Mixture-of-Experts block would do nothing: refuse them."""
+    if any(b.experts is not None for b in anatomy):
+        return
+    asked = [
+        k
+        for k, default in (("expert_tokens", "routed"), ("expert_min_tokens", 64), ("prune_routers", False))
+        if getattr(config, k) != default
+    ]
+    if asked:
+        raise ValueError(
+            f"{', '.join(asked)} act on Mixture-of-Experts blocks, and {anatomy.model_type} has none: drop "
+            f"{'it' if len(asked) == 1 else 'them'}"
+        )
+
+
 def _permute_block(
-    block: nn.Module,
+    anatomy: BlockAnatomy,
     block_name: str,
     copies: list[nn.Module],
     dense_weights: dict[str, torch.Tensor],
@@ -418,8 +460,8 @@ def _permute_block(
     """RIA's channel permutation on every foldable layer of ``block`` (and of its forward ``copies``,
     the dense weights kept for the error probe, the consumer's statistics), before any masking."""
     method, pattern = config.method, config.sparsity
-    linears = block_linears(block)
-    for fold in channel_folds(block):
+    linears = block_linears(anatomy.module)
+    for fold in channel_folds(anatomy):
         consumer = linears[fold.consumer]
         layer_stats = stats.get(fold.consumer, {})
         own = layer_stats.get(method.statistic.name) if method.statistic is not None else None
@@ -444,29 +486,34 @@ def _permute_block(
 
 
 def _outlier_ratios(
-    blocks: nn.ModuleList, chunks: list[Chunk], config: PruneConfig, timer: Timer, world: World, device
+    anatomy, chunks: list[Chunk], config: PruneConfig, timer: Timer, world: World, device
 ) -> list[float]:
     """OWL's pre-pass: the dense model's blocks in order, each on the previous block's dense outputs,
-    with Wanda scores |W| * ||X||_2 of every linear -> each block's outlier ratio. ``chunks`` are
-    left as they are (the pruning pass starts from block 0's inputs again)."""
-    chunks = [Chunk(c.hidden, c.args, c.kwargs) for c in chunks]
+    with Wanda scores |W| * ||X||_2 of every layer the prune will cut (experts on their routed
+    tokens) -> each block's outlier ratio. ``chunks`` are left as they are (the pruning pass starts
+    from block 0's inputs again)."""
+    chunks = [c.copy() for c in chunks]
     ratios = []
-    for block in blocks:
+    for part in anatomy:
+        block, index = part.module, part.index
         home = model_device(block)
         with materialized(block, device):
             block.to(device)
             runner = block if chunks[0].hidden.dtype == model_dtype(block) else copy.deepcopy(block)
             runner.to(chunks[0].hidden.dtype)
-            linears = block_linears(runner)
+            linears = part.prunable(runner, routers=config.prune_routers)
             collector = StatsCollector(linears, SquaredNorm(), timer, config.share_statistics)
-            with timer.phase("forward"):
-                outputs = run_block(runner, chunks, collector.next_chunk)
+            with timer.phase("forward"), routed_experts(part, runner, linears, config.expert_tokens == "all"):
+                outputs = run_block(runner, chunks, index, collector.next_chunk)
             collector.remove()
             stats = collector.finish(world)
+            if part.experts is not None:
+                pool_expert_stats(part.experts, index, stats, config.expert_min_tokens)
+            own = part.prunable(routers=config.prune_routers)
             scores = [
-                linear_weight(block_linears(block)[n]).detach().abs().float()
-                * stats[n].value.sqrt().reshape(1, -1)
+                linear_weight(own[n]).detach().abs().float() * stats[n].value.sqrt().reshape(1, -1)
                 for n in linears
+                if n in stats
             ]
             ratios.append(outlier_ratio(scores, config.allocation.m))
             block.to(home)

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from sparsekit.arch import linear_weight
+from sparsekit.models import linear_weight
 
 from .method import InputStat, Statistic
 

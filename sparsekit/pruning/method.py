@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
+from sparsekit.formats import Pattern
 from sparsekit.kernels import accumulate_gram, accumulate_sq_sum
 
-if TYPE_CHECKING:
-    from .engine import PruneConfig
+
+class SolveSettings(Protocol):
+    """What a method's solve reads of the run's configuration (``engine.PruneConfig`` is one);
+    methods depend on this, not on the engine, so the engine imports methods and never the reverse."""
+
+    sparsity: Pattern
+    blocksize: int
+    percdamp: float
+
 
 _METHODS: dict[str, type[PruningMethod]] = {}
 
@@ -153,7 +161,7 @@ class PruningMethod:
     name: ClassVar[str]
     statistic: ClassVar[Statistic | None] = None  # None: needs no calibration data
 
-    def prune(self, weight: torch.Tensor, stat: InputStat | None, config: PruneConfig) -> LayerResult:
+    def prune(self, weight: torch.Tensor, stat: InputStat | None, config: SolveSettings) -> LayerResult:
         """weight [N, K] (any float dtype) with its input statistic -> the pruned layer."""
         raise NotImplementedError
 

@@ -13,7 +13,7 @@ objective):
    sum_r max(0, S_rc - a_gr) more, so the [G, G] gain matrix is one broadcast per slot. Each
    round can only raise the objective.
 Folding: permuting a layer's input channels is free at run time only where the producer of those
-channels can permute its outputs to match (``sparsekit.arch.ChannelFold``): down_proj's input is
+channels can permute its outputs to match (``sparsekit.models.ChannelFold``): down_proj's input is
 act(gate) * up, so gate_proj and up_proj rows take the same permutation; o_proj's input is
 attention over v_proj's heads, so v_proj rows take one permutation per KV head, shared by the
 query heads that read it. Layers reading the residual stream (q/k/v, gate/up) are not permuted.
@@ -26,7 +26,7 @@ import logging
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sparsekit.arch import ChannelFold, linear_weight, set_linear_weight
+from sparsekit.models import ChannelFold, linear_weight, set_linear_weight
 
 from .method import InputStat
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from sparsekit.arch import model_bytes
 from sparsekit.bench.e2e import run_e2e, time_generation, write_e2e_report
+from sparsekit.models import model_bytes
 from tests.conftest import tiny_model
 
 

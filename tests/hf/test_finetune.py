@@ -2,8 +2,8 @@
 
 import torch
 
-from sparsekit.arch import block_linears, find_decoder_blocks, linear_weight
 from sparsekit.hf.finetune import finetune
+from sparsekit.models import block_linears, find_decoder_blocks, linear_weight
 from sparsekit.nn import SparseLinear, sparsify
 from sparsekit.pruning import PruneConfig, prune_model
 from tests.conftest import tiny_model

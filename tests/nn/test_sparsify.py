@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsekit.arch import block_linears, find_decoder_blocks, linear_weight, model_bytes
+from sparsekit.models import block_linears, find_decoder_blocks, linear_weight, model_bytes
 from sparsekit.nn import SparseLinear, densify, set_format, sparsify
 from sparsekit.nn.sparsify import decoder_blocks
 from sparsekit.pruning import PruneConfig, prune_model

@@ -6,11 +6,18 @@ import itertools
 import pytest
 import torch
 
-from sparsekit.arch import ChannelFold, block_linears, channel_folds, find_decoder_blocks, linear_weight
 from sparsekit.formats import parse_sparsity
 from sparsekit.formats.masks import check_mask
 from sparsekit.kernels.admm import admm_update, masked_lsq_ref, reconstruction_error
 from sparsekit.kernels.dsnot import dsnot_refine, dsnot_refine_ref
+from sparsekit.models import (
+    ChannelFold,
+    block_linears,
+    channel_folds,
+    describe,
+    find_decoder_blocks,
+    linear_weight,
+)
 from sparsekit.pruning import PruneConfig, prune_model, sparsegpt_solve, wanda_prune
 from sparsekit.pruning.method import Bundle, Gram, InputStat, InputSum, SquaredNorm
 from sparsekit.pruning.permute import (
@@ -183,11 +190,10 @@ def test_folded_permutations_leave_the_model_function_unchanged():
     with torch.no_grad():
         want = model(ids).logits
     g = torch.Generator().manual_seed(3)
-    _, blocks = find_decoder_blocks(model)
-    for block in blocks:
-        folds = channel_folds(block)
+    for anatomy in describe(model):
+        folds = channel_folds(anatomy)
         assert {f.consumer for f in folds} == {"mlp.down_proj", "self_attn.o_proj"}
-        linears = block_linears(block)
+        linears = block_linears(anatomy.module)
         for fold in folds:
             perms = [torch.randperm(fold.width, generator=g) for _ in range(fold.segments)]
             rows, cols = fold_indices(fold, perms)
@@ -199,7 +205,7 @@ def test_folded_permutations_leave_the_model_function_unchanged():
 
 
 def test_fold_shapes_for_gqa():
-    fold = next(f for f in channel_folds(_gqa_llama().model.layers[0]) if f.consumer == "self_attn.o_proj")
+    fold = next(f for f in channel_folds(describe(_gqa_llama())[0]) if f.consumer == "self_attn.o_proj")
     assert fold == ChannelFold("self_attn.o_proj", ("self_attn.v_proj",), width=16, segments=2, repeats=2)
     rows, cols = fold_indices(fold, [torch.arange(16).flip(0), torch.arange(16)])
     assert rows.tolist()[:2] == [15, 14] and cols.tolist()[16:18] == [31, 30]  # q head 1 reads kv head 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsekit.arch import block_linears, linear_weight
+from sparsekit.models import block_linears, linear_weight
 from sparsekit.pruning import PruneConfig, UnsupportedArchitecture, find_decoder_blocks, prune_model
 from tests.conftest import TINY_ARCHS, tiny_model
 
@@ -129,13 +129,13 @@ def test_chunking_does_not_change_the_result():
     assert ((la - lb).norm() / la.norm()).item() < 0.05
 
 
-def test_unknown_architecture_names_the_supported_ones():
+def test_a_model_without_a_decoder_stack_is_refused_naming_what_was_seen():
     class Config:
         model_type = "bert"
 
     model = nn.Sequential(nn.Linear(4, 4))
     model.config = Config()
-    with pytest.raises(UnsupportedArchitecture, match="llama, mistral"):
+    with pytest.raises(UnsupportedArchitecture, match="could not find the decoder blocks of Sequential"):
         prune_model(model, None, PruneConfig(method="magnitude"))
 
 

@@ -13,9 +13,10 @@ import torch
 import transformers
 
 import sparsekit
+from sparsekit.bench.coverage import zeroed_reference
+from sparsekit.models import describe
 from sparsekit.pruning.structured import (
     StructuredConfig,
-    block_layouts,
     remove_blocks,
     structured_method,
 )
@@ -53,30 +54,6 @@ def prune(model, method, **kw):
 
 
 # ----------------------------------------------------------------------------- width
-def _kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
-    """Indices of ``original``'s rows that survive in ``pruned`` (matched exactly)."""
-    return [int((original == row).all(1).nonzero()[0]) for row in pruned]
-
-
-def _zeroed_reference(dense, pruned, compensated: bool):
-    """The dense model with every removed head (o_proj input columns) and MLP channel (down_proj
-    input columns) zeroed, and the pruned model's o_proj / down_proj biases where compensation
-    added them: it must compute exactly what the pruned model computes."""
-    ref = copy.deepcopy(dense)
-    for d, p in zip(block_layouts(ref), block_layouts(pruned), strict=True):
-        kept_q = set(_kept_rows(d.attn.q_proj.weight, p.attn.q_proj.weight))
-        gone_q = [c for c in range(d.attn.q_proj.out_features) if c not in kept_q]
-        kept_ch = set(_kept_rows(d.mlp.gate_proj.weight, p.mlp.gate_proj.weight))
-        gone_ch = [c for c in range(d.mlp.gate_proj.out_features) if c not in kept_ch]
-        with torch.no_grad():
-            d.attn.o_proj.weight[:, gone_q] = 0
-            d.mlp.down_proj.weight[:, gone_ch] = 0
-            for name in ("o_proj", "down_proj"):
-                if compensated and p.linear(name).bias is not None:
-                    d.linear(name).bias = torch.nn.Parameter(p.linear(name).bias.clone())
-    return ref
-
-
 WIDTH_CASES = [
     ("llama", {}),  # GQA 4 heads / 2 KV
     ("llama", {"num_key_value_heads": 4}),  # MHA
@@ -101,14 +78,15 @@ def test_width_pruned_model_equals_dense_with_structure_zeroed(method, heads, ar
     assert report.widths[0]["heads"] < dense.config.num_attention_heads
     assert report.params_after < report.params_before
     ids = calib(2, 12)
-    ref = _zeroed_reference(dense, model, report.bias_compensation)
+    ref = zeroed_reference(dense, model)
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-4, atol=1e-4)
-    for layout in block_layouts(model):  # a valid GQA layer
-        assert layout.heads % layout.kv_heads == 0
-        assert layout.attn.num_key_value_groups == layout.heads // layout.kv_heads
-        assert layout.attn.q_proj.out_features == model.config.num_attention_heads * layout.head_dim
+    for block in describe(model):  # a valid GQA layer
+        a = block.attention
+        assert a.heads % a.kv_heads == 0
+        assert block.module.self_attn.num_key_value_groups == a.heads // a.kv_heads
+        assert block.module.self_attn.q_proj.out_features == model.config.num_attention_heads * a.head_dim
         if heads == "query" and dense.config.num_key_value_heads < dense.config.num_attention_heads:
-            assert layout.kv_heads == dense.config.num_key_value_heads  # KV heads all kept
+            assert a.kv_heads == dense.config.num_key_value_heads  # KV heads all kept
 
 
 def test_flap_compensation_moves_output_towards_dense():
@@ -127,7 +105,7 @@ def test_compensation_skipped_with_a_note_where_the_config_cannot_hold_a_bias():
     report = prune(model, "flap", sparsity=0.3)
     assert not report.bias_compensation
     assert any("bias compensation skipped" in n for n in report.notes)
-    assert all(x.attn.o_proj.bias is None for x in block_layouts(model))
+    assert all(b.module.self_attn.o_proj.bias is None for b in describe(model))
 
 
 def test_adaptive_widths_differ_per_block_and_hit_the_budget():
@@ -143,7 +121,7 @@ def test_adaptive_widths_differ_per_block_and_hit_the_budget():
 def test_global_selection_removes_the_lowest_scores_across_blocks_by_cost():
     from sparsekit.pruning.structured.width import Unit, select_global
 
-    layouts = block_layouts(make("llama", layers=2))
+    layouts = list(describe(make("llama", layers=2)))
     attn = [[Unit(b, "attn", i, 10.0, 100) for i in range(2)] for b in range(2)]
     # block 0's channels all score below block 1's: the budget comes out of block 0 first
     mlp = [
@@ -171,9 +149,11 @@ def test_width_errors(bad):
         prune(make("llama"), method, **bad)
 
 
-def test_width_refuses_an_architecture_it_does_not_understand():
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config("gpt2"))
-    with pytest.raises(sparsekit.pruning.UnsupportedArchitecture, match="width pruning needs LLaMA-style"):
+def test_width_refuses_an_attention_it_does_not_understand():
+    model = make("llama")
+    attn = model.model.layers[1].self_attn
+    attn.k_proj = torch.nn.Linear(64, 24, bias=False)  # 24 rows: not whole heads of 16
+    with pytest.raises(sparsekit.pruning.UnsupportedArchitecture, match="block 1: self_attn: q/k/v outputs"):
         prune(model, "flap", sparsity=0.2)
 
 

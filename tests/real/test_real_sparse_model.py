@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from sparsekit.arch import model_bytes
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.checkpoint import export_dense, load, save
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.finetune import finetune
 from sparsekit.hf.quantizer import register_with_transformers
+from sparsekit.models import model_bytes
 from sparsekit.nn import SparseLinear, sparsify
 from sparsekit.pruning import PruneConfig, prune_model
 from tests.conftest import TOL

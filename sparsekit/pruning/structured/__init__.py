@@ -1,4 +1,4 @@
-"""Structured pruning: remove decoder blocks (depth) or heads and MLP channels (width)."""
+"""Structured pruning: remove decoder blocks (depth), heads and MLP channels (width), or experts."""
 
 from .base import (
     StructuredConfig,
@@ -12,11 +12,16 @@ from .base import (
     structured_method_names,
 )
 from .depth import Angular, ShortGPT, remove_blocks
-from .layout import BlockWidths, block_layouts, block_widths, resize_to_widths
+from .experts import EAN, REAP, Frequency, keep_experts
+from .layout import BlockWidths, block_widths, resize_to_widths
 from .width import FLAP, WandaSP
 
 __all__ = [
+    "EAN",
     "FLAP",
+    "REAP",
+    "Frequency",
+    "keep_experts",
     "Angular",
     "BlockWidths",
     "ShortGPT",
@@ -24,7 +29,6 @@ __all__ = [
     "StructuredMethod",
     "StructuredReport",
     "WandaSP",
-    "block_layouts",
     "block_param_count",
     "block_widths",
     "is_structured",

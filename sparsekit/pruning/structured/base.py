@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sparsekit.arch import find_decoder_blocks
+from sparsekit.models import describe
 
 _STRUCTURED: dict[str, type[StructuredMethod]] = {}
 
@@ -46,6 +46,7 @@ class StructuredConfig:
     bias_compensation: bool | None = None  # None: the method's default
     tokens: str = "all"
     channel_multiple: int = 8
+    num_experts: int | None = None  # expert methods: experts every MoE block keeps (overrides sparsity)
     batch_size: int = 8
     device: str | torch.device | None = None
     show_progress: bool = True
@@ -71,6 +72,8 @@ class StructuredConfig:
         ):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        if self.num_experts is not None and self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.channel_multiple < 1:
             raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.batch_size < 1:
@@ -95,6 +98,7 @@ class StructuredReport:
     repaired_blocks: list[int] = field(default_factory=list)  # blocks whose down_proj absorbed a repair
     widths: list[dict[str, int]] = field(default_factory=list)  # per kept block, after pruning
     widths_before: dict[str, int] = field(default_factory=dict)
+    experts: list[dict[str, Any]] = field(default_factory=list)  # expert methods: per MoE block
     uniform_widths: bool = True
     bias_compensation: bool = False
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -157,8 +161,7 @@ def structured_method(method: str | StructuredMethod) -> StructuredMethod:
 
 
 def block_param_count(model: nn.Module) -> int:
-    _, blocks = find_decoder_blocks(model)
-    return sum(p.numel() for p in blocks.parameters())
+    return sum(p.numel() for p in describe(model).blocks.parameters())
 
 
 def param_count(model: nn.Module) -> int:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsekit.arch import find_decoder_blocks, set_submodule
+from sparsekit.models import BlockAnatomy, describe, linear_weight, set_linear_weight, set_submodule
+from sparsekit.models.families import family
 
 from ..capture import Chunk
 from ..engine import check_finite_weights
@@ -71,9 +72,9 @@ def block_influence(
 ) -> list[float]:
     """ShortGPT's BI per block (1 - mean cos(in, out)); runs the dense stack once (chunks advance)."""
     scores = []
-    for block in tqdm(blocks, desc="block influence", disable=not show_progress):
+    for index, block in enumerate(tqdm(blocks, desc="block influence", disable=not show_progress)):
         with on_device(block, device):
-            outs = forward(block, chunks)
+            outs = forward(block, chunks, index)
         cos = torch.cat([_token_cos(c.hidden, o, tokens) for c, o in zip(chunks, outs, strict=True)])
         scores.append(1.0 - cos.mean().item())
         if record is not None:
@@ -102,9 +103,9 @@ def angular_distances(
 
     if n == 0:
         return [0.0] * (len(blocks) + 1)
-    for block in tqdm(blocks, desc="angular distance", disable=not show_progress):
+    for index, block in enumerate(tqdm(blocks, desc="angular distance", disable=not show_progress)):
         with on_device(block, device):
-            outs = forward(block, chunks)
+            outs = forward(block, chunks, index)
         if record is not None:
             record(outs)
         for c, o in zip(chunks, outs, strict=True):
@@ -126,10 +127,36 @@ def contiguous_runs(indices: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+# config lists that hold layer indices (not one entry per layer): renumbered after a removal
+INDEX_LIST_KEYS = ("mlp_only_layers", "full_attn_idxs")
+
+
+def _slice_per_layer_weights(model: nn.Module, model_type: str, total: int, keep: list[int]) -> None:
+    """Keep the kept blocks' slices of model-level per-layer weights (``Family.per_layer_weights``)."""
+    for suffix, dim in family(model_type).per_layer_weights.items():
+        for name, module in model.named_modules():
+            if name != suffix and not name.endswith("." + suffix):
+                continue
+            weight = module.weight
+            shape = list(weight.shape)
+            per = shape[dim] // total
+            parts = weight.data.unflatten(dim, (total, per)).index_select(
+                dim, torch.tensor(keep, device=weight.device)
+            )
+            module.weight = nn.Parameter(
+                parts.flatten(dim, dim + 1).contiguous(), requires_grad=weight.requires_grad
+            )
+            for attr, value in (("embedding_dim", len(keep) * per), ("out_features", len(keep) * per)):
+                if isinstance(getattr(module, attr, None), int) and getattr(module, attr) == shape[dim]:
+                    setattr(module, attr, value)
+
+
 def remove_blocks(model: nn.Module, indices: list[int]) -> None:
     """Delete decoder blocks in place: the ModuleList, every ``layer_idx`` (KV-cache slots) and the
-    config (``num_hidden_layers`` and per-layer lists such as ``layer_types``) follow."""
-    name, blocks = find_decoder_blocks(model)
+    config (``num_hidden_layers``, per-layer lists such as ``layer_types``, and lists of layer
+    indices such as ``mlp_only_layers``) follow."""
+    anatomy = describe(model)
+    name, blocks = anatomy.blocks_path, anatomy.blocks
     total = len(blocks)
     drop = set(indices)
     if not drop <= set(range(total)):
@@ -141,26 +168,76 @@ def remove_blocks(model: nn.Module, indices: list[int]) -> None:
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
     config = model.config
-    for key, value in list(vars(config).items()):
-        if isinstance(value, list) and len(value) == total and key != "architectures":
-            setattr(config, key, [value[i] for i in keep])
+    for key in anatomy.layer_config_keys:
+        setattr(config, key, [getattr(config, key)[i] for i in keep])
+    renumber = {old: new for new, old in enumerate(keep)}
+    for key in INDEX_LIST_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, list) and all(isinstance(i, int) for i in value):
+            setattr(config, key, [renumber[i] for i in value if i in renumber])
+    _slice_per_layer_weights(model, anatomy.model_type, total, keep)
     config.num_hidden_layers = len(keep)
 
 
-def _check_repairable(block: nn.Module) -> nn.Linear:
-    down = getattr(getattr(block, "mlp", None), "down_proj", None)
-    if not isinstance(down, nn.Linear) or any("post_feedforward" in n for n, _ in block.named_modules()):
+def _repair_target(block: BlockAnatomy) -> nn.Module:
+    """The MLP output projection a repair folds into, or ValueError saying why there is none."""
+    if block.mlp is None:
         raise ValueError(
-            f"linear repair folds into mlp.down_proj and needs the MLP output added straight to the "
-            f"residual; {type(block).__name__} does not have that layout: prune without repair"
+            f"block {block.index}: linear repair folds into the MLP's output projection, and the anatomy "
+            f"found no MLP ({'; '.join(block.problems) or 'none'}): prune without repair"
         )
-    return down
+    return block.linear(block.mlp.down)
 
 
-def fold_map(down: nn.Linear, transform: torch.Tensor) -> None:
-    """down_proj's output y becomes y @ T: W <- T^T W, b <- T^T b (T [H, H])."""
-    t = transform.to(device=down.weight.device, dtype=torch.float64)
-    down.weight.data = (t.T @ down.weight.data.double()).to(down.weight.dtype)
+def check_mlp_reaches_residual(block: BlockAnatomy, chunk: Chunk, device) -> None:
+    """Refuse a repair where the MLP output is not added straight to the residual stream (a norm
+    after the MLP, as in Gemma-2 or OLMo-2): doubling the MLP output must move the block output
+    by exactly that output. Runs the block twice on the chunk's first sequence."""
+    down = _repair_target(block)
+    seen: list[torch.Tensor] = []
+
+    def double(_m, _i, out):
+        seen.append(out)
+        return out * 2 if len(seen) == 2 else out
+
+    handle = down.register_forward_hook(double)
+    try:
+        with on_device(block.module, device):
+            one = Chunk(chunk.hidden[:1], _first_sequence(chunk.inputs))
+            base = one.run(block.module, block.index)
+            moved = one.run(block.module, block.index)
+    finally:
+        handle.remove()
+    delta, mlp = (moved - base).double(), seen[0].double().reshape(base.shape)
+    err = (delta - mlp).norm() / mlp.norm().clamp_min(1e-12)
+    if err > 1e-3:
+        raise ValueError(
+            f"block {block.index}: the MLP output ({block.mlp.down}) is not added straight to the residual "
+            f"stream (a norm or gate sits after it; relative mismatch {err:.2g}), so a linear repair cannot "
+            "be folded into it: prune without repair"
+        )
+
+
+def _first_sequence(inputs: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Per-block inputs cut to the first sequence of the batch (tensors with a batch dimension > 1)."""
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
+            return v[:1]
+        if isinstance(v, tuple | list):
+            return type(v)(cut(x) for x in v)
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        return v
+
+    return [cut(x) for x in inputs]
+
+
+def fold_map(down: nn.Module, transform: torch.Tensor) -> None:
+    """The output y of ``down`` (a linear or Conv1D) becomes y @ T: W <- T^T W, b <- T^T b (T [H, H])."""
+    weight = linear_weight(down)
+    t = transform.to(device=weight.device, dtype=torch.float64)
+    set_linear_weight(down, (t.T @ weight.data.double()).to(weight.dtype))
     if down.bias is not None:
         down.bias.data = (t.T @ down.bias.data.double()).to(down.bias.dtype)
 
@@ -220,17 +297,18 @@ class DenseStates:
             self._at, self._index = self.stored[0], 0
         while self._index < index:
             with on_device(self.blocks[self._index], self.device):
-                self._at = forward(self.blocks[self._index], self.chunks, self._at)
+                self._at = forward(self.blocks[self._index], self.chunks, self._index, self._at)
             self._index += 1
         return self._at
 
 
 def repair_pass(
-    blocks: nn.ModuleList, chunks: list[Chunk], removed: list[int], dense: DenseStates, device
+    anatomy, chunks: list[Chunk], removed: list[int], dense: DenseStates, device
 ) -> tuple[list[int], list[str]]:
     """Fit and fold one linear map per removed run (see module docstring). Runs only what it must:
     the block before each cut, and the kept blocks between cuts (before the first cut the pruned
     model equals the dense one). Returns (blocks that absorbed a map, notes)."""
+    blocks = anatomy.blocks
     notes, repaired = [], []
     pruned, position = None, 0  # pruned: input of block ``position`` in the pruned model (None: dense)
     for start, end in contiguous_runs(removed):
@@ -244,16 +322,17 @@ def repair_pass(
         else:
             for index in range(position, before):
                 with on_device(blocks[index], device):
-                    pruned = forward(blocks[index], chunks, pruned)
+                    pruned = forward(blocks[index], chunks, index, pruned)
         block = blocks[before]
-        down = _check_repairable(block)
+        down = _repair_target(anatomy[before])
         captured: list[torch.Tensor] = []
         handle = down.register_forward_hook(lambda _m, _i, out, store=captured: store.append(out.detach()))
         try:
             with on_device(block, device):
-                out = forward(block, chunks, pruned)
+                out = forward(block, chunks, before, pruned)
         finally:
             handle.remove()
+        captured = [m.reshape(o.shape) for o, m in zip(out, captured, strict=True)]  # OPT: [b * L, H]
         rest = [o - m for o, m in zip(out, captured, strict=True)]
         transform = least_squares_map(captured, rest, dense.input_of(end))
         fold_map(down, transform)
@@ -275,21 +354,23 @@ class _DepthMethod(StructuredMethod):
         self, model: nn.Module, input_ids: torch.Tensor | None, config: StructuredConfig
     ) -> StructuredReport:
         check_calibration(input_ids, self.name)
-        _, blocks = find_decoder_blocks(model)
+        anatomy = describe(model)
+        blocks = anatomy.blocks
+        anatomy.require_dense(self.name)
         n = layers_to_remove(len(blocks), config)
-        check_finite_weights(blocks, find_decoder_blocks(model)[0])
+        check_finite_weights(blocks, anatomy.blocks_path)
         if config.repair:
-            for index, block in enumerate(blocks):  # refuse before any work
-                try:
-                    _check_repairable(block)
-                except ValueError as exc:
-                    raise ValueError(f"block {index}: {exc}") from None
+            for block in anatomy:  # refuse before any work
+                _repair_target(block)
         report = StructuredReport(self.name, config.sparsity, *input_ids.shape)
         report.params_before, report.block_params_before = param_count(model), block_param_count(model)
         device = compute_device(model, config.device)
         started = time.perf_counter()
         with torch.no_grad():
             chunks = capture(model, input_ids, config.batch_size, device)
+            if config.repair:
+                for block in anatomy:
+                    check_mlp_reaches_residual(block, chunks[0], device)
             inputs = [c.hidden for c in chunks]
             dense = DenseStates(blocks, chunks, device, self.state_budget_bytes if config.repair else 0)
             removed, scores = self.choose(blocks, chunks, n, config, device, dense.record)
@@ -299,7 +380,7 @@ class _DepthMethod(StructuredMethod):
                 for chunk, x in zip(chunks, inputs, strict=True):
                     chunk.hidden = x
                 started = time.perf_counter()
-                report.repaired_blocks, notes = repair_pass(blocks, chunks, removed, dense, device)
+                report.repaired_blocks, notes = repair_pass(anatomy, chunks, removed, dense, device)
                 report.notes += notes
                 report.timings_s["repair"] = time.perf_counter() - started
             del dense

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from sparsekit.arch import find_decoder_blocks, model_device
+from sparsekit.models import describe, model_device
 
 from ..capture import Chunk, capture_block_inputs
 from ..offload import materialized
@@ -20,8 +20,7 @@ def compute_device(model: nn.Module, device: str | torch.device | None) -> torch
 
 def capture(model: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device) -> list[Chunk]:
     """Inputs of block 0 for ``input_ids`` [n, L], in chunks of ``batch_size`` sequences."""
-    _, blocks = find_decoder_blocks(model)
-    return capture_block_inputs(model, blocks, input_ids, batch_size, device)
+    return capture_block_inputs(model, describe(model).blocks, input_ids, batch_size, device)
 
 
 @contextmanager
@@ -37,13 +36,8 @@ def on_device(block: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def forward(
-    block: nn.Module, chunks: list[Chunk], hidden: list[torch.Tensor] | None = None
+    block: nn.Module, chunks: list[Chunk], index: int, hidden: list[torch.Tensor] | None = None
 ) -> list[torch.Tensor]:
-    """Outputs of ``block`` on each chunk (its own hidden states, or ``hidden`` with its arguments)."""
-    outputs = []
+    """Outputs of decoder block ``index`` on each chunk (the chunk's hidden states, or ``hidden``)."""
     with torch.no_grad():
-        for i, chunk in enumerate(chunks):
-            x = chunk.hidden if hidden is None else hidden[i]
-            out = block(x, *chunk.args, **chunk.kwargs)
-            outputs.append(out[0] if isinstance(out, tuple | list) else out)
-    return outputs
+        return [c.run(block, index, None if hidden is None else hidden[i]) for i, c in enumerate(chunks)]

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsekit.arch import find_decoder_blocks
+from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, in_out_features, linear_weight
+from sparsekit.models.families import CONFIG_MLP_WIDTH_KEYS, family
 
 from ..engine import check_finite_weights
 from .base import (
@@ -39,11 +40,7 @@ from .base import (
     register_structured,
 )
 from .layout import (
-    ATTN_NAMES,
-    MLP_NAMES,
-    BlockLayout,
     add_output_bias,
-    block_layouts,
     block_widths,
     ensure_bias,
     head_channels,
@@ -84,24 +81,24 @@ class ChannelStats:
 
 @dataclass
 class BlockStats:
-    attn: ChannelStats  # input of o_proj
-    mlp: ChannelStats  # input of down_proj
+    attn: ChannelStats  # input of the attention output projection
+    mlp: ChannelStats  # input of the MLP output projection
 
 
-def collect_stats(layouts: list[BlockLayout], blocks: nn.ModuleList, chunks, device, show_progress: bool):
-    """One dense pass through every block, recording the o_proj and down_proj input statistics."""
+def collect_stats(anatomy: ModelAnatomy, chunks, device, show_progress: bool) -> list[BlockStats]:
+    """One dense pass through every block, recording the inputs of the attention and MLP output
+    projections (blocks without a cuttable attention or MLP record nothing for it)."""
     stats = []
-    for layout, block in tqdm(
-        list(zip(layouts, blocks, strict=True)), desc="channel statistics", disable=not show_progress
-    ):
+    for block in tqdm(list(anatomy), desc="channel statistics", disable=not show_progress):
         s = BlockStats(ChannelStats(), ChannelStats())
-        handles = [
-            layout.attn.o_proj.register_forward_pre_hook(s.attn),
-            layout.mlp.down_proj.register_forward_pre_hook(s.mlp),
-        ]
+        handles = []
+        if block.attention is not None:
+            handles.append(block.linear(block.attention.o).register_forward_pre_hook(s.attn))
+        if block.mlp is not None:
+            handles.append(block.linear(block.mlp.down).register_forward_pre_hook(s.mlp))
         try:
-            with on_device(block, device):
-                outs = forward(block, chunks)
+            with on_device(block.module, device):
+                outs = forward(block.module, chunks, block.index)
         finally:
             for h in handles:
                 h.remove()
@@ -112,9 +109,9 @@ def collect_stats(layouts: list[BlockLayout], blocks: nn.ModuleList, chunks, dev
 
 
 # ----------------------------------------------------------------------------- scores
-def channel_scores(weight: torch.Tensor, stats: ChannelStats, kind: str) -> torch.Tensor:
-    """Per-input-channel importance [K] of a layer with weight [N, K]."""
-    w = weight.detach().double()
+def channel_scores(linear: nn.Module, stats: ChannelStats, kind: str) -> torch.Tensor:
+    """Per-input-channel importance [K] of a linear layer with weight [N, K]."""
+    w = linear_weight(linear).detach().double()
     if kind == "wanda-sp":
         return w.abs().sum(0) * stats.sq_sum.to(w.device).sqrt()
     return stats.var.to(w.device) * (w * w).sum(0)  # flap fluctuation
@@ -136,47 +133,57 @@ def standardize(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / scores.std().clamp_min(1e-12)
 
 
-def head_scores(layout: BlockLayout, per_channel: torch.Tensor, kind: str) -> torch.Tensor:
-    """[heads] from o_proj's per-input-channel scores: summed (wanda-sp) or averaged (flap)."""
-    heads = per_channel.reshape(layout.heads, layout.head_dim)
+def head_scores(block: BlockAnatomy, per_channel: torch.Tensor, kind: str) -> torch.Tensor:
+    """[heads] from the output projection's per-input-channel scores: summed (wanda-sp) or averaged (flap)."""
+    heads = per_channel.reshape(block.attention.heads, block.attention.head_dim)
     return heads.sum(1) if kind == "wanda-sp" else heads.mean(1)
 
 
-def _linear_params(linear: nn.Linear, rows: int = 0, cols: int = 0) -> int:
-    """Parameters a linear loses with ``rows`` output rows and ``cols`` input columns."""
-    bias = rows if linear.bias is not None else 0
-    return rows * linear.in_features + cols * linear.out_features + bias
+def _row_params(block: BlockAnatomy, name: str, rows: int) -> int:
+    """Parameters of ``rows`` output rows of linear ``name`` (bias included)."""
+    linear = block.linear(name)
+    return rows * (in_out_features(linear)[0] + (linear.bias is not None))
 
 
-def attention_units(layout: BlockLayout, head_scores: torch.Tensor, mode: str, block: int) -> list[Unit]:
+def _col_params(block: BlockAnatomy, name: str, cols: int) -> int:
+    return cols * in_out_features(block.linear(name))[1]
+
+
+def attention_units(block: BlockAnatomy, head_scores: torch.Tensor, mode: str) -> list[Unit]:
     """Removable attention units of one block, each listed in the order it may be removed."""
-    hd, g = layout.head_dim, layout.group_size
-    a = layout.attn
-    head_cost = _linear_params(a.q_proj, rows=hd) + _linear_params(a.o_proj, cols=hd)
-    kv_cost = _linear_params(a.k_proj, rows=hd) + _linear_params(a.v_proj, rows=hd)
+    a = block.attention
+    if a is None:
+        return []
+    hd, g = a.head_dim, a.group_size
+    head_cost = _row_params(block, a.q, hd * a.q_width) + _col_params(block, a.o, hd)
+    kv_cost = _row_params(block, a.k, hd) + _row_params(block, a.v, hd)
     if mode == "group" or g == 1:
-        groups = head_scores.reshape(layout.kv_heads, g).mean(1)
+        groups = head_scores.reshape(a.kv_heads, g).mean(1)
         return [
-            Unit(block, "attn", i, float(groups[i]), g * head_cost + kv_cost) for i in range(layout.kv_heads)
+            Unit(block.index, "attn", i, float(groups[i]), g * head_cost + kv_cost) for i in range(a.kv_heads)
         ]
-    ranked = head_scores.reshape(layout.kv_heads, g).sort(dim=1).values  # per group, ascending
-    return [Unit(block, "attn", r, float(ranked[:, r].mean()), layout.kv_heads * head_cost) for r in range(g)]
+    ranked = head_scores.reshape(a.kv_heads, g).sort(dim=1).values  # per group, ascending
+    return [
+        Unit(block.index, "attn", r, float(ranked[:, r].mean()), a.kv_heads * head_cost) for r in range(g)
+    ]
 
 
-def mlp_units(layout: BlockLayout, scores: torch.Tensor, block: int) -> list[Unit]:
-    m = layout.mlp
-    cost = (
-        _linear_params(m.gate_proj, rows=1)
-        + _linear_params(m.up_proj, rows=1)
-        + _linear_params(m.down_proj, cols=1)
-    )
-    return [Unit(block, "mlp", i, float(s), cost) for i, s in enumerate(scores.tolist())]
+def mlp_units(block: BlockAnatomy, scores: torch.Tensor) -> list[Unit]:
+    m = block.mlp
+    if m is None:
+        return []
+    rows = sum(len(r) for r in m.producer_rows(torch.zeros(1, dtype=torch.long)).values())
+    cost = _row_params(block, m.up, rows) + _col_params(block, m.down, 1)
+    return [Unit(block.index, "mlp", i, float(s), cost) for i, s in enumerate(scores.tolist())]
 
 
 # ----------------------------------------------------------------------------- selection
-def _attention_limit(layout: BlockLayout, mode: str) -> int:
+def _attention_limit(block: BlockAnatomy, mode: str) -> int:
     """How many attention units may go before the block has no heads left."""
-    return layout.kv_heads - 1 if (mode == "group" or layout.group_size == 1) else layout.group_size - 1
+    a = block.attention
+    if a is None:
+        return 0
+    return a.kv_heads - 1 if (mode == "group" or a.group_size == 1) else a.group_size - 1
 
 
 def round_removal(n_remove: int, total: int, multiple: int) -> int:
@@ -191,29 +198,38 @@ def select_uniform(
     layouts, attn: list[list[Unit]], mlp: list[list[Unit]], config: StructuredConfig, block_params: list[int]
 ) -> list[tuple[list[Unit], list[Unit]]]:
     """The same number of attention units and MLP channels removed from every block, together
-    ``sparsity`` of the block's parameters: heads at the ratio rounded down to whole units (a KV
+    ``sparsity`` of the blocks' parameters: heads at the ratio rounded down to whole units (a KV
     group is a third of SmolLM2's attention: removing one from every block costs far more than
-    the same parameters taken from the MLP), MLP channels the rest of the budget."""
-    chosen = []
-    for layout, a_units, m_units, params in zip(layouts, attn, mlp, block_params, strict=True):
-        total = len(a_units)
-        n_attn = int(config.sparsity * total + 1e-9)
-        if n_attn > _attention_limit(layout, config.heads):
+    the same parameters taken from the MLP), MLP channels the rest of the budget, the same count
+    in every block (a hybrid's attention and mixer blocks too, so the widths stay uniform)."""
+    n_attn = []
+    for block, a_units in zip(layouts, attn, strict=True):
+        n = int(config.sparsity * len(a_units) + 1e-9)
+        if n > _attention_limit(block, config.heads):
             raise ValueError(
-                f"sparsity {config.sparsity:g} would remove every attention head of a block ({n_attn} of "
-                f"{total} units in heads={config.heads!r} mode): use a smaller sparsity, or heads='query'"
+                f"sparsity {config.sparsity:g} would remove every attention head of a block ({n} of "
+                f"{len(a_units)} units in heads={config.heads!r} mode): use a smaller sparsity, or "
+                "heads='query'"
             )
-        budget = config.sparsity * params - sum(u.cost for u in a_units[:n_attn])
-        n_mlp = max(0, round(budget / m_units[0].cost))
-        if n_mlp >= len(m_units):
-            raise ValueError(f"sparsity {config.sparsity:g} would remove every MLP channel of a block")
-        n_mlp = round_removal(n_mlp, len(m_units), config.channel_multiple)
-        if n_mlp >= len(m_units):
-            raise ValueError(f"sparsity {config.sparsity:g} would remove every MLP channel of a block")
-        if config.heads == "group" or layout.group_size == 1:
-            a_sel = sorted(a_units, key=lambda u: u.score)[:n_attn]
+        n_attn.append(n)
+    budget = sum(
+        config.sparsity * params - sum(u.cost for u in a_units[:n])
+        for a_units, n, params in zip(attn, n_attn, block_params, strict=True)
+    )
+    with_mlp = [m for m in mlp if m]
+    n_mlp = max(0, round(budget / sum(m[0].cost for m in with_mlp))) if with_mlp else 0
+    width = min((len(m) for m in with_mlp), default=0)
+    if with_mlp and n_mlp >= width:
+        raise ValueError(f"sparsity {config.sparsity:g} would remove every MLP channel of a block")
+    n_mlp = round_removal(n_mlp, width, config.channel_multiple)
+    if with_mlp and n_mlp >= width:
+        raise ValueError(f"sparsity {config.sparsity:g} would remove every MLP channel of a block")
+    chosen = []
+    for block, a_units, m_units, n in zip(layouts, attn, mlp, n_attn, strict=True):
+        if config.heads == "group" or block.attention is None or block.attention.group_size == 1:
+            a_sel = sorted(a_units, key=lambda u: u.score)[:n]
         else:
-            a_sel = a_units[:n_attn]  # rounds are already in removal order
+            a_sel = a_units[:n]  # rounds are already in removal order
         m_sel = sorted(m_units, key=lambda u: u.score)[:n_mlp]
         chosen.append((a_sel, m_sel))
     return chosen
@@ -252,98 +268,153 @@ def select_global(
 
 
 # ----------------------------------------------------------------------------- applying
-def _kept_heads(layout: BlockLayout, head_scores: torch.Tensor, units: list[Unit], mode: str):
+def _budget_params(block: BlockAnatomy) -> int:
+    """The parameters a block's share of the sparsity is counted on: the whole block, or only its
+    MLP where its token mixer is not attention (a hybrid's linear-attention or convolution block,
+    which width pruning leaves whole)."""
+    if block.attention is not None or block.mlp is None:
+        return sum(p.numel() for p in block.module.parameters())
+    return sum(
+        p.numel() for n in (*block.mlp.producers, block.mlp.down) for p in block.linear(n).parameters()
+    )
+
+
+def _kept_heads(block: BlockAnatomy, head_scores: torch.Tensor, units: list[Unit], mode: str):
     """(query heads, kv heads) to keep in one block after removing ``units``."""
-    g = layout.group_size
+    a = block.attention
+    g = a.group_size
     if mode == "group" or g == 1:
         gone = {u.index for u in units}
-        kv = torch.tensor([i for i in range(layout.kv_heads) if i not in gone], dtype=torch.long)
+        kv = torch.tensor([i for i in range(a.kv_heads) if i not in gone], dtype=torch.long)
         q = head_channels(kv, g)  # the query heads of each kept group
         return q, kv
     rounds = len(units)
-    order = head_scores.reshape(layout.kv_heads, g).argsort(dim=1)[:, rounds:]  # keep the best g - rounds
-    q = (order + torch.arange(layout.kv_heads)[:, None] * g).reshape(-1).sort().values
-    return q, torch.arange(layout.kv_heads)
+    order = head_scores.reshape(a.kv_heads, g).argsort(dim=1)[:, rounds:]  # keep the best g - rounds
+    q = (order + torch.arange(a.kv_heads)[:, None] * g).reshape(-1).sort().values
+    return q, torch.arange(a.kv_heads)
 
 
-def _one_block_config(model: nn.Module, **flags: bool):
-    """A copy of the model's config cut to one block (per-layer lists sliced), with ``flags`` set."""
-    config = copy.deepcopy(model.config)
-    total = config.num_hidden_layers
-    for k, v in list(vars(config).items()):
-        if isinstance(v, list) and len(v) == total and k != "architectures":
-            setattr(config, k, v[:1])
-    config.num_hidden_layers = 1
-    for key, value in flags.items():
-        setattr(config, key, value)
-    return config
-
-
-def _probe_layout(model: nn.Module, **flags: bool) -> BlockLayout:
-    """The layout of a one-block copy of ``model`` built on the meta device with ``flags`` set."""
+def build_on_meta(model: nn.Module, config) -> nn.Module:
+    """A model of ``model``'s class built from ``config`` on the meta device (no memory)."""
     with torch.device("meta"):
-        return block_layouts(type(model)(_one_block_config(model, **flags)))[0]
+        return type(model)(config)
 
 
-def bias_config_keys(model: nn.Module) -> dict[str, str]:
-    """{"o_proj" | "down_proj": config key} for the biases this architecture lets a config turn on.
+def _bias_flags(config) -> list[str]:
+    """Config switches that may give linears a bias (``attention_bias``, ``mlp_bias``, ...)."""
+    return [k for k, v in vars(config).items() if isinstance(v, bool) and not v and "bias" in k]
 
-    Found by building a one-block copy of the model on the meta device with each flag set, so a
-    family whose code hard-wires bias=False (Qwen2's o_proj, Mistral) is recognised as such."""
-    found = {}
-    for proj, key in (("o_proj", "attention_bias"), ("down_proj", "mlp_bias")):
-        if not hasattr(model.config, key):
-            continue
+
+def compensation_targets(model: nn.Module, anatomy: ModelAnatomy) -> tuple[dict[str, str | None], list[str]]:
+    """Which output projections can hold FLAP's compensation bias in a saved checkpoint:
+    {"o" | "down": None (it has a bias already) or the config flag that gives it one}, and the
+    roles that cannot. Flags are found by building the model on the meta device with each one
+    set, so a family whose code hard-wires bias=False is recognised as such."""
+    roles = {"o": [b for b in anatomy if b.attention], "down": [b for b in anatomy if b.mlp]}
+    names = {"o": lambda b: b.attention.o, "down": lambda b: b.mlp.down}
+    targets: dict[str, str | None] = {}
+    for role, blocks in roles.items():
+        if blocks and all(b.linear(names[role](b)).bias is not None for b in blocks):
+            targets[role] = None
+    for flag in _bias_flags(model.config):
+        missing = [r for r in roles if r not in targets and roles[r]]
+        if not missing:
+            break
+        config = copy.deepcopy(model.config)
+        setattr(config, flag, True)
         try:
-            layout = _probe_layout(model, **{key: True})
-        except Exception:  # noqa: BLE001 - an architecture that cannot be probed gets no compensation
+            probe = describe(build_on_meta(model, config))
+        except Exception:  # noqa: BLE001 - a flag the model cannot be built with gives nothing
             continue
-        if layout.linear(proj).bias is not None:
-            found[proj] = key
-    return found
+        for role in missing:
+            if all(probe[b.index].linear(names[role](probe[b.index])).bias is not None for b in roles[role]):
+                targets[role] = flag
+    return targets, [r for r in roles if r not in targets and roles[r]]
 
 
-def _conform_biases(model: nn.Module, keys: dict[str, str], layouts: list[BlockLayout]) -> None:
-    """Turn the config flags on and give every linear the flag covers a (zero) bias."""
-    flags = {key: True for key in keys.values()}
-    probe = _probe_layout(model, **flags)
-    for key in flags:
-        setattr(model.config, key, True)
-    for layout in layouts:
-        for name in ATTN_NAMES + MLP_NAMES:
-            if probe.linear(name).bias is not None:
-                ensure_bias(layout.linear(name))
+def _conform_biases(model: nn.Module, flags: set[str], anatomy: ModelAnatomy) -> None:
+    """Turn the config flags on and give every linear the flags cover a (zero) bias."""
+    for flag in flags:
+        setattr(model.config, flag, True)
+    probe = describe(build_on_meta(model, model.config))
+    for block in anatomy:
+        for name, linear in probe[block.index].linears.items():
+            if linear.bias is not None:
+                ensure_bias(block.linear(name))
 
 
-def _compensate(linear: nn.Linear, removed_cols: torch.Tensor, mean: torch.Tensor) -> None:
+def _compensate(linear: nn.Module, removed_cols: torch.Tensor, mean: torch.Tensor) -> None:
     if len(removed_cols) == 0:
         return
-    w = linear.weight.data[:, removed_cols].double()
-    add_output_bias(linear, (w @ mean.to(w.device)[removed_cols]).to(linear.weight.dtype))
+    w = linear_weight(linear).data[:, removed_cols].double()
+    add_output_bias(linear, (w @ mean.to(w.device)[removed_cols]).to(w.dtype))
 
 
-def set_config_widths(model: nn.Module, report: StructuredReport) -> None:
-    """Uniform widths go into the config (plain HF checkpoint); per-block ones into
-    ``config.block_widths`` (a sparsekit checkpoint)."""
-    widths = [w.to_dict() for w in block_widths(model)]
+def _uniform(values: list[int | None]) -> int | None:
+    present = {v for v in values if v is not None}
+    return present.pop() if len(present) == 1 else None
+
+
+def _config_updates(
+    model: nn.Module, anatomy: ModelAnatomy, before: dict[str, int]
+) -> list[dict[str, object]] | None:
+    """Candidate config values that state uniform widths (one per config key the MLP width may go
+    by), or None when the widths differ between blocks."""
+    widths = block_widths(anatomy)
+    heads, kv = _uniform([w.heads for w in widths]), _uniform([w.kv_heads for w in widths])
+    inter = _uniform([w.intermediate for w in widths])
+    if (heads is None) != all(w.heads is None for w in widths) or (inter is None) != all(
+        w.intermediate is None for w in widths
+    ):
+        return None
+    updates: dict[str, object] = {}
+    if heads is not None and (heads, kv) != (before.get("heads"), before.get("kv_heads")):
+        head_dim = next(b.attention.head_dim for b in anatomy if b.attention)
+        updates |= {"head_dim": head_dim, "num_attention_heads": heads, "num_key_value_heads": kv}
+    if inter is None or inter == before.get("intermediate"):
+        return [updates]
+    keys = [k for k in CONFIG_MLP_WIDTH_KEYS if k in model.config.to_dict()] or ["intermediate_size"]
+    extra = family(anatomy.model_type).mlp_width_config
+    return [updates | {key: inter} | extra for key in keys]
+
+
+def _expresses(model: nn.Module, config) -> bool:
+    """Whether ``config`` builds a model with exactly ``model``'s tensor shapes."""
+    try:
+        built = build_on_meta(model, config).state_dict()
+    except Exception:  # noqa: BLE001 - a config the class refuses does not express the widths
+        return False
+    own = model.state_dict()
+    return built.keys() == own.keys() and all(tuple(built[k].shape) == tuple(own[k].shape) for k in own)
+
+
+def set_config_widths(model: nn.Module, anatomy: ModelAnatomy, report: StructuredReport) -> None:
+    """Uniform widths go into the config (a plain HF checkpoint) when the family's config can say
+    them (checked by building the model from it on the meta device); otherwise per-block widths go
+    into ``config.block_widths`` (a sparsekit checkpoint, loaded after ``import sparsekit``)."""
+    widths = [w.to_dict() for w in block_widths(anatomy)]
     report.widths = widths
     config = model.config
-    if all(w == widths[0] for w in widths):
-        head_dim = (
-            config.head_dim
-            if getattr(config, "head_dim", None)
-            else config.hidden_size // config.num_attention_heads
+    if hasattr(config, "block_widths"):
+        del config.block_widths
+    candidates = _config_updates(model, anatomy, report.widths_before)
+    for updates in candidates or []:
+        trial = copy.deepcopy(config)
+        for key, value in updates.items():
+            setattr(trial, key, value)
+        if _expresses(model, trial):
+            for key, value in updates.items():
+                setattr(config, key, value)
+            report.uniform_widths = True
+            return
+    if candidates:
+        report.notes.append(
+            f"{anatomy.model_type}'s config cannot state these widths (no setting of "
+            f"{', '.join(dict.fromkeys(k for c in candidates for k in c))} rebuilds the cut shapes): saved "
+            "as per-block widths, which load after import sparsekit"
         )
-        config.head_dim = head_dim  # explicit: hidden_size / heads no longer gives it
-        config.num_attention_heads = widths[0]["heads"]
-        config.num_key_value_heads = widths[0]["kv_heads"]
-        config.intermediate_size = widths[0]["intermediate"]
-        if hasattr(config, "block_widths"):
-            del config.block_widths
-        report.uniform_widths = True
-    else:
-        config.block_widths = widths
-        report.uniform_widths = False
+    config.block_widths = widths
+    report.uniform_widths = False
 
 
 class _WidthMethod(StructuredMethod):
@@ -359,75 +430,89 @@ class _WidthMethod(StructuredMethod):
             raise ValueError(f"{self.name} keeps the same widths in every block; widths='adaptive' is flap's")
         if config.remove_layers is not None:
             raise ValueError(f"remove_layers is for depth methods (shortgpt, angular), not {self.name}")
-        layouts = block_layouts(model)  # refuses an architecture it does not understand, before any work
-        _, blocks = find_decoder_blocks(model)
-        check_finite_weights(blocks, find_decoder_blocks(model)[0])
+        anatomy = describe(model)
+        anatomy.require_width(self.name)  # refuses what it does not understand, before any work
+        anatomy.require_dense(self.name)
+        check_finite_weights(anatomy.blocks, anatomy.blocks_path)
         report = StructuredReport(self.name, config.sparsity, *input_ids.shape)
         report.params_before, report.block_params_before = param_count(model), block_param_count(model)
-        first = layouts[0]
+        first = block_widths(anatomy)
         report.widths_before = {
-            "heads": first.heads,
-            "kv_heads": first.kv_heads,
-            "intermediate": first.intermediate,
+            k: _uniform([getattr(w, k) for w in first]) for k in ("heads", "kv_heads", "intermediate")
         }
+        mixers = [b.index for b in anatomy if b.attention is None]
+        if mixers:
+            report.notes.append(
+                f"blocks {mixers} mix tokens without attention ({anatomy[mixers[0]].mixer}): left whole, "
+                "only their MLP channels are cut"
+            )
         compensation = (
             self.default_compensation if config.bias_compensation is None else config.bias_compensation
         )
-        keys = bias_config_keys(model) if compensation else {}
-        if compensation and len(keys) < 2:
-            missing = [p for p in ("o_proj", "down_proj") if p not in keys]
+        targets, missing = compensation_targets(model, anatomy) if compensation else ({}, [])
+        if missing:
             report.notes.append(
-                f"bias compensation skipped for {', '.join(missing)}: {model.config.model_type} has no "
-                "config flag that gives it a bias, so a plain checkpoint could not hold one"
+                f"bias compensation skipped for the {' and '.join(missing)} projections: "
+                f"{anatomy.model_type} has no bias there and no config flag that gives it one, so a "
+                "plain checkpoint could not hold it"
             )
         device = compute_device(model, config.device)
         started = time.perf_counter()
         with torch.no_grad():
             chunks = capture(model, input_ids, config.batch_size, device)
-            stats = collect_stats(layouts, blocks, chunks, device, config.show_progress)
+            stats = collect_stats(anatomy, chunks, device, config.show_progress)
             del chunks
             report.timings_s["statistics"] = time.perf_counter() - started
             started = time.perf_counter()
             adaptive = config.widths == "adaptive"
             heads, attn, mlp = [], [], []
-            for i, (x, s) in enumerate(zip(layouts, stats, strict=True)):
-                a_scores = channel_scores(x.attn.o_proj.weight, s.attn, self.score_kind)
-                m_scores = channel_scores(x.mlp.down_proj.weight, s.mlp, self.score_kind)
-                if adaptive:
-                    a_scores, m_scores = standardize(a_scores), standardize(m_scores)
-                heads.append(head_scores(x, a_scores, self.score_kind))
-                attn.append(attention_units(x, heads[-1], config.heads, i))
-                mlp.append(mlp_units(x, m_scores, i))
-            params = [sum(p.numel() for p in b.parameters()) for b in blocks]
+            for block, s in zip(anatomy, stats, strict=True):
+                a_scores = m_scores = h = None
+                if block.attention is not None:
+                    a_scores = channel_scores(block.linear(block.attention.o), s.attn, self.score_kind)
+                    a_scores = standardize(a_scores) if adaptive else a_scores
+                    h = head_scores(block, a_scores, self.score_kind)
+                if block.mlp is not None:
+                    m_scores = channel_scores(block.linear(block.mlp.down), s.mlp, self.score_kind)
+                    m_scores = standardize(m_scores) if adaptive else m_scores
+                heads.append(h)
+                attn.append(attention_units(block, h, config.heads) if h is not None else [])
+                mlp.append(mlp_units(block, m_scores) if m_scores is not None else [])
+            params = [_budget_params(b) for b in anatomy]
             select = select_global if config.widths == "adaptive" else select_uniform
-            chosen = select(layouts, attn, mlp, config, params)
-            for layout, s, h, (a_sel, m_sel) in zip(layouts, stats, heads, chosen, strict=True):
-                self._apply(layout, s, h, a_sel, m_sel, config, keys)
-            if keys:
-                _conform_biases(model, keys, layouts)
+            chosen = select(list(anatomy), attn, mlp, config, params)
+            for block, s, h, (a_sel, m_sel) in zip(anatomy, stats, heads, chosen, strict=True):
+                self._apply(block, s, h, a_sel, m_sel, config, targets)
+            flags = {f for f in targets.values() if f}
+            if flags:
+                _conform_biases(model, flags, anatomy)
             report.timings_s["select+cut"] = time.perf_counter() - started
-        report.bias_compensation = bool(keys)
-        set_config_widths(model, report)
+        report.bias_compensation = bool(targets)
+        set_config_widths(model, anatomy, report)
         report.params_after, report.block_params_after = param_count(model), block_param_count(model)
         log.info("%s removed %.1f%% of block parameters", self.name, 100 * report.removed_fraction)
         return report
 
-    def _apply(self, layout, stats: BlockStats, head_scores, a_sel, m_sel, config, keys) -> None:
-        q_keep, kv_keep = _kept_heads(layout, head_scores, a_sel, config.heads)
-        hd = layout.head_dim
-        gone_q = torch.tensor(sorted(set(range(layout.heads)) - set(q_keep.tolist())), dtype=torch.long)
-        gone_ch = torch.tensor(sorted(u.index for u in m_sel), dtype=torch.long)
-        if "o_proj" in keys:
-            _compensate(layout.attn.o_proj, head_channels(gone_q, hd), stats.attn.mean)
-        if "down_proj" in keys:
-            _compensate(layout.mlp.down_proj, gone_ch, stats.mlp.mean)
-        if len(gone_q):
-            keep_heads(layout, q_keep, kv_keep)
-        if len(gone_ch):
-            kept = torch.tensor(
-                sorted(set(range(layout.intermediate)) - set(gone_ch.tolist())), dtype=torch.long
-            )
-            keep_channels(layout, kept)
+    def _apply(
+        self, block: BlockAnatomy, stats: BlockStats, head_scores, a_sel, m_sel, config, targets
+    ) -> None:
+        a, m = block.attention, block.mlp
+        if a is not None:
+            q_keep, kv_keep = _kept_heads(block, head_scores, a_sel, config.heads)
+            gone_q = torch.tensor(sorted(set(range(a.heads)) - set(q_keep.tolist())), dtype=torch.long)
+            if "o" in targets:
+                _compensate(block.linear(a.o), head_channels(gone_q, a.head_dim), stats.attn.mean)
+            if len(gone_q):
+                keep_heads(block, q_keep, kv_keep)
+        if m is not None:
+            gone_ch = torch.tensor(sorted(u.index for u in m_sel), dtype=torch.long)
+            if "down" in targets:
+                _compensate(block.linear(m.down), gone_ch, stats.mlp.mean)
+            if len(gone_ch):
+                kept = torch.tensor(
+                    sorted(set(range(m.intermediate)) - set(gone_ch.tolist())), dtype=torch.long
+                )
+                keep_channels(block, kept)
 
 
 @register_structured

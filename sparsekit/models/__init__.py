@@ -1,0 +1,67 @@
+"""The model description: decoder blocks, attention, MLP, norms and embeddings found from the module
+tree, shapes and config (``describe``), plus the module-level helpers every layer above needs."""
+
+from .anatomy import (
+    AttentionAnatomy,
+    BlockAnatomy,
+    ChannelFold,
+    MLPAnatomy,
+    ModelAnatomy,
+    QKNorm,
+    block_linears,
+    channel_folds,
+    describe,
+    describe_block,
+    find_decoder_blocks,
+    head_channels,
+)
+from .experts import ExpertMatrix, ExpertsAnatomy, expert_matrices, find_experts, routed_forward
+from .families import FAMILIES, Family
+from .modules import (
+    UnsupportedArchitecture,
+    in_out_features,
+    is_conv1d,
+    is_linear_like,
+    is_prunable_linear,
+    linear_weight,
+    model_bytes,
+    model_device,
+    model_dtype,
+    register_linear_like,
+    set_linear_weight,
+    set_submodule,
+)
+
+__all__ = [
+    "FAMILIES",
+    "AttentionAnatomy",
+    "BlockAnatomy",
+    "ChannelFold",
+    "ExpertMatrix",
+    "ExpertsAnatomy",
+    "expert_matrices",
+    "find_experts",
+    "routed_forward",
+    "Family",
+    "MLPAnatomy",
+    "ModelAnatomy",
+    "QKNorm",
+    "UnsupportedArchitecture",
+    "block_linears",
+    "channel_folds",
+    "describe",
+    "describe_block",
+    "find_decoder_blocks",
+    "head_channels",
+    "in_out_features",
+    "is_conv1d",
+    "is_linear_like",
+    "is_prunable_linear",
+    "linear_weight",
+    "model_bytes",
+    "model_device",
+    "model_dtype",
+    "register_linear_like",
+    "set_linear_weight",
+    "set_submodule",
+]

@@ -1,0 +1,272 @@
+"""Removing whole experts from Mixture-of-Experts blocks (REAP, EAN, frequency).
+
+Scores come from one pass of the dense model over the calibration tokens, each MoE block's
+experts computed through their routed tokens (``sparsekit.models.routed_forward``):
+- ``reap`` (Lasby et al., 2025, "REAP: Router-weighted Expert Activation Pruning"): the mean over
+  the tokens routed to an expert of its routing weight times the norm of its output;
+- ``ean`` (expert activation norm): the same mean without the routing weight;
+- ``frequency``: how many tokens the router sends to the expert.
+An expert that gets no token scores 0. The lowest-scoring experts of every MoE block go, the
+same number in each (``sparsity``: the fraction of experts; or ``num_experts`` kept), so the
+result is an ordinary checkpoint of the same family; a group-limited router (DeepSeek-V3,
+GLM-4.5: ``n_group``) loses the same number from every group. Removing an expert slices the
+fused 3-D expert tensors and their biases, the router's rows (weight, bias,
+``e_score_correction_bias``), the modules' own expert counts and the config's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsekit.models import (
+    BlockAnatomy,
+    ExpertsAnatomy,
+    UnsupportedArchitecture,
+    describe,
+    expert_matrices,
+    routed_forward,
+)
+from sparsekit.models.experts import EXPERT_COUNT_ATTRS
+
+from ..engine import check_finite_weights
+from .base import (
+    StructuredConfig,
+    StructuredMethod,
+    StructuredReport,
+    block_param_count,
+    check_calibration,
+    param_count,
+    register_structured,
+)
+from .passes import capture, compute_device, forward, on_device
+
+log = logging.getLogger(__name__)
+
+
+class ExpertScores:
+    """Per-expert sums over the routed calibration tokens of one MoE block."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.tokens = torch.zeros(num_experts, dtype=torch.float64)
+        self.norm = torch.zeros(num_experts, dtype=torch.float64)  # sum of ||y||
+        self.weighted = torch.zeros(num_experts, dtype=torch.float64)  # sum of w * ||y||
+
+    def observe(self, e: int, weights: torch.Tensor | None, y: torch.Tensor) -> None:
+        norms = y.detach().double().norm(dim=-1).cpu()
+        self.tokens[e] += len(norms)
+        self.norm[e] += norms.sum()
+        w = torch.ones_like(norms) if weights is None else weights.detach().double().cpu()
+        self.weighted[e] += (w * norms).sum()
+
+    def score(self, kind: str) -> torch.Tensor:
+        per_token = self.tokens.clamp_min(1)
+        if kind == "frequency":
+            return self.tokens.clone()
+        return (self.weighted if kind == "reap" else self.norm) / per_token
+
+
+def _score_pass(anatomy, chunks, device, show_progress: bool) -> dict[int, ExpertScores]:
+    """One dense pass through every block; MoE blocks record per-expert routed outputs."""
+    scores: dict[int, ExpertScores] = {}
+    for block in tqdm(list(anatomy), desc="expert scores", disable=not show_progress):
+        ex = block.experts
+        with on_device(block.module, device):
+            if ex is None:
+                outs = forward(block.module, chunks, block.index)
+            else:
+                scores[block.index] = s = ExpertScores(ex.num_experts)
+                experts = block.module.get_submodule(ex.experts)
+                matrices = expert_matrices(block.module, ex)
+                experts.forward = routed_forward(experts, ex, matrices, observe=s.observe)
+                try:
+                    outs = forward(block.module, chunks, block.index)
+                finally:
+                    experts.__dict__.pop("forward", None)
+        for c, o in zip(chunks, outs, strict=True):
+            c.hidden = o
+    return scores
+
+
+# ----------------------------------------------------------------------------- choosing
+def experts_to_keep(ex: ExpertsAnatomy, config: StructuredConfig) -> int:
+    """How many experts every MoE block keeps; refuses what would break routing."""
+    total = ex.num_experts
+    keep = config.num_experts if config.num_experts is not None else total - round(config.sparsity * total)
+    if keep >= total:
+        raise ValueError(
+            f"keeping {keep} of {total} experts removes none: give a larger sparsity (the fraction of "
+            "experts to remove) or a smaller num_experts"
+        )
+    if keep < ex.top_k:
+        raise ValueError(
+            f"keeping {keep} experts leaves fewer than the router's top_k {ex.top_k}: keep at least "
+            f"{ex.top_k}"
+        )
+    if ex.groups > 1:
+        if (total - keep) % ex.groups:
+            raise ValueError(
+                f"the router routes by {ex.groups} groups of experts, so the same number must go from every "
+                f"group: remove a multiple of {ex.groups} (keep {keep - (keep % ex.groups) or ex.groups} or "
+                f"{keep + ex.groups - keep % ex.groups})"
+            )
+        if ex.topk_group * (keep // ex.groups) < ex.top_k:
+            raise ValueError(
+                f"with {keep // ex.groups} experts per group and {ex.topk_group} groups chosen per token, "
+                f"fewer than top_k {ex.top_k} experts are reachable: keep more experts"
+            )
+    return keep
+
+
+def choose_experts(scores: torch.Tensor, keep: int, groups: int) -> torch.Tensor:
+    """Indices of the experts to keep (sorted): the highest scores, the same number per group
+    (ties to the lower index)."""
+    total = len(scores)
+    per_group, keep_per_group = total // groups, keep // groups
+    kept = []
+    for g in range(groups):
+        part = scores[g * per_group : (g + 1) * per_group]
+        order = sorted(range(per_group), key=lambda i: (-float(part[i]), i))[:keep_per_group]
+        kept += [g * per_group + i for i in order]
+    return torch.tensor(sorted(kept), dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- cutting
+def keep_experts(block: BlockAnatomy, kept: torch.Tensor) -> None:
+    """Keep only the experts ``kept`` (sorted LongTensor) of one MoE block, in place: the fused 3-D
+    expert tensors and their biases, the router's per-expert rows, the modules' expert counts."""
+    ex = block.experts
+    experts = block.module.get_submodule(ex.experts)
+    names = [
+        n for n, p in experts.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == ex.num_experts
+    ]
+    _slice(experts, names, kept)
+    router = block.module.get_submodule(ex.router)
+    _slice(router, list(ex.router_rows), kept)
+    _slice(block.module.get_submodule(ex.moe) if ex.moe else block.module, list(ex.moe_rows), kept)
+    if isinstance(router, nn.Linear):
+        router.out_features = len(kept)
+    for path, attrs in ex.counts.items():
+        module = block.module.get_submodule(path) if path else block.module
+        for attr in attrs:
+            setattr(module, attr, len(kept))
+    ex.num_experts = len(kept)
+
+
+def _slice(module: nn.Module, names: list[str], kept: torch.Tensor) -> None:
+    for name in names:
+        tensor = getattr(module, name)
+        index = kept.to(tensor.device)
+        if isinstance(tensor, nn.Parameter):
+            setattr(
+                module,
+                name,
+                nn.Parameter(tensor.data[index].contiguous(), requires_grad=tensor.requires_grad),
+            )
+        else:
+            module._buffers[name] = tensor[index].contiguous()
+
+
+def set_config_experts(model: nn.Module, before: int, after: int, report: StructuredReport) -> None:
+    """Write the new expert count to the config key(s) the family uses, and check that the config
+    rebuilds exactly the cut shapes (the checkpoint then loads in plain transformers)."""
+    config = model.config
+    keys = [k for k in EXPERT_COUNT_ATTRS if getattr(config, k, None) == before]
+    if not keys:
+        raise UnsupportedArchitecture(
+            f"{config.model_type}'s config has none of {', '.join(EXPERT_COUNT_ATTRS)} = {before}: "
+            "the new expert count has nowhere to go"
+        )
+    for key in keys:
+        setattr(config, key, after)
+    trial = copy.deepcopy(config)
+    with torch.device("meta"):
+        built = type(model)(trial).state_dict()
+    own = model.state_dict()
+    bad = [k for k in own if k not in built or tuple(built[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise UnsupportedArchitecture(
+            f"after setting {', '.join(keys)} = {after}, {config.model_type}'s config does not rebuild "
+            f"the cut shapes ({bad[0]}); this family needs an entry in sparsekit/models/families.py"
+        )
+    report.notes.append(f"config {', '.join(keys)}: {before} -> {after} experts per MoE block")
+
+
+class _ExpertMethod(StructuredMethod):
+    score_kind: str
+
+    def prune(
+        self, model: nn.Module, input_ids: torch.Tensor | None, config: StructuredConfig
+    ) -> StructuredReport:
+        check_calibration(input_ids, self.name)
+        if config.remove_layers is not None:
+            raise ValueError(f"remove_layers is for depth methods (shortgpt, angular), not {self.name}")
+        anatomy = describe(model)
+        anatomy.require_dense(self.name)
+        moe = [b for b in anatomy if b.experts is not None]
+        if not moe:
+            problems = [p for b in anatomy for p in b.problems if "MoE" in p]
+            raise UnsupportedArchitecture(
+                f"{self.name} removes experts, and {anatomy.model_type} has no Mixture-of-Experts block the "
+                f"anatomy understands{': ' + problems[0] if problems else ''}"
+            )
+        totals = {b.experts.num_experts for b in moe}
+        if len(totals) > 1:
+            raise UnsupportedArchitecture(f"MoE blocks with different expert counts {sorted(totals)}")
+        keep = [experts_to_keep(b.experts, config) for b in moe][0]
+        check_finite_weights(anatomy.blocks, anatomy.blocks_path)
+        report = StructuredReport(self.name, config.sparsity, *input_ids.shape)
+        report.params_before, report.block_params_before = param_count(model), block_param_count(model)
+        device = compute_device(model, config.device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            chunks = capture(model, input_ids, config.batch_size, device)
+            scores = _score_pass(anatomy, chunks, device, config.show_progress)
+            del chunks
+        report.timings_s["score"] = time.perf_counter() - started
+        before = moe[0].experts.num_experts
+        for block in moe:
+            s = scores[block.index]
+            kept = choose_experts(s.score(self.score_kind), keep, block.experts.groups)
+            report.experts.append(
+                {
+                    "block": block.index,
+                    "kept": kept.tolist(),
+                    "tokens": s.tokens.long().tolist(),
+                    "scores": [round(float(v), 6) for v in s.score(self.score_kind)],
+                }
+            )
+            keep_experts(block, kept)
+        set_config_experts(model, before, keep, report)
+        report.params_after, report.block_params_after = param_count(model), block_param_count(model)
+        log.info("%s kept %d of %d experts per MoE block", self.name, keep, before)
+        return report
+
+
+@register_structured
+class REAP(_ExpertMethod):
+    """Router-weighted expert activation: mean of gate weight x ||expert output|| over routed tokens."""
+
+    name = "reap"
+    score_kind = "reap"
+
+
+@register_structured
+class EAN(_ExpertMethod):
+    """Expert activation norm: mean ||expert output|| over routed tokens (gate-free)."""
+
+    name = "ean"
+    score_kind = "ean"
+
+
+@register_structured
+class Frequency(_ExpertMethod):
+    """Routed-token count."""
+
+    name = "frequency"
+    score_kind = "frequency"

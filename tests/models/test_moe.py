@@ -1,0 +1,96 @@
+"""Mixture-of-Experts blocks on tiny random models of every MoE family transformers 5.x has that the
+issue lists: the anatomy reads the fused 3-D experts, the routed forward reproduces the family's
+own experts, experts are removed (REAP / EAN / frequency) into plain checkpoints, and the weights
+inside experts are pruned with routed statistics (sparsekit.bench.coverage says how each is checked)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsekit
+from sparsekit.bench.coverage import MOE_CELLS, MOE_FAMILIES, calib_ids, run_cell, tiny_model
+from sparsekit.models import UnsupportedArchitecture, describe, expert_matrices, routed_forward
+from sparsekit.pruning.experts import pool_expert_stats
+from sparsekit.pruning.method import InputStat
+from sparsekit.pruning.structured import StructuredConfig
+from sparsekit.pruning.structured.experts import choose_experts, experts_to_keep
+
+EXPECTED_REFUSALS = {("llama4_text", "routed vs all tokens"): "already scaled by the router"}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_family_removes_experts_and_prunes_inside_them(family):
+    dense = tiny_model(family)
+    bad = []
+    for column in MOE_CELLS:
+        cell = run_cell(family, column, dense)
+        expected = EXPECTED_REFUSALS.get((family, column))
+        if cell.status == "refused" and expected and expected in cell.detail:
+            continue
+        if cell.status != "OK":
+            bad.append(f"{column}: {cell.status} {cell.detail}")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_routed_forward_reproduces_the_family_experts(family):
+    model = tiny_model(family)
+    block = next(b for b in describe(model) if b.experts is not None)
+    ex = block.experts
+    experts = block.module.get_submodule(ex.experts)
+    seen = {}
+    handle = experts.register_forward_hook(lambda m, args, out: seen.setdefault("io", (args, out)) and None)
+    with torch.no_grad():
+        model(calib_ids(2, 10), use_cache=False)
+    handle.remove()
+    args, want = seen["io"]
+    with torch.no_grad():
+        got = routed_forward(experts, ex, expert_matrices(block.module, ex))(*args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_group_limited_removal_takes_the_same_number_from_every_group():
+    scores = torch.tensor([5.0, 1.0, 4.0, 0.0, 9.0, 8.0, 7.0, 6.0])
+    assert choose_experts(scores, keep=4, groups=2).tolist() == [0, 2, 4, 5]
+    assert choose_experts(scores, keep=4, groups=1).tolist() == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_experts=1), "fewer than the router's top_k 2"),
+        (dict(num_experts=8), "removes none"),
+        (dict(num_experts=5), "multiple of 2"),
+    ],
+)
+def test_expert_counts_that_break_routing_are_refused(kwargs, message):
+    ex = next(b.experts for b in describe(tiny_model("deepseek_v3")) if b.experts)
+    with pytest.raises(ValueError, match=message):
+        experts_to_keep(ex, StructuredConfig(sparsity=0.0, **kwargs))
+
+
+def test_expert_methods_refuse_a_dense_model_and_expert_options_do_too():
+    dense = tiny_model("llama")
+    with pytest.raises(UnsupportedArchitecture, match="no Mixture-of-Experts block"):
+        sparsekit.prune(dense, method="reap", sparsity=0.5, calib=calib_ids(), show_progress=False)
+    with pytest.raises(ValueError, match="expert_tokens act on Mixture-of-Experts blocks"):
+        sparsekit.prune(
+            dense, method="wanda", sparsity=0.5, calib=calib_ids(), expert_tokens="all", show_progress=False
+        )
+
+
+def test_an_expert_without_routed_tokens_gets_the_pooled_statistics():
+    ex = next(b.experts for b in describe(tiny_model("mixtral")) if b.experts)
+    collected = {f"{ex.experts}.0.gate_up": InputStat(torch.full((64,), 4.0), tokens=100)}
+    collected[f"{ex.experts}.1.gate_up"] = InputStat(torch.full((64,), 1.0), tokens=10)
+    counts = pool_expert_stats(ex, 0, collected, min_tokens=50)
+    assert counts.tokens[:3] == [100, 10, 0] and counts.pooled == [1, 2, 3, 4, 5, 6, 7]
+    pooled_mean = (4.0 * 1 + 1.0 * 1) / 110  # (sum of the values) / (sum of the tokens)
+    torch.testing.assert_close(
+        collected[f"{ex.experts}.2.gate_up"].value, torch.full((64,), 50 * pooled_mean)
+    )
+    torch.testing.assert_close(
+        collected[f"{ex.experts}.1.gate_up"].value, torch.full((64,), 1 + 40 * pooled_mean)
+    )
+    assert collected[f"{ex.experts}.0.gate_up"].value[0] == 4.0  # enough tokens: unchanged
