@@ -32,6 +32,7 @@ from sparsekit.pruning.structured import (
     REAP,
     Angular,
     Frequency,
+    RandomExperts,
     ShortGPT,
     StructuredConfig,
     WandaSP,
@@ -162,7 +163,7 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
     )
     depth = isinstance(obj, ShortGPT | Angular)
     width = isinstance(obj, FLAP | WandaSP)
-    expert = isinstance(obj, REAP | EAN | Frequency)
+    expert = isinstance(obj, REAP | EAN | Frequency | RandomExperts)
     if not expert:
         _refuse_unused(
             name,

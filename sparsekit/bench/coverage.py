@@ -291,6 +291,7 @@ def _compressed_reload(dense, tmp: Path) -> None:
 
     model = copy.deepcopy(dense)
     _prune(model, "wanda", "2:4")
+    check_sparsity(model, "2:4")
     ids = calib_ids(2, 12)
     want = logits(model, ids)
     sparsekit.sparsify(model)
@@ -328,6 +329,7 @@ def _plain_reload(dense, tmp: Path) -> None:
         raise CellFailure(f"uniform FLAP widths are not a plain config: {report.notes}")
     ids = calib_ids(2, 12)
     want = logits(model, ids)
+    _close(want, logits(zeroed_reference(dense, model), ids), "vs zeroed dense")
     model.save_pretrained(tmp / "plain")
     config = json.loads((tmp / "plain" / "config.json").read_text())
     if "quantization_config" in config or "block_widths" in config:

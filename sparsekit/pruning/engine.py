@@ -386,6 +386,8 @@ def _prune_block(
         with timer.phase("forward"), routed:
             dense_outputs = run_block(runner, chunks, index, collector.next_chunk)
         collector.remove()
+        if anatomy.experts is not None:
+            collector.ensure(run_linears, chunks[0].hidden.device)
         collected = collector.finish(world)
         if anatomy.experts is not None:
             counts = pool_expert_stats(anatomy.experts, index, collected, config.expert_min_tokens)

@@ -98,7 +98,7 @@ def pool_expert_stats(
             if have >= min_tokens:
                 continue
             extra = (pooled * ((min_tokens - have) / pooled_tokens)).float()
-            value = extra if stat is None else stat.value + extra
+            value = extra.to(stat.value.device) + stat.value if stat is not None else extra
             collected[name] = InputStat(value, min_tokens)
             if part == "gate_up":
                 counts.pooled.append(e)

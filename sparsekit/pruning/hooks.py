@@ -77,6 +77,14 @@ class StatsCollector:
     def _new_stat(self, x: torch.Tensor) -> InputStat:
         return InputStat(self.statistic.new(x.shape[-1], x.device))
 
+    def ensure(self, linears: dict[str, nn.Module], device: torch.device) -> None:
+        """A zero statistic (0 tokens) for every layer that saw no input (an expert the router never
+        chose here), so every rank holds the same statistics when they are summed."""
+        for name, module in linears.items():
+            if name not in self.owner:
+                stat = self.owner[name] = InputStat(self.statistic.new(module.in_features, device))
+                stat.total = torch.zeros_like(stat.value, dtype=torch.float64)
+
     def next_chunk(self) -> None:
         """After each calibration chunk: add its fp32 partials to the float64 totals."""
         with self.timer.phase("statistics"):

@@ -94,3 +94,15 @@ def test_an_expert_without_routed_tokens_gets_the_pooled_statistics():
         collected[f"{ex.experts}.1.gate_up"].value, torch.full((64,), 1 + 40 * pooled_mean)
     )
     assert collected[f"{ex.experts}.0.gate_up"].value[0] == 4.0  # enough tokens: unchanged
+
+
+def test_random_expert_removal_is_a_seeded_baseline():
+    kept = []
+    for _ in range(2):
+        model = tiny_model("mixtral")
+        report = sparsekit.prune(
+            model, method="random-experts", sparsity=0.5, calib=calib_ids(), show_progress=False
+        )
+        kept.append([b["kept"] for b in report.experts])
+    assert kept[0] == kept[1] and all(len(k) == 4 for k in kept[0])
+    assert len({tuple(k) for k in kept[0]}) > 1  # a different draw per block

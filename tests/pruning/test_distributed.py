@@ -29,7 +29,12 @@ WORKER = textwrap.dedent(
 
     method, sparsity, out, fail_rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     world = distributed.init(timeout_s=float(os.environ.get("TIMEOUT", "60")))
-    model = tiny_model("qwen2")
+    family = os.environ.get("FAMILY", "qwen2")
+    if family == "qwen2":
+        model = tiny_model("qwen2")
+    else:  # a tiny MoE: experts pruned on their routed tokens, statistics summed over the ranks
+        from sparsekit.bench.coverage import tiny_model as tiny_family
+        model = tiny_family(family)
     ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
     if world.rank == fail_rank:
         import sparsekit.pruning.engine as engine
@@ -52,7 +57,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_group(tmp_path: Path, method: str, sparsity: str, fail_rank: int = -1, timeout: float = 60):
+def _run_group(
+    tmp_path: Path,
+    method: str,
+    sparsity: str,
+    fail_rank: int = -1,
+    timeout: float = 60,
+    family: str = "qwen2",
+):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT)))
     port = _free_port()
@@ -67,6 +79,7 @@ def _run_group(tmp_path: Path, method: str, sparsity: str, fail_rank: int = -1, 
             "MASTER_PORT": str(port),
             "TIMEOUT": str(timeout),
             "OMP_NUM_THREADS": "1",
+            "FAMILY": family,
         }
         procs.append(
             subprocess.Popen(
@@ -81,14 +94,15 @@ def _run_group(tmp_path: Path, method: str, sparsity: str, fail_rank: int = -1, 
     return [p.returncode for p in procs], outs
 
 
-def _single(method: str, sparsity: str):
+def _single(method: str, sparsity: str, family: str = "qwen2"):
+    from sparsekit.bench.coverage import tiny_model as tiny_family
     from sparsekit.pruning import PruneConfig, prune_model
     from tests.conftest import tiny_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = tiny_model("qwen2")
+        model = tiny_model("qwen2") if family == "qwen2" else tiny_family(family)
         ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
         report = prune_model(
             model,
@@ -101,16 +115,22 @@ def _single(method: str, sparsity: str):
 
 
 @pytest.mark.parametrize(
-    ("method", "sparsity"), [("wanda", "0.5"), ("magnitude", "2:4"), ("sparsegpt", "2:4")]
+    ("method", "sparsity", "family"),
+    [
+        ("wanda", "0.5", "qwen2"),
+        ("magnitude", "2:4", "qwen2"),
+        ("sparsegpt", "2:4", "qwen2"),
+        ("sparsegpt", "0.5", "qwen2_moe"),  # experts: routed statistics summed over the ranks
+    ],
 )
-def test_two_ranks_reproduce_one_process(tmp_path, method, sparsity):
-    codes, outs = _run_group(tmp_path, method, sparsity)
+def test_two_ranks_reproduce_one_process(tmp_path, method, sparsity, family):
+    codes, outs = _run_group(tmp_path, method, sparsity, family=family)
     assert codes == [0, 0], outs
-    single, single_report = _single(method, sparsity)
+    single, single_report = _single(method, sparsity, family)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, ref in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank holds the same model
-        if "layers" in name and name.endswith("proj.weight"):
+        if "layers" in name and (name.endswith("proj.weight") or ".experts." in name):
             assert torch.equal(ranks[0][name] != 0, ref != 0), name  # identical masks
             torch.testing.assert_close(ranks[0][name], ref, rtol=1e-5, atol=1e-6)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -209,7 +229,7 @@ def test_cli_composed_recipe_on_two_ranks_equals_one_process(saved_llama):
     for name, w in one.items():
         assert torch.equal(w != 0, two[name] != 0), name
         torch.testing.assert_close(w, two[name], rtol=1e-5, atol=1e-6)
-        if "layers" in name and name.endswith("proj.weight"):
+        if "layers" in name and (name.endswith("proj.weight") or ".experts." in name):
             check_mask(w != 0, parse_sparsity("2:4"))
     report = json.loads((tmp / "two" / "prune_report.json").read_text())
     assert report["recipe"] == "ria+permute+dsnot+admm"

@@ -12,7 +12,7 @@ from .base import (
     structured_method_names,
 )
 from .depth import Angular, ShortGPT, remove_blocks
-from .experts import EAN, REAP, Frequency, keep_experts
+from .experts import EAN, REAP, Frequency, RandomExperts, keep_experts
 from .layout import BlockWidths, block_widths, resize_to_widths
 from .width import FLAP, WandaSP
 
@@ -21,6 +21,7 @@ __all__ = [
     "FLAP",
     "REAP",
     "Frequency",
+    "RandomExperts",
     "keep_experts",
     "Angular",
     "BlockWidths",

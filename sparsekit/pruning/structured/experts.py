@@ -5,7 +5,8 @@ experts computed through their routed tokens (``sparsekit.models.routed_forward`
 - ``reap`` (Lasby et al., 2025, "REAP: Router-weighted Expert Activation Pruning"): the mean over
   the tokens routed to an expert of its routing weight times the norm of its output;
 - ``ean`` (expert activation norm): the same mean without the routing weight;
-- ``frequency``: how many tokens the router sends to the expert.
+- ``frequency``: how many tokens the router sends to the expert;
+- ``random-experts``: a seeded random choice (the baseline).
 An expert that gets no token scores 0. The lowest-scoring experts of every MoE block go, the
 same number in each (``sparsity``: the fraction of experts; or ``num_experts`` kept), so the
 result is an ordinary checkpoint of the same family; a group-limited router (DeepSeek-V3,
@@ -64,10 +65,14 @@ class ExpertScores:
         w = torch.ones_like(norms) if weights is None else weights.detach().double().cpu()
         self.weighted[e] += (w * norms).sum()
 
-    def score(self, kind: str) -> torch.Tensor:
+    def score(self, kind: str, block: int = 0) -> torch.Tensor:
         per_token = self.tokens.clamp_min(1)
         if kind == "frequency":
             return self.tokens.clone()
+        if kind == "random":  # the baseline: a seeded draw per block, independent of the data
+            return torch.rand(
+                len(self.tokens), generator=torch.Generator().manual_seed(block), dtype=torch.float64
+            )
         return (self.weighted if kind == "reap" else self.norm) / per_token
 
 
@@ -232,13 +237,14 @@ class _ExpertMethod(StructuredMethod):
         before = moe[0].experts.num_experts
         for block in moe:
             s = scores[block.index]
-            kept = choose_experts(s.score(self.score_kind), keep, block.experts.groups)
+            score = s.score(self.score_kind, block.index)
+            kept = choose_experts(score, keep, block.experts.groups)
             report.experts.append(
                 {
                     "block": block.index,
                     "kept": kept.tolist(),
                     "tokens": s.tokens.long().tolist(),
-                    "scores": [round(float(v), 6) for v in s.score(self.score_kind)],
+                    "scores": [round(float(v), 6) for v in score],
                 }
             )
             keep_experts(block, kept)
@@ -262,6 +268,14 @@ class EAN(_ExpertMethod):
 
     name = "ean"
     score_kind = "ean"
+
+
+@register_structured
+class RandomExperts(_ExpertMethod):
+    """A seeded random choice per block: the baseline every expert score must beat."""
+
+    name = "random-experts"
+    score_kind = "random"
 
 
 @register_structured
