@@ -197,7 +197,7 @@ def check_mlp_reaches_residual(block: BlockAnatomy, chunk: Chunk, device) -> Non
     seen: list[torch.Tensor] = []
 
     def double(_m, _i, out):
-        seen.append(out)
+        seen.append(out.detach().clone())  # a block may add to it in place (Falcon)
         return out * 2 if len(seen) == 2 else out
 
     handle = down.register_forward_hook(double)
@@ -326,7 +326,9 @@ def repair_pass(
         block = blocks[before]
         down = _repair_target(anatomy[before])
         captured: list[torch.Tensor] = []
-        handle = down.register_forward_hook(lambda _m, _i, out, store=captured: store.append(out.detach()))
+        handle = down.register_forward_hook(  # a copy: a block may add to the output in place (Falcon)
+            lambda _m, _i, out, store=captured: store.append(out.detach().clone())
+        )
         try:
             with on_device(block, device):
                 out = forward(block, chunks, before, pruned)
