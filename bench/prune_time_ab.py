@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), {"environment": env, "args": vars(args), "seconds": times})
     head = (
-        f"`python bench/prune_time_ab.py --trees {before} {after} --rounds {args.rounds}` on {env['cpu']}\n\n"
+        f"`python bench/prune_time_ab.py --trees {before} {after} --methods {args.methods} --rounds "
+        f"{args.rounds} --nsamples {args.nsamples} --seqlen {args.seqlen}` on {env['cpu']}, commit "
+        f"{env['commit']}, {env['time_utc']}\n\n"
     )
     write_text_atomic(out.with_suffix(".md"), head + "\n".join(rows) + "\n")
     print("\n".join(rows))
