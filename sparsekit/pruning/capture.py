@@ -134,17 +134,19 @@ def _non_block_leaves(module: nn.Module, block_ids: set[int]) -> Iterator[nn.Mod
 
 
 @contextmanager
-def _stand_ins(blocks: nn.ModuleList, record: Callable[[int, tuple, dict], None]) -> Iterator[dict]:
+def _stand_ins(blocks: nn.ModuleList, record: Callable[[int, tuple, dict], None]) -> Iterator[Callable]:
     """Blocks 1.. replaced (their ``forward`` only) by stand-ins that record their inputs and pass the
-    hidden states through; the last one stops the model. Block 0 runs for real: its output gives
-    the structure the stand-ins return."""
+    hidden states through; the last one stops the model. Block 0 runs for real on the first chunk,
+    so its output gives the structure the stand-ins return; the context yields ``skip_first()``,
+    which makes block 0 a stand-in too for the chunks after that."""
     first_out: dict[str, Any] = {}
     saved = [b.__dict__.get("forward") for b in blocks]  # accelerate's hooks wrap forward per instance
 
     def stand_in(index: int):
         def forward(*args, **kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            record(index, tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            record(index, (hidden, *args[1:]) if index == 0 else tuple(args[1:]), rest)
             if index == len(blocks) - 1:
                 raise _Captured
             return _like(first_out.get("out"), hidden)
@@ -164,10 +166,18 @@ def _stand_ins(blocks: nn.ModuleList, record: Callable[[int, tuple, dict], None]
         blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True),
         blocks[0].register_forward_hook(post_hook, with_kwargs=True),
     ]
+
+    def skip_first() -> None:
+        if "out" in first_out and handles:
+            for h in handles:
+                h.remove()
+            handles.clear()
+            blocks[0].forward = stand_in(0)
+
     for index in range(1, len(blocks)):
         blocks[index].forward = stand_in(index)
     try:
-        yield first_out
+        yield skip_first
     finally:
         for h in handles:
             h.remove()
@@ -182,7 +192,8 @@ def capture_block_inputs(
     model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[Chunk]:
     """Run the model on ``input_ids`` [n, L] and record the inputs of every decoder block per chunk:
-    block 0's hidden states, and each block's other arguments. Only block 0 computes."""
+    block 0's hidden states, and each block's other arguments. Only block 0 computes, and only on
+    the first chunk."""
     chunks: list[Chunk] = []
     pending: dict[str, Any] = {}
 
@@ -197,7 +208,7 @@ def capture_block_inputs(
     with materialized(first, device), _outside_blocks_on(model, blocks, device), torch.no_grad():
         first.to(device)
         try:
-            with _stand_ins(blocks, record):
+            with _stand_ins(blocks, record) as skip_first:
                 for ids in input_ids.split(batch_size):
                     try:
                         model(ids.to(device), use_cache=False)
@@ -210,6 +221,7 @@ def capture_block_inputs(
                         )
                     chunks.append(Chunk(pending["hidden"], pending["inputs"]))
                     pending.clear()
+                    skip_first()  # block 0's output structure is known: no more real forwards
         finally:
             first.to(first_home)
     return chunks
