@@ -14,6 +14,7 @@ from .anatomy import (
     describe_block,
     find_decoder_blocks,
     head_channels,
+    linear_like,
 )
 from .experts import ExpertMatrix, ExpertsAnatomy, expert_matrices, find_experts, routed_forward
 from .families import FAMILIES, Family
@@ -57,6 +58,7 @@ __all__ = [
     "is_conv1d",
     "is_linear_like",
     "is_prunable_linear",
+    "linear_like",
     "linear_weight",
     "model_bytes",
     "model_device",

@@ -19,8 +19,8 @@ from torch import nn
 
 from sparsekit.formats.weight import WeightFormat, choose_format, weight_format
 from sparsekit.models import (
-    block_linears,
     find_decoder_blocks,
+    linear_like,
     linear_weight,
     model_bytes,
     set_submodule,
@@ -74,22 +74,10 @@ def release_memory() -> None:
         pass
 
 
-def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder blocks (found also when their linears are SparseLinear already)."""
-    return find_decoder_blocks(model)
-
-
 def sparse_candidates(model: nn.Module) -> dict[str, nn.Module]:
     """Fully qualified name -> linear (or SparseLinear) of every decoder block."""
-    prefix, blocks = decoder_blocks(model)
-    out = {}
-    for i, block in enumerate(blocks):
-        for lname, module in block.named_modules():
-            if isinstance(module, SparseLinear):
-                out[f"{prefix}.{i}.{lname}"] = module
-        for lname, module in block_linears(block).items():
-            out[f"{prefix}.{i}.{lname}"] = module
-    return out
+    prefix, blocks = find_decoder_blocks(model)  # found also when the linears are SparseLinear already
+    return {f"{prefix}.{i}.{n}": m for i, block in enumerate(blocks) for n, m in linear_like(block).items()}
 
 
 def sparsify(

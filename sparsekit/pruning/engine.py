@@ -265,6 +265,7 @@ def prune_model(
     anatomy = describe(model)
     anatomy.require_dense(config.label)
     _check_expert_options(anatomy, config)
+    moe = [b.index for b in anatomy if b.experts is not None]
     blocks = anatomy.blocks
     prefix = block_prefix or anatomy.blocks_path
     device = torch.device(config.device) if config.device is not None else model_device(model)
@@ -277,6 +278,11 @@ def prune_model(
     report = PruneReport(
         method.name, str(config.sparsity), nsamples, seqlen, world_size=world.size, recipe=config.label
     )
+    if config.permute and moe:
+        report.notes.append(
+            f"permute: the experts of MoE blocks {moe} keep their channel order (no fold is defined inside "
+            "fused experts); their attention and dense layers are permuted"
+        )
     needs_data = config.needs_calibration
     chunks: list[Chunk] = []
     if needs_data:

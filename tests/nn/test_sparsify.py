@@ -8,7 +8,6 @@ from torch import nn
 
 from sparsekit.models import block_linears, find_decoder_blocks, linear_weight, model_bytes
 from sparsekit.nn import SparseLinear, densify, set_format, sparsify
-from sparsekit.nn.sparsify import decoder_blocks
 from sparsekit.pruning import PruneConfig, prune_model
 from tests.conftest import TINY_ARCHS, TOL, tiny_model
 
@@ -39,7 +38,7 @@ def test_sparsify_2_4_matches_the_dense_masked_model(arch):
     report = sparsify(sparse)
     n_linears = sum(len(block_linears(b)) for b in find_decoder_blocks(model)[1])
     assert len(report.layers) == n_linears and set(report.layers.values()) == {"2:4"}
-    assert not any(isinstance(m, nn.Linear) for b in decoder_blocks(sparse)[1] for m in b.modules())
+    assert not any(isinstance(m, nn.Linear) for b in find_decoder_blocks(sparse)[1] for m in b.modules())
     out_emb = sparse.get_output_embeddings()
     assert isinstance(out_emb, nn.Linear) and not isinstance(out_emb, SparseLinear)
     # fp32 at 2:4: 0.5 * 4 + 1/8 bytes per weight

@@ -51,29 +51,39 @@ log = logging.getLogger(__name__)
 
 
 class ExpertScores:
-    """Per-expert sums over the routed calibration tokens of one MoE block."""
+    """Per-expert sums over the routed calibration tokens of one MoE block (kept on the compute
+    device while the pass runs: no host sync per expert)."""
 
     def __init__(self, num_experts: int) -> None:
-        self.tokens = torch.zeros(num_experts, dtype=torch.float64)
-        self.norm = torch.zeros(num_experts, dtype=torch.float64)  # sum of ||y||
-        self.weighted = torch.zeros(num_experts, dtype=torch.float64)  # sum of w * ||y||
+        self.num_experts = num_experts
+        self._sums: torch.Tensor | None = None  # [3, E] float64: tokens, sum ||y||, sum w * ||y||
 
     def observe(self, e: int, weights: torch.Tensor | None, y: torch.Tensor) -> None:
-        norms = y.detach().double().norm(dim=-1).cpu()
-        self.tokens[e] += len(norms)
-        self.norm[e] += norms.sum()
-        w = torch.ones_like(norms) if weights is None else weights.detach().double().cpu()
-        self.weighted[e] += (w * norms).sum()
+        if self._sums is None:
+            self._sums = torch.zeros(3, self.num_experts, dtype=torch.float64, device=y.device)
+        norms = y.detach().double().norm(dim=-1)
+        w = norms.new_ones(()) if weights is None else weights.detach().double()
+        self._sums[0, e] += len(norms)
+        self._sums[1, e] += norms.sum()
+        self._sums[2, e] += (w * norms).sum()
+
+    def _row(self, i: int) -> torch.Tensor:
+        if self._sums is None:
+            return torch.zeros(self.num_experts, dtype=torch.float64)
+        return self._sums[i].cpu()
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._row(0)
 
     def score(self, kind: str, block: int = 0) -> torch.Tensor:
-        per_token = self.tokens.clamp_min(1)
         if kind == "frequency":
-            return self.tokens.clone()
+            return self.tokens
         if kind == "random":  # the baseline: a seeded draw per block, independent of the data
             return torch.rand(
-                len(self.tokens), generator=torch.Generator().manual_seed(block), dtype=torch.float64
+                self.num_experts, generator=torch.Generator().manual_seed(block), dtype=torch.float64
             )
-        return (self.weighted if kind == "reap" else self.norm) / per_token
+        return self._row(2 if kind == "reap" else 1) / self.tokens.clamp_min(1)
 
 
 def _score_pass(anatomy, chunks, device, show_progress: bool) -> dict[int, ExpertScores]:
