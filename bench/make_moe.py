@@ -1,4 +1,7 @@
-"""Build a real-weight Mixtral MoE from the embedded SmolLM2-135M by MoEfication, evaluate it, save it.
+"""Build a real-weight MoE from the embedded SmolLM2-135M by MoEfication, evaluate it, save it.
+
+Mixtral without ``--shared``; Qwen2-MoE (a shared expert of the ``--shared`` channels every token
+needs, plus the routed experts) with it.
 
     python bench/make_moe.py --out reports/moe-smollm2
 
@@ -87,7 +90,7 @@ def _markdown(report: dict) -> str:
     a, env = report["args"], report["env"]
     dense = report["dense"]["ppl"]
     lines = [
-        "# SmolLM2-135M MoEfied into Mixtral",
+        f"# SmolLM2-135M MoEfied into {report['architecture'].removesuffix('ForCausalLM')}",
         "",
         f"`{report['command']}`",
         "",
@@ -96,7 +99,8 @@ def _markdown(report: dict) -> str:
         "",
         f"Calibration {a['nsamples']} x {a['seqlen']} tokens (wiki-offline, seed {a['seed']}); evaluation "
         f"{report['eval_tokens']} held-out tokens, windows of {a['eval_seqlen']}. {a['experts']} experts of "
-        f"{report['expert_channels']} channels per block ({a['partition']} partition), router fitted to "
+        f"{report['expert_channels']} channels per block (shared expert: {a['shared']} channels; "
+        f"{a['partition']} partition), router fitted to "
         f"the experts' output {a['target']}, temperature {a['temperature']:g} (RMS spread of a token's "
         f"router logits on calibration tokens). Build {report['build_s']:.0f} s, save "
         f"{report['save_s']:.0f} s.",
@@ -142,6 +146,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument(
+        "--shared",
+        type=int,
+        default=0,
+        help="channels of each MLP kept in a shared expert (0: Mixtral, no shared expert; >0: Qwen2-MoE)",
+    )
+    parser.add_argument(
         "--top-k",
         default="auto",
         help="the top_k saved; auto: the smallest of --top-ks within --max-ppl-ratio of dense "
@@ -180,7 +190,7 @@ def main() -> None:
     stats: list = []
     moe = moefy(
         dense, calib, args.experts, max(args.top_ks), args.temperature,
-        target=args.target, partition=args.partition, seed=args.seed, stats=stats,
+        target=args.target, partition=args.partition, seed=args.seed, shared=args.shared, stats=stats,
     )  # fmt: skip
     build_s = time.perf_counter() - start
     log.info("built in %.1f s", build_s)
@@ -230,7 +240,8 @@ def main() -> None:
         "args": vars(args),
         "out": str(out),
         "eval_tokens": int(eval_ids.shape[1]),
-        "expert_channels": dense.config.intermediate_size // args.experts,
+        "expert_channels": (dense.config.intermediate_size - args.shared) // args.experts,
+        "architecture": type(moe).__name__,
         "dense": {"ppl": dense_ppl, "params": sum(p.numel() for p in dense.parameters())},
         "params": parameter_counts(moe),
         "build_s": build_s,

@@ -9,7 +9,8 @@ frequency and random expert removal at 25% and 50% of the experts; Wanda, Sparse
 SparseGPT+ADMM inside the experts at 50% and 2:4 with routed statistics and with every token
 through every expert (``expert_tokens="all"``, what a routing-blind port does); REAP 25% then
 Wanda 50% (STUN). Columns: perplexity on 8,192 held-out tokens, ``wiki_lambada`` /
-``wiki_continuation`` accuracy, parameters (all and non-zero), bytes, prune time, and decode TPOT /
+``wiki_continuation`` accuracy, parameters (all and non-zero), bytes in memory and as saved by
+``sparsekit.save`` (fused experts compressed on disk, dense in memory), prune time, and decode TPOT /
 prefill TTFT with every row's generations interleaved. ``--rows`` picks rows by name substring;
 ``--quick`` is a smoke run (8 x 256 calibration, 2,048 eval tokens, 40 items per task, 2 rounds).
 Writes <out>.json and <out>.md.
@@ -81,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         "--rows", default="", help="comma-separated substrings of the row names to run (dense always)"
     )
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--items", type=int, default=None, help="items per zero-shot task (default 200; quick 40)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default 32; quick 8)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 8192; quick 2048)")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 3; quick 2)")
     args = p.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         p.error(
@@ -92,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     nsamples, seqlen, eval_tokens, items, rounds = (
         (8, 256, 2048, 40, 2) if args.quick else (32, 512, 8192, 200, 3)
     )
+    nsamples, eval_tokens = args.nsamples or nsamples, args.eval_tokens or eval_tokens
+    items, rounds = args.items or items, args.rounds or rounds
     model, tok = load_model(args.model, dtype=torch.float32)
     calib = calibration_ids(tok, "wiki-offline", nsamples, seqlen, 0)
     eval_ids = evaluation_ids(tok, "wiki-offline", eval_tokens)
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_ids=prompt,
         new_tokens=16,
         rounds=rounds,
+        checkpoint_bytes=True,
     )
     env = environment()
     out = Path(args.out)
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows_to_dicts(rows)}
     )
     head = (
-        f"`python bench/moe_table.py --model {args.model}{' --quick' if args.quick else ''}` on {env['cpu']} "
+        f"`python bench/moe_table.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {env['cpu']} "
         f"({env['cpu_threads']} threads), torch {env['torch']}, transformers {env['transformers']}, commit "
         f"{env['commit']}, {env['time_utc']}; calibration {nsamples} x {seqlen}, {eval_tokens} eval tokens, "
         f"{items} items per task, {rounds} timing rounds.\n\n"

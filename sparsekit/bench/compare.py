@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -117,6 +119,7 @@ class CompareRow:
     timing: dict = field(default_factory=dict)  # ttft/tpot medians and p20/p80
     decode_speedup: float | None = None  # dense TPOT / this TPOT
     prefill_speedup: float | None = None
+    checkpoint_bytes: int | None = None  # model.safetensors written by sparsekit.save (when measured)
 
 
 def _nonzero_params(model: nn.Module) -> tuple[int, int]:
@@ -147,11 +150,14 @@ def compare_variants(
     rounds: int = 5,
     zero_shot_batch: int = 8,
     show_progress: bool = True,
+    checkpoint_bytes: bool = False,
 ) -> list[CompareRow]:
     """Prune, evaluate and time every variant (``model`` itself is left unchanged).
 
     limits: items per task (None: every item). ``prompt_ids`` [1, P]: the generation prompt (no
     timing when None). All variants stay resident so their generations can interleave.
+    ``checkpoint_bytes``: also save each variant with ``sparsekit.save`` to a temporary folder and
+    record its size (what fused MoE experts take compressed on disk, while in memory they are dense).
     """
     from sparsekit.eval.zero_shot import task_manager, zero_shot
     from sparsekit.nn import sparsify
@@ -181,6 +187,8 @@ def compare_variants(
                 variant.name, variant.family, ppl, params, nonzero, model_bytes(pruned), prune_s, cells, mean
             )
         )
+        if checkpoint_bytes:
+            rows[-1].checkpoint_bytes = _saved_size(pruned)
         log.info(
             "%s: ppl %.2f, mean accuracy %s, %.1f M non-zero params, %.1f MiB, pruned in %.1f s",
             variant.name,
@@ -203,6 +211,19 @@ def compare_variants(
     return rows
 
 
+def _mib(n: int | None) -> str:
+    return f"{n / 2**20:.0f}" if n is not None else "-"
+
+
+def _saved_size(model: nn.Module) -> int:
+    """Bytes of the model.safetensors ``sparsekit.save`` writes for ``model``."""
+    from sparsekit.hf.checkpoint import WEIGHTS_NAME, save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, Path(tmp) / "m")
+        return (Path(tmp) / "m" / WEIGHTS_NAME).stat().st_size
+
+
 def pareto_front(rows: Sequence[CompareRow]) -> list[str]:
     """Variants no other variant beats on both decode speed and mean accuracy (ties kept)."""
     points = [(r.variant, r.decode_speedup, r.mean_accuracy) for r in rows]
@@ -219,7 +240,9 @@ def compare_markdown(rows: Sequence[CompareRow]) -> str:
     tasks = list(dict.fromkeys(t for r in rows for t in r.zero_shot))
     front = set(pareto_front(rows))
     head = ["variant", "family", "ppl", *[f"{t} ({rows[0].zero_shot[t]['metric']})" for t in tasks]]
-    head += ["mean acc", "params (M)", "non-zero (M)", "MiB", "TPOT ms (p20-p80)", "decode x", "prefill x"]
+    disk = any(r.checkpoint_bytes is not None for r in rows)
+    head += ["mean acc", "params (M)", "non-zero (M)", "MiB", *(["disk MiB"] if disk else [])]
+    head += ["TPOT ms (p20-p80)", "decode x", "prefill x"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         accs = [f"{r.zero_shot[t]['value']:.3f} ± {r.zero_shot[t]['stderr'] or 0:.3f}" for t in tasks]
@@ -235,6 +258,7 @@ def compare_markdown(rows: Sequence[CompareRow]) -> str:
             f"{r.params / 1e6:.1f}",
             f"{r.nonzero_params / 1e6:.1f}",
             f"{r.bytes / 2**20:.0f}",
+            *([_mib(r.checkpoint_bytes)] if disk else []),
             tpot,
             f"{r.decode_speedup:.2f}" if r.decode_speedup else "-",
             f"{r.prefill_speedup:.2f}" if r.prefill_speedup else "-",

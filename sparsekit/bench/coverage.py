@@ -394,6 +394,8 @@ def _expert_removal(method: str) -> Callable:
 
 
 def _inside_experts(dense, tmp: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
     import sparsekit
 
     model = copy.deepcopy(dense)
@@ -418,7 +420,12 @@ def _inside_experts(dense, tmp: Path) -> None:
     want = logits(model, ids)
     sparsekit.sparsify(model)
     sparsekit.save(model, tmp / "inside")
+    qc = json.loads((tmp / "inside" / "config.json").read_text())["quantization_config"]
+    stored = qc.get("experts", {})
+    if len(stored) != 2 * len(_moe_blocks(dense)) or {v["format"] for v in stored.values()} != {"2:4"}:
+        raise CellFailure(f"fused expert tensors not stored as 2:4: {sorted(stored)[:2]}")
     _close(logits(sparsekit.load(tmp / "inside"), ids), want, "sparsekit.load")
+    _close(logits(AutoModelForCausalLM.from_pretrained(tmp / "inside"), ids), want, "from_pretrained")
 
 
 def _routed_differs(dense, tmp: Path) -> None:

@@ -1,34 +1,39 @@
-"""MoEfication: a real-weight Mixtral-architecture MoE built from a dense LLaMA-style model.
+"""MoEfication: a real-weight MoE built from a dense LLaMA-style model, without training.
 
 No mixture-of-experts model ships offline and random weights cannot show quality, so this module
-turns the embedded dense model (SmolLM2-135M) into a ``transformers.MixtralForCausalLM`` without
-training (Zhang et al. 2022, "MoEfication"):
+turns the embedded dense model (SmolLM2-135M) into a ``transformers.MixtralForCausalLM`` or, with a
+shared expert, a ``transformers.Qwen2MoeForCausalLM`` (Zhang et al. 2022, "MoEfication"; the shared
+expert as in Qwen2-MoE / DeepSeek-MoE):
 
-- attention, norms, embeddings and ``lm_head`` copy over exactly (Mixtral's attention is
-  LLaMA's, with no q/k norm);
-- each block's MLP channels (rows of gate/up, columns of down) are split into ``E`` experts of
+- attention, norms, embeddings and ``lm_head`` copy over exactly (both families' attention is
+  LLaMA's; Qwen2-MoE's q/k/v biases are switched off);
+- ``shared`` > 0: the ``shared`` MLP channels with the largest mean contribution to the output
+  (mean |a_c| * ||down[:, c]||, ``shared_channels``) form a shared expert every token uses; its
+  gate ``shared_expert_gate`` is zero (sigmoid 0.5) and its down projection doubled to undo it;
+- the other channels (rows of gate/up, columns of down) are split into ``E`` routed experts of
   equal size by balanced k-means over the channels' activation-magnitude profiles on
   calibration tokens (``partition_channels``): channels that fire on the same tokens share an
   expert, so a token's activation mass concentrates in few experts;
-- a linear router without bias (Mixtral's gate) is fitted by ridge regression from the MLP input
-  (the ``post_attention_layernorm`` output) to each expert's output norm (``fit_router``), and
+- a linear router without bias is fitted by ridge regression from the MLP input (the
+  ``post_attention_layernorm`` output) to each routed expert's output norm (``fit_router``), and
   scaled so its logits have a small spread (``temperature``, the RMS deviation of a token's
   logits from their mean): top-k ranks by the fitted scores while the renormalised top-k
   weights stay ~1/top_k;
-- every expert's down projection is multiplied by ``top_k`` to undo those weights, so the MoE
-  output is ~ the sum of the selected experts' outputs; with a zero router and top_k = E it is
-  the dense MLP exactly (up to fp32 rounding).
+- every routed expert's down projection is multiplied by ``top_k`` to undo those weights, so the
+  MoE output is ~ the shared expert plus the sum of the selected experts' outputs; with a zero
+  router and top_k = E it is the dense MLP exactly (up to fp32 rounding).
 
 Routers are fitted on the dense model's hidden states (each block sees what the dense model
 feeds it), so one build serves every top_k: ``set_top_k`` changes k and rescales the experts.
-Mixtral's routing (transformers 5.x ``MixtralTopKRouter``): softmax over the E logits, top-k of
-the probabilities, renormalised to sum 1; output = sum_k w_k * expert_k(x), expert(x) =
-down(silu(gate x) * up x) with ``gate_up_proj [E, 2I/E, H]`` (gate rows, then up rows) and
-``down_proj [E, H, I/E]``.
+Routing (transformers 5.x ``MixtralTopKRouter`` / ``Qwen2MoeTopKRouter`` with
+``norm_topk_prob``): softmax over the E logits, top-k of the probabilities, renormalised to sum
+1; output = sum_k w_k * expert_k(x) (+ the shared expert), expert(x) = down(silu(gate x) * up x)
+with ``gate_up_proj [E, 2R/E, H]`` (gate rows, then up rows) and ``down_proj [E, H, R/E]``.
 
 What it gives on SmolLM2-135M (docs/results.md, "A real-weight MoE from SmolLM2"): SiLU-gated
-activations are dense and co-activate weakly, so even the oracle choice of experts leaves a large
-part of each MLP's output out at top_k < E; without training, only top_k = E stays near dense.
+activations are dense and co-activate weakly, so without a shared expert only top_k close to E
+stays near dense; the shared expert holding the channels every token needs is what makes a
+top_k of half the routed experts usable.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from sparsekit.models import model_device
 from sparsekit.pruning.capture import capture_block_inputs
 
 if TYPE_CHECKING:
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +84,10 @@ class LayerStats:
     seconds: float
 
 
-def check_dense_model(model: nn.Module, num_experts: int, top_k: int) -> None:
+def check_dense_model(model: nn.Module, num_experts: int, top_k: int, shared: int = 0) -> None:
     """Refuse what the conversion cannot copy exactly (ValueError): not a LLaMA / Mistral, a bias,
-    another activation, an MLP width not divisible by ``num_experts``, ``top_k`` outside 1..E."""
+    another activation, routed channels (the MLP width less ``shared``) not divisible by
+    ``num_experts``, ``top_k`` outside 1..E."""
     cfg = model.config
     if cfg.model_type not in _SUPPORTED:
         raise ValueError(f"MoEfication copies LLaMA / Mistral models; got model_type {cfg.model_type!r}")
@@ -89,9 +95,13 @@ def check_dense_model(model: nn.Module, num_experts: int, top_k: int) -> None:
         raise ValueError("MoEfication needs bias-free attention and MLP (Mixtral has no biases)")
     if cfg.hidden_act != "silu":
         raise ValueError(f"MoEfication needs a SiLU-gated MLP, got hidden_act {cfg.hidden_act!r}")
-    if num_experts < 1 or cfg.intermediate_size % num_experts:
+    if not 0 <= shared < cfg.intermediate_size:
+        raise ValueError(f"shared channels must be in 0..{cfg.intermediate_size - 1}, got {shared}")
+    routed = cfg.intermediate_size - shared
+    if num_experts < 1 or routed % num_experts:
         raise ValueError(
-            f"intermediate_size {cfg.intermediate_size} must split into {num_experts} equal experts"
+            f"the {routed} routed channels (intermediate_size {cfg.intermediate_size} - {shared} shared) "
+            f"must split into {num_experts} equal experts"
         )
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in 1..{num_experts}, got {top_k}")
@@ -127,6 +137,55 @@ def mixtral_config(dense_config, num_experts: int, top_k: int) -> MixtralConfig:
         eos_token_id=d.eos_token_id,
         pad_token_id=d.pad_token_id,
     )
+
+
+def qwen2_moe_config(dense_config, num_experts: int, top_k: int, shared: int) -> Qwen2MoeConfig:
+    """A ``Qwen2MoeConfig``: the dense config's attention (no q/k/v bias), norms, RoPE, vocabulary and
+    token ids; a shared expert of ``shared`` channels and ``num_experts`` routed experts of
+    ``(intermediate_size - shared) / num_experts`` channels in every block, top-k weights
+    renormalised (``norm_topk_prob``)."""
+    from transformers import Qwen2MoeConfig
+
+    d = dense_config
+    return Qwen2MoeConfig(
+        vocab_size=d.vocab_size,
+        hidden_size=d.hidden_size,
+        intermediate_size=d.intermediate_size,
+        num_hidden_layers=d.num_hidden_layers,
+        num_attention_heads=d.num_attention_heads,
+        num_key_value_heads=d.num_key_value_heads,
+        hidden_act=d.hidden_act,
+        max_position_embeddings=d.max_position_embeddings,
+        initializer_range=d.initializer_range,
+        rms_norm_eps=d.rms_norm_eps,
+        rope_parameters=dict(d.rope_parameters),
+        use_sliding_window=False,
+        attention_dropout=getattr(d, "attention_dropout", 0.0),
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        moe_intermediate_size=(d.intermediate_size - shared) // num_experts,
+        shared_expert_intermediate_size=shared,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
+        qkv_bias=False,
+        tie_word_embeddings=bool(getattr(d, "tie_word_embeddings", False)),
+        bos_token_id=d.bos_token_id,
+        eos_token_id=d.eos_token_id,
+        pad_token_id=d.pad_token_id,
+    )
+
+
+def num_experts_of(config) -> int:
+    """The routed expert count under the key the family uses."""
+    return getattr(config, "num_local_experts", None) or config.num_experts
+
+
+def shared_channels(acts: torch.Tensor, down: torch.Tensor, count: int) -> torch.Tensor:
+    """acts [T, I], down weight [H, I] -> LongTensor [count], sorted: the channels with the largest
+    mean contribution to the MLP output, mean_t |a_tc| * ||down[:, c]||, the ones every token needs."""
+    score = acts.abs().mean(0) * down.norm(dim=0)
+    return score.topk(count).indices.sort().values
 
 
 def channel_activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -269,9 +328,11 @@ def _routing_stats(
     scores: torch.Tensor,
     truth: torch.Tensor,
     ks: list[int],
+    shared: torch.Tensor | None = None,
 ) -> tuple[dict[int, float], dict[int, float]]:
     """Router recall@k against ``truth`` [T, E] (output norms) and the top-k relative output error
-    (uniform weights), accumulating one expert's output [T, H] at a time."""
+    (uniform weights) of the whole MLP output (the ``shared`` channels always on), accumulating one
+    expert's output [T, H] at a time."""
     recall = {}
     kept = {}
     masks = {}
@@ -280,6 +341,8 @@ def _routing_stats(
         best = _topk_mask(truth, k)
         recall[k] = ((masks[k] * best).sum() / best.sum()).item()
         kept[k] = torch.zeros(acts.shape[0], down.shape[0], dtype=acts.dtype, device=acts.device)
+        if shared is not None:
+            kept[k] += acts[:, shared] @ down[:, shared].T
     full = acts @ down.T
     for e, g in enumerate(groups):
         out = acts[:, g] @ down[:, g].T
@@ -303,25 +366,33 @@ def moefy_mlp(
     ridge: float = 1e-3,
     seed: int = 0,
     layer: int = 0,
+    shared: int = 0,
 ) -> tuple[dict[str, torch.Tensor], LayerStats]:
     """One MLP to experts: x [T, H] (its inputs), gate / up [I, H], down [H, I] ->
-    ({"gate.weight" [E, H], "experts.gate_up_proj" [E, 2I/E, H], "experts.down_proj" [E, H, I/E]},
-    stats). ``temperature`` 0 gives a zero router (uniform weights)."""
+    ({"gate.weight" [E, H], "experts.gate_up_proj" [E, 2R/E, H], "experts.down_proj" [E, H, R/E]},
+    stats), R = I - ``shared``. ``shared`` > 0 also gives a Qwen2-MoE shared expert of the
+    ``shared_channels`` (``shared_expert.*_proj.weight``, its down doubled to undo the zero
+    ``shared_expert_gate``'s sigmoid of 0.5). ``temperature`` 0 gives a zero router (uniform weights)."""
     start = time.perf_counter()
     acts = channel_activations(x, gate, up)  # [T, I]
-    channels = acts.shape[1]
+    always = shared_channels(acts, down, shared) if shared else None
+    routed = torch.ones(acts.shape[1], dtype=torch.bool, device=acts.device)
+    if always is not None:
+        routed[always] = False
+    routed = routed.nonzero().flatten()  # [R]: the routed experts' channels
+    channels = routed.numel()
     if channels % num_experts:
         raise ValueError(f"{channels} channels do not split into {num_experts} equal experts")
     assign = _random_split(channels, num_experts, seed + layer).to(acts.device)
     gain = 0.0
     if num_experts > 1:
-        prof = _profiles(acts)
+        prof = _profiles(acts[:, routed])
         before = _cohesion(prof, assign, num_experts)
         if partition == "kmeans":
             assign = _balanced_kmeans(prof, assign, num_experts, iters=30)
         gain = _cohesion(prof, assign, num_experts) - before
         del prof
-    groups = _groups_of(assign, num_experts)
+    groups = routed[_groups_of(assign, num_experts)]  # [E, R/E] channel indices
     truth = expert_output_norms(acts, down, groups)  # [T, E]
     goal = truth if target == "norm" else router_targets(acts, down, groups, target)
     w, r2 = fit_router(x, goal, ridge)
@@ -330,7 +401,7 @@ def moefy_mlp(
     scale = temperature / spread if spread > 0 else 0.0
     every = max(1, acts.shape[0] // STAT_TOKENS)  # the statistics on a strided subsample
     recall, rel_error = _routing_stats(
-        acts[::every], down, groups, scores[::every], truth[::every], _stat_ks(num_experts)
+        acts[::every], down, groups, scores[::every], truth[::every], _stat_ks(num_experts), always
     )
     del acts
     weights = {
@@ -338,6 +409,13 @@ def moefy_mlp(
         "experts.gate_up_proj": torch.stack([torch.cat([gate[g], up[g]]) for g in groups]).contiguous(),
         "experts.down_proj": torch.stack([down[:, g] * top_k for g in groups]).contiguous(),
     }
+    if always is not None:
+        weights |= {
+            "shared_expert.gate_proj.weight": gate[always].contiguous(),
+            "shared_expert.up_proj.weight": up[always].contiguous(),
+            "shared_expert.down_proj.weight": (down[:, always] * 2).contiguous(),
+            "shared_expert_gate.weight": torch.zeros(1, x.shape[1], dtype=gate.dtype, device=gate.device),
+        }
     stats = LayerStats(layer, recall, rel_error, gain, r2, time.perf_counter() - start)
     return weights, stats
 
@@ -379,11 +457,13 @@ def moefy(
     ridge: float = 1e-3,
     batch_size: int = 4,
     seed: int = 0,
+    shared: int = 0,
     stats: list[LayerStats] | None = None,
     show_progress: bool = True,
-) -> MixtralForCausalLM:
-    """Dense LLaMA / Mistral ``model`` + calibration ids [N, L] -> a ``MixtralForCausalLM`` (eval mode,
-    the model's dtype and device). ``model`` is not changed.
+) -> MixtralForCausalLM | nn.Module:
+    """Dense LLaMA / Mistral ``model`` + calibration ids [N, L] -> a ``MixtralForCausalLM``, or with
+    ``shared`` > 0 channels a ``Qwen2MoeForCausalLM`` whose shared expert holds them (eval mode, the
+    model's dtype and device). ``model`` is not changed.
 
     Per block, on the dense model's hidden states: capture the MLP input x [N L, H] (the
     ``post_attention_layernorm`` output), partition the channels (``partition_channels``), fit
@@ -391,9 +471,9 @@ def moefy(
     (0: a zero router), multiply the experts' down projections by ``top_k``. ``stats`` (a list)
     receives one ``LayerStats`` per block.
     """
-    from transformers import MixtralForCausalLM
+    from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
 
-    check_dense_model(model, num_experts, top_k)
+    check_dense_model(model, num_experts, top_k, shared)
     if target not in ROUTER_TARGETS:
         raise ValueError(f"router target must be one of {ROUTER_TARGETS}, got {target!r}")
     if partition not in PARTITIONS:
@@ -414,7 +494,7 @@ def moefy(
             gate, up, down = (w.float() for w in _dense_mlp_weights(block))
             weights, layer_stats = moefy_mlp(
                 x, gate, up, down, num_experts, top_k, temperature,
-                target=target, partition=partition, ridge=ridge, seed=seed, layer=index,
+                target=target, partition=partition, ridge=ridge, seed=seed, layer=index, shared=shared,
             )  # fmt: skip
             del x
             for name, value in weights.items():
@@ -432,19 +512,23 @@ def moefy(
         del chunks
     finally:
         model.train(was_training)
-    config = mixtral_config(model.config, num_experts, top_k)
+    if shared:
+        config, build = qwen2_moe_config(model.config, num_experts, top_k, shared), Qwen2MoeForCausalLM
+    else:
+        config, build = mixtral_config(model.config, num_experts, top_k), MixtralForCausalLM
     config.moefication = {
         "source": str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
         "partition": partition,
         "router_target": target,
         "temperature": temperature,
         "down_scale": top_k,
+        "shared_channels": shared,
         "calibration_tokens": int(calib_ids.numel()),
         "note": "every expert's down_proj is multiplied by down_scale (= num_experts_per_tok): to route "
         "to k experts instead, multiply them by k / down_scale (sparsekit.bench.moe_model.set_top_k)",
     }
     config.dtype = dtype
-    moe = MixtralForCausalLM(config)
+    moe = build(config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = moe.load_state_dict(state, strict=False)
@@ -459,12 +543,13 @@ def set_top_k(moe: nn.Module, top_k: int) -> None:
     the old k to the new one (the renormalised top-k weights are ~1/k each) and updates the
     config, the routers and the MoE blocks."""
     cfg = moe.config
-    if not 1 <= top_k <= cfg.num_local_experts:
-        raise ValueError(f"top_k must be in 1..{cfg.num_local_experts}, got {top_k}")
+    if not 1 <= top_k <= num_experts_of(cfg):
+        raise ValueError(f"top_k must be in 1..{num_experts_of(cfg)}, got {top_k}")
     old = cfg.num_experts_per_tok
     for layer in moe.model.layers:
         layer.mlp.experts.down_proj.data.mul_(top_k / old)
-        layer.mlp.top_k = top_k
+        if hasattr(layer.mlp, "top_k"):
+            layer.mlp.top_k = top_k
         layer.mlp.gate.top_k = top_k
     cfg.num_experts_per_tok = top_k
     if isinstance(getattr(cfg, "moefication", None), dict):
@@ -486,13 +571,15 @@ def set_temperature(moe: nn.Module, temperature: float) -> None:
 
 
 def parameter_counts(moe: nn.Module) -> dict[str, int]:
-    """Total parameters (tied counted once), expert and router parameters, and those a token uses at
-    the current top_k (``active``: all but the unselected experts)."""
+    """Total parameters (tied counted once), routed expert and router parameters, and those a token
+    uses at the current top_k (``active``: all but the unselected routed experts; the shared expert
+    is active)."""
     cfg = moe.config
     total = sum(p.numel() for p in moe.parameters())
     experts = sum(layer.mlp.experts.down_proj.numel() * 3 for layer in moe.model.layers)
     router = sum(layer.mlp.gate.weight.numel() for layer in moe.model.layers)
-    unused = experts * (cfg.num_local_experts - cfg.num_experts_per_tok) // cfg.num_local_experts
+    count = num_experts_of(cfg)
+    unused = experts * (count - cfg.num_experts_per_tok) // count
     return {"total": total, "experts": experts, "router": router, "active": total - unused}
 
 

@@ -34,6 +34,8 @@ from sparsekit.models import is_conv1d, set_submodule
 from sparsekit.nn import SparseLinear
 from sparsekit.pruning.structured import resize_to_widths
 
+from .expert_storage import compress_experts, dense_expert_tensor, densify_experts, install_expert_shells
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -174,6 +176,9 @@ def save(
         raise ValueError("sparsekit.save needs a Hugging Face model (one with .config)")
     qconfig = quantization_config_dict(model)
     state, aliases = _dedupe_shared(model.state_dict())
+    experts = compress_experts(model, state)
+    if experts:  # fused routed-expert tensors stored compressed (dense again once loaded)
+        qconfig["experts"] = experts
     metadata = {
         "format": "pt",
         "sparsekit_format_version": str(FORMAT_VERSION),
@@ -195,7 +200,12 @@ def save(
             tokenizer.save_pretrained(tmp)
         for file_name, data in (extra_json or {}).items():
             (tmp / file_name).write_text(json.dumps(data, indent=2))
-    log.info("saved %d sparse layers to %s", len(qconfig["layers"]), save_directory)
+    log.info(
+        "saved %d sparse layers and %d compressed expert tensors to %s",
+        len(qconfig["layers"]),
+        len(experts),
+        save_directory,
+    )
     return Path(save_directory)
 
 
@@ -212,9 +222,9 @@ def validate_state(
     """Refuse a damaged checkpoint before a kernel indexes with it, naming the tensor.
 
     Checks: every tensor the writer recorded is present, with the crc32 it had when written, and
-    none was added; every compressed layer's tensors fit its format (shapes, dtypes, and contents:
-    2:4 positions distinct and ascending, bitmap bit counts and tile offsets consistent);
-    every floating-point tensor is finite.
+    none was added; every compressed layer's (and fused expert tensor's) tensors fit its format
+    (shapes, dtypes, and contents: 2:4 positions distinct and ascending, bitmap bit counts and tile
+    offsets consistent); every floating-point tensor is finite.
     """
     fix = "the file is damaged: save the model again (or copy the folder again)"
     recorded = metadata.get("sparsekit_checksums")
@@ -374,6 +384,11 @@ def load_config(directory: str | Path, trust_remote_code: bool = False):
     return config, qc
 
 
+def stored_tensors(qc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every compressed entry of a checkpoint's quantization_config: linear layers and fused experts."""
+    return {**qc.get("layers", {}), **qc.get("experts", {})}
+
+
 def load(
     directory: str | Path,
     device: str | torch.device = "cpu",
@@ -391,14 +406,16 @@ def load(
 
     directory = Path(directory)
     config, qc = load_config(directory, trust_remote_code)
-    state, _ = read_state(directory, qc.get("layers", {}))
+    state, _ = read_state(directory, stored_tensors(qc))
     del config.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     install_widths(model, qc.get("widths"))
     install_sparse_shells(model, qc.get("layers", {}))
+    install_expert_shells(model, qc.get("experts", {}), CheckpointError)
     _check_shapes(model, state, str(directory / WEIGHTS_NAME))
     model.load_state_dict(state, strict=True, assign=True)
+    densify_experts(model)
     _materialize_computed_buffers(model)
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -433,12 +450,14 @@ def export_dense(src_dir: str | Path, out_dir: str | Path) -> Path:
     if src_dir.resolve() == out_dir.resolve():
         raise ValueError("export_dense needs an --out folder other than the source checkpoint")
     _, qc = load_config(src_dir)
-    state, metadata = read_state(src_dir, qc.get("layers", {}))
+    state, metadata = read_state(src_dir, stored_tensors(qc))
     aliases = json.loads(metadata.get("sparsekit_aliases", "{}"))
     for alias in aliases:  # transformers ties them again on load
         state.pop(alias, None)
     for name, info in qc.get("layers", {}).items():
         state[f"{name}.weight"] = _dense_tensors(state, name, info)
+    for name, info in qc.get("experts", {}).items():
+        state[name] = dense_expert_tensor(state, name, info)
     with atomic_dir(out_dir) as tmp:
         for item in src_dir.iterdir():
             if item.is_file() and item.name not in (WEIGHTS_NAME, CONFIG_NAME):

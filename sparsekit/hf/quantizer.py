@@ -31,6 +31,7 @@ from .checkpoint import (
     install_widths,
     verify_file,
 )
+from .expert_storage import densify_experts, install_expert_shells
 
 
 class SparsekitConfig(QuantizationConfigMixin):
@@ -41,12 +42,14 @@ class SparsekitConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         layers: dict[str, Any] | None = None,
         widths: list[dict[str, int]] | None = None,
+        experts: dict[str, Any] | None = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.layers = layers or {}
         self.widths = widths
+        self.experts = experts or {}
 
     def post_init(self) -> None:
         check_format_version(self.format_version, "quantization_config")
@@ -69,10 +72,12 @@ class SparsekitHfQuantizer(HfQuantizer):
                 f"a sparsekit checkpoint is one {WEIGHTS_NAME}; transformers found {checkpoint_files}: "
                 "save the model again with sparsekit.save"
             )
+        experts = self.quantization_config.experts
         for path in files:  # checksums, structure, finite values: before any weight is loaded
-            verify_file(path, layers)
+            verify_file(path, {**layers, **experts})
         install_widths(model, self.quantization_config.widths)
         install_sparse_shells(model, layers)
+        install_expert_shells(model, experts, CheckpointError)
         # A parent's _init_weights may reach for child.weight (GPT-2 scales c_proj.weight), which a
         # compressed layer does not have; every tensor of the parents is loaded from the checkpoint.
         for name in layers:
@@ -81,6 +86,7 @@ class SparsekitHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        densify_experts(model)  # fused experts run dense: back to their 3-D parameters
         return model
 
     def is_serializable(self) -> bool:

@@ -48,6 +48,7 @@ class StatsCollector:
         self.owner: dict[str, InputStat] = {}
         self._seen: list[tuple[torch.Tensor, InputStat]] = []
         self._partial: dict[int, InputStat] = {}  # stats holding an fp32 partial of this chunk
+        self._names: dict[int, str] = {}  # the first layer that fed each statistic (for errors)
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str) -> Callable:
@@ -62,14 +63,10 @@ class StatsCollector:
                 if stat is None:
                     stat = self.owner[name] = self._new_stat(x)
                 x = x.detach()
-                if not torch.isfinite(x).all():
-                    raise ValueError(
-                        f"NaN/inf activations entering {name}: the model overflows on the calibration "
-                        "data; load it in float32 or check the input ids"
-                    )
                 self.statistic.accumulate(x, stat.value)
                 stat.tokens += x.numel() // x.shape[-1]
                 self._partial[id(stat)] = stat
+                self._names.setdefault(id(stat), name)
             self._seen.append((x, stat))
 
         return hook
@@ -88,7 +85,14 @@ class StatsCollector:
     def next_chunk(self) -> None:
         """After each calibration chunk: add its fp32 partials to the float64 totals."""
         with self.timer.phase("statistics"):
-            for stat in self._partial.values():
+            for key, stat in self._partial.items():
+                # a NaN / inf activation makes its sums non-finite: one reduction of the small
+                # statistic per chunk instead of a pass over every activation tensor
+                if not bool(torch.isfinite(stat.value.sum())):
+                    raise ValueError(
+                        f"NaN/inf activations entering {self._names[key]}: the model overflows on the "
+                        "calibration data; load it in float32 or check the input ids"
+                    )
                 if stat.total is None:
                     stat.total = torch.zeros_like(stat.value, dtype=torch.float64)
                 stat.total += stat.value

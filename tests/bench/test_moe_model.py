@@ -92,6 +92,34 @@ def test_zero_router_with_all_experts_is_the_dense_model(tied):
     torch.testing.assert_close(_logits(moe, ids), _logits(dense, ids), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shared", [32, 64])
+def test_shared_expert_model_with_all_experts_is_the_dense_model(shared, tmp_path):
+    dense = _tiny_llama(tied=True)
+    moe = moefy(dense, _ids(4, 32, 0), 4, 4, temperature=0.0, shared=shared, show_progress=False)
+    assert isinstance(moe, transformers.Qwen2MoeForCausalLM)
+    mlp = moe.model.layers[0].mlp
+    routed = (128 - shared) // 4
+    assert mlp.experts.gate_up_proj.shape == (4, 2 * routed, 64)
+    assert mlp.shared_expert.down_proj.weight.shape == (64, shared)
+    ids = _ids(2, 24, 1)
+    torch.testing.assert_close(_logits(moe, ids), _logits(dense, ids), rtol=1e-4, atol=1e-4)
+    # the shared channels are the ones with the largest mean contribution, disjoint from the experts'
+    dmlp = dense.model.layers[0].mlp
+    x = _mlp_inputs(dense, _ids(4, 32, 0), 0)
+    acts = torch.nn.functional.silu(x @ dmlp.gate_proj.weight.T) * (x @ dmlp.up_proj.weight.T)
+    contribution = acts.abs().mean(0) * dmlp.down_proj.weight.norm(dim=0)
+    chosen = {row.tolist().__str__() for row in mlp.shared_expert.gate_proj.weight.detach()}
+    best = contribution.detach().topk(shared).indices
+    assert chosen == {row.tolist().__str__() for row in dmlp.gate_proj.weight.detach()[best]}
+    # top_k < E drops routed experts only; saved, it reloads in plain transformers
+    set_top_k(moe, 1)
+    assert not torch.allclose(_logits(moe, ids), _logits(dense, ids), rtol=1e-4, atol=1e-4)
+    moe.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, transformers.Qwen2MoeForCausalLM) and reloaded.config.num_experts_per_tok == 1
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(moe, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_set_top_k_rescales_the_experts():
     dense = _tiny_llama()
     moe = moefy(dense, _ids(4, 32, 0), E, 2, temperature=0.0, show_progress=False)
@@ -195,6 +223,10 @@ def test_refuses_what_it_cannot_convert():
         check_dense_model(dense, 3, 1)
     with pytest.raises(ValueError, match="top_k must be in"):
         check_dense_model(dense, E, E + 1)
+    with pytest.raises(ValueError, match="shared channels"):
+        check_dense_model(dense, E, 2, shared=128)
+    with pytest.raises(ValueError, match="routed channels"):
+        check_dense_model(dense, 8, 2, shared=4)
     gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
     )

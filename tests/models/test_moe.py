@@ -106,3 +106,43 @@ def test_random_expert_removal_is_a_seeded_baseline():
         kept.append([b["kept"] for b in report.experts])
     assert kept[0] == kept[1] and all(len(k) == 4 for k in kept[0])
     assert len({tuple(k) for k in kept[0]}) > 1  # a different draw per block
+
+
+def test_adaptive_counts_take_the_cheapest_experts_across_blocks_within_routing_floors():
+    from sparsekit.pruning.structured.experts import adaptive_counts
+
+    ex = {b.index: b.experts for b in describe(tiny_model("mixtral")) if b.experts}  # 8 experts, top_k 2
+    flat = torch.ones(8)  # every expert of block 0 matters alike
+    skewed = torch.tensor([10.0, 10.0, 10.0, 0.1, 0.1, 0.1, 0.1, 0.1])  # block 1: five near-idle experts
+    scores = {i: (skewed if i == 1 else flat) for i in ex}
+    counts = adaptive_counts(scores, keep=4, ex=ex)  # uniform would keep 4 per block
+    assert sum(ex[i].num_experts - c for i, c in counts.items()) == 4 * len(ex)  # the same total removed
+    assert counts[1] == 3  # its five idle experts go first, then equal costs: the blocks take turns
+    assert sorted(c for i, c in counts.items() if i != 1) == [4, 4, 5]
+    # a block whose experts are all near-idle still keeps the router's top_k
+    scores = {i: (torch.full((8,), 1e-6) if i == 0 else torch.arange(1.0, 9.0)) for i in ex}
+    scores[0][0] = 1.0  # normalised, block 0's other experts cost ~0
+    assert adaptive_counts(scores, keep=6, ex=ex)[0] == 2
+
+
+def test_adaptive_expert_counts_save_per_block_and_reload_through_sparsekit(tmp_path):
+    import transformers
+
+    model = tiny_model("qwen3_moe")
+    first = next(b for b in describe(model) if b.experts)
+    with torch.no_grad():  # block 0: seven of its eight experts nearly silent
+        first.module.get_submodule(first.experts.experts).down_proj[1:] *= 0.01
+    report = sparsekit.prune(
+        model, method="reap", sparsity=0.5, widths="adaptive", calib=calib_ids(8, 24), show_progress=False
+    )
+    counts = [b["kept"] for b in report.experts]
+    assert not report.uniform_widths and len(counts[0]) == 2  # down to top_k; the others keep more
+    assert 0 in counts[0] and all(len(k) >= 4 for k in counts[1:])
+    assert sum(len(k) for k in counts) == 4 * len(counts)  # the uniform budget: half of 8 per block
+    assert [w["experts"] for w in model.config.block_widths] == [len(k) for k in counts]
+    ids = calib_ids(2, 10)
+    expected = model(ids, use_cache=False).logits
+    sparsekit.save(model, tmp_path / "m")
+    torch.testing.assert_close(sparsekit.load(tmp_path / "m")(ids, use_cache=False).logits, expected)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(loaded(ids, use_cache=False).logits, expected)

@@ -41,8 +41,13 @@ WORKER = textwrap.dedent(
         def boom(*a, **k):
             raise RuntimeError("injected failure")
         engine._prune_linear = boom
-    report = prune_model(model, ids, PruneConfig(method=method, sparsity=sparsity, batch_size=2,
-                                                 blocksize=16, show_progress=False))
+    if method == "reap":  # whole experts: REAP sums summed over the ranks before any decision
+        import sparsekit
+        report = sparsekit.prune(model, method=method, sparsity=float(sparsity), calib=ids, batch_size=2,
+                                 widths=os.environ.get("WIDTHS", "uniform"), show_progress=False)
+    else:
+        report = prune_model(model, ids, PruneConfig(method=method, sparsity=sparsity, batch_size=2,
+                                                     blocksize=16, show_progress=False))
     torch.save(model.state_dict(), f"{{out}}/rank{{world.rank}}.pt")
     if world.main:
         json.dump(report.to_dict(), open(f"{{out}}/report.json", "w"))
@@ -64,6 +69,7 @@ def _run_group(
     fail_rank: int = -1,
     timeout: float = 60,
     family: str = "qwen2",
+    widths: str = "uniform",
 ):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT)))
@@ -80,6 +86,7 @@ def _run_group(
             "TIMEOUT": str(timeout),
             "OMP_NUM_THREADS": "1",
             "FAMILY": family,
+            "WIDTHS": widths,
         }
         procs.append(
             subprocess.Popen(
@@ -141,6 +148,31 @@ def test_two_ranks_reproduce_one_process(tmp_path, method, sparsity, family):
     if method != "magnitude":
         assert "communication" in report["timings_s"]
         assert report["block_rel_errors"] == pytest.approx(single_report.block_rel_errors, rel=1e-4)
+
+
+@pytest.mark.parametrize("widths", ["uniform", "adaptive"])
+def test_two_ranks_remove_the_same_experts_as_one_process(tmp_path, widths):
+    import sparsekit
+    from sparsekit.bench.coverage import tiny_model as tiny_family
+
+    codes, outs = _run_group(tmp_path, "reap", "0.5", family="qwen3_moe", widths=widths)
+    assert codes == [0, 0], outs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_family("qwen3_moe")
+        ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+        single = sparsekit.prune(
+            model, method="reap", sparsity=0.5, calib=ids, batch_size=2, widths=widths, show_progress=False
+        )
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [b["kept"] for b in report["experts"]] == [b["kept"] for b in single.experts]
+    assert [b["tokens"] for b in report["experts"]] == [b["tokens"] for b in single.experts]  # all 8 x 24
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, ref in model.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]) and torch.equal(ranks[0][name], ref), name
 
 
 def test_a_failing_rank_stops_the_other_with_an_error(tmp_path):

@@ -1,7 +1,9 @@
 """Removing whole experts from Mixture-of-Experts blocks (REAP, EAN, frequency).
 
 Scores come from one pass of the dense model over the calibration tokens, each MoE block's
-experts computed through their routed tokens (``sparsekit.models.routed_forward``):
+experts computed through their routed tokens (``sparsekit.models.routed_forward``); under
+torchrun each rank passes its share of the calibration chunks and the per-expert sums are added
+over the ranks before any decision, so every rank removes the same experts as one process would:
 - ``reap`` (Lasby et al., 2025, "REAP: Router-weighted Expert Activation Pruning"): the mean over
   the tokens routed to an expert of its routing weight times the norm of its output;
 - ``ean`` (expert activation norm): the same mean without the routing weight;
@@ -26,7 +28,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsekit.models import (
-    BlockAnatomy,
     ExpertsAnatomy,
     UnsupportedArchitecture,
     describe,
@@ -35,6 +36,7 @@ from sparsekit.models import (
 )
 from sparsekit.models.experts import EXPERT_COUNT_ATTRS
 
+from ..distributed import World, all_reduce_sum_, current_world, shard
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -45,6 +47,7 @@ from .base import (
     param_count,
     register_structured,
 )
+from .layout import block_widths, keep_experts
 from .passes import capture, compute_device, forward, on_device
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,12 @@ class ExpertScores:
         self._sums[0, e] += len(norms)
         self._sums[1, e] += norms.sum()
         self._sums[2, e] += (w * norms).sum()
+
+    def sums(self, device: torch.device) -> torch.Tensor:
+        """[3, E] float64 (zeros if no token was seen): what ranks add up."""
+        if self._sums is None:
+            self._sums = torch.zeros(3, self.num_experts, dtype=torch.float64, device=device)
+        return self._sums
 
     def _row(self, i: int) -> torch.Tensor:
         if self._sums is None:
@@ -106,6 +115,20 @@ def _score_pass(anatomy, chunks, device, show_progress: bool) -> dict[int, Exper
         for c, o in zip(chunks, outs, strict=True):
             c.hidden = o
     return scores
+
+
+def _my_share(input_ids: torch.Tensor, batch_size: int, world: World) -> torch.Tensor:
+    """This rank's calibration sequences: whole chunks of the global order (as the engine shards)."""
+    if not world.active:
+        return input_ids
+    part = shard(-(-input_ids.shape[0] // batch_size), world)
+    return input_ids[part.start * batch_size : part.stop * batch_size]
+
+
+def _sum_over_ranks(scores: dict[int, ExpertScores], world: World, device: torch.device) -> None:
+    """Every rank ends with the sums over all ranks' tokens (blocks in index order on every rank)."""
+    if world.active:
+        all_reduce_sum_([scores[i].sums(device) for i in sorted(scores)])
 
 
 # ----------------------------------------------------------------------------- choosing
@@ -151,40 +174,65 @@ def choose_experts(scores: torch.Tensor, keep: int, groups: int) -> torch.Tensor
     return torch.tensor(sorted(kept), dtype=torch.long)
 
 
-# ----------------------------------------------------------------------------- cutting
-def keep_experts(block: BlockAnatomy, kept: torch.Tensor) -> None:
-    """Keep only the experts ``kept`` (sorted LongTensor) of one MoE block, in place: the fused 3-D
-    expert tensors and their biases, the router's per-expert rows, the modules' expert counts."""
-    ex = block.experts
-    experts = block.module.get_submodule(ex.experts)
-    names = [
-        n for n, p in experts.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == ex.num_experts
-    ]
-    _slice(experts, names, kept)
-    router = block.module.get_submodule(ex.router)
-    _slice(router, list(ex.router_rows), kept)
-    _slice(block.module.get_submodule(ex.moe) if ex.moe else block.module, list(ex.moe_rows), kept)
-    if isinstance(router, nn.Linear):
-        router.out_features = len(kept)
-    for path, attrs in ex.counts.items():
-        module = block.module.get_submodule(path) if path else block.module
-        for attr in attrs:
-            setattr(module, attr, len(kept))
-    ex.num_experts = len(kept)
+def _removal_units(score: torch.Tensor, groups: int, floor: int) -> list[tuple[float, int]]:
+    """The removals one block allows, cheapest first: (cost, experts removed so far after it).
+
+    One unit removes the next-lowest expert of every group (``groups`` experts; 1 without groups),
+    costing the mean of their scores normalised by the block's mean score (REAP / EAN scores differ
+    in scale from block to block; within a block only their ratios matter). Units stop where the
+    block would keep fewer than ``floor`` experts."""
+    norm = score / score.mean().clamp_min(1e-30) if float(score.mean()) > 0 else score
+    per_group = len(score) // groups
+    ranked = [sorted(norm[g * per_group : (g + 1) * per_group].tolist()) for g in range(groups)]
+    units = []
+    for j in range(per_group):
+        removed = (j + 1) * groups
+        if len(score) - removed < floor:
+            break
+        units.append((sum(r[j] for r in ranked) / groups, removed))
+    return units
 
 
-def _slice(module: nn.Module, names: list[str], kept: torch.Tensor) -> None:
-    for name in names:
-        tensor = getattr(module, name)
-        index = kept.to(tensor.device)
-        if isinstance(tensor, nn.Parameter):
-            setattr(
-                module,
-                name,
-                nn.Parameter(tensor.data[index].contiguous(), requires_grad=tensor.requires_grad),
-            )
-        else:
-            module._buffers[name] = tensor[index].contiguous()
+def adaptive_counts(
+    scores: dict[int, torch.Tensor], keep: int, ex: dict[int, ExpertsAnatomy]
+) -> dict[int, int]:
+    """Per-block expert counts that remove as many experts in all as ``keep`` per block would,
+    cheapest normalised scores first across blocks (``_removal_units``); every block keeps at least
+    the experts its routing needs (top_k, and top_k reachable from the groups a token may use)."""
+    budget = sum(ex[b].num_experts - keep for b in scores)
+    candidates = []
+    for b, score in scores.items():
+        a = ex[b]
+        floor = a.top_k
+        if a.groups > 1:  # topk_group * (kept per group) >= top_k
+            floor = max(floor, a.groups * -(-a.top_k // a.topk_group))
+        candidates += [(cost, removed, b) for cost, removed in _removal_units(score, a.groups, floor)]
+    removed = dict.fromkeys(scores, 0)
+    taken = 0
+    for _cost, after, b in sorted(candidates):  # equal costs: blocks take turns
+        if taken >= budget:
+            break
+        if after != removed[b] + ex[b].groups:  # a block's units go in order (costs never decrease)
+            continue
+        if taken + ex[b].groups > budget:
+            continue
+        removed[b] = after
+        taken += ex[b].groups
+    return {b: ex[b].num_experts - removed[b] for b in scores}
+
+
+def set_block_expert_counts(model: nn.Module, anatomy, report: StructuredReport) -> None:
+    """Per-block expert counts go into ``config.block_widths`` (a sparsekit checkpoint that loads
+    after ``import sparsekit``); the config's own expert count stays the largest one a block had."""
+    widths = [w.to_dict() for w in block_widths(anatomy)]
+    report.widths = widths
+    report.uniform_widths = False
+    model.config.block_widths = widths
+    counts = [w["experts"] for w in widths if "experts" in w]
+    report.notes.append(
+        f"adaptive: {min(counts)}-{max(counts)} experts per MoE block (saved as per-block widths, which "
+        "load after import sparsekit)"
+    )
 
 
 def set_config_experts(model: nn.Module, before: int, after: int, report: StructuredReport) -> None:
@@ -238,17 +286,22 @@ class _ExpertMethod(StructuredMethod):
         report = StructuredReport(self.name, config.sparsity, *input_ids.shape)
         report.params_before, report.block_params_before = param_count(model), block_param_count(model)
         device = compute_device(model, config.device)
+        world = current_world()
         started = time.perf_counter()
         with torch.no_grad():
-            chunks = capture(model, input_ids, config.batch_size, device)
-            scores = _score_pass(anatomy, chunks, device, config.show_progress)
+            chunks = capture(model, _my_share(input_ids, config.batch_size, world), config.batch_size, device)
+            scores = _score_pass(anatomy, chunks, device, config.show_progress and world.main)
             del chunks
+            _sum_over_ranks(scores, world, device)
         report.timings_s["score"] = time.perf_counter() - started
         before = moe[0].experts.num_experts
+        ranked = {b.index: scores[b.index].score(self.score_kind, b.index) for b in moe}
+        counts = dict.fromkeys(ranked, keep)
+        if config.widths == "adaptive":
+            counts = adaptive_counts(ranked, keep, {b.index: b.experts for b in moe})
         for block in moe:
-            s = scores[block.index]
-            score = s.score(self.score_kind, block.index)
-            kept = choose_experts(score, keep, block.experts.groups)
+            s, score = scores[block.index], ranked[block.index]
+            kept = choose_experts(score, counts[block.index], block.experts.groups)
             report.experts.append(
                 {
                     "block": block.index,
@@ -258,9 +311,12 @@ class _ExpertMethod(StructuredMethod):
                 }
             )
             keep_experts(block, kept)
-        set_config_experts(model, before, keep, report)
+        if len(set(counts.values())) > 1:
+            set_block_expert_counts(model, anatomy, report)
+        else:
+            set_config_experts(model, before, next(iter(counts.values())), report)
         report.params_after, report.block_params_after = param_count(model), block_param_count(model)
-        log.info("%s kept %d of %d experts per MoE block", self.name, keep, before)
+        log.info("%s kept %s of %d experts per MoE block", self.name, sorted(set(counts.values())), before)
         return report
 
 

@@ -184,11 +184,13 @@ def keep_channels(block: BlockAnatomy, channels: torch.Tensor) -> None:
 @dataclass
 class BlockWidths:
     """The widths of one block: query heads, KV heads (None: no attention the anatomy cuts, as in a
-    hybrid model's linear-attention layers) and MLP intermediate channels."""
+    hybrid model's linear-attention layers), MLP intermediate channels and routed experts (None:
+    not a MoE block)."""
 
     heads: int | None
     kv_heads: int | None
     intermediate: int | None
+    experts: int | None = None
 
     def to_dict(self) -> dict[str, int]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -201,7 +203,10 @@ def block_widths(model: nn.Module | ModelAnatomy) -> list[BlockWidths]:
         a = b.attention
         out.append(
             BlockWidths(
-                a.heads if a else None, a.kv_heads if a else None, b.mlp.intermediate if b.mlp else None
+                a.heads if a else None,
+                a.kv_heads if a else None,
+                b.mlp.intermediate if b.mlp else None,
+                b.experts.num_experts if b.experts else None,
             )
         )
     return out
@@ -245,3 +250,52 @@ def resize_to_widths(model: nn.Module, widths: list[dict[str, int]]) -> None:
                 )
             if inter != m.intermediate:
                 keep_channels(block, torch.arange(inter, device="cpu"))
+        if "experts" in width and block.experts is not None:
+            _resize_experts(block, int(width["experts"]), width)
+
+
+# ----------------------------------------------------------------------------- cutting experts
+def _resize_experts(block: BlockAnatomy, count: int, width: dict) -> None:
+    ex = block.experts
+    if not ex.top_k <= count <= ex.num_experts or count % ex.groups:
+        raise ValueError(
+            f"invalid stored block widths {width}: experts must be in [{ex.top_k}, {ex.num_experts}] "
+            f"(the router's top_k to the model's count) and a multiple of the {ex.groups} expert groups"
+        )
+    if count != ex.num_experts:
+        keep_experts(block, torch.arange(count, device="cpu"))
+
+
+def keep_experts(block: BlockAnatomy, kept: torch.Tensor) -> None:
+    """Keep only the experts ``kept`` (sorted LongTensor) of one MoE block, in place: the fused 3-D
+    expert tensors and their biases, the router's per-expert rows, the modules' expert counts."""
+    ex = block.experts
+    experts = block.module.get_submodule(ex.experts)
+    names = [
+        n for n, p in experts.named_parameters(recurse=False) if p.dim() >= 1 and p.shape[0] == ex.num_experts
+    ]
+    _slice(experts, names, kept)
+    router = block.module.get_submodule(ex.router)
+    _slice(router, list(ex.router_rows), kept)
+    _slice(block.module.get_submodule(ex.moe) if ex.moe else block.module, list(ex.moe_rows), kept)
+    if isinstance(router, nn.Linear):
+        router.out_features = len(kept)
+    for path, attrs in ex.counts.items():
+        module = block.module.get_submodule(path) if path else block.module
+        for attr in attrs:
+            setattr(module, attr, len(kept))
+    ex.num_experts = len(kept)
+
+
+def _slice(module: nn.Module, names: list[str], kept: torch.Tensor) -> None:
+    for name in names:
+        tensor = getattr(module, name)
+        index = kept.to(tensor.device)
+        if isinstance(tensor, nn.Parameter):
+            setattr(
+                module,
+                name,
+                nn.Parameter(tensor.data[index].contiguous(), requires_grad=tensor.requires_grad),
+            )
+        else:
+            module._buffers[name] = tensor[index].contiguous()
