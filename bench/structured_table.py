@@ -6,7 +6,9 @@ TTFT / TPOT of every variant, with all generations interleaved in rounds (one ru
 
 Variants: dense; shortgpt-N / angular-N (N of 30 blocks; -r: with the linear repair);
 wanda-sp-P / flap-P (P% of block parameters, same widths in every block; flap-P-adaptive: per-block
-widths); sparsegpt-2:4; flap-20+2:4 (stacked). Writes structured.json and structured.md to --out.
+widths; -refit: the least-squares refit of the cut projections); sparsegpt-2:4; flap-20+2:4
+(stacked). ``--rounds 0`` skips the generation timing (ppl, parameters and prune time only).
+Writes structured.json and structured.md to --out.
 """
 
 from __future__ import annotations
@@ -50,10 +52,34 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
             return [(method, "0", {"remove_layers": int(parts[0]), "repair": parts[1:] == ["r"]})]
     for method in ("wanda-sp", "flap"):
         if variant.startswith(method + "-"):
-            parts = variant[len(method) + 1 :].split("-")
-            widths = "adaptive" if parts[1:] == ["adaptive"] else "uniform"
-            return [(method, str(int(parts[0]) / 100), {"widths": widths})]
+            percent, *flags = variant[len(method) + 1 :].split("-")
+            if set(flags) - {"adaptive", "refit"}:
+                raise ValueError(f"unknown variant {variant!r}: width suffixes are -adaptive and -refit")
+            kw = {"widths": "adaptive" if "adaptive" in flags else "uniform", "refit": "refit" in flags}
+            return [(method, str(int(percent) / 100), kw)]
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def add_timing(rows: list[dict], timing: dict[str, dict]) -> None:
+    """Each row gets its TTFT / TPOT figures and its speedups against dense (or the first variant)."""
+    base = timing.get("dense", next(iter(timing.values())))
+    for row in rows:
+        t = timing[row["variant"]]
+        row |= t | {
+            "decode_speedup": base["tpot_ms"] / t["tpot_ms"],
+            "prefill_speedup": base["ttft_ms"] / t["ttft_ms"],
+        }
+
+
+def timing_cells(r: dict) -> str:
+    """The four timing cells of a row ('-' where the run was not timed: --rounds 0)."""
+    if "tpot_ms" not in r:
+        return "- | - | - | -"
+    return (
+        f"{r['ttft_ms']:.0f} ({r['ttft_p20_ms']:.0f}-{r['ttft_p80_ms']:.0f}) | "
+        f"{r['tpot_ms']:.1f} ({r['tpot_p20_ms']:.1f}-{r['tpot_p80_ms']:.1f}) | "
+        f"{r['decode_speedup']:.2f} | {r['prefill_speedup']:.2f}"
+    )
 
 
 def main() -> None:
@@ -97,21 +123,16 @@ def main() -> None:
             }
         )
         logging.info("%s: ppl %.2f, %d params, pruned in %.1f s", variant, ppl, rows[-1]["params"], prune_s)
-        models[variant] = model
-    timing = time_generation_interleaved(models, prompts, args.new_tokens, rounds=args.rounds)
-    base = timing.get("dense", next(iter(timing.values())))
-    for row in rows:
-        t = timing[row["variant"]]
-        row |= t | {
-            "decode_speedup": base["tpot_ms"] / t["tpot_ms"],
-            "prefill_speedup": base["ttft_ms"] / t["ttft_ms"],
-        }
+        if args.rounds > 0:  # kept resident only for the interleaved timing
+            models[variant] = model
+    if args.rounds > 0:
+        add_timing(rows, time_generation_interleaved(models, prompts, args.new_tokens, rounds=args.rounds))
     env = environment()
     setup = (
         f"model {args.model}; calibration wiki-offline {args.nsamples} x {args.seqlen} tokens (seed 0); "
         f"ppl on {eval_ids.shape[1]} held-out tokens in windows of {args.eval_seqlen}; generation: batch 1, "
         f"{args.prompt_len}-token prompt ({prompt_source}), {args.new_tokens} new tokens, greedy, static KV "
-        f"cache, fp32 eager, {args.rounds} rounds with every variant interleaved in each round"
+        f"cache, fp32 eager, {args.rounds} rounds with every variant interleaved in each round (0: not timed)"
     )
     out = Path(args.out)
     write_json_atomic(out / "structured.json", {"env": env, "setup": setup, "rows": rows})
@@ -123,10 +144,7 @@ def main() -> None:
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} "
-            f"| {r['prune_s']:.0f} | "
-            f"{r['ttft_ms']:.0f} ({r['ttft_p20_ms']:.0f}-{r['ttft_p80_ms']:.0f}) | "
-            f"{r['tpot_ms']:.1f} ({r['tpot_p20_ms']:.1f}-{r['tpot_p80_ms']:.1f}) | "
-            f"{r['decode_speedup']:.2f} | {r['prefill_speedup']:.2f} |"
+            f"| {r['prune_s']:.0f} | {timing_cells(r)} |"
         )
     markdown = "\n".join(lines) + (
         f"\n\n{setup}.\nMachine: {env['cpu']} ({env['cpu_threads']} threads), torch {env['torch']}, "

@@ -3,7 +3,7 @@
 Every option is either used by the method it comes with or refused here, before the model is
 touched: per-layer options (allocation, refine, update, permute, forward_dtype, ...) with a
 structured method, depth options (remove_layers, repair, tokens) with anything but shortgpt /
-angular, width options (heads, widths, bias_compensation) with anything but wanda-sp / flap,
+angular, width options (heads, widths, bias_compensation, refit) with anything but wanda-sp / flap,
 SparseGPT's blocksize / percdamp without a SparseGPT solve, OWL's lambda / M without OWL,
 calibration settings for a method that reads no data. A structured method needs an explicit
 amount; a sparsity of 0 is refused. An option counts as given when it differs from its default.
@@ -62,7 +62,7 @@ PER_LAYER_OPTIONS = (
     *EXPERT_OPTIONS,
 )
 DEPTH_OPTIONS = ("remove_layers", "repair", "tokens")
-WIDTH_OPTIONS = ("heads", "widths", "bias_compensation", "channel_multiple")
+WIDTH_OPTIONS = ("heads", "widths", "bias_compensation", "refit", "channel_multiple")
 EXPERT_REMOVAL_OPTIONS = ("num_experts",)
 COMMON_OPTIONS = ("batch_size", "device", "show_progress")
 log = logging.getLogger(__name__)
@@ -175,13 +175,16 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
             name, [k for k in DEPTH_OPTIONS if k in asked], "the depth options are for shortgpt / angular"
         )
     if not width:
+        shared = ("widths",) if expert else ()  # expert methods: per-block expert counts
         _refuse_unused(
-            name, [k for k in WIDTH_OPTIONS if k in asked], "the width options are for wanda-sp / flap"
+            name,
+            [k for k in WIDTH_OPTIONS if k in asked and k not in shared],
+            "the width options are for wanda-sp / flap",
         )
-    if asked.get("widths") == "adaptive" and not isinstance(obj, FLAP):
+    if asked.get("widths") == "adaptive" and not (isinstance(obj, FLAP) or expert):
         raise ValueError(
-            f"widths='adaptive' (--widths adaptive) is flap's global ranking; {name} keeps every block "
-            "the same width: drop it or use --method flap"
+            f"widths='adaptive' (--widths adaptive) is flap's global ranking (and the expert methods' "
+            f"per-block expert counts); {name} keeps every block the same width: drop it or use --method flap"
         )
     if expert and asked.get("num_experts") is not None:
         if sparsity is not None:
@@ -336,9 +339,11 @@ def calibration_plan(
             copies += 1  # block 0's inputs, kept for the repair pass
             boundary = nsamples * seqlen * shape.hidden * model_dtype.itemsize
             stored = boundary * (shape.layers + 1) if boundary * (shape.layers + 1) <= 4 * 2**30 else 0
+        if getattr(config, "refit", False):
+            copies += 1  # block 0's inputs, kept for the refit pass (its Grams: gram=True below)
         return CalibrationPlan(
             nsamples, seqlen, config.batch_size, copies, forward_dtype.itemsize, model_dtype.itemsize,
-            tokenize=tokenize, stored_bytes=stored,
+            gram=getattr(config, "refit", False), tokenize=tokenize, stored_bytes=stored,
         )  # fmt: skip
     from sparsekit.pruning.capture import resolve_forward_dtype
 

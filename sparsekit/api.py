@@ -93,7 +93,7 @@ def prune(
     sparsity: 0.5 (the default for the per-layer methods), '50%', '2:4', '4:8'; for structured
     methods the fraction of decoder-block parameters removed, which they need explicitly (or,
     depth methods, remove_layers) (keywords: remove_layers, repair, heads, widths,
-    bias_compensation, tokens; see ``StructuredConfig``). Structured methods return a
+    bias_compensation, refit, tokens; see ``StructuredConfig``). Structured methods return a
     ``StructuredReport`` and leave a smaller dense model; prune again with an unstructured method
     to stack. A sparsity of 0 is refused.
     calib: 'wiki-offline' | 'wikitext2' | 'c4' | 'dolly' | a text/JSONL path | list of texts |

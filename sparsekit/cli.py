@@ -441,7 +441,10 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     shapes = [s for name in names for s in layers.linear_shapes(name)]
     ms = tuple(int(m) for m in args.m.split(",")) if args.m else (layers.GPU_MS if cuda else layers.CPU_MS)
     backends = tuple(args.backends.split(",")) if args.backends else None
-    result = layers.run_layers(shapes, ms, args.pattern, backends, args.dtype, args.device, args.cuda_graphs)
+    isas = tuple(args.isa.split(",")) if args.isa else None
+    result = layers.run_layers(
+        shapes, ms, args.pattern, backends, args.dtype, args.device, args.cuda_graphs, isas=isas
+    )
     result.config["threads_note"] = threads_note
     paths = layers.write_layers_report(result, args.out)
     print(paths["md"].read_text())
@@ -608,13 +611,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--widths",
         choices=("uniform", "adaptive"),
         default="uniform",
-        help="flap: same widths in every block (plain HF checkpoint) or per-block (adaptive)",
+        help="flap: same widths in every block (plain HF checkpoint) or per-block (adaptive); expert "
+        "methods: the same expert count in every MoE block or per-block counts ranked globally (adaptive)",
     )
     p.add_argument(
         "--bias-compensation",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="width methods: add removed channels' mean output back as a bias (flap default on)",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="width methods: re-solve the kept columns of o_proj / down_proj by least squares on the "
+        "calibration inputs (with the compensation bias where it is on)",
     )
     p.add_argument(
         "--tokens",
@@ -752,7 +762,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", help="comma-separated shipped configs, e.g. llama-2-7b,llama-3-8b")
     p.add_argument("--m", help="comma-separated token counts M (default: 1,16,128 on CPU; 1..4096 on GPU)")
     p.add_argument("--pattern", default="2:4", help="2:4 or an unstructured ratio like 0.5")
-    p.add_argument("--backends", help="dense,dense-compiled,2:4,bitmap,masked,cusparselt,csr")
+    p.add_argument(
+        "--backends",
+        help="dense,dense-compiled,2:4,bitmap,2:4-fastest,bitmap-fastest,masked,cusparselt,csr; "
+        "NAME=SPARSITY re-prunes for that backend (bitmap=0.7), NAME@ISA sets its CPU ISA (2:4@avx2)",
+    )
+    p.add_argument(
+        "--isa",
+        help="CPU: run every SparseLinear backend once per ISA level, interleaved, e.g. avx512,avx2,scalar "
+        "(default: the best this CPU runs, or SPARSEKIT_CPU_ISA)",
+    )
     p.add_argument("--dtype", type=_dtype, default=None, help="default float16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cuda-graphs", action="store_true", help="time M <= 64 inside CUDA graphs")

@@ -16,7 +16,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,7 +42,17 @@ CPU_MS = (1, 16, 128)
 GPU_SHAPES = ("llama-2-7b", "llama-3-8b", "llama-2-13b", "llama-2-70b")
 GPU_MS = (1, 4, 16, 64, 256, 1024, 4096)
 DENSE_BACKENDS = ("dense", "dense-compiled")
-ALL_BACKENDS = ("dense", "dense-compiled", "2:4", "bitmap", "masked", "cusparselt", "csr")
+ALL_BACKENDS = (
+    "dense",
+    "dense-compiled",
+    "2:4",
+    "bitmap",
+    "2:4-fastest",
+    "bitmap-fastest",
+    "masked",
+    "cusparselt",
+    "csr",
+)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -119,6 +129,7 @@ class Case:
     weight: torch.Tensor  # dense with zeros
     mask: torch.Tensor
     x: torch.Tensor  # [1, m, k]
+    isa: str | None = None  # CPU kernels' ISA level (None: use_cpu_isa / SPARSEKIT_CPU_ISA)
 
 
 @dataclass
@@ -145,17 +156,26 @@ def _module_call(module: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tenso
     return fn
 
 
-def _as_module(case: Case, fmt: str | None) -> Prepared:
-    """The layer a model runs: nn.Linear (``fmt`` None) or SparseLinear in ``fmt``, called as a module."""
+def _as_module(case: Case, fmt: str | None, cpu_rule: str = "sparse") -> Prepared:
+    """The layer a model runs: nn.Linear (``fmt`` None) or SparseLinear in ``fmt``, called as a module
+    (its CPU kernels at ``case.isa`` when set)."""
     from sparsekit.nn import SparseLinear
 
     lin = nn.Linear(case.shape.k, case.shape.n, bias=False, device=case.device, dtype=case.dtype)
     with torch.no_grad():
         lin.weight.copy_(case.weight)
     module = lin if fmt is None else SparseLinear.from_linear(lin, mask=case.mask, format=fmt)
+    if fmt is not None and case.isa:
+        module.cpu_isa = case.isa
+    if fmt is not None:
+        module.cpu_rule = cpu_rule
     module.eval()
     blas = "cuBLAS" if case.device.type == "cuda" else "CPU BLAS"
     impl = f"SparseLinear({fmt})" if fmt else f"nn.Linear ({blas})"
+    if fmt is not None and case.device.type == "cpu":
+        impl += f" {case.pattern}, {_cpu_route(case, fmt)}" + (
+            ", rule: fastest" if cpu_rule == "fastest" else ""
+        )
     return Prepared(
         _module_call(module, case.x),
         model_bytes(module),
@@ -181,14 +201,28 @@ def setup_dense_compiled(case: Case) -> Prepared:
     )
 
 
-def setup_24(case: Case) -> Prepared:
+def _check_24(case: Case) -> None:
     if not isinstance(parse_sparsity(case.pattern), NMPattern) or case.pattern.replace(" ", "") != "2:4":
         raise Unavailable("2:4 format needs --pattern 2:4")
+
+
+def setup_24(case: Case) -> Prepared:
+    _check_24(case)
     return _as_module(case, "2:4")
 
 
 def setup_bitmap(case: Case) -> Prepared:
     return _as_module(case, "bitmap")
+
+
+def setup_24_fastest(case: Case) -> Prepared:
+    """2:4 with ``cpu_rule='fastest'``: dense on a kept copy where that measured faster (CPU)."""
+    _check_24(case)
+    return _as_module(case, "2:4", cpu_rule="fastest")
+
+
+def setup_bitmap_fastest(case: Case) -> Prepared:
+    return _as_module(case, "bitmap", cpu_rule="fastest")
 
 
 def setup_masked(case: Case) -> Prepared:
@@ -230,11 +264,70 @@ def setup_csr(case: Case) -> Prepared:
     return Prepared(make(w_csr), wbytes, "torch CSR (MKL)", lambda: make(case.weight.to_sparse_csr()))
 
 
+def _cpu_route(case: Case, fmt: str) -> str:
+    """'<isa> direct|blas': which C++ kernel path a CPU SparseLinear runs for this case."""
+    from sparsekit.kernels import cpu_ext
+
+    if fmt not in ("2:4", "bitmap"):
+        return "torch"
+    if cpu_ext.extension() is None:
+        if case.isa:
+            raise Unavailable(f"@{case.isa} needs the C++ CPU extension: {cpu_ext.build_error()}")
+        return "plain-torch fallback (no C++ extension)"
+    try:
+        isa = cpu_ext.resolve_isa(case.isa)
+    except ValueError as exc:  # an ISA this CPU lacks: a skipped cell, not a failed run
+        raise Unavailable(str(exc)) from exc
+    path = ("direct", "blas")[cpu_ext.choose_path(fmt, isa, case.dtype, case.m)]
+    return f"{isa.value} {path}"
+
+
+def parse_backend(spec: str) -> tuple[str, str | None, str | None]:
+    """'bitmap=0.7@avx2' -> ('bitmap', '0.7', 'avx2'): a setup name, an optional sparsity of its own
+    (the weight re-pruned to it, instead of the run's ``pattern``) and an optional CPU ISA."""
+    name, _, isa = spec.partition("@")
+    name, _, sparsity = name.partition("=")
+    if name not in SETUPS:
+        raise ValueError(
+            f"unknown backend {spec!r}; choose from {', '.join(ALL_BACKENDS)} (optionally =SPARSITY, @ISA)"
+        )
+    return name, sparsity or None, isa or None
+
+
+def setup_case(spec: str, case: Case) -> Prepared:
+    """Run ``spec``'s setup on ``case``, re-pruned to the spec's own sparsity and at its ISA."""
+    name, sparsity, isa = parse_backend(spec)
+    if sparsity is not None:
+        case = replace(make_case(case.shape, case.m, sparsity, case.dtype, case.device), isa=case.isa)
+    if isa is not None:
+        case = replace(case, isa=isa)
+    return SETUPS[name](case)
+
+
+def expand_isas(backends: tuple[str, ...], isas: tuple[str, ...] | None) -> tuple[str, ...]:
+    """Each SparseLinear backend once per ISA ('2:4' -> '2:4@avx512', '2:4@avx2'); dense and the
+    library baselines stay single."""
+    if not isas:
+        return backends
+    out: list[str] = []
+    for spec in backends:
+        name = parse_backend(spec)[0]
+        if name in SPARSE_LINEAR_BACKENDS and "@" not in spec:
+            out.extend(f"{spec}@{isa}" for isa in isas)
+        else:
+            out.append(spec)
+    return tuple(out)
+
+
+SPARSE_LINEAR_BACKENDS = ("2:4", "bitmap", "2:4-fastest", "bitmap-fastest", "masked")
+
 SETUPS: dict[str, Callable[[Case], Prepared]] = {
     "dense": setup_dense,
     "dense-compiled": setup_dense_compiled,
     "2:4": setup_24,
     "bitmap": setup_bitmap,
+    "2:4-fastest": setup_24_fastest,
+    "bitmap-fastest": setup_bitmap_fastest,
     "masked": setup_masked,
     "cusparselt": setup_cusparselt,
     "csr": setup_csr,
@@ -328,6 +421,7 @@ def run_layers(
     cold: bool = True,
     show_progress: bool = True,
     pool_bytes: int | None = None,
+    isas: tuple[str, ...] | None = None,
 ) -> LayersResult:
     """Time every backend at every (shape, M); speedups against the best dense baseline per cell.
 
@@ -340,14 +434,18 @@ def run_layers(
     ``cold=False`` times one cache-resident copy. On CUDA the Triton kernels run, timed with
     ``triton.testing.do_bench``
     (L2 flush; ``do_bench_cudagraph`` for M <= 64 when ``cuda_graphs``).
+
+    Backends are names from ``SETUPS``, optionally with their own sparsity and CPU ISA:
+    ``bitmap=0.7@avx2`` is the bitmap format of the weight pruned to 70% at the AVX2 kernels.
+    ``isas`` ('avx512', 'avx2', 'scalar') repeats every SparseLinear backend once per ISA, all
+    interleaved in the same rounds as dense.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     parse_sparsity(pattern)
-    backends = tuple(backends or default_backends(device, pattern))
-    unknown = [b for b in backends if b not in SETUPS]
-    if unknown:
-        raise ValueError(f"unknown backend(s) {unknown}; choose from {', '.join(ALL_BACKENDS)}")
+    backends = expand_isas(tuple(backends or default_backends(device, pattern)), isas)
+    for spec in backends:
+        parse_backend(spec)  # raises for an unknown name
     rotate = device.type == "cpu" and cold
     pool = pool_bytes or 2 * llc_bytes()
     with use_backend("torch" if device.type == "cpu" else "auto"):
@@ -361,7 +459,7 @@ def run_layers(
             prepared: dict[str, Prepared] = {}
             for backend in backends:
                 try:
-                    prepared[backend] = SETUPS[backend](case)
+                    prepared[backend] = setup_case(backend, case)
                 except Unavailable as exc:
                     if backend not in {s.split(" @ ")[0] for s in skipped}:
                         log.info("skipping %s: %s", backend, exc)
@@ -376,7 +474,7 @@ def run_layers(
             else:
                 timings = {b: time_gpu(p.fn, cuda_graph=cuda_graphs and m <= 64) for b, p in prepared.items()}
             cell_rows = [_row(case, b, p, timings[b], roof, env) for b, p in prepared.items()]
-            dense = [r.median_ms for r in cell_rows if r.backend in DENSE_BACKENDS]
+            dense = [r.median_ms for r in cell_rows if parse_backend(r.backend)[0] in DENSE_BACKENDS]
             best = min(dense) if dense else float("nan")
             for r in cell_rows:
                 r.speedup = best / r.median_ms
@@ -397,6 +495,8 @@ def run_layers(
         "device": str(device),
         "cuda_graphs": cuda_graphs,
         "cold": rotate,
+        "isas": list(isas or ()),
+        **(_cpu_kernel_config() if device.type == "cpu" else {}),
         "timer": (
             "median of interleaved repeats (p20..p80), "
             + (f"weights from DRAM (rotated over {pool / 2**20:.0f} MiB)" if rotate else "cache-resident")
@@ -405,6 +505,22 @@ def run_layers(
         ),
     }
     return LayersResult(env, roof.to_dict(), config, rows, skipped)
+
+
+def _cpu_kernel_config() -> dict:
+    """The C++ CPU kernels' ISA levels and path thresholds, for the report."""
+    from sparsekit.kernels import cpu_ext
+
+    ext = cpu_ext.extension()
+    return {
+        "cpu_isa_supported": cpu_ext.supported_isa().value if ext is not None else None,
+        "cpu_isa_default": cpu_ext.resolve_isa().value if ext is not None else None,
+        "cpu_extension": "built" if ext is not None else f"not built: {cpu_ext.build_error()}",
+        "direct_max_m": {
+            f"{f} {i.value} {str(d).replace('torch.', '')}": m
+            for (f, i, d), m in cpu_ext.DIRECT_MAX_M.items()
+        },
+    }
 
 
 def _rotated(prepared: Prepared, pool_bytes: int) -> Rotation | Callable[[], torch.Tensor]:

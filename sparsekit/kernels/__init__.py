@@ -1,6 +1,6 @@
 """sparsekit's kernel layer: Triton kernels and their torch references (torch + triton only)."""
 
-from ._backend import Backend, current_backend, use_backend
+from ._backend import Backend, CpuIsa, current_backend, current_cpu_isa, use_backend, use_cpu_isa
 from .bitmap import bitmap_mm, bitmap_mm_ref, compress_bitmap, decompress_bitmap
 from .calib_stats import accumulate_gram, accumulate_sq_sum
 from .mask_bits import pack_mask, unpack_mask
@@ -12,8 +12,11 @@ from .wanda_mask import wanda_mask, wanda_mask_ref, wanda_mask_torch
 
 __all__ = [
     "Backend",
+    "CpuIsa",
     "current_backend",
+    "current_cpu_isa",
     "use_backend",
+    "use_cpu_isa",
     "accumulate_gram",
     "accumulate_sq_sum",
     "bitmap_mm",

@@ -75,6 +75,64 @@ def use_backend(backend: Backend | str) -> Iterator[Backend]:
         _SELECTED.pop()
 
 
+class CpuIsa(enum.Enum):
+    """The x86-64 instruction-set level the C++ CPU kernels run (see ``sparsekit.kernels.cpu_ext``).
+
+    ``AUTO`` is the best level this CPU runs; ``AVX512`` (F, BW, VL), ``AVX2`` (+ FMA, F16C) and
+    ``SCALAR`` (no hand-written SIMD) force one, so an AVX-512 machine can test and measure every
+    path. Choose it with ``use_cpu_isa(...)``, or pass ``isa=`` to a CPU kernel or ``cpu_isa=`` to
+    ``SparseLinear``; ``SPARSEKIT_CPU_ISA`` only sets the process default, read once at import.
+    """
+
+    AUTO = "auto"
+    AVX512 = "avx512"
+    AVX2 = "avx2"
+    SCALAR = "scalar"
+
+    @classmethod
+    def of(cls, value: CpuIsa | str) -> CpuIsa:
+        """A CpuIsa from itself or its name; a clear error for anything else."""
+        if isinstance(value, CpuIsa):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            names = ", ".join(i.value for i in cls)
+            raise ValueError(f"unknown CPU ISA {value!r}; choose one of {names}") from None
+
+
+def _cpu_isa_from_env() -> CpuIsa:
+    value = os.environ.get("SPARSEKIT_CPU_ISA", "auto")
+    try:
+        return CpuIsa.of(value)
+    except ValueError as exc:
+        raise ValueError(f"SPARSEKIT_CPU_ISA: {exc}") from None
+
+
+_SELECTED_ISA: list[CpuIsa] = [_cpu_isa_from_env()]  # [default, *innermost use_cpu_isa last]
+
+
+def current_cpu_isa() -> CpuIsa:
+    """The CPU ISA selected by the innermost ``use_cpu_isa``, else the process default."""
+    return _SELECTED_ISA[-1]
+
+
+def cpu_isa_is_default() -> bool:
+    """True when no ``use_cpu_isa`` block is active (the ISA came from SPARSEKIT_CPU_ISA or auto)."""
+    return len(_SELECTED_ISA) == 1
+
+
+@contextlib.contextmanager
+def use_cpu_isa(isa: CpuIsa | str) -> Iterator[CpuIsa]:
+    """Run the CPU kernels inside the block at ``isa`` ("auto", "avx512", "avx2", "scalar")."""
+    selected = CpuIsa.of(isa)
+    _SELECTED_ISA.append(selected)
+    try:
+        yield selected
+    finally:
+        _SELECTED_ISA.pop()
+
+
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU through the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

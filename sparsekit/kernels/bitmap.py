@@ -12,7 +12,8 @@ over the tile's bits. Bytes per weight: s = kept fraction, b = dtype bytes:
 s * b + 1/8 + 4/64, i.e. 1.19 at 50% kept fp16 (the offsets are 1/16 byte per weight).
 
 ``bitmap_mm``: x [..., K], (values, mask_bits, offsets), bias [N] or None -> y [..., N] =
-x @ W.T + bias with fp32 accumulation.
+x @ W.T + bias with fp32 accumulation. CPU tensors run the C++ kernels of ``bitmap_cpu`` (no
+whole-matrix decompression per call).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import triton.language as tl
 from ._backend import Backend, check_dtype, check_same_device, launch, use_triton
 from ._gemm_common import as_2d, compute_pid, gemm_configs, linear_ref, m_bucket, prune, store_tile
 from .aot import AotCase, gemm_signature
+from .bitmap_cpu import bitmap_mm_cpu
 from .dtypes import FLOAT_DTYPES
 from .mask_bits import pack_mask, unpack_bits
 from .sparse24 import dot_precision
@@ -102,7 +104,8 @@ def compress_bitmap(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return weight[mask], pack_mask(mask), offsets
 
 
-def _check_format(values, mask_bits, offsets, in_features: int) -> None:
+def check_format(values, mask_bits, offsets, in_features: int) -> None:
+    """Raise a ValueError naming the fix when (values, mask_bits, offsets) are not a bitmap of width K."""
     check_dtype("values", values, FLOAT_DTYPES)
     check_dtype("mask_bits", mask_bits, (torch.uint8,))
     check_dtype("offsets", offsets, (torch.int32,))
@@ -125,7 +128,7 @@ def decompress_bitmap(
     values: torch.Tensor, mask_bits: torch.Tensor, offsets: torch.Tensor, in_features: int
 ) -> torch.Tensor:
     """(values, mask_bits, offsets) -> dense weight [N, in_features] with zeros (one masked_scatter)."""
-    _check_format(values, mask_bits, offsets, in_features)
+    check_format(values, mask_bits, offsets, in_features)
     mask = unpack_bits(mask_bits, in_features)
     return values.new_zeros(mask.shape).masked_scatter_(mask, values)
 
@@ -134,7 +137,7 @@ def decompress_bitmap_ref(
     values: torch.Tensor, mask_bits: torch.Tensor, offsets: torch.Tensor, in_features: int
 ) -> torch.Tensor:
     """Reference that reads every tile through its offset, as the kernel does."""
-    _check_format(values, mask_bits, offsets, in_features)
+    check_format(values, mask_bits, offsets, in_features)
     rows = mask_bits.shape[0]
     mask = unpack_bits(mask_bits, in_features)
     dense = values.new_zeros(rows, in_features)
@@ -151,7 +154,7 @@ def _check_mm(x, values, mask_bits, offsets, bias) -> None:
     check_same_device(x=x, values=values, mask_bits=mask_bits, offsets=offsets, bias=bias)
     if x.dim() < 1:
         raise ValueError("x must be [..., K]")
-    _check_format(values, mask_bits, offsets, x.shape[-1])
+    check_format(values, mask_bits, offsets, x.shape[-1])
     if values.dtype != x.dtype:
         raise ValueError(f"x and values must share a dtype, got {x.dtype} and {values.dtype}; cast one")
     n = mask_bits.shape[0]
@@ -207,6 +210,8 @@ def _bitmap_mm_op(
 ) -> torch.Tensor:
     if triton:
         return _bitmap_mm_triton(x, values, mask_bits, offsets, bias)
+    if x.device.type == "cpu":  # direct kernel at decode, decompressed tiles + GEMM above
+        return bitmap_mm_cpu(x, values, mask_bits, offsets, bias)
     return F.linear(x, decompress_bitmap(values, mask_bits, offsets, x.shape[-1]), bias)
 
 

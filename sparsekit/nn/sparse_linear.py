@@ -21,7 +21,13 @@ from torch import nn
 
 from sparsekit.formats.weight import Sparse24, WeightFormat, choose_format, is_24, weight_format
 from sparsekit.kernels import Backend, current_backend
+from sparsekit.kernels._backend import CpuIsa, current_cpu_isa
+from sparsekit.kernels.cpu_ext import resolve_isa
 from sparsekit.models import is_conv1d, linear_weight, register_linear_like
+
+from .cpu_rule import MIN_M as CPU_RULE_MIN_M
+from .cpu_rule import check_cpu_rule, dense_wins, m_class
+from .cpu_rule import decisions as rule_decisions
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +57,17 @@ class SparseLinear(nn.Module):
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        cpu_isa: str | None = None,
+        cpu_rule: str = "sparse",
     ) -> None:
         """An uninitialised layer of ``format`` (use ``from_linear`` to build one from a weight).
 
         ``nnz`` sizes formats stored by their number of kept weights (bitmap; default 0,
-        ``load_state_dict`` resizes it).
+        ``load_state_dict`` resizes it). ``cpu_isa``: the ISA level of the C++ CPU kernels
+        ('avx512', 'avx2', 'scalar', 'auto'); None follows ``use_cpu_isa`` / SPARSEKIT_CPU_ISA.
+        ``cpu_rule``: 'sparse' (memory first: always the sparse kernel) or 'fastest' (per M class
+        from 16 rows up, dense on a kept copy of the weight where that measured faster; see
+        ``sparsekit.nn.cpu_rule``).
         """
         super().__init__()
         fmt = weight_format(format)
@@ -63,6 +75,8 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_format = fmt
         self.backend = backend
+        self.cpu_isa = cpu_isa
+        self.cpu_rule = cpu_rule
         self.conv1d = False  # built from a GPT-2 Conv1D (its checkpoints store the weight as [in, out])
         self._cache: dict = {}  # derived tensors (the semi-structured weight), never saved
         float_dtype = dtype or torch.get_default_dtype()
@@ -90,6 +104,31 @@ class SparseLinear(nn.Module):
         self._backend = _check_backend(value)
         if "_cache" in self.__dict__:
             self._cache.clear()
+
+    @property
+    def cpu_isa(self) -> CpuIsa | None:
+        """The CPU kernels' ISA level for this layer (None: ``use_cpu_isa`` / SPARSEKIT_CPU_ISA)."""
+        return self.__dict__.get("_cpu_isa")  # modules pickled before this attribute existed: None
+
+    @cpu_isa.setter
+    def cpu_isa(self, value: CpuIsa | str | None) -> None:
+        self._cpu_isa = None if value is None else CpuIsa.of(value)
+
+    @property
+    def cpu_rule(self) -> str:
+        """'sparse' or 'fastest' (see ``sparsekit.nn.cpu_rule``)."""
+        return self.__dict__.get("_cpu_rule", "sparse")
+
+    @cpu_rule.setter
+    def cpu_rule(self, value: str) -> None:
+        self._cpu_rule = check_cpu_rule(value)
+        if value == "sparse" and "_cache" in self.__dict__:
+            self._cache.pop("dense", None)  # memory first: drop a dense copy the rule kept
+
+    def dense_copy_bytes(self) -> int:
+        """Bytes of the dense weight copy ``cpu_rule='fastest'`` keeps (0 when none)."""
+        dense = self._cache.get("dense")
+        return 0 if dense is None else dense.numel() * dense.element_size()
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, torch.Tensor) and "_cache" in self.__dict__:
@@ -147,6 +186,7 @@ class SparseLinear(nn.Module):
         if self.bias is not None:
             out.bias.requires_grad_(self.bias.requires_grad)
         out.conv1d = self.conv1d
+        out.cpu_isa = self.cpu_isa
         return out
 
     def dense_weight(self) -> torch.Tensor:
@@ -227,13 +267,39 @@ class SparseLinear(nn.Module):
         return isinstance(fmt, Sparse24) and fmt.wants_semi_structured(self, rows)
 
     def _bound_cpu(self):
-        """(the format's pre-checked CPU call for the stored tensors, their dtype), built once
-        (``_cache`` is cleared by ``.to()`` and ``load_state_dict``); (None, None) where there is none."""
-        bound = self._cache.get("cpu")
+        """(the format's pre-checked CPU call for the stored tensors, their dtype), built once per
+        CPU ISA (``_cache`` is cleared by ``.to()`` and ``load_state_dict``); (None, None) where
+        there is none."""
+        isa = self.__dict__.get("_cpu_isa") or current_cpu_isa()
+        bound = self._cache.get(isa)
         if bound is None:
-            fn = self.weight_format.bind_cpu(self) if self._backend in ("auto", "torch") else None
-            bound = self._cache["cpu"] = (fn, self._stored().dtype) if fn is not None else (None, None)
+            fn = self.weight_format.bind_cpu(self, isa=isa) if self._backend in ("auto", "torch") else None
+            bound = self._cache[isa] = (fn, self._stored().dtype) if fn is not None else (None, None)
         return bound
+
+    def _dense_for(self, rows: int, fn) -> torch.Tensor | None:
+        """The dense copy to run ``rows`` rows of x with under ``cpu_rule='fastest'``, or None for
+        the sparse kernel ``fn`` (measured once per format, ISA, dtype, shape and M class)."""
+        bucket = m_class(rows)
+        if bucket < CPU_RULE_MIN_M:
+            return None
+        isa = resolve_isa(self.__dict__.get("_cpu_isa") or current_cpu_isa())
+        key = (self.format, isa.value, str(self.dtype), self.out_features, self.in_features, bucket)
+        decided = rule_decisions().get(key)
+        if decided is None:
+            candidate = self._cache.get("dense")
+            candidate = self.dense_weight().detach().contiguous() if candidate is None else candidate
+            decided = dense_wins(key, lambda x: fn(x, None), candidate, bucket)
+        if not decided:
+            return None
+        if "dense" not in self._cache:
+            self._cache["dense"] = self.dense_weight().detach().contiguous()
+            mib = self.dense_copy_bytes() / 2**20
+            shape = (self.out_features, self.in_features, self.format, bucket)
+            log.info(
+                "SparseLinear [%d, %d] (%s) keeps a dense copy from M class %d on: %.2f MiB more", *shape, mib
+            )
+        return self._cache["dense"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -242,6 +308,11 @@ class SparseLinear(nn.Module):
         if not x.is_cuda and not torch.compiler.is_compiling() and current_backend() is not Backend.TRITON:
             fn, dtype = self._bound_cpu()
             if fn is not None and x.dtype == dtype and x.device.type == "cpu" and not x.requires_grad:
+                if self.__dict__.get("_cpu_rule") == "fastest":
+                    dense = self._dense_for(x.numel() // self.in_features, fn)
+                    if dense is not None:  # 2-D, as the rule measured it (3-D takes a slower CPU path)
+                        y = torch.nn.functional.linear(x.reshape(-1, self.in_features), dense, self.bias)
+                        return y.reshape(*x.shape[:-1], self.out_features)
                 return fn(x, self.bias)
         fmt = self.weight_format
         backend = self._backend

@@ -182,8 +182,8 @@ def _spy_bound_calls(monkeypatch):
     calls = {"bound": 0, "op": 0}
     real_bind, real_mm = fmt_mod.bind_sparse24_cpu, fmt_mod.sparse24_mm
 
-    def bind(values, meta):
-        fn = real_bind(values, meta)
+    def bind(values, meta, **kwargs):
+        fn = real_bind(values, meta, **kwargs)
         return lambda x, bias: calls.__setitem__("bound", calls["bound"] + 1) or fn(x, bias)
 
     def mm(*a, **k):

@@ -285,7 +285,13 @@ with torch.no_grad():
 
 
 @pytest.mark.parametrize(
-    ("method", "kw"), [("flap", {}), ("wanda-sp", {"heads": "query"}), ("angular", {"remove_layers": 1})]
+    ("method", "kw"),
+    [
+        ("flap", {}),
+        ("flap", {"refit": True}),
+        ("wanda-sp", {"heads": "query"}),
+        ("angular", {"remove_layers": 1}),
+    ],
 )
 def test_uniform_structured_model_loads_in_plain_transformers(tmp_path, method, kw):
     model = make("llama", layers=3, attention_bias=True, tie_word_embeddings=True)

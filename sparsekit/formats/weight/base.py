@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from sparsekit.kernels import Backend
+from sparsekit.kernels._backend import CpuIsa
 
 _REGISTRY: dict[str, WeightFormat] = {}
 
@@ -88,9 +89,12 @@ class WeightFormat:
         """y [..., N] = x [..., K] @ W.T + bias; ``backend`` None follows ``use_backend``."""
         raise NotImplementedError
 
-    def bind_cpu(self, t: Any) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    def bind_cpu(
+        self, t: Any, isa: CpuIsa | str | None = None
+    ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
         """``fn(x, bias) -> y`` for CPU forwards of these stored tensors with every check done
-        once, now (the eager hot path of ``SparseLinear``); None: no such path, use ``matmul``."""
+        once, now (the eager hot path of ``SparseLinear``), running the C++ kernels at ``isa``
+        (None: ``use_cpu_isa`` / SPARSEKIT_CPU_ISA); None: no such path, use ``matmul``."""
         return None
 
     # ---------------------------------------------------------------- checkpoints

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from sparsekit.kernels import bitmap_mm, compress_bitmap, decompress_bitmap, unpack_mask
+from sparsekit.kernels.bitmap import check_format
+from sparsekit.kernels.bitmap_cpu import bind_bitmap_cpu
 from sparsekit.kernels.mask_bits import unpack_bits
 
 from .base import TensorSpec, WeightFormat, register
@@ -64,6 +66,14 @@ class Bitmap(WeightFormat):
     def stored_nnz(self, t: Any) -> int:
         values = getattr(t, "values", None)
         return values.numel() if values is not None else 0
+
+    def bind_cpu(self, t: Any, isa=None):
+        if t.values.device.type != "cpu" or t.values.requires_grad:
+            return None
+        in_features = t.in_features
+        check_format(t.values, t.mask_bits, t.offsets, in_features)
+        tensors = (t.values.contiguous(), t.mask_bits.contiguous(), t.offsets.contiguous())
+        return bind_bitmap_cpu(*tensors, in_features, isa=isa)
 
     def matmul(self, t, x, bias, backend):
         return bitmap_mm(x, t.values, t.mask_bits, t.offsets, bias, backend=backend)

@@ -95,11 +95,11 @@ class Sparse24(WeightFormat):
         y = F.linear(x.reshape(-1, k), cache["semi"], bias)
         return y.reshape(*x.shape[:-1], n)
 
-    def bind_cpu(self, t: Any):
+    def bind_cpu(self, t: Any, isa=None):
         if t.values.device.type != "cpu" or t.values.requires_grad:
             return None
         check_24_layout(t.values, t.meta)
-        return bind_sparse24_cpu(t.values.contiguous(), t.meta.contiguous())
+        return bind_sparse24_cpu(t.values.contiguous(), t.meta.contiguous(), isa=isa)
 
     def matmul(self, t, x, bias, backend):
         return sparse24_mm(x, t.values, t.meta, bias, backend=backend)

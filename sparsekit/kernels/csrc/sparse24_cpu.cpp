@@ -1,61 +1,209 @@
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <cstring>
-#include <cstdint>
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define SK_AVX512 1
-#else
-#define SK_AVX512 0
-#endif
+// sparsekit's CPU kernels, part 2 of 3: 2:4 (compiled after cpu_common.cpp, in one unit).
+//
+// Format: values [N, K/2] (the two kept entries of each group of 4 columns), meta [N, ceil(K/8)]
+// uint8 (one nibble per group, i0 | i1 << 2, i0 < i1 the kept slots; group g in byte g / 2, low
+// nibble for even g).
+//
+// Direct path: never builds dense weight vectors; it gathers x instead. The two values of group g
+// multiply x columns 4g + i0 and 4g + i1, so a vector of values meets a vector of x entries
+// permuted by indices computed from the meta nibbles, once per weight row and step and reused
+// for every row of x:
+//   AVX-512: 16 values (8 groups) sit inside 32 columns of x: one two-source permute (vpermt2ps)
+//            and one FMA per 16 values and row.
+//   AVX2:    8 values (4 groups) sit inside 16 columns of x, two registers of 8: vpermps uses the
+//            low 3 bits of an index, so one index vector permutes both registers and a blend keeps
+//            lanes 0-3 from the first and 4-7 from the second: 2 permutes + 1 blend + 1 FMA.
+//   scalar:  acc += v0 * x[4g + i0] + v1 * x[4g + i1].
 
 namespace {
 
-constexpr int PF_BYTES = 2048;  // software prefetch distance along the values of a row block
-constexpr int MB = 8;  // x rows per pass: MB accumulators + temporaries stay in the 32 zmm registers
-
 inline int nibble(const uint8_t* mrow, int64_t g) { return (mrow[g >> 1] >> ((g & 1) * 4)) & 15; }
 
-// one group, scalar: the same select decompress_24_ref does (i0 wins a tie, never produced)
-template <typename T>
-inline void expand_group(const T* vrow, const uint8_t* mrow, int64_t g, float* w) {
-  const int nib = nibble(mrow, g), i0 = nib & 3, i1 = nib >> 2;
-  const float v0 = static_cast<float>(vrow[2 * g]), v1 = static_cast<float>(vrow[2 * g + 1]);
-  for (int j = 0; j < 4; ++j) w[j] = (j == i0) ? v0 : ((j == i1) ? v1 : 0.f);
+// groups [g0, G) of one weight row against R rows of x: the scalar gather every ISA ends with
+template <typename T, int R>
+inline void dot24_tail(const T* vrow, const uint8_t* mrow, const float* x, int64_t ldx, int64_t g0, int64_t G,
+                       float* acc) {
+  for (int64_t g = g0; g < G; ++g) {
+    const int nib = nibble(mrow, g);
+    const int64_t c0 = 4 * g + (nib & 3), c1 = 4 * g + (nib >> 2);
+    const float v0 = static_cast<float>(vrow[2 * g]), v1 = static_cast<float>(vrow[2 * g + 1]);
+    for (int r = 0; r < R; ++r) acc[r] += v0 * x[r * ldx + c0] + v1 * x[r * ldx + c1];
+  }
 }
 
-#if SK_AVX512
-template <typename T> inline __m512 load16(const T* p);
-template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
-template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// groups [g0, G) of one weight row written dense (the select decompress_24_ref does: i0 wins a tie,
+// which compress_24 never produces)
+template <typename T>
+inline void decompress24_tail(const T* vrow, const uint8_t* mrow, int64_t g0, int64_t G, T* wrow) {
+  for (int64_t g = g0; g < G; ++g) {  // branch-free: zeros, then the two values (i0 last: it wins a tie)
+    const int nib = nibble(mrow, g);
+    for (int j = 0; j < 4; ++j) wrow[4 * g + j] = static_cast<T>(0.f);
+    wrow[4 * g + (nib >> 2)] = vrow[2 * g + 1];
+    wrow[4 * g + (nib & 3)] = vrow[2 * g];
+  }
 }
-template <> inline __m512 load16<c10::Half>(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+
+// what every ISA's 2:4 kernel holds: the stored tensors and the row geometry
+template <typename T>
+struct Sparse24Base {
+  const T* v;
+  const uint8_t* meta;
+  int64_t K;
+  int64_t ldv() const { return K / 2; }
+  int64_t ldm() const { return (K + 7) / 8; }
+  double row_bytes() const { return K / 2 * double(sizeof(T)) + ldm(); }
+};
+
+namespace sk_scalar {
+template <typename T>
+struct Sparse24 : Sparse24Base<T> {
+  static constexpr int MB = 8;
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    dot24_tail<T, R>(this->v + n * this->ldv(), this->meta + n * this->ldm(), x, ldx, 0, this->K / 4, acc);
+  }
+  void decompress(int64_t n0, int64_t n1, T* out) const {
+    for (int64_t n = n0; n < n1; ++n)
+      decompress24_tail<T>(this->v + n * this->ldv(), this->meta + n * this->ldm(), 0, this->K / 4,
+                           out + (n - n0) * this->K);
+  }
+};
+}  // namespace sk_scalar
+
+#if SK_X86
+SK_BEGIN_AVX2
+namespace sk_avx2 {
+// permute indices of 8 values (4 groups, 16 columns of x) from their 4 nibbles (16 bits)
+struct Gather24 {
+  __m256i shift, base, three;
+  Gather24() {
+    alignas(32) int32_t s[8], b[8];
+    // lane l: value l % 2 of group l / 2: its slot is bits 4 * (l / 2) + 2 * (l % 2) of the nibbles
+    for (int l = 0; l < 8; ++l) { s[l] = 4 * (l / 2) + 2 * (l % 2); b[l] = 4 * (l / 2); }
+    shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
+    base = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+    three = _mm256_set1_epi32(3);
+  }
+  inline __m256i index(uint32_t nibbles) const {
+    return _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(nibbles)), shift), three));
+  }
+};
+
+// x entries at the 8 columns `idx` (0..15) of 16 consecutive columns: lanes 0-3 read columns 0-7
+// and lanes 4-7 columns 8-15, so one index serves both permutes (vpermps uses idx % 8)
+inline __m256 gather_x(const float* xr, __m256i idx) {
+  return _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx),
+                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx), 0xF0);
 }
-template <typename T> inline void store16(T* p, __m512 v);
-template <> inline void store16<float>(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-template <> inline void store16<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
-  // exact: every lane is a bf16 value or zero, so the low 16 bits are zero
-  __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-}
-template <> inline void store16<c10::Half>(c10::Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
+
+// dense lanes of 8 columns (2 groups, 2q and 2q + 1 of the 4 whose 16-bit nibbles are given) from
+// the 8 values of those 4 groups
+struct Expand24 {
+  __m256i shift[2], src[2], slot, three, one;
+  Expand24() {
+    alignas(32) int32_t s[2][8], b[2][8], j[8];
+    for (int q = 0; q < 2; ++q)
+      for (int l = 0; l < 8; ++l) { s[q][l] = 4 * (2 * q + l / 4); b[q][l] = 4 * q + 2 * (l / 4); }
+    for (int l = 0; l < 8; ++l) j[l] = l % 4;
+    for (int q = 0; q < 2; ++q) {
+      shift[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(s[q]));
+      src[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b[q]));
+    }
+    slot = _mm256_load_si256(reinterpret_cast<const __m256i*>(j));
+    three = _mm256_set1_epi32(3);
+    one = _mm256_set1_epi32(1);
+  }
+  inline __m256 dense(int q, uint32_t nibbles, __m256 values) const {
+    const __m256i nib = _mm256_srlv_epi32(_mm256_set1_epi32(int(nibbles)), shift[q]);
+    const __m256i k0 = _mm256_cmpeq_epi32(_mm256_and_si256(nib, three), slot);
+    const __m256i k1 = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srli_epi32(nib, 2), three), slot);
+    const __m256i idx = _mm256_add_epi32(src[q], _mm256_and_si256(_mm256_andnot_si256(k0, k1), one));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(values, idx), _mm256_castsi256_ps(_mm256_or_si256(k0, k1)));
+  }
+};
+
+template <typename T>
+struct Sparse24 : Sparse24Base<T> {
+  static constexpr int MB = 4;  // 2 accumulators per row of x + 4 value/index registers of 16
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    static const Gather24 X;
+    const T* vrow = this->v + n * this->ldv();
+    const uint8_t* mrow = this->meta + n * this->ldm();
+    const int64_t G = this->K / 4;
+    __m256 a[R], b[R];  // two independent FMA chains per row
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {  // 32 columns: 16 values, 4 meta bytes
+      const char* vnext = reinterpret_cast<const char*>(vrow + 2 * g) + PF_BYTES;
+      _mm_prefetch(vnext, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mrow + g / 2) + PF_BYTES / 8, _MM_HINT_T0);
+      uint32_t mw;
+      std::memcpy(&mw, mrow + g / 2, 4);
+      const __m256i ia = X.index(mw & 0xFFFF), ib = X.index(mw >> 16);
+      const __m256 va = load8<T>(vrow + 2 * g), vb = load8<T>(vrow + 2 * g + 8);
+      const float* xk = x + 4 * g;
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm256_fmadd_ps(va, gather_x(xk + r * ldx, ia), a[r]);
+        b[r] = _mm256_fmadd_ps(vb, gather_x(xk + r * ldx + 16, ib), b[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = hsum(_mm256_add_ps(a[r], b[r]));
+    dot24_tail<T, R>(vrow, mrow, x, ldx, g, G, acc);
+  }
+  void decompress(int64_t n0, int64_t n1, T* out) const {
+    static const Expand24 E;
+    const int64_t G = this->K / 4;
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* vrow = this->v + n * this->ldv();
+      const uint8_t* mrow = this->meta + n * this->ldm();
+      T* wrow = out + (n - n0) * this->K;
+      int64_t g = 0;
+      for (; g + 4 <= G; g += 4) {  // 16 columns: 8 values, 2 meta bytes
+        uint16_t mw;
+        std::memcpy(&mw, mrow + g / 2, 2);
+        const __m256 va = load8<T>(vrow + 2 * g);
+        store8<T>(wrow + 4 * g, E.dense(0, mw, va));
+        store8<T>(wrow + 4 * g + 8, E.dense(1, mw, va));
+      }
+      decompress24_tail<T>(vrow, mrow, g, G, wrow);
+    }
+  }
+};
+}  // namespace sk_avx2
+SK_END_ISA
+
+SK_BEGIN_AVX512
+namespace sk_avx512 {
+// permute indices of 16 values (8 groups, 32 columns of x) from their 8 nibbles (32 bits)
+struct Gather24 {
+  __m512i shift, base, three;
+  Gather24() {
+    alignas(64) int32_t s[16], b[16];
+    // lane l: value l % 2 of group l / 2: its slot is bits 4 * (l / 2) + 2 * (l % 2) of the nibbles
+    for (int l = 0; l < 16; ++l) { s[l] = 4 * (l / 2) + 2 * (l % 2); b[l] = 4 * (l / 2); }
+    shift = _mm512_load_si512(s);
+    base = _mm512_load_si512(b);
+    three = _mm512_set1_epi32(3);
+  }
+  inline __m512i index(uint32_t nibbles) const {
+    return _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(nibbles)), shift), three));
+  }
+};
 
 // 64 columns = 16 groups: meta word mw (16 nibbles), values va (groups 0..7), vb (groups 8..15).
 // Lane l of dense vector q is column 16q + l: group 4q + l/4, slot j = l%4.
-struct Expander {
+struct Expand24 {
   __m512i shift, slot, src, one, three;
-  Expander() {
+  Expand24() {
     alignas(64) int32_t s[16], j[16], b[16];
     for (int l = 0; l < 16; ++l) { s[l] = 4 * (l / 4); j[l] = l % 4; b[l] = 2 * (l / 4); }
-    shift = _mm512_load_si512(s); slot = _mm512_load_si512(j); src = _mm512_load_si512(b);
-    one = _mm512_set1_epi32(1); three = _mm512_set1_epi32(3);
+    shift = _mm512_load_si512(s);
+    slot = _mm512_load_si512(j);
+    src = _mm512_load_si512(b);
+    one = _mm512_set1_epi32(1);
+    three = _mm512_set1_epi32(3);
   }
   template <int Q>
   inline __m512 dense(uint64_t mw, __m512 va, __m512 vb) const {
@@ -68,128 +216,50 @@ struct Expander {
     return _mm512_maskz_permutexvar_ps(k0 | k1, idx, (Q < 2) ? va : vb);
   }
 };
-#endif
-
-#if SK_AVX512
-// Decode never builds dense weight vectors: it gathers x instead. 16 values of a row (groups
-// g..g+7, two values each) sit at columns 4*group + slot, all inside 32 consecutive columns of x;
-// one two-source permute (vpermt2ps) fetches those x entries, one FMA multiplies them by the
-// values. The permute indices depend on the meta word alone, so they are computed once per 64
-// columns and reused for every row of x.
-struct Gather {
-  __m512i shift, base, three;
-  Gather() {
-    alignas(64) int32_t s[16], b[16];
-    // lane l: value 2*(l/2) + l%2 of the 8 groups: nibble l/2, bits 2*(l%2)..+1 give its slot
-    for (int l = 0; l < 16; ++l) { s[l] = 4 * (l / 2) + 2 * (l % 2); b[l] = 4 * (l / 2); }
-    shift = _mm512_load_si512(s); base = _mm512_load_si512(b); three = _mm512_set1_epi32(3);
-  }
-  // column index (0..31) inside the 32 columns of 8 groups, from their 8 nibbles (32 bits)
-  inline __m512i index(uint32_t nibbles) const {
-    const __m512i slot = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(nibbles)), shift), three);
-    return _mm512_add_epi32(base, slot);
-  }
-};
-#endif
-
-// y[m, n] (+)= sum_k x[m, k] w[n, k] for rows m0..m0+R of x (fp32), one output row n
-template <typename T, int R>
-inline void row_dot(const T* vrow, const uint8_t* mrow, const float* x, int64_t ldx, int64_t K,
-                    float* acc_out) {
-  const int64_t G = K / 4;
-  int64_t g = 0;
-  float acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-#if SK_AVX512
-  static const Gather X;
-  __m512 a[R], b[R];  // two independent FMA chains per row (first and second 32 columns)
-  for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
-  for (; g + 16 <= G; g += 16) {
-    // the weight streams from DRAM once per token: ask for it PF_BYTES ahead (past the row's end
-    // this is the next row, stored right after it)
-    const char* vnext = reinterpret_cast<const char*>(vrow + 2 * g) + PF_BYTES;
-    _mm_prefetch(vnext, _MM_HINT_T0);
-    if (sizeof(T) == 4) _mm_prefetch(vnext + 64, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(mrow + g / 2) + PF_BYTES / 8, _MM_HINT_T0);
-    uint64_t mw;
-    std::memcpy(&mw, mrow + g / 2, 8);
-    const __m512i ia = X.index(uint32_t(mw)), ib = X.index(uint32_t(mw >> 32));
-    const __m512 va = load16<T>(vrow + 2 * g), vb = load16<T>(vrow + 2 * g + 16);
-    const float* xk = x + 4 * g;
-    for (int r = 0; r < R; ++r) {
-      const float* xr = xk + r * ldx;
-      const __m512 xa = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), ia, _mm512_loadu_ps(xr + 16));
-      const __m512 xb = _mm512_permutex2var_ps(_mm512_loadu_ps(xr + 32), ib, _mm512_loadu_ps(xr + 48));
-      a[r] = _mm512_fmadd_ps(va, xa, a[r]);
-      b[r] = _mm512_fmadd_ps(vb, xb, b[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
-#endif
-  for (; g < G; ++g) {
-    float w[4];
-    expand_group<T>(vrow, mrow, g, w);
-    for (int r = 0; r < R; ++r) {
-      const float* xr = x + r * ldx + 4 * g;
-      acc[r] += w[0] * xr[0] + w[1] * xr[1] + w[2] * xr[2] + w[3] * xr[3];
-    }
-  }
-  for (int r = 0; r < R; ++r) acc_out[r] = acc[r];
-}
-
-template <typename T, int R>
-void rows_block(const T* v, const uint8_t* meta, const float* x, const T* bias, T* y, int64_t M, int64_t N,
-                int64_t K, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t ldv = K / 2, ldm = (K + 7) / 8;
-  float acc[R];
-  for (int64_t n = n0; n < n1; ++n) {
-    row_dot<T, R>(v + n * ldv, meta + n * ldm, x + m0 * K, K, K, acc);
-    const float b = bias ? static_cast<float>(bias[n]) : 0.f;
-    for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<T>(acc[r] + b);
-  }
-}
 
 template <typename T>
-void mm_impl(const T* v, const uint8_t* meta, const float* x, const T* bias, T* y, int64_t M, int64_t N,
-             int64_t K) {
-  // grain: enough rows that each task streams >= ~64 KiB of weights
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * int64_t(sizeof(T)) / 2));
-  // tiles of NT weight rows (~32 KiB of values): with M > MB every pass of MB rows of x re-reads
-  // the tile from L1/L2, so the weight streams from DRAM once whatever M is
-  const int64_t NT = std::max<int64_t>(1, (32 * 1024) / std::max<int64_t>(1, K * int64_t(sizeof(T)) / 2));
-  at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t n0 = c0; n0 < c1; n0 += NT) {
-      const int64_t n1 = std::min<int64_t>(c1, n0 + NT);
-      for (int64_t m0 = 0; m0 < M; m0 += MB) {
-        switch (std::min<int64_t>(MB, M - m0)) {
-          case 1: rows_block<T, 1>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-          case 2: rows_block<T, 2>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-          case 3: rows_block<T, 3>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-          case 4: rows_block<T, 4>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-          case 5: rows_block<T, 5>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-          case 6: rows_block<T, 6>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-          case 7: rows_block<T, 7>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-          default: rows_block<T, 8>(v, meta, x, bias, y, M, N, K, m0, n0, n1); break;
-        }
+struct Sparse24 : Sparse24Base<T> {
+  static constexpr int MB = 8;  // 16 accumulators + temporaries fit the 32 zmm registers
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    static const Gather24 X;
+    const T* vrow = this->v + n * this->ldv();
+    const uint8_t* mrow = this->meta + n * this->ldm();
+    const int64_t G = this->K / 4;
+    __m512 a[R], b[R];  // two independent FMA chains per row (first and second 32 columns)
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) {  // 64 columns: 32 values, 8 meta bytes
+      // the weight streams from DRAM once per token: ask for it PF_BYTES ahead (past the row's
+      // end this is the next row, stored right after it)
+      const char* vnext = reinterpret_cast<const char*>(vrow + 2 * g) + PF_BYTES;
+      _mm_prefetch(vnext, _MM_HINT_T0);
+      if (sizeof(T) == 4) _mm_prefetch(vnext + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mrow + g / 2) + PF_BYTES / 8, _MM_HINT_T0);
+      uint64_t mw;
+      std::memcpy(&mw, mrow + g / 2, 8);
+      const __m512i ia = X.index(uint32_t(mw)), ib = X.index(uint32_t(mw >> 32));
+      const __m512 va = load16<T>(vrow + 2 * g), vb = load16<T>(vrow + 2 * g + 16);
+      const float* xk = x + 4 * g;
+      for (int r = 0; r < R; ++r) {
+        const float* xr = xk + r * ldx;
+        const __m512 xa = _mm512_permutex2var_ps(_mm512_loadu_ps(xr), ia, _mm512_loadu_ps(xr + 16));
+        const __m512 xb = _mm512_permutex2var_ps(_mm512_loadu_ps(xr + 32), ib, _mm512_loadu_ps(xr + 48));
+        a[r] = _mm512_fmadd_ps(va, xa, a[r]);
+        b[r] = _mm512_fmadd_ps(vb, xb, b[r]);
       }
     }
-  });
-}
-
-template <typename T>
-void decompress_impl(const T* v, const uint8_t* meta, T* w, int64_t N, int64_t K) {
-  const int64_t ldv = K / 2, ldm = (K + 7) / 8, G = K / 4;
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * int64_t(sizeof(T))));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-#if SK_AVX512
-    static const Expander E;
-#endif
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+    dot24_tail<T, R>(vrow, mrow, x, ldx, g, G, acc);
+  }
+  void decompress(int64_t n0, int64_t n1, T* out) const {
+    static const Expand24 E;
+    const int64_t G = this->K / 4;
     for (int64_t n = n0; n < n1; ++n) {
-      const T* vrow = v + n * ldv;
-      const uint8_t* mrow = meta + n * ldm;
-      T* wrow = w + n * K;
+      const T* vrow = this->v + n * this->ldv();
+      const uint8_t* mrow = this->meta + n * this->ldm();
+      T* wrow = out + (n - n0) * this->K;
       int64_t g = 0;
-#if SK_AVX512
       for (; g + 16 <= G; g += 16) {
         uint64_t mw;
         std::memcpy(&mw, mrow + g / 2, 8);
@@ -199,52 +269,53 @@ void decompress_impl(const T* v, const uint8_t* meta, T* w, int64_t N, int64_t K
         store16<T>(wrow + 4 * g + 32, E.dense<2>(mw, va, vb));
         store16<T>(wrow + 4 * g + 48, E.dense<3>(mw, va, vb));
       }
-#endif
-      for (; g < G; ++g) {
-        float d[4];
-        expand_group<T>(vrow, mrow, g, d);
-        for (int j = 0; j < 4; ++j) wrow[4 * g + j] = static_cast<T>(d[j]);
-      }
+      decompress24_tail<T>(vrow, mrow, g, G, wrow);
     }
-  });
-}
-
-template <typename Fn>
-void dispatch(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    default: TORCH_CHECK(false, "sparse24 CPU kernel: fp32/bf16/fp16 only, got ", t);
   }
+};
+}  // namespace sk_avx512
+SK_END_ISA
+#endif  // SK_X86
+
+// fn(kernel) with the 2:4 kernel of this ISA for dtype T
+template <typename T, typename Fn>
+auto with_sparse24(int64_t isa, const torch::Tensor& values, const torch::Tensor& meta, int64_t K, Fn&& fn) {
+  const T* v = values.data_ptr<T>();
+  const uint8_t* m = meta.data_ptr<uint8_t>();
+#if SK_X86
+  if (isa == ISA_AVX512) return fn(sk_avx512::Sparse24<T>{{v, m, K}});
+  if (isa == ISA_AVX2) return fn(sk_avx2::Sparse24<T>{{v, m, K}});
+#endif
+  return fn(sk_scalar::Sparse24<T>{{v, m, K}});
 }
 
 }  // namespace
 
-// x [M, K] contiguous, values [N, K/2] and meta [N, ceil(K/8)] contiguous -> y [M, N]
-torch::Tensor mm(torch::Tensor x, torch::Tensor values, torch::Tensor meta,
-                 c10::optional<torch::Tensor> bias) {
-  const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);  // M x K, small at decode
-  const uint8_t* mp = meta.data_ptr<uint8_t>();
-  const float* xp = xf.data_ptr<float>();
-  dispatch(x.scalar_type(), [&](auto tag) {
+// x [M, K] contiguous (values' dtype), values [N, K/2] and meta [N, ceil(K/8)] contiguous,
+// bias [N] or None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512; path 0 direct / 1 blas
+torch::Tensor mm24(torch::Tensor x, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
+                   int64_t isa, int64_t path) {
+  check_isa(isa);
+  const int64_t K = x.size(1), N = values.size(0);
+  torch::Tensor y;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-    mm_impl<T>(values.data_ptr<T>(), mp, xp, bp, y.data_ptr<T>(), M, N, K);
+    y = with_sparse24<T>(isa, values, meta, K, [&](const auto& kern) { return run_mm<T>(kern, x, bias, N, K, path); });
   });
   return y;
 }
 
 // rows [n0, n0 + out.size(0)) of the dense weight into out [rows, K] (contiguous)
-void decompress_rows(torch::Tensor values, torch::Tensor meta, int64_t n0, torch::Tensor out) {
+void decompress24_rows(torch::Tensor values, torch::Tensor meta, int64_t n0, torch::Tensor out, int64_t isa) {
+  check_isa(isa);
   const int64_t rows = out.size(0), K = out.size(1);
-  const uint8_t* mp = meta.data_ptr<uint8_t>() + n0 * meta.stride(0);
-  dispatch(values.scalar_type(), [&](auto tag) {
+  dispatch_dtype(values.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    decompress_impl<T>(values.data_ptr<T>() + n0 * values.stride(0), mp, out.data_ptr<T>(), rows, K);
+    with_sparse24<T>(isa, values, meta, K, [&](const auto& kern) {
+      run_decompress<T>(kern, n0, rows, K, out.data_ptr<T>());
+      return 0;
+    });
   });
 }
 
-bool has_avx512() { return SK_AVX512; }
+int64_t cpu_isa_supported() { return isa_supported(); }

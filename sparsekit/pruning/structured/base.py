@@ -31,6 +31,8 @@ class StructuredConfig:
       are the same either way.
     widths: width methods; "uniform" keeps every block the same width (a plain HF checkpoint),
       "adaptive" ranks heads and channels globally across blocks (flap only; per-block widths).
+    refit: width methods; re-solve the kept columns of the attention and MLP output projections by
+      least squares on calibration inputs (``refit.py``), with a bias column where compensation is on.
     bias_compensation: add the mean output of the removed channels back as a bias of o_proj /
       down_proj (FLAP); skipped with a note where the architecture has no such bias in its config.
     tokens: depth distances over "all" tokens or the "last" token of each calibration sequence.
@@ -44,6 +46,7 @@ class StructuredConfig:
     heads: str = "group"
     widths: str = "uniform"
     bias_compensation: bool | None = None  # None: the method's default
+    refit: bool = False
     tokens: str = "all"
     channel_multiple: int = 8
     num_experts: int | None = None  # expert methods: experts every MoE block keeps (overrides sparsity)

@@ -1,0 +1,136 @@
+"""Per-layer CPU speed of every C++ kernel ISA path: dense vs 2:4 vs bitmap 50% / 70%, fp32 and bf16.
+
+    python bench/cpu_isa_layers.py --out docs/data [--ms 1,4,16,64,512] [--isas avx512,avx2,scalar]
+
+A thin case of ``sparsekit.bench.layers.run_layers`` (what ``sparsekit bench layers --isa ...``
+runs), once per dtype: SmolLM2-135M's linear shapes, every SparseLinear backend once per forced
+ISA (``2:4@avx2``, ``bitmap=0.7@scalar``, ...), all interleaved with dense ``nn.Linear`` in the
+same rounds, weights rotated over copies adding up to ``--pool-mib`` (read from DRAM, as in a
+decode step). Writes <out>/<stem>.json and .md (default stem cpu-isa-layers): rows with medians
+(p20..p80), speedup against dense, the kernel path each row ran, and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sparsekit._io import write_json_atomic, write_text_atomic
+from sparsekit.bench.layers import layers_markdown, linear_shapes, run_layers
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BACKENDS = ("dense", "2:4", "bitmap=0.5", "bitmap=0.7")
+# the runtime rule's report: each format alone and under cpu_rule='fastest' (dense on a kept copy
+# where that measured faster, from M = 16 up), e.g. --isas avx512 --ms 16,64,512 --stem cpu-rule-layers
+RULE_BACKENDS = (
+    "dense",
+    "2:4",
+    "2:4-fastest",
+    "bitmap=0.5",
+    "bitmap-fastest=0.5",
+    "bitmap=0.7",
+    "bitmap-fastest=0.7",
+)
+
+
+def _summary(rows: list[dict]) -> str:
+    """Speedup over dense per backend (rows) and M (columns): geometric mean over the shapes."""
+    import math
+
+    ms = sorted({r["m"] for r in rows})
+    lines = []
+    for dtype in DTYPES:
+        sel = [r for r in rows if r["dtype"] == str(DTYPES[dtype]).replace("torch.", "")]
+        backends = [b for b in dict.fromkeys(r["backend"] for r in sel) if b != "dense"]
+        lines += [
+            f"**{dtype}**: speedup over dense, geometric mean over the shapes (min..max)",
+            "",
+            "| backend | " + " | ".join(f"M={m}" for m in ms) + " |",
+            "|---|" + "---:|" * len(ms),
+        ]
+        for b in backends:
+            cells = []
+            for m in ms:
+                s = [r["speedup"] for r in sel if r["backend"] == b and r["m"] == m]
+                geo = math.exp(sum(map(math.log, s)) / len(s)) if s else float("nan")
+                cells.append(f"{geo:.2f}x ({min(s):.2f}..{max(s):.2f})" if s else "-")
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="reports", help="directory for <stem>.json / .md")
+    parser.add_argument("--ms", default="1,4,16,64,512")
+    parser.add_argument("--isas", default="avx512,avx2,scalar")
+    parser.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help=f"run_layers specs (the rule's: {','.join(RULE_BACKENDS)})",
+    )
+    parser.add_argument("--stem", default="cpu-isa-layers", help="report file name without suffix")
+    parser.add_argument("--min-time", type=float, default=0.1, help="seconds of calls per backend and cell")
+    parser.add_argument("--pool-mib", type=int, default=256, help="weight copies per backend, MiB")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ms = tuple(int(m) for m in args.ms.split(","))
+    isas = tuple(args.isas.split(","))
+    shapes = linear_shapes("smollm2")
+    results = {}
+    for name, dtype in DTYPES.items():
+        results[name] = run_layers(
+            shapes,
+            ms,
+            "2:4",
+            tuple(args.backends.split(",")),
+            dtype,
+            "cpu",
+            min_time_s=args.min_time,
+            pool_bytes=args.pool_mib << 20,
+            isas=isas,
+        )
+    command = (
+        f"python bench/cpu_isa_layers.py --out {args.out} --ms {args.ms} --isas {args.isas} "
+        f"--min-time {args.min_time} --pool-mib {args.pool_mib}"
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --backends {args.backends}" if args.backends != ",".join(BACKENDS) else "")
+        + (f" --stem {args.stem}" if args.stem != "cpu-isa-layers" else "")
+    )
+    rows = [dict(asdict(r), env={}) for res in results.values() for r in res.rows]
+    first = next(iter(results.values()))
+    data = {
+        "command": command,
+        "env": first.env,
+        "config": {k: r.config for k, r in results.items()},
+        "rows": rows,
+    }
+    md = [
+        f"# CPU kernels per ISA on SmolLM2-135M shapes: {', '.join(args.backends.split(','))}",
+        "",
+        f"`{command}`",
+        "",
+        f"ISA levels this CPU runs: up to {first.config.get('cpu_isa_supported')}; every path forced in turn "
+        "(`@isa`). The BLAS that dense and the blas path call is torch's own (MKL / oneDNN, which pick "
+        "their ISA from the CPU: AVX-512 and AMX here), so a forced `avx2` / `scalar` row is those "
+        "kernels on this machine, not a measurement of an AVX2-only CPU.",
+        "",
+        _summary(rows),
+    ]
+    for name, res in results.items():
+        md += [f"## {name}", "", layers_markdown(res)]
+    out = Path(args.out)
+    write_json_atomic(out / f"{args.stem}.json", data)
+    write_text_atomic(out / f"{args.stem}.md", "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

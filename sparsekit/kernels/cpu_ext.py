@@ -1,0 +1,177 @@
+"""The C++ CPU kernels (2:4 and bitmap GEMMs): build, ISA level, and which path runs at which M.
+
+The extension is one translation unit joined from ``csrc/cpu_common.cpp``, ``csrc/sparse24_cpu.cpp``
+and ``csrc/bitmap_cpu.cpp``, built once per machine with the system C++ compiler (the same one
+torch.compile's CPU backend needs) on first use and cached by torch under
+``~/.cache/torch_extensions`` (a cold build takes about half a minute on two cores). It is
+compiled for baseline x86-64 with the AVX2 and AVX-512 kernels under per-function target
+attributes, so one binary holds every ISA path and the cache is keyed only by the sources, torch
+and the flags. Where it cannot build, the callers fall back to plain torch (logged once);
+``SPARSEKIT_CPU_EXT=0`` forces that.
+
+ISA (``resolve_isa``): an explicit ``isa=`` argument, else ``use_cpu_isa`` / ``SPARSEKIT_CPU_ISA``
+(``_backend.CpuIsa``); ``auto`` is the best level this CPU runs. Asking for a level the CPU lacks
+is an error naming the fix, never an illegal instruction.
+
+Path (``choose_path``): ``direct`` (x against the compressed rows; decode and small batches) up
+to ``DIRECT_MAX_M[format, isa, dtype]`` rows of x, ``blas`` (decompressed tiles + ATen's GEMM)
+above; both can be forced with ``path=``. The table comes from ``bench/cpu_paths.py`` on the
+Xeon of docs/results.md (the largest M at which direct still won, per format, ISA and dtype).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from ._backend import CpuIsa, cpu_isa_is_default, current_cpu_isa
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")  # shipped as package data
+CPP_SOURCES = tuple(CSRC / name for name in ("cpu_common.cpp", "sparse24_cpu.cpp", "bitmap_cpu.cpp"))
+FUNCTIONS = ["mm24", "decompress24_rows", "mm_bitmap", "decompress_bitmap_rows", "cpu_isa_supported"]
+ISA_LEVEL = {CpuIsa.SCALAR: 0, CpuIsa.AVX2: 1, CpuIsa.AVX512: 2}
+_LEVEL_ISA = {level: isa for isa, level in ISA_LEVEL.items()}
+PATHS = ("auto", "direct", "blas")
+
+# largest M (rows of x) for the direct path; above it, decompressed tiles + BLAS. Measured with
+# bench/cpu_paths.py (docs/data/cpu-paths*.md: SmolLM2 shapes, 1 thread, weights from DRAM): the
+# largest M of {1, 4, 8, 16, 32, 64} at which direct beat blas on the geometric mean over shapes.
+# The scalar rows come from docs/data/cpu-paths-scalar.md, measured after the scalar decompress
+# was made branch-free (the scalar rows of cpu-paths.md predate that). fp16 was not measured: it
+# takes bf16's value (same kernels, another conversion).
+_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
+_MEASURED = {
+    ("2:4", CpuIsa.AVX512): (32, 16),  # (fp32, bf16)
+    ("2:4", CpuIsa.AVX2): (16, 8),
+    ("2:4", CpuIsa.SCALAR): (1, 1),
+    ("bitmap", CpuIsa.AVX512): (16, 16),
+    ("bitmap", CpuIsa.AVX2): (16, 8),
+    ("bitmap", CpuIsa.SCALAR): (4, 4),
+}
+DIRECT_MAX_M: dict[tuple[str, CpuIsa, torch.dtype], int] = {
+    (fmt, isa, dtype): limits[i]
+    for (fmt, isa), limits in _MEASURED.items()
+    for i, dtypes in enumerate(((_F32,), (_BF16, _F16)))
+    for dtype in dtypes
+}
+
+
+def _build_flags() -> list[str]:
+    # baseline x86-64: the scalar path must run on any x86-64 CPU, whatever the compiler's default
+    arch = ["-march=x86-64", "-mtune=generic"] if platform.machine() in ("x86_64", "AMD64") else []
+    return ["-O3", "-fopenmp", *arch]
+
+
+def _source_key() -> str:
+    """Hash of the sources, torch and the flags: the binary depends on nothing else (no -march=native)."""
+    digest = hashlib.sha1(torch.__version__.encode() + " ".join(_build_flags()).encode())
+    for path in CPP_SOURCES:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+class _ExtensionLoader:
+    """Builds the C++ extension once per process on first use; remembers why when it cannot."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.module = None
+        self.error: str | None = None  # why the build failed (None: not tried yet, or built)
+        self._tried = False
+
+    def get(self):
+        if self._tried:
+            return self.module
+        if os.environ.get("SPARSEKIT_CPU_EXT", "1") == "0":
+            return None
+        with self._lock:
+            if not self._tried:
+                self.module = self._build()
+                self._tried = True
+        return self.module
+
+    def _build(self):
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            return load_inline(
+                name=f"sparsekit_cpu_kernels_{_source_key()}",
+                cpp_sources=[p.read_text() for p in CPP_SOURCES],
+                functions=FUNCTIONS,
+                extra_cflags=_build_flags(),
+                extra_ldflags=["-fopenmp"],
+            )
+        except Exception as e:  # no compiler, no ninja, exotic platform: stay correct, lose speed
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("sparsekit CPU extension did not build (%s); using the plain torch paths", e)
+            return None
+
+
+_LOADER = _ExtensionLoader()
+
+
+def extension():
+    """The compiled extension, building it on first use; None where it cannot build."""
+    return _LOADER.get()
+
+
+def build_error() -> str | None:
+    """Why the extension did not build (None when it built, or has not been tried)."""
+    return _LOADER.error
+
+
+def supported_isa() -> CpuIsa:
+    """The best ISA level this CPU runs (CPUID, through the extension); SCALAR without the extension."""
+    ext = extension()
+    return _LEVEL_ISA[int(ext.cpu_isa_supported())] if ext is not None else CpuIsa.SCALAR
+
+
+def resolve_isa(isa: CpuIsa | str | None = None) -> CpuIsa:
+    """The concrete ISA a CPU kernel runs: ``isa`` if given, else ``use_cpu_isa`` / SPARSEKIT_CPU_ISA;
+    ``auto`` becomes the best this CPU runs. Raises a ValueError naming the fix for a level the CPU lacks."""
+    requested = current_cpu_isa() if isa is None else CpuIsa.of(isa)
+    best = supported_isa()
+    if requested is CpuIsa.AUTO:
+        return best
+    if ISA_LEVEL[requested] > ISA_LEVEL[best]:
+        source = "SPARSEKIT_CPU_ISA" if isa is None and cpu_isa_is_default() else "the requested ISA"
+        lower = ", ".join(i.value for i, level in reversed(ISA_LEVEL.items()) if level <= ISA_LEVEL[best])
+        raise ValueError(
+            f"{source} is {requested.value!r}, but this CPU (or a build without the C++ extension) runs "
+            f"at most {best.value!r}; choose one of {lower} or 'auto'"
+        )
+    return requested
+
+
+def choose_path(fmt: str, isa: CpuIsa, dtype: torch.dtype, m: int, path: str = "auto") -> int:
+    """0 (direct) or 1 (blas) for ``m`` rows of x; ``path`` 'direct' / 'blas' forces one."""
+    if path not in PATHS:
+        raise ValueError(f"unknown CPU kernel path {path!r}; choose one of {', '.join(PATHS)}")
+    if path != "auto":
+        return int(path == "blas")
+    return int(m > DIRECT_MAX_M.get((fmt, isa, dtype), 8))
+
+
+def isa_level(isa: CpuIsa) -> int:
+    return ISA_LEVEL[isa]
+
+
+__all__ = [
+    "CPP_SOURCES",
+    "DIRECT_MAX_M",
+    "PATHS",
+    "build_error",
+    "choose_path",
+    "extension",
+    "isa_level",
+    "resolve_isa",
+    "supported_isa",
+]

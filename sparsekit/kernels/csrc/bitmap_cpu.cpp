@@ -1,0 +1,275 @@
+// sparsekit's CPU kernels, part 3 of 3: bitmap (compiled after sparse24_cpu.cpp, in one unit).
+//
+// Format: values [nnz] (the kept weights, row-major), mask_bits [N, ceil(K/8)] uint8 (bit j of
+// byte c / 8 is column c, LSB first, 1 = kept), offsets [N, ceil(K/64)] int32 (index in values of
+// the first kept weight of each 64-column tile). A row's values are contiguous and start at
+// offsets[n, 0]; the kernels walk a row's mask and advance by popcounts, so one offset per row
+// is read (the others serve the GPU kernel's tiles).
+//
+// Direct path: expands the weight in registers, once per weight row and step, and multiplies it
+// with every row of x:
+//   AVX-512: one expand-load (vexpandps; bf16/fp16: a masked load of popcount elements, converted,
+//            then vexpandps) gives the 16 dense lanes of 16 columns from 16 mask bits.
+//   AVX2:    a 256-entry table of vpermps indices per mask byte places 8 loaded values in their
+//            columns, the mask bits zero the rest: 8 columns per step.
+//   scalar:  walks the set bits.
+// Loads never reach past the end of values: AVX-512 loads are masked to the popcount, AVX2
+// loads of 8 fall back to a scalar copy within 8 elements of the end.
+
+namespace {
+
+// mask bits of columns [c, c + width) of one row (width <= 32), zero above width
+inline uint32_t mask_bits_at(const uint8_t* mrow, int64_t c, int width) {
+  uint32_t m = 0;
+  std::memcpy(&m, mrow + c / 8, (width + 7) / 8);
+  return width >= 32 ? m : (m & ((1u << width) - 1));
+}
+
+// columns [c0, K) of one weight row against R rows of x (scalar walk of the set bits)
+template <typename T, int R>
+inline const T* dot_bitmap_tail(const uint8_t* mrow, const T* p, const float* x, int64_t ldx, int64_t c0, int64_t K,
+                                float* acc) {
+  for (int64_t c = c0; c < K; c += 8) {
+    uint32_t bits = mask_bits_at(mrow, c, int(std::min<int64_t>(8, K - c)));
+    while (bits) {
+      const int j = __builtin_ctz(bits);
+      bits &= bits - 1;
+      const float w = static_cast<float>(*p++);
+      for (int r = 0; r < R; ++r) acc[r] += w * x[r * ldx + c + j];
+    }
+  }
+  return p;
+}
+
+// columns [c0, K) of one weight row written dense (c0 % 8 == 0): zeros, then the set bits
+template <typename T>
+inline const T* decompress_bitmap_tail(const uint8_t* mrow, const T* p, int64_t c0, int64_t K, T* wrow) {
+  std::fill(wrow + c0, wrow + K, static_cast<T>(0.f));
+  for (int64_t c = c0; c < K; c += 8) {
+    uint32_t bits = mask_bits_at(mrow, c, int(std::min<int64_t>(8, K - c)));
+    while (bits) {
+      wrow[c + __builtin_ctz(bits)] = *p++;
+      bits &= bits - 1;
+    }
+  }
+  return p;
+}
+
+template <typename T>
+struct BitmapBase {
+  const T* v;
+  const uint8_t* mask;
+  const int32_t* offsets;
+  int64_t nnz, K;
+  int64_t ldm() const { return (K + 7) / 8; }
+  int64_t ldo() const { return (K + 63) / 64; }
+  const T* row_values(int64_t n) const { return v + offsets[n * ldo()]; }
+  const T* end() const { return v + nnz; }
+  double row_bytes() const { return double(nnz) / std::max<int64_t>(1, N) * sizeof(T) + ldm() + 4.0 * ldo(); }
+  int64_t N;
+};
+
+namespace sk_scalar {
+template <typename T>
+struct Bitmap : BitmapBase<T> {
+  static constexpr int MB = 8;
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    dot_bitmap_tail<T, R>(this->mask + n * this->ldm(), this->row_values(n), x, ldx, 0, this->K, acc);
+  }
+  void decompress(int64_t n0, int64_t n1, T* out) const {
+    for (int64_t n = n0; n < n1; ++n)
+      decompress_bitmap_tail<T>(this->mask + n * this->ldm(), this->row_values(n), 0, this->K, out + (n - n0) * this->K);
+  }
+};
+}  // namespace sk_scalar
+
+#if SK_X86
+SK_BEGIN_AVX2
+namespace sk_avx2 {
+// per mask byte: vpermps indices placing the byte's values (consecutive in memory) in their lanes
+struct ExpandTable {
+  alignas(32) int32_t idx[256][8];
+  __m256i bit;
+  ExpandTable() {
+    for (int b = 0; b < 256; ++b) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) idx[b][j] = (b >> j) & 1 ? rank++ : 0;
+    }
+    bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  }
+  // the 8 dense lanes of one mask byte from the values at p (8 readable elements)
+  inline __m256 dense(uint32_t byte, __m256 values) const {
+    const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(byte)), bit), bit);
+    const __m256i i = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx[byte]));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(values, i), _mm256_castsi256_ps(keep));
+  }
+};
+
+// 8 values from p; within 8 elements of the end of values, a zero-padded copy (never reads past it)
+template <typename T>
+inline __m256 load8_safe(const T* p, const T* end) {
+  if (p + 8 <= end) return load8<T>(p);
+  alignas(32) float t[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int i = 0; i < 8 && p + i < end; ++i) t[i] = static_cast<float>(p[i]);
+  return _mm256_load_ps(t);
+}
+
+template <typename T>
+struct Bitmap : BitmapBase<T> {
+  static constexpr int MB = 4;  // 2 accumulators per row of x + 2 weight vectors of 16
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    static const ExpandTable E;
+    const uint8_t* mrow = this->mask + n * this->ldm();
+    const T* p = this->row_values(n);
+    const T* end = this->end();
+    const int64_t K = this->K;
+    __m256 a[R], b[R];
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= K; c += 16) {  // 16 columns: 2 mask bytes
+      _mm_prefetch(reinterpret_cast<const char*>(p) + PF_BYTES, _MM_HINT_T0);
+      const uint32_t m0 = mrow[c / 8], m1 = mrow[c / 8 + 1];
+      const __m256 w0 = E.dense(m0, load8_safe<T>(p, end));
+      p += _mm_popcnt_u32(m0);
+      const __m256 w1 = E.dense(m1, load8_safe<T>(p, end));
+      p += _mm_popcnt_u32(m1);
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + r * ldx + c), a[r]);
+        b[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + r * ldx + c + 8), b[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = hsum(_mm256_add_ps(a[r], b[r]));
+    dot_bitmap_tail<T, R>(mrow, p, x, ldx, c, K, acc);
+  }
+  void decompress(int64_t n0, int64_t n1, T* out) const {
+    static const ExpandTable E;
+    const T* end = this->end();
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* mrow = this->mask + n * this->ldm();
+      const T* p = this->row_values(n);
+      T* wrow = out + (n - n0) * this->K;
+      int64_t c = 0;
+      for (; c + 8 <= this->K; c += 8) {
+        const uint32_t m = mrow[c / 8];
+        store8<T>(wrow + c, E.dense(m, load8_safe<T>(p, end)));
+        p += _mm_popcnt_u32(m);
+      }
+      decompress_bitmap_tail<T>(mrow, p, c, this->K, wrow);
+    }
+  }
+};
+}  // namespace sk_avx2
+SK_END_ISA
+
+SK_BEGIN_AVX512
+namespace sk_avx512 {
+// the 16 dense lanes of 16 columns with mask bits m, from the values at p (popcount(m) are read)
+template <typename T>
+inline __m512 expand16(uint32_t m, const T* p) {
+  return _mm512_maskz_expand_ps(__mmask16(m), load16_first<T>(p, _mm_popcnt_u32(m)));
+}
+template <>
+inline __m512 expand16<float>(uint32_t m, const float* p) {
+  return _mm512_maskz_expandloadu_ps(__mmask16(m), p);
+}
+
+template <typename T>
+struct Bitmap : BitmapBase<T> {
+  static constexpr int MB = 8;  // 16 accumulators + 2 weight vectors
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    const uint8_t* mrow = this->mask + n * this->ldm();
+    const T* p = this->row_values(n);
+    const int64_t K = this->K;
+    __m512 a[R], b[R];
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= K; c += 32) {  // 32 columns: 4 mask bytes
+      _mm_prefetch(reinterpret_cast<const char*>(p) + PF_BYTES, _MM_HINT_T0);
+      uint32_t m;
+      std::memcpy(&m, mrow + c / 8, 4);
+      const __m512 w0 = expand16<T>(m & 0xFFFF, p);
+      p += _mm_popcnt_u32(m & 0xFFFF);
+      const __m512 w1 = expand16<T>(m >> 16, p);
+      p += _mm_popcnt_u32(m >> 16);
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * ldx + c), a[r]);
+        b[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * ldx + c + 16), b[r]);
+      }
+    }
+    for (; c < K; c += 16) {  // the last 1..31 columns: x loads masked to the row
+      const int width = int(std::min<int64_t>(16, K - c));
+      const uint32_t m = mask_bits_at(mrow, c, width);
+      const __m512 w = expand16<T>(m, p);
+      p += _mm_popcnt_u32(m);
+      const __mmask16 inside = __mmask16(_bzhi_u32(0xFFFFu, width));
+      for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(inside, x + r * ldx + c), a[r]);
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+  }
+  void decompress(int64_t n0, int64_t n1, T* out) const {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* mrow = this->mask + n * this->ldm();
+      const T* p = this->row_values(n);
+      T* wrow = out + (n - n0) * this->K;
+      int64_t c = 0;
+      for (; c + 16 <= this->K; c += 16) {
+        uint16_t m;
+        std::memcpy(&m, mrow + c / 8, 2);
+        store16<T>(wrow + c, expand16<T>(m, p));
+        p += _mm_popcnt_u32(m);
+      }
+      decompress_bitmap_tail<T>(mrow, p, c, this->K, wrow);
+    }
+  }
+};
+}  // namespace sk_avx512
+SK_END_ISA
+#endif  // SK_X86
+
+template <typename T, typename Fn>
+auto with_bitmap(int64_t isa, const torch::Tensor& values, const torch::Tensor& mask, const torch::Tensor& offsets,
+                 int64_t K, Fn&& fn) {
+  const BitmapBase<T> base{values.data_ptr<T>(), mask.data_ptr<uint8_t>(), offsets.data_ptr<int32_t>(),
+                           values.numel(), K, mask.size(0)};
+#if SK_X86
+  if (isa == ISA_AVX512) return fn(sk_avx512::Bitmap<T>{base});
+  if (isa == ISA_AVX2) return fn(sk_avx2::Bitmap<T>{base});
+#endif
+  return fn(sk_scalar::Bitmap<T>{base});
+}
+
+}  // namespace
+
+// x [M, K] contiguous (values' dtype), values [nnz], mask_bits [N, ceil(K/8)], offsets
+// [N, ceil(K/64)] int32 (all contiguous, checked against each other by the caller), bias [N] or
+// None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512; path 0 direct / 1 blas
+torch::Tensor mm_bitmap(torch::Tensor x, torch::Tensor values, torch::Tensor mask_bits, torch::Tensor offsets,
+                        c10::optional<torch::Tensor> bias, int64_t isa, int64_t path) {
+  check_isa(isa);
+  const int64_t K = x.size(1), N = mask_bits.size(0);
+  torch::Tensor y;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    y = with_bitmap<T>(isa, values, mask_bits, offsets, K,
+                       [&](const auto& kern) { return run_mm<T>(kern, x, bias, N, K, path); });
+  });
+  return y;
+}
+
+// rows [n0, n0 + out.size(0)) of the dense weight into out [rows, K] (contiguous)
+void decompress_bitmap_rows(torch::Tensor values, torch::Tensor mask_bits, torch::Tensor offsets, int64_t n0,
+                            torch::Tensor out, int64_t isa) {
+  check_isa(isa);
+  const int64_t rows = out.size(0), K = out.size(1);
+  dispatch_dtype(values.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    with_bitmap<T>(isa, values, mask_bits, offsets, K, [&](const auto& kern) {
+      run_decompress<T>(kern, n0, rows, K, out.data_ptr<T>());
+      return 0;
+    });
+  });
+}

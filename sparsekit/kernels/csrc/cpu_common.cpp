@@ -1,0 +1,261 @@
+// sparsekit's CPU kernels, part 1 of 3: what the 2:4 and bitmap kernels share.
+//
+// The three files are joined into one translation unit, in this order: cpu_common.cpp,
+// sparse24_cpu.cpp, bitmap_cpu.cpp (sparsekit/kernels/sparse24_cpu.py, CPP_SOURCES), so the
+// torch headers are parsed once.
+//
+// Every kernel exists for three x86-64 ISA levels in one binary: scalar (the baseline x86-64
+// the file is compiled for: no hand-written SIMD), AVX2 + FMA + F16C, and AVX-512 (F, BW, VL).
+// The AVX2 and AVX-512 code sits between SK_BEGIN_AVX2 / SK_BEGIN_AVX512 and SK_END_ISA, which set
+// the compiler's target for those functions only (GCC `#pragma GCC target`, clang
+// `#pragma clang attribute`): the AVX2 code can hold no AVX-512 instruction, and every path can be
+// forced, tested and measured on a machine that runs them all. The caller passes the ISA
+// (0 scalar, 1 avx2, 2 avx512); cpu_isa_supported() says what this CPU runs.
+//
+// Two ways to multiply, for every format and ISA:
+//   direct  x [M, K] fp32 against the compressed rows, never building a dense weight (decode and
+//           small batches: one pass over the compressed bytes);
+//   blas    decompress TILE_BYTES of weight rows at a time into a per-thread buffer and hand each
+//           tile to ATen's dense GEMM (MKL / oneDNN, AMX for bf16 where the CPU has it), the
+//           tiles spread over threads; no dense copy of the whole weight is ever held.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define SK_X86 1
+#else
+#define SK_X86 0
+#endif
+
+#if SK_X86 && defined(__clang__)
+#define SK_BEGIN_AVX2 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c,bmi,bmi2,popcnt\"))), apply_to = function)")
+#define SK_BEGIN_AVX512                                                                                  \
+  _Pragma(                                                                                               \
+      "clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi,bmi2,popcnt\"))), " \
+      "apply_to = function)")
+#define SK_END_ISA _Pragma("clang attribute pop")
+#elif SK_X86
+#define SK_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c,bmi,bmi2,popcnt\")")
+#define SK_BEGIN_AVX512 \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi,bmi2,popcnt\")")
+#define SK_END_ISA _Pragma("GCC pop_options")
+#endif
+
+namespace {
+
+enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+enum Path : int64_t { PATH_DIRECT = 0, PATH_BLAS = 1 };
+
+constexpr int PF_BYTES = 2048;          // software prefetch distance along a weight stream
+constexpr int64_t TILE_BYTES = 512 << 10;  // decompressed weight rows per GEMM call: stays in L2
+
+int64_t isa_supported() {
+#if SK_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    return ISA_AVX512;
+  // every AVX2 CPU (Haswell, Zen 1 and later) also has F16C
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+  return ISA_SCALAR;
+}
+
+void check_isa(int64_t isa) {
+  TORCH_CHECK(isa >= ISA_SCALAR && isa <= ISA_AVX512, "sparsekit CPU kernel: isa must be 0, 1 or 2, got ", isa);
+  TORCH_CHECK(isa <= isa_supported(), "sparsekit CPU kernel: this CPU does not run ISA level ", isa,
+              " (it runs up to ", isa_supported(), "); choose a lower one (SPARSEKIT_CPU_ISA / isa=)");
+}
+
+template <typename Fn>
+void dispatch_dtype(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, "sparsekit CPU kernel: fp32/bf16/fp16 only, got ", t);
+  }
+}
+
+// ------------------------------------------------------------------------- direct path driver
+// Kern (one per format, ISA and dtype) provides
+//   static constexpr int MB                    rows of x per pass (accumulators in registers)
+//   template <int R> void dot(n, x, ldx, acc)  acc[r] = sum_k x[r * ldx + k] * W[n, k], r < R
+//   double row_bytes() const                   compressed bytes of one weight row
+template <typename T, typename Kern, int R>
+void rows_block(const Kern& kern, const float* x, int64_t K, const T* bias, T* y, int64_t N, int64_t m0,
+                int64_t n0, int64_t n1) {
+  float acc[R];
+  for (int64_t n = n0; n < n1; ++n) {
+    kern.template dot<R>(n, x + m0 * K, K, acc);
+    const float b = bias ? static_cast<float>(bias[n]) : 0.f;
+    for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<T>(acc[r] + b);
+  }
+}
+
+template <typename T, typename Kern, int R>
+void rows_block_any(int64_t rows, const Kern& kern, const float* x, int64_t K, const T* bias, T* y, int64_t N,
+                    int64_t m0, int64_t n0, int64_t n1) {
+  if constexpr (R > 1) {
+    if (rows < R) return rows_block_any<T, Kern, R - 1>(rows, kern, x, K, bias, y, N, m0, n0, n1);
+  }
+  rows_block<T, Kern, R>(kern, x, K, bias, y, N, m0, n0, n1);
+}
+
+// y [M, N] = x [M, K] (fp32) @ W.T + bias. Tiles of weight rows (about 32 KiB compressed) are
+// re-read from cache by every pass of Kern::MB rows of x, so the weight streams from DRAM once
+// whatever M is; each task streams at least about 64 KiB.
+template <typename T, typename Kern>
+void direct_mm(const Kern& kern, const float* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t row_bytes = std::max<int64_t>(1, int64_t(kern.row_bytes()));
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / row_bytes);
+  const int64_t tile_rows = std::max<int64_t>(1, (32 * 1024) / row_bytes);
+  at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t n0 = c0; n0 < c1; n0 += tile_rows) {
+      const int64_t n1 = std::min<int64_t>(c1, n0 + tile_rows);
+      for (int64_t m0 = 0; m0 < M; m0 += Kern::MB) {
+        const int64_t rows = std::min<int64_t>(Kern::MB, M - m0);
+        rows_block_any<T, Kern, Kern::MB>(rows, kern, x, K, bias, y, N, m0, n0, n1);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------- blas path driver
+// Kern provides void decompress(n0, n1, T* out): dense rows [n0, n1) into out [n1 - n0, K].
+// Each task decompresses tiles of weight rows into its own buffer and calls ATen's GEMM on them
+// (single-threaded inside the parallel region); the result of a tile is copied into y's columns.
+template <typename T, typename Kern>
+torch::Tensor blas_mm(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N,
+                      int64_t K) {
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const int64_t threads = at::get_num_threads();
+  // rows per tile: at most about TILE_BYTES dense, a multiple of 16, and a tile count that is a
+  // multiple of the threads (no thread idles on the last round)
+  const int64_t most = std::max<int64_t>(16, TILE_BYTES / std::max<int64_t>(1, K * int64_t(sizeof(T))));
+  int64_t tiles = (N + most - 1) / most;
+  tiles = (tiles + threads - 1) / threads * threads;
+  const int64_t tile = std::min<int64_t>(N, ((N + tiles - 1) / tiles + 15) / 16 * 16);
+  tiles = (N + tile - 1) / tile;
+  T* yp = y.data_ptr<T>();
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::NoGradGuard no_grad;  // grad mode is thread-local: the pool's threads need their own guard
+    auto w = torch::empty({tile, K}, x.options());
+    auto out = torch::empty({M * tile}, x.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, rows = std::min<int64_t>(tile, N - n0);
+      kern.decompress(n0, n0 + rows, w.data_ptr<T>());
+      auto wt = w.narrow(0, 0, rows).t();
+      auto o = out.narrow(0, 0, M * rows).view({M, rows});
+      if (bias.has_value())
+        at::addmm_out(o, bias->narrow(0, n0, rows), x, wt);
+      else
+        at::mm_out(o, x, wt);
+      const T* op = o.data_ptr<T>();
+      for (int64_t m = 0; m < M; ++m) std::memcpy(yp + m * N + n0, op + m * rows, rows * sizeof(T));
+    }
+  });
+  return y;
+}
+
+template <typename T, typename Kern>
+torch::Tensor run_mm(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N,
+                     int64_t K, int64_t path) {
+  at::NoGradGuard no_grad;
+  const int64_t M = x.size(0);
+  if (M == 0 || N == 0) return torch::empty({M, N}, x.options());
+  if (path == PATH_BLAS) return blas_mm<T>(kern, x, bias, N, K);
+  auto y = torch::empty({M, N}, x.options());
+  auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);  // M x K: small where direct runs
+  const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  direct_mm<T>(kern, xf.data_ptr<float>(), bp, y.data_ptr<T>(), M, N, K);
+  return y;
+}
+
+// dense rows [n0, n0 + rows) into out [rows, K], rows spread over threads
+template <typename T, typename Kern>
+void run_decompress(const Kern& kern, int64_t n0, int64_t rows, int64_t K, T* out) {
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, K * int64_t(sizeof(T))));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { kern.decompress(n0 + r0, n0 + r1, out + r0 * K); });
+}
+
+// ------------------------------------------------------------------------- typed vector loads
+#if SK_X86
+SK_BEGIN_AVX2
+namespace sk_avx2 {
+template <typename T> inline __m256 load8(const T* p);
+template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <> inline __m256 load8<c10::Half>(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <typename T> inline void store8(T* p, __m256 v);
+template <> inline void store8<float>(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+template <> inline void store8<c10::BFloat16>(c10::BFloat16* p, __m256 v) {
+  // exact: every lane is a bf16 value or zero, so the low 16 bits are zero
+  const __m256i s = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+template <> inline void store8<c10::Half>(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+}  // namespace sk_avx2
+SK_END_ISA
+
+SK_BEGIN_AVX512
+namespace sk_avx512 {
+template <typename T> inline __m512 load16(const T* p);
+template <> inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <> inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// the first `count` (<= 16) elements, zeros above; never touches memory past them
+template <typename T> inline __m512 load16_first(const T* p, int count);
+template <> inline __m512 load16_first<float>(const float* p, int count) {
+  return _mm512_maskz_loadu_ps(__mmask16(_bzhi_u32(0xFFFFu, count)), p);
+}
+template <> inline __m512 load16_first<c10::BFloat16>(const c10::BFloat16* p, int count) {
+  const __m256i h = _mm256_maskz_loadu_epi16(__mmask16(_bzhi_u32(0xFFFFu, count)), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <> inline __m512 load16_first<c10::Half>(const c10::Half* p, int count) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16(_bzhi_u32(0xFFFFu, count)), p));
+}
+template <typename T> inline void store16(T* p, __m512 v);
+template <> inline void store16<float>(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+template <> inline void store16<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
+  // exact: every lane is a bf16 value or zero, so the low 16 bits are zero
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+}
+template <> inline void store16<c10::Half>(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+}  // namespace sk_avx512
+SK_END_ISA
+#endif  // SK_X86
+
+}  // namespace

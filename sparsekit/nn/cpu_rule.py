@@ -1,0 +1,91 @@
+"""The CPU runtime rule of ``SparseLinear``: its sparse kernel or dense, whichever is faster here.
+
+``cpu_rule='fastest'`` on a CPU layer: for each M class (rows of x, rounded up to a power of 4:
+1, 4, 16, 64, 256, 1024+) from ``MIN_M`` up, the first forward in that class times the layer's
+sparse kernel against dense ``F.linear`` on a decompressed copy of its weight (interleaved
+repeats, medians) and remembers the winner for every layer of the same format, ISA, dtype and
+shape in this process. Where dense wins by more than ``MARGIN``, the layer keeps that dense copy
+and runs it for the class: the memory cost is N * K * element bytes per such layer
+(``SparseLinear.dense_copy_bytes()``; logged once per layer). Below ``MIN_M`` the sparse kernel
+always runs: there the weight stream dominates, and a short cache-warm measurement at runtime
+would misjudge what a decode step sees (weights read from DRAM, where the compressed format's
+fewer bytes win: docs/data/cpu-isa-layers.md). ``cpu_rule='sparse'`` (the default) never holds a
+dense copy: memory first.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+CPU_RULES = ("sparse", "fastest")
+MIN_M = 16  # smallest M class the rule measures; below it the sparse kernel runs
+MARGIN = 0.05  # dense must be this much faster to be worth its memory
+ROUNDS = 7
+
+# (format, isa, dtype, N, K, M class) -> True when dense won
+_DECISIONS: dict[tuple, bool] = {}
+
+
+def check_cpu_rule(rule: str) -> str:
+    if rule not in CPU_RULES:
+        raise ValueError(f"unknown cpu_rule {rule!r}; choose one of {', '.join(CPU_RULES)}")
+    return rule
+
+
+def m_class(rows: int) -> int:
+    """Rows of x rounded up to a power of 4, capped at 1024 (prefill)."""
+    bucket = 1
+    while bucket < rows and bucket < 1024:
+        bucket *= 4
+    return bucket
+
+
+def _timed(fn: Callable[[], object], samples: list[float]) -> None:
+    start = time.perf_counter()
+    fn()
+    samples.append((time.perf_counter() - start) * 1e3)
+
+
+def dense_wins(
+    key: tuple, sparse: Callable[[torch.Tensor], torch.Tensor], dense_weight: torch.Tensor, rows: int
+) -> bool:
+    """Whether dense ``F.linear`` beat ``sparse(x)`` by more than MARGIN at ``rows`` rows of x
+    [rows, K] (measured once per ``key``, then remembered)."""
+    if key in _DECISIONS:
+        return _DECISIONS[key]
+    x = torch.randn(rows, dense_weight.shape[1], dtype=dense_weight.dtype)
+    times: dict[str, list[float]] = {"sparse": [], "dense": []}
+    calls = {"sparse": lambda: sparse(x), "dense": lambda: F.linear(x, dense_weight)}
+    with torch.no_grad():
+        for fn in calls.values():
+            fn()  # untimed: first-call setup (oneDNN primitives, page faults)
+        for _ in range(ROUNDS):
+            for name, fn in calls.items():
+                _timed(fn, times[name])
+    sparse_ms, dense_ms = statistics.median(times["sparse"]), statistics.median(times["dense"])
+    won = dense_ms < (1.0 - MARGIN) * sparse_ms
+    _DECISIONS[key] = won
+    winner = "dense" if won else "sparse"
+    log.info("cpu rule %s: sparse %.3f ms, dense %.3f ms -> %s", key, sparse_ms, dense_ms, winner)
+    return won
+
+
+def decisions() -> dict[tuple, bool]:
+    """What the rule measured so far in this process (a copy)."""
+    return dict(_DECISIONS)
+
+
+def forget() -> None:
+    """Drop every measured decision (the next forward in each class measures again)."""
+    _DECISIONS.clear()
+
+
+__all__ = ["CPU_RULES", "MARGIN", "MIN_M", "check_cpu_rule", "decisions", "dense_wins", "forget", "m_class"]

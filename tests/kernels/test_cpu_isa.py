@@ -1,0 +1,313 @@
+"""The C++ CPU kernels on every ISA path (scalar, AVX2, AVX-512), each forced on this machine.
+
+Contract: every format, ISA, path (direct / blas) and M reproduces the dense-with-zeros reference
+``F.linear(x, w_with_zeros, bias)`` (computed in fp32, cast back) at the TOL table's tolerance;
+decompression is bit-exact. Plus the ISA selection rules (argument > use_cpu_isa >
+SPARSEKIT_CPU_ISA > auto, unsupported levels refused) and a disassembly check that the AVX2 code
+holds no AVX-512 instruction.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsekit.kernels import compress_24, compress_bitmap, cpu_ext, use_backend
+from sparsekit.kernels._backend import CpuIsa, current_cpu_isa, use_cpu_isa
+from sparsekit.kernels.bitmap_cpu import bitmap_mm_cpu, decompress_bitmap_cpu
+from sparsekit.kernels.sparse24_cpu import decompress_rows, sparse24_mm_cpu
+from sparsekit.kernels.topk_select import nm_keep_mask
+from sparsekit.nn import SparseLinear
+
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+ISAS = ("scalar", "avx2", "avx512")
+MS = (1, 3, 8, 17, 64)
+PATHS = ("direct", "blas")
+# K = 100: 25 groups leave a tail after AVX-512's 16-group and AVX2's 8-group steps; K = 520 runs
+# several full steps then a tail; K = 12 never enters a vector step; N = 37 / 130 split over threads
+SHAPES_24 = [(37, 100), (130, 520), (5, 12)]
+# K = 45 ends mid mask byte, 520 crosses 64-column tiles with a tail, 7 never fills a byte
+SHAPES_BITMAP = [(37, 45), (130, 520), (3, 7)]
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The compiled extension; a build failure where it must build fails the suite."""
+    module = cpu_ext.extension()
+    if module is None:
+        if _extension_must_build():
+            pytest.fail(f"the CPU extension failed to build: {cpu_ext.build_error()}")
+        pytest.skip("no C++ compiler, not x86-64, or SPARSEKIT_CPU_EXT=0: the extension cannot build here")
+    return module
+
+
+def _extension_must_build() -> bool:
+    import platform
+
+    return (
+        platform.system() == "Linux"
+        and platform.machine() == "x86_64"
+        and os.environ.get("SPARSEKIT_CPU_EXT", "1") != "0"
+        and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    )
+
+
+def _runnable(isa: str) -> str:
+    """``isa`` if this CPU runs it; a skip naming what is missing otherwise."""
+    best = cpu_ext.supported_isa()
+    if cpu_ext.ISA_LEVEL[CpuIsa.of(isa)] > cpu_ext.ISA_LEVEL[best]:
+        pytest.skip(f"this CPU runs at most {best.value}; the {isa} path needs a CPU that has it")
+    return isa
+
+
+def _reference(x, w, bias):
+    """The contract: dense-with-zeros F.linear, fp32 accumulation, cast back to x's dtype."""
+    return F.linear(x.float(), w.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def _weight_24(n, k, dtype):
+    w = torch.randn(n, k)
+    return (w * nm_keep_mask(w.abs(), 2, 4)).to(dtype)
+
+
+def _weight_bitmap(n, k, dtype, sparsity):
+    w = torch.randn(n, k) * (torch.rand(n, k) >= sparsity)
+    w[0] = 0.0  # an empty row
+    if n > 1:
+        w[1] = torch.randn(k)  # a full row
+    w[-1, -1] = 1.5  # the last value of the matrix sits at the end of the values array
+    return w.to(dtype)
+
+
+def _cases(shapes):
+    """Every ISA x M x shape in fp32 and bf16; fp16 (same code, another load/store) at two M."""
+    return [
+        pytest.param(isa, d, m, n, k, id=f"{isa}-{NAMES[d]}-M{m}-N{n}-K{k}")
+        for isa in ISAS
+        for d in NAMES
+        for m in (MS if d is not torch.float16 else (3, 17))
+        for (n, k) in shapes
+    ]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("isa", "dtype", "m", "n", "k"), _cases(SHAPES_24))
+def test_sparse24_every_isa_matches_dense(isa, dtype, m, n, k, path, ext, assert_close):
+    _runnable(isa)
+    w = _weight_24(n, k, dtype)
+    values, meta = compress_24(w)
+    x = torch.randn(m, k, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype) if m % 2 else None  # odd M with bias, even M without
+    y = sparse24_mm_cpu(x, values, meta, bias, isa=isa, path=path)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_close(y, _reference(x, w, bias))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.7], ids=["s50", "s70"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(("isa", "dtype", "m", "n", "k"), _cases(SHAPES_BITMAP))
+def test_bitmap_every_isa_matches_dense(isa, dtype, m, n, k, path, sparsity, ext, assert_close):
+    _runnable(isa)
+    w = _weight_bitmap(n, k, dtype, sparsity)
+    values, mask_bits, offsets = compress_bitmap(w)
+    x = torch.randn(m, k, dtype=dtype)
+    bias = torch.randn(n, dtype=dtype) if m % 2 else None
+    y = bitmap_mm_cpu(x, values, mask_bits, offsets, bias, isa=isa, path=path)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_close(y, _reference(x, w, bias))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0], ids=["dense", "empty"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_bitmap_extremes(isa, sparsity, ext, assert_close):
+    """All kept (every mask byte 0xFF) and nothing kept (values is empty: no read at all)."""
+    _runnable(isa)
+    w = (torch.randn(20, 72) * (torch.rand(20, 72) >= sparsity)).bfloat16()
+    values, mask_bits, offsets = compress_bitmap(w)
+    x = torch.randn(5, 72, dtype=torch.bfloat16)
+    for path in PATHS:
+        assert_close(bitmap_mm_cpu(x, values, mask_bits, offsets, isa=isa, path=path), _reference(x, w, None))
+
+
+@pytest.mark.parametrize("dtype", list(NAMES), ids=NAMES.get)
+@pytest.mark.parametrize("isa", ISAS)
+def test_decompress_every_isa_bit_exact(isa, dtype, ext):
+    _runnable(isa)
+    for n, k in SHAPES_24:
+        w = _weight_24(n, k, dtype)
+        values, meta = compress_24(w)
+        assert torch.equal(decompress_rows(values, meta, 0, n, isa=isa), w), (n, k)
+        out = torch.empty(n - 2, k, dtype=dtype)
+        assert torch.equal(decompress_rows(values, meta, 1, n - 1, out, isa=isa), w[1:-1]), (n, k)
+    for n, k in SHAPES_BITMAP:
+        w = _weight_bitmap(n, k, dtype, 0.6)
+        values, mask_bits, offsets = compress_bitmap(w)
+        assert torch.equal(decompress_bitmap_cpu(values, mask_bits, offsets, k, isa=isa), w), (n, k)
+
+
+def test_paths_are_chosen_by_m():
+    isa, dtype = CpuIsa.AVX512, torch.float32
+    limit = cpu_ext.DIRECT_MAX_M[("2:4", isa, dtype)]
+    assert cpu_ext.choose_path("2:4", isa, dtype, limit) == 0
+    assert cpu_ext.choose_path("2:4", isa, dtype, limit + 1) == 1
+    assert cpu_ext.choose_path("2:4", isa, dtype, 1, path="blas") == 1
+    with pytest.raises(ValueError, match="direct, blas"):
+        cpu_ext.choose_path("2:4", isa, dtype, 1, path="tiles")
+
+
+# ----------------------------------------------------------------------------- selection
+def test_explicit_isa_beats_the_context_which_beats_the_default(ext):
+    _runnable("avx512")
+    assert cpu_ext.resolve_isa() is cpu_ext.resolve_isa(current_cpu_isa())
+    with use_cpu_isa("scalar"):
+        assert cpu_ext.resolve_isa() is CpuIsa.SCALAR
+        assert cpu_ext.resolve_isa("avx2") is CpuIsa.AVX2
+        with use_cpu_isa("auto"):
+            assert cpu_ext.resolve_isa() is cpu_ext.supported_isa()
+    with pytest.raises(ValueError, match="avx512, avx2, scalar"):
+        CpuIsa.of("sse9")
+
+
+def test_unsupported_isa_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "supported_isa", lambda: CpuIsa.AVX2)
+    with pytest.raises(ValueError, match="at most 'avx2'; choose one of avx2, scalar or 'auto'"):
+        cpu_ext.resolve_isa("avx512")
+    with use_cpu_isa("avx512"), pytest.raises(ValueError, match="requested ISA is 'avx512'"):
+        cpu_ext.resolve_isa()
+    assert cpu_ext.resolve_isa("auto") is CpuIsa.AVX2
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_env_default_is_read_once_at_import():
+    code = (
+        "import os; from sparsekit.kernels._backend import current_cpu_isa; "
+        "os.environ['SPARSEKIT_CPU_ISA'] = 'avx512'; print(current_cpu_isa().value)"
+    )
+    done = _python(code, SPARSEKIT_CPU_ISA="scalar")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "scalar"
+    bad = _python("import sparsekit.kernels", SPARSEKIT_CPU_ISA="avx3")
+    assert bad.returncode != 0 and "SPARSEKIT_CPU_ISA: unknown CPU ISA 'avx3'" in bad.stderr
+
+
+def _functions(disassembly: str, namespace: str) -> dict[str, str]:
+    """Function name -> body of every function whose demangled name holds ``namespace``."""
+    out, name, body = {}, None, []
+    for line in disassembly.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            if name and namespace in name:
+                out[name] = "\n".join(body)
+            name, body = header.group(1), []
+        elif name:
+            body.append(line)
+    if name and namespace in name:
+        out[name] = "\n".join(body)
+    return out
+
+
+def test_avx2_code_holds_no_avx512_instruction(ext):
+    """The AVX2 path must run on an AVX2-only CPU: no zmm register, no mask register, anywhere in it."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not installed: cannot disassemble the extension")
+    text = subprocess.run(
+        [objdump, "-d", "-C", "--no-show-raw-insn", ext.__file__], capture_output=True, text=True
+    )
+    assert text.returncode == 0, text.stderr
+    avx2, avx512 = _functions(text.stdout, "sk_avx2::"), _functions(text.stdout, "sk_avx512::")
+    scalar = _functions(text.stdout, "sk_scalar::")
+    assert avx2 and avx512 and scalar, "kernel functions not found in the disassembly"
+    for name, body in avx2.items():
+        assert "%zmm" not in body and not re.search(r"%k[0-7]\b", body), f"AVX-512 instruction in {name}"
+    assert any("%ymm" in body for body in avx2.values()), "the AVX2 kernels hold no 256-bit instruction"
+    assert any("%zmm" in body for body in avx512.values()), "the AVX-512 kernels hold no 512-bit instruction"
+    for name, body in scalar.items():
+        assert "%ymm" not in body and "%zmm" not in body, f"AVX instruction in the scalar kernel {name}"
+
+
+# ----------------------------------------------------------------------------- SparseLinear
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sparse_linear_runs_every_isa(fmt, dtype, ext, assert_close, monkeypatch):
+    """Per-layer ``cpu_isa`` and ``use_cpu_isa`` both reach the bound call; bitmap never decompresses
+    the whole matrix in Python."""
+    import sparsekit.kernels.bitmap as bitmap_mod
+
+    def no_whole_matrix(*args, **kwargs):
+        raise AssertionError("bitmap forward decompressed the whole matrix")
+
+    monkeypatch.setattr(bitmap_mod, "decompress_bitmap", no_whole_matrix)
+    w = _weight_24(48, 64, dtype) if fmt == "2:4" else _weight_bitmap(48, 64, dtype, 0.7)
+    lin = torch.nn.Linear(64, 48, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    layer = SparseLinear.from_linear(lin, format=fmt)
+    for m in (1, 40):
+        x = torch.randn(2, m, 64, dtype=dtype)
+        want = _reference(x, w, lin.bias.detach())
+        for isa in ISAS:
+            if cpu_ext.ISA_LEVEL[CpuIsa.of(isa)] > cpu_ext.ISA_LEVEL[cpu_ext.supported_isa()]:
+                continue
+            layer.cpu_isa = isa
+            with torch.no_grad():
+                assert_close(layer(x), want)
+            layer.cpu_isa = None
+            with use_cpu_isa(isa), torch.no_grad():
+                assert_close(layer(x), want)
+    assert {k for k in layer._cache if isinstance(k, CpuIsa)} >= {CpuIsa.SCALAR}
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
+def test_kernel_ops_follow_use_cpu_isa(fmt, ext, assert_close, monkeypatch):
+    """The checked ops (what torch.compile traces) read the ISA at call time."""
+    from sparsekit.kernels import bitmap_mm, sparse24_mm
+
+    seen = []
+    real = cpu_ext.resolve_isa
+
+    def spy(isa=None):
+        seen.append(real(isa))
+        return seen[-1]
+
+    import sparsekit.kernels.bitmap_cpu as bitmap_cpu
+    import sparsekit.kernels.sparse24_cpu as sparse24_cpu
+
+    monkeypatch.setattr(sparse24_cpu, "resolve_isa", spy)
+    monkeypatch.setattr(bitmap_cpu, "resolve_isa", spy)
+    x = torch.randn(3, 64)
+    with use_backend("torch"), use_cpu_isa("scalar"):
+        if fmt == "2:4":
+            w = _weight_24(16, 64, torch.float32)
+            y = sparse24_mm(x, *compress_24(w))
+        else:
+            w = _weight_bitmap(16, 64, torch.float32, 0.5)
+            y = bitmap_mm(x, *compress_bitmap(w))
+    assert seen == [CpuIsa.SCALAR]
+    assert_close(y, _reference(x, w, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bitmap_without_the_extension_falls_back_to_torch(dtype, monkeypatch, assert_close):
+    """No compiler: the same results from a plain-torch decompress + F.linear, bound or not."""
+    import sparsekit.kernels.bitmap_cpu as bitmap_cpu
+
+    monkeypatch.setattr(bitmap_cpu, "extension", lambda: None)
+    w = _weight_bitmap(30, 45, dtype, 0.5)
+    values, mask_bits, offsets = compress_bitmap(w)
+    x = torch.randn(4, 45, dtype=dtype)
+    bias = torch.randn(30, dtype=dtype)
+    want = _reference(x, w, bias)
+    assert_close(bitmap_mm_cpu(x, values, mask_bits, offsets, bias, isa="avx512"), want)
+    assert_close(bitmap_cpu.bind_bitmap_cpu(values, mask_bits, offsets, 45)(x, bias), want)
+    assert torch.equal(decompress_bitmap_cpu(values, mask_bits, offsets, 45), w)

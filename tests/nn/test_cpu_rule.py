@@ -1,0 +1,104 @@
+"""``SparseLinear(cpu_rule='fastest')``: dense on a kept copy where it measured faster, per M class."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsekit.nn.sparse_linear as sl_mod
+from sparsekit.kernels import cpu_ext
+from sparsekit.kernels.topk_select import nm_keep_mask
+from sparsekit.nn import SparseLinear, cpu_rule
+from tests.kernels.conftest import _assert_close
+
+
+@pytest.fixture(autouse=True)
+def _fresh_decisions():
+    cpu_rule.forget()
+    yield
+    cpu_rule.forget()
+
+
+def _layer(fmt="2:4", n=48, k=64, rule="fastest"):
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.mul_(nm_keep_mask(lin.weight.abs(), 2, 4))
+    layer = SparseLinear.from_linear(lin, format=fmt)
+    layer.cpu_rule = rule
+    return lin, layer
+
+
+def _spy(monkeypatch, verdict: bool):
+    calls = []
+
+    def dense_wins(key, sparse, dense_weight, rows):
+        calls.append(key)
+        cpu_rule._DECISIONS[key] = verdict
+        return verdict
+
+    monkeypatch.setattr(sl_mod, "dense_wins", dense_wins)
+    return calls
+
+
+def test_m_classes():
+    assert [cpu_rule.m_class(m) for m in (1, 2, 4, 5, 16, 17, 64, 65, 300, 5000)] == [
+        1,
+        4,
+        4,
+        16,
+        16,
+        64,
+        64,
+        256,
+        1024,
+        1024,
+    ]
+
+
+def test_dense_copy_where_dense_wins_and_sparse_below_min_m(monkeypatch):
+    if cpu_ext.extension() is None:
+        pytest.skip("the C++ CPU extension did not build: the rule needs its bound call")
+    calls = _spy(monkeypatch, verdict=True)
+    lin, layer = _layer()
+    with torch.no_grad():
+        y1 = layer(torch.ones(1, 3, 64))  # M = 3: class 4 < MIN_M, never measured
+        assert calls == [] and layer.dense_copy_bytes() == 0
+        x = torch.randn(2, 10, 64)  # M = 20: class 64
+        y = layer(x)
+    assert len(calls) == 1 and calls[0][-1] == 64
+    assert layer.dense_copy_bytes() == 48 * 64 * 4
+    _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
+    _assert_close(y1, F.linear(torch.ones(1, 3, 64), lin.weight, lin.bias).detach())
+    layer.cpu_rule = "sparse"  # memory first: the copy goes
+    assert layer.dense_copy_bytes() == 0
+
+
+def test_sparse_kept_where_it_wins_and_decision_shared(monkeypatch):
+    if cpu_ext.extension() is None:
+        pytest.skip("the C++ CPU extension did not build: the rule needs its bound call")
+    calls = _spy(monkeypatch, verdict=False)
+    _, a = _layer()
+    _, b = _layer()
+    with torch.no_grad():
+        a(torch.randn(40, 64))
+        b(torch.randn(33, 64))
+        a(torch.randn(50, 64))
+    assert len(calls) == 1  # one measurement per (format, isa, dtype, shape, class), shared
+    assert a.dense_copy_bytes() == 0 and b.dense_copy_bytes() == 0
+
+
+def test_real_measurement_is_recorded_and_exact():
+    if cpu_ext.extension() is None:
+        pytest.skip("the C++ CPU extension did not build: the rule needs its bound call")
+    lin, layer = _layer("bitmap", n=40, k=72)
+    x = torch.randn(70, 72)
+    with torch.no_grad():
+        y = layer(x)
+    (key,) = cpu_rule.decisions()
+    assert key[:2] == ("bitmap", cpu_ext.resolve_isa().value) and key[-3:] == (40, 72, 256)
+    assert layer.dense_copy_bytes() == (40 * 72 * 4 if cpu_rule.decisions()[key] else 0)
+    _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
+
+
+def test_unknown_rule_names_the_choices():
+    with pytest.raises(ValueError, match="sparse, fastest"):
+        SparseLinear(8, 4, cpu_rule="quick")
