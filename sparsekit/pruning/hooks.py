@@ -55,7 +55,7 @@ class StatsCollector:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             x = inputs[0]
             for seen, stat in self._seen if self.share else ():
-                if seen is x:
+                if seen is inputs[0]:
                     self.owner.setdefault(name, stat)
                     return
             with self.timer.phase("statistics"):
@@ -67,7 +67,7 @@ class StatsCollector:
                 stat.tokens += x.numel() // x.shape[-1]
                 self._partial[id(stat)] = stat
                 self._names.setdefault(id(stat), name)
-            self._seen.append((x, stat))
+            self._seen.append((inputs[0], stat))  # the tensor object itself: x.detach() is a new one
 
         return hook
 

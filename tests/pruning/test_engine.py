@@ -54,6 +54,32 @@ def test_layers_reading_one_input_share_one_statistic():
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_shared_inputs_accumulate_one_statistic_each():
+    """q/k/v read one tensor and gate/up another: 4 statistics for 7 linears, not 7."""
+    from sparsekit.pruning.hooks import StatsCollector, Timer
+    from sparsekit.pruning.method import SquaredNorm
+
+    model = tiny_model("llama").eval()
+    block = model.model.layers[0]
+    linears = block_linears(block)
+    collector = StatsCollector(linears, SquaredNorm(), Timer(torch.device("cpu")))
+    calls = []
+    original = SquaredNorm.accumulate
+    SquaredNorm.accumulate = lambda self, x, value: (calls.append(x.shape), original(self, x, value))[1]
+    try:
+        with torch.no_grad():
+            model(_calib(2))
+    finally:
+        SquaredNorm.accumulate = original
+        collector.remove()
+    stats = collector.finish()
+    assert len(linears) == 7 and len(calls) == 4
+    assert len({id(s) for s in stats.values()}) == 4
+    assert stats["self_attn.q_proj"] is stats["self_attn.v_proj"]
+    assert stats["mlp.gate_proj"] is stats["mlp.up_proj"]
+    assert stats["self_attn.o_proj"] is not stats["mlp.down_proj"]
+
+
 def test_engine_matches_a_manual_wanda_on_the_first_block():
     model = tiny_model("llama")
     ids = _calib()
