@@ -89,7 +89,8 @@ def prune(
     """Prune ``model`` in place one-shot and return the report.
 
     method: a registered name ('magnitude' | 'wanda' | 'ria' | 'sparsegpt', or the structured
-    'shortgpt' | 'angular' | 'wanda-sp' | 'flap') or a method object.
+    'shortgpt' | 'angular' | 'wanda-sp' | 'flap') or a method object; 'maskllm' learns 2:4 masks
+    by training (keywords: ``MASKLLM_OPTIONS``; returns a ``MaskLLMReport``).
     sparsity: 0.5 (the default for the per-layer methods), '50%', '2:4', '4:8'; for structured
     methods the fraction of decoder-block parameters removed, which they need explicitly (or,
     depth methods, remove_layers) (keywords: remove_layers, repair, heads, widths,
@@ -105,6 +106,8 @@ def prune(
     used by this method (else ValueError), ``device`` must exist here, and the calibration's
     estimated memory must fit in what is free on the device and the host.
     """
+    if method == "maskllm":
+        return _prune_maskllm(model, sparsity, calib, tokenizer, nsamples, seqlen, seed, config)
     tensor = isinstance(calib, torch.Tensor)
     options = {"nsamples": nsamples, "seqlen": seqlen, "seed": seed, **config}
     if isinstance(calib, str):
@@ -124,6 +127,45 @@ def prune(
         report = request.method.prune(model, ids, request.config)
     else:
         report = prune_model(model, ids, request.config)
+    report.calib = label
+    return report
+
+
+MASKLLM_SETTINGS = ("prior_strength", "weight_reg", "update_weights", "temperature", "scale")
+MASKLLM_TRAIN = (
+    "steps", "lr", "batch_size", "grad_accum", "schedule", "warmup", "min_lr_ratio",
+    "precision", "activation_checkpointing", "save_every", "show_progress", "log_every",
+)  # fmt: skip
+MASKLLM_OPTIONS = ("prior", "state_dir", "resume", *MASKLLM_SETTINGS, *MASKLLM_TRAIN)
+
+
+def _prune_maskllm(model, sparsity, calib, tokenizer, nsamples, seqlen, seed, options: dict):
+    """``prune(method="maskllm")``: a one-shot prior, then the 2:4 masks learned on ``calib``."""
+    from sparsekit.hf.maskllm import MaskLLMSettings, learn_masks
+    from sparsekit.hf.trainer import TrainConfig
+
+    if str(sparsity) != "2:4":
+        raise ValueError(f"maskllm learns 2:4 masks: use sparsity='2:4' (got {sparsity!r})")
+    unknown = sorted(set(options) - set(MASKLLM_OPTIONS))
+    if unknown:
+        raise ValueError(f"maskllm does not take {unknown}; its options are {list(MASKLLM_OPTIONS)}")
+    train = {k: options[k] for k in MASKLLM_TRAIN if k in options}
+    train.setdefault("lr", 5e-4)
+    config = TrainConfig(seed=seed, **train)
+    settings = MaskLLMSettings(seed=seed, **{k: options[k] for k in MASKLLM_SETTINGS if k in options})
+    config.check(1)
+    settings.check()
+    _decompress_blocks(model)
+    ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
+    report = learn_masks(
+        model,
+        ids,
+        config,
+        prior=options.get("prior", "sparsegpt"),
+        settings=settings,
+        state_dir=options.get("state_dir"),
+        resume=bool(options.get("resume", False)),
+    )
     report.calib = label
     return report
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -137,6 +139,8 @@ def _check_cli_only_prune_flags(args: argparse.Namespace, given: set[str]) -> No
     (--dist-timeout is kept outside torchrun: ``torchrun --nproc-per-node 1`` runs one plain process)."""
     if not args.then_method:
         _refuse_without(given, ("then_sparsity",), "--then-method", "add --then-method wanda|sparsegpt|ria")
+    if args.method != "maskllm":
+        _refuse_without(given, ("steps", "lr", "prior"), "--method maskllm", "they set MaskLLM's training")
     if not args.eval:
         _refuse_without(
             given,
@@ -229,9 +233,93 @@ def _print_report(report, method: str) -> None:
         print("note:", note)
 
 
+_MASKLLM_FLAGS = {
+    "sparsity", "calib", "nsamples", "seqlen", "seed", "batch_size", "steps", "lr", "prior", "eval",
+    "eval_dataset", "eval_seqlen", "eval_tokens", "out", "device", "dist_timeout", "verbose", "trust_remote_code",
+}  # fmt: skip
+
+
+def _check_maskllm_args(args: argparse.Namespace) -> None:
+    from sparsekit.hf.data import check_corpus
+
+    given = _given(args, "prune", args.model) - {"method"}
+    unused = sorted(given - _MASKLLM_FLAGS)
+    if unused:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)
+        raise ValueError(
+            f"{flags} {'does' if len(unused) == 1 else 'do'} nothing with --method maskllm (it learns the "
+            "2:4 masks by training; its flags: --steps --lr --prior --batch-size --calib --nsamples --seqlen)"
+        )
+    if args.sparsity != "2:4":
+        raise ValueError(f"--method maskllm learns 2:4 masks: give --sparsity 2:4 (got {args.sparsity})")
+    check_at_least(1, nsamples=args.nsamples, batch_size=args.batch_size, steps=args.steps)
+    check_at_least(2, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen)
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    check_corpus(args.calib)
+    if args.eval:
+        check_corpus(args.eval_dataset)
+    if args.out:
+        check_can_create(args.out)
+
+
+def _maskllm(args: argparse.Namespace, main_rank: bool) -> int:
+    """``sparsekit prune --method maskllm``: prior, learned masks (every rank), eval and save (rank 0)."""
+    from sparsekit.api import perplexity, prune
+
+    model, tokenizer = load_any(args.model, torch.float32, "cpu", args.trust_remote_code)
+    options = {k: getattr(args, k) for k in ("steps", "lr", "prior") if getattr(args, k) is not None}
+    report = prune(
+        model,
+        method="maskllm",
+        sparsity="2:4",
+        calib=args.calib,
+        tokenizer=tokenizer,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        **options,
+    )
+    if not main_rank:
+        return 0
+    train = report.train
+    print(
+        f"maskllm: learned the 2:4 masks of {report.layers} layers in {train['steps']} steps "
+        f"({train['seconds']:.0f} s, {train['world_size']} process(es)) from the {report.prior} prior; "
+        f"{100 * report.changed_from_prior:.1f}% of the groups of four changed pattern; loss "
+        f"{train['losses'][0]:.3f} -> {train['losses'][-1]:.3f}"
+    )
+    summary = report.to_dict()
+    if args.eval:
+        result = perplexity(
+            model,
+            args.eval_dataset,
+            seqlen=args.eval_seqlen,
+            tokenizer=tokenizer,
+            max_tokens=args.eval_tokens,
+        )
+        summary["perplexity"] = result.to_dict()
+        print(f"perplexity {result.ppl:.3f} on {result.dataset} ({result.windows} x {result.seqlen} tokens)")
+    if args.out:
+        save_pruned(model, tokenizer, args.out, summary, "compressed")
+        print(f"saved (compressed) to {args.out}")
+    return 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from sparsekit.pruning import distributed
 
+    if args.method == "maskllm":
+        _check_maskllm_args(args)
+        if not distributed.launched_by_torchrun():
+            return _maskllm(args, main_rank=True)
+        world = distributed.init(timeout_s=args.dist_timeout)
+        try:
+            return _maskllm(args, main_rank=world.main)
+        finally:
+            distributed.barrier()
+            distributed.shutdown()
     steps = _check_prune_args(args)
     check_at_least(1, dist_timeout=args.dist_timeout)
     if not distributed.launched_by_torchrun():
@@ -512,65 +600,158 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from sparsekit.api import perplexity
-    from sparsekit.hf.checkpoint import is_checkpoint, save
-    from sparsekit.hf.data import evaluation_ids
-    from sparsekit.hf.finetune import finetune
-    from sparsekit.nn import SparseLinear
+def _check_finetune_args(args: argparse.Namespace) -> Path | None:
+    """Every finetune flag checked before a model loads; returns the folder the run's checkpoints
+    and log go to (None when the checkpoint is overwritten in place)."""
+    from sparsekit.hf.checkpoint import is_checkpoint
 
     check_at_least(1, steps=args.steps, nsamples=args.nsamples, batch_size=args.batch_size)
+    check_at_least(1, grad_accum=args.grad_accum, dist_timeout=args.dist_timeout)
+    check_at_least(0, warmup=args.warmup, eval_every=args.eval_every, save_every=args.save_every)
     check_at_least(2, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen)
     if not args.lr > 0:
         raise ValueError(f"--lr must be > 0, got {args.lr}")
+    given = _given(args, "finetune", args.checkpoint)
     if not args.distill:
-        given = _given(args, "finetune", args.checkpoint)
         _refuse_without(
             given,
-            ("temperature", "lm_weight"),
+            ("temperature", "lm_weight", "teacher_topk"),
             "--distill",
             "these weigh the teacher's logits: add --distill",
         )
-    out = args.out or args.checkpoint
-    if not is_checkpoint(args.checkpoint) and not args.out:
+    if not args.lora_rank:
+        _refuse_without(given, ("lora_alpha", "lora_targets"), "--lora-rank", "add --lora-rank R")
+    if args.schedule == "constant":
+        _refuse_without(given, ("min_lr_ratio",), "--schedule cosine", "add --schedule cosine")
+    out = Path(args.out or args.checkpoint)
+    in_place = out.resolve() == Path(args.checkpoint).resolve()
+    if in_place and not is_checkpoint(args.checkpoint):
         raise ValueError(
             f"{args.checkpoint} is not a sparsekit checkpoint: give --out for the fine-tuned model"
         )
-    if args.out and Path(args.out).exists() and Path(args.out).resolve() != Path(args.checkpoint).resolve():
-        raise FileExistsError(f"{args.out} exists; remove it or pick another --out")
-    model, tokenizer = load_any(args.checkpoint, torch.float32, "cpu")
-    teacher = load_any(args.distill, torch.float32, "cpu")[0] if args.distill else None
-    eval_ids = evaluation_ids(tokenizer, args.eval_dataset, max_tokens=args.eval_tokens)
-    report = finetune(
-        model,
-        tokenizer,
+    if in_place and (args.save_every or args.resume):
+        raise ValueError("--save-every / --resume keep the run's state in --out: give --out a new folder")
+    if args.resume and not (out / "train_state").is_dir():
+        raise FileNotFoundError(f"--resume: {out}/train_state does not exist (no run saved there)")
+    if args.resume and (out / "finetune_report.json").is_file():
+        raise ValueError(f"--resume: the run in {out} finished already (finetune_report.json is there)")
+    if not in_place and out.exists() and not args.resume:
+        raise FileExistsError(
+            f"{out} exists; remove it, pick another --out, or add --resume to continue the run saved there"
+        )
+    return None if in_place else out / "train_state"
+
+
+def _train_config(args: argparse.Namespace):
+    from sparsekit.hf.trainer import TrainConfig
+
+    return TrainConfig(
         steps=args.steps,
         lr=args.lr,
-        seqlen=args.seqlen,
-        nsamples=args.nsamples,
         batch_size=args.batch_size,
-        calib=args.calib,
-        evaluate=lambda m: perplexity(m, eval_ids, seqlen=args.eval_seqlen).ppl,
-        teacher=teacher,
+        grad_accum=args.grad_accum,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        precision=args.precision,
+        activation_checkpointing=args.activation_checkpointing,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
         temperature=args.temperature,
         lm_weight=args.lm_weight,
+        teacher_topk=args.teacher_topk,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=tuple(t for t in (args.lora_targets or "").split(",") if t),
     )
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from sparsekit.pruning import distributed
+
+    state_dir = _check_finetune_args(args)
+    config = _train_config(args)
+    if not distributed.launched_by_torchrun():
+        return _finetune_and_save(args, config, state_dir, main_rank=True)
+    world = distributed.init(timeout_s=args.dist_timeout)
+    config.check(world.size)
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return _finetune_and_save(args, config, state_dir, main_rank=world.main)
+    finally:
+        distributed.barrier()
+        distributed.shutdown()
+
+
+def _finetune_and_save(args: argparse.Namespace, config, state_dir: Path | None, main_rank: bool) -> int:
+    """Load, train (one process or every torchrun rank), and on rank 0 save the model in the form
+    it came in (compressed / widths checkpoint, or plain HF), the LoRA adapter and the run's state."""
+    from sparsekit.api import perplexity
+    from sparsekit.hf.data import calibration_ids, evaluation_ids
+    from sparsekit.hf.trainer import train
+
+    config.check(1)
+    model, tokenizer = load_any(args.checkpoint, torch.float32, "cpu")
+    teacher = load_any(args.distill, torch.float32, "cpu")[0] if args.distill else None
+    ids = calibration_ids(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
+    eval_ids = evaluation_ids(tokenizer, args.eval_dataset, max_tokens=args.eval_tokens)
+    adapter_tmp = Path(tempfile.mkdtemp(prefix="sparsekit-adapter-")) if args.lora_rank else None
+    try:
+        report = train(
+            model,
+            ids,
+            config,
+            teacher=teacher,
+            evaluate=lambda m: perplexity(m, eval_ids, seqlen=args.eval_seqlen).ppl,
+            state_dir=state_dir,
+            resume=args.resume,
+            adapter_dir=adapter_tmp,
+        )
+        if main_rank:
+            _print_finetune(report)
+            _save_finetuned(model.cpu(), tokenizer, args, report, state_dir, adapter_tmp)
+    finally:
+        if adapter_tmp is not None:
+            shutil.rmtree(adapter_tmp, ignore_errors=True)
+    return 0
+
+
+def _print_finetune(report) -> None:
+    evals = ", ".join(f"step {s}: {p:.3f}" for s, p in report.evals)
     print(
-        f"fine-tuned ({report.loss}) {report.trained_layers} layers for {report.steps} steps in "
-        f"{report.seconds:.0f} s: loss {report.losses[0]:.3f} -> {report.losses[-1]:.3f}, "
-        f"perplexity {report.ppl_before:.3f} -> {report.ppl_after:.3f}, masks exact: {report.masks_exact}"
+        f"fine-tuned ({report.loss}{', LoRA r=' + str(report.lora_rank) if report.lora_rank else ''}) "
+        f"{report.trained_layers} layers for {report.steps} steps on {report.world_size} process(es) "
+        f"({report.precision}) in {report.seconds:.0f} s, {report.tokens_per_s:.0f} tokens/s: loss "
+        f"{report.losses[0]:.3f} -> {report.losses[-1]:.3f}, perplexity {report.ppl_before:.3f} -> "
+        f"{report.ppl_after:.3f}, masks exact: {report.masks_exact}"
+        + (f"; resumed at step {report.resumed_from}" if report.resumed_from else "")
+        + (f"; eval {evals}" if evals else "")
     )
+
+
+def _save_finetuned(model, tokenizer, args, report, state_dir: Path | None, adapter: Path | None) -> None:
+    from sparsekit.hf.checkpoint import save
+    from sparsekit.nn import SparseLinear
+
+    out = Path(args.out or args.checkpoint)
     extra = {"finetune_report.json": report.to_dict()}
-    sparse = any(isinstance(m, SparseLinear) for m in model.modules())
-    if sparse or getattr(model.config, "block_widths", None):
-        save(model, out, tokenizer=tokenizer, extra_json=extra)
-    else:  # a plain (e.g. structurally pruned) model stays a plain HF checkpoint
-        with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp:
+        sparse = any(isinstance(m, SparseLinear) for m in model.modules())
+        if sparse or getattr(model.config, "block_widths", None):
+            save(model, tmp, tokenizer=tokenizer, extra_json=extra)
+        else:  # a plain (e.g. structurally pruned) model stays a plain HF checkpoint
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json_atomic(tmp / "finetune_report.json", report.to_dict())
-    print(f"saved to {out}")
-    return 0
+        if adapter is not None:
+            shutil.copytree(adapter, tmp / "adapter")
+        if state_dir is not None and state_dir.is_dir():  # the run's checkpoints and log stay
+            shutil.move(str(state_dir), tmp / "train_state")
+    print(f"saved to {out}" + (f" (unmerged LoRA adapter in {out}/adapter)" if adapter else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -582,7 +763,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model", help="hub id, local folder, folder/file.gguf, or 'smollm2' (the embedded default)"
     )
-    p.add_argument("--method", choices=method_names() + structured_method_names(), default="wanda")
+    p.add_argument(
+        "--method", choices=[*method_names(), *structured_method_names(), "maskllm"], default="wanda"
+    )
+    p.add_argument("--steps", type=int, default=None, help="maskllm: training steps (default 100)")
+    p.add_argument("--lr", type=float, default=None, help="maskllm: lr of the mask logits (default 5e-4)")
+    p.add_argument(
+        "--prior",
+        choices=("sparsegpt", "wanda", "magnitude", "none"),
+        default=None,
+        help="maskllm: the one-shot 2:4 mask the logits start from (default sparsegpt)",
+    )
     p.add_argument(
         "--sparsity",
         default=None,
@@ -822,7 +1013,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
-        "finetune", help="recovery fine-tune of a pruned model (masks fixed), LM loss or distillation"
+        "finetune",
+        help="heal a pruned model (masks kept exact): fine-tune, distil or masked LoRA; FSDP2, torchrun",
     )
     p.add_argument("checkpoint", help="a sparsekit checkpoint or a pruned HF folder (`prune --out`)")
     p.add_argument(
@@ -830,15 +1022,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--lm-weight", type=float, default=0.0, help="with --distill: add this times the LM loss")
+    p.add_argument(
+        "--teacher-topk",
+        type=int,
+        default=0,
+        help="with --distill: precompute the teacher's top-k logits to disk first (the teacher is not "
+        "held during training)",
+    )
+    p.add_argument("--lora-rank", type=int, default=0, help="mask-preserving LoRA of this rank (peft)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument(
+        "--lora-targets",
+        default=None,
+        help="comma-separated module names / suffixes (default: every pruned linear)",
+    )
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine: final lr / lr")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-grad-norm", type=float, default=None, help="clip the global gradient norm")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step, over all processes")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process per step")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="compute dtype (fp32 master weights either way); auto: bf16 where the device runs it natively",
+    )
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--calib", default="wiki-offline")
+    p.add_argument("--seed", type=int, default=0, help="training text and data order")
+    p.add_argument("--calib", default="wiki-offline", help="training text (a corpus name or a text file)")
     p.add_argument("--eval-dataset", default="wiki-offline")
     p.add_argument("--eval-seqlen", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps")
+    p.add_argument(
+        "--save-every", type=int, default=0, help="sharded checkpoint every N steps (and at the end)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, help="torchrun: collective timeout (s)")
     p.add_argument("--out", help="save here (default: overwrite the checkpoint, atomically)")
     p.set_defaults(func=cmd_finetune)
     return parser

@@ -1,0 +1,112 @@
+"""MaskLLM: the prior leads the initial logits, samples are soft 2:4 masks whose gradient reaches
+the logits, and the result is an ordinary model with exact 2:4 zeros (API, CLI)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekit.hf.maskllm import (
+    PATTERNS_2_4,
+    LearnedMask24Linear,
+    MaskLLMSettings,
+    _Anneal,
+    learn_masks,
+    one_shot_prior,
+    prior_logits,
+)
+from sparsekit.hf.trainer import TrainConfig
+from sparsekit.nn.sparsify import sparse_candidates
+from tests.conftest import tiny_model
+
+
+def _ids(n=16, seqlen=32):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(5))
+
+
+def _is_2_4(w):
+    return bool(((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def test_the_six_patterns_are_every_way_to_keep_two_of_four():
+    assert PATTERNS_2_4.sum(-1).tolist() == [2] * 6 and len({tuple(p.tolist()) for p in PATTERNS_2_4}) == 6
+
+
+def test_prior_pattern_leads_most_groups():
+    # strength 3 shifts the prior's logit by 3 noise std over the half-overlapping patterns: it
+    # leads most groups at the start, not all (the paper's initialisation)
+    prior = PATTERNS_2_4[torch.randint(0, 6, (4096,), generator=torch.Generator().manual_seed(0))].bool()
+    gate = prior_logits(prior.view(64, 256), 4096, MaskLLMSettings(), torch.Generator().manual_seed(1))
+    agree = (PATTERNS_2_4[gate.argmax(-1)].bool() == prior).all(-1).float().mean()
+    assert 0.8 < agree < 1.0
+    stronger = prior_logits(prior, 4096, MaskLLMSettings(prior_strength=10), torch.Generator().manual_seed(1))
+    assert (PATTERNS_2_4[stronger.argmax(-1)].bool() == prior).all()
+    flat = prior_logits(None, 32, MaskLLMSettings(), torch.Generator().manual_seed(1))
+    assert flat.std() < 0.02  # no prior: the logits are the small noise alone
+
+
+def test_soft_masks_keep_two_per_group_and_pass_gradient_to_the_logits():
+    linear = nn.Linear(16, 8)
+    gate = prior_logits(None, 32, MaskLLMSettings(), torch.Generator().manual_seed(0))
+    layer = LearnedMask24Linear(linear, gate, _Anneal(4.0, 100.0), update_weights=False).train()
+    mask = layer.soft_mask()
+    torch.testing.assert_close(mask.view(8, 4, 4).sum(-1), torch.full((8, 4), 2.0))
+    layer(torch.randn(3, 16)).square().sum().backward()
+    assert layer.gate.grad is not None and layer.gate.grad.abs().sum() > 0
+    assert not layer.weight.requires_grad
+    hard = layer.eval().to_linear()
+    assert _is_2_4(hard.weight) and torch.equal(hard.weight, linear.weight * layer.hard_mask())
+
+
+def test_learned_masks_are_exact_2_4_on_the_dense_weights():
+    model = tiny_model("llama")
+    dense = {n: m.weight.detach().clone() for n, m in sparse_candidates(model).items()}
+    config = TrainConfig(steps=8, lr=1e-3, batch_size=4, precision="fp32", show_progress=False)
+    report = learn_masks(model, _ids(), config, prior="wanda")
+    assert report.layers == 14 and 0 < report.changed_from_prior < 0.5
+    for name, module in sparse_candidates(model).items():
+        assert type(module) is nn.Linear and _is_2_4(module.weight), name
+        kept = module.weight != 0
+        assert torch.equal(module.weight[kept], dense[name][kept]), name  # frozen weights, masked
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_prior_masks_leave_the_dense_weights_untouched():
+    model = tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    masks = one_shot_prior(model, _ids(), "sparsegpt", show_progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(_is_2_4(m.float()) and m.float().mean() == 0.5 for m in masks.values())
+
+
+def test_prune_api_routes_maskllm_and_refuses_what_it_cannot_do():
+    import sparsekit
+
+    with pytest.raises(ValueError, match="sparsity='2:4'"):
+        sparsekit.prune(tiny_model("llama"), method="maskllm", sparsity=0.5, calib=_ids())
+    with pytest.raises(ValueError, match="does not take"):
+        sparsekit.prune(tiny_model("llama"), method="maskllm", sparsity="2:4", calib=_ids(), owl_m=5)
+    model = tiny_model("llama")
+    report = sparsekit.prune(model, method="maskllm", sparsity="2:4", calib=_ids(), steps=2, batch_size=4,
+                             precision="fp32", show_progress=False)  # fmt: skip
+    assert report.kind == "maskllm" and report.train["steps"] == 2
+    assert all(_is_2_4(m.weight) for m in sparse_candidates(model).values())
+
+
+def test_cli_prune_maskllm_saves_a_compressed_2_4_model(tmp_path, capsys):
+    from sparsekit.cli import main
+    from sparsekit.hf.checkpoint import load
+    from tests.tiny_folder import save_tiny_model
+
+    dense = save_tiny_model(tmp_path / "dense")
+    out = tmp_path / "ml"
+    argv = ["prune", str(dense), "--method", "maskllm", "--sparsity", "2:4", "--steps", "3",
+            "--nsamples", "8", "--seqlen", "32", "--batch-size", "4", "--device", "cpu",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "maskllm: learned the 2:4 masks of 14 layers" in capsys.readouterr().out
+    formats = {m.format for m in load(out).modules() if hasattr(m, "format") and hasattr(m, "dense_weight")}
+    assert formats == {"2:4"}
+    assert main([*argv[:-2], "--allocation", "owl", "--out", str(tmp_path / "x")]) != 0
+    assert "--allocation does nothing with --method maskllm" in capsys.readouterr().err
