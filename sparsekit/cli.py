@@ -235,7 +235,8 @@ def _print_report(report, method: str) -> None:
 
 _MASKLLM_FLAGS = {
     "sparsity", "calib", "nsamples", "seqlen", "seed", "batch_size", "steps", "lr", "prior", "eval",
-    "eval_dataset", "eval_seqlen", "eval_tokens", "out", "device", "dist_timeout", "verbose", "trust_remote_code",
+    "eval_dataset", "eval_seqlen", "eval_tokens", "out", "device", "dist_timeout", "verbose",
+    "trust_remote_code",
 }  # fmt: skip
 
 
@@ -696,7 +697,11 @@ def _finetune_and_save(args: argparse.Namespace, config, state_dir: Path | None,
 
     config.check(1)
     model, tokenizer = load_any(args.checkpoint, torch.float32, "cpu")
-    teacher = load_any(args.distill, torch.float32, "cpu")[0] if args.distill else None
+    from sparsekit.hf.trainer import compute_dtype, train_device
+
+    # the frozen teacher is stored in the compute dtype (bf16 halves its shards); the student in fp32
+    teacher_dtype = compute_dtype(config.precision, train_device()) or torch.float32
+    teacher = load_any(args.distill, teacher_dtype, "cpu")[0] if args.distill else None
     ids = calibration_ids(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     eval_ids = evaluation_ids(tokenizer, args.eval_dataset, max_tokens=args.eval_tokens)
     adapter_tmp = Path(tempfile.mkdtemp(prefix="sparsekit-adapter-")) if args.lora_rank else None

@@ -52,17 +52,25 @@ def process_group(device: torch.device, timeout_s: float = 1800.0):
 
 
 def shard_model(
-    model: nn.Module, blocks: Iterable[nn.Module], compute_dtype: torch.dtype | None
+    model: nn.Module,
+    blocks: Iterable[nn.Module],
+    compute_dtype: torch.dtype | None,
+    device: torch.device | None = None,
 ) -> MixedPrecisionPolicy:
-    """``fully_shard`` every decoder block, then the root (embeddings, final norm, lm_head).
+    """``fully_shard`` every decoder block, then the root (embeddings, final norm, lm_head); the
+    shards move to ``device`` (default: the CPU), one mesh over every rank.
 
     compute_dtype: parameters are all-gathered in this dtype for forward and backward (bf16), while
     the sharded fp32 parameters stay the master copy and gradients are reduced in fp32.
     """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = device or torch.device("cpu")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return policy
 
 

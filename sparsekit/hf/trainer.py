@@ -213,6 +213,22 @@ def topk_distill_loss(
 # --- the trainer ------------------------------------------------------------------------------------
 
 
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 for 'bf16', and for 'auto' where the device multiplies bf16 natively; None: fp32."""
+    if precision == "fp32" or (precision == "auto" and not fsdp.bf16_supported(device)):
+        return None
+    if precision == "bf16" and not fsdp.bf16_supported(device):
+        log.warning("precision bf16 on a device without native bf16 matmuls: it will be slow")
+    return torch.bfloat16
+
+
+def train_device() -> torch.device:
+    """Where training computes: this rank's GPU when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 class _Teacher:
     """Where the teacher's targets come from: a sharded model, or top-k logits on disk."""
 
@@ -430,7 +446,7 @@ class Trainer:
                 f"teacher vocabulary ({teacher.config.vocab_size}) differs from the student's "
                 f"({model.config.vocab_size})"
             )
-        self.device = next(model.parameters()).device
+        self.device = train_device()  # the model may sit on the CPU: its shards move there
         self.compute_dtype = self._compute_dtype()
         self.report = TrainReport(
             config.steps,
@@ -450,12 +466,7 @@ class Trainer:
             self.report.loss = f"{kind}+lm" if config.lm_weight else kind
 
     def _compute_dtype(self) -> torch.dtype | None:
-        p = self.config.precision
-        if p == "fp32" or (p == "auto" and not fsdp.bf16_supported(self.device)):
-            return None
-        if p == "bf16" and not fsdp.bf16_supported(self.device):
-            log.warning("precision bf16 on a device without native bf16 matmuls: it will be slow")
-        return torch.bfloat16
+        return compute_dtype(self.config.precision, self.device)
 
     # -- preparation --
 
@@ -466,7 +477,7 @@ class Trainer:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        fsdp.shard_model(teacher, find_decoder_blocks(teacher)[1], self.compute_dtype)
+        fsdp.shard_model(teacher, find_decoder_blocks(teacher)[1], self.compute_dtype, self.device)
         if not config.teacher_topk:
             return _Teacher(teacher, None)
         folder = (self.state_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / "teacher_topk"
@@ -511,7 +522,7 @@ class Trainer:
         if config.activation_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         before = {id(p): n for n, p in model.named_parameters()}
-        fsdp.shard_model(model, blocks, self.compute_dtype)
+        fsdp.shard_model(model, blocks, self.compute_dtype, self.device)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # sharding replaced the parameters: find the masked ones again by name
         masked_names = {before[i] for i in sparse_names}
@@ -731,8 +742,7 @@ def train(
     formats, pruned weights exactly zero. job: train something else than the pruned weights
     (``TrainingJob``, e.g. MaskLLM's mask logits).
     """
-    device = next(model.parameters()).device
-    with fsdp.process_group(device):
+    with fsdp.process_group(train_device()):
         trainer = Trainer(model, input_ids, config, teacher, evaluate, state_dir, resume, job)
         report = trainer.run()
         if config.lora_rank:
