@@ -256,3 +256,18 @@ def test_two_processes_match_one_at_equal_global_batch(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert find_decoder_blocks(model)[1] is not None
+
+
+def test_evaluation_every_n_steps_runs_on_the_sharded_model(tmp_path):
+    from sparsekit.eval.perplexity import perplexity_of_ids
+
+    held_out = _ids(1, 64)
+
+    def evaluate(m):
+        return perplexity_of_ids(m, held_out, seqlen=32).ppl
+
+    report = train(_pruned(), _ids(), _cfg(steps=4, eval_every=2), evaluate=evaluate, state_dir=tmp_path)
+    assert [s for s, _ in report.evals] == [2, 4] and all(p > 1 for _, p in report.evals)
+    assert report.ppl_after == pytest.approx(report.evals[-1][1], rel=1e-5)  # the same weights, unsharded
+    logged = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval_ppl" in r] == [2, 4]
