@@ -271,3 +271,11 @@ def test_evaluation_every_n_steps_runs_on_the_sharded_model(tmp_path):
     assert report.ppl_after == pytest.approx(report.evals[-1][1], rel=1e-5)  # the same weights, unsharded
     logged = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "eval_ppl" in r] == [2, 4]
+
+
+def test_a_model_trains_twice_in_one_process():
+    model = _pruned()
+    first = train(model, _ids(), _cfg(steps=2))
+    second = train(model, _ids(), _cfg(steps=2))  # sharded again after being turned back
+    assert first.masks_exact and second.masks_exact
+    assert second.losses[0] < first.losses[0]  # it starts from the first run's weights
