@@ -110,3 +110,32 @@ def test_cli_prune_maskllm_saves_a_compressed_2_4_model(tmp_path, capsys):
     assert formats == {"2:4"}
     assert main([*argv[:-2], "--allocation", "owl", "--out", str(tmp_path / "x")]) != 0
     assert "--allocation does nothing with --method maskllm" in capsys.readouterr().err
+
+
+def test_learning_recovers_a_hidden_2_4_mask_from_a_wrong_prior():
+    """y = x (W * M_true)^T; the logits start from a random (wrong) prior and must find M_true."""
+    from sparsekit.hf.maskllm import MaskLLMJob
+
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(32, 16, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(16, 32, generator=g))
+    truth = PATTERNS_2_4[torch.randint(0, 6, (128,), generator=g)].view(16, 32).bool()
+    prior = PATTERNS_2_4[torch.randint(0, 6, (128,), generator=g)].view(16, 32).bool()
+    model = nn.Sequential(linear)
+    job = MaskLLMJob({"0": prior}, MaskLLMSettings(weight_reg=0.0))
+    job.prepare(model, {"0": linear})
+    layer = model[0]
+    opt = torch.optim.Adam([layer.gate], lr=5e-3)
+    steps = 300
+    for step in range(steps):
+        job.before_step(step, steps)
+        x = torch.randn(64, 32, generator=g)
+        loss = (layer(x) - x @ (linear.weight * truth).T).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    learned = layer.hard_mask()
+    start = (prior == truth).view(-1, 4).all(-1).float().mean()
+    found = (learned == truth).view(-1, 4).all(-1).float().mean()
+    assert start < 0.4 and found > 0.95, (float(start), float(found))
