@@ -107,6 +107,25 @@ def main(argv: list[str] | None = None) -> int:
         wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
         chosen = [v for v in chosen if v is DENSE or any(w in v.name for w in wanted)]
     prompt = eval_ids[:, :64]
+    env = environment()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head = (
+        f"`python bench/moe_table.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {env['cpu']} "
+        f"({env['cpu_threads']} threads), torch {env['torch']}, transformers {env['transformers']}, commit "
+        f"{env['commit']}, {env['time_utc']}; calibration {nsamples} x {seqlen}, {eval_tokens} eval tokens, "
+        f"{items} items per task, {rounds} timing rounds.\n\n"
+    )
+
+    def write(rows, note: str = "") -> None:
+        write_json_atomic(
+            out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows_to_dicts(rows)}
+        )
+        write_text_atomic(out.with_suffix(".md"), head + note + compare_markdown(rows) + "\n")
+
+    def partial(rows) -> None:  # after every row: a run cut short keeps its rows (no timing yet)
+        write(rows, f"**Partial: {len(rows)} of {len(chosen)} rows, decode timing not run yet.**\n\n")
+
     rows = compare_variants(
         model,
         tok,
@@ -118,20 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=16,
         rounds=rounds,
         checkpoint_bytes=True,
+        on_row=partial,
     )
-    env = environment()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows_to_dicts(rows)}
-    )
-    head = (
-        f"`python bench/moe_table.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {env['cpu']} "
-        f"({env['cpu_threads']} threads), torch {env['torch']}, transformers {env['transformers']}, commit "
-        f"{env['commit']}, {env['time_utc']}; calibration {nsamples} x {seqlen}, {eval_tokens} eval tokens, "
-        f"{items} items per task, {rounds} timing rounds.\n\n"
-    )
-    write_text_atomic(out.with_suffix(".md"), head + compare_markdown(rows) + "\n")
+    write(rows)
     print(head + compare_markdown(rows))
     return 0
 

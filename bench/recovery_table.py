@@ -6,10 +6,10 @@ masks against the one-shot 2:4 baselines, in one table.
 
 Every row is trained with the same data (``--nsamples`` x ``--seqlen`` tokens of the offline corpus,
 seed 1, read in the trainer's seeded order), steps, batch and schedule, from a fresh copy of its
-base model. Pruning calibration: 32 x 512 tokens (seed 0). Columns: perplexity on ``--eval-tokens``
-held-out tokens (windows of 512), ``wiki_lambada`` / ``wiki_continuation`` accuracy (``--items``
-per task), the share of zeros in the decoder-block linears after training, training seconds and
-tokens/s. ``--rows`` picks rows by substring. Writes <out>.json and <out>.md.
+base model. Pruning calibration: --calib-nsamples (32) x 512 tokens (seed 0). Columns: perplexity
+on ``--eval-tokens`` held-out tokens (windows of 512), ``wiki_lambada`` / ``wiki_continuation``
+accuracy (``--items`` per task), the share of zeros in the decoder-block linears after training,
+training seconds and tokens/s. ``--rows`` picks rows by substring. Writes <out>.json and <out>.md.
 """
 
 from __future__ import annotations
@@ -39,80 +39,35 @@ def zeros_share(model) -> float:
     return sum(int((m.weight == 0).sum()) for m in layers) / sum(m.weight.numel() for m in layers)
 
 
-def base_models(dense, calib) -> dict:
-    flap = copy.deepcopy(dense)
-    sparsekit.prune(flap, method="flap", sparsity=0.2, calib=calib, show_progress=False)
-    sgpt = copy.deepcopy(dense)
-    sparsekit.prune(sgpt, method="sparsegpt", sparsity="2:4", calib=calib, show_progress=False)
-    admm = copy.deepcopy(dense)
-    sparsekit.prune(admm, method="sparsegpt", sparsity="2:4", calib=calib, permute=True, update="admm",
-                    show_progress=False)  # fmt: skip
-    return {"FLAP 20%": flap, "SparseGPT 2:4": sgpt, "SparseGPT+permute+ADMM 2:4": admm}
+def base_model(name: str, dense, calib):
+    """A fresh copy of ``dense`` pruned as the row's base names it."""
+    model = copy.deepcopy(dense)
+    if name == "FLAP 20%":
+        sparsekit.prune(model, method="flap", sparsity=0.2, calib=calib, show_progress=False)
+    elif name == "SparseGPT 2:4":
+        sparsekit.prune(model, method="sparsegpt", sparsity="2:4", calib=calib, show_progress=False)
+    elif name == "SparseGPT+permute+ADMM 2:4":
+        sparsekit.prune(model, method="sparsegpt", sparsity="2:4", calib=calib, permute=True, update="admm",
+                        show_progress=False)  # fmt: skip
+    return model
 
 
 def rows_to_run(args) -> list[tuple[str, str, str]]:
     """(row name, base, job) in table order."""
     rows = [("dense", "dense", "none")]
-    for base in ("FLAP 20%", "SparseGPT 2:4"):
+    for base in ("SparseGPT 2:4", "FLAP 20%"):
         rows += [(f"{base}", base, "none"), (f"{base} + fine-tune", base, "lm"),
                  (f"{base} + distill", base, "distill"),
                  (f"{base} + LoRA r{args.lora_rank}", base, "lora")]  # fmt: skip
-    rows += [("SparseGPT+permute+ADMM 2:4", "SparseGPT+permute+ADMM 2:4", "none"),
-             ("MaskLLM 2:4 (SparseGPT prior)", "dense", "maskllm")]  # fmt: skip
+        if base == "SparseGPT 2:4":
+            rows.append(("MaskLLM 2:4 (SparseGPT prior)", "dense", "maskllm"))
+    rows.append(("SparseGPT+permute+ADMM 2:4", "SparseGPT+permute+ADMM 2:4", "none"))
     wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
     return [r for r in rows if not wanted or r[0] == "dense" or any(w in r[0] for w in wanted)]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="reports/recovery_table")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=5e-5, help="fine-tune / distill lr (LoRA: 10x)")
-    p.add_argument("--maskllm-lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--nsamples", type=int, default=256)
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--items", type=int, default=100)
-    p.add_argument("--rows", default="")
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    torch.set_num_threads(2)
-    dense, tok = load_model("smollm2", dtype=torch.float32)
-    calib = calibration_ids(tok, "wiki-offline", 32, 512, seed=0)
-    ids = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=1)
-    eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
-    bases = {"dense": dense, **base_models(dense, calib)}
-
-    def config(lr: float, **kw) -> TrainConfig:
-        return TrainConfig(steps=args.steps, lr=lr, batch_size=args.batch_size, schedule="cosine",
-                           warmup=max(1, args.steps // 20), precision="fp32", log_every=10, **kw)  # fmt: skip
-
-    results = []
-    for name, base, job in rows_to_run(args):
-        model = copy.deepcopy(bases[base])
-        start, report = time.perf_counter(), None
-        if job == "lm":
-            report = train(model, ids, config(args.lr)).to_dict()
-        elif job == "distill":
-            report = train(model, ids, config(args.lr), teacher=dense).to_dict()
-        elif job == "lora":
-            report = train(model, ids, config(10 * args.lr, lora_rank=args.lora_rank)).to_dict()
-        elif job == "maskllm":
-            report = learn_masks(model, calib, config(args.maskllm_lr), prior="sparsegpt").train
-        seconds = time.perf_counter() - start
-        model.eval()
-        ppl = perplexity_of_ids(model, eval_ids, seqlen=512).ppl
-        acc = sparsekit.zero_shot(model, ["wiki_lambada", "wiki_continuation"], tok, limit=args.items)
-        accs = {t: s.main[1] for t, s in acc.scores.items()}
-        row = {"name": name, "job": job, "ppl": ppl, "accuracy": accs, "zeros": zeros_share(model),
-               "params": sum(p.numel() for p in model.parameters()), "seconds": seconds if report else 0.0,
-               "tokens_per_s": report["tokens_per_s"] if report else None,
-               "losses": report["losses"] if report else None}  # fmt: skip
-        results.append(row)
-        logging.info("%s: ppl %.3f, acc %s, zeros %.3f, %.0f s", name, ppl, accs, row["zeros"], seconds)
-        del model
+def _write(args, results) -> None:
+    """The table so far (rewritten after every row: a cut-short run keeps its rows)."""
     env = environment()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -122,8 +77,10 @@ def main() -> int:
         f"`python bench/recovery_table.py {' '.join(sys.argv[1:])}` on {env['cpu']} ({env['cpu_threads']} "
         f"threads), torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}, "
         f"{env['time_utc']}. Training: {args.steps} steps x {args.batch_size} x {args.seqlen} tokens "
-        f"({tokens:,} tokens) of {args.nsamples} sequences (MaskLLM: the 32 x 512 calibration "
-        f"sequences), cosine lr with {max(1, args.steps // 20)} warm-up steps, fp32; lr {args.lr:g} "
+        f"({tokens:,} tokens) of {args.nsamples} sequences (MaskLLM: {args.maskllm_steps or args.steps} "
+        f"steps x {args.batch_size} of the {args.calib_nsamples} x 512 calibration sequences, "
+        "weights frozen), "
+        f"cosine lr with {max(1, args.steps // 20)} warm-up steps, fp32; lr {args.lr:g} "
         f"(LoRA {10 * args.lr:g}, MaskLLM {args.maskllm_lr:g}). Perplexity on {args.eval_tokens} held-out "
         f"tokens, windows of 512; {args.items} items per task.\n\n"
     )
@@ -139,7 +96,65 @@ def main() -> int:
             f"{r['seconds']:.0f} | {rate} |"
         )
     write_text_atomic(out.with_suffix(".md"), head + "\n".join(lines) + "\n")
-    print(head + "\n".join(lines))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="reports/recovery_table")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=5e-5, help="fine-tune / distill lr (LoRA: 10x)")
+    p.add_argument("--maskllm-lr", type=float, default=5e-4)
+    p.add_argument("--maskllm-steps", type=int, default=None, help="default: --steps")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--nsamples", type=int, default=256)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--items", type=int, default=100)
+    p.add_argument("--rows", default="")
+    p.add_argument("--calib-nsamples", type=int, default=32, help="pruning calibration sequences of 512")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(2)
+    dense, tok = load_model("smollm2", dtype=torch.float32)
+    calib = calibration_ids(tok, "wiki-offline", args.calib_nsamples, 512, seed=0)
+    ids = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=1)
+    eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
+    bases: dict = {}
+
+    def config(lr: float, steps: int = args.steps, **kw) -> TrainConfig:
+        return TrainConfig(steps=steps, lr=lr, batch_size=args.batch_size, schedule="cosine",
+                           warmup=max(1, steps // 20), precision="fp32", log_every=10, **kw)  # fmt: skip
+
+    results = []
+    for name, base, job in rows_to_run(args):
+        if base not in bases:  # pruned once, on first use
+            bases[base] = base_model(base, dense, calib)
+        model = copy.deepcopy(bases[base])
+        start, report = time.perf_counter(), None
+        if job == "lm":
+            report = train(model, ids, config(args.lr)).to_dict()
+        elif job == "distill":
+            report = train(model, ids, config(args.lr), teacher=dense).to_dict()
+        elif job == "lora":
+            report = train(model, ids, config(10 * args.lr, lora_rank=args.lora_rank)).to_dict()
+        elif job == "maskllm":
+            steps = args.maskllm_steps or args.steps
+            report = learn_masks(model, calib, config(args.maskllm_lr, steps), prior="sparsegpt").train
+        seconds = time.perf_counter() - start
+        model.eval()
+        ppl = perplexity_of_ids(model, eval_ids, seqlen=512).ppl
+        acc = sparsekit.zero_shot(model, ["wiki_lambada", "wiki_continuation"], tok, limit=args.items)
+        accs = {t: s.main[1] for t, s in acc.scores.items()}
+        row = {"name": name, "job": job, "ppl": ppl, "accuracy": accs, "zeros": zeros_share(model),
+               "params": sum(p.numel() for p in model.parameters()), "seconds": seconds if report else 0.0,
+               "tokens_per_s": report["tokens_per_s"] if report else None,
+               "losses": report["losses"] if report else None}  # fmt: skip
+        results.append(row)
+        logging.info("%s: ppl %.3f, acc %s, zeros %.3f, %.0f s", name, ppl, accs, row["zeros"], seconds)
+        del model
+        _write(args, results)
+    print(Path(args.out).with_suffix(".md").read_text())
     return 0
 
 

@@ -151,6 +151,7 @@ def compare_variants(
     zero_shot_batch: int = 8,
     show_progress: bool = True,
     checkpoint_bytes: bool = False,
+    on_row=None,
 ) -> list[CompareRow]:
     """Prune, evaluate and time every variant (``model`` itself is left unchanged).
 
@@ -158,6 +159,8 @@ def compare_variants(
     timing when None). All variants stay resident so their generations can interleave.
     ``checkpoint_bytes``: also save each variant with ``sparsekit.save`` to a temporary folder and
     record its size (what fused MoE experts take compressed on disk, while in memory they are dense).
+    ``on_row(rows)`` is called after every variant's quality row (before any timing), so a caller
+    can write what a long run has so far.
     """
     from sparsekit.eval.zero_shot import task_manager, zero_shot
     from sparsekit.nn import sparsify
@@ -199,6 +202,8 @@ def compare_variants(
             prune_s,
         )
         timed[variant.name] = pruned
+        if on_row is not None:
+            on_row(rows)
     if prompt_ids is not None:
         timing = time_generation_interleaved(
             timed, prompt_ids, new_tokens, rounds, show_progress=show_progress
