@@ -66,9 +66,8 @@ def rows_to_run(args) -> list[tuple[str, str, str]]:
     return [r for r in rows if not wanted or r[0] == "dense" or any(w in r[0] for w in wanted)]
 
 
-def _write(args, results) -> None:
+def _write(args, results, env: dict) -> None:
     """The table so far (rewritten after every row: a cut-short run keeps its rows)."""
-    env = environment()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": results})
@@ -127,6 +126,7 @@ def main() -> int:
                            warmup=max(1, steps // 20), precision="fp32", log_every=10, **kw)  # fmt: skip
 
     results = []
+    env = environment()  # at the start: the commit that runs
     for name, base, job in rows_to_run(args):
         if base not in bases:  # pruned once, on first use
             bases[base] = base_model(base, dense, calib)
@@ -153,7 +153,7 @@ def main() -> int:
         results.append(row)
         logging.info("%s: ppl %.3f, acc %s, zeros %.3f, %.0f s", name, ppl, accs, row["zeros"], seconds)
         del model
-        _write(args, results)
+        _write(args, results, env)
     print(Path(args.out).with_suffix(".md").read_text())
     return 0
 

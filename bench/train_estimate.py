@@ -44,10 +44,11 @@ def estimate(args) -> dict:
     # 20% of the decoder-block parameters removed by narrowing MLP channels and heads alike
     student_n, student_blocks = model_params(c, width=0.8)
     ranks, tokens = args.ranks, args.micro_batch * args.seqlen
+    # the trainer trains the decoder-block weights; embeddings and lm_head stay frozen (fp32 shards only)
     per_rank = {
-        "student fp32 master weights": 4 * student_n / ranks,
-        "student fp32 gradients": 4 * student_n / ranks,
-        "AdamW state (2 x fp32)": 8 * student_n / ranks,
+        "student fp32 shards (all weights)": 4 * student_n / ranks,
+        "fp32 gradients of the block weights": 4 * student_blocks / ranks,
+        "AdamW state of the block weights (2 x fp32)": 8 * student_blocks / ranks,
         "two gathered bf16 blocks (current + prefetch)": 2 * 2 * student_blocks / c["layers"],
         "checkpointed block inputs (bf16)": 2 * tokens * c["hidden"] * c["layers"],
         "one block's activations in recompute (bf16, ~34 x hidden per token)": 2 * 34 * tokens * c["hidden"],
@@ -86,7 +87,8 @@ def markdown(e: dict) -> str:
         f"parameters) into a 20%-width-pruned student ({e['student_params'] / 1e9:.2f} B) on {a['ranks']} "
         f"H100-80GB with `sparsekit finetune --distill` under torchrun: micro-batch {a['micro_batch']} x "
         f"{a['seqlen']} tokens per rank, activation checkpointing, bf16 compute, fp32 master weights, "
-        f"gradients and AdamW state. `python bench/train_estimate.py`.",
+        "gradients and AdamW state for the decoder-block weights (what the trainer trains; embeddings "
+        "and lm_head frozen). `python bench/train_estimate.py`.",
         "",
         "| per rank | GiB |",
         "|---|---|",
