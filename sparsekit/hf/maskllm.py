@@ -136,8 +136,9 @@ class MaskLLMJob(TrainingJob):
         self.groups = 0
 
     def prepare(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
-        # as tau falls the Gumbel-softmax saturates and its probabilities and gradients go subnormal,
-        # which x86 CPUs compute 10-100x slower (a 30 s step became minutes): flush them to zero
+        # as tau falls the Gumbel-softmax saturates and its probabilities and gradients can go
+        # subnormal, which x86 CPUs compute 10-100x slower: flush them to zero. (The last steps on
+        # SmolLM2 still slow down with this set; the cause is not confirmed: docs/results.md.)
         self._flushed = torch.set_flush_denormal(True)
         generator = torch.Generator().manual_seed(self.settings.seed)  # every rank draws the same logits
         for name, module in layers.items():
