@@ -235,7 +235,7 @@ def _print_report(report, method: str) -> None:
 
 _MASKLLM_FLAGS = {
     "sparsity", "calib", "nsamples", "seqlen", "seed", "batch_size", "steps", "lr", "prior", "eval",
-    "eval_dataset", "eval_seqlen", "eval_tokens", "out", "device", "dist_timeout", "verbose",
+    "eval_dataset", "eval_seqlen", "eval_tokens", "out", "dist_timeout", "verbose",
     "trust_remote_code",
 }  # fmt: skip
 
@@ -249,7 +249,8 @@ def _check_maskllm_args(args: argparse.Namespace) -> None:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)
         raise ValueError(
             f"{flags} {'does' if len(unused) == 1 else 'do'} nothing with --method maskllm (it learns the "
-            "2:4 masks by training; its flags: --steps --lr --prior --batch-size --calib --nsamples --seqlen)"
+            "2:4 masks by training on this rank's GPU when there is one, else the CPU; its flags: --steps "
+            "--lr --prior --batch-size --calib --nsamples --seqlen)"
         )
     if args.sparsity != "2:4":
         raise ValueError(f"--method maskllm learns 2:4 masks: give --sparsity 2:4 (got {args.sparsity})")

@@ -139,3 +139,12 @@ def test_learning_recovers_a_hidden_2_4_mask_from_a_wrong_prior():
     start = (prior == truth).view(-1, 4).all(-1).float().mean()
     found = (learned == truth).view(-1, 4).all(-1).float().mean()
     assert start < 0.4 and found > 0.95, (float(start), float(found))
+
+
+def test_cli_maskllm_refuses_a_device_it_would_not_use(tmp_path, capsys):
+    from sparsekit.cli import main
+
+    other = "cpu" if torch.cuda.is_available() else "cuda"  # not where the trainer computes
+    argv = ["prune", "smollm2", "--method", "maskllm", "--sparsity", "2:4", "--device", other]
+    assert main(argv) != 0
+    assert "--device does nothing with --method maskllm" in capsys.readouterr().err
