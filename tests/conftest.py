@@ -5,6 +5,8 @@ triton is first imported, so it is set here, ahead of any sparsekit import.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -17,6 +19,22 @@ TOL = {
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (2e-2, 2e-2),
 }
+
+
+_GGUF_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    """The session converts the embedded GGUF once into its own cache folder (inherited by the
+    CLI subprocesses), so the conversion path runs in every session and no user cache is touched."""
+    if "SPARSEKIT_GGUF_CACHE" not in os.environ:
+        _GGUF_CACHE.append(tempfile.mkdtemp(prefix="sparsekit-gguf-cache-"))
+        os.environ["SPARSEKIT_GGUF_CACHE"] = _GGUF_CACHE[0]
+
+
+def pytest_unconfigure(config):
+    for folder in _GGUF_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

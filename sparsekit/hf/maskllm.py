@@ -79,6 +79,24 @@ def prior_logits(
     return gate
 
 
+LOG_FLOOR = -30.0  # exp(-30) ~ 1e-13: probabilities below it are held there, far from subnormals
+
+
+def gumbel_softmax_floored(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """softmax((logits + g) / tau) over the last dim, g ~ Gumbel(0, 1), with every log-probability
+    floored at ``LOG_FLOOR`` below the row's maximum (zero gradient there).
+
+    At the schedule's end (tau 0.05, scale 500) F.gumbel_softmax can produce subnormal
+    probabilities, which x86 CPUs compute 10-100x slower; the floor keeps every mask entry and its
+    gradient normal and changes a mask entry by at most 6e-13. With the same generator state it
+    draws the same noise as F.gumbel_softmax. logits: float [..., k]; returns float [..., k]."""
+    gumbel = -torch.empty_like(logits).exponential_().log()
+    z = (logits + gumbel) / tau
+    z = (z - z.detach().amax(-1, keepdim=True)).clamp(min=LOG_FLOOR)
+    p = z.exp()
+    return p / p.sum(-1, keepdim=True)
+
+
 class LearnedMask24Linear(nn.Module):
     """A linear whose 2:4 mask is learned: y = x (W * M(gate))^T + b, W [out, in]."""
 
@@ -97,7 +115,7 @@ class LearnedMask24Linear(nn.Module):
         """[out, in] in the weight's dtype: a Gumbel-softmax sample while training, else the argmax."""
         if not self.training:
             return self.hard_mask().to(self.weight.dtype)
-        choice = F.gumbel_softmax(self.gate.float() * self.anneal.scale, tau=self.anneal.temperature)
+        choice = gumbel_softmax_floored(self.gate.float() * self.anneal.scale, self.anneal.temperature)
         return (choice @ self.patterns).view(self.out_features, self.in_features).to(self.weight.dtype)
 
     def hard_mask(self) -> torch.Tensor:
@@ -136,10 +154,6 @@ class MaskLLMJob(TrainingJob):
         self.groups = 0
 
     def prepare(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
-        # as tau falls the Gumbel-softmax saturates and its probabilities and gradients can go
-        # subnormal, which x86 CPUs compute 10-100x slower: flush them to zero. (The last steps on
-        # SmolLM2 still slow down with this set; the cause is not confirmed: docs/results.md.)
-        self._flushed = torch.set_flush_denormal(True)
         generator = torch.Generator().manual_seed(self.settings.seed)  # every rank draws the same logits
         for name, module in layers.items():
             if type(module) is not nn.Linear:
@@ -167,8 +181,6 @@ class MaskLLMJob(TrainingJob):
         return -self.settings.weight_reg * (1 - step / steps) * torch.stack(norms).sum()
 
     def finish(self, model: nn.Module) -> None:
-        if getattr(self, "_flushed", False):
-            torch.set_flush_denormal(False)
         for name in self.names:
             layer = model.get_submodule(name)
             if not isinstance(layer, LearnedMask24Linear):

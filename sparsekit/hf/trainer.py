@@ -113,7 +113,8 @@ class TrainReport:
     temperature: float = 1.0
     lm_weight: float = 0.0
     lora_rank: int = 0
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # the task loss (LM / distillation) per step
+    job_losses: list[float] = field(default_factory=list)  # the job's extra term (MaskLLM's regulariser)
     lrs: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     evals: list[tuple[int, float]] = field(default_factory=list)
@@ -553,19 +554,19 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = self._micro_batches(step)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64)  # the task loss, the job's extra term
         for i, rows in enumerate(micro):
             self.model.set_requires_gradient_sync(i == len(micro) - 1)
             if self.job is not None:
                 self.job.before_step(step, self.config.steps)  # before every micro-batch's forward
-            loss = self._loss(net, rows)
+            task = self._loss(net, rows)
             extra = self.job.loss_term(step, self.config.steps) if self.job is not None else None
-            if extra is not None:
-                loss = loss + extra
+            loss = task if extra is None else task + extra
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower the lr (now {lr})")
             (loss / len(micro)).backward()
-            total += loss.detach().double().cpu() / len(micro)
+            parts = (task.detach(), torch.zeros(()) if extra is None else extra.detach())
+            total += torch.stack([p.double().cpu() for p in parts]) / len(micro)
         self.masks.apply_to_grads()
         limit = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
@@ -577,7 +578,8 @@ class Trainer:
             total = total.to(self.device)
             dist.all_reduce(total)
             total = total.cpu() / self.world
-        return float(total), float(norm)
+        self.last_extra = float(total[1])
+        return float(total[0]), float(norm)
 
     def _log(self, record: dict) -> None:
         if self.rank == 0 and self.state_dir is not None:
@@ -633,6 +635,7 @@ class Trainer:
             start = saved["step"]
             for key in ("losses", "lrs", "grad_norms", "evals", "tokens"):
                 setattr(report, key, saved["report"][key])
+            report.job_losses = saved["report"].get("job_losses", [])
             report.evals = [tuple(e) for e in report.evals]
             report.resumed_from = start
             self._trim_log(start)
@@ -648,6 +651,7 @@ class Trainer:
             for step in bar:
                 loss, norm = self._step(net, params, optimizer, step)
                 report.losses.append(loss)
+                report.job_losses.append(self.last_extra)
                 report.grad_norms.append(norm)
                 report.lrs.append(lr_at(step, config))
                 report.tokens += tokens_per_step
@@ -657,6 +661,7 @@ class Trainer:
                     {
                         "step": step + 1,
                         "loss": loss,
+                        "job_loss": self.last_extra,
                         "lr": report.lrs[-1],
                         "grad_norm": norm,
                         "tokens": report.tokens,

@@ -148,3 +148,22 @@ def test_cli_maskllm_refuses_a_device_it_would_not_use(tmp_path, capsys):
     argv = ["prune", "smollm2", "--method", "maskllm", "--sparsity", "2:4", "--device", other]
     assert main(argv) != 0
     assert "--device does nothing with --method maskllm" in capsys.readouterr().err
+
+
+def test_floored_gumbel_softmax_draws_like_torch_and_never_goes_subnormal():
+    from sparsekit.hf.maskllm import LOG_FLOOR, gumbel_softmax_floored
+
+    logits = torch.randn(512, 6) * 3
+    torch.manual_seed(1)
+    ours = gumbel_softmax_floored(logits, 1.0)
+    torch.manual_seed(1)
+    ref = torch.nn.functional.gumbel_softmax(logits, tau=1.0)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-12)  # same noise, same probabilities
+    gate = (logits * 500).requires_grad_(True)  # the schedule's end: tau 0.05, scale 500
+    p = gumbel_softmax_floored(gate, 0.05)
+    (p * torch.randn_like(p)).sum().backward()
+    tiny = torch.finfo(torch.float32).tiny
+    assert torch.allclose(p.sum(-1), torch.ones(512))
+    assert p.min() >= torch.exp(torch.tensor(LOG_FLOOR)) / 6 * 0.99
+    nonzero = gate.grad[gate.grad != 0].abs()
+    assert nonzero.numel() and nonzero.min() >= tiny  # gradients are normal floats or exact zeros
