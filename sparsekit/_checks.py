@@ -2,8 +2,9 @@
 
 Every option is either used by the method it comes with or refused here, before the model is
 touched: per-layer options (allocation, refine, update, permute, forward_dtype, ...) with a
-structured method, depth options (remove_layers, repair, tokens) with anything but shortgpt /
-angular, width options (heads, widths, bias_compensation, refit) with anything but wanda-sp / flap,
+structured method, depth options (remove_layers, repair, tokens) with anything but a depth method
+(tokens: shortgpt / angular only), width options (heads, widths, bias_compensation, refit) with
+anything but wanda-sp / flap,
 SparseGPT's blocksize / percdamp without a SparseGPT solve, OWL's lambda / M without OWL,
 calibration settings for a method that reads no data. A structured method needs an explicit
 amount; a sparsity of 0 is refused. An option counts as given when it differs from its default.
@@ -31,13 +32,14 @@ from sparsekit.pruning.structured import (
     FLAP,
     REAP,
     Angular,
+    DepthMethod,
     Frequency,
     RandomExperts,
-    ShortGPT,
     StructuredConfig,
     WandaSP,
     is_structured,
     structured_method,
+    structured_method_names,
 )
 
 DEFAULT_SPARSITY = 0.5  # the per-layer methods' default; structured methods have none
@@ -161,7 +163,7 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
         f"{name} removes whole structures; stack a per-layer method after it to use them "
         "(--then-method wanda|sparsegpt|ria, or prune again)",
     )
-    depth = isinstance(obj, ShortGPT | Angular)
+    depth = isinstance(obj, DepthMethod)
     width = isinstance(obj, FLAP | WandaSP)
     expert = isinstance(obj, REAP | EAN | Frequency | RandomExperts)
     if not expert:
@@ -172,7 +174,13 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
         )
     if not depth:
         _refuse_unused(
-            name, [k for k in DEPTH_OPTIONS if k in asked], "the depth options are for shortgpt / angular"
+            name, [k for k in DEPTH_OPTIONS if k in asked], f"the depth options are for {_depth_names()}"
+        )
+    elif not obj.uses_tokens:
+        _refuse_unused(
+            name,
+            [k for k in ("tokens",) if k in asked],
+            f"{name} scores blocks by the calibration loss, not by cosines over tokens",
         )
     if not width:
         shared = ("widths",) if expert else ()  # expert methods: per-block expert counts
@@ -200,6 +208,10 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
     ]
     config = StructuredConfig(sparsity=fraction, **{k: asked[k] for k in keys})
     return PruneRequest(obj, True, config, obj.needs_calibration)
+
+
+def _depth_names() -> str:
+    return " / ".join(n for n in structured_method_names() if isinstance(structured_method(n), DepthMethod))
 
 
 def _fraction(sparsity: str | float) -> float:
@@ -245,7 +257,7 @@ def _per_layer(method: Any, sparsity, asked: dict[str, Any]) -> PruneRequest:
     name = obj.name
     structured_keys = [k for k in (*DEPTH_OPTIONS, *WIDTH_OPTIONS) if k in asked]
     _refuse_unused(
-        name, structured_keys, "the structured options are for shortgpt, angular, wanda-sp and flap"
+        name, structured_keys, "the structured options are for the depth methods, wanda-sp and flap"
     )
     pattern = parse_sparsity(DEFAULT_SPARSITY if sparsity is None else sparsity)
     if not isinstance(pattern, NMPattern) and pattern.sparsity == 0:

@@ -182,7 +182,7 @@ def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, PruneRequest]
         if not is_structured(args.method) or is_structured(args.then_method):
             raise ValueError(
                 "--then-method stacks an unstructured/N:M method on a structured one: "
-                "--method shortgpt|angular|wanda-sp|flap --then-method wanda|sparsegpt|magnitude"
+                "--method shortgpt|shortened-ppl|wanda-sp|flap|... --then-method wanda|sparsegpt|magnitude"
             )
         methods.append(args.then_method)
     stacked = len(methods) > 1

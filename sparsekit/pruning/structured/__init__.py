@@ -11,7 +11,7 @@ from .base import (
     structured_method,
     structured_method_names,
 )
-from .depth import Angular, ShortGPT, remove_blocks
+from .depth import Angular, DepthMethod, ShortenedPPL, ShortenedTaylor, ShortGPT, remove_blocks
 from .experts import EAN, REAP, Frequency, RandomExperts, keep_experts
 from .layout import BlockWidths, block_widths, resize_to_widths
 from .width import FLAP, WandaSP
@@ -24,6 +24,9 @@ __all__ = [
     "RandomExperts",
     "keep_experts",
     "Angular",
+    "DepthMethod",
+    "ShortenedPPL",
+    "ShortenedTaylor",
     "BlockWidths",
     "ShortGPT",
     "StructuredConfig",

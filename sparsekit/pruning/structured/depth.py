@@ -7,6 +7,12 @@ training-free linear repair of each cut (ReplaceMe's least-squares map, folded i
   contiguous run of n blocks whose input and output are closest in angular distance
   arccos(cos) / pi, averaged over tokens (``tokens="all"``, default) or the last token of each
   sequence (``tokens="last"``, the paper's choice).
+- ``shortened-ppl`` (Kim et al., 2024, "Shortened LLaMA"): the calibration perplexity of the
+  model with each block skipped alone (one full forward per block); the n blocks whose removal
+  raises it least go, in one shot.
+- ``shortened-taylor`` (the same paper's Taylor+): a block's score is sum |W * dL/dW| over its
+  weights, the gradient of the mean calibration loss (one backward per batch); the first four and
+  last two blocks are kept, as the paper does, and the n lowest-scoring of the rest go.
 - repair: for each removed run, the block before it gets its MLP output M mapped by T, where T
   minimises ||Y + M T - X_target||^2 over calibration tokens (Y: that block's output without its
   MLP term, X_target: the dense model's hidden state after the run). T is folded into down_proj
@@ -19,13 +25,23 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsekit.models import BlockAnatomy, describe, linear_weight, set_linear_weight, set_submodule
+from sparsekit.models import (
+    BlockAnatomy,
+    describe,
+    linear_weight,
+    model_device,
+    set_linear_weight,
+    set_submodule,
+)
 from sparsekit.models.families import family
 
 from ..capture import Chunk
@@ -289,6 +305,13 @@ class DenseStates:
         if self.store:
             self.stored.append(outputs)
 
+    def complete_or_recompute(self) -> None:
+        """After scoring: a criterion that did not pass over every block leaves the states to be
+        recomputed on demand."""
+        if self.store and len(self.stored) != len(self.blocks) + 1:
+            self.store, self.stored = False, self.stored[:1]
+            self._at, self._index = self.stored[0], 0
+
     def input_of(self, index: int) -> list[torch.Tensor]:
         """Dense input of block ``index`` (``len(blocks)``: the output of the last block)."""
         if self.store:
@@ -344,12 +367,28 @@ def repair_pass(
     return repaired, notes
 
 
-class _DepthMethod(StructuredMethod):
-    state_budget_bytes: int = 4 << 30  # dense boundary states kept for the repair up to this size
+@dataclass
+class DepthContext:
+    """What a depth criterion may read: the model and its calibration ids, the decoder blocks, the
+    block-0 inputs (``chunks``, advanced in place by a pass over the blocks), the compute device and
+    ``record`` (called with each block's dense outputs, in order, by a pass that computes them)."""
 
-    def choose(
-        self, blocks: nn.ModuleList, chunks: list[Chunk], n: int, config: StructuredConfig, device, record
-    ) -> tuple[list[int], list[float]]:
+    model: nn.Module
+    input_ids: torch.Tensor
+    blocks: nn.ModuleList
+    chunks: list[Chunk]
+    device: torch.device
+    record: Callable[[list[torch.Tensor]], None]
+
+
+class DepthMethod(StructuredMethod):
+    """Removes whole decoder blocks; subclasses choose which (``choose``)."""
+
+    state_budget_bytes: int = 4 << 30  # dense boundary states kept for the repair up to this size
+    uses_tokens: bool = False  # reads StructuredConfig.tokens (cosine-based criteria)
+
+    def choose(self, ctx: DepthContext, n: int, config: StructuredConfig) -> tuple[list[int], list[float]]:
+        """(indices of the n blocks to remove, the per-block scores shown in the report)."""
         raise NotImplementedError
 
     def prune(
@@ -375,7 +414,9 @@ class _DepthMethod(StructuredMethod):
                     check_mlp_reaches_residual(block, chunks[0], device)
             inputs = [c.hidden for c in chunks]
             dense = DenseStates(blocks, chunks, device, self.state_budget_bytes if config.repair else 0)
-            removed, scores = self.choose(blocks, chunks, n, config, device, dense.record)
+            ctx = DepthContext(model, input_ids, blocks, chunks, device, dense.record)
+            removed, scores = self.choose(ctx, n, config)
+            dense.complete_or_recompute()
             report.timings_s["score"] = time.perf_counter() - started
             report.removed_blocks, report.block_scores = sorted(removed), scores
             if config.repair and removed:
@@ -398,26 +439,137 @@ class _DepthMethod(StructuredMethod):
 
 
 @register_structured
-class ShortGPT(_DepthMethod):
+class ShortGPT(DepthMethod):
     """Remove the n blocks with the lowest Block Influence."""
 
     name = "shortgpt"
+    uses_tokens = True
 
-    def choose(self, blocks, chunks, n, config, device, record):
-        scores = block_influence(blocks, chunks, device, config.tokens, config.show_progress, record)
+    def choose(self, ctx, n, config):
+        scores = block_influence(
+            ctx.blocks, ctx.chunks, ctx.device, config.tokens, config.show_progress, ctx.record
+        )
         order = sorted(range(len(scores)), key=lambda i: scores[i])
         return sorted(order[:n]), scores
 
 
 @register_structured
-class Angular(_DepthMethod):
+class Angular(DepthMethod):
     """Remove the contiguous run of n blocks with the smallest angular distance across it."""
 
     name = "angular"
+    uses_tokens = True
 
-    def choose(self, blocks, chunks, n, config, device, record):
+    def choose(self, ctx, n, config):
         if n == 0:
             return [], []
-        distances = angular_distances(blocks, chunks, n, device, config.tokens, config.show_progress, record)
+        distances = angular_distances(
+            ctx.blocks, ctx.chunks, n, ctx.device, config.tokens, config.show_progress, ctx.record
+        )
         start = min(range(len(distances)), key=lambda i: distances[i])
         return list(range(start, start + n)), distances
+
+
+def _lowest(scores: list[float], n: int, candidates: list[int]) -> list[int]:
+    return sorted(sorted(candidates, key=lambda i: scores[i])[:n])
+
+
+@register_structured
+class ShortenedPPL(DepthMethod):
+    """Remove the n blocks whose removal alone raises the calibration perplexity least."""
+
+    name = "shortened-ppl"
+
+    def choose(self, ctx, n, config):
+        scores = []
+        with on_device(ctx.model, ctx.device):
+            every = range(len(ctx.blocks))
+            for index in tqdm(every, desc="ppl with a block skipped", disable=not config.show_progress):
+                with skipping(ctx.blocks[index]):
+                    scores.append(math.exp(calibration_loss(ctx.model, ctx.input_ids, config.batch_size)))
+        return _lowest(scores, n, list(range(len(scores)))), scores
+
+
+TAYLOR_KEEP_FIRST, TAYLOR_KEEP_LAST = 4, 2  # Shortened LLaMA's Taylor+: these blocks are never removed
+
+
+@register_structured
+class ShortenedTaylor(DepthMethod):
+    """Remove the n blocks (of all but the first four and last two) with the lowest
+    sum |W * dL/dW| over their weights."""
+
+    name = "shortened-taylor"
+
+    def choose(self, ctx, n, config):
+        total = len(ctx.blocks)
+        candidates = list(range(TAYLOR_KEEP_FIRST, total - TAYLOR_KEEP_LAST))
+        if n > len(candidates):
+            raise ValueError(
+                f"shortened-taylor keeps the first {TAYLOR_KEEP_FIRST} and last {TAYLOR_KEEP_LAST} of "
+                f"{total} blocks, leaving {len(candidates)} to remove, fewer than the {n} asked: ask "
+                "for fewer, or use shortened-ppl, which may remove any block"
+            )
+        with on_device(ctx.model, ctx.device):
+            scores = block_taylor_scores(ctx.model, ctx.blocks, ctx.input_ids, config.batch_size)
+        return _lowest(scores, n, candidates), scores
+
+
+@contextmanager
+def skipping(block: nn.Module) -> Iterator[None]:
+    """The block passes its input hidden states through unchanged (its output replaced by them)."""
+
+    def hook(_module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = block.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _batch_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(mean next-token loss of ``batch`` [b, L], the number of predicted tokens)."""
+    batch = batch.to(model_device(model))
+    out = model(input_ids=batch, labels=batch, use_cache=False)
+    return out.loss, batch.numel() - batch.shape[0]
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token loss (nats) over every predicted token of ``input_ids`` [n, L]."""
+    total, count = 0.0, 0
+    for batch in input_ids.split(batch_size):
+        loss, tokens = _batch_loss(model, batch)
+        total, count = total + loss.item() * tokens, count + tokens
+    return total / count
+
+
+def block_taylor_scores(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int
+) -> list[float]:
+    """sum over each block's parameters of |W * G|, G the gradient of the mean loss over every
+    predicted calibration token (one backward per batch, gradients summed); float64 sums."""
+    params = [p for p in model.parameters()]
+    was = [p.requires_grad for p in params]
+    owned = [list(block.parameters()) for block in blocks]
+    watched = {id(p) for ps in owned for p in ps}
+    tokens_total = input_ids.numel() - input_ids.shape[0]
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in watched)
+            p.grad = None
+        with torch.enable_grad():
+            for batch in input_ids.split(batch_size):
+                loss, tokens = _batch_loss(model, batch)
+                (loss * (tokens / tokens_total)).backward()
+        scores = [
+            sum(float((p.detach().double() * p.grad.double()).abs().sum()) for p in ps if p.grad is not None)
+            for ps in owned
+        ]
+    finally:
+        for p, flag in zip(params, was, strict=True):
+            p.grad = None
+            p.requires_grad_(flag)
+    return scores
