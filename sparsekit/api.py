@@ -90,7 +90,8 @@ def prune(
 
     method: a registered name ('magnitude' | 'wanda' | 'ria' | 'sparsegpt', or the structured
     'shortgpt' | 'angular' | 'shortened-ppl' | 'shortened-taylor' | 'wanda-sp' | 'flap', the expert
-    methods) or a method object; 'maskllm' learns 2:4 masks by training (keywords: ``MASKLLM_OPTIONS``; returns a ``MaskLLMReport``).
+    methods) or a method object; 'maskllm' learns 2:4 masks by training (keywords:
+    ``MASKLLM_OPTIONS``; returns a ``MaskLLMReport``).
     sparsity: 0.5 (the default for the per-layer methods), '50%', '2:4', '4:8'; for structured
     methods the fraction of decoder-block parameters removed, which they need explicitly (or,
     depth methods, remove_layers) (keywords: remove_layers, repair, heads, widths,
