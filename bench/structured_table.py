@@ -4,7 +4,8 @@ TTFT / TPOT of every variant, with all generations interleaved in rounds (one ru
     python bench/structured_table.py --out reports/structured          # about 35 min on 2 cores
     python bench/structured_table.py --variants dense,flap-20,angular-6 --out /tmp/s   # a subset
 
-Variants: dense; shortgpt-N / angular-N (N of 30 blocks; -r: with the linear repair);
+Variants: dense; shortgpt-N / angular-N / shortened-ppl-N / shortened-taylor-N (N of 30 blocks;
+-r: with the linear repair);
 wanda-sp-P / flap-P (P% of block parameters, same widths in every block; flap-P-adaptive: per-block
 widths; -refit: the least-squares refit of the cut projections); sparsegpt-2:4; flap-20+2:4
 (stacked). ``--rounds 0`` skips the generation timing (ppl, parameters and prune time only).
@@ -46,7 +47,7 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
         return [("sparsegpt", "2:4", {})]
     if variant.endswith("+2:4"):
         return steps_of(variant[:-4]) + [("sparsegpt", "2:4", {})]
-    for method in ("shortgpt", "angular"):
+    for method in ("shortgpt", "angular", "shortened-ppl", "shortened-taylor"):
         if variant.startswith(method + "-"):
             parts = variant[len(method) + 1 :].split("-")
             return [(method, "0", {"remove_layers": int(parts[0]), "repair": parts[1:] == ["r"]})]

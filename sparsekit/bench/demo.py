@@ -61,6 +61,7 @@ class DemoConfig:
     layer_models: tuple[str, ...] = ("smollm2-135m",)
     layer_llama_layers: str = "q_proj,k_proj,v_proj,o_proj"  # one Llama-7B shape: 4096 x 4096
     layer_ms: tuple[int, ...] = (1, 16)
+    layer_pool_mib: int | None = None  # weights rotated over copies adding up to this (None: 2 x LLC)
     prompt_len: int = 128
     new_tokens: int = 16
     rounds: int = 3
@@ -88,6 +89,7 @@ QUICK = DemoConfig(
     variants=(DEMO_VARIANTS[0], unstructured("magnitude", "2:4"), depth("angular", 2), width("flap", 0.2)),
     task_limits={"wiki_lambada": 4, "wiki_continuation": 2},
     layer_ms=(1,),
+    layer_pool_mib=8,  # a smoke run: a few copies, not a cold-cache measurement
     prompt_len=16,
     new_tokens=4,
     rounds=2,
@@ -233,7 +235,8 @@ def _run(cfg, out_dir, quick, model, tokenizer, show_progress, threads, threads_
     t0 = time.perf_counter()
     shapes = _demo_shapes(cfg)
     log.info("demo [3/3]: per-layer: %d shapes x M %s", len(shapes), list(cfg.layer_ms))
-    layers = run_layers(shapes, cfg.layer_ms, "2:4", show_progress=show_progress)
+    pool = None if cfg.layer_pool_mib is None else cfg.layer_pool_mib << 20
+    layers = run_layers(shapes, cfg.layer_ms, "2:4", show_progress=show_progress, pool_bytes=pool)
     layers.config["threads_note"] = threads_note
     write_layers_report(layers, out_dir)
     stage("layers", t0)
