@@ -109,8 +109,10 @@ def main() -> None:
     for variant in args.variants.split(","):
         model = copy.deepcopy(dense)
         started = time.perf_counter()
-        for method, sparsity, kw in steps_of(variant):
+        reports = [
             sparsekit.prune(model, method=method, sparsity=sparsity, calib=calib, show_progress=False, **kw)
+            for method, sparsity, kw in steps_of(variant)
+        ]
         prune_s = time.perf_counter() - started
         ppl = perplexity_of_ids(model, eval_ids, seqlen=args.eval_seqlen).ppl
         rows.append(
@@ -121,6 +123,11 @@ def main() -> None:
                 "bytes": model_bytes(model),
                 "layers": model.config.num_hidden_layers,
                 "prune_s": prune_s if variant != "dense" else 0.0,
+                # each step's choice and scores (depth: per block), so a ranking can be examined later
+                "steps": [
+                    {k: getattr(r, k) for k in ("method", "removed_blocks", "block_scores") if hasattr(r, k)}
+                    for r in reports
+                ],
             }
         )
         logging.info("%s: ppl %.2f, %d params, pruned in %.1f s", variant, ppl, rows[-1]["params"], prune_s)
