@@ -549,7 +549,8 @@ class Trainer:
         loss = teacher.loss(out.logits, batch, rows, config)
         return loss + config.lm_weight * out.loss if config.lm_weight else loss
 
-    def _step(self, net, params: list[nn.Parameter], optimizer, step: int) -> tuple[float, float]:
+    def _step(self, net, params: list[nn.Parameter], optimizer, step: int) -> tuple[float, float, float]:
+        """One optimizer step: (the task loss, the gradient norm, the job's extra loss term)."""
         lr = lr_at(step, self.config)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -578,8 +579,7 @@ class Trainer:
             total = total.to(self.device)
             dist.all_reduce(total)
             total = total.cpu() / self.world
-        self.last_extra = float(total[1])
-        return float(total[0]), float(norm)
+        return float(total[0]), float(norm), float(total[1])
 
     def _log(self, record: dict) -> None:
         if self.rank == 0 and self.state_dir is not None:
@@ -649,9 +649,9 @@ class Trainer:
         run_started = time.perf_counter()
         try:
             for step in bar:
-                loss, norm = self._step(net, params, optimizer, step)
+                loss, norm, extra = self._step(net, params, optimizer, step)
                 report.losses.append(loss)
-                report.job_losses.append(self.last_extra)
+                report.job_losses.append(extra)
                 report.grad_norms.append(norm)
                 report.lrs.append(lr_at(step, config))
                 report.tokens += tokens_per_step
@@ -661,7 +661,7 @@ class Trainer:
                     {
                         "step": step + 1,
                         "loss": loss,
-                        "job_loss": self.last_extra,
+                        "job_loss": extra,
                         "lr": report.lrs[-1],
                         "grad_norm": norm,
                         "tokens": report.tokens,

@@ -551,7 +551,7 @@ def block_taylor_scores(
 ) -> list[float]:
     """sum over each block's parameters of |W * G|, G the gradient of the mean loss over every
     predicted calibration token (one backward per batch, gradients summed); float64 sums."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     was = [p.requires_grad for p in params]
     owned = [list(block.parameters()) for block in blocks]
     watched = {id(p) for ps in owned for p in ps}
