@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -99,10 +100,11 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[int, list[dict]] = {1: [], 2: []}
-    for r in range(args.rounds):
-        for n in (1, 2):
-            runs[n].append(run(n, args, out.with_name(f".{out.name}-{n}-{r}.json")))
-            print(f"round {r + 1}: {n} process(es): {runs[n][-1]['timed_tokens_per_s']:.0f} tokens/s")
+    with tempfile.TemporaryDirectory() as scratch:  # each run's report; all of them land in <out>.json
+        for r in range(args.rounds):
+            for n in (1, 2):
+                runs[n].append(run(n, args, Path(scratch) / f"{n}-{r}.json"))
+                print(f"round {r + 1}: {n} process(es): {runs[n][-1]['timed_tokens_per_s']:.0f} tokens/s")
     one, two = runs[1][0], runs[2][0]
     diff = max(abs(a - b) / abs(a) for a, b in zip(one["losses"], two["losses"], strict=True))
     rate = {n: [r["timed_tokens_per_s"] for r in rs] for n, rs in runs.items()}
