@@ -353,9 +353,11 @@ def calibration_plan(
             stored = boundary * (shape.layers + 1) if boundary * (shape.layers + 1) <= 4 * 2**30 else 0
         if getattr(config, "refit", False):
             copies += 1  # block 0's inputs, kept for the refit pass (its Grams: gram=True below)
+        whole = getattr(request.method, "whole_model", "")
         return CalibrationPlan(
             nsamples, seqlen, config.batch_size, copies, forward_dtype.itemsize, model_dtype.itemsize,
             gram=getattr(config, "refit", False), tokenize=tokenize, stored_bytes=stored,
+            whole_model=whole, model_on_device=bool(whole) and device != _model_device(model),
         )  # fmt: skip
     from sparsekit.pruning.capture import resolve_forward_dtype
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -309,32 +311,37 @@ def _maskllm(args: argparse.Namespace, main_rank: bool) -> int:
     return 0
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _torchrun_world(timeout_s: float, barrier_at_exit: bool) -> Iterator:
+    """Under torchrun: join the process group, quiet every rank but 0, and leave it on exit (after a
+    barrier when ``barrier_at_exit``); yields the ``World``, or None for one plain process."""
     from sparsekit.pruning import distributed
 
-    if args.method == "maskllm":
-        _check_maskllm_args(args)
-        if not distributed.launched_by_torchrun():
-            return _maskllm(args, main_rank=True)
-        world = distributed.init(timeout_s=args.dist_timeout)
-        try:
-            return _maskllm(args, main_rank=world.main)
-        finally:
-            distributed.barrier()
-            distributed.shutdown()
-    steps = _check_prune_args(args)
-    check_at_least(1, dist_timeout=args.dist_timeout)
     if not distributed.launched_by_torchrun():
-        return _prune_and_save(args, steps)
-    world = distributed.init(timeout_s=args.dist_timeout)
+        yield None
+        return
+    world = distributed.init(timeout_s=timeout_s)
     if not world.main:  # progress and logs from rank 0 only
         logging.getLogger().setLevel(logging.WARNING)
-    if args.offload_folder:  # each rank writes its pruned blocks back into an offload folder of its own
-        args.offload_folder = str(Path(args.offload_folder) / f"rank{world.rank}")
     try:
-        return _prune_and_save(args, steps, world)
+        yield world
     finally:
+        if barrier_at_exit:
+            distributed.barrier()
         distributed.shutdown()
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    if args.method == "maskllm":
+        _check_maskllm_args(args)
+        with _torchrun_world(args.dist_timeout, barrier_at_exit=True) as world:
+            return _maskllm(args, main_rank=world is None or world.main)
+    steps = _check_prune_args(args)
+    check_at_least(1, dist_timeout=args.dist_timeout)
+    with _torchrun_world(args.dist_timeout, barrier_at_exit=False) as world:
+        if world is not None and args.offload_folder:  # each rank offloads into a folder of its own
+            args.offload_folder = str(Path(args.offload_folder) / f"rank{world.rank}")
+        return _prune_and_save(args, steps, world)
 
 
 def _prune_and_save(args: argparse.Namespace, steps, world=None) -> int:
@@ -672,21 +679,12 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from sparsekit.pruning import distributed
-
     state_dir = _check_finetune_args(args)
     config = _train_config(args)
-    if not distributed.launched_by_torchrun():
-        return _finetune_and_save(args, config, state_dir, main_rank=True)
-    world = distributed.init(timeout_s=args.dist_timeout)
-    config.check(world.size)
-    if not world.main:
-        logging.getLogger().setLevel(logging.WARNING)
-    try:
-        return _finetune_and_save(args, config, state_dir, main_rank=world.main)
-    finally:
-        distributed.barrier()
-        distributed.shutdown()
+    with _torchrun_world(args.dist_timeout, barrier_at_exit=True) as world:
+        if world is not None:
+            config.check(world.size)
+        return _finetune_and_save(args, config, state_dir, main_rank=world is None or world.main)
 
 
 def _finetune_and_save(args: argparse.Namespace, config, state_dir: Path | None, main_rank: bool) -> int:

@@ -341,6 +341,45 @@ def test_calibration_memory_estimate_counts_states_statistics_and_the_token_pool
     assert wanda.parts["one block's statistics"] < 2**20  # vectors, not Gram matrices
 
 
+def test_whole_model_criteria_count_logits_activations_and_gradients():
+    from sparsekit.hf.resources import CalibrationPlan, ModelShape, calibration_memory
+
+    shape = ModelShape(576, 30, 1536, 576, 192, vocab=49152, params=134_515_008)
+    cpu = torch.device("cpu")
+    blockwise = calibration_memory(shape, CalibrationPlan(32, 512, 4, 2, 4, 4), cpu)[0]
+    forward = calibration_memory(shape, CalibrationPlan(32, 512, 4, 2, 4, 4, whole_model="forward"), cpu)[0]
+    backward = calibration_memory(shape, CalibrationPlan(32, 512, 4, 2, 4, 4, whole_model="backward"), cpu)[0]
+    logits = forward.total - blockwise.total
+    assert logits == 4 * 512 * 49152 * 4 * 2  # a batch's fp32 logits and their log-softmax: 805 MB
+    assert backward.parts["every block's weight gradients"] == shape.block_params * 30 * 4
+    assert backward.parts["every block's activations kept for the backward"] == (
+        4 * 512 * (3 * 1536 + 6 * 576 + 2 * 576) * 30 * 4
+    )
+    moved = CalibrationPlan(32, 512, 4, 2, 4, 4, whole_model="forward", model_on_device=True)
+    (gpu, _host) = calibration_memory(shape, moved, torch.device("cuda:0"))
+    assert gpu.parts["the whole model's weights"] == 134_515_008 * 4
+
+
+def test_a_whole_model_criterion_too_large_for_the_host_is_refused(monkeypatch):
+    model = tiny_model("llama")
+    from sparsekit.hf.resources import HEADROOM, CalibrationPlan, ModelShape, calibration_memory
+
+    ids = torch.randint(0, model.config.vocab_size, (8, 64))
+    shape = ModelShape.from_model(model)
+    assert shape.vocab == model.config.vocab_size
+    assert shape.params == sum(p.numel() for p in model.parameters())
+
+    def total(whole: str) -> int:
+        plan = CalibrationPlan(8, 64, 8, 2, 4, 4, tokenize=False, whole_model=whole)
+        return calibration_memory(shape, plan, torch.device("cpu"))[0].total
+
+    assert total("backward") > 1.5 * total("")
+    _host_free(monkeypatch, int((total("") + total("backward")) / 2 / HEADROOM))  # block-wise parts fit
+    with pytest.raises(ValueError, match="every block's weight gradients"):
+        sparsekit.prune(copy.deepcopy(model), "shortened-taylor", calib=ids, sparsity=0.25, batch_size=8)
+    sparsekit.prune(copy.deepcopy(model), "shortgpt", calib=ids, sparsity=0.25, batch_size=8)
+
+
 def test_host_memory_is_read_from_meminfo(tmp_path):
     from sparsekit.hf.resources import host_available_bytes
 

@@ -596,3 +596,103 @@ def stats_summary(stats: list[LayerStats]) -> dict:
         "mean_kmeans_gain": mean([s.kmeans_gain for s in stats]),
         "blocks": [asdict(s) for s in stats],
     }
+
+
+# --- router fine-tuning: peaked gates, as a trained MoE has -----------------------------------------
+
+
+def teacher_topk(
+    dense: nn.Module, ids: torch.Tensor, k: int = 64, batch: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense model's ``k`` largest next-token logits for ``ids`` [N, L] -> (values fp32, indices
+    int32), each [N, L, k]: the distillation targets of ``train_routers``."""
+    values, indices = [], []
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch):
+            logits = dense(ids[start : start + batch].to(model_device(dense)), use_cache=False).logits
+            top = logits.float().topk(k, dim=-1)
+            values.append(top.values.cpu())
+            indices.append(top.indices.to(torch.int32).cpu())
+    return torch.cat(values), torch.cat(indices)
+
+
+def routers_of(moe: nn.Module) -> list[nn.Parameter]:
+    """Every MoE block's router weight [E, H]."""
+    return [layer.mlp.gate.weight for layer in moe.model.layers]
+
+
+def train_routers(
+    moe: nn.Module,
+    ids: torch.Tensor,
+    targets: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    lr: float = 1e-3,
+    batch: int = 4,
+    seed: int = 0,
+) -> list[float]:
+    """Fine-tune only the routers, in place, by distillation from the dense model's top-k logits
+    (``teacher_topk``; ``ids`` [N, L] the same rows): AdamW on the router weights, everything else
+    frozen, ``batch`` random rows per step. A trained MoE's gates weight its experts unequally; a
+    fitted router scaled to a small spread (``moefy``) gives every selected expert ~1/top_k. The
+    top-k choice follows the logits; the gradient reaches the routers through the renormalised
+    top-k weights. Returns the loss of every step. Marks the config's ``moefication`` (temperature
+    None: ``set_temperature`` no longer applies)."""
+    if steps < 1 or batch < 1 or not lr > 0:
+        raise ValueError(f"need steps >= 1, batch >= 1, lr > 0; got {steps}, {batch}, {lr}")
+    values, indices = targets
+    if values.shape[:2] != ids.shape or indices.shape != values.shape:
+        raise ValueError(
+            f"targets must be [N, L, k] for ids {tuple(ids.shape)}, got {tuple(values.shape)} / "
+            f"{tuple(indices.shape)}"
+        )
+    from sparsekit.hf.trainer import topk_distill_loss
+
+    routers = routers_of(moe)
+    saved = {p: p.requires_grad for p in moe.parameters()}
+    for p in moe.parameters():
+        p.requires_grad_(False)
+    for p in routers:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(routers, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    device = model_device(moe)
+    losses = []
+    try:
+        for _ in tqdm(range(steps), desc="router steps", unit="step"):
+            rows = torch.randperm(ids.shape[0], generator=generator)[:batch]
+            logits = moe(ids[rows].to(device), use_cache=False).logits
+            loss = topk_distill_loss(logits, values[rows].to(device), indices[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    info = getattr(moe.config, "moefication", None)
+    if isinstance(info, dict):
+        info["temperature"] = None
+        info["router_training"] = {"steps": steps, "lr": lr, "batch": batch, "seed": seed}
+    log.info("router training: loss %.4f -> %.4f over %d steps", losses[0], losses[-1], steps)
+    return losses
+
+
+def gate_weights(moe: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The renormalised top-k gate weights every block gives every token of ``ids`` [N, L], sorted
+    descending -> [blocks, N * L, top_k] fp32 (uniform gates: every entry 1 / top_k)."""
+    seen: list[torch.Tensor] = []
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda m, i, out: seen.append(out[1].detach().float().cpu()))
+        for layer in moe.model.layers
+    ]
+    blocks = len(moe.model.layers)
+    try:
+        with torch.no_grad():
+            for row in ids:
+                moe(row[None].to(model_device(moe)), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_block = [torch.cat(seen[b::blocks]) for b in range(blocks)]
+    return torch.stack(per_block).sort(dim=-1, descending=True).values

@@ -104,6 +104,8 @@ class ModelShape:
     attention_width: int  # heads x head_dim: o_proj's input
     kv_width: int  # kv heads x head_dim: k_proj's and v_proj's output
     gated: bool = True  # gate/up/down MLP (LLaMA-style) or up/down (GPT-2, OPT)
+    vocab: int = 0  # the lm_head's outputs (0: unknown)
+    params: int = 0  # every parameter of the model (0: unknown)
 
     @classmethod
     def from_model(cls, model) -> ModelShape:
@@ -120,7 +122,10 @@ class ModelShape:
         kv = max((b.attention.kv_heads * b.attention.head_dim for b in anatomy if b.attention), default=0)
         inter = max((b.mlp.intermediate for b in anatomy if b.mlp), default=4 * hidden)
         gated = any(b.mlp is not None and b.mlp.gate is not None for b in anatomy)
-        return cls(hidden, len(anatomy), inter, attention or hidden, kv or hidden, gated)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab = int(head.weight.shape[0]) if getattr(head, "weight", None) is not None else 0
+        params = sum(p.numel() for p in model.parameters())
+        return cls(hidden, len(anatomy), inter, attention or hidden, kv or hidden, gated, vocab, params)
 
     @property
     def block_params(self) -> int:
@@ -142,6 +147,9 @@ class CalibrationPlan:
     gram: the statistics are Gram matrices (SparseGPT, update='sparsegpt' / 'admm').
     tokenize: the calibration ids come from text (a pool of 4x the needed tokens on the host).
     stored_bytes: anything else kept on the compute device (a depth repair's dense states).
+    whole_model: "" (block by block), "forward" (the whole model runs a batch to its loss: the
+    shortened-ppl criterion) or "backward" (and back: gradients of every block, shortened-taylor).
+    model_on_device: the whole model's weights move to the compute device for it.
     """
 
     nsamples: int
@@ -154,6 +162,8 @@ class CalibrationPlan:
     tokenize: bool = True
     block_weight_copies: int = 1  # the block itself, a forward-dtype copy, the dense weights kept
     stored_bytes: int = 0
+    whole_model: str = ""
+    model_on_device: bool = False
 
 
 @dataclass
@@ -200,6 +210,7 @@ def calibration_memory(
         on_device["one block's statistics"] = sum(shape.linear_inputs) * 3 * 8
     if plan.stored_bytes:
         on_device["dense states kept for the repair"] = plan.stored_bytes
+    on_device |= _whole_model_parts(shape, plan)
     host_per_sample = plan.seqlen * 8 + (
         _POOL_FACTOR * plan.seqlen * _POOL_BYTES_PER_TOKEN if plan.tokenize else 0
     )
@@ -214,6 +225,29 @@ def calibration_memory(
         MemoryEstimate(str(device), on_device, sample_states),
         MemoryEstimate("host", host, host_per_sample),
     ]
+
+
+def _whole_model_parts(shape: ModelShape, plan: CalibrationPlan) -> dict[str, int]:
+    """What a criterion that runs the whole model on a batch holds besides the block-wise parts:
+    the batch's logits (and their fp32 log-softmax), with a backward every block's activations
+    and weight gradients, and the weights themselves when they move to the device."""
+    if not plan.whole_model:
+        return {}
+    backward = plan.whole_model == "backward"
+    tokens = plan.batch_size * plan.seqlen
+    parts = {
+        f"one batch's logits ({tokens} tokens x {shape.vocab} x fp32, {3 if backward else 2} copies)": tokens
+        * shape.vocab
+        * 4
+        * (3 if backward else 2)
+    }
+    if backward:
+        per_block = tokens * (3 * shape.intermediate + 6 * shape.hidden + 2 * shape.attention_width)
+        parts["every block's activations kept for the backward"] = per_block * shape.layers * plan.model_bytes
+        parts["every block's weight gradients"] = shape.block_params * shape.layers * plan.model_bytes
+    if plan.model_on_device:
+        parts["the whole model's weights"] = shape.params * plan.model_bytes
+    return parts
 
 
 def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:

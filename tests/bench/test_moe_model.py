@@ -9,12 +9,15 @@ from sparsekit.bench.moe_model import (
     check_dense_model,
     expert_output_norms,
     fit_router,
+    gate_weights,
     moefy,
     moefy_mlp,
     parameter_counts,
     partition_channels,
     set_temperature,
     set_top_k,
+    teacher_topk,
+    train_routers,
 )
 
 E = 8
@@ -250,3 +253,35 @@ def test_real_smollm2_moe(smollm2):
     assert len(stats) == 30
     assert sum(s.recall[1] for s in stats) / 30 > 3.0 / E
     assert all(s.rel_error[4] < s.rel_error[2] < s.rel_error[1] for s in stats)
+
+
+def test_train_routers_changes_only_the_routers_and_lowers_the_distillation_loss():
+    from sparsekit.hf.trainer import topk_distill_loss
+
+    dense = _tiny_llama(tied=True)
+    moe = moefy(dense, _ids(8, 32, 0), 4, 2, temperature=1e-3, shared=32, show_progress=False)
+    ids = _ids(8, 32, 2)
+    targets = teacher_topk(dense, ids, k=16)
+    assert targets[0].shape == (8, 32, 16) and targets[1].dtype == torch.int32
+    # the teacher's top-16 are the dense model's largest logits
+    torch.testing.assert_close(targets[0], _logits(dense, ids).topk(16, dim=-1).values)
+    before = {n: p.detach().clone() for n, p in moe.named_parameters()}
+    gates_before = gate_weights(moe, ids[:2])
+    assert gates_before.shape == (2, 64, 2)
+    torch.testing.assert_close(gates_before, torch.full_like(gates_before, 0.5), atol=5e-3, rtol=0)
+
+    def loss() -> float:
+        return float(topk_distill_loss(_logits(moe, ids), *targets))
+
+    start = loss()
+    losses = train_routers(moe, ids, targets, steps=30, lr=3e-2, batch=8)
+    assert len(losses) == 30 and loss() < start - 1e-3  # a broken gradient path leaves it unchanged
+    changed = {n for n, p in moe.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed == {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
+    assert all(not p.requires_grad or p.grad is None for p in moe.parameters())
+    assert gate_weights(moe, ids[:2])[..., 0].mean() > 0.55  # the gates are no longer uniform
+    assert moe.config.moefication["temperature"] is None
+    with pytest.raises(ValueError, match="from and to a temperature"):
+        set_temperature(moe, 1e-2)
+    with pytest.raises(ValueError, match="targets must be"):
+        train_routers(moe, ids[:4], targets, steps=1)

@@ -386,6 +386,7 @@ class DepthMethod(StructuredMethod):
 
     state_budget_bytes: int = 4 << 30  # dense boundary states kept for the repair up to this size
     uses_tokens: bool = False  # reads StructuredConfig.tokens (cosine-based criteria)
+    whole_model: str = ""  # "forward" / "backward": runs the whole model to its loss (memory checks)
 
     def choose(self, ctx: DepthContext, n: int, config: StructuredConfig) -> tuple[list[int], list[float]]:
         """(indices of the n blocks to remove, the per-block scores shown in the report)."""
@@ -479,6 +480,7 @@ class ShortenedPPL(DepthMethod):
     """Remove the n blocks whose removal alone raises the calibration perplexity least."""
 
     name = "shortened-ppl"
+    whole_model = "forward"
 
     def choose(self, ctx, n, config):
         scores = []
@@ -499,6 +501,7 @@ class ShortenedTaylor(DepthMethod):
     sum |W * dL/dW| over their weights."""
 
     name = "shortened-taylor"
+    whole_model = "backward"
 
     def choose(self, ctx, n, config):
         total = len(ctx.blocks)
