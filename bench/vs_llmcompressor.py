@@ -39,7 +39,10 @@ from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
 
-CONFIGS = ["sparsegpt/0.5", "sparsegpt/2:4", "wanda/0.5", "wanda/2:4", "wanda+owl/0.7", "sparsegpt+owl/0.7"]
+CONFIGS = [
+    "sparsegpt/0.5", "sparsegpt/2:4", "wanda/0.5", "wanda/2:4",
+    "wanda/0.7", "wanda+owl/0.7", "sparsegpt+owl/0.7",
+]  # fmt: skip
 PINS = ("torch==2.13.0", "llmcompressor==0.14.0.1")
 DRIVER = Path(__file__).with_name("llmcompressor_driver.py")
 log = logging.getLogger("vs_llmcompressor")
@@ -74,7 +77,11 @@ def run_llmcompressor(python: Path, dense, folder: Path, calib_file: Path, metho
         str(python), str(DRIVER), "--model", str(folder / "dense"), "--calib", str(calib_file),
         "--method", method, "--sparsity", sparsity, "--out", str(out), "--report", str(report),
     ]  # fmt: skip
-    subprocess.run(command, check=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    sys.stderr.write(done.stderr[-20000:])
+    if done.returncode:
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+        raise RuntimeError(f"llm-compressor failed (exit {done.returncode}): {last[0]}")
     state = load_file(str(out))
     model = copy.deepcopy(dense)
     own = model.state_dict()
@@ -105,10 +112,14 @@ def _markdown(head: str, rows: list[dict]) -> str:
         "|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
+        ppl = "failed" if r.get("error") else f"{r['ppl']:.3f}"
         lines.append(
-            f"| {r['config']} | {r['tool']} | {r.get('forward_dtype', '-')} | {r['ppl']:.3f} | "
+            f"| {r['config']} | {r['tool']} | {r.get('forward_dtype', '-')} | {ppl} | "
             f"{r.get('prune_s', 0):.1f} | {r.get('sparsity', 0):.4f} |"
         )
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        lines += ["", *(f"- {r['config']}, {r['tool']}: {r['error']}" for r in failed)]
     timed = [r for r in rows if r.get("timings_s")]
     if timed:
         lines += ["", "sparsekit's phases (s):", ""]
@@ -169,8 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.save(calib.clone(), calib_file)
         for config in args.rows:
             method, sparsity = config.split("/")
-            model, info = run_llmcompressor(python, dense, folder, calib_file, method, sparsity)
-            add({"config": config, "tool": f"llm-compressor {info['llmcompressor']}", **info}, model)
+            try:
+                model, info = run_llmcompressor(python, dense, folder, calib_file, method, sparsity)
+                add({"config": config, "tool": f"llm-compressor {info['llmcompressor']}", **info}, model)
+            except RuntimeError as exc:  # its failure is a result too: recorded, the run goes on
+                log.error("%s", exc)
+                failed = {"config": config, "tool": "llm-compressor", "ppl": float("nan"), "error": str(exc)}
+                rows.append(failed)
             for forward_dtype in ("auto", "float32"):
                 model, info = run_sparsekit(dense, calib, method, sparsity, forward_dtype)
                 add({"config": config, "tool": f"sparsekit {sparsekit.__version__}", **info}, model)
