@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.model} is not a checkpoint folder: build it with python bench/make_moe.py")
     if args.steps < 1 or args.batch < 1 or args.batch > args.nsamples:
         p.error("need --steps >= 1 and 1 <= --batch <= --nsamples")
+    if args.eval_tokens < 2048:
+        p.error("--eval-tokens must be >= 2048 (gate weights are read on the first 2,048 held-out tokens)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
     moe, tok = load_model(args.model, dtype=torch.float32)
