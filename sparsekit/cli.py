@@ -555,10 +555,11 @@ def _parse_dtypes(text: str | None) -> tuple[torch.dtype, ...] | None:
 
 
 def cmd_bench_e2e(args: argparse.Namespace) -> int:
-    from sparsekit.bench.e2e import run_e2e, write_e2e_report
+    from sparsekit.bench.e2e import check_quantize, run_e2e, write_e2e_report
     from sparsekit.bench.timing import choose_threads
 
     check_device(args.device)
+    quantize = check_quantize(tuple(q for q in (args.quantize or "").split(",") if q))
     _, threads_note = choose_threads(args.threads)
     model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
     pruned = Path(args.model, "prune_report.json").is_file()  # a `sparsekit prune --out` folder
@@ -577,6 +578,7 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         model_label=args.model,
         method=args.method,
         dtypes=_parse_dtypes(args.dtypes),
+        quantize=quantize,
     )
     result.config["threads_note"] = threads_note
     paths = write_e2e_report(result, args.out)
@@ -606,6 +608,29 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError("sparsekit export needs --dense (the only export format so far)")
     out = export_dense(args.checkpoint, args.out)
     print(f"wrote a dense HF checkpoint (zeros kept, no quantization_config) to {out}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from sparsekit.hf.checkpoint import save
+    from sparsekit.nn import QUANT_FORMATS, quantize
+
+    if args.format not in QUANT_FORMATS:
+        raise ValueError(f"--format {args.format!r}: choose one of {', '.join(QUANT_FORMATS)}")
+    if Path(args.out).exists():
+        raise ValueError(f"--out {args.out} exists; choose a new folder")
+    model, tokenizer = load_any(args.model, args.dtype, "cpu", args.trust_remote_code)
+    report = quantize(model, args.format)
+    for fmt in ("2:4-int8", args.format):
+        part = report.get(fmt)
+        if part and part["layers_swapped"]:
+            mib = (part["layer_bytes_before"] / 2**20, part["layer_bytes_after"] / 2**20)
+            print(f"{fmt}: {part['layers_swapped']} layers, weights {mib[0]:.1f} MiB -> {mib[1]:.1f} MiB")
+    save(model, args.out, tokenizer=tokenizer, extra_json={"quantize_report.json": report})
+    print(
+        f"saved a sparsekit checkpoint to {args.out} (load it with sparsekit.load or, after "
+        "`import sparsekit`, AutoModelForCausalLM.from_pretrained)"
+    )
     return 0
 
 
@@ -959,7 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="2:4", help="2:4 or an unstructured ratio like 0.5")
     p.add_argument(
         "--backends",
-        help="dense,dense-compiled,2:4,bitmap,2:4-fastest,bitmap-fastest,masked,cusparselt,csr; "
+        help="dense,dense-compiled,2:4,bitmap,2:4-fastest,bitmap-fastest,masked,int8,int4,2:4-int8,"
+        "cusparselt,csr; "
         "NAME=SPARSITY re-prunes for that backend (bitmap=0.7), NAME@ISA sets its CPU ISA (2:4@avx2)",
     )
     p.add_argument(
@@ -986,6 +1012,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how an unpruned model is pruned (calibrated on 8 x 256 offline tokens)",
     )
     p.add_argument("--dtypes", default=None, help="e.g. fp32,bf16: dense and sparse rows in each")
+    p.add_argument(
+        "--quantize",
+        default=None,
+        help="e.g. int8,int4: add the dense and the sparse model weight-only quantized (torch's CPU "
+        "int8 / int4 ops; int8 on 2:4 layers is sparsekit's 2:4-int8 kernel)",
+    )
     p.add_argument(
         "--compile", action="store_true", help="add torch.compile'd twins (CUDA graphs on GPU for decode)"
     )
@@ -1015,6 +1047,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="zeros kept, loadable by any engine (vLLM, ...)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "quantize",
+        help="weight-only int8 / int4 of a dense, pruned or sparsekit model (2:4 layers: 2:4-int8)",
+    )
+    p.add_argument("model", help="hub id, folder, 'smollm2', a `prune --out` folder, a sparsekit checkpoint")
+    p.add_argument(
+        "--format",
+        default="int8",
+        help="int8 (per row; 2:4 layers become 2:4-int8), int4 (groups of 64), int4-g32, int4-g128, "
+        "int4-g256",
+    )
+    p.add_argument("--out", required=True, help="new folder for the sparsekit checkpoint")
+    p.add_argument("--dtype", type=_dtype, default=torch.bfloat16, help="float dtype (default bfloat16)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser(
         "finetune",

@@ -32,14 +32,18 @@ log = logging.getLogger(__name__)
 class Variant:
     """A named recipe: ``steps`` of (method, sparsity, keywords) applied in order to a dense copy.
 
-    family: 'dense' | 'unstructured' | 'N:M' | 'depth' | 'width' | 'width+N:M'. ``sparsify``: swap
-    pruned linears for compressed SparseLinear layers before the size and speed measurements.
+    family: 'dense' | 'unstructured' | 'N:M' | 'depth' | 'width' | 'width+N:M' | 'quantized' |
+    'N:M+quantized' | 'width+quantized'. ``sparsify``: swap pruned linears for compressed
+    SparseLinear layers before the size and speed measurements. ``quantize``: weight-only
+    quantization ('int8', 'int4', ...; ``sparsekit.nn.quantize``, 2:4 layers become 2:4-int8)
+    applied after the steps and before any evaluation, so the quality columns include its error.
     """
 
     name: str
     family: str
     steps: tuple[tuple[str, str, tuple[tuple[str, object], ...]], ...] = ()
     sparsify: bool = False
+    quantize: str | None = None
 
     def apply(self, model: nn.Module, calib: torch.Tensor, show_progress: bool = False) -> None:
         for method, sparsity, keywords in self.steps:
@@ -80,6 +84,13 @@ def width(method: str, fraction: float, widths: str = "uniform", then: str | Non
     )
 
 
+def quantized(base: Variant, fmt: str) -> Variant:
+    """``base`` then weight-only ``fmt`` (int8 on its 2:4 layers: 2:4-int8)."""
+    family = "quantized" if base.family == "dense" else f"{base.family.split('+')[0]}+quantized"
+    name = fmt if base.family == "dense" else f"{base.name} + {fmt}"
+    return Variant(name, family, base.steps, sparsify=False, quantize=fmt)
+
+
 DENSE = Variant("dense", "dense")
 DEMO_VARIANTS = (
     DENSE,
@@ -89,6 +100,8 @@ DEMO_VARIANTS = (
     unstructured("sparsegpt", "2:4", update="admm"),
     depth("angular", 6),
     width("flap", 0.2),
+    quantized(DENSE, "int8"),
+    quantized(unstructured("sparsegpt", "2:4"), "int8"),
 )
 FULL_VARIANTS = (
     DENSE,
@@ -102,6 +115,10 @@ FULL_VARIANTS = (
     depth("angular", 6),
     width("flap", 0.2),
     width("flap", 0.2, widths="adaptive"),
+    quantized(DENSE, "int8"),
+    quantized(DENSE, "int4"),
+    quantized(unstructured("sparsegpt", "2:4"), "int8"),
+    quantized(width("flap", 0.2), "int8"),
 )
 
 
@@ -163,7 +180,7 @@ def compare_variants(
     can write what a long run has so far.
     """
     from sparsekit.eval.zero_shot import task_manager, zero_shot
-    from sparsekit.nn import sparsify
+    from sparsekit.nn import quantize, sparsify
 
     manager = task_manager(list(tasks), None) if tasks else None
     rows, timed = [], {}
@@ -172,6 +189,9 @@ def compare_variants(
         start = time.perf_counter()
         variant.apply(pruned, calib, show_progress=show_progress)
         prune_s = time.perf_counter() - start
+        params, nonzero = _nonzero_params(pruned)  # counted before any layer is compressed
+        if variant.quantize:
+            quantize(pruned, variant.quantize)
         ppl = perplexity_of_ids(pruned, eval_ids, eval_seqlen).ppl
         cells, mean = {}, None
         for task in tasks:
@@ -182,7 +202,6 @@ def compare_variants(
             cells |= _zero_shot_cells(result)
         if cells:
             mean = sum(c["value"] for c in cells.values()) / len(cells)
-        params, nonzero = _nonzero_params(pruned)  # counted before the layers are compressed
         if variant.sparsify:
             sparsify(pruned, format="auto")
         rows.append(
@@ -289,6 +308,9 @@ def plot_pareto(rows: Sequence[CompareRow], path, title: str | None = None):
         "depth": "#55a868",
         "width": "#c44e52",
         "width+N:M": "#8172b3",
+        "quantized": "#937860",
+        "N:M+quantized": "#da8bc3",
+        "width+quantized": "#8c8c8c",
     }
     front = pareto_front(rows)
     for ax, key, label in (

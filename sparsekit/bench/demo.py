@@ -35,6 +35,7 @@ from sparsekit.bench.compare import (
     compare_variants,
     depth,
     plot_pareto,
+    quantized,
     rows_to_dicts,
     unstructured,
     width,
@@ -86,7 +87,13 @@ QUICK = DemoConfig(
     seqlen=64,
     eval_tokens=1024,
     eval_seqlen=128,
-    variants=(DEMO_VARIANTS[0], unstructured("magnitude", "2:4"), depth("angular", 2), width("flap", 0.2)),
+    variants=(
+        DEMO_VARIANTS[0],
+        unstructured("magnitude", "2:4"),
+        depth("angular", 2),
+        width("flap", 0.2),
+        quantized(unstructured("magnitude", "2:4"), "int8"),
+    ),
     task_limits={"wiki_lambada": 4, "wiki_continuation": 2},
     layer_ms=(1,),
     layer_pool_mib=8,  # a smoke run: a few copies, not a cold-cache measurement

@@ -347,8 +347,27 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
 
 
-def _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids) -> dict[str, tuple]:
-    """{label: (model, sparsify info, is_dense)}: dense and sparse in every dtype.
+def check_quantize(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """Validate ``quantize`` names before any model is built."""
+    from sparsekit.nn.sparsify import QUANT_FORMATS
+
+    bad = [f for f in formats if f not in QUANT_FORMATS]
+    if bad:
+        raise ValueError(f"unknown quantization {', '.join(bad)}; choose from {', '.join(QUANT_FORMATS)}")
+    return formats
+
+
+def _quantized(model: nn.Module, fmt: str) -> tuple[nn.Module, dict]:
+    """A quantized copy of ``model`` (``sparsekit.nn.quantize``) and what was done."""
+    from sparsekit.nn import quantize
+
+    out = copy.deepcopy(model)
+    return out.eval(), quantize(out, fmt)
+
+
+def _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids, quantize=()) -> dict[str, tuple]:
+    """{label: (model, sparsify info, is_dense)}: dense and sparse in every dtype, and each of
+    ``quantize`` applied to both (int8 on a 2:4 model is 2:4-int8).
 
     A model that already holds SparseLinear layers (a sparsekit checkpoint) is the sparse variant
     and its densified copy the dense one; otherwise the sparse variant is pruned once (in the
@@ -374,6 +393,9 @@ def _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids) -> dict[str
             layers = {**info, **sparsify(sparse, format="auto").to_dict()}
         out[f"dense{tag}"] = (_cast(dense_base, dtype).eval(), {}, True)
         out[f"{label}{tag}"] = (sparse.eval(), layers, False)
+        for fmt in quantize:
+            out[f"dense + {fmt}{tag}"] = (*_quantized(out[f"dense{tag}"][0], fmt), False)
+            out[f"{label} + {fmt}{tag}"] = (*_quantized(sparse, fmt), False)
     return out
 
 
@@ -399,6 +421,7 @@ def run_e2e(
     calib_ids: torch.Tensor | None = None,
     dtypes: tuple[torch.dtype, ...] | None = None,
     show_progress: bool = True,
+    quantize: tuple[str, ...] = (),
 ) -> E2EResult:
     """Dense vs sparsified generation speed, memory and perplexity of ``model`` (left unchanged).
 
@@ -410,8 +433,10 @@ def run_e2e(
     ``warmup`` untimed ones); speedups are against the best dense variant of the same dtype
     (eager or compiled), and ``floor_ms`` is model bytes over the measured read bandwidth.
     ``input_ids`` [batch, prompt_len] and ``eval_ids`` [1, T] replace the corpus text (needed
-    when there is no tokenizer).
+    when there is no tokenizer). ``quantize`` ('int8', 'int4', ...) adds, per dtype, the dense and
+    the sparse model weight-only quantized (int8 on 2:4 layers: 2:4-int8).
     """
+    quantize = check_quantize(tuple(quantize))
     from sparsekit.bench.roofline import measure_roofline
     from sparsekit.eval.perplexity import perplexity_of_ids
     from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids, evaluation_ids
@@ -438,7 +463,7 @@ def run_e2e(
     dtypes = tuple(dtypes or (next(model.parameters()).dtype,))
 
     log.info("e2e: building variants (%s, %s)", method, ", ".join(_dtype_name(d) for d in dtypes))
-    built = _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids)
+    built = _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids, quantize)
     for variant, _, _ in built.values():
         variant.to(device)
     timed = {name: m for name, (m, _, _) in built.items()}
@@ -516,6 +541,7 @@ def run_e2e(
         "method": method if not pruned and not has_sparse_layers(model) else "as given",
         "pruned_input": pruned,
         "compile": compile,
+        "quantize": list(quantize),
         "prompts": prompt_source,
         "warmup": warmup,
         "repeats": repeats,

@@ -50,6 +50,9 @@ ALL_BACKENDS = (
     "2:4-fastest",
     "bitmap-fastest",
     "masked",
+    "int8",
+    "int4",
+    "2:4-int8",
     "cusparselt",
     "csr",
 )
@@ -225,6 +228,27 @@ def setup_bitmap_fastest(case: Case) -> Prepared:
     return _as_module(case, "bitmap", cpu_rule="fastest")
 
 
+def _dense_case(case: Case) -> Case:
+    """The same shape, M and x with the weight unpruned (what a quantization baseline starts from)."""
+    return replace(make_case(case.shape, case.m, "0", case.dtype, case.device), isa=case.isa)
+
+
+def setup_int8(case: Case) -> Prepared:
+    """The unpruned weight, int8 per row (torch's weight-only int8 op on the CPU)."""
+    return _as_module(_dense_case(case), "int8")
+
+
+def setup_int4(case: Case) -> Prepared:
+    """The unpruned weight, int4 in groups of 64 (torch's CPU int4 op)."""
+    return _as_module(_dense_case(case), "int4")
+
+
+def setup_24_int8(case: Case) -> Prepared:
+    """The 2:4-pruned weight with int8 values (sparsekit's C++ kernel on the CPU)."""
+    _check_24(case)
+    return _as_module(case, "2:4-int8")
+
+
 def setup_masked(case: Case) -> Prepared:
     return _as_module(case, "masked")
 
@@ -268,7 +292,9 @@ def _cpu_route(case: Case, fmt: str) -> str:
     """'<isa> direct|blas': which C++ kernel path a CPU SparseLinear runs for this case."""
     from sparsekit.kernels import cpu_ext
 
-    if fmt not in ("2:4", "bitmap"):
+    if fmt in ("int8", "int4"):
+        return f"torch aten {fmt} weight-only op"
+    if fmt not in ("2:4", "bitmap", "2:4-int8"):
         return "torch"
     if cpu_ext.extension() is None:
         if case.isa:
@@ -278,6 +304,8 @@ def _cpu_route(case: Case, fmt: str) -> str:
         isa = cpu_ext.resolve_isa(case.isa)
     except ValueError as exc:  # an ISA this CPU lacks: a skipped cell, not a failed run
         raise Unavailable(str(exc)) from exc
+    if fmt == "2:4-int8":
+        return f"{isa.value} direct"
     path = ("direct", "blas")[cpu_ext.choose_path(fmt, isa, case.dtype, case.m)]
     return f"{isa.value} {path}"
 
@@ -319,7 +347,7 @@ def expand_isas(backends: tuple[str, ...], isas: tuple[str, ...] | None) -> tupl
     return tuple(out)
 
 
-SPARSE_LINEAR_BACKENDS = ("2:4", "bitmap", "2:4-fastest", "bitmap-fastest", "masked")
+SPARSE_LINEAR_BACKENDS = ("2:4", "bitmap", "2:4-fastest", "bitmap-fastest", "masked", "2:4-int8")
 
 SETUPS: dict[str, Callable[[Case], Prepared]] = {
     "dense": setup_dense,
@@ -329,6 +357,9 @@ SETUPS: dict[str, Callable[[Case], Prepared]] = {
     "2:4-fastest": setup_24_fastest,
     "bitmap-fastest": setup_bitmap_fastest,
     "masked": setup_masked,
+    "int8": setup_int8,
+    "int4": setup_int4,
+    "2:4-int8": setup_24_int8,
     "cusparselt": setup_cusparselt,
     "csr": setup_csr,
 }

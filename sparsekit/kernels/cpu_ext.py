@@ -36,7 +36,15 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")  # shipped as package data
 CPP_SOURCES = tuple(CSRC / name for name in ("cpu_common.cpp", "sparse24_cpu.cpp", "bitmap_cpu.cpp"))
-FUNCTIONS = ["mm24", "decompress24_rows", "mm_bitmap", "decompress_bitmap_rows", "cpu_isa_supported"]
+FUNCTIONS = [
+    "mm24",
+    "mm24_q8",
+    "mm_q8",
+    "decompress24_rows",
+    "mm_bitmap",
+    "decompress_bitmap_rows",
+    "cpu_isa_supported",
+]
 ISA_LEVEL = {CpuIsa.SCALAR: 0, CpuIsa.AVX2: 1, CpuIsa.AVX512: 2}
 _LEVEL_ISA = {level: isa for isa, level in ISA_LEVEL.items()}
 PATHS = ("auto", "direct", "blas")

@@ -3,9 +3,10 @@
 from sparsekit.formats.weight import WeightFormat, choose_format, format_names, is_24, weight_format
 
 from .sparse_linear import SparseLinear
-from .sparsify import SparsifyReport, densify, set_format, sparsify
+from .sparsify import QUANT_FORMATS, SparsifyReport, densify, quantize, set_format, sparsify
 
 __all__ = [
+    "QUANT_FORMATS",
     "SparseLinear",
     "SparsifyReport",
     "WeightFormat",
@@ -13,6 +14,7 @@ __all__ = [
     "densify",
     "format_names",
     "is_24",
+    "quantize",
     "set_format",
     "sparsify",
     "weight_format",

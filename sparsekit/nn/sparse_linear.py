@@ -274,7 +274,7 @@ class SparseLinear(nn.Module):
         bound = self._cache.get(isa)
         if bound is None:
             fn = self.weight_format.bind_cpu(self, isa=isa) if self._backend in ("auto", "torch") else None
-            bound = self._cache[isa] = (fn, self._stored().dtype) if fn is not None else (None, None)
+            bound = self._cache[isa] = (fn, self.dtype) if fn is not None else (None, None)
         return bound
 
     def _dense_for(self, rows: int, fn) -> torch.Tensor | None:

@@ -143,6 +143,38 @@ def sparsify(
     return report
 
 
+QUANT_FORMATS = ("int8", "int4", "int4-g32", "int4-g128", "int4-g256")
+
+
+def quantize(model: nn.Module, format: str = "int8") -> dict[str, Any]:
+    """Weight-only quantize every linear of ``model``'s decoder blocks to ``format``, in place.
+
+    Dense linears and structurally pruned ones become ``format``; with int8, layers whose zeros are
+    2:4 (plain linears or 2:4 SparseLinear) become 2:4-int8 (int8 values + 2:4 metadata: 0.625
+    bytes per weight); other SparseLinear layers are quantized from their weight with zeros (int8
+    keeps the zeros exactly, int4's zero points do not). Returns what was done per format.
+    """
+    if format not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization {format!r}; choose one of {', '.join(QUANT_FORMATS)}")
+    for name, module in sparse_candidates(model).items():
+        if isinstance(module, SparseLinear):
+            set_submodule(model, name, module.to_dense())  # zeros kept; stored again below
+    out: dict[str, Any] = {"quantize": format}
+    if format == "int8" and any(_has_24_zeros(linear_weight(m)) for m in sparse_candidates(model).values()):
+        out["2:4-int8"] = sparsify(
+            model, format="2:4-int8", filter_fn=lambda m, _: _has_24_zeros(linear_weight(m))
+        ).to_dict()
+    out[format] = sparsify(model, format=format).to_dict()  # layers already 2:4-int8 are skipped
+    return out
+
+
+def _has_24_zeros(weight: torch.Tensor) -> bool:
+    """2:4 with at least one zero (a dense weight is 'at most 2 of 4' only when half zeros)."""
+    from sparsekit.formats.weight import is_24
+
+    return is_24(weight) and bool((weight == 0).any())
+
+
 def set_format(model: nn.Module, format: str | WeightFormat) -> int:
     """Convert every SparseLinear of ``model`` to ``format`` in place; returns how many changed.
 

@@ -32,7 +32,7 @@ def test_demo_quick_writes_the_report(smollm2, tmp_path):
     assert summary["env"]["commit"] and summary["total_s"] > 0 and summary["quick"] is True
     rows = json.loads((report.parent / "compare.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == [v.name for v in QUICK.variants]
-    assert {r["family"] for r in rows} == {"dense", "N:M", "depth", "width"}
+    assert {r["family"] for r in rows} == {"dense", "N:M", "depth", "width", "N:M+quantized"}
     by_name = {r["variant"]: r for r in rows}
     dense = by_name["dense"]
     assert dense["decode_speedup"] == 1.0
@@ -46,6 +46,9 @@ def test_demo_quick_writes_the_report(smollm2, tmp_path):
     assert sparse["nonzero_params"] < 0.75 * dense["nonzero_params"]  # 2:4 on the block linears
     assert sparse["bytes"] < dense["bytes"]  # stored compressed
     assert by_name["angular -2 blocks +repair"]["params"] < dense["params"]  # blocks removed
+    # 2:4-int8: int8 values + 2:4 metadata, smaller than 2:4 alone; the zeros stay zeros
+    quant = by_name["magnitude 2:4 + int8"]
+    assert quant["bytes"] < sparse["bytes"] and quant["nonzero_params"] == sparse["nonzero_params"]
     e2e = json.loads((report.parent / "e2e.json").read_text())["rows"]
     assert [r["variant"] for r in e2e] == ["dense", "sparse (2:4, magnitude)"]
     assert e2e[0]["decode_speedup"] == 1.0 and e2e[1]["floor_ms"] < e2e[0]["floor_ms"]

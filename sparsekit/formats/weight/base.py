@@ -43,6 +43,9 @@ class WeightFormat:
     name: ClassVar[str]
     trainable: ClassVar[bool] = False  # True: the weight is a Parameter an optimizer may update
     structured: ClassVar[bool] = False  # True: preferred by ``choose_format`` whenever it fits
+    # True: stores an approximation of W (quantized); never chosen by ``choose_format``, and its
+    # contract is F.linear(x, to_dense()) rather than F.linear(x, W)
+    lossy: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- layout
     def layout(self, out_features: int, in_features: int, nnz: int = 0) -> list[TensorSpec]:
@@ -150,8 +153,8 @@ def format_names() -> tuple[str, ...]:
 def choose_format(weight: torch.Tensor) -> WeightFormat:
     """The format ``format="auto"`` stores ``weight`` [N, K] in: a structured format that fits it
     (2:4, whose kernels are the fastest), else the fewest bytes among the others (bitmap where the
-    weight is sparse enough, else dense). Trainable formats are never chosen."""
-    candidates = [f for f in _REGISTRY.values() if not f.trainable and f.fits(weight)]
+    weight is sparse enough, else dense). Trainable and lossy (quantized) formats are never chosen."""
+    candidates = [f for f in _REGISTRY.values() if not f.trainable and not f.lossy and f.fits(weight)]
     structured = [f for f in candidates if f.structured]
     if structured:
         return structured[0]

@@ -90,31 +90,35 @@ void dispatch_dtype(at::ScalarType t, Fn&& fn) {
 //   static constexpr int MB                    rows of x per pass (accumulators in registers)
 //   template <int R> void dot(n, x, ldx, acc)  acc[r] = sum_k x[r * ldx + k] * W[n, k], r < R
 //   double row_bytes() const                   compressed bytes of one weight row
+// T is the output's (and bias's) dtype; the kernel's stored values may be another (int8).
+// scale [N] fp32 or nullptr: y[m, n] = scale[n] * acc + bias[n] (per-row weight-only quantization)
 template <typename T, typename Kern, int R>
-void rows_block(const Kern& kern, const float* x, int64_t K, const T* bias, T* y, int64_t N, int64_t m0,
-                int64_t n0, int64_t n1) {
+void rows_block(const Kern& kern, const float* x, int64_t K, const T* bias, const float* scale, T* y, int64_t N,
+                int64_t m0, int64_t n0, int64_t n1) {
   float acc[R];
   for (int64_t n = n0; n < n1; ++n) {
     kern.template dot<R>(n, x + m0 * K, K, acc);
     const float b = bias ? static_cast<float>(bias[n]) : 0.f;
-    for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<T>(acc[r] + b);
+    const float s = scale ? scale[n] : 1.f;
+    for (int r = 0; r < R; ++r) y[(m0 + r) * N + n] = static_cast<T>(s * acc[r] + b);
   }
 }
 
 template <typename T, typename Kern, int R>
-void rows_block_any(int64_t rows, const Kern& kern, const float* x, int64_t K, const T* bias, T* y, int64_t N,
-                    int64_t m0, int64_t n0, int64_t n1) {
+void rows_block_any(int64_t rows, const Kern& kern, const float* x, int64_t K, const T* bias, const float* scale,
+                    T* y, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
   if constexpr (R > 1) {
-    if (rows < R) return rows_block_any<T, Kern, R - 1>(rows, kern, x, K, bias, y, N, m0, n0, n1);
+    if (rows < R) return rows_block_any<T, Kern, R - 1>(rows, kern, x, K, bias, scale, y, N, m0, n0, n1);
   }
-  rows_block<T, Kern, R>(kern, x, K, bias, y, N, m0, n0, n1);
+  rows_block<T, Kern, R>(kern, x, K, bias, scale, y, N, m0, n0, n1);
 }
 
 // y [M, N] = x [M, K] (fp32) @ W.T + bias. Tiles of weight rows (about 32 KiB compressed) are
 // re-read from cache by every pass of Kern::MB rows of x, so the weight streams from DRAM once
 // whatever M is; each task streams at least about 64 KiB.
 template <typename T, typename Kern>
-void direct_mm(const Kern& kern, const float* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K) {
+void direct_mm(const Kern& kern, const float* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
+               const float* scale = nullptr) {
   const int64_t row_bytes = std::max<int64_t>(1, int64_t(kern.row_bytes()));
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / row_bytes);
   const int64_t tile_rows = std::max<int64_t>(1, (32 * 1024) / row_bytes);
@@ -123,7 +127,7 @@ void direct_mm(const Kern& kern, const float* x, const T* bias, T* y, int64_t M,
       const int64_t n1 = std::min<int64_t>(c1, n0 + tile_rows);
       for (int64_t m0 = 0; m0 < M; m0 += Kern::MB) {
         const int64_t rows = std::min<int64_t>(Kern::MB, M - m0);
-        rows_block_any<T, Kern, Kern::MB>(rows, kern, x, K, bias, y, N, m0, n0, n1);
+        rows_block_any<T, Kern, Kern::MB>(rows, kern, x, K, bias, scale, y, N, m0, n0, n1);
       }
     }
   });
@@ -201,6 +205,9 @@ template <> inline __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
 template <> inline __m256 load8<c10::Half>(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+template <> inline __m256 load8<int8_t>(const int8_t* p) {  // weight-only int8: exact in fp32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 template <typename T> inline void store8(T* p, __m256 v);
 template <> inline void store8<float>(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 template <> inline void store8<c10::BFloat16>(c10::BFloat16* p, __m256 v) {
@@ -231,6 +238,9 @@ template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
 }
 template <> inline __m512 load16<c10::Half>(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+template <> inline __m512 load16<int8_t>(const int8_t* p) {  // weight-only int8: exact in fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 // the first `count` (<= 16) elements, zeros above; never touches memory past them
 template <typename T> inline __m512 load16_first(const T* p, int count);

@@ -305,6 +305,144 @@ torch::Tensor mm24(torch::Tensor x, torch::Tensor values, torch::Tensor meta, c1
   return y;
 }
 
+namespace {
+
+// ------------------------------------------------------------------------- dense int8 rows
+// Weight-only int8 without sparsity, W [N, K] int8 row-major: the direct path's kernel for the int8
+// format where torch's own op has no fast path (fp32 activations). dot() widens 16 (AVX-512) or 8
+// (AVX2) int8 weights to fp32 per step and FMAs them with x; the row's scale is applied by the
+// driver (rows_block), once per dot product.
+struct DenseQ8Base {
+  const int8_t* w;
+  int64_t K;
+  double row_bytes() const { return double(K); }
+};
+
+namespace sk_scalar {
+struct DenseQ8 : DenseQ8Base {
+  static constexpr int MB = 8;
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    const int8_t* wr = w + n * K;
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = float(wr[k]);
+      for (int r = 0; r < R; ++r) acc[r] += v * x[r * ldx + k];
+    }
+  }
+};
+}  // namespace sk_scalar
+
+#if SK_X86
+SK_BEGIN_AVX2
+namespace sk_avx2 {
+struct DenseQ8 : DenseQ8Base {
+  static constexpr int MB = 4;
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    const int8_t* wr = w + n * K;
+    __m256 a[R], b[R];
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + PF_BYTES, _MM_HINT_T0);
+      const __m256 wa = load8<int8_t>(wr + k), wb = load8<int8_t>(wr + k + 8);
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x + r * ldx + k), a[r]);
+        b[r] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x + r * ldx + k + 8), b[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = hsum(_mm256_add_ps(a[r], b[r]));
+    for (; k < K; ++k)
+      for (int r = 0; r < R; ++r) acc[r] += float(wr[k]) * x[r * ldx + k];
+  }
+};
+}  // namespace sk_avx2
+SK_END_ISA
+
+SK_BEGIN_AVX512
+namespace sk_avx512 {
+struct DenseQ8 : DenseQ8Base {
+  static constexpr int MB = 8;
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    const int8_t* wr = w + n * K;
+    __m512 a[R], b[R];
+    for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + k) + PF_BYTES, _MM_HINT_T0);
+      const __m512 wa = load16<int8_t>(wr + k), wb = load16<int8_t>(wr + k + 16);
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm512_fmadd_ps(wa, _mm512_loadu_ps(x + r * ldx + k), a[r]);
+        b[r] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(x + r * ldx + k + 16), b[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], b[r]));
+    for (; k < K; ++k)
+      for (int r = 0; r < R; ++r) acc[r] += float(wr[k]) * x[r * ldx + k];
+  }
+};
+}  // namespace sk_avx512
+SK_END_ISA
+#endif  // SK_X86
+
+// fn(x as fp32, bias, y) for the direct drivers of weight-only int8 kernels
+template <typename Fn>
+torch::Tensor q8_direct(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N, Fn&& fn) {
+  at::NoGradGuard no_grad;
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    fn(tag, xf.data_ptr<float>(), bias.has_value() ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>());
+  });
+  return y;
+}
+
+}  // namespace
+
+// weight-only int8: x [M, K] contiguous (fp32/bf16/fp16), q int8 [N, K] contiguous, scale fp32 [N],
+// bias [N] (x's dtype) or None -> y [M, N] = x @ (scale[:, None] * q).T + bias; direct path
+torch::Tensor mm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                    int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "mm_q8: q must be int8, scale fp32");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const int8_t* w = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  return q8_direct(x, bias, N, [&](auto tag, const float* xf, const auto* bp, auto* yp) {
+    using T = decltype(tag);
+#if SK_X86
+    if (isa == ISA_AVX512) return direct_mm<T>(sk_avx512::DenseQ8{{w, K}}, xf, bp, yp, M, N, K, sp);
+    if (isa == ISA_AVX2) return direct_mm<T>(sk_avx2::DenseQ8{{w, K}}, xf, bp, yp, M, N, K, sp);
+#endif
+    direct_mm<T>(sk_scalar::DenseQ8{{w, K}}, xf, bp, yp, M, N, K, sp);
+  });
+}
+
+// 2:4 + weight-only int8: x [M, K] contiguous (fp32/bf16/fp16), values int8 [N, K/2] and meta
+// [N, ceil(K/8)] contiguous, scale fp32 [N], bias [N] (x's dtype) or None -> y [M, N] =
+// x @ (scale[:, None] * decompress_24(values, meta)).T + bias; direct path only (the int8 values
+// are widened to fp32 in registers, the row's scale applied once to its dot products)
+torch::Tensor mm24_q8(torch::Tensor x, torch::Tensor values, torch::Tensor meta, torch::Tensor scale,
+                      c10::optional<torch::Tensor> bias, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(values.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
+              "mm24_q8: values must be int8 and scale fp32");
+  const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
+  const float* sp = scale.data_ptr<float>();
+  return q8_direct(x, bias, N, [&](auto tag, const float* xf, const auto* bp, auto* yp) {
+    using T = decltype(tag);
+    with_sparse24<int8_t>(isa, values, meta, K, [&](const auto& kern) {
+      direct_mm<T>(kern, xf, bp, yp, M, N, K, sp);
+      return 0;
+    });
+  });
+}
+
 // rows [n0, n0 + out.size(0)) of the dense weight into out [rows, K] (contiguous)
 void decompress24_rows(torch::Tensor values, torch::Tensor meta, int64_t n0, torch::Tensor out, int64_t isa) {
   check_isa(isa);

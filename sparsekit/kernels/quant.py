@@ -1,0 +1,273 @@
+"""Weight-only quantization: int8 per output row, int4 per group of inputs, and 2:4 with int8 values.
+
+What runs on the CPU, and why those: torch's own packed weight-only matmul ops, the ones
+gpt-fast and torchao's CPU int8/int4 weight-only paths dispatch to (a well-kept implementation,
+no hand-written quantized GEMM where one exists):
+  int8  ``aten._weight_int8pack_mm(x [M, K], q int8 [N, K], scale [N]) -> [M, N]``: fast for
+        bf16 / fp16 x (vectorized); for fp32 x it is a generic loop (2.6x slower than dequantize +
+        GEMM at M = 1, 30x at M = 512 on EPYC-512), so fp32 layers run sparsekit's C++ direct int8
+        kernel (``mm_q8``, decode and small batches) or dequantize + GEMM (larger M) instead.
+  int4  ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero [K/group, N, 2])``, the
+        weight packed once by ``aten._convert_weight_to_int4pack_for_cpu``; value = (q - 8) * scale
+        + zero, q in 0..15 (asymmetric: a pruned zero does not stay exactly zero). bf16 / fp16
+        only, as int8: fp32 layers dequantize per call.
+  2:4 + int8  no library has it (vLLM, SGLang and torchao dropped their sparse + quantized
+        kernels in 2026): ``mm24_q8`` in the C++ extension reads int8 values and the 2:4 nibbles
+        (0.5 + 0.125 bytes per weight, against 1.0 for dense int8) and scales each row's dot
+        products once.
+Elsewhere (CUDA, no extension) the weight is dequantized per call and ``F.linear`` runs: correct,
+not fast. Every function here has its plain-torch reference beside it.
+
+Conventions: W [N, K] (out_features x in_features); int8 is symmetric per row, scale = max|w| / 127,
+so zeros (pruned weights) stay exactly zero; int4 packs two 4-bit codes per byte, column 2j in
+the low nibble and 2j + 1 in the high one (a portable layout; the CPU op's own packing is built at
+bind time and never saved).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_ext
+from ._backend import CpuIsa
+from .cpu_ext import isa_level, resolve_isa
+
+log = logging.getLogger(__name__)
+
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes the torch CPU int4 op accepts
+
+
+# ----------------------------------------------------------------------------- int8 per row
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] float -> (q int8 [N, K], scale [N] in W's dtype): W ~= q * scale[:, None].
+
+    Symmetric, round to nearest, codes in -127..127; an all-zero row gets scale 1 (its codes are 0).
+    """
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(weight.dtype)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q int8 [N, K], scale [N] -> W [N, K] in scale's dtype."""
+    return (q.float() * scale.float()[:, None]).to(scale.dtype)
+
+
+def int8_mm_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """Reference: x [..., K] @ dequantize_int8(q, scale).T + bias, in fp32, cast to x's dtype."""
+    y = F.linear(x.float(), q.float() * scale.float()[:, None], None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """x [..., K] (fp32/bf16/fp16), q int8 [N, K], scale [N] -> y [..., N]: torch's int8 weight-only
+    matmul for bf16 / fp16 x on the CPU; dequantize + F.linear for fp32 x (the op's fp32 loop is
+    2.6x slower than that at M = 1 and 30x at M = 512 on a 1536 x 576 weight) and elsewhere."""
+    n, k = q.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"int8_mm expects x [..., {k}], got {tuple(x.shape)}")
+    x2 = x.reshape(-1, k)
+    if x.device.type == "cpu" and x.dtype != torch.float32 and not x.requires_grad:
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
+        if bias is not None:
+            y = y + bias
+    else:
+        y = F.linear(x2, dequantize_int8(q, scale).to(x.dtype), bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+INT8_DIRECT_MAX_M = 8  # fp32: sparsekit's direct int8 kernel up to this M, dequantize + GEMM above
+
+
+def bind_int8_cpu(
+    q: torch.Tensor, scale: torch.Tensor, isa: CpuIsa | str | None = None
+) -> Callable[..., torch.Tensor]:
+    """``fn(x, bias) -> y`` for one stored int8 weight on the CPU: torch's op for bf16 / fp16; for
+    fp32 sparsekit's C++ direct kernel (``mm_q8``) up to ``INT8_DIRECT_MAX_M`` rows of x and
+    dequantize + GEMM above (torch's op has no fast fp32 path)."""
+    n, k = q.shape
+    ext = cpu_ext.extension()
+    if scale.dtype != torch.float32 or ext is None:
+        return lambda x, bias: int8_mm(x, q, scale, bias)
+    level = isa_level(resolve_isa(isa))
+    scale32 = scale.contiguous()
+
+    def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, k)
+        if x2.shape[0] > INT8_DIRECT_MAX_M:
+            y = F.linear(x2, dequantize_int8(q, scale32), bias)
+        else:
+            y = ext.mm_q8(x2 if x2.is_contiguous() else x2.contiguous(), q, scale32, bias, level)
+        return y.reshape(*x.shape[:-1], n)
+
+    return mm
+
+
+# ----------------------------------------------------------------------------- int4 per group
+def check_int4_shape(in_features: int, group: int) -> None:
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUPS}, got {group}")
+    if in_features % group:
+        raise ValueError(
+            f"int4 with groups of {group} needs in_features % {group} == 0, got {in_features}; "
+            f"choose a group size that divides it ({', '.join(f'int4-g{g}' for g in INT4_GROUPS)})"
+        )
+
+
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (packed uint8 [N, K/2], scale_zero [K/group, N, 2] in W's dtype).
+
+    Per group of ``group`` inputs: scale = (max - min) / 15, zero = min + 8 * scale, q = round((w -
+    min) / scale) in 0..15, so W ~= (q - 8) * scale + zero (the torch CPU op's convention).
+    """
+    n, k = weight.shape
+    check_int4_shape(k, group)
+    w = weight.detach().float().view(n, k // group, group)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp_(min=1e-12)
+    q = torch.round((w - lo) / scale).clamp_(0, 15).to(torch.uint8).view(n, k)
+    zero = lo + 8 * scale
+    scale_zero = torch.stack((scale.view(n, -1), zero.view(n, -1)), dim=-1).transpose(0, 1).contiguous()
+    return pack_int4(q), scale_zero.to(weight.dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [N, K] in 0..15 -> uint8 [N, K/2], column 2j low nibble, 2j + 1 high."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> codes uint8 [N, K] in 0..15."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [N, K/2], scale_zero [K/group, N, 2] -> W [N, K] in scale_zero's dtype."""
+    q = unpack_int4(packed).float()
+    n, k = q.shape
+    groups = scale_zero.shape[0]
+    sz = scale_zero.float().transpose(0, 1)  # [N, K/group, 2]
+    w = (q.view(n, groups, -1) - 8) * sz[..., :1] + sz[..., 1:]
+    return w.view(n, k).to(scale_zero.dtype)
+
+
+def int4_mm_ref(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None):
+    """Reference: x [..., K] @ dequantize_int4(packed, scale_zero).T + bias in fp32, cast to x's dtype."""
+    w = dequantize_int4(packed, scale_zero.float())
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def bind_int4_cpu(packed: torch.Tensor, scale_zero: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """``fn(x, bias) -> y`` with the weight packed once for ``aten._weight_int4pack_mm_for_cpu``;
+    None where the caller should dequantize instead: out_features % 16 != 0 (the op cannot take
+    it) or fp32 (the op's fp32 path is a generic loop, slower than dequantize + GEMM from M = 16)."""
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    group = k // scale_zero.shape[0]
+    check_int4_shape(k, group)
+    if scale_zero.dtype == torch.float32:
+        return None
+    if n % 16:
+        log.info(
+            "int4 [%d, %d]: torch's CPU int4 op needs out_features % 16 == 0; dequantizing per call", n, k
+        )
+        return None
+    cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
+    sz = scale_zero.contiguous()
+
+    def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, k)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), cpu_packed, group, sz)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], n)
+
+    return mm
+
+
+def int4_mm(
+    x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None = None
+):
+    """x [..., K] -> y [..., N]: dequantize + F.linear (the bound CPU op is ``bind_int4_cpu``)."""
+    k = 2 * packed.shape[1]
+    if x.shape[-1] != k:
+        raise ValueError(f"int4_mm expects x [..., {k}], got {tuple(x.shape)}")
+    return F.linear(x, dequantize_int4(packed, scale_zero).to(x.dtype), bias)
+
+
+# ----------------------------------------------------------------------------- 2:4 + int8
+def sparse24_int8_mm_ref(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Reference: x [..., K] @ (scale[:, None] * decompress_24(values int8 [N, K/2], meta)).T + bias."""
+    from .sparse24_cpu import decompress_24_torch
+
+    w = decompress_24_torch(values.float(), meta) * scale.float()[:, None]
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def bind_sparse24_int8_cpu(
+    values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, isa: CpuIsa | str | None = None
+) -> Callable[..., torch.Tensor] | None:
+    """``fn(x, bias) -> y``: the C++ 2:4 + int8 kernel at ``isa`` with every check done now; None
+    where the extension did not build (the caller dequantizes instead)."""
+    ext = cpu_ext.extension()
+    if ext is None:
+        return None
+    if values.dtype != torch.int8 or not values.is_contiguous() or not meta.is_contiguous():
+        raise ValueError("bind_sparse24_int8_cpu needs contiguous int8 values and uint8 meta")
+    n, k = values.shape[0], 2 * values.shape[1]
+    if values.dim() != 2 or k % 4 or tuple(meta.shape) != (n, (k + 7) // 8) or tuple(scale.shape) != (n,):
+        raise ValueError(
+            f"2:4-int8 needs values [N, K/2] (K % 4 == 0), meta [N, ceil(K/8)] and scale [N]; got "
+            f"{tuple(values.shape)}, {tuple(meta.shape)} and {tuple(scale.shape)}"
+        )
+    level = isa_level(resolve_isa(isa))
+    scale32 = scale.float().contiguous()
+
+    def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, k)
+        y = ext.mm24_q8(x2 if x2.is_contiguous() else x2.contiguous(), values, meta, scale32, bias, level)
+        return y.reshape(*x.shape[:-1], n)
+
+    return mm
+
+
+def sparse24_int8_mm(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [..., K] -> y [..., N] by dequantizing values to x's dtype and F.linear (any device)."""
+    from .sparse24_cpu import decompress_24_torch
+
+    w = decompress_24_torch(values.to(x.dtype), meta) * scale.to(x.dtype)[:, None]
+    return F.linear(x, w, bias)
+
+
+__all__ = [
+    "INT4_GROUPS",
+    "bind_int4_cpu",
+    "bind_int8_cpu",
+    "bind_sparse24_int8_cpu",
+    "check_int4_shape",
+    "dequantize_int4",
+    "dequantize_int8",
+    "int4_mm",
+    "int4_mm_ref",
+    "int8_mm",
+    "int8_mm_ref",
+    "pack_int4",
+    "quantize_int4",
+    "quantize_int8",
+    "sparse24_int8_mm",
+    "sparse24_int8_mm_ref",
+    "unpack_int4",
+]

@@ -1,0 +1,191 @@
+"""Weight-only quantized formats (int8, int4, 2:4-int8): each reproduces F.linear(x, its dequantized
+weight) on every CPU ISA, against plain-torch references, and round-trips through checkpoints."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekit.formats.weight import choose_format, weight_format
+from sparsekit.kernels import cpu_ext, nm_keep_mask
+from sparsekit.kernels.quant import (
+    dequantize_int4,
+    dequantize_int8,
+    int4_mm_ref,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    sparse24_int8_mm_ref,
+    unpack_int4,
+)
+from sparsekit.nn import SparseLinear
+from tests.conftest import TOL
+
+SHAPES = [(1, 64, 128), (5, 48, 192), (9, 160, 256)]  # (M, N, K); N % 16 == 0 for the int4 op
+ODD_N = (3, 40, 128)  # N % 16 != 0: int4 dequantizes
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# every ISA level this CPU runs (an AVX-512 machine runs all three)
+ISAS = [i.value for i, lvl in cpu_ext.ISA_LEVEL.items() if lvl <= cpu_ext.ISA_LEVEL[cpu_ext.supported_isa()]]
+
+
+def _ids(shape, dtype):
+    return f"M{shape[0]}-N{shape[1]}-K{shape[2]}-{str(dtype).replace('torch.', '')}"
+
+
+def _linear(n, k, dtype, pattern=None, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n).to(dtype).requires_grad_(False)
+    if pattern == "2:4":
+        lin.weight.mul_(nm_keep_mask(lin.weight.abs().float(), 2, 4))
+    return lin
+
+
+CASES = [(s, d) for s in [*SHAPES, ODD_N] for d in DTYPES]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int4-g32", "2:4-int8"])
+@pytest.mark.parametrize("shape,dtype", CASES, ids=[_ids(s, d) for s, d in CASES])
+def test_layer_matches_linear_of_its_dequantized_weight(fmt, shape, dtype):
+    m, n, k = shape
+    lin = _linear(n, k, dtype, "2:4" if fmt == "2:4-int8" else None)
+    layer = SparseLinear.from_linear(lin, format=fmt)
+    x = torch.randn(2, m, k).to(dtype)
+    with torch.no_grad():
+        y = layer(x)
+    w = layer.dense_weight().float()
+    ref = F.linear(x.float(), w, lin.bias.float()).to(dtype)
+    rtol, atol = TOL[dtype]
+    assert y.shape == (2, m, n) and y.dtype == dtype
+    torch.testing.assert_close(y, ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_sparse24_int8_kernel_every_isa_against_the_reference(isa, m, dtype):
+    """The C++ 2:4 + int8 kernel (forced ISA) against decompress + scale + F.linear in fp32; K = 260
+    leaves a tail of groups past the vector loop."""
+    if cpu_ext.extension() is None:
+        pytest.skip(f"the C++ extension did not build: {cpu_ext.build_error()}")
+    n, k = 37, 260
+    lin = _linear(n, k, dtype, "2:4")
+    layer = SparseLinear.from_linear(lin, format="2:4-int8")
+    layer.cpu_isa = isa
+    x = torch.randn(m, k).to(dtype)
+    with torch.no_grad():
+        y = layer(x)
+    ref = sparse24_int8_mm_ref(x, layer.values, layer.meta, layer.scale, layer.bias)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y, ref, rtol=rtol, atol=atol)
+    assert layer._cache  # the bound C++ call ran, not the dequantizing fallback
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 4, 7, 8])
+def test_dense_int8_kernel_every_isa_against_the_reference(isa, m):
+    """fp32 int8 layers run sparsekit's C++ direct kernel (``mm_q8``) up to 8 rows; K = 300 leaves
+    a tail past the 32-column vector loop."""
+    if cpu_ext.extension() is None:
+        pytest.skip(f"the C++ extension did not build: {cpu_ext.build_error()}")
+    from sparsekit.kernels.quant import int8_mm_ref
+
+    layer = SparseLinear.from_linear(_linear(37, 300, torch.float32), format="int8")
+    layer.cpu_isa = isa
+    x = torch.randn(m, 300)
+    with torch.no_grad():
+        y = layer(x)
+        direct = cpu_ext.extension().mm_q8(
+            x, layer.qweight, layer.scale, layer.bias, cpu_ext.ISA_LEVEL[cpu_ext.CpuIsa(isa)]
+        )
+    ref = int8_mm_ref(x, layer.qweight, layer.scale, layer.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_keeps_zeros_and_error_is_bounded_by_half_a_step():
+    w = torch.randn(64, 96)
+    w[w.abs() < 0.5] = 0
+    q, scale = quantize_int8(w)
+    deq = dequantize_int8(q, scale)
+    assert torch.equal(deq == 0, w == 0)
+    assert bool(((deq - w).abs() <= scale[:, None] / 2 + 1e-7).all())
+    assert int(q.abs().max()) == 127
+
+
+def test_int4_packs_two_codes_per_byte_and_bounds_the_error():
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (8, 32) and torch.equal(unpack_int4(packed), codes)
+    assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)  # column 0 in the low nibble
+    w = torch.randn(32, 128)
+    packed, scale_zero = quantize_int4(w, 32)
+    assert scale_zero.shape == (4, 32, 2)
+    step = scale_zero[..., 0].transpose(0, 1).repeat_interleave(32, dim=1)
+    assert bool(((dequantize_int4(packed, scale_zero) - w).abs() <= step / 2 + 1e-6).all())
+
+
+def test_int4_cpu_op_matches_the_reference_in_fp32():
+    lin = _linear(64, 256, torch.float32)
+    layer = SparseLinear.from_linear(lin, format="int4")
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(
+        y, int4_mm_ref(x, layer.qweight, layer.scale_zero, layer.bias), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_2_4_int8_takes_0_625_bytes_per_weight_and_keeps_the_mask():
+    lin = _linear(128, 256, torch.bfloat16, "2:4")
+    layer = SparseLinear.from_linear(lin, format="2:4-int8")
+    assert layer.weight_bytes() == 128 * 128 + 128 * 32 + 128 * 2
+    assert torch.equal(layer.mask(), lin.weight != 0)
+    assert torch.equal(layer.dense_weight() != 0, lin.weight != 0)
+
+
+def test_lossy_formats_are_never_chosen_and_bad_shapes_are_named():
+    w = torch.randn(32, 64) * nm_keep_mask(torch.rand(32, 64), 2, 4)
+    assert choose_format(w).name == "2:4"
+    with pytest.raises(ValueError, match="in_features % 64"):
+        SparseLinear.from_linear(nn.Linear(96, 32), format="int4")
+    with pytest.raises(ValueError, match="int4-g32"):
+        weight_format("int4").check_shape(32, 96)
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        SparseLinear.from_linear(nn.Linear(64, 32), format="int8", backend="triton")(torch.randn(1, 64))
+
+
+def test_sparsify_refuses_2_4_int8_on_a_layer_that_is_not_2_4():
+    from sparsekit.nn import sparsify
+    from tests.conftest import tiny_model
+
+    with pytest.raises(ValueError, match="is not 2:4-int8"):
+        sparsify(tiny_model("llama"), format="2:4-int8")
+
+
+@pytest.mark.parametrize("fmt,sparsity", [("int8", None), ("int4-g32", None), ("2:4-int8", "2:4")])
+def test_checkpoint_round_trip_and_damaged_meta(tmp_path, fmt, sparsity):
+    from sparsekit.hf.checkpoint import CheckpointError, load, save
+    from sparsekit.nn import sparsify
+    from sparsekit.pruning import PruneConfig, prune_model
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    if sparsity:
+        prune_model(model, None, PruneConfig(method="magnitude", sparsity=sparsity, show_progress=False))
+    sparsify(model, format=fmt)
+    save(model, tmp_path / "ck")
+    loaded = load(tmp_path / "ck")
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    before, after = model.state_dict(), loaded.state_dict()
+    assert all(before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
+    if fmt == "2:4-int8":
+        from tests.hf.test_checkpoint_integrity import _read, _rewrite
+
+        state, metadata = _read(tmp_path / "ck" / "model.safetensors")
+        key = next(k for k in state if k.endswith(".meta"))
+        state[key] = torch.full_like(state[key], 0x55)  # i0 == i1 == 1: not a 2:4 group
+        _rewrite(tmp_path / "ck", state, metadata, recompute_checksums=True)
+        with pytest.raises(CheckpointError, match="distinct and ascending"):
+            load(tmp_path / "ck")
