@@ -26,7 +26,6 @@ bind time and never saved).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
@@ -35,8 +34,7 @@ import torch.nn.functional as F
 from . import cpu_ext
 from ._backend import CpuIsa
 from .cpu_ext import isa_level, resolve_isa
-
-log = logging.getLogger(__name__)
+from .sparse24_cpu import decompress_24_torch, decompress_rows
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes the torch CPU int4 op accepts
 
@@ -82,7 +80,13 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
     return y.reshape(*x.shape[:-1], n)
 
 
-INT8_DIRECT_MAX_M = 8  # fp32: sparsekit's direct int8 kernel up to this M, dequantize + GEMM above
+# Above these M (rows of x) a CPU layer dequantizes its weight per call (held only for that call)
+# and runs the dense GEMM: at prefill the GEMM dominates and the int8/int4 kernels lose to it.
+# Measured by bench/cpu_isa_layers.py (docs/data/quant-layers.md, SmolLM2 shapes, one thread) and
+# a dequantize-cost probe on EPYC-512: bf16 int8 op 0.56x dense at M = 64 vs about 0.7x with
+# dequantize + GEMM; int4's dequantize costs 4x int8's, so its op keeps M <= 64.
+DEQUANT_ABOVE_M = {"int8": 16, "int8-fp32": 8, "int4": 64, "2:4-int8": 16}
+INT8_DIRECT_MAX_M = DEQUANT_ABOVE_M["int8-fp32"]  # fp32: sparsekit's direct int8 kernel up to here
 
 
 def bind_int8_cpu(
@@ -94,7 +98,13 @@ def bind_int8_cpu(
     n, k = q.shape
     ext = cpu_ext.extension()
     if scale.dtype != torch.float32 or ext is None:
-        return lambda x, bias: int8_mm(x, q, scale, bias)
+
+        def op(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if x.numel() > DEQUANT_ABOVE_M["int8"] * k:
+                return F.linear(x, dequantize_int8(q, scale), bias)
+            return int8_mm(x, q, scale, bias)
+
+        return op
     level = isa_level(resolve_isa(isa))
     scale32 = scale.contiguous()
 
@@ -164,25 +174,25 @@ def int4_mm_ref(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
 
 
 def bind_int4_cpu(packed: torch.Tensor, scale_zero: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-    """``fn(x, bias) -> y`` with the weight packed once for ``aten._weight_int4pack_mm_for_cpu``;
-    None where the caller should dequantize instead: out_features % 16 != 0 (the op cannot take
-    it) or fp32 (the op's fp32 path is a generic loop, slower than dequantize + GEMM from M = 16)."""
+    """``fn(x, bias) -> y`` with the weight packed once for ``aten._weight_int4pack_mm_for_cpu``
+    (out_features padded to a multiple of 16 with zero rows, as the op requires); None for fp32,
+    where the caller dequantizes (the op's fp32 path is a generic loop, slower than that)."""
     n, k = packed.shape[0], 2 * packed.shape[1]
     group = k // scale_zero.shape[0]
     check_int4_shape(k, group)
     if scale_zero.dtype == torch.float32:
         return None
-    if n % 16:
-        log.info(
-            "int4 [%d, %d]: torch's CPU int4 op needs out_features % 16 == 0; dequantizing per call", n, k
-        )
-        return None
-    cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
-    sz = scale_zero.contiguous()
+    pad = -n % 16  # zero rows: code 8 with scale 0 and zero 0
+    codes = F.pad(unpack_int4(packed).to(torch.int32), (0, 0, 0, pad), value=8)
+    cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    sz = F.pad(scale_zero, (0, 0, 0, pad)).contiguous()
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
+        if x2.shape[0] > DEQUANT_ABOVE_M["int4"]:
+            return F.linear(x, dequantize_int4(packed, scale_zero), bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), cpu_packed, group, sz)
+        y = y[:, :n] if pad else y
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], n)
@@ -205,8 +215,6 @@ def sparse24_int8_mm_ref(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """Reference: x [..., K] @ (scale[:, None] * decompress_24(values int8 [N, K/2], meta)).T + bias."""
-    from .sparse24_cpu import decompress_24_torch
-
     w = decompress_24_torch(values.float(), meta) * scale.float()[:, None]
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
@@ -227,11 +235,15 @@ def bind_sparse24_int8_cpu(
             f"2:4-int8 needs values [N, K/2] (K % 4 == 0), meta [N, ceil(K/8)] and scale [N]; got "
             f"{tuple(values.shape)}, {tuple(meta.shape)} and {tuple(scale.shape)}"
         )
-    level = isa_level(resolve_isa(isa))
+    chosen = resolve_isa(isa)
+    level = isa_level(chosen)
     scale32 = scale.float().contiguous()
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
+        if x2.shape[0] > DEQUANT_ABOVE_M["2:4-int8"]:  # C++ decompress of the widened values + GEMM
+            w = decompress_rows(values.to(x.dtype), meta, 0, n, isa=chosen) * scale.to(x.dtype)[:, None]
+            return F.linear(x, w, bias)
         y = ext.mm24_q8(x2 if x2.is_contiguous() else x2.contiguous(), values, meta, scale32, bias, level)
         return y.reshape(*x.shape[:-1], n)
 
@@ -246,8 +258,6 @@ def sparse24_int8_mm(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [..., K] -> y [..., N] by dequantizing values to x's dtype and F.linear (any device)."""
-    from .sparse24_cpu import decompress_24_torch
-
     w = decompress_24_torch(values.to(x.dtype), meta) * scale.to(x.dtype)[:, None]
     return F.linear(x, w, bias)
 

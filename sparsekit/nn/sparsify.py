@@ -149,7 +149,8 @@ QUANT_FORMATS = ("int8", "int4", "int4-g32", "int4-g128", "int4-g256")
 def quantize(model: nn.Module, format: str = "int8") -> dict[str, Any]:
     """Weight-only quantize every linear of ``model``'s decoder blocks to ``format``, in place.
 
-    Dense linears and structurally pruned ones become ``format``; with int8, layers whose zeros are
+    Dense linears and structurally pruned ones become ``format`` (int4: a layer whose inputs the
+    group does not divide takes the largest smaller group that does); with int8, layers whose zeros are
     2:4 (plain linears or 2:4 SparseLinear) become 2:4-int8 (int8 values + 2:4 metadata: 0.625
     bytes per weight); other SparseLinear layers are quantized from their weight with zeros (int8
     keeps the zeros exactly, int4's zero points do not). Returns what was done per format.
@@ -164,8 +165,25 @@ def quantize(model: nn.Module, format: str = "int8") -> dict[str, Any]:
         out["2:4-int8"] = sparsify(
             model, format="2:4-int8", filter_fn=lambda m, _: _has_24_zeros(linear_weight(m))
         ).to_dict()
-    out[format] = sparsify(model, format=format).to_dict()  # layers already 2:4-int8 are skipped
+    # layers already 2:4-int8 are skipped; an int4 layer whose inputs its group does not divide
+    # (a width-pruned layer) takes the largest smaller group that does, else stays in float
+    for name in (format, *_INT4_FALLBACK.get(format, ())):
+        fmt = weight_format(name)
+        swap = sparsify(model, format=fmt, filter_fn=lambda m, _, f=fmt: f.fits(linear_weight(m)))
+        if swap.layers or name == format:
+            out[name] = swap.to_dict()
+    left = [n for n, m in sparse_candidates(model).items() if not isinstance(m, SparseLinear)]
+    if left:
+        out["kept_float"] = left
+        log.warning("%d layers stay in float: no %s group divides their inputs", len(left), format)
     return out
+
+
+_INT4_FALLBACK = {
+    "int4-g256": ("int4-g128", "int4", "int4-g32"),
+    "int4-g128": ("int4", "int4-g32"),
+    "int4": ("int4-g32",),
+}
 
 
 def _has_24_zeros(weight: torch.Tensor) -> bool:

@@ -189,3 +189,37 @@ def test_checkpoint_round_trip_and_damaged_meta(tmp_path, fmt, sparsity):
         _rewrite(tmp_path / "ck", state, metadata, recompute_checksums=True)
         with pytest.raises(CheckpointError, match="distinct and ascending"):
             load(tmp_path / "ck")
+
+
+def test_quantize_model_picks_2_4_int8_and_int4_groups_per_layer():
+    from sparsekit.nn import quantize
+    from sparsekit.pruning import PruneConfig, prune_model
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    prune_model(model, None, PruneConfig(method="magnitude", sparsity="2:4", show_progress=False))
+    mlp = model.model.layers[1].mlp
+    mlp.down_proj = nn.Linear(120, mlp.down_proj.out_features, bias=False)  # a width no int4 group divides
+    model.model.layers[0].mlp.up_proj.weight.data.normal_()  # dense again: plain int8
+    report = quantize(model, "int8")
+    formats = {n: m.format for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert formats["model.layers.0.mlp.up_proj"] == "int8"
+    assert formats["model.layers.0.self_attn.q_proj"] == "2:4-int8"
+    assert report["2:4-int8"]["layers_swapped"] == 12 and report["int8"]["layers_swapped"] == 2
+
+    model = tiny_model("llama")
+    model.model.layers[1].mlp.down_proj = nn.Linear(120, 64, bias=False)
+    report = quantize(model, "int4-g128")
+    formats = {n: m.format for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert formats["model.layers.0.mlp.down_proj"] == "int4-g128"  # K = 128
+    assert formats["model.layers.0.self_attn.q_proj"] == "int4"  # K = 64: groups of 64
+    assert report["kept_float"] == ["model.layers.1.mlp.down_proj"]  # 120: no group divides it
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        dense = model(ids).logits
+        quantize(model, "int4")
+        logits = model(ids).logits
+    assert ((logits - dense).norm() / dense.norm()) < 0.2  # 4-bit error, not garbage
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize(model, "int3")
