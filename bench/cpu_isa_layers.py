@@ -119,8 +119,9 @@ def main() -> None:
         "",
         f"ISA levels this CPU runs: up to {first.config.get('cpu_isa_supported')}; every path forced in turn "
         "(`@isa`). The BLAS that dense and the blas path call is torch's own (MKL / oneDNN, which pick "
-        "their ISA from the CPU: AVX-512 and AMX here), so a forced `avx2` / `scalar` row is those "
-        "kernels on this machine, not a measurement of an AVX2-only CPU.",
+        "their ISA from the CPU: AVX-512 here, and AMX where the CPU has it), so a forced `avx2` / "
+        "`scalar` row is those kernels on this machine, not a measurement of an AVX2-only CPU. "
+        "Backends without `@isa` (int8, int4: torch's own ops) run once.",
         "",
         _summary(rows),
     ]

@@ -311,6 +311,7 @@ def plot_pareto(rows: Sequence[CompareRow], path, title: str | None = None):
         "quantized": "#937860",
         "N:M+quantized": "#da8bc3",
         "width+quantized": "#8c8c8c",
+        "unstructured+quantized": "#64b5cd",
     }
     front = pareto_front(rows)
     for ax, key, label in (

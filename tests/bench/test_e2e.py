@@ -138,3 +138,41 @@ def test_run_e2e_every_dtype_with_calibrated_pruning():
         assert dense.decode_speedup == 1.0
         assert sparse.decode_speedup == pytest.approx(dense.tpot_ms / sparse.tpot_ms)
         assert sparse.sparsify["method"] == "wanda" and sparse.model_bytes < dense.model_bytes
+
+
+def test_run_e2e_adds_quantized_dense_and_sparse_variants():
+    model = tiny_model("llama").to(torch.bfloat16)
+    result = run_e2e(
+        model,
+        input_ids=_prompt(12),
+        new_tokens=3,
+        eval_ids=_prompt(128),
+        eval_seqlen=64,
+        repeats=1,
+        quantize=("int8", "int4"),
+    )
+    rows = {r.variant: r for r in result.rows}
+    assert list(rows) == [
+        "dense",
+        "sparse (2:4, magnitude)",
+        "dense + int8",
+        "sparse (2:4, magnitude) + int8",
+        "dense + int4",
+        "sparse (2:4, magnitude) + int4",
+    ]
+    assert rows["sparse (2:4, magnitude) + int8"].sparsify["2:4-int8"]["layers_swapped"] == 14
+    assert rows["dense + int8"].sparsify["int8"]["layers_swapped"] == 14
+    # bytes: int4 < 2:4-int8 < int8 < 2:4 < dense
+    order = [
+        "dense + int4",
+        "sparse (2:4, magnitude) + int8",
+        "dense + int8",
+        "sparse (2:4, magnitude)",
+        "dense",
+    ]
+    sizes = [rows[v].model_bytes for v in order]
+    assert sizes == sorted(sizes)
+    assert abs(rows["dense + int8"].ppl / rows["dense"].ppl - 1) < 0.05  # int8 barely moves ppl
+    assert result.config["quantize"] == ["int8", "int4"]
+    with pytest.raises(ValueError, match="unknown quantization int3"):
+        run_e2e(model, input_ids=_prompt(12), eval_tokens=0, quantize=("int3",))

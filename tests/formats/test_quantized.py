@@ -223,3 +223,32 @@ def test_quantize_model_picks_2_4_int8_and_int4_groups_per_layer():
     assert ((logits - dense).norm() / dense.norm()) < 0.2  # 4-bit error, not garbage
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize(model, "int3")
+
+
+def test_cli_quantize_writes_a_checkpoint_transformers_loads(tmp_path, capsys):
+    """`sparsekit quantize FOLDER --format int8` on a pruned HF folder: 2:4 layers become 2:4-int8,
+    and plain ``from_pretrained`` (after ``import sparsekit``) gives the same logits as sparsekit.load."""
+    import transformers
+
+    from sparsekit.cli import main
+    from sparsekit.hf.checkpoint import load
+    from sparsekit.pruning import PruneConfig, prune_model
+    from tests.tiny_folder import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "tiny")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    prune_model(model, None, PruneConfig(method="magnitude", sparsity="2:4", show_progress=False))
+    model.save_pretrained(folder)
+    out = tmp_path / "q8"
+    assert main(["quantize", str(folder), "--format", "int8", "--out", str(out)]) == 0
+    assert "2:4-int8: 14 layers" in capsys.readouterr().out
+    loaded = load(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert {m.format for m in hf.modules() if isinstance(m, SparseLinear)} == {"2:4-int8"}
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, loaded(ids).logits, rtol=0, atol=0)
+    assert main(["quantize", str(folder), "--format", "int8", "--out", str(out)]) != 0  # exists
+    assert "exists" in capsys.readouterr().err
+    assert main(["quantize", str(folder), "--format", "int3", "--out", str(tmp_path / "x")]) != 0
+    assert "int3" in capsys.readouterr().err
