@@ -47,7 +47,9 @@ def test_routed_forward_reproduces_the_family_experts(family):
     args, want = seen["io"]
     with torch.no_grad():
         got = routed_forward(experts, ex, expert_matrices(block.module, ex))(*args)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # scale-aware: fp32 sums of |outputs| ~ 1e2 (transformers 5.25's tiny inits) differ in the last
+    # bits where the family's kernel (grouped_mm by default) orders them differently
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 def test_group_limited_removal_takes_the_same_number_from_every_group():
