@@ -157,6 +157,8 @@ def quantize(model: nn.Module, format: str = "int8") -> dict[str, Any]:
     """
     if format not in QUANT_FORMATS:
         raise ValueError(f"unknown quantization {format!r}; choose one of {', '.join(QUANT_FORMATS)}")
+    if format.startswith("int4"):
+        _refuse_pruned_zeros(model, format)
     for name, module in sparse_candidates(model).items():
         if isinstance(module, SparseLinear):
             set_submodule(model, name, module.to_dense())  # zeros kept; stored again below
@@ -184,6 +186,23 @@ _INT4_FALLBACK = {
     "int4-g128": ("int4", "int4-g32"),
     "int4": ("int4-g32",),
 }
+
+
+INT4_MAX_ZEROS = 0.1  # a layer with more zeros than this is pruned: int4 would fill them in
+
+
+def _refuse_pruned_zeros(model: nn.Module, format: str) -> None:
+    """int4's zero points move every zero off zero: refuse a model whose layers are pruned."""
+    for name, module in sparse_candidates(model).items():
+        weight = module.dense_weight() if isinstance(module, SparseLinear) else linear_weight(module)
+        zeros = float((weight == 0).float().mean())
+        if zeros > INT4_MAX_ZEROS:
+            raise ValueError(
+                f"{name} is {zeros:.0%} zeros (pruned): {format} stores asymmetric groups whose zero "
+                "points turn every pruned weight back into a non-zero, undoing the pruning. Use int8 "
+                "(zeros stay zeros; 2:4 layers become 2:4-int8), or int4 on a dense or structurally "
+                "pruned model"
+            )
 
 
 def _has_24_zeros(weight: torch.Tensor) -> bool:

@@ -223,6 +223,10 @@ def test_quantize_model_picks_2_4_int8_and_int4_groups_per_layer():
     assert ((logits - dense).norm() / dense.norm()) < 0.2  # 4-bit error, not garbage
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize(model, "int3")
+    pruned = tiny_model("llama")
+    prune_model(pruned, None, PruneConfig(method="magnitude", sparsity="2:4", show_progress=False))
+    with pytest.raises(ValueError, match="50% zeros.*Use int8"):
+        quantize(pruned, "int4")
 
 
 def test_cli_quantize_writes_a_checkpoint_transformers_loads(tmp_path, capsys):
