@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 
 from sparsekit._env import environment
-from sparsekit._io import write_json_atomic, write_text_atomic
-from sparsekit.bench.compare import DENSE, Variant, _step, compare_markdown, compare_variants, rows_to_dicts
+from sparsekit.bench.compare import DENSE, Variant, _step, compare_markdown, compare_variants, table_writers
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
 
@@ -117,14 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{items} items per task, {rounds} timing rounds.\n\n"
     )
 
-    def write(rows, note: str = "") -> None:
-        write_json_atomic(
-            out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows_to_dicts(rows)}
-        )
-        write_text_atomic(out.with_suffix(".md"), head + note + compare_markdown(rows) + "\n")
-
-    def partial(rows) -> None:  # after every row: a run cut short keeps its rows (no timing yet)
-        write(rows, f"**Partial: {len(rows)} of {len(chosen)} rows, decode timing not run yet.**\n\n")
+    write, partial = table_writers(out, head, {"environment": env, "args": vars(args)}, len(chosen))
 
     rows = compare_variants(
         model,

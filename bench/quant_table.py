@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from sparsekit._env import environment
-from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.bench.compare import (
     DENSE,
     Variant,
@@ -32,7 +31,7 @@ from sparsekit.bench.compare import (
     compare_variants,
     plot_pareto,
     quantized,
-    rows_to_dicts,
+    table_writers,
     unstructured,
     width,
 )
@@ -95,13 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         f"TTFT on a {prompt_len}-token prompt, TPOT over 16 new tokens, {rounds} interleaved rounds.\n\n"
     )
 
-    def write(rows, note: str = "") -> None:
-        data = {"command": command, "environment": env, "args": vars(args), "rows": rows_to_dicts(rows)}
-        write_json_atomic(out.with_suffix(".json"), data)
-        write_text_atomic(out.with_suffix(".md"), head + note + compare_markdown(rows) + "\n")
-
-    def partial(rows) -> None:  # after every row: a run cut short keeps its rows (no timing yet)
-        write(rows, f"**Partial: {len(rows)} of {len(chosen)} rows, timing not run yet.**\n\n")
+    write, partial = table_writers(
+        out, head, {"command": command, "environment": env, "args": vars(args)}, len(chosen)
+    )
 
     rows = compare_variants(
         model,

@@ -613,10 +613,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from sparsekit.hf.checkpoint import save
-    from sparsekit.nn import QUANT_FORMATS, quantize
+    from sparsekit.nn import quantize
+    from sparsekit.nn.sparsify import check_quant_format
 
-    if args.format not in QUANT_FORMATS:
-        raise ValueError(f"--format {args.format!r}: choose one of {', '.join(QUANT_FORMATS)}")
+    check_quant_format(args.format)
     if Path(args.out).exists():
         raise ValueError(f"--out {args.out} exists; choose a new folder")
     model, tokenizer = load_any(args.model, args.dtype, "cpu", args.trust_remote_code)

@@ -360,3 +360,19 @@ def plot_pareto(rows: Sequence[CompareRow], path, title: str | None = None):
 
 def rows_to_dicts(rows: Sequence[CompareRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def table_writers(out: Path, head: str, meta: dict, total: int):
+    """(write, partial) for a table script: ``write(rows, note="")`` writes <out>.json (``meta`` +
+    the rows) and <out>.md (``head`` + note + the table), atomically; ``partial(rows)`` is the
+    ``on_row`` callback of ``compare_variants``, so a run cut short keeps its rows (no timing yet)."""
+    from sparsekit._io import write_json_atomic, write_text_atomic
+
+    def write(rows: Sequence[CompareRow], note: str = "") -> None:
+        write_json_atomic(out.with_suffix(".json"), {**meta, "rows": rows_to_dicts(rows)})
+        write_text_atomic(out.with_suffix(".md"), head + note + compare_markdown(rows) + "\n")
+
+    def partial(rows: Sequence[CompareRow]) -> None:
+        write(rows, f"**Partial: {len(rows)} of {total} rows, decode timing not run yet.**\n\n")
+
+    return write, partial

@@ -349,12 +349,9 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def check_quantize(formats: tuple[str, ...]) -> tuple[str, ...]:
     """Validate ``quantize`` names before any model is built."""
-    from sparsekit.nn.sparsify import QUANT_FORMATS
+    from sparsekit.nn.sparsify import check_quant_format
 
-    bad = [f for f in formats if f not in QUANT_FORMATS]
-    if bad:
-        raise ValueError(f"unknown quantization {', '.join(bad)}; choose from {', '.join(QUANT_FORMATS)}")
-    return formats
+    return tuple(check_quant_format(f) for f in formats)
 
 
 def _quantized(model: nn.Module, fmt: str) -> tuple[nn.Module, dict]:
@@ -366,8 +363,8 @@ def _quantized(model: nn.Module, fmt: str) -> tuple[nn.Module, dict]:
 
 
 def _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids, quantize=()) -> dict[str, tuple]:
-    """{label: (model, sparsify info, is_dense)}: dense and sparse in every dtype, and each of
-    ``quantize`` applied to both (int8 on a 2:4 model is 2:4-int8).
+    """{label: (model, sparsify info, is_dense)}: dense and sparse in every dtype, the dense one
+    under each of ``quantize``, and the sparse one under int8 (its 2:4 layers: 2:4-int8).
 
     A model that already holds SparseLinear layers (a sparsekit checkpoint) is the sparse variant
     and its densified copy the dense one; otherwise the sparse variant is pruned once (in the

@@ -291,9 +291,10 @@ def setup_csr(case: Case) -> Prepared:
 def _cpu_route(case: Case, fmt: str) -> str:
     """'<isa> direct|blas': which C++ kernel path a CPU SparseLinear runs for this case."""
     from sparsekit.kernels import cpu_ext
+    from sparsekit.kernels.quant import cpu_route
 
     if fmt in ("int8", "int4"):
-        return f"torch aten {fmt} weight-only op"
+        return cpu_route(fmt, case.dtype, case.m)
     if fmt not in ("2:4", "bitmap", "2:4-int8"):
         return "torch"
     if cpu_ext.extension() is None:
@@ -305,7 +306,7 @@ def _cpu_route(case: Case, fmt: str) -> str:
     except ValueError as exc:  # an ISA this CPU lacks: a skipped cell, not a failed run
         raise Unavailable(str(exc)) from exc
     if fmt == "2:4-int8":
-        return f"{isa.value} direct"
+        return f"{isa.value} {cpu_route(fmt, case.dtype, case.m)}"
     path = ("direct", "blas")[cpu_ext.choose_path(fmt, isa, case.dtype, case.m)]
     return f"{isa.value} {path}"
 

@@ -4,9 +4,9 @@ What runs on the CPU, and why those: torch's own packed weight-only matmul ops, 
 gpt-fast and torchao's CPU int8/int4 weight-only paths dispatch to (a well-kept implementation,
 no hand-written quantized GEMM where one exists):
   int8  ``aten._weight_int8pack_mm(x [M, K], q int8 [N, K], scale [N]) -> [M, N]``: fast for
-        bf16 / fp16 x (vectorized); for fp32 x it is a generic loop (2.6x slower than dequantize +
-        GEMM at M = 1, 30x at M = 512 on EPYC-512), so fp32 layers run sparsekit's C++ direct int8
-        kernel (``mm_q8``, decode and small batches) or dequantize + GEMM (larger M) instead.
+        bf16 / fp16 x (vectorized); for fp32 x it is a generic loop (0.41x dense at M = 1, 0.02x
+        at M = 512: bench/quant_paths.py, docs/data/quant-paths.md), so fp32 layers run sparsekit's
+        C++ direct int8 kernel (``mm_q8``, decode and small batches) or dequantize + GEMM instead.
   int4  ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero [K/group, N, 2])``, the
         weight packed once by ``aten._convert_weight_to_int4pack_for_cpu``; value = (q - 8) * scale
         + zero, q in 0..15 (asymmetric: a pruned zero does not stay exactly zero). bf16 / fp16
@@ -65,8 +65,8 @@ def int8_mm_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
     """x [..., K] (fp32/bf16/fp16), q int8 [N, K], scale [N] -> y [..., N]: torch's int8 weight-only
-    matmul for bf16 / fp16 x on the CPU; dequantize + F.linear for fp32 x (the op's fp32 loop is
-    2.6x slower than that at M = 1 and 30x at M = 512 on a 1536 x 576 weight) and elsewhere."""
+    matmul for bf16 / fp16 x on the CPU; dequantize + F.linear for fp32 x (the op's fp32 loop
+    loses to it at every M: docs/data/quant-paths.md) and elsewhere."""
     n, k = q.shape
     if x.shape[-1] != k:
         raise ValueError(f"int8_mm expects x [..., {k}], got {tuple(x.shape)}")
@@ -82,11 +82,29 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
 
 # Above these M (rows of x) a CPU layer dequantizes its weight per call (held only for that call)
 # and runs the dense GEMM: at prefill the GEMM dominates and the int8/int4 kernels lose to it.
-# Measured by bench/cpu_isa_layers.py (docs/data/quant-layers.md, SmolLM2 shapes, one thread) and
-# a dequantize-cost probe on EPYC-512: bf16 int8 op 0.56x dense at M = 64 vs about 0.7x with
-# dequantize + GEMM; int4's dequantize costs 4x int8's, so its op keeps M <= 64.
+# Measured by bench/quant_paths.py (docs/data/quant-paths.md: every path interleaved on one
+# 1536 x 576 weight, EPYC-512): bf16 at M = 64 the int8 op is 0.48x dense against 0.54x for
+# dequantize + GEMM, 2:4-int8's kernel 0.46x against 0.73x decompressed; int4's dequantize costs
+# 1.8 ms, so its op (0.59x) keeps M <= 64 and loses only at 512 (0.45x against 0.71x).
 DEQUANT_ABOVE_M = {"int8": 16, "int8-fp32": 8, "int4": 64, "2:4-int8": 16}
 INT8_DIRECT_MAX_M = DEQUANT_ABOVE_M["int8-fp32"]  # fp32: sparsekit's direct int8 kernel up to here
+
+
+def cpu_route(fmt: str, dtype: torch.dtype, m: int) -> str:
+    """What a bound CPU layer of quantized format ``fmt`` ('int8', 'int4...', '2:4-int8') runs for
+    ``m`` rows of x in ``dtype``, in words (benchmark labels; the binds below decide the same way)."""
+    fp32 = dtype == torch.float32
+    if fmt.startswith("int4"):
+        if fp32 or m > DEQUANT_ABOVE_M["int4"]:
+            return "dequantize + GEMM"
+        return "aten int4 op"
+    if fmt == "int8":
+        if fp32 and cpu_ext.extension() is not None:
+            return "dequantize + GEMM" if m > INT8_DIRECT_MAX_M else "sparsekit mm_q8"
+        return "dequantize + GEMM" if m > DEQUANT_ABOVE_M["int8"] else "aten int8 op"
+    if fmt == "2:4-int8":
+        return "decompress + GEMM" if m > DEQUANT_ABOVE_M["2:4-int8"] else "sparsekit mm24_q8"
+    raise ValueError(f"{fmt!r} is not a quantized format")
 
 
 def bind_int8_cpu(
@@ -268,6 +286,7 @@ __all__ = [
     "bind_int8_cpu",
     "bind_sparse24_int8_cpu",
     "check_int4_shape",
+    "cpu_route",
     "dequantize_int4",
     "dequantize_int8",
     "int4_mm",

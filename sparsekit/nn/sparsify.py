@@ -146,6 +146,13 @@ def sparsify(
 QUANT_FORMATS = ("int8", "int4", "int4-g32", "int4-g128", "int4-g256")
 
 
+def check_quant_format(format: str) -> str:
+    """``format`` if it is one of QUANT_FORMATS, else a ValueError naming the choices."""
+    if format not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization {format}; choose one of {', '.join(QUANT_FORMATS)}")
+    return format
+
+
 def quantize(model: nn.Module, format: str = "int8") -> dict[str, Any]:
     """Weight-only quantize every linear of ``model``'s decoder blocks to ``format``, in place.
 
@@ -155,18 +162,17 @@ def quantize(model: nn.Module, format: str = "int8") -> dict[str, Any]:
     bytes per weight); other SparseLinear layers are quantized from their weight with zeros (int8
     keeps the zeros exactly, int4's zero points do not). Returns what was done per format.
     """
-    if format not in QUANT_FORMATS:
-        raise ValueError(f"unknown quantization {format!r}; choose one of {', '.join(QUANT_FORMATS)}")
+    check_quant_format(format)
     if format.startswith("int4"):
         _refuse_pruned_zeros(model, format)
     for name, module in sparse_candidates(model).items():
         if isinstance(module, SparseLinear):
             set_submodule(model, name, module.to_dense())  # zeros kept; stored again below
     out: dict[str, Any] = {"quantize": format}
-    if format == "int8" and any(_has_24_zeros(linear_weight(m)) for m in sparse_candidates(model).values()):
-        out["2:4-int8"] = sparsify(
-            model, format="2:4-int8", filter_fn=lambda m, _: _has_24_zeros(linear_weight(m))
-        ).to_dict()
+    if format == "int8":
+        as_24 = {n for n, m in sparse_candidates(model).items() if _has_24_zeros(linear_weight(m))}
+        if as_24:
+            out["2:4-int8"] = sparsify(model, format="2:4-int8", filter_fn=lambda _, n: n in as_24).to_dict()
     # layers already 2:4-int8 are skipped; an int4 layer whose inputs its group does not divide
     # (a width-pruned layer) takes the largest smaller group that does, else stays in float
     for name in (format, *_INT4_FALLBACK.get(format, ())):
