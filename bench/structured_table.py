@@ -7,8 +7,12 @@ TTFT / TPOT of every variant, with all generations interleaved in rounds (one ru
 Variants: dense; shortgpt-N / angular-N / shortened-ppl-N / shortened-taylor-N (N of 30 blocks;
 -r: with the linear repair);
 wanda-sp-P / flap-P (P% of block parameters, same widths in every block; flap-P-adaptive: per-block
-widths; -refit: the least-squares refit of the cut projections); sparsegpt-2:4; flap-20+2:4
-(stacked). ``--rounds 0`` skips the generation timing (ppl, parameters and prune time only).
+widths; -refit: the least-squares refit of the cut projections); blockpruner-P (attention and MLP
+sub-blocks removed greedily by calibration ppl, P% of block parameters; -lazy: the lazy search);
+2ssp-P (MLP channels by activation norm, then attention sub-blocks by ppl); llm-pruner-P (Taylor
+importance of coupled groups in blocks 4 .. L-3; -element2, -vector: the other criteria; -refit);
+sparsegpt-2:4; flap-20+2:4 (stacked). ``--rounds 0`` skips the generation timing (ppl, parameters
+and prune time only).
 Writes structured.json and structured.md to --out.
 """
 
@@ -51,6 +55,22 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
         if variant.startswith(method + "-"):
             parts = variant[len(method) + 1 :].split("-")
             return [(method, "0", {"remove_layers": int(parts[0]), "repair": parts[1:] == ["r"]})]
+    for method in ("blockpruner", "2ssp"):
+        if variant.startswith(method + "-"):
+            percent, *flags = variant[len(method) + 1 :].split("-")
+            if set(flags) - {"lazy"}:
+                raise ValueError(f"unknown variant {variant!r}: the {method} suffix is -lazy")
+            search = {"subblock_search": "lazy"} if flags else {}
+            return [(method, str(int(percent) / 100), search)]
+    if variant.startswith("llm-pruner-"):
+        percent, *flags = variant[len("llm-pruner-") :].split("-")
+        if set(flags) - {"element2", "vector", "refit"}:
+            raise ValueError(
+                f"unknown variant {variant!r}: llm-pruner suffixes are -element2, -vector, -refit"
+            )
+        kw: dict = {"refit": "refit" in flags}
+        kw.update(("importance", f) for f in flags if f in ("element2", "vector"))
+        return [("llm-pruner", str(int(percent) / 100), kw)]
     for method in ("wanda-sp", "flap"):
         if variant.startswith(method + "-"):
             percent, *flags = variant[len(method) + 1 :].split("-")
@@ -96,6 +116,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=0,
+        help="items per zero-shot task (wiki_lambada, wiki_continuation; 0: skip)",
+    )
     parser.add_argument("--out", default="reports/structured")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -105,6 +131,12 @@ def main() -> None:
     calib = calibration_ids(tokenizer, "wiki-offline", args.nsamples, args.seqlen, seed=0)
     eval_ids = evaluation_ids(tokenizer, "wiki-offline", max_tokens=args.eval_tokens)
     prompts, prompt_source = prompt_ids(tokenizer, 1, args.prompt_len)
+    tasks = ("wiki_lambada", "wiki_continuation") if args.items else ()
+    manager = None
+    if tasks:
+        from sparsekit.eval.zero_shot import task_manager, zero_shot
+
+        manager = task_manager(list(tasks), None)
     rows, models = [], {}
     for variant in args.variants.split(","):
         model = copy.deepcopy(dense)
@@ -115,6 +147,10 @@ def main() -> None:
         ]
         prune_s = time.perf_counter() - started
         ppl = perplexity_of_ids(model, eval_ids, seqlen=args.eval_seqlen).ppl
+        accuracy = {
+            task: zero_shot(model, [task], tokenizer, limit=args.items, manager=manager).scores[task].main[1]
+            for task in tasks
+        }
         rows.append(
             {
                 "variant": variant,
@@ -123,14 +159,22 @@ def main() -> None:
                 "bytes": model_bytes(model),
                 "layers": model.config.num_hidden_layers,
                 "prune_s": prune_s if variant != "dense" else 0.0,
+                "accuracy": accuracy,
                 # each step's choice and scores (depth: per block), so a ranking can be examined later
                 "steps": [
-                    {k: getattr(r, k) for k in ("method", "removed_blocks", "block_scores") if hasattr(r, k)}
+                    {
+                        k: getattr(r, k)
+                        for k in ("method", "removed_blocks", "removed_subblocks", "block_scores")
+                        if hasattr(r, k)
+                    }
                     for r in reports
                 ],
             }
         )
-        logging.info("%s: ppl %.2f, %d params, pruned in %.1f s", variant, ppl, rows[-1]["params"], prune_s)
+        logging.info(
+            "%s: ppl %.2f, accuracy %s, %d params, pruned in %.1f s",
+            variant, ppl, accuracy, rows[-1]["params"], prune_s,
+        )  # fmt: skip
         if args.rounds > 0:  # kept resident only for the interleaved timing
             models[variant] = model
     if args.rounds > 0:
@@ -140,19 +184,22 @@ def main() -> None:
         f"model {args.model}; calibration wiki-offline {args.nsamples} x {args.seqlen} tokens (seed 0); "
         f"ppl on {eval_ids.shape[1]} held-out tokens in windows of {args.eval_seqlen}; generation: batch 1, "
         f"{args.prompt_len}-token prompt ({prompt_source}), {args.new_tokens} new tokens, greedy, static KV "
-        f"cache, fp32 eager, {args.rounds} rounds with every variant interleaved in each round (0: not timed)"
+        f"cache, fp32 eager, {args.rounds} rounds with every variant interleaved in each round (0: not "
+        f"timed); zero-shot: {args.items} items per task of {', '.join(tasks) or 'none'}"
     )
     out = Path(args.out)
     write_json_atomic(out / "structured.json", {"env": env, "setup": setup, "rows": rows})
     lines = [
-        "| variant | blocks | params (M) | ppl | prune s | TTFT ms (p20-p80) | TPOT ms (p20-p80) "
-        "| decode x | prefill x |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | blocks | params (M) | ppl | "
+        + "".join(f"{t} acc | " for t in tasks)
+        + "prune s | TTFT ms (p20-p80) | TPOT ms (p20-p80) | decode x | prefill x |",
+        "|---|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        acc = "".join(f"{r['accuracy'][t]:.3f} | " for t in tasks)
         lines.append(
-            f"| {r['variant']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} "
-            f"| {r['prune_s']:.0f} | {timing_cells(r)} |"
+            f"| {r['variant']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} | {acc}"
+            f"{r['prune_s']:.0f} | {timing_cells(r)} |"
         )
     markdown = "\n".join(lines) + (
         f"\n\n{setup}.\nMachine: {env['cpu']} ({env['cpu_threads']} threads), torch {env['torch']}, "

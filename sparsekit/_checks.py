@@ -34,9 +34,11 @@ from sparsekit.pruning.structured import (
     Angular,
     DepthMethod,
     Frequency,
+    LLMPruner,
     RandomExperts,
     StructuredConfig,
-    WandaSP,
+    SubblockMethod,
+    WidthMethod,
     is_structured,
     structured_method,
     structured_method_names,
@@ -65,6 +67,8 @@ PER_LAYER_OPTIONS = (
 )
 DEPTH_OPTIONS = ("remove_layers", "repair", "tokens")
 WIDTH_OPTIONS = ("heads", "widths", "bias_compensation", "refit", "channel_multiple")
+SUBBLOCK_OPTIONS = ("subblock_search",)
+TAYLOR_OPTIONS = ("importance",)
 EXPERT_REMOVAL_OPTIONS = ("num_experts",)
 COMMON_OPTIONS = ("batch_size", "device", "show_progress")
 log = logging.getLogger(__name__)
@@ -164,7 +168,7 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
         "(--then-method wanda|sparsegpt|ria, or prune again)",
     )
     depth = isinstance(obj, DepthMethod)
-    width = isinstance(obj, FLAP | WandaSP)
+    width = isinstance(obj, WidthMethod)
     expert = isinstance(obj, REAP | EAN | Frequency | RandomExperts)
     if not expert:
         _refuse_unused(
@@ -187,7 +191,17 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
         _refuse_unused(
             name,
             [k for k in WIDTH_OPTIONS if k in asked and k not in shared],
-            "the width options are for wanda-sp / flap",
+            "the width options are for wanda-sp / flap / llm-pruner",
+        )
+    if not isinstance(obj, SubblockMethod):
+        _refuse_unused(
+            name,
+            [k for k in SUBBLOCK_OPTIONS if k in asked],
+            "subblock_search is for the sub-block methods (blockpruner)",
+        )
+    if not isinstance(obj, LLMPruner):
+        _refuse_unused(
+            name, [k for k in TAYLOR_OPTIONS if k in asked], "importance is llm-pruner's Taylor criterion"
         )
     if asked.get("widths") == "adaptive" and not (isinstance(obj, FLAP) or expert):
         raise ValueError(
@@ -204,7 +218,16 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
     else:
         fraction = _structured_amount(name, sparsity, asked.get("remove_layers"), depth, num_blocks, expert)
     keys = [
-        k for k in (*DEPTH_OPTIONS, *WIDTH_OPTIONS, *EXPERT_REMOVAL_OPTIONS, *COMMON_OPTIONS) if k in asked
+        k
+        for k in (
+            *DEPTH_OPTIONS,
+            *WIDTH_OPTIONS,
+            *SUBBLOCK_OPTIONS,
+            *TAYLOR_OPTIONS,
+            *EXPERT_REMOVAL_OPTIONS,
+            *COMMON_OPTIONS,
+        )  # fmt: skip
+        if k in asked
     ]
     config = StructuredConfig(sparsity=fraction, **{k: asked[k] for k in keys})
     return PruneRequest(obj, True, config, obj.needs_calibration)
@@ -353,6 +376,8 @@ def calibration_plan(
             stored = boundary * (shape.layers + 1) if boundary * (shape.layers + 1) <= 4 * 2**30 else 0
         if getattr(config, "refit", False):
             copies += 1  # block 0's inputs, kept for the refit pass (its Grams: gram=True below)
+        if getattr(request.method, "stores_block_states", False):  # every block's input, kept
+            stored = nsamples * seqlen * shape.hidden * model_dtype.itemsize * (shape.layers + 1)
         whole = getattr(request.method, "whole_model", "")
         return CalibrationPlan(
             nsamples, seqlen, config.batch_size, copies, forward_dtype.itemsize, model_dtype.itemsize,

@@ -19,6 +19,8 @@ from sparsekit._checks import (
     DEPTH_OPTIONS,
     EXPERT_REMOVAL_OPTIONS,
     PER_LAYER_OPTIONS,
+    SUBBLOCK_OPTIONS,
+    TAYLOR_OPTIONS,
     WIDTH_OPTIONS,
     PruneRequest,
     check_prune_request,
@@ -88,6 +90,8 @@ _PRUNE_OPTIONS = (  # CLI flags that are keyword options of sparsekit.prune, che
     *PER_LAYER_OPTIONS,
     *DEPTH_OPTIONS,
     *WIDTH_OPTIONS,
+    *SUBBLOCK_OPTIONS,
+    *TAYLOR_OPTIONS,
     *EXPERT_REMOVAL_OPTIONS,
 )
 _NOT_ON_THE_CLI = ("share_statistics", "measure_error", "channel_multiple")
@@ -113,7 +117,10 @@ def _step_options(args: argparse.Namespace, method: str, stacked: bool) -> dict:
     if stacked and is_structured(method):
         keys = [k for k in keys if k not in PER_LAYER_OPTIONS]
     elif stacked:
-        skip = (*DEPTH_OPTIONS, *WIDTH_OPTIONS, *EXPERT_REMOVAL_OPTIONS, *CALIBRATION_INPUTS, "batch_size")
+        skip = (
+            *DEPTH_OPTIONS, *WIDTH_OPTIONS, *SUBBLOCK_OPTIONS, *TAYLOR_OPTIONS, *EXPERT_REMOVAL_OPTIONS,
+            *CALIBRATION_INPUTS, "batch_size",
+        )  # fmt: skip
         keys = [k for k in keys if k not in skip]
     return {k: getattr(args, k) for k in keys}
 
@@ -215,7 +222,10 @@ def _print_report(report, method: str) -> None:
         )
         if report.removed_blocks:
             print(f"removed blocks {report.removed_blocks}; repaired {report.repaired_blocks or 'none'}")
-        if report.widths:
+        if report.removed_subblocks:
+            parts = ", ".join(f"{s['block']} {s['kind']}" for s in report.removed_subblocks)
+            print(f"removed sub-blocks (block kind, in order): {parts}")
+        if report.widths and not report.removed_subblocks:
             shown = report.widths if not report.uniform_widths else report.widths[:1]
             where = "every block" if report.uniform_widths else "per block"
             print(f"widths before {report.widths_before}, after ({where}): {shown}")
@@ -604,10 +614,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sparsekit.hf.checkpoint import export_dense
 
-    if not args.dense:
-        raise ValueError("sparsekit export needs --dense (the only export format so far)")
-    out = export_dense(args.checkpoint, args.out)
-    print(f"wrote a dense HF checkpoint (zeros kept, no quantization_config) to {out}")
+    if args.dense == args.decilm:
+        raise ValueError(
+            "sparsekit export needs one of --dense (an ordinary HF checkpoint, zeros kept) or --decilm "
+            "(DeciLM / Nemotron-NAS block_configs, for removed sub-blocks and per-block widths)"
+        )
+    if args.dense:
+        out = export_dense(args.checkpoint, args.out)
+        print(f"wrote a dense HF checkpoint (zeros kept, no quantization_config) to {out}")
+        return 0
+    from sparsekit.hf.checkpoint import load
+    from sparsekit.hf.decilm import export_decilm
+    from sparsekit.nn import densify
+
+    if Path(args.out).exists():
+        raise ValueError(f"--out {args.out} exists; choose a new folder")
+    model = load(args.checkpoint)
+    densify(model)
+    out = export_decilm(model, args.out, source_dir=args.checkpoint)
+    print(f"wrote a DeciLM / Nemotron-NAS checkpoint (block_configs; vLLM runs it) to {out}")
     return 0
 
 
@@ -847,6 +872,20 @@ def build_parser() -> argparse.ArgumentParser:
         "calibration inputs (with the compensation bias where it is on)",
     )
     p.add_argument(
+        "--importance",
+        choices=("element1", "element2", "vector"),
+        default="element1",
+        help="llm-pruner: |w g| per weight (element1), with the Fisher term (element2), or |sum w g| per "
+        "row / column (vector), summed over each coupled group",
+    )
+    p.add_argument(
+        "--subblock-search",
+        choices=("exhaustive", "lazy"),
+        default="exhaustive",
+        help="blockpruner: re-score every sub-block at every step (the paper), or lazily in the order "
+        "of their last scores (faster; an approximation)",
+    )
+    p.add_argument(
         "--tokens",
         choices=("all", "last"),
         default="all",
@@ -1042,9 +1081,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="write a sparsekit checkpoint as an ordinary dense HF checkpoint")
+    p = sub.add_parser("export", help="write a sparsekit checkpoint in a form other engines load")
     p.add_argument("checkpoint", help="folder written by sparsekit.save")
     p.add_argument("--dense", action="store_true", help="zeros kept, loadable by any engine (vLLM, ...)")
+    p.add_argument(
+        "--decilm", action="store_true", help="DeciLM / Nemotron-NAS block_configs (vLLM): no-op sub-blocks"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 

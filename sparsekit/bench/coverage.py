@@ -337,6 +337,59 @@ def _plain_reload(dense, tmp: Path) -> None:
     _close(logits(AutoModelForCausalLM.from_pretrained(tmp / "plain"), ids), want, "plain from_pretrained")
 
 
+def zeroed_subblocks_reference(dense, removed: list[dict]):
+    """The dense model with each removed sub-block's output replaced by zeros (forward hooks on the
+    dense attention / MLP module at the same place), the other modules untouched."""
+    ref = copy.deepcopy(dense)
+    anatomy = describe(ref)
+
+    def zero(module, args, output):
+        if isinstance(output, tuple):
+            return (torch.zeros_like(output[0]), *output[1:])
+        return torch.zeros_like(output)
+
+    for step in removed:
+        block = anatomy[step["block"]]
+        part = block.attention if step["kind"] == "attention" else block.mlp
+        block.module.get_submodule(part.path).register_forward_hook(zero)
+    return ref
+
+
+def _subblocks(dense, tmp: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import sparsekit
+
+    model = copy.deepcopy(dense)
+    report = _prune(model, "blockpruner", 0.3)
+    if not report.removed_subblocks:
+        raise CellFailure("no sub-block was removed")
+    ids = calib_ids(2, 12)
+    want = logits(model, ids)
+    _close(want, logits(zeroed_subblocks_reference(dense, report.removed_subblocks), ids), "vs zeroed dense")
+    _greedy_matches_cache(model, calib_ids())
+    sparsekit.save(model, tmp / "subblocks")
+    _close(logits(AutoModelForCausalLM.from_pretrained(tmp / "subblocks"), ids), want, "from_pretrained")
+
+
+def _two_stage(dense, tmp: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import sparsekit
+
+    model = copy.deepcopy(dense)
+    report = _prune(model, "2ssp", 0.5)
+    if report.params_after >= report.params_before:
+        raise CellFailure("nothing was removed")
+    ids = calib_ids(2, 12)
+    want = logits(model, ids)
+    if not torch.isfinite(want).all():
+        raise CellFailure("non-finite logits")
+    _greedy_matches_cache(model, calib_ids())
+    sparsekit.save(model, tmp / "2ssp")
+    _close(logits(AutoModelForCausalLM.from_pretrained(tmp / "2ssp"), ids), want, "from_pretrained")
+
+
 CELLS: dict[str, Callable] = {
     "magnitude 50%": _unstructured("magnitude", 0.5),
     "wanda 2:4": _unstructured("wanda", "2:4"),
@@ -345,9 +398,12 @@ CELLS: dict[str, Callable] = {
     "wanda+owl 70%": _unstructured("wanda", 0.7, allocation="owl"),
     "shortgpt": _depth("shortgpt"),
     "angular+repair": _depth("angular", repair=True),
+    "blockpruner": _subblocks,
+    "2ssp": _two_stage,
     "wanda-sp": _width("wanda-sp"),
     "flap uniform": _width("flap"),
     "flap adaptive": _width("flap", widths="adaptive"),
+    "llm-pruner": _width("llm-pruner"),
     "stacking": _stacking,
     "compressed reload": _compressed_reload,
     "dense export": _dense_export,

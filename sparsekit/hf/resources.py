@@ -209,7 +209,7 @@ def calibration_memory(
     else:
         on_device["one block's statistics"] = sum(shape.linear_inputs) * 3 * 8
     if plan.stored_bytes:
-        on_device["dense states kept for the repair"] = plan.stored_bytes
+        on_device["hidden states kept across blocks (a repair, a sub-block search)"] = plan.stored_bytes
     on_device |= _whole_model_parts(shape, plan)
     host_per_sample = plan.seqlen * 8 + (
         _POOL_FACTOR * plan.seqlen * _POOL_BYTES_PER_TOKEN if plan.tokenize else 0

@@ -32,8 +32,12 @@ from .modules import (
     set_linear_weight,
     set_submodule,
 )
+from .skipped import SkippedAttention, SkippedMLP, skipped_parts
 
 __all__ = [
+    "SkippedAttention",
+    "SkippedMLP",
+    "skipped_parts",
     "FAMILIES",
     "AttentionAnatomy",
     "BlockAnatomy",

@@ -40,6 +40,7 @@ from .families import (
     family,
 )
 from .modules import UnsupportedArchitecture, in_out_features, int_attr, is_linear_like, is_prunable_linear
+from .skipped import SKIPPED_KINDS, skipped_parts
 
 SEPARATE = "separate"
 
@@ -159,6 +160,7 @@ class BlockAnatomy:
     mixer: str | None = None  # a token mixer that is not attention (linear attention, convolution)
     experts: ExpertsAnatomy | None = None  # a Mixture-of-Experts block's experts, router, shared experts
     problems: list[str] = field(default_factory=list)  # what width pruning could not understand
+    skipped: dict[str, str] = field(default_factory=dict)  # removed sub-blocks: kind -> stand-in's path
 
     def linear(self, name: str) -> nn.Module:
         return self.module.get_submodule(name)
@@ -265,6 +267,11 @@ def _num_layers(config: Any) -> int | None:
     return None
 
 
+def _is_skipped(module: nn.Module) -> bool:
+    """A removed sub-block's stand-in (a block whose attention and MLP are both gone has no linear)."""
+    return isinstance(module, tuple(SKIPPED_KINDS.values()))
+
+
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """(qualified name, ModuleList) of the decoder blocks, or ``UnsupportedArchitecture``."""
     expected = _num_layers(getattr(model, "config", None))
@@ -275,12 +282,13 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         seen.append(f"{name} ({len(module)})")
         if expected is not None and len(module) != expected:
             continue
-        if all(any(is_linear_like(m) for m in block.modules()) for block in module):
+        if all(any(is_linear_like(m) or _is_skipped(m) for m in block.modules()) for block in module):
             candidates.append((name, module))
     if not candidates:
         raise UnsupportedArchitecture(
             f"could not find the decoder blocks of {type(model).__name__}: no ModuleList of {expected} "
-            f"blocks that all hold linear layers (module lists: {', '.join(seen) or 'none'})"
+            f"blocks that all hold linear layers or removed sub-blocks (module lists: "
+            f"{', '.join(seen) or 'none'})"
         )
     return min(candidates, key=lambda item: item[0].count("."))
 
@@ -437,7 +445,7 @@ def _describe_mlp(
 def describe_block(block: nn.Module, index: int, config: Any) -> BlockAnatomy:
     """The anatomy of one decoder block (``problems`` says what width pruning cannot cut)."""
     linears = linear_like(block)
-    b = BlockAnatomy(index, block, linears)
+    b = BlockAnatomy(index, block, linears, skipped=skipped_parts(block))
     try:
         b.experts = find_experts(block, config)
     except ValueError as exc:
@@ -452,7 +460,7 @@ def describe_block(block: nn.Module, index: int, config: Any) -> BlockAnatomy:
             b.attention = _describe_attention(block, linears, *found, config)
         except ValueError as exc:
             b.problems.append(str(exc))
-    else:
+    elif "attention" not in b.skipped:
         mixers = [p for p in groups if p and not _role(groups[p], "down")]
         b.mixer = mixers[0] if mixers else None
     try:
@@ -464,7 +472,7 @@ def describe_block(block: nn.Module, index: int, config: Any) -> BlockAnatomy:
             f"{b.experts.moe} is a Mixture-of-Experts block: width pruning does not cut experts; remove "
             "whole experts with method='reap' (or 'ean', 'frequency')"
         )
-    elif b.mlp is None and not any("MLP" in p for p in b.problems):
+    elif b.mlp is None and "mlp" not in b.skipped and not any("MLP" in p for p in b.problems):
         b.problems.append(f"no MLP with {'/'.join(ROLE_NAMES['up'])} and {'/'.join(ROLE_NAMES['down'])}")
     return b
 

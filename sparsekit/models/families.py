@@ -38,6 +38,9 @@ QK_NORM_NAMES: dict[str, tuple[str, ...]] = {
 HEAD_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 # attributes of an MLP module that hold its intermediate width
+# attention modules that hand their keys / values on to later layers or read another layer's
+# (Gemma-3n / Gemma-4 KV sharing): such an attention cannot be removed on its own
+KV_SHARING_ATTRS = ("is_kv_shared_layer", "store_full_length_kv")
 MLP_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
 # config keys of the MLP width, tried in order (the first one the config has)
 CONFIG_MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")

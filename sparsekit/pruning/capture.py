@@ -238,3 +238,58 @@ def run_block(
             if on_chunk is not None:
                 on_chunk()
     return outputs
+
+
+def block_output_structure(block: nn.Module, chunk: Chunk, index: int) -> Any:
+    """What decoder block ``index`` returns (a tensor, or a tuple led by one), from one real call."""
+    args, kwargs = chunk.inputs[index]
+    with torch.no_grad():
+        return block(chunk.hidden, *args, **kwargs)
+
+
+@torch.no_grad()
+def tail_loss(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    finals: list[torch.Tensor],
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    template: Any,
+) -> float:
+    """Mean next-token loss (nats) over every predicted token of ``input_ids`` [n, L] when the last
+    decoder block outputs ``finals[k]`` [b, L, H] on the k-th batch of ``batch_size`` sequences.
+    Every block is a stand-in that passes hidden states on, so only the embedding and what follows
+    the blocks (final norm, lm_head, any logit scaling) compute: the model's own tail, whatever it is.
+    ``template``: a real block output (``block_output_structure``) giving the structure to return."""
+    batches = input_ids.split(batch_size)
+    if len(batches) != len(finals):
+        raise ValueError(f"{len(finals)} final states for {len(batches)} batches of {batch_size} sequences")
+    saved = [b.__dict__.get("forward") for b in blocks]
+    current: dict[str, torch.Tensor] = {}
+
+    def passthrough(*args, **kwargs):
+        return _like(template, args[0] if args else kwargs["hidden_states"])
+
+    def last(*args, **kwargs):
+        return _like(template, current["final"])
+
+    for block in blocks:
+        block.forward = passthrough
+    blocks[len(blocks) - 1].forward = last
+    total, count = 0.0, 0
+    try:
+        with _outside_blocks_on(model, blocks, device):
+            for batch, final in zip(batches, finals, strict=True):
+                current["final"] = final.to(device)
+                batch = batch.to(device)
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                tokens = batch.numel() - batch.shape[0]
+                total, count = total + loss.item() * tokens, count + tokens
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward
+    return total / count

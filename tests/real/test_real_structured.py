@@ -154,3 +154,35 @@ def test_cli_angular_then_2_4_stacks_and_saves_compressed(tmp_path, capsys):
 def test_cli_refuses_removing_every_block(capsys):
     assert main(["prune", "smollm2", "--method", "shortgpt", "--remove-layers", "30"]) == 2
     assert "would leave none" in capsys.readouterr().err
+
+
+def test_cli_blockpruner_checkpoint_loads_and_exports_to_decilm(tmp_path, capsys):
+    """A sub-block removed from the real model: the sparsekit checkpoint loads with the logits the
+    pruned model had, and the DeciLM export computes them from its own files (format reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.hf.test_decilm import decilm_reference_logits, expected_names
+
+    out, exported = tmp_path / "bp", tmp_path / "decilm"
+    args = ["--method", "blockpruner", "--sparsity", "0.01", "--nsamples", "2", "--seqlen", "64"]
+    assert main(["prune", "smollm2", *args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "removed sub-blocks (block kind, in order): " in printed and "attention" in printed, printed
+    report = json.loads((out / "prune_report.json").read_text())
+    assert [s["kind"] for s in report["removed_subblocks"]] == ["attention"]
+    assert is_checkpoint(out)
+    assert main(["export", str(out), "--decilm", "--out", str(exported)]) == 0
+    config = json.loads((exported / "config.json").read_text())
+    no_ops = [i for i, b in enumerate(config["block_configs"]) if b["attention"]["no_op"]]
+    assert no_ops == [report["removed_subblocks"][0]["block"]]
+    assert not any(b["ffn"]["no_op"] for b in config["block_configs"])
+    from safetensors import safe_open
+
+    with safe_open(str(exported / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == expected_names(config)
+    ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        want = loaded(ids, use_cache=False).logits
+    torch.testing.assert_close(decilm_reference_logits(exported, ids), want, rtol=1e-3, atol=1e-3)

@@ -1,4 +1,5 @@
-"""Structured pruning: remove decoder blocks (depth), heads and MLP channels (width), or experts."""
+"""Structured pruning: remove decoder blocks (depth), attention or MLP sub-blocks, heads and MLP
+channels (width), or experts."""
 
 from .base import (
     StructuredConfig,
@@ -13,10 +14,17 @@ from .base import (
 )
 from .depth import Angular, DepthMethod, ShortenedPPL, ShortenedTaylor, ShortGPT, remove_blocks
 from .experts import EAN, REAP, Frequency, RandomExperts, keep_experts
-from .layout import BlockWidths, block_widths, resize_to_widths
-from .width import FLAP, WandaSP
+from .layout import BlockWidths, block_widths, resize_to_widths, skip_subblock
+from .llm_pruner import LLMPruner
+from .subblock import BlockPruner, SubblockMethod, TwoSSP
+from .width import FLAP, WandaSP, WidthMethod
 
 __all__ = [
+    "LLMPruner",
+    "BlockPruner",
+    "SubblockMethod",
+    "TwoSSP",
+    "skip_subblock",
     "EAN",
     "FLAP",
     "REAP",
@@ -33,6 +41,7 @@ __all__ = [
     "StructuredMethod",
     "StructuredReport",
     "WandaSP",
+    "WidthMethod",
     "block_param_count",
     "block_widths",
     "is_structured",

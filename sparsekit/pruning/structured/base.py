@@ -36,6 +36,11 @@ class StructuredConfig:
     bias_compensation: add the mean output of the removed channels back as a bias of o_proj /
       down_proj (FLAP); skipped with a note where the architecture has no such bias in its config.
     tokens: depth distances over "all" tokens or the "last" token of each calibration sequence.
+    subblock_search: sub-block methods; "exhaustive" re-scores every candidate at every step,
+      "lazy" re-scores them in the order of their last perplexity and stops early (faster, an
+      approximation: ``subblock.py``).
+    importance: llm-pruner; "element1" (|w g| summed), "element2" (with the Fisher term) or
+      "vector" (|sum w g| per row / column) over each coupled group (``llm_pruner.py``).
     channel_multiple: kept MLP widths are rounded to a multiple of this (8: aligned GEMMs, and
       2:4 / 4:8 stacking needs a multiple of 4 or 8); 1 disables the rounding.
     """
@@ -48,6 +53,8 @@ class StructuredConfig:
     bias_compensation: bool | None = None  # None: the method's default
     refit: bool = False
     tokens: str = "all"
+    subblock_search: str = "exhaustive"
+    importance: str = "element1"
     channel_multiple: int = 8
     num_experts: int | None = None  # expert methods: experts every MoE block keeps (overrides sparsity)
     batch_size: int = 8
@@ -72,6 +79,8 @@ class StructuredConfig:
             ("heads", ("group", "query")),
             ("widths", ("uniform", "adaptive")),
             ("tokens", ("all", "last")),
+            ("subblock_search", ("lazy", "exhaustive")),
+            ("importance", ("element1", "element2", "vector")),
         ):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
@@ -99,6 +108,7 @@ class StructuredReport:
     removed_blocks: list[int] = field(default_factory=list)  # indices in the original model
     block_scores: list[float] = field(default_factory=list)  # depth: per-block (or per-start) score
     repaired_blocks: list[int] = field(default_factory=list)  # blocks whose down_proj absorbed a repair
+    removed_subblocks: list[dict[str, Any]] = field(default_factory=list)  # block, kind, params, ppl
     widths: list[dict[str, int]] = field(default_factory=list)  # per kept block, after pruning
     widths_before: dict[str, int] = field(default_factory=dict)
     experts: list[dict[str, Any]] = field(default_factory=list)  # expert methods: per MoE block

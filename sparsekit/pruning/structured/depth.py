@@ -8,8 +8,8 @@ training-free linear repair of each cut (ReplaceMe's least-squares map, folded i
   arccos(cos) / pi, averaged over tokens (``tokens="all"``, default) or the last token of each
   sequence (``tokens="last"``, the paper's choice).
 - ``shortened-ppl`` (Kim et al., 2024, "Shortened LLaMA"): the calibration perplexity of the
-  model with each block skipped alone (one full forward per block); the n blocks whose removal
-  raises it least go, in one shot.
+  model with each block skipped alone (from the stored input of the skipped block: blocks after
+  it and the model's tail only); the n blocks whose removal raises it least go, in one shot.
 - ``shortened-taylor`` (the same paper's Taylor+): a block's score is sum |W * dL/dW| over its
   weights, the gradient of the mean calibration loss (one backward per batch); the first four and
   last two blocks are kept, as the paper does, and the n lowest-scoring of the rest go.
@@ -44,7 +44,7 @@ from sparsekit.models import (
 )
 from sparsekit.models.families import family
 
-from ..capture import Chunk
+from ..capture import Chunk, block_output_structure, tail_loss
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -55,7 +55,7 @@ from .base import (
     param_count,
     register_structured,
 )
-from .passes import capture, compute_device, forward, on_device
+from .passes import BlockStates, capture, compute_device, forward, on_device
 
 log = logging.getLogger(__name__)
 
@@ -483,12 +483,22 @@ class ShortenedPPL(DepthMethod):
     whole_model = "forward"
 
     def choose(self, ctx, n, config):
+        """One dense pass stores every block's input; skipping block i then reruns blocks i+1.. from
+        block i's stored input and the model's own tail (``capture.tail_loss``), half the block work
+        of a full forward per block on average."""
+        states = BlockStates(ctx.blocks, ctx.chunks, ctx.device)
+        for outputs in states.inputs[1:]:
+            ctx.record(outputs)
+        template = block_output_structure(ctx.blocks[0], ctx.chunks[0], 0)
         scores = []
-        with on_device(ctx.model, ctx.device):
-            every = range(len(ctx.blocks))
-            for index in tqdm(every, desc="ppl with a block skipped", disable=not config.show_progress):
-                with skipping(ctx.blocks[index]):
-                    scores.append(math.exp(calibration_loss(ctx.model, ctx.input_ids, config.batch_size)))
+        for index in tqdm(
+            range(len(ctx.blocks)), desc="ppl with a block skipped", disable=not config.show_progress
+        ):
+            final = states.run_from(index + 1, states.inputs[index])
+            loss = tail_loss(
+                ctx.model, ctx.blocks, final, ctx.input_ids, config.batch_size, ctx.device, template
+            )
+            scores.append(math.exp(loss))
         return _lowest(scores, n, list(range(len(scores)))), scores
 
 

@@ -11,12 +11,24 @@ contiguous. Layers are cut in place (their class, hooks and attributes kept).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, head_channels, is_conv1d, linear_weight
+from sparsekit.models import (
+    BlockAnatomy,
+    ModelAnatomy,
+    SkippedAttention,
+    SkippedMLP,
+    describe,
+    head_channels,
+    is_conv1d,
+    linear_weight,
+    set_submodule,
+)
 from sparsekit.models.families import HEAD_COUNT_ATTRS, KV_COUNT_ATTRS, MLP_WIDTH_ATTRS
 
 
@@ -201,15 +213,56 @@ def block_widths(model: nn.Module | ModelAnatomy) -> list[BlockWidths]:
     out = []
     for b in anatomy:
         a = b.attention
-        out.append(
-            BlockWidths(
-                a.heads if a else None,
-                a.kv_heads if a else None,
-                b.mlp.intermediate if b.mlp else None,
-                b.experts.num_experts if b.experts else None,
-            )
-        )
+        heads = 0 if "attention" in b.skipped else (a.heads if a else None)
+        kv_heads = 0 if "attention" in b.skipped else (a.kv_heads if a else None)
+        inter = 0 if "mlp" in b.skipped else (b.mlp.intermediate if b.mlp else None)
+        out.append(BlockWidths(heads, kv_heads, inter, b.experts.num_experts if b.experts else None))
     return out
+
+
+def skip_subblock(block: BlockAnatomy, kind: str) -> nn.Module:
+    """Replace the block's attention ("attention") or MLP ("mlp") by a parameter-free stand-in
+    (``sparsekit.models.skipped``) that adds zero to the residual stream; returns the removed module."""
+    if kind not in ("attention", "mlp"):
+        raise ValueError(f"sub-block kind {kind!r}: choose attention or mlp")
+    part = block.attention if kind == "attention" else block.mlp
+    if part is None or not part.path:
+        raise ValueError(
+            f"block {block.index} has no {kind} module the anatomy can remove on its own "
+            f"({'; '.join(block.problems) or 'not found'})"
+        )
+    if kind == "mlp" and block.experts is not None:
+        raise ValueError(f"block {block.index}: its MLP is a Mixture-of-Experts layer; remove experts")
+    old = block.module.get_submodule(part.path)
+    index = getattr(old, "layer_idx", None)
+    if kind == "attention":
+        stand_in: nn.Module = SkippedAttention(index if isinstance(index, int) else block.index)
+    else:
+        stand_in = SkippedMLP()
+    set_submodule(block.module, part.path, stand_in)
+    block.skipped[kind] = part.path
+    if kind == "attention":
+        block.attention = None
+    else:
+        block.mlp = None
+    block.refresh_linears()
+    return old
+
+
+@contextmanager
+def subblock_skipped(block: BlockAnatomy, kind: str) -> Iterator[None]:
+    """The sub-block removed for the duration, then put back (anatomy included)."""
+    part = block.attention if kind == "attention" else block.mlp
+    old = skip_subblock(block, kind)
+    try:
+        yield
+    finally:
+        set_submodule(block.module, block.skipped.pop(kind), old)
+        if kind == "attention":
+            block.attention = part
+        else:
+            block.mlp = part
+        block.refresh_linears()
 
 
 def first_heads(group_size: int, heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +280,9 @@ def resize_to_widths(model: nn.Module, widths: list[dict[str, int]]) -> None:
         raise ValueError(f"checkpoint stores widths for {len(widths)} blocks, the model has {len(anatomy)}")
     for block, width in zip(anatomy, widths, strict=True):
         a, m = block.attention, block.mlp
-        if "heads" in width and a is not None:
+        if int(width.get("heads", -1)) == 0 and int(width.get("kv_heads", 0)) == 0 and a is not None:
+            skip_subblock(block, "attention")
+        elif "heads" in width and a is not None:
             heads, kv_heads = int(width["heads"]), int(width["kv_heads"])
             if (
                 kv_heads < 1
@@ -242,7 +297,9 @@ def resize_to_widths(model: nn.Module, widths: list[dict[str, int]]) -> None:
                 )
             if (heads, kv_heads) != (a.heads, a.kv_heads):
                 keep_heads(block, *first_heads(a.group_size, heads, kv_heads))
-        if "intermediate" in width and m is not None:
+        if "intermediate" in width and m is not None and int(width["intermediate"]) == 0:
+            skip_subblock(block, "mlp")
+        elif "intermediate" in width and m is not None:
             inter = int(width["intermediate"])
             if not 1 <= inter <= m.intermediate:
                 raise ValueError(

@@ -365,8 +365,10 @@ def _config_updates(
     model: nn.Module, anatomy: ModelAnatomy, before: dict[str, int]
 ) -> list[dict[str, object]] | None:
     """Candidate config values that state uniform widths (one per config key the MLP width may go
-    by), or None when the widths differ between blocks."""
+    by), or None when the widths differ between blocks or a sub-block was removed."""
     widths = block_widths(anatomy)
+    if any(0 in (w.heads, w.intermediate) for w in widths):
+        return None  # a removed sub-block: no plain config says it
     heads, kv = _uniform([w.heads for w in widths]), _uniform([w.kv_heads for w in widths])
     inter = _uniform([w.intermediate for w in widths])
     if (heads is None) != all(w.heads is None for w in widths) or (inter is None) != all(
@@ -423,7 +425,7 @@ def set_config_widths(model: nn.Module, anatomy: ModelAnatomy, report: Structure
     report.uniform_widths = False
 
 
-class _WidthMethod(StructuredMethod):
+class WidthMethod(StructuredMethod):
     score_kind: str
     attention_exponent: int = 1  # attention channel scores are raised to this power before anything else
     default_compensation: bool = False
@@ -447,7 +449,7 @@ class _WidthMethod(StructuredMethod):
         report.widths_before = {
             k: _uniform([getattr(w, k) for w in first]) for k in ("heads", "kv_heads", "intermediate")
         }
-        mixers = [b.index for b in anatomy if b.attention is None]
+        mixers = [b.index for b in anatomy if b.attention is None and b.mixer is not None]
         if mixers:
             report.notes.append(
                 f"blocks {mixers} mix tokens without attention ({anatomy[mixers[0]].mixer}): left whole, "
@@ -571,7 +573,7 @@ def _cut_mlp(block: BlockAnatomy, stats: BlockStats, m_sel, targets):
 
 
 @register_structured
-class WandaSP(_WidthMethod):
+class WandaSP(WidthMethod):
     """Structured Wanda: |W| * ||X|| summed per head / channel, the same ratio in every block."""
 
     name = "wanda-sp"
@@ -579,7 +581,7 @@ class WandaSP(_WidthMethod):
 
 
 @register_structured
-class FLAP(_WidthMethod):
+class FLAP(WidthMethod):
     """Fluctuation-based adaptive structured pruning with bias compensation."""
 
     name = "flap"
