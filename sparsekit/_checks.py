@@ -4,7 +4,8 @@ Every option is either used by the method it comes with or refused here, before 
 touched: per-layer options (allocation, refine, update, permute, forward_dtype, ...) with a
 structured method, depth options (remove_layers, repair, tokens) with anything but a depth method
 (tokens: shortgpt / angular only), width options (heads, widths, bias_compensation, refit) with
-anything but wanda-sp / flap,
+anything but wanda-sp / flap / llm-pruner, subblock_search off blockpruner / 2ssp, importance off
+llm-pruner,
 SparseGPT's blocksize / percdamp without a SparseGPT solve, OWL's lambda / M without OWL,
 calibration settings for a method that reads no data. A structured method needs an explicit
 amount; a sparsity of 0 is refused. An option counts as given when it differs from its default.

@@ -142,6 +142,9 @@ def decilm_config(model: nn.Module, block_configs: list[dict]) -> dict[str, Any]
         },
     )
     config.setdefault("head_dim", model.config.hidden_size // model.config.num_attention_heads)
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope:  # the older DeciLM config code reads the top-level key
+        config.setdefault("rope_theta", rope["rope_theta"])
     return config
 
 

@@ -1,8 +1,9 @@
 """LLM-Pruner against an independent reference: full-batch autograd gradients (and per-sequence
 ones for the Fisher term), group importances summed over explicit index sets of a Llama's
 separate q/k/v/o and gate/up/down weights, the kept channels and KV groups the top ones in blocks
-4 .. L-3 and the other blocks untouched. Every family's cut is checked against the dense model
-with the removed structures zeroed (``bench/coverage.py``'s "llm-pruner" column)."""
+4 .. L-3 and the other blocks untouched. One family per layout is cut and checked against the
+dense model with the removed structures zeroed (``bench/coverage.py``'s "llm-pruner" column runs
+all 30)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import sparsekit
-from sparsekit.bench.coverage import FAMILIES, _kept_cols, run_cell
+from sparsekit.bench.coverage import _kept_cols, run_cell
 from sparsekit.models import describe
 from sparsekit.pruning.structured import StructuredConfig, structured_method
 from sparsekit.pruning.structured.llm_pruner import channel_importance, head_importance, taylor_saliences
 from tests.pruning.test_structured import calib, make
+from tests.pruning.test_subblock import LAYOUTS
 
 
 def _grads(model, ids):
@@ -115,7 +117,7 @@ def test_options_and_limits_are_checked():
         )
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_cuts_consistently(family):
+@pytest.mark.parametrize("family", LAYOUTS)
+def test_every_layout_cuts_consistently(family):
     cell = run_cell(family, "llm-pruner")
     assert cell.status == "OK", cell.detail
