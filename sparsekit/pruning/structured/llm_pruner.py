@@ -130,6 +130,7 @@ class LLMPruner(WidthMethod):
 
     name = "llm-pruner"
     score_kind = "taylor"
+    scores_from_stats = False  # gradients score it; the statistics pass runs only for compensation
     whole_model = "backward"
 
     def prune(self, model, input_ids, config):

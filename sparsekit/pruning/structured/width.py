@@ -430,6 +430,7 @@ class WidthMethod(StructuredMethod):
     attention_exponent: int = 1  # attention channel scores are raised to this power before anything else
     default_compensation: bool = False
     adaptive_ok: bool = False
+    scores_from_stats: bool = True  # the scores read the activation statistics pass
 
     def prune(
         self, model: nn.Module, input_ids: torch.Tensor | None, config: StructuredConfig
@@ -470,8 +471,11 @@ class WidthMethod(StructuredMethod):
         with torch.no_grad():
             chunks = capture(model, input_ids, config.batch_size, device)
             inputs = [c.hidden for c in chunks] if config.refit else []  # block 0's, for the refit pass
-            stats = collect_stats(anatomy, chunks, device, config.show_progress)
-            report.timings_s["statistics"] = time.perf_counter() - started
+            if self.scores_from_stats or targets:
+                stats = collect_stats(anatomy, chunks, device, config.show_progress)
+                report.timings_s["statistics"] = time.perf_counter() - started
+            else:  # scored elsewhere (llm-pruner's gradients) and nothing to compensate: no pass
+                stats = [BlockStats(ChannelStats(), ChannelStats()) for _ in anatomy]
             started = time.perf_counter()
             heads, chosen = self._select(anatomy, stats, config)
             plan = {b.index: (s, h, *sel) for b, s, h, sel in zip(anatomy, stats, heads, chosen, strict=True)}
