@@ -11,6 +11,7 @@ widths; -refit: the least-squares refit of the cut projections); blockpruner-P (
 sub-blocks removed greedily by calibration ppl, P% of block parameters; -lazy: the lazy search);
 2ssp-P (MLP channels by activation norm, then attention sub-blocks by ppl); llm-pruner-P (Taylor
 importance of coupled groups in blocks 4 .. L-3; -element2, -vector: the other criteria; -refit);
+minitron-P (hidden size and MLP channels by activation; -all: heads too; -width: MLP and heads only);
 sparsegpt-2:4; flap-20+2:4 (stacked). ``--rounds 0`` skips the generation timing (ppl, parameters
 and prune time only).
 Writes structured.json and structured.md to --out.
@@ -71,6 +72,12 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
         kw: dict = {"refit": "refit" in flags}
         kw.update(("importance", f) for f in flags if f in ("element2", "vector"))
         return [("llm-pruner", str(int(percent) / 100), kw)]
+    if variant.startswith("minitron-"):
+        percent, *flags = variant[len("minitron-") :].split("-")
+        axes = {(): "hidden,mlp", ("all",): "hidden,mlp,heads", ("width",): "mlp,heads"}.get(tuple(flags))
+        if axes is None:
+            raise ValueError(f"unknown variant {variant!r}: minitron suffixes are -all and -width")
+        return [("minitron", str(int(percent) / 100), {"axes": axes})]
     for method in ("wanda-sp", "flap"):
         if variant.startswith(method + "-"):
             percent, *flags = variant[len(method) + 1 :].split("-")
@@ -175,6 +182,9 @@ def main() -> None:
             "%s: ppl %.2f, accuracy %s, %d params, pruned in %.1f s",
             variant, ppl, accuracy, rows[-1]["params"], prune_s,
         )  # fmt: skip
+        write_json_atomic(
+            Path(args.out) / "structured.partial.json", {"rows": rows}
+        )  # a stopped run keeps these
         if args.rounds > 0:  # kept resident only for the interleaved timing
             models[variant] = model
     if args.rounds > 0:

@@ -4,13 +4,13 @@ Every option is either used by the method it comes with or refused here, before 
 touched: per-layer options (allocation, refine, update, permute, forward_dtype, ...) with a
 structured method, depth options (remove_layers, repair, tokens) with anything but a depth method
 (tokens: shortgpt / angular only), width options (heads, widths, bias_compensation, refit) with
-anything but wanda-sp / flap / llm-pruner, subblock_search off blockpruner / 2ssp, importance off
-llm-pruner,
-SparseGPT's blocksize / percdamp without a SparseGPT solve, OWL's lambda / M without OWL,
-calibration settings for a method that reads no data. A structured method needs an explicit
-amount; a sparsity of 0 is refused. An option counts as given when it differs from its default.
-The device is checked (``hf.resources.check_device``) and calibration memory estimated from the
-model config (``check_calibration_memory``) before any calibration work.
+anything but wanda-sp / flap / llm-pruner / minitron, subblock_search off blockpruner / 2ssp,
+importance off llm-pruner, axes off minitron, SparseGPT's blocksize / percdamp without a
+SparseGPT solve, OWL's lambda / M without OWL, calibration settings for a method that reads no
+data. A structured method needs an explicit amount; a sparsity of 0 is refused. An option counts
+as given when it differs from its default. The device is checked (``hf.resources.check_device``)
+and calibration memory estimated from the model config (``check_calibration_memory``) before any
+calibration work.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from sparsekit.pruning.structured import (
     DepthMethod,
     Frequency,
     LLMPruner,
+    Minitron,
     RandomExperts,
     StructuredConfig,
     SubblockMethod,
@@ -70,6 +71,7 @@ DEPTH_OPTIONS = ("remove_layers", "repair", "tokens")
 WIDTH_OPTIONS = ("heads", "widths", "bias_compensation", "refit", "channel_multiple")
 SUBBLOCK_OPTIONS = ("subblock_search",)
 TAYLOR_OPTIONS = ("importance",)
+MINITRON_OPTIONS = ("axes",)
 EXPERT_REMOVAL_OPTIONS = ("num_experts",)
 COMMON_OPTIONS = ("batch_size", "device", "show_progress")
 log = logging.getLogger(__name__)
@@ -169,7 +171,7 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
         "(--then-method wanda|sparsegpt|ria, or prune again)",
     )
     depth = isinstance(obj, DepthMethod)
-    width = isinstance(obj, WidthMethod)
+    width = isinstance(obj, WidthMethod | Minitron)  # minitron refuses refit / adaptive itself
     expert = isinstance(obj, REAP | EAN | Frequency | RandomExperts)
     if not expert:
         _refuse_unused(
@@ -192,7 +194,7 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
         _refuse_unused(
             name,
             [k for k in WIDTH_OPTIONS if k in asked and k not in shared],
-            "the width options are for wanda-sp / flap / llm-pruner",
+            "the width options are for wanda-sp / flap / llm-pruner / minitron",
         )
     if not isinstance(obj, SubblockMethod):
         _refuse_unused(
@@ -203,6 +205,16 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
     if not isinstance(obj, LLMPruner):
         _refuse_unused(
             name, [k for k in TAYLOR_OPTIONS if k in asked], "importance is llm-pruner's Taylor criterion"
+        )
+    if not isinstance(obj, Minitron):
+        _refuse_unused(
+            name, [k for k in MINITRON_OPTIONS if k in asked], "axes is minitron's choice of what to cut"
+        )
+    else:
+        _refuse_unused(
+            name,
+            [k for k in ("refit", "bias_compensation") if k in asked],
+            "minitron keeps uniform widths with no refit or bias; distil after it (finetune --distill)",
         )
     if asked.get("widths") == "adaptive" and not (isinstance(obj, FLAP) or expert):
         raise ValueError(
@@ -225,6 +237,7 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
             *WIDTH_OPTIONS,
             *SUBBLOCK_OPTIONS,
             *TAYLOR_OPTIONS,
+            *MINITRON_OPTIONS,
             *EXPERT_REMOVAL_OPTIONS,
             *COMMON_OPTIONS,
         )  # fmt: skip

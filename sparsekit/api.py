@@ -90,12 +90,12 @@ def prune(
 
     method: a registered name ('magnitude' | 'wanda' | 'ria' | 'sparsegpt', or the structured
     'shortgpt' | 'angular' | 'shortened-ppl' | 'shortened-taylor' | 'wanda-sp' | 'flap' |
-    'llm-pruner' | 'blockpruner' | '2ssp', the expert methods) or a method object; 'maskllm'
+    'llm-pruner' | 'minitron' | 'blockpruner' | '2ssp', the expert methods) or a method object; 'maskllm'
     learns 2:4 masks by training (keywords: ``MASKLLM_OPTIONS``; returns a ``MaskLLMReport``).
     sparsity: 0.5 (the default for the per-layer methods), '50%', '2:4', '4:8'; for structured
     methods the fraction of decoder-block parameters removed, which they need explicitly (or,
     depth methods, remove_layers) (keywords: remove_layers, repair, heads, widths,
-    bias_compensation, refit, tokens, subblock_search, importance; see ``StructuredConfig``).
+    bias_compensation, refit, tokens, subblock_search, importance, axes; see ``StructuredConfig``).
     Structured methods return a ``StructuredReport`` and leave a smaller dense model; prune again
     with an unstructured method to stack. A sparsity of 0 is refused.
     calib: 'wiki-offline' | 'wikitext2' | 'c4' | 'dolly' | a text/JSONL path | list of texts |

@@ -18,6 +18,7 @@ from sparsekit._checks import (
     CALIBRATION_INPUTS,
     DEPTH_OPTIONS,
     EXPERT_REMOVAL_OPTIONS,
+    MINITRON_OPTIONS,
     PER_LAYER_OPTIONS,
     SUBBLOCK_OPTIONS,
     TAYLOR_OPTIONS,
@@ -92,6 +93,7 @@ _PRUNE_OPTIONS = (  # CLI flags that are keyword options of sparsekit.prune, che
     *WIDTH_OPTIONS,
     *SUBBLOCK_OPTIONS,
     *TAYLOR_OPTIONS,
+    *MINITRON_OPTIONS,
     *EXPERT_REMOVAL_OPTIONS,
 )
 _NOT_ON_THE_CLI = ("share_statistics", "measure_error", "channel_multiple")
@@ -118,8 +120,8 @@ def _step_options(args: argparse.Namespace, method: str, stacked: bool) -> dict:
         keys = [k for k in keys if k not in PER_LAYER_OPTIONS]
     elif stacked:
         skip = (
-            *DEPTH_OPTIONS, *WIDTH_OPTIONS, *SUBBLOCK_OPTIONS, *TAYLOR_OPTIONS, *EXPERT_REMOVAL_OPTIONS,
-            *CALIBRATION_INPUTS, "batch_size",
+            *DEPTH_OPTIONS, *WIDTH_OPTIONS, *SUBBLOCK_OPTIONS, *TAYLOR_OPTIONS, *MINITRON_OPTIONS,
+            *EXPERT_REMOVAL_OPTIONS, *CALIBRATION_INPUTS, "batch_size",
         )  # fmt: skip
         keys = [k for k in keys if k not in skip]
     return {k: getattr(args, k) for k in keys}
@@ -877,6 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="element1",
         help="llm-pruner: |w g| per weight (element1), with the Fisher term (element2), or |sum w g| per "
         "row / column (vector), summed over each coupled group",
+    )
+    p.add_argument(
+        "--axes",
+        default="hidden,mlp",
+        help="minitron: what to cut, a comma-separated subset of hidden (the embedding / residual width), "
+        "mlp (intermediate channels) and heads (default hidden,mlp: the paper's recipe)",
     )
     p.add_argument(
         "--subblock-search",

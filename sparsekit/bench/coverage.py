@@ -390,6 +390,27 @@ def _two_stage(dense, tmp: Path) -> None:
     _close(logits(AutoModelForCausalLM.from_pretrained(tmp / "2ssp"), ids), want, "from_pretrained")
 
 
+def _minitron(dense, tmp: Path) -> None:
+    """Hidden size, MLP channels and heads cut (refused where the config derives head_dim from the
+    hidden size); decodes with the cache as without; a plain checkpoint with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = copy.deepcopy(dense)
+    report = _prune(model, "minitron", 0.3, axes="hidden,mlp,heads")
+    if report.hidden_size is None or report.hidden_size[1] >= report.hidden_size[0]:
+        raise CellFailure(f"the hidden size was not cut: {report.hidden_size}")
+    ids = calib_ids(2, 12)
+    want = logits(model, ids)
+    if not torch.isfinite(want).all():
+        raise CellFailure("non-finite logits")
+    _greedy_matches_cache(model, calib_ids())
+    model.save_pretrained(tmp / "minitron")
+    config = json.loads((tmp / "minitron" / "config.json").read_text())
+    if "quantization_config" in config or "block_widths" in config:
+        raise CellFailure("a uniform minitron cut saved sparsekit-only config keys")
+    _close(logits(AutoModelForCausalLM.from_pretrained(tmp / "minitron"), ids), want, "from_pretrained")
+
+
 CELLS: dict[str, Callable] = {
     "magnitude 50%": _unstructured("magnitude", 0.5),
     "wanda 2:4": _unstructured("wanda", "2:4"),
@@ -404,6 +425,7 @@ CELLS: dict[str, Callable] = {
     "flap uniform": _width("flap"),
     "flap adaptive": _width("flap", widths="adaptive"),
     "llm-pruner": _width("llm-pruner"),
+    "minitron": _minitron,
     "stacking": _stacking,
     "compressed reload": _compressed_reload,
     "dense export": _dense_export,

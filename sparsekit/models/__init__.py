@@ -18,6 +18,7 @@ from .anatomy import (
 )
 from .experts import ExpertMatrix, ExpertsAnatomy, expert_matrices, find_experts, routed_forward
 from .families import FAMILIES, Family
+from .hidden import HiddenMap, hidden_map, require_hidden_cut
 from .modules import (
     UnsupportedArchitecture,
     in_out_features,
@@ -35,6 +36,9 @@ from .modules import (
 from .skipped import SkippedAttention, SkippedMLP, skipped_parts
 
 __all__ = [
+    "HiddenMap",
+    "hidden_map",
+    "require_hidden_cut",
     "SkippedAttention",
     "SkippedMLP",
     "skipped_parts",

@@ -186,3 +186,29 @@ def test_cli_blockpruner_checkpoint_loads_and_exports_to_decilm(tmp_path, capsys
     with torch.no_grad():
         want = loaded(ids, use_cache=False).logits
     torch.testing.assert_close(decilm_reference_logits(exported, ids), want, rtol=1e-3, atol=1e-3)
+
+
+def test_cli_minitron_cuts_the_hidden_size_and_loads_in_plain_transformers(tmp_path, capsys):
+    """Hidden size and MLP cut on the real model: a plain checkpoint (head_dim written, tied
+    embeddings kept) that transformers loads without sparsekit, with the in-process logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "minitron"
+    args = ["--method", "minitron", "--sparsity", "0.2", "--nsamples", "4", "--seqlen", "128"]
+    assert main(["prune", "smollm2", *args, "--out", str(out)]) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["removed_fraction"] == pytest.approx(0.2, abs=0.02)
+    before, after = report["hidden_size"]
+    assert before == 576 and after < 576 and after % 8 == 0
+    assert not is_checkpoint(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["hidden_size"] == after and config["head_dim"] == 64
+    result = subprocess.run(
+        [sys.executable, "-c", _PLAIN, str(out)], capture_output=True, text=True, check=True
+    )
+    assert int(result.stdout.split()[-1]) == report["params_after"]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, use_cache=False).logits).all()

@@ -16,10 +16,12 @@ from .depth import Angular, DepthMethod, ShortenedPPL, ShortenedTaylor, ShortGPT
 from .experts import EAN, REAP, Frequency, RandomExperts, keep_experts
 from .layout import BlockWidths, block_widths, resize_to_widths, skip_subblock
 from .llm_pruner import LLMPruner
+from .minitron import Minitron
 from .subblock import BlockPruner, SubblockMethod, TwoSSP
 from .width import FLAP, WandaSP, WidthMethod
 
 __all__ = [
+    "Minitron",
     "LLMPruner",
     "BlockPruner",
     "SubblockMethod",

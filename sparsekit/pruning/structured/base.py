@@ -41,6 +41,8 @@ class StructuredConfig:
       approximation: ``subblock.py``).
     importance: llm-pruner; "element1" (|w g| summed), "element2" (with the Fisher term) or
       "vector" (|sum w g| per row / column) over each coupled group (``llm_pruner.py``).
+    axes: minitron; what it cuts, a comma-separated subset of "hidden", "mlp", "heads"
+      (``minitron.py``; default "hidden,mlp", the paper's recipe).
     channel_multiple: kept MLP widths are rounded to a multiple of this (8: aligned GEMMs, and
       2:4 / 4:8 stacking needs a multiple of 4 or 8); 1 disables the rounding.
     """
@@ -55,6 +57,7 @@ class StructuredConfig:
     tokens: str = "all"
     subblock_search: str = "exhaustive"
     importance: str = "element1"
+    axes: str = "hidden,mlp"
     channel_multiple: int = 8
     num_experts: int | None = None  # expert methods: experts every MoE block keeps (overrides sparsity)
     batch_size: int = 8
@@ -84,12 +87,19 @@ class StructuredConfig:
         ):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        bad = [a for a in self.axes_tuple if a not in ("hidden", "mlp", "heads")]
+        if bad or not self.axes_tuple:
+            raise ValueError(f"axes={self.axes!r}: give a comma-separated subset of hidden, mlp, heads")
         if self.num_experts is not None and self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.channel_multiple < 1:
             raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def axes_tuple(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(a.strip() for a in self.axes.split(",") if a.strip()))
 
 
 @dataclass
@@ -111,6 +121,7 @@ class StructuredReport:
     removed_subblocks: list[dict[str, Any]] = field(default_factory=list)  # block, kind, params, ppl
     widths: list[dict[str, int]] = field(default_factory=list)  # per kept block, after pruning
     widths_before: dict[str, int] = field(default_factory=dict)
+    hidden_size: tuple[int, int] | None = None  # minitron: (before, after)
     experts: list[dict[str, Any]] = field(default_factory=list)  # expert methods: per MoE block
     uniform_widths: bool = True
     bias_compensation: bool = False

@@ -20,6 +20,7 @@ from torch import nn
 
 from sparsekit.models import (
     BlockAnatomy,
+    HiddenMap,
     ModelAnatomy,
     SkippedAttention,
     SkippedMLP,
@@ -356,3 +357,40 @@ def _slice(module: nn.Module, names: list[str], kept: torch.Tensor) -> None:
             )
         else:
             module._buffers[name] = tensor[index].contiguous()
+
+
+# ----------------------------------------------------------------------------- hidden size
+_HIDDEN_SIZE_ATTRS = ("hidden_size", "embedding_dim", "embed_dim", "dim")
+
+
+def keep_hidden(model: nn.Module, hmap: HiddenMap, channels: torch.Tensor) -> None:
+    """Keep only hidden channels ``channels`` (LongTensor) everywhere ``hmap`` lists them, in place:
+    the embedding's and lm_head's columns (a tied lm_head shares the cut embedding), position
+    embeddings, every norm, the input columns of every reading linear and the output rows and bias
+    of every writing one. Module attributes holding the old width follow (``in_features``,
+    ``normalized_shape``, ``embedding_dim``); attention modules keep theirs (they size heads)."""
+    channels = channels.sort().values.cpu()
+    anatomy = describe(model)
+    tied = anatomy.tied
+    for name in hmap.reads:
+        select_cols(model.get_submodule(name), channels)
+    for name in hmap.writes:
+        select_rows(model.get_submodule(name), channels)
+    linears = set(hmap.reads) | set(hmap.writes)
+    for name, pname, dim in hmap.vectors:
+        if name in linears:
+            continue
+        module = model.get_submodule(name)
+        param = getattr(module, pname)
+        kept = param.data.index_select(dim, channels.to(param.device)).contiguous()
+        setattr(module, pname, nn.Parameter(kept, requires_grad=param.requires_grad))
+        shape = getattr(module, "normalized_shape", None)
+        if isinstance(shape, tuple) and shape == (hmap.size,):
+            module.normalized_shape = (len(channels),)
+        for attr in _HIDDEN_SIZE_ATTRS:
+            if getattr(module, attr, None) == hmap.size:
+                setattr(module, attr, len(channels))
+    if tied and anatomy.embedding and anatomy.lm_head:
+        model.get_submodule(anatomy.lm_head).weight = model.get_submodule(anatomy.embedding).weight
+    for block in anatomy:
+        block.refresh_linears()

@@ -1,0 +1,447 @@
+"""Minitron width pruning (Muralidharan et al., 2024; Sreenivas et al., 2024): the hidden size,
+MLP channels and attention heads ranked by activation magnitude on calibration data.
+
+Importance of a channel is its activation aggregated as the paper's best setting: the mean of
+|x| over a sequence's tokens, then the L2 norm over sequences (its square, summed, here):
+- a hidden channel: summed over the outputs of every residual-stream norm of every block;
+- an MLP channel: at the input of the MLP's output projection;
+- a head: the L2 norm over its channels at the input of the attention output projection (a KV
+  group, with ``heads="group"``, scores the mean of its query heads).
+
+``axes`` picks what is cut (default ``hidden,mlp``, the Minitron / Llama-3.1-Minitron-4B-Width
+recipe: heads are kept). One keep ratio is shared by the chosen axes and solved so that
+``sparsity`` of the decoder-block parameters goes: the hidden size is rounded to a multiple of
+``channel_multiple``, heads to whole units, and the MLP width takes up what rounding left.
+
+The hidden cut slices the hidden axis everywhere ``sparsekit.models.hidden_map`` finds it
+(embedding, position embeddings, norms, every projection, the lm_head, tied or not) and writes
+``hidden_size`` and ``head_dim`` to the config. Two gains are folded into weights so the cut
+model computes what the dense one did on the kept channels:
+- each norm's scale is multiplied by the ratio of its input's RMS (or standard deviation, for a
+  mean-subtracting norm) over all channels to that over the kept ones, measured on calibration
+  inputs: without it every norm output grows by about sqrt(hidden / kept);
+- an embedding scaled by sqrt(hidden_size) (Gemma) is rescaled, since the config's new size
+  rebuilds a smaller scale; a tied lm_head then sees the change undone by the final norm.
+
+Minitron heals with distillation (``sparsekit finetune --distill``); the numbers in
+docs/results.md show what it buys here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsekit.models import (
+    BlockAnatomy,
+    HiddenMap,
+    ModelAnatomy,
+    UnsupportedArchitecture,
+    describe,
+    hidden_map,
+    require_hidden_cut,
+)
+from sparsekit.models.hidden import embedding_gain
+
+from ..engine import check_finite_weights
+from .base import (
+    StructuredConfig,
+    StructuredMethod,
+    StructuredReport,
+    block_param_count,
+    check_calibration,
+    param_count,
+    register_structured,
+)
+from .layout import block_widths, keep_channels, keep_heads, keep_hidden
+from .passes import capture, compute_device, forward, on_device
+from .width import _expresses, _kept_heads, _uniform, attention_units, build_on_meta, set_config_widths
+
+log = logging.getLogger(__name__)
+AXES = ("hidden", "mlp", "heads")
+
+
+# ----------------------------------------------------------------------------- statistics
+class Importance:
+    """Per channel of a tensor [b, L, n]: sum over sequences of (mean over tokens of |x|)^2."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        x = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
+        part = x.abs().double().mean(1).pow(2).sum(0)
+        self.value = part if self.value is None else self.value + part.to(self.value.device)
+
+
+class Moments:
+    """Per channel of a norm's input [..., n]: mean of x^2 and of (x - token mean)^2."""
+
+    def __init__(self) -> None:
+        self.raw: torch.Tensor | None = None
+        self.centered: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        c = x - x.mean(-1, keepdim=True)
+        raw, centered = (x * x).sum(0), (c * c).sum(0)
+        if self.raw is None:
+            self.raw, self.centered = raw, centered
+        else:
+            self.raw += raw.to(self.raw.device)
+            self.centered += centered.to(self.centered.device)
+        self.count += x.shape[0]
+
+
+@dataclass
+class Stats:
+    hidden: Importance = field(default_factory=Importance)  # every block norm's output, summed
+    norms: dict[str, Moments] = field(default_factory=dict)  # each norm's input, by qualified name
+    heads: list[Importance | None] = field(default_factory=list)  # per block: o_proj's input
+    mlp: list[Importance | None] = field(default_factory=list)  # per block: down_proj's input
+
+
+def _hooks(model: nn.Module, block: BlockAnatomy, prefix: str, hmap: HiddenMap, stats: Stats) -> list:
+    handles = []
+    for name in (n for n in hmap.norms if n.startswith(prefix + ".")):
+        moments = stats.norms.setdefault(name, Moments())
+        norm = model.get_submodule(name)
+        handles.append(norm.register_forward_pre_hook(lambda m, args, s=moments: s.add(args[0])))
+        handles.append(norm.register_forward_hook(lambda m, args, out: stats.hidden.add(out)))
+    heads = Importance() if block.attention is not None else None
+    mlp = Importance() if block.mlp is not None else None
+    if heads is not None:
+        handles.append(
+            block.linear(block.attention.o).register_forward_pre_hook(lambda m, a: heads.add(a[0]))
+        )
+    if mlp is not None:
+        handles.append(block.linear(block.mlp.down).register_forward_pre_hook(lambda m, a: mlp.add(a[0])))
+    stats.heads.append(heads)
+    stats.mlp.append(mlp)
+    return handles
+
+
+def collect(
+    model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap, chunks, device, progress: bool
+) -> Stats:
+    """One dense pass through the blocks; the final norms' inputs are the last block's outputs."""
+    stats = Stats()
+    for block in tqdm(list(anatomy), desc="minitron statistics", disable=not progress):
+        handles = _hooks(model, block, anatomy.block_name(block.index), hmap, stats)
+        try:
+            with on_device(block.module, device):
+                outs = forward(block.module, chunks, block.index)
+        finally:
+            for h in handles:
+                h.remove()
+        for c, o in zip(chunks, outs, strict=True):
+            c.hidden = o
+    for name in hmap.final_norms:
+        moments = stats.norms.setdefault(name, Moments())
+        for c in chunks:
+            moments.add(c.hidden)
+    return stats
+
+
+# ----------------------------------------------------------------------------- sizes
+def _exponents(anatomy: ModelAnatomy, hmap: HiddenMap) -> dict[tuple[int, int, int], int]:
+    """Decoder-block parameters grouped by how they scale: {(hidden, mlp, heads) exponents: count}."""
+    hidden = {(n, p) for n, p, _ in hmap.vectors}
+    groups: dict[tuple[int, int, int], int] = {}
+    for b in anatomy:
+        prefix = anatomy.block_name(b.index)
+        mlp_rows = set(b.mlp.producers) if b.mlp else set()
+        head_rows = set(b.attention.producers) if b.attention else set()
+        for qual, p in b.module.named_parameters():
+            mod, _, pname = qual.rpartition(".")
+            e_h = int((f"{prefix}.{mod}", pname) in hidden)
+            e_m = int(mod in mlp_rows or (b.mlp is not None and mod == b.mlp.down and pname == "weight"))
+            e_a = int(
+                mod in head_rows or (b.attention is not None and mod == b.attention.o and pname == "weight")
+            )
+            key = (e_h, e_m, e_a)
+            groups[key] = groups.get(key, 0) + p.numel()
+    return groups
+
+
+def _kept_params(groups, k_hidden: float, k_mlp: float, k_heads: float) -> float:
+    return sum(n * k_hidden**h * k_mlp**m * k_heads**a for (h, m, a), n in groups.items())
+
+
+def _solve(target: float, f) -> float:
+    """k in [0, 1] with f(k) = target (f increasing), by bisection."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _round_to(value: float, multiple: int, total: int) -> int:
+    return int(min(total, max(multiple, round(value / multiple) * multiple)))
+
+
+@dataclass
+class Plan:
+    hidden: torch.Tensor | None  # kept hidden channels
+    heads: list[tuple[torch.Tensor, torch.Tensor] | None]  # per block: (query heads, KV heads) kept
+    mlp: list[torch.Tensor | None]  # per block: kept MLP channels
+
+
+def _head_scores(block: BlockAnatomy, imp: Importance) -> torch.Tensor:
+    a = block.attention
+    return imp.value.reshape(a.heads, a.head_dim).sum(1).sqrt()
+
+
+def plan(anatomy: ModelAnatomy, hmap: HiddenMap, stats: Stats, axes: tuple[str, ...], config) -> Plan:
+    """What each axis keeps: one shared keep ratio, rounded per axis, the MLP taking up the rest."""
+    groups = _exponents(anatomy, hmap)
+    total = _kept_params(groups, 1, 1, 1)
+    target = (1 - config.sparsity) * total
+    on = {a: a in axes for a in AXES}
+    k = _solve(target, lambda x: _kept_params(groups, *(x if on[a] else 1.0 for a in AXES)))
+    k_hidden = 1.0
+    keep_hidden = None
+    if on["hidden"]:
+        h = _round_to(k * hmap.size, config.channel_multiple, hmap.size)
+        keep_hidden = stats.hidden.value.topk(h).indices.sort().values.cpu()
+        k_hidden = h / hmap.size
+    heads: list = [None] * len(anatomy)
+    k_heads = 1.0
+    if on["heads"]:
+        fractions = []
+        for b, imp in zip(anatomy, stats.heads, strict=True):
+            if b.attention is None or imp is None:
+                continue
+            scores = _head_scores(b, imp)
+            units = attention_units(b, scores, config.heads)
+            n = min(int((1 - k) * len(units) + 1e-9), len(units) - 1)
+            gone = sorted(units, key=lambda u: u.score)[:n] if config.heads == "group" else units[:n]
+            heads[b.index] = _kept_heads(b, scores, gone, config.heads)
+            fractions.append(len(heads[b.index][0]) / b.attention.heads)
+        k_heads = sum(fractions) / len(fractions) if fractions else 1.0
+    mlp: list = [None] * len(anatomy)
+    if on["mlp"]:
+        k_mlp = _solve(target, lambda x: _kept_params(groups, k_hidden, x, k_heads))
+        widths = [b.mlp.intermediate for b in anatomy if b.mlp is not None]
+        width = min(widths, default=0)
+        kept = _round_to(k_mlp * width, config.channel_multiple, width)
+        for b, imp in zip(anatomy, stats.mlp, strict=True):
+            if b.mlp is not None and imp is not None:
+                mlp[b.index] = imp.value.topk(min(kept, b.mlp.intermediate)).indices.sort().values.cpu()
+    return Plan(keep_hidden, heads, mlp)
+
+
+# ----------------------------------------------------------------------------- applying
+def _affine_offset(norm: nn.Module, size: int) -> float | None:
+    """a in y = n(x) * (a + weight) + bias for this norm (0 for LayerNorm / RMSNorm, 1 for Gemma's
+    (1 + weight)), found by probing; None when the output is not affine in the weight."""
+    weight = norm.weight
+    x = torch.randn(3, size, generator=torch.Generator().manual_seed(0)).to(weight)
+    saved = weight.data.clone()
+    try:
+        with torch.no_grad():
+            weight.data.zero_()
+            y0 = norm(x).double()
+            weight.data.fill_(1.0)
+            y1 = norm(x).double()
+    finally:
+        weight.data.copy_(saved)
+    bias = getattr(norm, "bias", None)
+    if bias is not None:
+        y0, y1 = y0 - bias.double(), y1 - bias.double()
+    n = y1 - y0
+    if n.abs().max() == 0:
+        return None
+    return round(float((y0 * n).sum() / (n * n).sum()), 3)
+
+
+def _mean_subtracting(norm: nn.Module, size: int) -> bool:
+    x = torch.randn(2, size, generator=torch.Generator().manual_seed(1)).to(norm.weight)
+    with torch.no_grad():
+        return bool(torch.allclose(norm(x), norm(x + 3.0), atol=1e-4, rtol=1e-3))
+
+
+def scale_norm(norm: nn.Module, factor: float, size: int) -> bool:
+    """Multiply the norm's output by ``factor`` through its weight and bias; False where it cannot."""
+    a = _affine_offset(norm, size)
+    if a is None:
+        return False
+    with torch.no_grad():
+        norm.weight.data = ((a + norm.weight.data.double()) * factor - a).to(norm.weight.dtype)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.data = (norm.bias.data.double() * factor).to(norm.bias.dtype)
+    return True
+
+
+def norm_gain(moments: Moments, kept: torch.Tensor, size: int, centered: bool) -> float:
+    """The RMS (or std) of a norm's input over the ``kept`` channels relative to that over all
+    ``size``, from calibration moments: the norm's output on the kept channels shrinks by this
+    factor when the others go, so its scale is multiplied by it."""
+    m = (moments.centered if centered else moments.raw).double()
+    ratio = (m[kept.to(m.device)].sum() / len(kept)) / (m.sum() / size)
+    return float(ratio.clamp_min(1e-12).sqrt())
+
+
+def _rescale_embedding(model, anatomy, hmap: HiddenMap, new_size: int) -> float:
+    """Gemma-style sqrt(hidden) embedding scale: set the module's scale to the new size's and fold
+    the old one into the weight; the factor the weight took (1.0 where nothing changes)."""
+    if not hmap.gain_follows_size or anatomy.embedding is None:
+        return 1.0
+    emb = model.get_submodule(anatomy.embedding)
+    old, new = hmap.embedding_gain, new_size**0.5
+    for buf in emb.buffers(recurse=False):
+        if buf.dim() == 0 and buf.is_floating_point() and abs(float(buf) - old) < 1e-3 * old:
+            buf.fill_(new)
+    for name, value in list(vars(emb).items()):
+        if isinstance(value, float) and abs(value - old) < 1e-3 * old:
+            setattr(emb, name, new)
+    if abs(embedding_gain(emb) - new) > 1e-3 * new:
+        raise UnsupportedArchitecture(
+            f"{anatomy.embedding} scales its rows by {old:g} = sqrt(hidden_size) somewhere sparsekit "
+            "cannot reset: a hidden cut would change the model's function"
+        )
+    with torch.no_grad():
+        emb.weight.data *= old / new
+    return old / new
+
+
+def cut_hidden(model: nn.Module, hmap: HiddenMap, kept: torch.Tensor, stats: Stats, report) -> None:
+    """The hidden cut with its norm and embedding gains folded into weights."""
+    anatomy = describe(model)
+    probes = {n: _mean_subtracting(model.get_submodule(n), hmap.size) for n in stats.norms}
+    keep_hidden(model, hmap, kept)
+    new = len(kept)
+    emb_factor = _rescale_embedding(model, anatomy, hmap, new)
+    skipped = []
+    for name, moments in stats.norms.items():
+        factor = norm_gain(moments, kept, hmap.size, probes[name])  # undo the shrink
+        if name in hmap.final_norms and anatomy.tied:
+            factor /= emb_factor  # the tied lm_head carries the embedding's factor
+        if not scale_norm(model.get_submodule(name), factor, new):
+            skipped.append(name)
+    if skipped:
+        report.notes.append(
+            f"norms whose output is not affine in their weight kept their scale: {skipped[:3]}"
+        )
+
+
+def _config_update(model: nn.Module, anatomy: ModelAnatomy, new_hidden: int | None) -> dict[str, object]:
+    widths = block_widths(anatomy)
+    updates: dict[str, object] = {}
+    heads = _uniform([w.heads for w in widths])
+    kv = _uniform([w.kv_heads for w in widths])
+    a = next((b.attention for b in anatomy if b.attention is not None), None)
+    if a is not None:
+        updates |= {"head_dim": a.head_dim, "num_attention_heads": heads, "num_key_value_heads": kv}
+    inter = _uniform([w.intermediate for w in widths])
+    if inter is not None:
+        keys = [k for k in ("intermediate_size", "ffn_dim", "n_inner") if k in model.config.to_dict()]
+        updates |= {k: inter for k in keys or ["intermediate_size"]}
+    if new_hidden is not None:
+        updates["hidden_size"] = new_hidden
+        for key in ("word_embed_proj_dim",):
+            if model.config.to_dict().get(key) == anatomy.hidden_size:
+                updates[key] = new_hidden
+    return {k: v for k, v in updates.items() if v is not None}
+
+
+@register_structured
+class Minitron(StructuredMethod):
+    """Activation-ranked hidden size, MLP channels and heads; a plain HF checkpoint."""
+
+    name = "minitron"
+
+    def prune(self, model: nn.Module, input_ids, config: StructuredConfig) -> StructuredReport:
+        check_calibration(input_ids, self.name)
+        axes = config.axes_tuple
+        if config.refit or config.widths == "adaptive" or config.remove_layers is not None:
+            raise ValueError(
+                "minitron keeps uniform widths and has no refit or layer count: drop refit, "
+                "widths='adaptive' and remove_layers (distil after it instead: sparsekit finetune --distill)"
+            )
+        if config.bias_compensation:
+            raise ValueError("minitron has no bias compensation (FLAP's); leave bias_compensation unset")
+        anatomy = describe(model)
+        anatomy.require_width(self.name)
+        anatomy.require_dense(self.name)
+        hmap = hidden_map(model)
+        if "hidden" in axes:
+            require_hidden_cut(hmap, self.name)
+        check_finite_weights(anatomy.blocks, anatomy.blocks_path)
+        report = StructuredReport(self.name, config.sparsity, *input_ids.shape)
+        report.params_before, report.block_params_before = param_count(model), block_param_count(model)
+        first = block_widths(anatomy)
+        report.widths_before = {
+            k: _uniform([getattr(w, k) for w in first]) for k in ("heads", "kv_heads", "intermediate")
+        } | {"hidden": hmap.size}
+        device = compute_device(model, config.device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            chunks = capture(model, input_ids, config.batch_size, device)
+            stats = collect(model, anatomy, hmap, chunks, device, config.show_progress)
+            del chunks
+            report.timings_s["statistics"] = time.perf_counter() - started
+            started = time.perf_counter()
+            chosen = plan(anatomy, hmap, stats, axes, config)
+            cuts_hidden = chosen.hidden is not None and len(chosen.hidden) < hmap.size
+            if cuts_hidden:
+                self._dry_run(model, hmap, chosen)
+            for b in anatomy:
+                if chosen.heads[b.index] is not None:
+                    keep_heads(b, *chosen.heads[b.index])
+                if chosen.mlp[b.index] is not None:
+                    keep_channels(b, chosen.mlp[b.index])
+            if cuts_hidden:
+                cut_hidden(model, hmap, chosen.hidden, stats, report)
+                for key, value in _config_update(model, anatomy, len(chosen.hidden)).items():
+                    if getattr(model.config, key, None) != value:
+                        setattr(model.config, key, value)
+            report.timings_s["select+cut"] = time.perf_counter() - started
+        anatomy = describe(model, refresh=True)
+        if cuts_hidden:
+            report.widths = [w.to_dict() for w in block_widths(anatomy)]
+        else:  # heads / MLP only: a plain config where it can say them, per-block widths otherwise
+            set_config_widths(model, anatomy, report)
+        report.hidden_size = (hmap.size, model.config.hidden_size)
+        report.params_after, report.block_params_after = param_count(model), block_param_count(model)
+        log.info("minitron removed %.1f%% of block parameters", 100 * report.removed_fraction)
+        return report
+
+    def _dry_run(self, model: nn.Module, hmap: HiddenMap, chosen: Plan) -> None:
+        """Cut a copy built on the meta device and check that the new config rebuilds its shapes,
+        before the real weights are touched; refuse (naming the family) where it does not."""
+        meta = build_on_meta(model, model.config)
+        if {k: tuple(v.shape) for k, v in meta.state_dict().items()} != {
+            k: tuple(v.shape) for k, v in model.state_dict().items()
+        }:
+            return  # an already-modified model: its config no longer rebuilds it (checked after)
+        anatomy = describe(meta)
+        for b in anatomy:
+            if chosen.heads[b.index] is not None:
+                keep_heads(b, *chosen.heads[b.index])
+            if chosen.mlp[b.index] is not None:
+                keep_channels(b, chosen.mlp[b.index])
+        keep_hidden(meta, hidden_map(meta), chosen.hidden)
+        new_hidden = len(chosen.hidden)
+        trial = copy.deepcopy(model.config)
+        try:
+            for key, value in _config_update(meta, anatomy, new_hidden).items():
+                if getattr(trial, key, None) != value:
+                    setattr(trial, key, value)
+            expressed = _expresses(meta, trial)
+        except (AttributeError, TypeError, ValueError):  # a derived, read-only config value
+            expressed = False
+        if not expressed:
+            raise UnsupportedArchitecture(
+                f"{anatomy.model_type}'s config cannot state the cut widths (hidden {new_hidden}, head_dim "
+                "kept): its code derives a size from hidden_size. Cut axes='mlp,heads' instead"
+            )

@@ -1,0 +1,203 @@
+"""Minitron width pruning against independent references: the hidden cut of channels that carry
+nothing leaves the model's function unchanged (norm gains and Gemma's embedding scale folded in),
+importances match the paper's aggregation computed by hand, the budget lands on the requested
+share, and the result saves and reloads as a plain checkpoint on one family per layout it cuts;
+what it cannot cut is refused before any weight changes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import sparsekit
+from sparsekit.bench.coverage import calib_ids, tiny_model
+from sparsekit.models import UnsupportedArchitecture, describe, hidden_map
+from sparsekit.pruning.structured import StructuredConfig, structured_method
+from sparsekit.pruning.structured.minitron import Importance, Moments, norm_gain
+
+
+def _prune(model, ids=None, **kw):
+    kw.setdefault("show_progress", False)
+    return structured_method("minitron").prune(
+        model, calib_ids() if ids is None else ids, StructuredConfig(**kw)
+    )
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def _kill_channels(model, dead: torch.Tensor) -> None:
+    """Make hidden channels ``dead`` zero everywhere in the residual stream: the embedding's and
+    position embeddings' columns and every row the blocks write into it."""
+    hmap = hidden_map(model)
+    with torch.no_grad():
+        for name in hmap.writes:
+            linear = model.get_submodule(name)
+            conv = type(linear).__name__ == "Conv1D"
+            linear.weight.index_fill_(1 if conv else 0, dead, 0.0)
+            if linear.bias is not None:
+                linear.bias[dead] = 0
+        for name, _, _ in hmap.vectors:
+            module = model.get_submodule(name)
+            if isinstance(module, torch.nn.Embedding):
+                module.weight[:, dead] = 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3"])
+def test_cutting_dead_hidden_channels_keeps_the_function(family):
+    """8 of 64 channels carry nothing; a hidden-only cut of 12.5% must remove exactly them, and
+    with the norm gains (and Gemma's sqrt(hidden) embedding scale) folded in the logits stay."""
+    model = tiny_model(family)
+    for m in model.modules():  # eps would make the RMS of the kept channels differ by its share
+        for attr in ("eps", "variance_epsilon"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 1e-30)
+    dead = torch.tensor([3, 9, 17, 22, 40, 41, 50, 63])
+    _kill_channels(model, dead)
+    ids = calib_ids()
+    before = _logits(model, ids)
+    report = _prune(model, ids, sparsity=0.125, axes="hidden")
+    assert model.config.hidden_size == 56
+    assert describe(model).hidden_size == 56
+    assert report.removed_fraction == pytest.approx(0.125, abs=0.01)
+    torch.testing.assert_close(_logits(model, ids), before, atol=2e-4, rtol=2e-4)
+
+
+def test_without_the_norm_gain_the_cut_would_change_the_output():
+    """The check above can fail: the same cut with the norm gains left out changes the logits."""
+    from sparsekit.pruning.structured import minitron
+
+    model = tiny_model("llama")
+    dead = torch.arange(8)
+    _kill_channels(model, dead)
+    ids = calib_ids()
+    before = _logits(model, ids)
+    original = minitron.norm_gain
+    minitron.norm_gain = lambda *a, **k: 1.0
+    try:
+        _prune(model, ids, sparsity=0.125, axes="hidden")
+    finally:
+        minitron.norm_gain = original
+    assert (_logits(model, ids) - before).abs().max() > 1e-2
+
+
+def test_importance_is_the_papers_aggregation():
+    """Mean of |x| over a sequence's tokens, squared, summed over sequences; heads by the L2 norm
+    of their channels; the hidden score sums every block norm's output."""
+    x = torch.randn(3, 5, 8)
+    imp = Importance()
+    imp.add(x[:2])
+    imp.add(x[2:])
+    ref = sum(x[b].abs().mean(0).double() ** 2 for b in range(3))
+    torch.testing.assert_close(imp.value, ref)
+    m = Moments()
+    m.add(x)
+    kept = torch.tensor([0, 2, 5])
+    flat = x.reshape(-1, 8).double()
+    expect = ((flat[:, kept] ** 2).mean(1).mean() / (flat**2).mean(1).mean()).sqrt()
+    assert norm_gain(m, kept, 8, centered=False) == pytest.approx(float(expect), rel=1e-9)
+
+
+def test_hidden_ranking_follows_the_norm_outputs():
+    """The kept hidden channels are the top ones by the summed norm-output importance, recomputed
+    here with plain hooks."""
+    model = tiny_model("llama")
+    ref = copy.deepcopy(model)
+    ids = calib_ids()
+    hmap = hidden_map(ref)
+    total = torch.zeros(64, dtype=torch.float64)
+
+    def hook(m, a, out):
+        nonlocal total
+        total += sum(out[b].abs().double().mean(0) ** 2 for b in range(out.shape[0]))
+
+    handles = [ref.get_submodule(n).register_forward_hook(hook) for n in hmap.norms]
+    _logits(ref, ids)
+    for h in handles:
+        h.remove()
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    _prune(model, ids, sparsity=0.25, axes="hidden")
+    kept = total.topk(model.config.hidden_size).indices.sort().values
+    torch.testing.assert_close(model.get_input_embeddings().weight, emb_before[:, kept])
+
+
+@pytest.mark.parametrize("axes", ["hidden,mlp", "hidden,mlp,heads", "mlp,heads", "hidden"])
+def test_budget_lands_on_the_requested_share(axes):
+    model = tiny_model("llama", layers=4)
+    report = _prune(model, sparsity=0.3, axes=axes)
+    assert report.removed_fraction == pytest.approx(0.3, abs=0.05)
+    widths = describe(model)
+    if "hidden" not in axes:
+        assert model.config.hidden_size == 64
+    if "mlp" not in axes:
+        assert all(b.mlp.intermediate == 128 for b in widths)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "cohere", "olmo2"])
+def test_saves_as_a_plain_checkpoint_and_reloads(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    ids = calib_ids()
+    _prune(model, ids, sparsity=0.3, axes="hidden,mlp,heads")
+    out = _logits(model, ids)
+    assert torch.isfinite(out).all()
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(again, ids), out)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "falcon", "opt"])
+def test_hidden_cut_a_config_cannot_state_is_refused_before_any_weight_changes(family):
+    """These configs derive head_dim from hidden_size: a plain checkpoint could not hold the cut."""
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedArchitecture, match="cannot state"):
+        _prune(model, sparsity=0.3)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    report = _prune(model, sparsity=0.3, axes="mlp,heads")  # the widths alone still cut
+    assert report.removed_fraction > 0.2
+
+
+@pytest.mark.parametrize("family", ["lfm2", "mixtral"])
+def test_what_the_hidden_map_cannot_place_is_refused(family):
+    model = tiny_model(family)
+    with pytest.raises(UnsupportedArchitecture, match="hidden size|Mixture-of-Experts|cannot cut"):
+        _prune(model, sparsity=0.2)
+
+
+def test_options_are_checked():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="axes="):
+        StructuredConfig(axes="hidden,depth")
+    with pytest.raises(ValueError, match="refit"):
+        _prune(model, sparsity=0.2, refit=True)
+    with pytest.raises(ValueError, match="axes"):
+        sparsekit.prune(
+            model, method="flap", sparsity=0.2, axes="mlp", calib=calib_ids(), show_progress=False
+        )
+
+
+def test_prune_api_surface():
+    model = tiny_model("llama")
+    report = sparsekit.prune(
+        model, method="minitron", sparsity=0.2, axes="hidden,mlp", calib=calib_ids(), show_progress=False
+    )
+    assert report.method == "minitron" and report.hidden_size == (64, model.config.hidden_size)
+    assert model.config.hidden_size < 64 and model.config.head_dim == 16
+
+
+@pytest.mark.parametrize("family", ["phi", "starcoder2", "glm4", "gemma2", "qwen3"])
+def test_coverage_cell_on_more_layouts(family):
+    """Parallel blocks (phi), LayerNorm with bias and a plain MLP (starcoder2), a fused gate_up with
+    extra norms (glm4), post-norms and logit soft-capping (gemma2): cut, cached decoding and a plain
+    reload (bench/coverage.py's "minitron" column runs all 30 families)."""
+    from sparsekit.bench.coverage import run_cell
+
+    cell = run_cell(family, "minitron")
+    assert cell.status == "OK", cell.detail
