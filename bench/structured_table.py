@@ -88,6 +88,38 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
     raise ValueError(f"unknown variant {variant!r}")
 
 
+def distil(model, teacher, train_ids, eval_ids, args, tasks, tokenizer, manager) -> dict:
+    """Distil a copy of ``model`` from ``teacher`` (KL at T = 1, every block linear trained); its
+    ppl, accuracies and training time. The pruned model itself stays as it was (it is timed)."""
+    from sparsekit.hf.finetune import finetune
+
+    student = copy.deepcopy(model)
+    fr = finetune(
+        student,
+        input_ids=train_ids,
+        steps=args.distill_steps,
+        lr=args.distill_lr,
+        batch_size=args.distill_batch,
+        teacher=teacher,
+    )
+    out = {
+        "steps": args.distill_steps,
+        "ppl": perplexity_of_ids(student, eval_ids, seqlen=args.eval_seqlen).ppl,
+        "seconds": fr.seconds,
+        "first_loss": fr.losses[0],
+        "last_loss": fr.losses[-1],
+    }
+    if tasks:
+        from sparsekit.eval.zero_shot import zero_shot
+
+        out["accuracy"] = {
+            t: zero_shot(student, [t], tokenizer, limit=args.items, manager=manager).scores[t].main[1]
+            for t in tasks
+        }
+    logging.info("distilled %d steps: ppl %.2f (%.0f s)", args.distill_steps, out["ppl"], fr.seconds)
+    return out
+
+
 def add_timing(rows: list[dict], timing: dict[str, dict]) -> None:
     """Each row gets its TTFT / TPOT figures and its speedups against dense (or the first variant)."""
     base = timing.get("dense", next(iter(timing.values())))
@@ -110,6 +142,16 @@ def timing_cells(r: dict) -> str:
     )
 
 
+def distil_cells(r: dict, steps: int) -> str:
+    if not steps:
+        return ""
+    d = r.get("distilled") or {}
+    if not d:
+        return " - | - |"
+    acc = "".join(f", {t} {a:.3f}" for t, a in d.get("accuracy", {}).items())
+    return f" {d['ppl']:.2f}{acc} | {d['seconds']:.0f} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -129,6 +171,16 @@ def main() -> None:
         default=0,
         help="items per zero-shot task (wiki_lambada, wiki_continuation; 0: skip)",
     )
+    parser.add_argument(
+        "--distill-steps",
+        type=int,
+        default=0,
+        help="then distil each of --distill-variants from the dense model for this many steps (0: skip)",
+    )
+    parser.add_argument("--distill-variants", default="", help="comma-separated (default: every variant)")
+    parser.add_argument("--distill-lr", type=float, default=1e-4)
+    parser.add_argument("--distill-batch", type=int, default=2)
+    parser.add_argument("--distill-seqlen", type=int, default=256)
     parser.add_argument("--out", default="reports/structured")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -144,6 +196,7 @@ def main() -> None:
         from sparsekit.eval.zero_shot import task_manager, zero_shot
 
         manager = task_manager(list(tasks), None)
+    train_ids = calibration_ids(tokenizer, "wiki-offline", 256, args.distill_seqlen, seed=1)
     rows, models = [], {}
     for variant in args.variants.split(","):
         model = copy.deepcopy(dense)
@@ -158,9 +211,14 @@ def main() -> None:
             task: zero_shot(model, [task], tokenizer, limit=args.items, manager=manager).scores[task].main[1]
             for task in tasks
         }
+        distilled = {}
+        wanted = args.distill_variants.split(",") if args.distill_variants else None
+        if args.distill_steps and variant != "dense" and (wanted is None or variant in wanted):
+            distilled = distil(model, dense, train_ids, eval_ids, args, tasks, tokenizer, manager)
         rows.append(
             {
                 "variant": variant,
+                "distilled": distilled,
                 "ppl": ppl,
                 "params": param_count(model),
                 "bytes": model_bytes(model),
@@ -196,20 +254,31 @@ def main() -> None:
         f"{args.prompt_len}-token prompt ({prompt_source}), {args.new_tokens} new tokens, greedy, static KV "
         f"cache, fp32 eager, {args.rounds} rounds with every variant interleaved in each round (0: not "
         f"timed); zero-shot: {args.items} items per task of {', '.join(tasks) or 'none'}"
+        + (
+            f"; distillation: {args.distill_steps} AdamW steps, lr {args.distill_lr}, batch "
+            f"{args.distill_batch} x {args.distill_seqlen} tokens of wiki-offline (seed 1), KL to the dense "
+            "model's logits at T = 1, every block linear trained"
+            if args.distill_steps
+            else ""
+        )
     )
     out = Path(args.out)
     write_json_atomic(out / "structured.json", {"env": env, "setup": setup, "rows": rows})
     lines = [
         "| variant | blocks | params (M) | ppl | "
         + "".join(f"{t} acc | " for t in tasks)
-        + "prune s | TTFT ms (p20-p80) | TPOT ms (p20-p80) | decode x | prefill x |",
-        "|---|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---:|",
+        + "prune s | TTFT ms (p20-p80) | TPOT ms (p20-p80) | decode x | prefill x |"
+        + (" distilled ppl | distil s |" if args.distill_steps else ""),
+        "|---|---:|---:|---:|"
+        + "---:|" * len(tasks)
+        + "---:|---:|---:|---:|---:|"
+        + ("---:|---:|" if args.distill_steps else ""),
     ]
     for r in rows:
         acc = "".join(f"{r['accuracy'][t]:.3f} | " for t in tasks)
         lines.append(
             f"| {r['variant']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['ppl']:.2f} | {acc}"
-            f"{r['prune_s']:.0f} | {timing_cells(r)} |"
+            f"{r['prune_s']:.0f} | {timing_cells(r)} |" + distil_cells(r, args.distill_steps)
         )
     markdown = "\n".join(lines) + (
         f"\n\n{setup}.\nMachine: {env['cpu']} ({env['cpu_threads']} threads), torch {env['torch']}, "
