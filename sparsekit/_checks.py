@@ -396,7 +396,7 @@ def calibration_plan(
         return CalibrationPlan(
             nsamples, seqlen, config.batch_size, copies, forward_dtype.itemsize, model_dtype.itemsize,
             gram=getattr(config, "refit", False), tokenize=tokenize, stored_bytes=stored,
-            whole_model=whole, model_on_device=bool(whole) and device != _model_device(model),
+            whole_model=whole, model_on_device=whole == "forward" and device != _model_device(model),
         )  # fmt: skip
     from sparsekit.pruning.capture import resolve_forward_dtype
 

@@ -351,10 +351,15 @@ def test_whole_model_criteria_count_logits_activations_and_gradients():
     backward = calibration_memory(shape, CalibrationPlan(32, 512, 4, 2, 4, 4, whole_model="backward"), cpu)[0]
     logits = forward.total - blockwise.total
     assert logits == 4 * 512 * 49152 * 4 * 2  # a batch's fp32 logits and their log-softmax: 805 MB
-    assert backward.parts["every block's weight gradients"] == shape.block_params * 30 * 4
-    assert backward.parts["every block's activations kept for the backward"] == (
-        4 * 512 * (3 * 1536 + 6 * 576 + 2 * 576) * 30 * 4
+    # block by block (passes.block_gradients): one block's activations and gradients on the device,
+    # every block's input for one batch and the gradient sums over all blocks on the host
+    assert backward.parts["one block's weight gradients"] == shape.block_params * 4
+    assert (
+        backward.parts["one block's activations for its backward"]
+        == 4 * 512 * (3 * 1536 + 6 * 576 + 2 * 576) * 4
     )
+    assert backward.parts["gradient sums of every block (float64)"] == shape.block_params * 30 * 8
+    assert backward.parts["every block's input for one batch"] == 4 * 512 * 576 * 31 * 4
     moved = CalibrationPlan(32, 512, 4, 2, 4, 4, whole_model="forward", model_on_device=True)
     (gpu, _host) = calibration_memory(shape, moved, torch.device("cuda:0"))
     assert gpu.parts["the whole model's weights"] == 134_515_008 * 4
@@ -375,7 +380,7 @@ def test_a_whole_model_criterion_too_large_for_the_host_is_refused(monkeypatch):
 
     assert total("backward") > 1.5 * total("")
     _host_free(monkeypatch, int((total("") + total("backward")) / 2 / HEADROOM))  # block-wise parts fit
-    with pytest.raises(ValueError, match="every block's weight gradients"):
+    with pytest.raises(ValueError, match="gradient sums of every block"):
         sparsekit.prune(copy.deepcopy(model), "shortened-taylor", calib=ids, sparsity=0.25, batch_size=8)
     sparsekit.prune(copy.deepcopy(model), "shortgpt", calib=ids, sparsity=0.25, batch_size=8)
 

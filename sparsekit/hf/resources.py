@@ -210,11 +210,12 @@ def calibration_memory(
         on_device["one block's statistics"] = sum(shape.linear_inputs) * 3 * 8
     if plan.stored_bytes:
         on_device["hidden states kept across blocks (a repair, a sub-block search)"] = plan.stored_bytes
-    on_device |= _whole_model_parts(shape, plan)
+    whole_device, whole_host = _whole_model_parts(shape, plan)
+    on_device |= whole_device
     host_per_sample = plan.seqlen * 8 + (
         _POOL_FACTOR * plan.seqlen * _POOL_BYTES_PER_TOKEN if plan.tokenize else 0
     )
-    host = {"calibration token ids": tokens * 8}
+    host = {"calibration token ids": tokens * 8} | whole_host
     if plan.tokenize:
         host[f"tokenized text pool ({_POOL_FACTOR}x the tokens)"] = (
             tokens * _POOL_FACTOR * _POOL_BYTES_PER_TOKEN
@@ -227,27 +228,34 @@ def calibration_memory(
     ]
 
 
-def _whole_model_parts(shape: ModelShape, plan: CalibrationPlan) -> dict[str, int]:
-    """What a criterion that runs the whole model on a batch holds besides the block-wise parts:
-    the batch's logits (and their fp32 log-softmax), with a backward every block's activations
-    and weight gradients, and the weights themselves when they move to the device."""
+def _whole_model_parts(shape: ModelShape, plan: CalibrationPlan) -> tuple[dict[str, int], dict[str, int]]:
+    """(device parts, host parts) of a criterion that runs a batch to the model's loss besides the
+    block-wise parts: the batch's logits (and their fp32 log-softmax); with a backward
+    (``block_gradients``: one block at a time) every block's input for one batch (on the host when
+    the device is an accelerator), one block's activations and weight gradients, and the gradient
+    sums over the batches (float64 at most, on the host); the weights when they move to the device."""
     if not plan.whole_model:
-        return {}
+        return {}, {}
     backward = plan.whole_model == "backward"
     tokens = plan.batch_size * plan.seqlen
-    parts = {
+    device = {
         f"one batch's logits ({tokens} tokens x {shape.vocab} x fp32, {3 if backward else 2} copies)": tokens
         * shape.vocab
         * 4
         * (3 if backward else 2)
     }
+    host: dict[str, int] = {}
     if backward:
         per_block = tokens * (3 * shape.intermediate + 6 * shape.hidden + 2 * shape.attention_width)
-        parts["every block's activations kept for the backward"] = per_block * shape.layers * plan.model_bytes
-        parts["every block's weight gradients"] = shape.block_params * shape.layers * plan.model_bytes
+        device["one block's activations for its backward"] = per_block * plan.model_bytes
+        device["one block's weight gradients"] = shape.block_params * plan.model_bytes
+        host["every block's input for one batch"] = (
+            tokens * shape.hidden * (shape.layers + 1) * plan.model_bytes
+        )
+        host["gradient sums of every block (float64)"] = shape.block_params * shape.layers * 8
     if plan.model_on_device:
-        parts["the whole model's weights"] = shape.params * plan.model_bytes
-    return parts
+        device["the whole model's weights"] = shape.params * plan.model_bytes
+    return device, host
 
 
 def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:

@@ -247,6 +247,43 @@ def block_output_structure(block: nn.Module, chunk: Chunk, index: int) -> Any:
         return block(chunk.hidden, *args, **kwargs)
 
 
+@contextmanager
+def model_tail(
+    model: nn.Module, blocks: nn.ModuleList, device: torch.device, template: Any
+) -> Iterator[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The model's own tail as a function ``(batch [b, L] ids, final [b, L, H]) -> mean next-token
+    loss`` (a tensor, differentiable in ``final`` where grad is enabled): every decoder block is a
+    stand-in that passes hidden states on and the last one returns ``final``, so only the embedding
+    and what follows the blocks (final norm, lm_head, any logit scaling) compute, whatever they are.
+    ``template``: a real block output (``block_output_structure``) giving the structure to return."""
+    saved = [b.__dict__.get("forward") for b in blocks]
+    current: dict[str, torch.Tensor] = {}
+
+    def passthrough(*args, **kwargs):
+        return _like(template, args[0] if args else kwargs["hidden_states"])
+
+    def last(*args, **kwargs):
+        return _like(template, current["final"])
+
+    def run(batch: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        current["final"] = final.to(device)
+        batch = batch.to(device)
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+    for block in blocks:
+        block.forward = passthrough
+    blocks[len(blocks) - 1].forward = last
+    try:
+        with _outside_blocks_on(model, blocks, device):
+            yield run
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = forward
+
+
 @torch.no_grad()
 def tail_loss(
     model: nn.Module,
@@ -258,38 +295,14 @@ def tail_loss(
     template: Any,
 ) -> float:
     """Mean next-token loss (nats) over every predicted token of ``input_ids`` [n, L] when the last
-    decoder block outputs ``finals[k]`` [b, L, H] on the k-th batch of ``batch_size`` sequences.
-    Every block is a stand-in that passes hidden states on, so only the embedding and what follows
-    the blocks (final norm, lm_head, any logit scaling) compute: the model's own tail, whatever it is.
-    ``template``: a real block output (``block_output_structure``) giving the structure to return."""
+    decoder block outputs ``finals[k]`` [b, L, H] on the k-th batch of ``batch_size`` sequences
+    (``model_tail``)."""
     batches = input_ids.split(batch_size)
     if len(batches) != len(finals):
         raise ValueError(f"{len(finals)} final states for {len(batches)} batches of {batch_size} sequences")
-    saved = [b.__dict__.get("forward") for b in blocks]
-    current: dict[str, torch.Tensor] = {}
-
-    def passthrough(*args, **kwargs):
-        return _like(template, args[0] if args else kwargs["hidden_states"])
-
-    def last(*args, **kwargs):
-        return _like(template, current["final"])
-
-    for block in blocks:
-        block.forward = passthrough
-    blocks[len(blocks) - 1].forward = last
     total, count = 0.0, 0
-    try:
-        with _outside_blocks_on(model, blocks, device):
-            for batch, final in zip(batches, finals, strict=True):
-                current["final"] = final.to(device)
-                batch = batch.to(device)
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                tokens = batch.numel() - batch.shape[0]
-                total, count = total + loss.item() * tokens, count + tokens
-    finally:
-        for block, forward in zip(blocks, saved, strict=True):
-            if forward is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = forward
+    with model_tail(model, blocks, device, template) as run:
+        for batch, final in zip(batches, finals, strict=True):
+            tokens = batch.numel() - batch.shape[0]
+            total, count = total + run(batch, final).item() * tokens, count + tokens
     return total / count

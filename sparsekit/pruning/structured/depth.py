@@ -11,7 +11,8 @@ training-free linear repair of each cut (ReplaceMe's least-squares map, folded i
   model with each block skipped alone (from the stored input of the skipped block: blocks after
   it and the model's tail only); the n blocks whose removal raises it least go, in one shot.
 - ``shortened-taylor`` (the same paper's Taylor+): a block's score is sum |W * dL/dW| over its
-  weights, the gradient of the mean calibration loss (one backward per batch); the first four and
+  weights, the gradient of the mean calibration loss (one backward per batch, a block at a time on
+  the compute device); the first four and
   last two blocks are kept, as the paper does, and the n lowest-scoring of the rest go.
 - repair: for each removed run, the block before it gets its MLP output M mapped by T, where T
   minimises ||Y + M T - X_target||^2 over calibration tokens (Y: that block's output without its
@@ -38,7 +39,6 @@ from sparsekit.models import (
     BlockAnatomy,
     describe,
     linear_weight,
-    model_device,
     set_linear_weight,
     set_submodule,
 )
@@ -55,7 +55,7 @@ from .base import (
     param_count,
     register_structured,
 )
-from .passes import BlockStates, capture, compute_device, forward, on_device
+from .passes import BlockStates, block_gradients, capture, compute_device, forward, on_device
 
 log = logging.getLogger(__name__)
 
@@ -522,8 +522,7 @@ class ShortenedTaylor(DepthMethod):
                 f"{total} blocks, leaving {len(candidates)} to remove, fewer than the {n} asked: ask "
                 "for fewer, or use shortened-ppl, which may remove any block"
             )
-        with on_device(ctx.model, ctx.device):
-            scores = block_taylor_scores(ctx.model, ctx.blocks, ctx.input_ids, config.batch_size)
+        scores = block_taylor_scores(ctx.model, ctx.blocks, ctx.input_ids, config.batch_size, ctx.device)
         return _lowest(scores, n, candidates), scores
 
 
@@ -542,47 +541,41 @@ def skipping(block: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
-def _batch_loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(mean next-token loss of ``batch`` [b, L], the number of predicted tokens)."""
-    batch = batch.to(model_device(model))
-    out = model(input_ids=batch, labels=batch, use_cache=False)
-    return out.loss, batch.numel() - batch.shape[0]
-
-
-@torch.no_grad()
-def calibration_loss(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss (nats) over every predicted token of ``input_ids`` [n, L]."""
-    total, count = 0.0, 0
-    for batch in input_ids.split(batch_size):
-        loss, tokens = _batch_loss(model, batch)
-        total, count = total + loss.item() * tokens, count + tokens
-    return total / count
-
-
 def block_taylor_scores(
-    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device: torch.device
 ) -> list[float]:
     """sum over each block's parameters of |W * G|, G the gradient of the mean loss over every
-    predicted calibration token (one backward per batch, gradients summed); float64 sums."""
+    predicted calibration token (``block_gradients``: one backward per batch, one block on
+    ``device`` at a time; G summed over batches in float32 on the host); float64 sums."""
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
     owned = [list(block.parameters()) for block in blocks]
     watched = {id(p) for ps in owned for p in ps}
-    tokens_total = input_ids.numel() - input_ids.shape[0]
+    sums: list[list[torch.Tensor | None]] = [[None] * len(ps) for ps in owned]
+
+    def consume(index: int, block: nn.Module) -> None:
+        for k, p in enumerate(block.parameters()):
+            if p.grad is not None:
+                g = p.grad.detach().float().cpu()
+                sums[index][k] = g if sums[index][k] is None else sums[index][k] + g
+
     try:
         for p in params:
             p.requires_grad_(id(p) in watched)
             p.grad = None
-        with torch.enable_grad():
-            for batch in input_ids.split(batch_size):
-                loss, tokens = _batch_loss(model, batch)
-                (loss * (tokens / tokens_total)).backward()
-        scores = [
-            sum(float((p.detach().double() * p.grad.double()).abs().sum()) for p in ps if p.grad is not None)
-            for ps in owned
-        ]
+        block_gradients(model, input_ids, batch_size, device, consume)
     finally:
         for p, flag in zip(params, was, strict=True):
             p.grad = None
             p.requires_grad_(flag)
+    scores = []
+    for block, grads in zip(blocks, sums, strict=True):
+        with on_device(block, device):
+            scores.append(
+                sum(
+                    float((p.detach().double().cpu() * g.double()).abs().sum())
+                    for p, g in zip(block.parameters(), grads, strict=True)
+                    if g is not None
+                )
+            )
     return scores

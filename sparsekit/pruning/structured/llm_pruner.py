@@ -15,7 +15,8 @@ a weight w with gradient g of the mean calibration loss is
 As the paper, the first four and the last two blocks are left whole; the blocks in between lose
 the same share of heads (rounded down to whole units) and MLP channels, sized so that
 ``sparsity`` of all decoder-block parameters goes. Gradients come from one backward per
-calibration batch (per sequence for ``element2``) of the whole model on the compute device.
+calibration batch (per sequence for ``element2``), one block on the compute device at a time
+(``passes.block_gradients``), so a model larger than the device still prunes.
 """
 
 from __future__ import annotations
@@ -29,53 +30,69 @@ from torch import nn
 from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, is_conv1d, linear_weight, model_device
 
 from .base import StructuredConfig, register_structured
+from .passes import block_gradients, compute_device, on_device
 from .width import BlockStats, WidthMethod, _budget_params, attention_units, mlp_units, select_uniform
 
 KEEP_FIRST, KEEP_LAST = 4, 2  # the paper prunes blocks 4 .. L-3 (LLaMA-7B: 4-29 of 32)
 
 
-def _loss(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-    batch = batch.to(model_device(model))
-    return model(input_ids=batch, labels=batch, use_cache=False).loss, batch.numel() - batch.shape[0]
-
-
 def taylor_saliences(
-    model: nn.Module, linears: list[nn.Module], input_ids: torch.Tensor, batch_size: int, importance: str
+    model: nn.Module,
+    linears: list[nn.Module],
+    input_ids: torch.Tensor,
+    batch_size: int,
+    importance: str,
+    device: torch.device | None = None,
 ) -> dict[nn.Module, torch.Tensor]:
-    """Per linear, the salience [out, in] (float64) of each weight: w g (element1, vector) or
-    w g - 1/2 w^2 F (element2); g the gradient of the mean loss over every predicted token of
-    ``input_ids`` [n, L]. Every ``requires_grad`` flag and ``.grad`` is restored afterwards."""
+    """Per linear (each inside a decoder block), the salience [out, in] (float64, on the host) of
+    each weight: w g (element1, vector) or w g - 1/2 w^2 F (element2); g the gradient of the mean
+    loss over every predicted token of ``input_ids`` [n, L], from ``block_gradients`` (one block on
+    ``device`` at a time). Every ``requires_grad`` flag and ``.grad`` is restored afterwards."""
+    device = device if device is not None else model_device(model)
+    anatomy = describe(model)
+    owner = {id(m): b.index for b in anatomy for m in b.module.modules()}
+    per_block: dict[int, list[nn.Module]] = {}
+    for m in linears:
+        per_block.setdefault(owner[id(m)], []).append(m)
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
-    weights = {linear: linear.weight for linear in linears}
-    watched = {id(w) for w in weights.values()}
-    total = input_ids.numel() - input_ids.shape[0]
-    fisher = {m: torch.zeros(w.shape, dtype=torch.float64, device=w.device) for m, w in weights.items()}
-    grad = {m: torch.zeros_like(f) for m, f in fisher.items()}
+    watched = {id(m.weight) for m in linears}
+    shapes = {m: tuple(m.weight.shape) for m in linears}
+    grad = {m: torch.zeros(shapes[m], dtype=torch.float64) for m in linears}
+    fisher = (
+        {m: torch.zeros(shapes[m], dtype=torch.float64) for m in linears} if importance == "element2" else {}
+    )
+    share = (input_ids.numel() - input_ids.shape[0]) / (input_ids.shape[1] - 1)  # sequences' share
+
+    def consume(index: int, block: nn.Module) -> None:
+        for m in per_block.get(index, ()):
+            g = m.weight.grad.detach().double().cpu()
+            grad[m] += g
+            if fisher:  # one sequence per batch: its own mean loss's gradient is g * n
+                fisher[m] += (g * share) ** 2 / len(input_ids)
+
     step = 1 if importance == "element2" else batch_size
     try:
         for p in params:
             p.requires_grad_(id(p) in watched)
             p.grad = None
-        with torch.enable_grad():
-            for batch in input_ids.split(step):
-                loss, tokens = _loss(model, batch)
-                (loss * (tokens / total)).backward()
-                for m, w in weights.items():
-                    g = w.grad.double()
-                    grad[m] += g
-                    if importance == "element2":  # this sequence's gradient of its own mean loss
-                        fisher[m] += (g * (total / tokens)) ** 2 / len(input_ids)
-                    w.grad = None
+        block_gradients(model, input_ids, step, device, consume)
     finally:
         for p, flag in zip(params, was, strict=True):
             p.grad = None
             p.requires_grad_(flag)
     out = {}
-    for m in weights:
-        w = linear_weight(m).detach().double()
-        g, f = (grad[m].T, fisher[m].T) if is_conv1d(m) else (grad[m], fisher[m])  # Conv1D: [in, out]
-        out[m] = w * g - 0.5 * w * w * f if importance == "element2" else w * g
+    for index, ms in per_block.items():
+        with on_device(anatomy[index].module, device):
+            for m in ms:
+                w = linear_weight(m).detach().double().cpu()
+                g = grad.pop(m)
+                g = g.T if is_conv1d(m) else g  # Conv1D: [in, out]
+                if fisher:
+                    f = fisher.pop(m)
+                    out[m] = w * g - 0.5 * w * w * (f.T if is_conv1d(m) else f)
+                else:
+                    out[m] = w * g
     return out
 
 
@@ -154,7 +171,8 @@ class LLMPruner(WidthMethod):
             if b.index in pruned_range(len(anatomy)) and b.attention is not None and b.mlp is not None
         }
         linears = [anatomy[i].linear(n) for i, ns in names.items() for n in ns]
-        sal = taylor_saliences(model, linears, input_ids, config.batch_size, config.importance)
+        device = compute_device(model, config.device)
+        sal = taylor_saliences(model, linears, input_ids, config.batch_size, config.importance, device)
         self.saliences = {i: {n: sal[anatomy[i].linear(n)] for n in ns} for i, ns in names.items()}
 
     def _select(self, anatomy: ModelAnatomy, stats: list[BlockStats], config: StructuredConfig):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -10,7 +10,7 @@ from torch import nn
 
 from sparsekit.models import describe, model_device
 
-from ..capture import Chunk, capture_block_inputs
+from ..capture import Chunk, block_output_structure, capture_block_inputs, model_tail
 from ..offload import materialized
 
 
@@ -65,3 +65,57 @@ class BlockStates:
             with on_device(self.blocks[i], self.device):
                 hidden = forward(self.blocks[i], self.chunks, i, hidden)
         return hidden
+
+
+def block_gradients(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    consume: Callable[[int, nn.Module], None],
+) -> None:
+    """Gradients of the mean next-token loss over every predicted token of ``input_ids`` [n, L]
+    for the parameters of every decoder block that require grad, one block on ``device`` at a time
+    (offloaded weights brought in as in the forward passes), so a model larger than the device
+    still gets them.
+
+    Per batch of ``batch_size`` sequences: a forward through the blocks keeps each block's input
+    (on the host when the device is an accelerator), the model's own tail gives the loss (scaled
+    by the batch's share of the tokens) and its gradient at the last block's output, then each
+    block, last to first, is recomputed with grad from its input and back-propagated.
+    ``consume(index, block)`` runs while the block is still on the device, its parameters' ``.grad``
+    holding this batch's contribution; it must read and clear them (they are cleared after it)."""
+    blocks = describe(model).blocks
+    wanted = [i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())]
+    if not wanted:
+        return
+    first = wanted[0]  # blocks before it need no backward
+    total = input_ids.numel() - input_ids.shape[0]
+    park = torch.device("cpu") if device.type != "cpu" else device
+    for batch in input_ids.split(batch_size):
+        chunk = capture_block_inputs(model, blocks, batch, len(batch), device)[0]
+        template = None
+        inputs, hidden = [], chunk.hidden
+        for i, block in enumerate(blocks):
+            inputs.append(hidden.to(park))
+            with on_device(block, device):
+                if template is None:
+                    template = block_output_structure(block, chunk, i)
+                hidden = forward(block, [chunk], i, [hidden])[0]
+        final = hidden.detach().requires_grad_(True)
+        with torch.enable_grad(), model_tail(model, blocks, device, template) as tail:
+            loss = tail(batch, final) * ((batch.numel() - batch.shape[0]) / total)
+            (grad,) = torch.autograd.grad(loss, final)  # the tail's own weights get no gradient
+        del final, loss
+        for i in reversed(range(first, len(blocks))):
+            block = blocks[i]
+            with on_device(block, device):
+                x = inputs.pop().to(device).detach().requires_grad_(i > first)
+                with torch.enable_grad():
+                    out = chunk.run(block, i, x)
+                out.backward(grad.to(out.device))
+                consume(i, block)
+                for p in block.parameters():
+                    p.grad = None
+            grad = x.grad if i > first else None
+            del x, out
