@@ -3,6 +3,10 @@ TTFT / TPOT of every variant, with all generations interleaved in rounds (one ru
 
     python bench/structured_table.py --out reports/structured          # about 35 min on 2 cores
     python bench/structured_table.py --variants dense,flap-20,angular-6 --out /tmp/s   # a subset
+    # issue 25's table (every method at 20% and 35%, zero-shot accuracy, the best three of each size
+    # distilled 200 steps): many hours on 2 cores
+    python bench/structured_table.py --preset round2 --items 200 --distill-steps 200 --distill-best 3 \
+        --out reports/structured_round2
 
 Variants: dense; shortgpt-N / angular-N / shortened-ppl-N / shortened-taylor-N (N of 30 blocks;
 -r: with the linear repair);
@@ -42,6 +46,34 @@ DEFAULT_VARIANTS = (
     "angular-3,angular-3-r,angular-6,angular-6-r,angular-9,angular-9-r,"
     "wanda-sp-20,wanda-sp-50,flap-20,flap-50,flap-20-adaptive,flap-50-adaptive,sparsegpt-2:4,flap-20+2:4"
 )
+
+# issue 25's table: every method at 20% and 35% of block parameters (depth: 6 and 10 of 30 blocks)
+ROUND2 = ",".join(
+    ["dense"]
+    + [
+        v
+        for blocks, p in ((6, 20), (10, 35))
+        for v in (
+            f"shortgpt-{blocks}",
+            f"shortgpt-{blocks}-r",
+            f"angular-{blocks}-r",
+            f"shortened-ppl-{blocks}-r",
+            f"shortened-taylor-{blocks}-r",
+            f"wanda-sp-{p}",
+            f"wanda-sp-{p}-refit",
+            f"flap-{p}",
+            f"flap-{p}-adaptive",
+            f"flap-{p}-adaptive-refit",
+            f"llm-pruner-{p}",
+            f"llm-pruner-{p}-refit",
+            f"minitron-{p}",
+            f"minitron-{p}-all",
+            f"blockpruner-{p}-lazy",
+            f"2ssp-{p}",
+        )  # fmt: skip
+    ]
+)
+PRESETS = {"round1": DEFAULT_VARIANTS, "round2": ROUND2}
 
 
 def steps_of(variant: str) -> list[tuple[str, str, dict]]:
@@ -86,6 +118,19 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
             kw = {"widths": "adaptive" if "adaptive" in flags else "uniform", "refit": "refit" in flags}
             return [(method, str(int(percent) / 100), kw)]
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def distil_choice(rows: list[dict], best: int, named: str) -> list[dict]:
+    """The rows to distil: those named, and the ``best`` lowest-ppl variants of each size (the share
+    of block parameters removed, to the nearest 5%)."""
+    chosen = [r for r in rows if r["variant"] in named.split(",") and r["variant"] != "dense"]
+    sizes: dict[int, list[dict]] = {}
+    for r in rows:
+        if r["variant"] != "dense" and r["removed"] > 0:
+            sizes.setdefault(round(r["removed"] * 20), []).append(r)
+    for group in sizes.values():
+        chosen += sorted(group, key=lambda r: r["ppl"])[:best]
+    return list({id(r): r for r in chosen}.values())
 
 
 def distil(model, teacher, train_ids, eval_ids, args, tasks, tokenizer, manager) -> dict:
@@ -157,7 +202,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
+    parser.add_argument("--variants", default=None, help="comma-separated (default: the round1 preset)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="a named list of variants")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192)
@@ -175,14 +221,26 @@ def main() -> None:
         "--distill-steps",
         type=int,
         default=0,
-        help="then distil each of --distill-variants from the dense model for this many steps (0: skip)",
+        help="then distil --distill-variants and the --distill-best of each size from the dense model "
+        "for this many steps (0: skip)",
     )
-    parser.add_argument("--distill-variants", default="", help="comma-separated (default: every variant)")
+    parser.add_argument("--distill-variants", default="", help="comma-separated variants to distil")
+    parser.add_argument(
+        "--distill-best",
+        type=int,
+        default=0,
+        help="distil the N lowest-ppl variants of each size (nearest 5%%)",
+    )
     parser.add_argument("--distill-lr", type=float, default=1e-4)
     parser.add_argument("--distill-batch", type=int, default=2)
     parser.add_argument("--distill-seqlen", type=int, default=256)
     parser.add_argument("--out", default="reports/structured")
     args = parser.parse_args()
+    if args.variants and args.preset:
+        parser.error("give --variants or --preset, not both")
+    args.variants = args.variants or PRESETS[args.preset or "round1"]
+    for variant in args.variants.split(","):  # a typo fails here, not after an hour of pruning
+        steps_of(variant)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(torch.get_num_threads())
 
@@ -211,14 +269,11 @@ def main() -> None:
             task: zero_shot(model, [task], tokenizer, limit=args.items, manager=manager).scores[task].main[1]
             for task in tasks
         }
-        distilled = {}
-        wanted = args.distill_variants.split(",") if args.distill_variants else None
-        if args.distill_steps and variant != "dense" and (wanted is None or variant in wanted):
-            distilled = distil(model, dense, train_ids, eval_ids, args, tasks, tokenizer, manager)
+        structured = [r for r in reports if hasattr(r, "removed_fraction")]
         rows.append(
             {
                 "variant": variant,
-                "distilled": distilled,
+                "removed": structured[0].removed_fraction if structured else 0.0,
                 "ppl": ppl,
                 "params": param_count(model),
                 "bytes": model_bytes(model),
@@ -243,10 +298,17 @@ def main() -> None:
         write_json_atomic(
             Path(args.out) / "structured.partial.json", {"rows": rows}
         )  # a stopped run keeps these
-        if args.rounds > 0:  # kept resident only for the interleaved timing
+        distilling = args.distill_steps and (args.distill_best or variant in args.distill_variants.split(","))
+        if args.rounds > 0 or distilling:  # kept resident for the interleaved timing / distillation
             models[variant] = model
     if args.rounds > 0:
         add_timing(rows, time_generation_interleaved(models, prompts, args.new_tokens, rounds=args.rounds))
+    if args.distill_steps:
+        for row in distil_choice(rows, args.distill_best, args.distill_variants):
+            row["distilled"] = distil(
+                models[row["variant"]], dense, train_ids, eval_ids, args, tasks, tokenizer, manager
+            )
+            write_json_atomic(Path(args.out) / "structured.partial.json", {"rows": rows})
     env = environment()
     setup = (
         f"model {args.model}; calibration wiki-offline {args.nsamples} x {args.seqlen} tokens (seed 0); "

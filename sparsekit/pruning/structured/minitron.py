@@ -314,8 +314,10 @@ def _rescale_embedding(model, anatomy, hmap: HiddenMap, new_size: int) -> float:
     return old / new
 
 
-def cut_hidden(model: nn.Module, hmap: HiddenMap, kept: torch.Tensor, stats: Stats, report) -> None:
-    """The hidden cut with its norm and embedding gains folded into weights."""
+def cut_hidden(
+    model: nn.Module, hmap: HiddenMap, kept: torch.Tensor, stats: Stats, report, norm_gains: bool = True
+) -> None:
+    """The hidden cut with its norm (``norm_gains``) and embedding gains folded into weights."""
     anatomy = describe(model)
     probes = {n: _mean_subtracting(model.get_submodule(n), hmap.size) for n in stats.norms}
     keep_hidden(model, hmap, kept)
@@ -323,7 +325,7 @@ def cut_hidden(model: nn.Module, hmap: HiddenMap, kept: torch.Tensor, stats: Sta
     emb_factor = _rescale_embedding(model, anatomy, hmap, new)
     skipped = []
     for name, moments in stats.norms.items():
-        factor = norm_gain(moments, kept, hmap.size, probes[name])  # undo the shrink
+        factor = norm_gain(moments, kept, hmap.size, probes[name]) if norm_gains else 1.0  # undo the shrink
         if name in hmap.final_norms and anatomy.tied:
             factor /= emb_factor  # the tied lm_head carries the embedding's factor
         if not scale_norm(model.get_submodule(name), factor, new):
@@ -359,6 +361,7 @@ class Minitron(StructuredMethod):
     """Activation-ranked hidden size, MLP channels and heads; a plain HF checkpoint."""
 
     name = "minitron"
+    norm_gains = True  # False: the paper's plain cut (an ablation: bench/minitron_norm_gain.py)
 
     def prune(self, model: nn.Module, input_ids, config: StructuredConfig) -> StructuredReport:
         check_calibration(input_ids, self.name)
@@ -401,7 +404,7 @@ class Minitron(StructuredMethod):
                 if chosen.mlp[b.index] is not None:
                     keep_channels(b, chosen.mlp[b.index])
             if cuts_hidden:
-                cut_hidden(model, hmap, chosen.hidden, stats, report)
+                cut_hidden(model, hmap, chosen.hidden, stats, report, self.norm_gains)
                 for key, value in _config_update(model, anatomy, len(chosen.hidden)).items():
                     if getattr(model.config, key, None) != value:
                         setattr(model.config, key, value)
