@@ -88,3 +88,55 @@ def test_ria_and_owl_with_magnitude_and_sparsegpt_run_in_the_engine():
             PruneConfig(method=method, sparsity=0.5, allocation="owl", blocksize=16, show_progress=False),
         )
         assert report.overall_sparsity == pytest.approx(0.5, abs=0.01), method
+
+
+def test_owl_ratios_match_a_hand_computed_example_from_the_papers_definition():
+    """D_l = share of a layer's Wanda scores above M x their mean (all its linears together);
+    D min-max scaled to [0, 2 lambda], shifted to mean 1 - target: the layer's keep ratio."""
+    a = torch.tensor([1.0] * 9 + [11.0])  # mean 2, threshold 4: one outlier of 10 -> D = 0.1
+    b = torch.tensor([1.0] * 8 + [6.0, 6.0])  # mean 2, threshold 4: two of 10 -> D = 0.2
+    c = torch.ones(10)  # mean 1, threshold 2: none -> D = 0
+    ratios = [outlier_ratio([a[:4], a[4:]], 2.0), outlier_ratio([b], 2.0), outlier_ratio([c], 2.0)]
+    assert ratios == pytest.approx([0.1, 0.2, 0.0])
+    # scaled: [0.08, 0.16, 0], mean 0.08; keep = scaled - 0.08 + 0.3 = [0.30, 0.38, 0.22]
+    assert OWL(lam=0.08, m=2.0).block_sparsities(0.7, ratios) == pytest.approx([0.70, 0.62, 0.78])
+
+
+def test_owl_scores_the_dense_model_on_dense_inputs():
+    """The engine's block sparsities equal OWL's formula over ratios recomputed here from the dense
+    model's own forward (hooks on every linear of each block, fp32)."""
+    from sparsekit.bench.coverage import tiny_model as tiny
+
+    model = tiny("llama", layers=4)
+    ids = _calib()
+    sq: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+
+            def hook(m, args, out, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                sq[name] = sq.get(name, 0) + (x * x).sum(0)
+
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    ratios = []
+    for index in range(4):
+        scores = [
+            model.get_submodule(n).weight.detach().abs().double() * sq[n].sqrt()
+            for n in sq
+            if n.startswith(f"model.layers.{index}.")
+        ]
+        ratios.append(outlier_ratio(scores, 3.0))
+    assert len(set(ratios)) == 4, ratios  # distinct, so the scaling is not just the two ends
+    report = prune_model(
+        model,
+        ids,
+        PruneConfig(
+            method="wanda", sparsity=0.6, allocation=OWL(m=3.0), forward_dtype="model", show_progress=False
+        ),
+    )
+    assert report.block_sparsities == pytest.approx(OWL(m=3.0).block_sparsities(0.6, ratios), abs=1e-6)
