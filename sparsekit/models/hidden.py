@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .anatomy import ModelAnatomy, describe
-from .modules import UnsupportedArchitecture, is_conv1d, is_linear_like
+from .families import ROLE_NAMES
+from .modules import UnsupportedArchitecture, in_out_features, is_conv1d, is_linear_like
 
 READS, WRITES = "reads", "writes"  # a linear's input columns / output rows are hidden channels
 
@@ -91,6 +92,21 @@ def embedding_gain(embedding: nn.Module) -> float:
     return 1.0 if denom == 0 else round(float((out * rows).sum() / denom), 6)
 
 
+def linear_role(name: str, module: nn.Module, size: int) -> str | None:
+    """Whether a linear outside the attention and MLP (a mixer's, a per-layer input gate's) reads
+    or writes the residual stream: by its shape where one side only is the hidden size, by its
+    name (an output projection: ``ROLE_NAMES["o"]``) where both are; None where neither tells."""
+    in_f, out_f = in_out_features(module)
+    if in_f == size and out_f != size:
+        return READS
+    if out_f == size and in_f != size:
+        return WRITES
+    if in_f == out_f == size:
+        leaf = name.rpartition(".")[2]
+        return WRITES if leaf in ROLE_NAMES["o"] else READS if leaf.startswith("in_proj") else None
+    return None
+
+
 def _block_parts(anatomy: ModelAnatomy, out: HiddenMap) -> set[str]:
     """Fill reads / writes / norms from the blocks; the qualified names of what was placed."""
     placed: set[str] = set()
@@ -100,9 +116,9 @@ def _block_parts(anatomy: ModelAnatomy, out: HiddenMap) -> set[str]:
             out.problems.append(
                 f"{prefix}: routed experts ({b.experts.moe}) are not cut along the hidden size"
             )
-        if b.mixer is not None:
-            out.problems.append(f"{prefix}.{b.mixer}: a token mixer that is not attention")
         roles: dict[str, str] = {}
+        if b.mixer is not None:  # its inside (a convolution over its own channels) is not the stream
+            placed.add(f"{prefix}.{b.mixer}")
         if b.attention is not None:
             roles |= {n: READS for n in b.attention.producers} | {b.attention.o: WRITES}
             placed |= {f"{prefix}.{n.path}" for n in b.attention.norms}
@@ -110,15 +126,21 @@ def _block_parts(anatomy: ModelAnatomy, out: HiddenMap) -> set[str]:
                 placed.add(f"{prefix}.{b.attention.path}")
         if b.mlp is not None:
             roles |= {n: READS for n in b.mlp.producers} | {b.mlp.down: WRITES}
-        for name in b.linears:
+        for name, module in b.linears.items():
             if name not in roles:
-                out.problems.append(f"{prefix}.{name}: a linear that is neither attention nor MLP")
+                role = linear_role(name, module, out.size)
+                if role is None:
+                    out.problems.append(
+                        f"{prefix}.{name}: a linear beside attention and MLP whose hidden side is unclear"
+                    )
+                else:
+                    roles[name] = role
         for name, role in roles.items():
             (out.reads if role == READS else out.writes).append(f"{prefix}.{name}")
             placed.add(f"{prefix}.{name}")
         for name, module in b.module.named_modules():
             full = f"{prefix}.{name}" if name else prefix
-            if full not in placed and is_hidden_norm(module, out.size):
+            if not _inside(full, placed) and is_hidden_norm(module, out.size):
                 out.norms.append(full)
                 placed.add(full)
     return placed

@@ -405,8 +405,9 @@ class Minitron(StructuredMethod):
                     keep_channels(b, chosen.mlp[b.index])
             if cuts_hidden:
                 cut_hidden(model, hmap, chosen.hidden, stats, report, self.norm_gains)
+                stated = model.config.to_dict()  # (Gemma-4's per-layer keys raise on getattr)
                 for key, value in _config_update(model, anatomy, len(chosen.hidden)).items():
-                    if getattr(model.config, key, None) != value:
+                    if stated.get(key) != value:
                         setattr(model.config, key, value)
             report.timings_s["select+cut"] = time.perf_counter() - started
         anatomy = describe(model, refresh=True)
@@ -437,8 +438,9 @@ class Minitron(StructuredMethod):
         new_hidden = len(chosen.hidden)
         trial = copy.deepcopy(model.config)
         try:
+            stated = trial.to_dict()
             for key, value in _config_update(meta, anatomy, new_hidden).items():
-                if getattr(trial, key, None) != value:
+                if stated.get(key) != value:
                     setattr(trial, key, value)
             expressed = _expresses(meta, trial)
         except (AttributeError, TypeError, ValueError):  # a derived, read-only config value
