@@ -171,7 +171,7 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
         "(--then-method wanda|sparsegpt|ria, or prune again)",
     )
     depth = isinstance(obj, DepthMethod)
-    width = isinstance(obj, WidthMethod | Minitron)  # minitron refuses refit / adaptive itself
+    width = isinstance(obj, WidthMethod | Minitron)  # minitron's refusals are below
     expert = isinstance(obj, REAP | EAN | Frequency | RandomExperts)
     if not expert:
         _refuse_unused(
@@ -216,6 +216,9 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
             [k for k in ("refit", "bias_compensation") if k in asked],
             "minitron keeps uniform widths with no refit or bias; distil after it (finetune --distill)",
         )
+        axes = str(asked.get("axes", StructuredConfig.axes))
+        if "heads" in asked and "heads" not in axes.split(","):
+            _refuse_unused(name, ["heads"], f"axes {axes!r} cuts no heads (add heads to --axes)")
     if asked.get("widths") == "adaptive" and not (isinstance(obj, FLAP) or expert):
         raise ValueError(
             f"widths='adaptive' (--widths adaptive) is flap's global ranking (and the expert methods' "

@@ -45,6 +45,10 @@ _PRUNE = [
     (["--method", "flap", "--sparsity", "0.2", "--axes", "mlp"], "axes (--axes) does nothing with flap"),
     (["--method", "minitron", "--sparsity", "0.2", "--axes", "hidden,depth"], "subset of hidden, mlp, heads"),
     (["--method", "minitron", "--sparsity", "0.2", "--refit"], "minitron keeps uniform widths with no refit"),
+    (
+        ["--method", "minitron", "--sparsity", "0.2", "--heads", "query"],
+        "cuts no heads (add heads to --axes)",
+    ),
     (["--method", "magnitude", "--calib", "c4"], "calib (--calib) does nothing with magnitude"),
     (["--method", "magnitude", "--nsamples", "16"], "nsamples (--nsamples) does nothing with magnitude"),
     (["--method", "magnitude", "--forward-dtype", "fp32"], "forward_dtype (--forward-dtype) does nothing"),

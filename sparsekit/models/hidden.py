@@ -3,9 +3,10 @@
 A model's hidden size is the width of its residual stream. The embedding writes it, every block's
 norms read it (and scale it per channel), the attention and MLP input projections read it, their
 output projections write it, and the final norm and the lm_head read it. ``hidden_map(model)``
-lists all of these from the model anatomy, and lists as ``problems`` anything else in the model
-with a dimension of the hidden size that it cannot place (a linear-attention mixer, routed
-experts, Gemma-3n's AltUp), so a cut never leaves a tensor of the old width behind.
+lists all of these from the model anatomy (a hybrid's mixer linears too: ``linear_role``), and
+lists as ``problems`` anything else in the model with a dimension of the hidden size that it
+cannot place (routed experts, Gemma-4's model-level per-layer projection), so a cut never leaves
+a tensor of the old width behind.
 
 Norms are found by shape: a module (not a linear, not a q/k norm) whose own parameters are all
 vectors of the hidden size. The q/k norms and attention sinks span heads, not the hidden size.

@@ -555,9 +555,11 @@ def block_taylor_scores(
 
     def consume(index: int, block: nn.Module) -> None:
         for k, p in enumerate(block.parameters()):
-            if p.grad is not None:
-                g = p.grad.detach().float().cpu()
-                sums[index][k] = g if sums[index][k] is None else sums[index][k] + g
+            if p.grad is None:
+                continue
+            if sums[index][k] is None:
+                sums[index][k] = torch.zeros(p.shape, dtype=torch.float32)
+            sums[index][k].add_(p.grad.detach().to("cpu", torch.float32))  # in place: no copy per batch
 
     try:
         for p in params:

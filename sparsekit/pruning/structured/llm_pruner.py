@@ -66,10 +66,10 @@ def taylor_saliences(
 
     def consume(index: int, block: nn.Module) -> None:
         for m in per_block.get(index, ()):
-            g = m.weight.grad.detach().double().cpu()
-            grad[m] += g
+            g = m.weight.grad.detach().cpu()
+            grad[m].add_(g)  # float64 accumulator: no float64 copy of g
             if fisher:  # one sequence per batch: its own mean loss's gradient is g * n
-                fisher[m] += (g * share) ** 2 / len(input_ids)
+                fisher[m].add_((g.double() * share) ** 2 / len(input_ids))
 
     step = 1 if importance == "element2" else batch_size
     try:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sparsekit.models import (
     BlockAnatomy,
@@ -60,7 +59,7 @@ from .base import (
     register_structured,
 )
 from .layout import block_widths, keep_channels, keep_heads, keep_hidden
-from .passes import capture, compute_device, forward, on_device
+from .passes import capture, compute_device, hooked_pass
 from .width import _expresses, _kept_heads, _uniform, attention_units, build_on_meta, set_config_widths
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class Importance:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach()
         x = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
-        part = x.abs().double().mean(1).pow(2).sum(0)
+        part = x.abs().float().mean(1).double().pow(2).sum(0)  # float64 on [b, n], not on [b, L, n]
         self.value = part if self.value is None else self.value + part.to(self.value.device)
 
 
@@ -134,16 +133,11 @@ def collect(
 ) -> Stats:
     """One dense pass through the blocks; the final norms' inputs are the last block's outputs."""
     stats = Stats()
-    for block in tqdm(list(anatomy), desc="minitron statistics", disable=not progress):
-        handles = _hooks(model, block, anatomy.block_name(block.index), hmap, stats)
-        try:
-            with on_device(block.module, device):
-                outs = forward(block.module, chunks, block.index)
-        finally:
-            for h in handles:
-                h.remove()
-        for c, o in zip(chunks, outs, strict=True):
-            c.hidden = o
+
+    def hook_block(block: BlockAnatomy) -> list:
+        return _hooks(model, block, anatomy.block_name(block.index), hmap, stats)
+
+    hooked_pass(anatomy, chunks, device, hook_block, "minitron statistics", progress)
     for name in hmap.final_norms:
         moments = stats.norms.setdefault(name, Moments())
         for c in chunks:
@@ -373,6 +367,10 @@ class Minitron(StructuredMethod):
             )
         if config.bias_compensation:
             raise ValueError("minitron has no bias compensation (FLAP's); leave bias_compensation unset")
+        if config.heads != "group" and "heads" not in axes:
+            raise ValueError(
+                f"heads={config.heads!r} chooses how heads go, and axes={config.axes!r} cuts none"
+            )
         anatomy = describe(model)
         anatomy.require_width(self.name)
         anatomy.require_dense(self.name)

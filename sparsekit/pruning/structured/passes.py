@@ -7,8 +7,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from sparsekit.models import describe, model_device
+from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, model_device
 
 from ..capture import Chunk, block_output_structure, capture_block_inputs, model_tail
 from ..offload import materialized
@@ -41,6 +42,29 @@ def forward(
     """Outputs of decoder block ``index`` on each chunk (the chunk's hidden states, or ``hidden``)."""
     with torch.no_grad():
         return [c.run(block, index, None if hidden is None else hidden[i]) for i, c in enumerate(chunks)]
+
+
+def hooked_pass(
+    anatomy: ModelAnatomy,
+    chunks: list[Chunk],
+    device: torch.device,
+    hook_block: Callable[[BlockAnatomy], list],
+    desc: str,
+    show_progress: bool,
+) -> None:
+    """One pass of the blocks in order over ``chunks`` (each chunk's hidden states advanced to the
+    last block's output), with the hooks ``hook_block(block)`` registers (it returns their handles)
+    in place for that block's forward only."""
+    for block in tqdm(list(anatomy), desc=desc, disable=not show_progress):
+        handles = hook_block(block)
+        try:
+            with on_device(block.module, device):
+                outs = forward(block.module, chunks, block.index)
+        finally:
+            for h in handles:
+                h.remove()
+        for c, o in zip(chunks, outs, strict=True):
+            c.hidden = o
 
 
 class BlockStates:
@@ -79,12 +103,13 @@ def block_gradients(
     (offloaded weights brought in as in the forward passes), so a model larger than the device
     still gets them.
 
-    Per batch of ``batch_size`` sequences: a forward through the blocks keeps each block's input
-    (on the host when the device is an accelerator), the model's own tail gives the loss (scaled
-    by the batch's share of the tokens) and its gradient at the last block's output, then each
-    block, last to first, is recomputed with grad from its input and back-propagated.
-    ``consume(index, block)`` runs while the block is still on the device, its parameters' ``.grad``
-    holding this batch's contribution; it must read and clear them (they are cleared after it)."""
+    Block 0's inputs are captured once for every batch of ``batch_size`` sequences. Per batch: a
+    forward through the blocks keeps each block's input (on the host when the device is an
+    accelerator), the model's own tail gives the loss (scaled by the batch's share of the tokens)
+    and its gradient at the last block's output, then each block, last to first, is recomputed
+    with grad from its input and back-propagated. ``consume(index, block)`` runs while the block
+    is still on the device, its parameters' ``.grad`` holding this batch's contribution, and reads
+    them; they are cleared after it."""
     blocks = describe(model).blocks
     wanted = [i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())]
     if not wanted:
@@ -92,15 +117,14 @@ def block_gradients(
     first = wanted[0]  # blocks before it need no backward
     total = input_ids.numel() - input_ids.shape[0]
     park = torch.device("cpu") if device.type != "cpu" else device
-    for batch in input_ids.split(batch_size):
-        chunk = capture_block_inputs(model, blocks, batch, len(batch), device)[0]
-        template = None
+    chunks = capture_block_inputs(model, blocks, input_ids, batch_size, device)
+    with on_device(blocks[0], device):
+        template = block_output_structure(blocks[0], chunks[0], 0)
+    for batch, chunk in zip(input_ids.split(batch_size), chunks, strict=True):
         inputs, hidden = [], chunk.hidden
         for i, block in enumerate(blocks):
             inputs.append(hidden.to(park))
             with on_device(block, device):
-                if template is None:
-                    template = block_output_structure(block, chunk, i)
                 hidden = forward(block, [chunk], i, [hidden])[0]
         final = hidden.detach().requires_grad_(True)
         with torch.enable_grad(), model_tail(model, blocks, device, template) as tail:

@@ -57,7 +57,7 @@ from .base import (
     register_structured,
 )
 from .layout import block_widths, keep_channels, skip_subblock, subblock_skipped
-from .passes import BlockStates, capture, compute_device, forward, on_device
+from .passes import BlockStates, capture, compute_device, hooked_pass, on_device
 from .width import set_config_widths
 
 log = logging.getLogger(__name__)
@@ -309,22 +309,20 @@ def mlp_channel_norms(
 ) -> list[torch.Tensor]:
     """Per block, each MLP channel's L2 norm over the tokens of a sequence, averaged over the
     calibration sequences (the input of the MLP's output projection, the dense model's pass) [K]."""
-    norms, length = [], chunks[0].hidden.shape[1]
-    for block in tqdm(anatomy, desc="2ssp: MLP channel norms", disable=not show_progress):
-        total: list[torch.Tensor] = []
+    totals: list[list[torch.Tensor]] = []
+    length = chunks[0].hidden.shape[1]
 
-        def hook(_m, inputs, total=total):  # [b, L, K], or [b * L, K] (OPT)
+    def hook_block(block: BlockAnatomy) -> list:
+        total: list[torch.Tensor] = []
+        totals.append(total)
+
+        def hook(_m, inputs):  # [b, L, K], or [b * L, K] (OPT)
             x = inputs[0].detach().double()
             total.append(x.reshape(-1, length, x.shape[-1]).norm(dim=1).sum(0))
 
-        handle = block.linear(block.mlp.down).register_forward_pre_hook(hook)
-        try:
-            with on_device(block.module, device):
-                outs = forward(block.module, chunks, block.index)
-        finally:
-            handle.remove()
-        for chunk, out in zip(chunks, outs, strict=True):
-            chunk.hidden = out
-        count = sum(c.hidden.shape[0] for c in chunks)
-        norms.append(torch.stack(total).sum(0) / count)
+        return [block.linear(block.mlp.down).register_forward_pre_hook(hook)]
+
+    hooked_pass(anatomy, chunks, device, hook_block, "2ssp: MLP channel norms", show_progress)
+    count = sum(c.hidden.shape[0] for c in chunks)
+    norms = [torch.stack(total).sum(0) / count for total in totals]
     return norms

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, in_out_features, linear_weight
 from sparsekit.models.families import CONFIG_MLP_WIDTH_KEYS, family
@@ -52,7 +51,7 @@ from .layout import (
     keep_channels,
     keep_heads,
 )
-from .passes import capture, compute_device, forward, on_device
+from .passes import capture, compute_device, hooked_pass
 from .refit import refit_pass
 
 log = logging.getLogger(__name__)
@@ -95,22 +94,18 @@ def collect_stats(anatomy: ModelAnatomy, chunks, device, show_progress: bool) ->
     """One dense pass through every block, recording the inputs of the attention and MLP output
     projections (blocks without a cuttable attention or MLP record nothing for it)."""
     stats = []
-    for block in tqdm(list(anatomy), desc="channel statistics", disable=not show_progress):
+
+    def hook_block(block: BlockAnatomy) -> list:
         s = BlockStats(ChannelStats(), ChannelStats())
+        stats.append(s)
         handles = []
         if block.attention is not None:
             handles.append(block.linear(block.attention.o).register_forward_pre_hook(s.attn))
         if block.mlp is not None:
             handles.append(block.linear(block.mlp.down).register_forward_pre_hook(s.mlp))
-        try:
-            with on_device(block.module, device):
-                outs = forward(block.module, chunks, block.index)
-        finally:
-            for h in handles:
-                h.remove()
-        for c, o in zip(chunks, outs, strict=True):
-            c.hidden = o
-        stats.append(s)
+        return handles
+
+    hooked_pass(anatomy, chunks, device, hook_block, "channel statistics", show_progress)
     return stats
 
 
