@@ -28,7 +28,7 @@ from sparsekit._env import environment
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
-from sparsekit.hf.maskllm import learn_masks
+from sparsekit.hf.maskllm import MaskLLMSettings, learn_masks
 from sparsekit.hf.models import load_model
 from sparsekit.hf.trainer import TrainConfig, train
 from sparsekit.nn.sparsify import sparse_candidates
@@ -46,6 +46,10 @@ def base_model(name: str, dense, calib):
         sparsekit.prune(model, method="flap", sparsity=0.2, calib=calib, show_progress=False)
     elif name == "SparseGPT 2:4":
         sparsekit.prune(model, method="sparsegpt", sparsity="2:4", calib=calib, show_progress=False)
+    elif name == "SparseGPT+ADMM 2:4":
+        sparsekit.prune(
+            model, method="sparsegpt", sparsity="2:4", calib=calib, update="admm", show_progress=False
+        )
     elif name == "SparseGPT+permute+ADMM 2:4":
         sparsekit.prune(model, method="sparsegpt", sparsity="2:4", calib=calib, permute=True, update="admm",
                         show_progress=False)  # fmt: skip
@@ -62,6 +66,13 @@ def rows_to_run(args) -> list[tuple[str, str, str]]:
         if base == "SparseGPT 2:4":
             rows.append(("MaskLLM 2:4 (SparseGPT prior)", "dense", "maskllm"))
     rows.append(("SparseGPT+permute+ADMM 2:4", "SparseGPT+permute+ADMM 2:4", "none"))
+    # MaskLLM started from the one-shot SparseGPT+ADMM weights, against fine-tuning that model on the
+    # same calibration sequences, steps and batch
+    admm = "SparseGPT+ADMM 2:4"
+    rows += [(admm, admm, "none"), (f"{admm} + fine-tune on the MaskLLM tokens", admm, "lm-calib"),
+             ("MaskLLM 2:4 (SparseGPT+ADMM start, weights frozen)", "dense", "maskllm-admm"),
+             ("MaskLLM 2:4 (SparseGPT+ADMM start, weights trained)", "dense",
+              "maskllm-admm-train")]  # fmt: skip
     wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
     return [r for r in rows if not wanted or r[0] == "dense" or any(w in r[0] for w in wanted)]
 
@@ -78,7 +89,7 @@ def _write(args, results, env: dict) -> None:
         f"{env['time_utc']}. Training: {args.steps} steps x {args.batch_size} x {args.seqlen} tokens "
         f"({tokens:,} tokens) of {args.nsamples} sequences (MaskLLM: {args.maskllm_steps or args.steps} "
         f"steps x {args.batch_size} of the {args.calib_nsamples} x 512 calibration sequences, "
-        "weights frozen), "
+        "weights frozen unless the row says trained: then at 0.1x the logits' lr), "
         f"cosine lr with {max(1, args.steps // 20)} warm-up steps, fp32; lr {args.lr:g} "
         f"(LoRA {10 * args.lr:g}, MaskLLM {args.maskllm_lr:g}). Perplexity on {args.eval_tokens} held-out "
         f"tokens, windows of 512; {args.items} items per task.\n\n"
@@ -138,9 +149,16 @@ def main() -> int:
             report = train(model, ids, config(args.lr), teacher=dense).to_dict()
         elif job == "lora":
             report = train(model, ids, config(10 * args.lr, lora_rank=args.lora_rank)).to_dict()
-        elif job == "maskllm":
+        elif job == "lm-calib":
+            report = train(model, calib, config(args.lr, args.maskllm_steps or args.steps)).to_dict()
+        elif job.startswith("maskllm"):
             steps = args.maskllm_steps or args.steps
-            report = learn_masks(model, calib, config(args.maskllm_lr, steps), prior="sparsegpt").train
+            admm = "admm" in job
+            settings = MaskLLMSettings(seed=0, update_weights=job.endswith("-train"))
+            report = learn_masks(
+                model, calib, config(args.maskllm_lr, steps), prior="sparsegpt", settings=settings,
+                start="prior" if admm else "dense", prior_update="admm" if admm else "none",
+            ).train  # fmt: skip
         seconds = time.perf_counter() - start
         model.eval()
         ppl = perplexity_of_ids(model, eval_ids, seqlen=512).ppl

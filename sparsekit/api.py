@@ -132,17 +132,24 @@ def prune(
     return report
 
 
-MASKLLM_SETTINGS = ("prior_strength", "weight_reg", "update_weights", "temperature", "scale")
+MASKLLM_SETTINGS = (
+    "prior_strength",
+    "weight_reg",
+    "update_weights",
+    "weight_lr_scale",
+    "temperature",
+    "scale",
+)
 MASKLLM_TRAIN = (
     "steps", "lr", "batch_size", "grad_accum", "schedule", "warmup", "min_lr_ratio",
     "precision", "activation_checkpointing", "save_every", "show_progress", "log_every",
 )  # fmt: skip
-MASKLLM_OPTIONS = ("prior", "state_dir", "resume", *MASKLLM_SETTINGS, *MASKLLM_TRAIN)
+MASKLLM_OPTIONS = ("prior", "start", "prior_update", "state_dir", "resume", *MASKLLM_SETTINGS, *MASKLLM_TRAIN)
 
 
 def _prune_maskllm(model, sparsity, calib, tokenizer, nsamples, seqlen, seed, options: dict):
     """``prune(method="maskllm")``: a one-shot prior, then the 2:4 masks learned on ``calib``."""
-    from sparsekit.hf.maskllm import MaskLLMSettings, learn_masks
+    from sparsekit.hf.maskllm import MaskLLMSettings, check_prior, learn_masks
     from sparsekit.hf.trainer import TrainConfig
 
     if str(sparsity) != "2:4":
@@ -156,16 +163,21 @@ def _prune_maskllm(model, sparsity, calib, tokenizer, nsamples, seqlen, seed, op
     settings = MaskLLMSettings(seed=seed, **{k: options[k] for k in MASKLLM_SETTINGS if k in options})
     config.check(1)
     settings.check()
+    prior = options.get("prior", "sparsegpt")
+    start, prior_update = options.get("start", "dense"), options.get("prior_update", "none")
+    check_prior(prior, start, prior_update)
     _decompress_blocks(model)
     ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
     report = learn_masks(
         model,
         ids,
         config,
-        prior=options.get("prior", "sparsegpt"),
+        prior=prior,
         settings=settings,
         state_dir=options.get("state_dir"),
         resume=bool(options.get("resume", False)),
+        start=start,
+        prior_update=prior_update,
     )
     report.calib = label
     return report

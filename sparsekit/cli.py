@@ -151,7 +151,7 @@ def _check_cli_only_prune_flags(args: argparse.Namespace, given: set[str]) -> No
     if not args.then_method:
         _refuse_without(given, ("then_sparsity",), "--then-method", "add --then-method wanda|sparsegpt|ria")
     if args.method != "maskllm":
-        _refuse_without(given, ("steps", "lr", "prior"), "--method maskllm", "they set MaskLLM's training")
+        _refuse_without(given, _MASKLLM_ONLY, "--method maskllm", "they set MaskLLM's training")
     if not args.eval:
         _refuse_without(
             given,
@@ -247,8 +247,9 @@ def _print_report(report, method: str) -> None:
         print("note:", note)
 
 
+_MASKLLM_ONLY = ("steps", "lr", "prior", "start", "prior_update", "update_weights")
 _MASKLLM_FLAGS = {
-    "sparsity", "calib", "nsamples", "seqlen", "seed", "batch_size", "steps", "lr", "prior", "eval",
+    *_MASKLLM_ONLY, "sparsity", "calib", "nsamples", "seqlen", "seed", "batch_size", "eval",
     "eval_dataset", "eval_seqlen", "eval_tokens", "out", "dist_timeout", "verbose",
     "trust_remote_code",
 }  # fmt: skip
@@ -264,10 +265,14 @@ def _check_maskllm_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"{flags} {'does' if len(unused) == 1 else 'do'} nothing with --method maskllm (it learns the "
             "2:4 masks by training on this rank's GPU when there is one, else the CPU; its flags: --steps "
-            "--lr --prior --batch-size --calib --nsamples --seqlen)"
+            "--lr --prior --start --prior-update --update-weights --batch-size --calib --nsamples --seqlen)"
         )
     if args.sparsity != "2:4":
         raise ValueError(f"--method maskllm learns 2:4 masks: give --sparsity 2:4 (got {args.sparsity})")
+    if args.prior == "none" and (args.start == "prior" or args.prior_update not in (None, "none")):
+        raise ValueError(
+            "--prior none has no one-shot weights: --start prior and --prior-update need a prior"
+        )
     check_at_least(1, nsamples=args.nsamples, batch_size=args.batch_size, steps=args.steps)
     check_at_least(2, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen)
     if args.lr is not None and not args.lr > 0:
@@ -284,7 +289,7 @@ def _maskllm(args: argparse.Namespace, main_rank: bool) -> int:
     from sparsekit.api import perplexity, prune
 
     model, tokenizer = load_any(args.model, torch.float32, "cpu", args.trust_remote_code)
-    options = {k: getattr(args, k) for k in ("steps", "lr", "prior") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in _MASKLLM_ONLY if getattr(args, k) is not None}
     report = prune(
         model,
         method="maskllm",
@@ -829,6 +834,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("sparsegpt", "wanda", "magnitude", "none"),
         default=None,
         help="maskllm: the one-shot 2:4 mask the logits start from (default sparsegpt)",
+    )
+    p.add_argument(
+        "--start",
+        choices=("dense", "prior"),
+        default=None,
+        help="maskllm: the weights training starts from: dense (the paper; default), or the one-shot "
+        "prior's updated weights where its mask keeps them",
+    )
+    p.add_argument(
+        "--prior-update",
+        choices=("none", "admm"),
+        default=None,
+        help="maskllm: the one-shot prior's extra weight update (e.g. admm; default none)",
+    )
+    p.add_argument(
+        "--update-weights",
+        action="store_true",
+        default=None,
+        help="maskllm: train the weights with the masks (default: weights frozen)",
     )
     p.add_argument(
         "--sparsity",

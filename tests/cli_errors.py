@@ -45,6 +45,11 @@ _PRUNE = [
     (["--method", "flap", "--sparsity", "0.2", "--axes", "mlp"], "axes (--axes) does nothing with flap"),
     (["--method", "minitron", "--sparsity", "0.2", "--axes", "hidden,depth"], "subset of hidden, mlp, heads"),
     (["--method", "minitron", "--sparsity", "0.2", "--refit"], "minitron keeps uniform widths with no refit"),
+    (["--method", "wanda", "--start", "prior"], "--start does nothing without --method maskllm"),
+    (
+        ["--method", "maskllm", "--sparsity", "2:4", "--prior", "none", "--start", "prior"],
+        "--prior none has no one-shot weights",
+    ),
     (
         ["--method", "minitron", "--sparsity", "0.2", "--heads", "query"],
         "cuts no heads (add heads to --axes)",

@@ -12,7 +12,12 @@ through W * mask. As in the paper's code:
   samples harden towards one pattern per group;
 - a regulariser rewards the kept weights' energy, - weight_reg * (1 - step / steps) * sum ||W * M||^2
   (gradient into the mask only), fading to zero by the last step;
-- the weights stay frozen (``update_weights=True`` trains them too, at the same lr).
+- the weights stay frozen (``update_weights=True`` trains them too, at ``weight_lr_scale`` times
+  the logits' lr).
+- the weights start dense (the paper); ``start="prior"`` starts them from the one-shot result
+  instead: its updated weights (SparseGPT's OBS update, or ``prior_update="admm"``) where its mask
+  keeps them, the dense weights where it prunes, so the prior's hard mask is exactly the one-shot
+  model.
 
 At the end each group takes its most likely pattern, W becomes W * M_hard and the layer is an
 ordinary nn.Linear with exact 2:4 zeros, which the rest of sparsekit compresses and serves. It runs
@@ -50,6 +55,7 @@ class MaskLLMSettings:
     prior_strength: float = 3.0
     weight_reg: float = 1e-5
     update_weights: bool = False
+    weight_lr_scale: float = 0.1  # the weights' lr over the logits' (update_weights only)
     init_std: float = 0.01
     seed: int = 0
 
@@ -58,6 +64,8 @@ class MaskLLMSettings:
             raise ValueError(f"temperature and scale must be > 0, got {self.temperature}, {self.scale}")
         if self.prior_strength < 0 or self.weight_reg < 0:
             raise ValueError("prior_strength and weight_reg must be >= 0")
+        if not self.weight_lr_scale > 0:
+            raise ValueError(f"weight_lr_scale must be > 0, got {self.weight_lr_scale}")
 
 
 @dataclass
@@ -167,6 +175,10 @@ class MaskLLMJob(TrainingJob):
             self.names.append(name)
         log.info("maskllm: learning the 2:4 masks of %d layers", len(self.names))
 
+    def lr_scale(self, name: str) -> float:
+        """The mask logits train at the scheduled lr, the weights (when they train) at a fraction."""
+        return 1.0 if name.rsplit(".", 1)[-1] == "gate" else self.settings.weight_lr_scale
+
     def before_step(self, step: int, steps: int) -> None:
         t = step / steps
         (t0, t1), (s0, s1) = self.settings.temperature, self.settings.scale
@@ -196,23 +208,48 @@ class MaskLLMJob(TrainingJob):
 
 
 PRIORS = ("sparsegpt", "wanda", "magnitude", "none")
+STARTS = ("dense", "prior")
+
+
+def check_prior(prior: str, start: str, prior_update: str) -> None:
+    """Refuse a prior / start / update combination before any work."""
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+    from sparsekit.pruning.compose import weight_update
+
+    weight_update(prior_update)  # a clear error for an unknown update
+    if prior == "none" and (start != "dense" or prior_update != "none"):
+        raise ValueError("prior='none' has no one-shot weights: start='prior' and prior_update need a prior")
 
 
 @torch.no_grad()
-def one_shot_prior(model: nn.Module, ids: torch.Tensor, method: str, show_progress: bool = True):
-    """The 2:4 masks ``method`` picks ({layer name: bool [out, in]}), the dense weights left as
-    they were (SparseGPT's weight update is undone: MaskLLM masks the dense weights)."""
+def one_shot_prior(
+    model: nn.Module,
+    ids: torch.Tensor,
+    method: str,
+    show_progress: bool = True,
+    start: str = "dense",
+    update: str = "none",
+):
+    """The 2:4 masks ``method`` (with weight ``update``, e.g. "admm") picks ({layer name: bool
+    [out, in]}). start="dense" puts the dense weights back everywhere (MaskLLM masks the dense
+    weights); start="prior" keeps the one-shot result's weights where its mask keeps them and puts
+    the dense ones back where it prunes."""
     from sparsekit.nn.sparsify import sparse_candidates
     from sparsekit.pruning import PruneConfig, prune_model
 
+    check_prior(method, start, update)
     if method == "none":
         return None
     layers = sparse_candidates(model)
     dense = {name: m.weight.detach().clone() for name, m in layers.items()}
-    prune_model(model, ids, PruneConfig(method=method, sparsity="2:4", show_progress=show_progress))
+    config = PruneConfig(method=method, sparsity="2:4", update=update, show_progress=show_progress)
+    prune_model(model, ids, config)
     masks = {name: m.weight != 0 for name, m in sparse_candidates(model).items()}
     for name, m in sparse_candidates(model).items():
-        m.weight.copy_(dense[name])
+        m.weight.copy_(dense[name] if start == "dense" else torch.where(masks[name], m.weight, dense[name]))
     return masks
 
 
@@ -240,17 +277,19 @@ def learn_masks(
     evaluate=None,
     state_dir=None,
     resume: bool = False,
+    start: str = "dense",
+    prior_update: str = "none",
 ) -> MaskLLMReport:
     """Learn the 2:4 masks of ``model``'s decoder linears in place (MaskLLM); ``ids`` [n, L] int64
     are the training (and prior calibration) tokens; ``config`` a ``TrainConfig`` (steps, lr,
-    batch...). The model comes back with exact 2:4 zeros in ordinary nn.Linear layers."""
+    batch...); ``start`` and ``prior_update`` as in ``one_shot_prior``. The model comes back with
+    exact 2:4 zeros in ordinary nn.Linear layers."""
     from .trainer import train
 
-    if prior not in PRIORS:
-        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+    check_prior(prior, start, prior_update)
     settings = settings or MaskLLMSettings(seed=config.seed)
     settings.check()
-    priors = one_shot_prior(model, ids, prior, show_progress=config.show_progress)
+    priors = one_shot_prior(model, ids, prior, config.show_progress, start, prior_update)
     job = MaskLLMJob(priors, settings)
     report = train(model, ids, config, evaluate=evaluate, state_dir=state_dir, resume=resume, job=job)
     changed = job.changed_groups / job.groups if priors and job.groups else 0.0

@@ -142,9 +142,13 @@ class TrainingJob:
     ``prepare`` runs before sharding: swap modules, set ``requires_grad`` on what trains.
     ``before_step`` sets per-step state (annealed temperatures) before each micro-batch's forward.
     ``loss_term`` is added to each micro-batch's loss after its forward (or None). ``finish``
-    runs on the plain model after training (e.g. bake the learned masks in)."""
+    runs on the plain model after training (e.g. bake the learned masks in). ``lr_scale`` gives a
+    trained parameter (by name) its multiple of the scheduled lr."""
 
     name = "job"
+
+    def lr_scale(self, name: str) -> float:
+        return 1.0
 
     def prepare(self, model: nn.Module, layers: dict[str, nn.Module]) -> None:
         raise NotImplementedError
@@ -549,11 +553,22 @@ class Trainer:
         loss = teacher.loss(out.logits, batch, rows, config)
         return loss + config.lm_weight * out.loss if config.lm_weight else loss
 
+    def _param_groups(self, named: dict[str, nn.Parameter]) -> list[dict]:
+        """The optimizer's parameter groups: one per lr multiple the job asks for (in first-seen
+        order, the same on every rank)."""
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in named.items():
+            scale = 1.0 if self.job is None else float(self.job.lr_scale(name))
+            if not scale > 0:
+                raise ValueError(f"lr scale of {name} must be > 0, got {scale}")
+            groups.setdefault(scale, []).append(param)
+        return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
+
     def _step(self, net, params: list[nn.Parameter], optimizer, step: int) -> tuple[float, float, float]:
         """One optimizer step: (the task loss, the gradient norm, the job's extra loss term)."""
         lr = lr_at(step, self.config)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         micro = self._micro_batches(step)
         total = torch.zeros(2, dtype=torch.float64)  # the task loss, the job's extra term
         for i, rows in enumerate(micro):
@@ -621,7 +636,9 @@ class Trainer:
         self.targets = self._teacher_targets()
         net, named = self._prepare_student()
         params = list(named.values())
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            self._param_groups(named), lr=config.lr, weight_decay=config.weight_decay
+        )
         checkpoints = (
             _Checkpoints(self.state_dir / "checkpoints", config.keep_checkpoints)
             if (self.state_dir is not None)

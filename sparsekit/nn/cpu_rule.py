@@ -83,9 +83,35 @@ def decisions() -> dict[tuple, bool]:
     return dict(_DECISIONS)
 
 
+def decided(key: tuple) -> bool | None:
+    """The decision measured for ``key``, or None (no copy of the table)."""
+    return _DECISIONS.get(key)
+
+
+def pin(key: tuple, dense_won: bool) -> None:
+    """Record a decision without measuring it (from a table a benchmark wrote, or to force a
+    path): key = (format, isa, dtype str, N, K, M class)."""
+    if len(key) != 6 or key[-1] != m_class(key[-1]):
+        raise ValueError(f"a decision key is (format, isa, dtype, N, K, M class), got {key!r}")
+    _DECISIONS[key] = bool(dense_won)
+    _GENERATION[0] += 1  # layers re-read their memo
+
+
+_GENERATION = [0]
+
+
+def generation() -> int:
+    """Bumped by ``forget``: a layer's memo of its decisions is valid while this is unchanged."""
+    return _GENERATION[0]
+
+
 def forget() -> None:
     """Drop every measured decision (the next forward in each class measures again)."""
     _DECISIONS.clear()
+    _GENERATION[0] += 1
 
 
-__all__ = ["CPU_RULES", "MARGIN", "MIN_M", "check_cpu_rule", "decisions", "dense_wins", "forget", "m_class"]
+__all__ = [
+    "CPU_RULES", "MARGIN", "MIN_M", "check_cpu_rule", "decided", "decisions", "dense_wins", "forget",
+    "generation", "m_class", "pin",
+]  # fmt: skip

@@ -26,8 +26,8 @@ from sparsekit.kernels.cpu_ext import resolve_isa
 from sparsekit.models import is_conv1d, linear_weight, register_linear_like
 
 from .cpu_rule import MIN_M as CPU_RULE_MIN_M
-from .cpu_rule import check_cpu_rule, dense_wins, m_class
-from .cpu_rule import decisions as rule_decisions
+from .cpu_rule import check_cpu_rule, decided, dense_wins, m_class
+from .cpu_rule import generation as rule_generation
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,9 @@ class SparseLinear(nn.Module):
     @cpu_rule.setter
     def cpu_rule(self, value: str) -> None:
         self._cpu_rule = check_cpu_rule(value)
-        if value == "sparse" and "_cache" in self.__dict__:
-            self._cache.pop("dense", None)  # memory first: drop a dense copy the rule kept
+        if value == "sparse" and "_cache" in self.__dict__:  # memory first: drop the rule's dense copy
+            for key in [k for k in self._cache if k == "dense" or (isinstance(k, tuple) and k[0] == "rule")]:
+                del self._cache[key]
 
     def dense_copy_bytes(self) -> int:
         """Bytes of the dense weight copy ``cpu_rule='fastest'`` keeps (0 when none)."""
@@ -279,18 +280,28 @@ class SparseLinear(nn.Module):
 
     def _dense_for(self, rows: int, fn) -> torch.Tensor | None:
         """The dense copy to run ``rows`` rows of x with under ``cpu_rule='fastest'``, or None for
-        the sparse kernel ``fn`` (measured once per format, ISA, dtype, shape and M class)."""
+        the sparse kernel ``fn`` (measured once per format, ISA, dtype, shape and M class; the
+        answer is memoised per rows and ISA on the layer, so a forward pays one dict lookup)."""
+        isa = self.__dict__.get("_cpu_isa") or current_cpu_isa()
+        memo_key = ("rule", min(rows, 1025), isa)  # every rows > 1024 is one M class
+        memo = self._cache.get(memo_key)
+        if memo is not None and memo[0] == rule_generation():
+            return memo[1]
+        dense = self._decide_dense(rows, fn, resolve_isa(isa))
+        self._cache[memo_key] = (rule_generation(), dense)
+        return dense
+
+    def _decide_dense(self, rows: int, fn, isa) -> torch.Tensor | None:
         bucket = m_class(rows)
         if bucket < CPU_RULE_MIN_M:
             return None
-        isa = resolve_isa(self.__dict__.get("_cpu_isa") or current_cpu_isa())
         key = (self.format, isa.value, str(self.dtype), self.out_features, self.in_features, bucket)
-        decided = rule_decisions().get(key)
-        if decided is None:
+        won = decided(key)
+        if won is None:
             candidate = self._cache.get("dense")
             candidate = self.dense_weight().detach().contiguous() if candidate is None else candidate
-            decided = dense_wins(key, lambda x: fn(x, None), candidate, bucket)
-        if not decided:
+            won = dense_wins(key, lambda x: fn(x, None), candidate, bucket)
+        if not won:
             return None
         if "dense" not in self._cache:
             self._cache["dense"] = self.dense_weight().detach().contiguous()
@@ -310,6 +321,8 @@ class SparseLinear(nn.Module):
             if fn is not None and x.dtype == dtype and x.device.type == "cpu" and not x.requires_grad:
                 if self.__dict__.get("_cpu_rule") == "fastest":
                     dense = self._dense_for(x.numel() // self.in_features, fn)
+                    if dense is not None and x.dim() == 2:
+                        return torch.nn.functional.linear(x, dense, self.bias)
                     if dense is not None:  # 2-D, as the rule measured it (3-D takes a slower CPU path)
                         y = torch.nn.functional.linear(x.reshape(-1, self.in_features), dense, self.bias)
                         return y.reshape(*x.shape[:-1], self.out_features)

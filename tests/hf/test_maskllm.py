@@ -80,6 +80,56 @@ def test_prior_masks_leave_the_dense_weights_untouched():
     assert all(_is_2_4(m.float()) and m.float().mean() == 0.5 for m in masks.values())
 
 
+@pytest.mark.parametrize("update", ["none", "admm"])
+def test_starting_from_the_prior_weights_makes_its_mask_the_one_shot_model(update):
+    """start="prior": where the prior keeps a weight it holds the one-shot value (SparseGPT's update,
+    ADMM on top), where it prunes the dense one; so W * M_prior is the one-shot model exactly."""
+    from sparsekit.pruning import PruneConfig, prune_model
+
+    model, ids = tiny_model("llama"), _ids()
+    dense = {n: m.weight.detach().clone() for n, m in sparse_candidates(model).items()}
+    one_shot = copy.deepcopy(model)
+    prune_model(
+        one_shot, ids, PruneConfig(method="sparsegpt", sparsity="2:4", update=update, show_progress=False)
+    )
+    masks = one_shot_prior(model, ids, "sparsegpt", False, start="prior", update=update)
+    reference = sparse_candidates(one_shot)
+    for name, m in sparse_candidates(model).items():
+        kept = masks[name]
+        assert torch.equal(m.weight * kept, reference[name].weight), name
+        assert torch.equal(m.weight[~kept], dense[name][~kept]), name
+        assert not torch.equal(m.weight[kept], dense[name][kept]), name  # the update moved kept weights
+
+
+def test_trained_weights_move_at_their_fraction_of_the_lr_and_stay_2_4():
+    """update_weights: the weights train in their own optimizer group at weight_lr_scale x lr, so
+    Adam moves each by at most steps * lr * scale (the logits at the full lr)."""
+    model, lr, steps, scale = tiny_model("llama"), 1e-3, 3, 0.1
+    config = TrainConfig(steps=steps, lr=lr, batch_size=4, precision="fp32", show_progress=False)
+    dense_start = copy.deepcopy(model)
+    one_shot_prior(dense_start, _ids(), "sparsegpt", False, start="prior")  # the weights training starts from
+    settings = MaskLLMSettings(update_weights=True, weight_lr_scale=scale)
+    learn_masks(model, _ids(), config, prior="sparsegpt", settings=settings, start="prior")
+    before = sparse_candidates(dense_start)
+    moved = 0.0
+    for name, module in sparse_candidates(model).items():
+        assert _is_2_4(module.weight), name
+        kept = module.weight != 0
+        moved = max(moved, float((module.weight - before[name].weight).detach()[kept].abs().max()))
+    assert 0 < moved <= steps * lr * scale * 1.01, moved
+
+
+def test_prior_options_are_checked_before_any_work():
+    from sparsekit.hf.maskllm import check_prior
+
+    with pytest.raises(ValueError, match="start must be one of"):
+        check_prior("sparsegpt", "sparse", "none")
+    with pytest.raises(ValueError, match="prior='none' has no one-shot weights"):
+        check_prior("none", "prior", "none")
+    with pytest.raises(ValueError, match="admmm"):
+        check_prior("sparsegpt", "dense", "admmm")
+
+
 def test_prune_api_routes_maskllm_and_refuses_what_it_cannot_do():
     import sparsekit
 
@@ -110,6 +160,16 @@ def test_cli_prune_maskllm_saves_a_compressed_2_4_model(tmp_path, capsys):
     assert formats == {"2:4"}
     assert main([*argv[:-2], "--allocation", "owl", "--out", str(tmp_path / "x")]) != 0
     assert "--allocation does nothing with --method maskllm" in capsys.readouterr().err
+    out = tmp_path / "ml-prior"
+    assert (
+        main(
+            [*argv[:-2], "--start", "prior", "--prior-update", "admm", "--update-weights", "--out", str(out)]
+        )
+        == 0
+    )
+    assert {m.format for m in load(out).modules() if hasattr(m, "dense_weight")} == {"2:4"}
+    assert main(["prune", str(dense), "--method", "wanda", "--start", "prior", "--device", "cpu"]) != 0
+    assert "--start does nothing without --method maskllm" in capsys.readouterr().err
 
 
 def test_learning_recovers_a_hidden_2_4_mask_from_a_wrong_prior():

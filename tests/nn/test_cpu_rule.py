@@ -102,3 +102,31 @@ def test_real_measurement_is_recorded_and_exact():
 def test_unknown_rule_names_the_choices():
     with pytest.raises(ValueError, match="sparse, fastest"):
         SparseLinear(8, 4, cpu_rule="quick")
+
+
+def test_decisions_are_memoised_per_layer_until_forgotten(monkeypatch):
+    """A forward under the rule pays one memo lookup: no copy of the decision table, no second
+    measurement; ``forget`` makes the next forward measure again; going memory first drops the
+    memo's reference to the dense copy too."""
+    if cpu_ext.extension() is None:
+        pytest.skip("the C++ CPU extension did not build: the rule needs its bound call")
+    calls = _spy(monkeypatch, verdict=True)
+    looked_up = []
+    real = sl_mod.decided
+    monkeypatch.setattr(sl_mod, "decided", lambda key: looked_up.append(key) or real(key))
+    lin, layer = _layer()
+    x = torch.randn(20, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+    assert len(calls) == 1 and len(looked_up) == 1
+    cpu_rule.forget()
+    with torch.no_grad():
+        y = layer(x)
+    assert len(calls) == 2
+    _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
+    layer.cpu_rule = "sparse"
+    assert (
+        not any(isinstance(k, tuple) and k[0] == "rule" for k in layer._cache)
+        and layer.dense_copy_bytes() == 0
+    )
