@@ -69,7 +69,7 @@ def rows_to_run(args) -> list[tuple[str, str, str]]:
     # MaskLLM started from the one-shot SparseGPT+ADMM weights, against fine-tuning that model on the
     # same calibration sequences, steps and batch
     admm = "SparseGPT+ADMM 2:4"
-    rows += [(admm, admm, "none"), (f"{admm} + fine-tune on the MaskLLM tokens", admm, "lm-calib"),
+    rows += [(admm, admm, "none"), (f"{admm} + fine-tune on the MaskLLM tokens", admm, "lm-maskllm-data"),
              ("MaskLLM 2:4 (SparseGPT+ADMM start, weights frozen)", "dense", "maskllm-admm"),
              ("MaskLLM 2:4 (SparseGPT+ADMM start, weights trained)", "dense",
               "maskllm-admm-train")]  # fmt: skip
@@ -83,12 +83,17 @@ def _write(args, results, env: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": results})
     tokens = args.steps * args.batch_size * args.seqlen
+    maskllm_data = (
+        f"the {args.calib_nsamples} x 512 calibration sequences"
+        if args.maskllm_data == "calib"
+        else "the same training sequences"
+    )
     head = (
         f"`python bench/recovery_table.py {' '.join(sys.argv[1:])}` on {env['cpu']} ({env['cpu_threads']} "
         f"threads), torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}, "
         f"{env['time_utc']}. Training: {args.steps} steps x {args.batch_size} x {args.seqlen} tokens "
         f"({tokens:,} tokens) of {args.nsamples} sequences (MaskLLM: {args.maskllm_steps or args.steps} "
-        f"steps x {args.batch_size} of the {args.calib_nsamples} x 512 calibration sequences, "
+        f"steps x {args.batch_size} of {maskllm_data}, "
         "weights frozen unless the row says trained: then at 0.1x the logits' lr), "
         f"cosine lr with {max(1, args.steps // 20)} warm-up steps, fp32; lr {args.lr:g} "
         f"(LoRA {10 * args.lr:g}, MaskLLM {args.maskllm_lr:g}). Perplexity on {args.eval_tokens} held-out "
@@ -115,6 +120,13 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=5e-5, help="fine-tune / distill lr (LoRA: 10x)")
     p.add_argument("--maskllm-lr", type=float, default=5e-4)
     p.add_argument("--maskllm-steps", type=int, default=None, help="default: --steps")
+    p.add_argument(
+        "--maskllm-data",
+        choices=("calib", "train"),
+        default="calib",
+        help="what MaskLLM trains on: the pruning calibration sequences, or the other rows' training "
+        "sequences (its prior always calibrates on the calibration sequences)",
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--nsamples", type=int, default=256)
@@ -130,6 +142,7 @@ def main() -> int:
     calib = calibration_ids(tok, "wiki-offline", args.calib_nsamples, 512, seed=0)
     ids = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=1)
     eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
+    maskllm_ids = calib if args.maskllm_data == "calib" else ids
     bases: dict = {}
 
     def config(lr: float, steps: int = args.steps, **kw) -> TrainConfig:
@@ -149,15 +162,15 @@ def main() -> int:
             report = train(model, ids, config(args.lr), teacher=dense).to_dict()
         elif job == "lora":
             report = train(model, ids, config(10 * args.lr, lora_rank=args.lora_rank)).to_dict()
-        elif job == "lm-calib":
-            report = train(model, calib, config(args.lr, args.maskllm_steps or args.steps)).to_dict()
+        elif job == "lm-maskllm-data":
+            report = train(model, maskllm_ids, config(args.lr, args.maskllm_steps or args.steps)).to_dict()
         elif job.startswith("maskllm"):
             steps = args.maskllm_steps or args.steps
             admm = "admm" in job
             settings = MaskLLMSettings(seed=0, update_weights=job.endswith("-train"))
             report = learn_masks(
-                model, calib, config(args.maskllm_lr, steps), prior="sparsegpt", settings=settings,
-                start="prior" if admm else "dense", prior_update="admm" if admm else "none",
+                model, maskllm_ids, config(args.maskllm_lr, steps), prior="sparsegpt", settings=settings,
+                start="prior" if admm else "dense", prior_update="admm" if admm else "none", prior_ids=calib,
             ).train  # fmt: skip
         seconds = time.perf_counter() - start
         model.eval()

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from sparsekit._env import environment
 from sparsekit.bench.roofline import Roofline, measure_roofline
-from sparsekit.bench.timing import Rotation, Timing, copies_for, llc_bytes, time_cpu_interleaved, time_gpu
+from sparsekit.bench.timing import Rotation, Timing, copies_for, time_cpu_interleaved, time_gpu
 from sparsekit.formats import NMPattern, parse_sparsity, pattern_mask
 from sparsekit.kernels import use_backend
+from sparsekit.kernels.cpu_ext import llc_bytes
 from sparsekit.models import model_bytes
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ def measure_roofline(device: str = "cpu", dtype: torch.dtype = torch.float32) ->
     enough to reach BLAS's peak, which n = 1024 does not on 2 cores; a second or two). The read
     bandwidth (a sum over the copy's source) is the floor for streaming a model's weights once.
     """
-    from sparsekit.bench.timing import llc_bytes
+    from sparsekit.kernels.cpu_ext import llc_bytes
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"

@@ -15,7 +15,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -46,18 +45,6 @@ def quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
         return samples_ms[0], samples_ms[0], samples_ms[0]
     cuts = statistics.quantiles(samples_ms, n=10, method="inclusive")  # deciles: cuts[1] = p20
     return statistics.median(samples_ms), cuts[1], cuts[7]
-
-
-def llc_bytes() -> int:
-    """Size of the largest CPU cache (sysfs), 32 MiB when unknown."""
-    best = 0
-    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        try:
-            text = size_file.read_text().strip().upper()
-            best = max(best, int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1))
-        except (OSError, ValueError):
-            continue
-    return best or 32 * 2**20
 
 
 class Rotation:

@@ -279,17 +279,20 @@ def learn_masks(
     resume: bool = False,
     start: str = "dense",
     prior_update: str = "none",
+    prior_ids: torch.Tensor | None = None,
 ) -> MaskLLMReport:
     """Learn the 2:4 masks of ``model``'s decoder linears in place (MaskLLM); ``ids`` [n, L] int64
-    are the training (and prior calibration) tokens; ``config`` a ``TrainConfig`` (steps, lr,
-    batch...); ``start`` and ``prior_update`` as in ``one_shot_prior``. The model comes back with
-    exact 2:4 zeros in ordinary nn.Linear layers."""
+    are the training tokens, ``prior_ids`` [n', L'] the one-shot prior's calibration tokens
+    (default ``ids``); ``config`` a ``TrainConfig`` (steps, lr, batch...); ``start`` and
+    ``prior_update`` as in ``one_shot_prior``. The model comes back with exact 2:4 zeros in
+    ordinary nn.Linear layers."""
     from .trainer import train
 
     check_prior(prior, start, prior_update)
     settings = settings or MaskLLMSettings(seed=config.seed)
     settings.check()
-    priors = one_shot_prior(model, ids, prior, config.show_progress, start, prior_update)
+    calib = ids if prior_ids is None else prior_ids
+    priors = one_shot_prior(model, calib, prior, config.show_progress, start, prior_update)
     job = MaskLLMJob(priors, settings)
     report = train(model, ids, config, evaluate=evaluate, state_dir=state_dir, resume=resume, job=job)
     changed = job.changed_groups / job.groups if priors and job.groups else 0.0

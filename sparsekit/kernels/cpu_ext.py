@@ -168,6 +168,18 @@ def choose_path(fmt: str, isa: CpuIsa, dtype: torch.dtype, m: int, path: str = "
     return int(m > DIRECT_MAX_M.get((fmt, isa, dtype), 8))
 
 
+def llc_bytes() -> int:
+    """Size of the largest CPU cache (sysfs), 32 MiB when unknown."""
+    best = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size_file.read_text().strip().upper()
+            best = max(best, int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1))
+        except (OSError, ValueError):
+            continue
+    return best or 32 * 2**20
+
+
 def isa_level(isa: CpuIsa) -> int:
     return ISA_LEVEL[isa]
 

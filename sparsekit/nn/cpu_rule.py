@@ -9,7 +9,9 @@ and runs it for the class: the memory cost is N * K * element bytes per such lay
 (``SparseLinear.dense_copy_bytes()``; logged once per layer). Below ``MIN_M`` the sparse kernel
 always runs: there the weight stream dominates, and a short cache-warm measurement at runtime
 would misjudge what a decode step sees (weights read from DRAM, where the compressed format's
-fewer bytes win: docs/data/cpu-isa-layers.md). ``cpu_rule='sparse'`` (the default) never holds a
+fewer bytes win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up the measurement rotates over
+copies of the layer adding up to twice the last-level cache, so both sides read their weights
+from DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never holds a
 dense copy: memory first.
 """
 
@@ -23,12 +25,15 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from sparsekit.kernels.cpu_ext import llc_bytes
+
 log = logging.getLogger(__name__)
 
 CPU_RULES = ("sparse", "fastest")
 MIN_M = 16  # smallest M class the rule measures; below it the sparse kernel runs
 MARGIN = 0.05  # dense must be this much faster to be worth its memory
 ROUNDS = 7
+COLD_MAX_COPIES = 64  # at most this many weight copies for a DRAM-cold measurement
 
 # (format, isa, dtype, N, K, M class) -> True when dense won
 _DECISIONS: dict[tuple, bool] = {}
@@ -55,26 +60,58 @@ def _timed(fn: Callable[[], object], samples: list[float]) -> None:
 
 
 def dense_wins(
-    key: tuple, sparse: Callable[[torch.Tensor], torch.Tensor], dense_weight: torch.Tensor, rows: int
+    key: tuple,
+    sparse: Callable[[torch.Tensor], torch.Tensor],
+    dense_weight: torch.Tensor,
+    rows: int,
+    replicate: Callable[[], tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]] | None = None,
 ) -> bool:
     """Whether dense ``F.linear`` beat ``sparse(x)`` by more than MARGIN at ``rows`` rows of x
-    [rows, K] (measured once per ``key``, then remembered)."""
+    [rows, K] (measured once per ``key``, then remembered).
+
+    ``replicate()`` -> (a sparse call, a dense weight) on fresh copies of the stored tensors: when
+    given, each side rotates over copies adding up to twice the last-level cache, so every timed
+    call reads its weight from DRAM, as a layer in a model's forward does (every other layer was
+    streamed since its last call); cache-warm timing favours dense, whose weight is larger."""
     if key in _DECISIONS:
         return _DECISIONS[key]
     x = torch.randn(rows, dense_weight.shape[1], dtype=dense_weight.dtype)
+    pairs = [(sparse, dense_weight)]
+    if replicate is not None:
+        per_copy = dense_weight.numel() * dense_weight.element_size()
+        while len(pairs) < min(COLD_MAX_COPIES, -(-2 * llc_bytes() // per_copy)):
+            pairs.append(replicate())
+    turn = [0]
+
+    def rotating(side: int) -> Callable[[], object]:
+        def call() -> object:
+            turn[0] = (turn[0] + 1) % len(pairs)
+            fn = pairs[turn[0]][side]
+            return fn(x) if side == 0 else F.linear(x, fn)
+
+        return call
+
     times: dict[str, list[float]] = {"sparse": [], "dense": []}
-    calls = {"sparse": lambda: sparse(x), "dense": lambda: F.linear(x, dense_weight)}
+    calls = {"sparse": rotating(0), "dense": rotating(1)}
     with torch.no_grad():
-        for fn in calls.values():
-            fn()  # untimed: first-call setup (oneDNN primitives, page faults)
-        for _ in range(ROUNDS):
+        for _ in range(len(pairs)):
+            for fn in calls.values():
+                fn()  # untimed: first-call setup (oneDNN primitives, page faults), every copy
+        for _ in range(ROUNDS * max(1, len(pairs) // 4)):
             for name, fn in calls.items():
                 _timed(fn, times[name])
     sparse_ms, dense_ms = statistics.median(times["sparse"]), statistics.median(times["dense"])
     won = dense_ms < (1.0 - MARGIN) * sparse_ms
     _DECISIONS[key] = won
     winner = "dense" if won else "sparse"
-    log.info("cpu rule %s: sparse %.3f ms, dense %.3f ms -> %s", key, sparse_ms, dense_ms, winner)
+    log.info(
+        "cpu rule %s: sparse %.3f ms, dense %.3f ms (%d copies) -> %s",
+        key,
+        sparse_ms,
+        dense_ms,
+        len(pairs),
+        winner,
+    )
     return won
 
 

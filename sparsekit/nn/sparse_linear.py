@@ -14,6 +14,7 @@ sparse tensor cores (2:4 on CUDA only).
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -291,6 +292,13 @@ class SparseLinear(nn.Module):
         self._cache[memo_key] = (rule_generation(), dense)
         return dense
 
+    def _rule_twin(self):
+        """(the sparse CPU call, the dense weight) of a copy of this layer: the rule's DRAM-cold
+        measurement rotates over such copies."""
+        twin = copy.deepcopy(self)  # stored tensors copied; the derived-weight cache starts empty
+        fn, _ = twin._bound_cpu()
+        return (lambda x: fn(x, None)), twin.dense_weight().detach().contiguous()
+
     def _decide_dense(self, rows: int, fn, isa) -> torch.Tensor | None:
         bucket = m_class(rows)
         if bucket < CPU_RULE_MIN_M:
@@ -300,7 +308,7 @@ class SparseLinear(nn.Module):
         if won is None:
             candidate = self._cache.get("dense")
             candidate = self.dense_weight().detach().contiguous() if candidate is None else candidate
-            won = dense_wins(key, lambda x: fn(x, None), candidate, bucket)
+            won = dense_wins(key, lambda x: fn(x, None), candidate, bucket, self._rule_twin)
         if not won:
             return None
         if "dense" not in self._cache:

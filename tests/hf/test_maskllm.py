@@ -119,6 +119,20 @@ def test_trained_weights_move_at_their_fraction_of_the_lr_and_stay_2_4():
     assert 0 < moved <= steps * lr * scale * 1.01, moved
 
 
+def test_the_prior_calibrates_on_its_own_tokens_when_given(monkeypatch):
+    import sparsekit.hf.maskllm as maskllm
+
+    seen = []
+    real = maskllm.one_shot_prior
+    monkeypatch.setattr(
+        maskllm, "one_shot_prior", lambda model, ids, *a: seen.append(ids.shape) or real(model, ids, *a)
+    )
+    config = TrainConfig(steps=1, lr=1e-3, batch_size=4, precision="fp32", show_progress=False)
+    learn_masks(tiny_model("llama"), _ids(16, 32), config, prior="magnitude", prior_ids=_ids(8, 24))
+    learn_masks(tiny_model("llama"), _ids(16, 32), config, prior="magnitude")
+    assert seen == [torch.Size([8, 24]), torch.Size([16, 32])]
+
+
 def test_prior_options_are_checked_before_any_work():
     from sparsekit.hf.maskllm import check_prior
 

@@ -30,7 +30,7 @@ def _layer(fmt="2:4", n=48, k=64, rule="fastest"):
 def _spy(monkeypatch, verdict: bool):
     calls = []
 
-    def dense_wins(key, sparse, dense_weight, rows):
+    def dense_wins(key, sparse, dense_weight, rows, replicate=None):
         calls.append(key)
         cpu_rule._DECISIONS[key] = verdict
         return verdict
@@ -129,4 +129,29 @@ def test_decisions_are_memoised_per_layer_until_forgotten(monkeypatch):
     assert (
         not any(isinstance(k, tuple) and k[0] == "rule" for k in layer._cache)
         and layer.dense_copy_bytes() == 0
+    )
+
+
+def test_measurement_rotates_over_copies_past_the_last_level_cache(monkeypatch):
+    """The rule times both sides on copies adding up to twice the LLC (each call reads its weight
+    from DRAM, as in a model), and the copies are faithful: the layer's output stays exact."""
+    if cpu_ext.extension() is None:
+        pytest.skip("the C++ CPU extension did not build: the rule needs its bound call")
+    lin, layer = _layer(n=48, k=64)
+    weight_bytes = 48 * 64 * 4
+    monkeypatch.setattr(cpu_rule, "llc_bytes", lambda: 4 * weight_bytes)
+    twins = []
+    real = sl_mod.SparseLinear._rule_twin
+    monkeypatch.setattr(sl_mod.SparseLinear, "_rule_twin", lambda self: twins.append(1) or real(self))
+    x = torch.randn(20, 64)
+    with torch.no_grad():
+        y = layer(x)
+    assert len(twins) == 7  # 8 pairs: 2 x LLC / the dense weight's bytes, the layer's own first
+    _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
+    sparse_twin, dense_twin = real(layer)
+    with torch.no_grad():
+        _assert_close(sparse_twin(x), F.linear(x, lin.weight).detach())
+    assert (
+        torch.equal(dense_twin, lin.weight.detach())
+        and dense_twin.data_ptr() != layer.dense_weight().data_ptr()
     )
