@@ -9,7 +9,8 @@ seed 1, read in the trainer's seeded order), steps, batch and schedule, from a f
 base model. Pruning calibration: --calib-nsamples (32) x 512 tokens (seed 0). Columns: perplexity
 on ``--eval-tokens`` held-out tokens (windows of 512), ``wiki_lambada`` / ``wiki_continuation``
 accuracy (``--items`` per task), the share of zeros in the decoder-block linears after training,
-training seconds and tokens/s. ``--rows`` picks rows by substring. Writes <out>.json and <out>.md.
+training seconds and tokens/s. ``--rows`` picks rows by substring (comma-separated, or one part
+of a row's name). Writes <out>.json and <out>.md.
 """
 
 from __future__ import annotations
@@ -73,7 +74,12 @@ def rows_to_run(args) -> list[tuple[str, str, str]]:
              ("MaskLLM 2:4 (SparseGPT+ADMM start, weights frozen)", "dense", "maskllm-admm"),
              ("MaskLLM 2:4 (SparseGPT+ADMM start, weights trained)", "dense",
               "maskllm-admm-train")]  # fmt: skip
-    wanted = [w.strip() for w in args.rows.split(",") if w.strip()]
+    # a --rows that is part of one row's name picks by it whole (names hold commas); else split at commas
+    whole = args.rows.strip()
+    wanted = (
+        [whole] if whole and any(whole in r[0] for r in rows) else [w.strip() for w in args.rows.split(",")]
+    )
+    wanted = [w for w in wanted if w]
     return [r for r in rows if not wanted or r[0] == "dense" or any(w in r[0] for w in wanted)]
 
 
