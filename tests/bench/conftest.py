@@ -1,7 +1,21 @@
 """Shared fixtures of the benchmark-harness tests."""
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def bench_script(name: str) -> ModuleType:
+    """bench/<name>.py loaded as a module (the bench folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

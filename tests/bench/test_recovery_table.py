@@ -4,20 +4,15 @@ name whole (row names hold commas)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "recovery_table.py"
+from tests.bench.conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("recovery_table", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("recovery_table")
 
 
 def _names(table, rows: str) -> list[str]:
