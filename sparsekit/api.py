@@ -163,6 +163,8 @@ def _prune_maskllm(model, sparsity, calib, tokenizer, nsamples, seqlen, seed, op
     settings = MaskLLMSettings(seed=seed, **{k: options[k] for k in MASKLLM_SETTINGS if k in options})
     config.check(1)
     settings.check()
+    if "weight_lr_scale" in options and not options.get("update_weights"):
+        raise ValueError("weight_lr_scale sets the trained weights' lr: it needs update_weights=True")
     prior = options.get("prior", "sparsegpt")
     start, prior_update = options.get("start", "dense"), options.get("prior_update", "none")
     check_prior(prior, start, prior_update)

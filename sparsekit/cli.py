@@ -273,6 +273,11 @@ def _check_maskllm_args(args: argparse.Namespace) -> None:
         raise ValueError(
             "--prior none has no one-shot weights: --start prior and --prior-update need a prior"
         )
+    if args.prior_update not in (None, "none") and args.start != "prior":
+        raise ValueError(
+            f"--prior-update {args.prior_update} changes only the kept weights, which the default dense "
+            "start puts back: add --start prior"
+        )
     check_at_least(1, nsamples=args.nsamples, batch_size=args.batch_size, steps=args.steps)
     check_at_least(2, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen)
     if args.lr is not None and not args.lr > 0:

@@ -51,6 +51,10 @@ _PRUNE = [
         "--prior none has no one-shot weights",
     ),
     (
+        ["--method", "maskllm", "--sparsity", "2:4", "--prior-update", "admm"],
+        "--prior-update admm changes only the kept weights",
+    ),
+    (
         ["--method", "minitron", "--sparsity", "0.2", "--heads", "query"],
         "cuts no heads (add heads to --axes)",
     ),

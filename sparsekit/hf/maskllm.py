@@ -222,6 +222,11 @@ def check_prior(prior: str, start: str, prior_update: str) -> None:
     weight_update(prior_update)  # a clear error for an unknown update
     if prior == "none" and (start != "dense" or prior_update != "none"):
         raise ValueError("prior='none' has no one-shot weights: start='prior' and prior_update need a prior")
+    if prior_update != "none" and start != "prior":
+        raise ValueError(
+            f"prior_update={prior_update!r} changes only the kept weights, which start='dense' puts back: "
+            "use it with start='prior'"
+        )
 
 
 @torch.no_grad()

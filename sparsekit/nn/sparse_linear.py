@@ -304,15 +304,16 @@ class SparseLinear(nn.Module):
         if bucket < CPU_RULE_MIN_M:
             return None
         key = (self.format, isa.value, str(self.dtype), self.out_features, self.in_features, bucket)
-        won = decided(key)
+        won, candidate = decided(key), self._cache.get("dense")
         if won is None:
-            candidate = self._cache.get("dense")
             candidate = self.dense_weight().detach().contiguous() if candidate is None else candidate
             won = dense_wins(key, lambda x: fn(x, None), candidate, bucket, self._rule_twin)
         if not won:
             return None
-        if "dense" not in self._cache:
-            self._cache["dense"] = self.dense_weight().detach().contiguous()
+        if "dense" not in self._cache:  # the measured copy when there was one: decompressed once
+            self._cache["dense"] = (
+                self.dense_weight().detach().contiguous() if candidate is None else candidate
+            )
             mib = self.dense_copy_bytes() / 2**20
             shape = (self.out_features, self.in_features, self.format, bucket)
             log.info(

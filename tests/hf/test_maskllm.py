@@ -142,6 +142,8 @@ def test_prior_options_are_checked_before_any_work():
         check_prior("none", "prior", "none")
     with pytest.raises(ValueError, match="admmm"):
         check_prior("sparsegpt", "dense", "admmm")
+    with pytest.raises(ValueError, match="use it with start='prior'"):
+        check_prior("sparsegpt", "dense", "admm")
 
 
 def test_prune_api_routes_maskllm_and_refuses_what_it_cannot_do():
@@ -151,6 +153,10 @@ def test_prune_api_routes_maskllm_and_refuses_what_it_cannot_do():
         sparsekit.prune(tiny_model("llama"), method="maskllm", sparsity=0.5, calib=_ids())
     with pytest.raises(ValueError, match="does not take"):
         sparsekit.prune(tiny_model("llama"), method="maskllm", sparsity="2:4", calib=_ids(), owl_m=5)
+    with pytest.raises(ValueError, match="needs update_weights=True"):
+        sparsekit.prune(
+            tiny_model("llama"), method="maskllm", sparsity="2:4", calib=_ids(), weight_lr_scale=0.5
+        )
     model = tiny_model("llama")
     report = sparsekit.prune(model, method="maskllm", sparsity="2:4", calib=_ids(), steps=2, batch_size=4,
                              precision="fp32", show_progress=False)  # fmt: skip
