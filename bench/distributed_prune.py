@@ -1,6 +1,9 @@
 """One process vs two (torch.distributed, Gloo) pruning SmolLM2: time, per-rank phases, and equality.
 
     python bench/distributed_prune.py --out reports/dist [--methods sparsegpt,wanda] [--sparsity 2:4]
+    python bench/distributed_prune.py --out reports/dist-structured --methods flap@0.2,shortgpt@0.2
+
+``METHOD@SPARSITY`` gives a method its own amount (structured methods: the share of block parameters).
 
 For each method: ``sparsekit prune`` with 1 process and 1 thread, then ``torchrun
 --nproc-per-node 2 -m sparsekit prune`` with 1 thread per process, same calibration (32 x 512
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -36,7 +40,10 @@ def _prune(out: Path, method: str, sparsity: str, procs: int, args) -> dict:
         "--batch-size",
         str(args.batch_size),
     ]
-    cmd += ["--save-format", "dense", "--out", str(out)]
+    from sparsekit.pruning.structured import is_structured
+
+    # a structured prune saves the smaller dense model itself; the per-layer ones save it dense
+    cmd += ([] if is_structured(method) else ["--save-format", "dense"]) + ["--out", str(out)]
     if procs > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), *cmd]
     else:
@@ -63,6 +70,9 @@ def _compare(a: Path, b: Path, eval_ids) -> dict:
     for b1, b2 in zip(*blocks, strict=True):
         for l1, l2 in zip(block_linears(b1).values(), block_linears(b2).values(), strict=True):
             w1, w2 = linear_weight(l1).detach(), linear_weight(l2).detach()
+            if w1.shape != w2.shape:  # a structured cut that differs: every entry counts
+                differ, total = differ + max(w1.numel(), w2.numel()), total + max(w1.numel(), w2.numel())
+                continue
             differ += int(((w1 != 0) != (w2 != 0)).sum())
             total += w1.numel()
             max_weight_diff = max(max_weight_diff, float((w1 - w2).abs().max()))
@@ -98,7 +108,9 @@ def main() -> None:
     _, tok = load_model(args.model)
     eval_ids = evaluation_ids(tok, DEFAULT_CORPUS, max_tokens=args.eval_tokens)
     rows = []
-    for method in args.methods.split(","):
+    for spec in args.methods.split(","):
+        method, _, sparsity = spec.partition("@")
+        sparsity = sparsity or args.sparsity
         runs = {}
         for procs in (1, 2):
             out = work / f"{method}-{procs}proc"
@@ -106,17 +118,18 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(out)
-            runs[procs] = _prune(out, method, args.sparsity, procs, args)
+            runs[procs] = _prune(out, method, sparsity, procs, args)
         cmp = _compare(work / f"{method}-1proc", work / f"{method}-2proc", eval_ids)
         one, two = runs[1]["report"], runs[2]["report"]
         rows.append(
             {
                 "method": method,
-                "sparsity": args.sparsity,
+                "sparsity": sparsity,
                 "wall_s": {"1proc": runs[1]["wall_s"], "2proc": runs[2]["wall_s"]},
                 "prune_s": {"1proc": sum(one["timings_s"].values()), "2proc": sum(two["timings_s"].values())},
                 "timings_1proc": one["timings_s"],
-                "rank_timings_2proc": two["rank_timings_s"],
+                # structured reports carry rank 0's phases only
+                "rank_timings_2proc": two.get("rank_timings_s") or [two["timings_s"]],
                 "commands": {k: v["command"] for k, v in runs.items()},
                 **cmp,
             }
@@ -125,22 +138,26 @@ def main() -> None:
     env = environment()
     write_json_atomic(Path(args.out).with_suffix(".json"), {"env": env, "args": vars(args), "rows": rows})
     lines = [
-        f"# Pruning {args.model} on 1 process vs 2 (Gloo), {args.sparsity}",
+        f"# Pruning {args.model} on 1 process vs 2 (Gloo)",
         "",
-        f"`python bench/distributed_prune.py --out {args.out}`; CPU {env['cpu']}, 1 thread per process, "
+        f"`python bench/distributed_prune.py {shlex.join(sys.argv[1:])}`; CPU {env['cpu']}, "
+        "1 thread per process, "
         f"torch {env['torch']}, commit {env['commit']}, {env['time_utc']}; calibration {args.nsamples} x "
         f"{args.seqlen} tokens, batch {args.batch_size}; ppl on {eval_ids.shape[1]} held-out tokens.",
         "",
-        "| method | prune s, 1 proc | prune s, 2 procs (rank 0 / rank 1) | speedup | forward s per rank | "
-        "communication s per rank | masks differing | ppl 1 proc | ppl 2 procs |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | sparsity | prune s, 1 proc | prune s, 2 procs (rank 0 / rank 1) | speedup "
+        "| wall s 1 / 2 procs | forward s per rank | communication s per rank | masks differing "
+        "| ppl 1 proc | ppl 2 procs |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ranks = r["rank_timings_2proc"]
         per_rank = [sum(t.values()) for t in ranks]
         lines.append(
-            f"| {r['method']} | {r['prune_s']['1proc']:.1f} | {per_rank[0]:.1f} / {per_rank[1]:.1f} | "
-            f"{r['prune_s']['1proc'] / max(per_rank):.2f}x | "
+            f"| {r['method']} | {r['sparsity']} | {r['prune_s']['1proc']:.1f} | "
+            + " / ".join(f"{v:.1f}" for v in per_rank)
+            + f" | {r['prune_s']['1proc'] / max(per_rank):.2f}x | "
+            f"{r['wall_s']['1proc']:.1f} / {r['wall_s']['2proc']:.1f} | "
             + " / ".join(f"{t.get('forward', 0):.1f}" for t in ranks)
             + " | "
             + " / ".join(f"{t.get('communication', 0):.2f}" for t in ranks)

@@ -13,7 +13,11 @@ loaded back here; then sparsekit with its default calibration forwards (bf16 whe
 fast bf16 matmuls) and with fp32 forwards (``forward_dtype="float32"``). Every row is evaluated by
 the same perplexity code on the same tokens; prune time is each tool's own one-shot call (model
 load excluded). ``--rows`` picks configs (e.g. ``sparsegpt/2:4 wanda/0.5``; ``wanda+owl/0.7``: OWL's
-allocation, M 5 and lambda 0.08, in both tools). Writes <out>.json and <out>.md after every row.
+allocation, M 5 and lambda 0.08, in both tools). ``--seeds 0 1 2 3`` repeats every config on that
+many calibration draws (both tools get the same ids per seed) and adds a summary: per tool the
+median ppl over seeds with its range, and the median of the per-seed ratio to llm-compressor (a
+2:4 choice flips on rounding-level differences, so one seed cannot rank tools by a few percent).
+Writes <out>.json and <out>.md after every row.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import copy
 import json
 import logging
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -108,27 +113,65 @@ def _markdown(head: str, rows: list[dict]) -> str:
     lines = [
         head,
         "",
-        "| config | tool | calibration forwards | ppl | prune s | decoder sparsity |",
-        "|---|---|---|---:|---:|---:|",
+        "| config | seed | tool | calibration forwards | ppl | prune s | decoder sparsity |",
+        "|---|---:|---|---|---:|---:|---:|",
     ]
     for r in rows:
         ppl = "failed" if r.get("error") else f"{r['ppl']:.3f}"
         lines.append(
-            f"| {r['config']} | {r['tool']} | {r.get('forward_dtype', '-')} | {ppl} | "
+            f"| {r['config']} | {r.get('seed', '-')} | {r['tool']} | {r.get('forward_dtype', '-')} | {ppl} | "
             f"{r.get('prune_s', 0):.1f} | {r.get('sparsity', 0):.4f} |"
         )
+    lines += _seed_summary(rows)
     failed = [r for r in rows if r.get("error")]
     if failed:
         lines += ["", *(f"- {r['config']}, {r['tool']}: {r['error']}" for r in failed)]
     timed = [r for r in rows if r.get("timings_s")]
     if timed:
         lines += ["", "sparsekit's phases (s):", ""]
+        seed = lambda r: f", seed {r['seed']}" if "seed" in r else ""  # noqa: E731
         lines += [
-            f"- {r['config']} ({r['forward_dtype']} forwards): "
+            f"- {r['config']}{seed(r)} ({r['forward_dtype']} forwards): "
             + ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items())
             for r in timed
         ]
     return "\n".join(lines) + "\n"
+
+
+def _variant(row: dict) -> str:
+    return f"{row['tool']} ({row['forward_dtype']})" if row.get("forward_dtype") else row["tool"]
+
+
+def _seed_summary(rows: list[dict]) -> list[str]:
+    """Per config and tool over the seeds: median ppl (min-max), median prune s, and the median of
+    the per-seed ppl ratio to llm-compressor on the same calibration ids. Empty for one seed."""
+    scored = [r for r in rows if "seed" in r and not r.get("error")]
+    if len({r["seed"] for r in scored}) < 2:
+        return []
+    lines = [
+        "",
+        "Over the seeds (median, range in brackets; ratio: per seed, ppl / llm-compressor's ppl on the "
+        "same ids):",
+        "",
+        "| config | tool | seeds | ppl median [min-max] | ratio to llm-compressor median [min-max] "
+        "| prune s median |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for config in dict.fromkeys(r["config"] for r in scored):
+        mine = [r for r in scored if r["config"] == config]
+        peer = {r["seed"]: r["ppl"] for r in mine if r["tool"].startswith("llm-compressor")}
+        for variant in dict.fromkeys(_variant(r) for r in mine):
+            got = [r for r in mine if _variant(r) == variant]
+            ppl = [r["ppl"] for r in got]
+            ratios = [r["ppl"] / peer[r["seed"]] for r in got if r["seed"] in peer]
+            ratio = (
+                f"{statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}]" if ratios else "-"
+            )
+            lines.append(
+                f"| {config} | {variant} | {len(got)} | {statistics.median(ppl):.2f} [{min(ppl):.2f}-"
+                f"{max(ppl):.2f}] | {ratio} | {statistics.median(r.get('prune_s', 0) for r in got):.1f} |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--venv", default=".venv-llmc", help="llm-compressor's virtual environment")
     p.add_argument("--setup", action="store_true", help="create --venv when it is missing")
     p.add_argument("--rows", nargs="+", default=CONFIGS, metavar="METHOD/SPARSITY")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="calibration draws, each run by every tool"
+    )
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=32768)
@@ -151,14 +197,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     python = setup_venv(venv)
     dense, tok = load_model("smollm2", dtype=torch.float32)
-    calib = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=0)
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds repeats a seed: {args.seeds}")
     eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
     env = environment()
     head = (
         f"`python bench/vs_llmcompressor.py {shlex.join(sys.argv[1:] if argv is None else argv)}` on "
         f"{env['cpu']} ({env['cpu_threads']} threads), torch {env['torch']}, transformers "
         f"{env['transformers']} (llm-compressor in its own venv), commit {env['commit']}, {env['time_utc']}; "
-        f"SmolLM2-135M fp32, calibration {args.nsamples} x {args.seqlen}, ppl on {eval_ids.shape[1]} "
+        f"SmolLM2-135M fp32, calibration {args.nsamples} x {args.seqlen} (seeds "
+        f"{' '.join(map(str, args.seeds))}), ppl on {eval_ids.shape[1]} "
         "held-out tokens in windows of 512."
     )
     out = Path(args.out)
@@ -176,21 +224,32 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         dense.save_pretrained(folder / "dense")
         tok.save_pretrained(folder / "dense")
-        calib_file = folder / "calib.pt"
-        torch.save(calib.clone(), calib_file)
-        for config in args.rows:
-            method, sparsity = config.split("/")
-            try:
-                model, info = run_llmcompressor(python, dense, folder, calib_file, method, sparsity)
-                add({"config": config, "tool": f"llm-compressor {info['llmcompressor']}", **info}, model)
-            except RuntimeError as exc:  # its failure is a result too: recorded, the run goes on
-                log.error("%s", exc)
-                failed = {"config": config, "tool": "llm-compressor", "ppl": float("nan"), "error": str(exc)}
-                rows.append(failed)
-            for forward_dtype in ("auto", "float32"):
-                model, info = run_sparsekit(dense, calib, method, sparsity, forward_dtype)
-                add({"config": config, "tool": f"sparsekit {sparsekit.__version__}", **info}, model)
-            del model
+        for seed in args.seeds:
+            calib = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=seed)
+            calib_file = folder / "calib.pt"
+            torch.save(calib.clone(), calib_file)
+            for config in args.rows:
+                method, sparsity = config.split("/")
+                try:
+                    model, info = run_llmcompressor(python, dense, folder, calib_file, method, sparsity)
+                    tool = f"llm-compressor {info['llmcompressor']}"
+                    add({"config": config, "seed": seed, "tool": tool, **info}, model)
+                except RuntimeError as exc:  # its failure is a result too: recorded, the run goes on
+                    log.error("%s", exc)
+                    failed = {"config": config, "seed": seed, "tool": "llm-compressor", "ppl": float("nan")}
+                    rows.append({**failed, "error": str(exc)})
+                for forward_dtype in ("auto", "float32"):
+                    model, info = run_sparsekit(dense, calib, method, sparsity, forward_dtype)
+                    add(
+                        {
+                            "config": config,
+                            "seed": seed,
+                            "tool": f"sparsekit {sparsekit.__version__}",
+                            **info,
+                        },
+                        model,
+                    )
+                del model
     print(_markdown(head, rows))
     return 0
 

@@ -65,6 +65,8 @@ PER_LAYER_OPTIONS = (
     "permute",
     "share_statistics",
     "measure_error",
+    "wbits",
+    "wgroup",
     *EXPERT_OPTIONS,
 )
 DEPTH_OPTIONS = ("remove_layers", "repair", "tokens")

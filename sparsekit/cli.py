@@ -987,6 +987,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block")
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT dampening (fraction of mean diag)")
     p.add_argument(
+        "--wbits",
+        type=int,
+        default=None,
+        help="SparseGPT: quantize the kept weights to a symmetric N-bit grid (2..8) inside the same sweep "
+        "(the paper's joint mode); the saved weights hold the grid values",
+    )
+    p.add_argument(
+        "--wgroup", type=int, default=None, help="with --wbits: one grid step per group of this many inputs"
+    )
+    p.add_argument(
         "--forward-dtype",
         default="auto",
         help="dtype of the calibration forwards: auto (bf16 for an fp32 model where bf16 matmuls are "

@@ -12,6 +12,9 @@ _PRUNE = [
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--blocksize", "0"], "--blocksize must be >= 1"),
     (["--percdamp", "-0.1"], "--percdamp must be >= 0"),
+    (["--method", "wanda", "--wbits", "4"], "wbits quantizes inside SparseGPT's sweep"),
+    (["--method", "sparsegpt", "--wgroup", "64"], "add wbits"),
+    (["--method", "sparsegpt", "--wbits", "12"], "wbits must be 2..8"),
     # data
     (["--calib", "no/such/corpus.txt"], "unknown corpus"),
     (["--eval", "--eval-dataset", "nope"], "unknown corpus"),

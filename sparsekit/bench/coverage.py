@@ -40,7 +40,9 @@ FAMILIES = (
 
 # per-family settings a tiny model needs (sizes the defaults make huge, or a hybrid schedule)
 _OVERRIDES: dict[str, dict] = {
-    "gemma4_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=16, global_head_dim=32),
+    # per-layer inputs of 8 (4 blocks x 8 = 32): at 16 the model-level projection would be [64, 64], a
+    # square hidden-to-hidden shape no real Gemma-4 has (E2B: 1536 -> 35 x 256)
+    "gemma4_text": dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=8, global_head_dim=32),
     "lfm2": dict(full_attn_idxs=[1, 3]),  # convolution blocks 0 and 2
     "qwen3_5_text": dict(  # linear-attention blocks 0-2, full attention in block 3
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16

@@ -96,6 +96,17 @@ def _block_unstructured_mask(w: torch.Tensor, diag: torch.Tensor, sparsity: floa
     return topk_keep_mask(saliency.reshape(-1), keep).reshape(w.shape)
 
 
+def _check_step(w: torch.Tensor, step: torch.Tensor | None, bits: int) -> None:
+    if step is None:
+        return
+    if step.shape != w.shape or step.dtype != torch.float32:
+        raise ValueError(
+            f"step must be fp32 {tuple(w.shape)} like the weights, got {step.dtype} {tuple(step.shape)}"
+        )
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be 2..8 with a step, got {bits}")
+
+
 def _check(w: torch.Tensor, hinv: torch.Tensor, sparsity, n, m, mask=None) -> None:
     if w.dim() != 2 or hinv.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"need w [R, B] and hinv [B, B], got {tuple(w.shape)} and {tuple(hinv.shape)}")
@@ -114,11 +125,16 @@ def obs_block_solve_ref(
     n: int | None = None,
     m: int | None = None,
     mask: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain per-column loop, as in the SparseGPT paper's Algorithm 1 for one block.
 
-    ``mask`` [R, B] bool: a fixed keep-mask (the OBS update of the kept weights only)."""
+    ``mask`` [R, B] bool: a fixed keep-mask (the OBS update of the kept weights only). ``step``
+    [R, B] fp32 with ``bits``: the paper's joint mode, each kept weight rounded to its symmetric
+    ``bits``-bit grid (``round_to_grid``) before its error is spread over the later columns."""
     _check(w, hinv, sparsity, n, m, mask)
+    _check_step(w, step, bits)
     w = w.clone()
     rows, width = w.shape
     q = torch.zeros_like(w)
@@ -132,6 +148,11 @@ def obs_block_solve_ref(
             mask[:, i : i + m] = nm_keep_mask(w[:, i : i + m].square() / diag[i : i + m].square(), n, m)
         col = w[:, i]
         q[:, i] = col * mask[:, i]
+        if step is not None:
+            q[:, i] = (
+                torch.round(q[:, i] / step[:, i]).clamp(-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+                * step[:, i]
+            )
         err[:, i] = (col - q[:, i]) / diag[i]
         w[:, i:] -= err[:, i : i + 1] * hinv[i : i + 1, i:]
     return q, err, mask
@@ -174,8 +195,11 @@ def obs_block_solve_t_(
     m: int | None = None,
     sub_block: int = 16,
     maskt: torch.Tensor | None = None,
+    step_t: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place transposed solve: wt [B, R] contiguous fp32 -> q (in wt), returns (errt, maskt) [B, R].
+    ``step_t`` [B, R] with ``bits``: the joint mode of ``obs_block_solve_ref``.
 
     The CPU fast path behind ``obs_block_solve_torch`` and ``sparsegpt_solve``. Columns are
     solved in sub-blocks of ``sub_block`` (a multiple of m): rank-1 updates touch only the
@@ -195,7 +219,7 @@ def obs_block_solve_t_(
         maskt = torch.empty_like(wt, dtype=torch.bool)
         denom = torch.empty_like(wt)
     with one_thread(wt.device):
-        errt = _solve_t(wt, hinv, diag, inf, maskt, denom, n, m, sub_block)
+        errt = _solve_t(wt, hinv, diag, inf, maskt, denom, n, m, sub_block, step_t, bits)
     wt.mul_(maskt)
     return errt, maskt
 
@@ -220,11 +244,13 @@ def _unstructured_keep_t(saliency_t: torch.Tensor, sparsity: float) -> torch.Ten
     return above | (at_rb & (at_rb.cumsum(0) <= room)).view(at.shape[1], at.shape[0]).T
 
 
-def _solve_t(wt, hinv, diag, inf, maskt, denom, n, m, sub_block):
+def _solve_t(wt, hinv, diag, inf, maskt, denom, n, m, sub_block, step_t=None, bits=0):
     width = wt.shape[0]
     if n is not None:
         sub_block = max(m, sub_block - sub_block % m)
     errt = torch.empty_like(wt)
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.empty_like(wt[0])
     for s0 in range(0, width, sub_block):
         s1 = min(s0 + sub_block, width)
         for i in range(s0, s1):
@@ -233,7 +259,12 @@ def _solve_t(wt, hinv, diag, inf, maskt, denom, n, m, sub_block):
                 saliency = wt[group].square() / diag[group, None].square()
                 maskt[group] = nm_keep_rows(saliency, n)
                 torch.where(maskt[group], inf, diag[group, None], out=denom[group])
-            torch.div(wt[i], denom[i], out=errt[i])
+            if step_t is None:
+                torch.div(wt[i], denom[i], out=errt[i])
+            else:  # joint mode: the kept weight goes to its grid point, the rounding error spreads too
+                torch.div(wt[i], step_t[i], out=q).round_().clamp_(-qmax, qmax).mul_(step_t[i]).mul_(maskt[i])
+                torch.sub(wt[i], q, out=errt[i]).div_(diag[i])
+                wt[i].copy_(q)
             if i + 1 < s1:
                 wt[i + 1 : s1].addr_(hinv[i, i + 1 : s1], errt[i], alpha=-1.0)
         if s1 < width:
@@ -249,12 +280,16 @@ def obs_block_solve_torch(
     m: int | None = None,
     sub_block: int = 16,
     mask: torch.Tensor | None = None,
+    step: torch.Tensor | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same result as the reference, faster: ``obs_block_solve_t_`` on a transposed copy."""
     _check(w, hinv, sparsity, n, m, mask)
+    _check_step(w, step, bits)
     wt = w.T.clone(memory_format=torch.contiguous_format)  # [B, R]: column i of w is row i
     fixed = None if mask is None else mask.T.contiguous()
-    errt, maskt = obs_block_solve_t_(wt, hinv, sparsity, n, m, sub_block, fixed)
+    step_t = None if step is None else step.T.contiguous()
+    errt, maskt = obs_block_solve_t_(wt, hinv, sparsity, n, m, sub_block, fixed, step_t, bits)
     return wt.T.contiguous(), errt.T.contiguous(), maskt.T.contiguous()
 
 

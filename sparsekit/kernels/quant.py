@@ -52,6 +52,28 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(weight.dtype)
 
 
+def symmetric_steps(weight: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
+    """W [N, K] -> step [N, K] fp32, each weight's grid step on a symmetric ``bits``-bit grid (codes
+    -(2^(bits-1) - 1)..2^(bits-1) - 1, zero exact): max|w| / (2^(bits-1) - 1) per row (``group``
+    None) or per group of ``group`` inputs; an all-zero row or group gets step 1. bits 8, group
+    None is ``quantize_int8``'s scale."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be 2..8, got {bits}")
+    n, k = weight.shape
+    if group is not None and (group < 1 or k % group):
+        raise ValueError(f"a quantization group of {group} inputs must divide in_features={k}")
+    w = weight.detach().float().view(n, -1, group or k)
+    amax = w.abs().amax(dim=-1, keepdim=True)
+    step = torch.where(amax > 0, amax / (2 ** (bits - 1) - 1), torch.ones_like(amax))
+    return step.expand(w.shape).reshape(n, k).contiguous()
+
+
+def round_to_grid(w: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """w on its symmetric grid: round(w / step) clamped to +-(2^(bits-1) - 1), times step (fp32)."""
+    qmax = 2 ** (bits - 1) - 1
+    return torch.round(w.float() / step).clamp_(-qmax, qmax).mul_(step)
+
+
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """q int8 [N, K], scale [N] -> W [N, K] in scale's dtype."""
     return (q.float() * scale.float()[:, None]).to(scale.dtype)

@@ -179,6 +179,11 @@ def hidden_map(model: nn.Module) -> HiddenMap:
             out.final_norms.append(name)
             out.vectors += [(name, p, 0) for p in own]
             continue
+        role = linear_role(name, module, size) if is_linear_like(module) else None
+        if role is not None:  # outside the blocks, e.g. Gemma-4's per-layer-input projection of the embedding
+            (out.reads if role == READS else out.writes).append(name)
+            out.vectors += [(name, p, d) for p, d in _linear_dims(module, role)]
+            continue
         for p, t in own.items():
             if size in t.shape:
                 out.problems.append(f"{name}.{p} {tuple(t.shape)}: a hidden-size axis of unknown role")

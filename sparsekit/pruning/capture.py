@@ -18,6 +18,7 @@ from torch import nn
 
 from sparsekit.models import model_device
 
+from .distributed import World, all_reduce_sum_
 from .offload import materialized, offloaded_modules
 
 
@@ -293,10 +294,11 @@ def tail_loss(
     batch_size: int,
     device: torch.device,
     template: Any,
+    world: World | None = None,
 ) -> float:
     """Mean next-token loss (nats) over every predicted token of ``input_ids`` [n, L] when the last
     decoder block outputs ``finals[k]`` [b, L, H] on the k-th batch of ``batch_size`` sequences
-    (``model_tail``)."""
+    (``model_tail``); with an active ``world`` each rank passes its share and the mean is over all."""
     batches = input_ids.split(batch_size)
     if len(batches) != len(finals):
         raise ValueError(f"{len(finals)} final states for {len(batches)} batches of {batch_size} sequences")
@@ -305,4 +307,8 @@ def tail_loss(
         for batch, final in zip(batches, finals, strict=True):
             tokens = batch.numel() - batch.shape[0]
             total, count = total + run(batch, final).item() * tokens, count + tokens
+    if world is not None and world.active:
+        parts = torch.tensor([total, count], dtype=torch.float64)
+        all_reduce_sum_([parts])
+        total, count = parts.tolist()
     return total / count

@@ -87,6 +87,16 @@ def shard(n_chunks: int, world: World) -> range:
     return range(world.rank * n_chunks // world.size, (world.rank + 1) * n_chunks // world.size)
 
 
+def calibration_share(input_ids: torch.Tensor, batch_size: int, world: World) -> torch.Tensor:
+    """This rank's calibration sequences [n_r, L] of ``input_ids`` [n, L]: whole chunks of
+    ``batch_size`` in the global order (``shard``), so no chunk depends on the world size; all of
+    them outside a group."""
+    if not world.active:
+        return input_ids
+    part = shard(-(-input_ids.shape[0] // batch_size), world)
+    return input_ids[part.start * batch_size : part.stop * batch_size]
+
+
 def assign(costs: Sequence[tuple[str, float]], size: int) -> dict[str, int]:
     """Layer name -> rank: largest cost first onto the least loaded rank (ties: the lower rank),
     the same answer on every rank."""

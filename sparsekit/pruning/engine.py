@@ -37,7 +37,15 @@ from sparsekit.models import (
 from .allocation import Allocation, allocation, outlier_ratio
 from .capture import Chunk, capture_block_inputs, cast_chunks, resolve_forward_dtype, run_block
 from .compose import MaskRefine, NoRefine, NoUpdate, WeightUpdate, mask_refine, weight_update
-from .distributed import World, all_reduce_sum_, assign, broadcast_, current_world, gather_objects, shard
+from .distributed import (
+    World,
+    all_reduce_sum_,
+    assign,
+    broadcast_,
+    calibration_share,
+    current_world,
+    gather_objects,
+)
 from .experts import pool_expert_stats, routed_experts
 from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error_parts
 from .method import (
@@ -51,6 +59,7 @@ from .method import (
 )
 from .offload import check_writable_offload, materialized
 from .permute import fold_permutation, permute_columns_, permute_rows_, permute_stats
+from .sparsegpt import QuantGrid
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +115,10 @@ class PruneConfig:
     expert_tokens: str = "routed"
     expert_min_tokens: int = 64
     prune_routers: bool = False
+    # SparseGPT only: quantize every kept weight to a symmetric wbits-bit grid (per output row, or per
+    # group of wgroup inputs) inside the same sweep (the paper's joint mode); weights stay float
+    wbits: int | None = None
+    wgroup: int | None = None
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -129,11 +142,37 @@ class PruneConfig:
         self.refine = mask_refine(self.refine)
         self.update = weight_update(self.update)
         self._check_combination()
+        self._check_quantization()
         if self.forward_dtype not in ("auto", "model"):
             try:
                 self.forward_dtype = parse_dtype(self.forward_dtype)
             except ValueError as exc:
                 raise ValueError(f"forward_dtype: {exc}, or auto / model") from None
+
+    @property
+    def quant_grid(self) -> QuantGrid | None:
+        """The joint mode's grid (``wbits``, ``wgroup``), or None."""
+        return None if self.wbits is None else QuantGrid(self.wbits, self.wgroup)
+
+    def _check_quantization(self) -> None:
+        if self.wbits is None:
+            if self.wgroup is not None:
+                raise ValueError(
+                    f"wgroup={self.wgroup} sizes the groups of wbits' grid: add wbits (e.g. 4), or drop it"
+                )
+            return
+        self.quant_grid  # validates the values  # noqa: B018
+        if self.method.name != "sparsegpt":
+            raise ValueError(
+                f"wbits quantizes inside SparseGPT's sweep, and method {self.method.name!r} has none: use "
+                "method='sparsegpt', or prune and then quantize (sparsekit quantize)"
+            )
+        moved = [s.name for s in (self.refine, self.update) if s.name != "none"]
+        if moved:
+            raise ValueError(
+                f"wbits puts the weights on a grid, and {' and '.join(moved)} would move them off it "
+                "after the sweep: drop refine / update, or drop wbits"
+            )
 
     def _check_combination(self) -> None:
         if self.permute and not isinstance(self.sparsity, NMPattern):
@@ -173,6 +212,8 @@ class PruneConfig:
         steps += [s.name for s in (self.refine, self.update) if s.name != "none"]
         if self.allocation.name != "uniform":
             steps.append(self.allocation.name)
+        if self.quant_grid is not None:
+            steps.append(str(self.quant_grid))
         return "+".join(steps)
 
 
@@ -265,6 +306,7 @@ def prune_model(
     anatomy = describe(model)
     anatomy.require_dense(config.label)
     _check_expert_options(anatomy, config)
+    _check_grid_groups(anatomy, config)
     moe = [b.index for b in anatomy if b.experts is not None]
     blocks = anatomy.blocks
     prefix = block_prefix or anatomy.blocks_path
@@ -278,6 +320,12 @@ def prune_model(
     report = PruneReport(
         method.name, str(config.sparsity), nsamples, seqlen, world_size=world.size, recipe=config.label
     )
+    if config.quant_grid is not None:
+        per = f"per {config.wgroup} inputs" if config.wgroup else "per output row"
+        report.notes.append(
+            f"wbits: kept weights rounded to a symmetric {config.wbits}-bit grid ({per}) inside SparseGPT's "
+            "sweep; they are stored as floats on that grid (simulated quantization)"
+        )
     if config.permute and moe:
         report.notes.append(
             f"permute: the experts of MoE blocks {moe} keep their channel order (no fold is defined inside "
@@ -287,10 +335,7 @@ def prune_model(
     chunks: list[Chunk] = []
     if needs_data:
         _check_calibration(input_ids, config.label)
-        mine = input_ids
-        if world.active:  # whole chunks of the global order, so no chunk depends on the world size
-            share = shard(-(-nsamples // config.batch_size), world)
-            mine = input_ids[share.start * config.batch_size : share.stop * config.batch_size]
+        mine = calibration_share(input_ids, config.batch_size, world)
         log.info(
             "capturing inputs of %s.0 for %d x %d calibration tokens%s",
             prefix,
@@ -438,6 +483,26 @@ def _prune_block(
             chunk.hidden = out
         del dense_outputs, pruned_outputs, dense_weights
     return linears
+
+
+def _check_grid_groups(anatomy, config: PruneConfig) -> None:
+    """wgroup must divide every pruned layer's in_features: checked before any forward runs."""
+    if config.wgroup is None:
+        return
+    widths = sorted(
+        {
+            linear_weight(m).shape[1]
+            for b in anatomy
+            for m in b.prunable(routers=config.prune_routers).values()
+        }
+    )
+    bad = [k for k in widths if k % config.wgroup]
+    if bad:
+        fits = [g for g in (32, 64, 128, 256) if all(k % g == 0 for k in widths)]
+        raise ValueError(
+            f"wgroup={config.wgroup} does not divide in_features {bad} of this model's layers; "
+            f"choose a group that divides {widths}{f' (e.g. {fits[-1]})' if fits else ''}, or drop wgroup"
+        )
 
 
 def _check_expert_options(anatomy, config: PruneConfig) -> None:

@@ -16,6 +16,7 @@ from sparsekit.formats import NMPattern, Pattern, parse_sparsity
 from sparsekit.kernels import obs_block_solve, obs_block_solve_ref
 from sparsekit.kernels._backend import use_triton
 from sparsekit.kernels.obs_solve import obs_block_solve_t_, one_thread
+from sparsekit.kernels.quant import symmetric_steps
 
 from .magnitude import _check_weight
 from .method import Gram, InputStat, LayerResult, PruningMethod, register_method
@@ -134,11 +135,14 @@ def _solve_with_inverse_factor(wt, hinv, blocksize, kwargs, block_solver):
     cols = wt.shape[0]
     kwargs = dict(kwargs)
     keep_t = kwargs.pop("keep_t", None)  # a fixed keep-mask^T [K, N]
+    step_t, bits = kwargs.pop("step_t", None), kwargs.pop("bits", 0)  # joint quantization grid^T
     maskt = torch.ones_like(wt, dtype=torch.bool)
     err_sq = torch.zeros(cols, dtype=torch.float64, device=wt.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         kw = kwargs if keep_t is None else {"mask": keep_t[i1:i2].T}
+        if step_t is not None:
+            kw = {**kw, "step": step_t[i1:i2].T, "bits": bits}
         q, err, block_mask = block_solver(wt[i1:i2].T, hinv[i1:i2, i1:i2], **kw)
         wt[i1:i2], maskt[i1:i2] = q.T, block_mask.T
         err_sq[i1:i2] = err.square().sum(dim=0)
@@ -159,7 +163,8 @@ def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs):
     cols = wt.shape[0]
     kwargs = dict(kwargs)
     keep_t = kwargs.pop("keep_t", None)  # a fixed keep-mask^T [K, N]
-    cpu_fast = not use_triton(wt, upper_v)
+    step_t, bits = kwargs.pop("step_t", None), kwargs.pop("bits", 0)  # joint quantization grid^T
+    cpu_fast = not use_triton(wt, upper_v) or step_t is not None  # the Triton block solve has no grid
     maskt = torch.ones_like(wt, dtype=torch.bool)
     err_sq = torch.zeros(cols, dtype=torch.float64, device=wt.device)
     acc = torch.empty_like(wt)  # S^T [K, N]; rows past the first block are set (beta=0) by block 0
@@ -177,7 +182,8 @@ def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs):
                 start = torch.addmm(wt[i1:i2], u_block.T, acc[i1:i2])  # (W0_b + S_b U_bb)^T
             if cpu_fast:  # q lands in ``start``, no transposes
                 fixed = None if keep_t is None else keep_t[i1:i2]
-                errt, maskt[i1:i2] = obs_block_solve_t_(start, u_block, **kwargs, maskt=fixed)
+                grid = {} if step_t is None else {"step_t": step_t[i1:i2], "bits": bits}
+                errt, maskt[i1:i2] = obs_block_solve_t_(start, u_block, **kwargs, maskt=fixed, **grid)
             else:
                 kw = kwargs if keep_t is None else {"mask": keep_t[i1:i2].T}
                 q, err, block_mask = obs_block_solve(start.T, u_block, **kw)
@@ -193,6 +199,29 @@ def _solve_with_hessian_factor(wt, upper_v, blocksize, kwargs):
 
 FACTOR_SOLVER = HessianFactorSolver()
 PLAIN_SOLVER = PlainSolver()
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """A symmetric ``bits``-bit weight grid, one step per output row (``group`` None) or per group of
+    ``group`` inputs, from the dense weight's max |w| (``symmetric_steps``): zeros stay exact, so
+    the pruned weights remain zero. bits 8 per row is the int8 format's scale."""
+
+    bits: int
+    group: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"wbits must be 2..8, got {self.bits}")
+        if self.group is not None and self.group < 1:
+            raise ValueError(f"wgroup must be >= 1 inputs, got {self.group}")
+
+    def steps(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight [N, K] -> step [N, K] fp32."""
+        return symmetric_steps(weight, self.bits, self.group)
+
+    def __str__(self) -> str:
+        return f"w{self.bits}" + (f"g{self.group}" if self.group else "")
 
 
 def check_hessian(hessian: torch.Tensor) -> None:
@@ -223,6 +252,7 @@ def sparsegpt_solve(
     percdamp: float = 0.01,
     solver: SparseGPTSolver = FACTOR_SOLVER,
     keep: torch.Tensor | None = None,
+    grid: QuantGrid | None = None,
 ) -> SparseGPTResult:
     """Prune weight [N, K] with its Hessian [K, K]; returns weights, mask and diagnostics.
 
@@ -230,6 +260,9 @@ def sparsegpt_solve(
     ``PLAIN_SOLVER`` (the paper's loop on U = chol(H^-1) with the per-column reference).
     ``keep`` [N, K] bool: a fixed mask (True = kept), chosen elsewhere; the solve then only
     updates the kept weights (OBS), and ``sparsity`` is not used to choose.
+    ``grid``: the paper's joint sparsification and quantization, every kept weight rounded to its
+    symmetric grid (steps from the dense weight, ``QuantGrid``) inside the same sweep, so later
+    columns compensate the rounding as well as the pruning; the result holds the grid values.
     """
     pattern = parse_sparsity(sparsity)
     _check_weight(weight)
@@ -264,6 +297,8 @@ def sparsegpt_solve(
         kwargs = dict(n=pattern.keep, m=pattern.group)
     else:
         kwargs = dict(sparsity=pattern.sparsity)
+    if grid is not None:
+        kwargs.update(step_t=grid.steps(weight).T.contiguous().to(wt.device), bits=grid.bits)
     maskt, err_sq, u_diag, damp_used = solver.solve(wt, hessian, dead, percdamp, blocksize, kwargs)
     obs_loss = 0.5 * (err_sq * u_diag.double().square()).sum().item()
     if dead.any():
@@ -313,8 +348,9 @@ class SparseGPT(PruningMethod):
     def prune(self, weight: torch.Tensor, stat: InputStat | None, config) -> LayerResult:
         hessian = stat.value * (2.0 / max(stat.tokens, 1))
         result = sparsegpt_solve(
-            weight, hessian, config.sparsity, config.blocksize, config.percdamp, solver=self.solver
-        )
+            weight, hessian, config.sparsity, config.blocksize, config.percdamp, solver=self.solver,
+            grid=config.quant_grid,
+        )  # fmt: skip
         return LayerResult(result.weight, result.mask, result.percdamp)
 
     def channel_scores(self, weight: torch.Tensor, stat: InputStat | None) -> torch.Tensor:

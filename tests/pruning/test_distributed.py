@@ -15,6 +15,7 @@ import torch
 from sparsekit.pruning.distributed import World, assign, shard
 
 ROOT = Path(__file__).resolve().parents[2]
+STRUCTURED = ("reap", "flap", "wanda-sp", "minitron", "shortgpt", "angular", "shortened-ppl", "blockpruner")
 
 # one process of the group: prune the tiny model and save what it has (every rank saves)
 WORKER = textwrap.dedent(
@@ -24,6 +25,7 @@ WORKER = textwrap.dedent(
     torch.set_num_threads(1)
     sys.path.insert(0, {root!r})
     from tests.conftest import tiny_model
+    from tests.pruning.test_distributed import STRUCTURED
     from sparsekit.pruning import PruneConfig, prune_model
     from sparsekit.pruning import distributed
 
@@ -41,7 +43,7 @@ WORKER = textwrap.dedent(
         def boom(*a, **k):
             raise RuntimeError("injected failure")
         engine._prune_linear = boom
-    if method == "reap":  # whole experts: REAP sums summed over the ranks before any decision
+    if method in STRUCTURED:  # sums over the ranks
         import sparsekit
         report = sparsekit.prune(model, method=method, sparsity=float(sparsity), calib=ids, batch_size=2,
                                  widths=os.environ.get("WIDTHS", "uniform"), show_progress=False)
@@ -150,29 +152,70 @@ def test_two_ranks_reproduce_one_process(tmp_path, method, sparsity, family):
         assert report["block_rel_errors"] == pytest.approx(single_report.block_rel_errors, rel=1e-4)
 
 
+def _single_structured(model, method: str, sparsity: float, widths: str):
+    """(model, report) of one process pruning ``model`` with the workers' calibration ids, 1 thread."""
+    import sparsekit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+        report = sparsekit.prune(
+            model,
+            method=method,
+            sparsity=sparsity,
+            calib=ids,
+            batch_size=2,
+            widths=widths,
+            show_progress=False,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return model, report
+
+
 @pytest.mark.parametrize("widths", ["uniform", "adaptive"])
 def test_two_ranks_remove_the_same_experts_as_one_process(tmp_path, widths):
-    import sparsekit
     from sparsekit.bench.coverage import tiny_model as tiny_family
 
     codes, outs = _run_group(tmp_path, "reap", "0.5", family="qwen3_moe", widths=widths)
     assert codes == [0, 0], outs
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = tiny_family("qwen3_moe")
-        ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
-        single = sparsekit.prune(
-            model, method="reap", sparsity=0.5, calib=ids, batch_size=2, widths=widths, show_progress=False
-        )
-    finally:
-        torch.set_num_threads(threads)
+    model, single = _single_structured(tiny_family("qwen3_moe"), "reap", 0.5, widths)
     report = json.loads((tmp_path / "report.json").read_text())
     assert [b["kept"] for b in report["experts"]] == [b["kept"] for b in single.experts]
     assert [b["tokens"] for b in report["experts"]] == [b["tokens"] for b in single.experts]  # all 8 x 24
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, ref in model.state_dict().items():
         assert torch.equal(ranks[0][name], ranks[1][name]) and torch.equal(ranks[0][name], ref), name
+
+
+@pytest.mark.parametrize(
+    ("method", "widths"),
+    [("flap", "adaptive"), ("wanda-sp", "uniform"), ("minitron", "uniform"), ("shortgpt", "uniform"),
+     ("angular", "uniform"), ("shortened-ppl", "uniform"), ("blockpruner", "uniform")],
+)  # fmt: skip
+def test_two_ranks_cut_the_same_structure_as_one_process(tmp_path, method, widths):
+    """Width pruning's channel statistics (Minitron's too), the depth criteria's token means and the
+    calibration perplexities of Shortened-LLM and BlockPruner are sums: each rank runs its share of
+    the calibration chunks and the sums are all-reduced, so the cut (FLAP's compensation bias,
+    Minitron's norm gains, the removed blocks and sub-blocks) is one process's."""
+
+    from tests.conftest import tiny_model
+
+    codes, outs = _run_group(tmp_path, method, "0.3", widths=widths)
+    assert codes == [0, 0], outs
+    model, single = _single_structured(tiny_model("qwen2"), method, 0.3, widths)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["widths"] == single.widths and report["nsamples"] == 8
+    assert report["removed_blocks"] == single.removed_blocks
+    assert report["block_scores"] == pytest.approx(single.block_scores, rel=1e-6)
+    removed = [(r["block"], r["kind"]) for r in report["removed_subblocks"]]
+    assert removed == [(r["block"], r["kind"]) for r in single.removed_subblocks]
+    assert report.get("hidden_size") == (list(single.hidden_size) if single.hidden_size else None)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, ref in model.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], ref, rtol=1e-5, atol=1e-6)
 
 
 def test_a_failing_rank_stops_the_other_with_an_error(tmp_path):

@@ -10,9 +10,10 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import sparsekit
-from sparsekit.bench.coverage import calib_ids, tiny_model
+from sparsekit.bench.coverage import calib_ids, tiny_config, tiny_model
 from sparsekit.models import UnsupportedArchitecture, describe, hidden_map
 from sparsekit.pruning.structured import StructuredConfig, structured_method
 from sparsekit.pruning.structured.minitron import Importance, Moments, norm_gain
@@ -163,12 +164,40 @@ def test_hidden_cut_a_config_cannot_state_is_refused_before_any_weight_changes(f
     assert report.removed_fraction > 0.2
 
 
-@pytest.mark.parametrize("family", ["gemma4_text", "mixtral"])
-def test_what_the_hidden_map_cannot_place_is_refused(family):
-    model = tiny_model(family)
-    refusal = "cannot cut (this model.s hidden size|mixtral: .*Mixture)"
-    with pytest.raises(UnsupportedArchitecture, match=refusal):
+def test_a_mixture_of_experts_width_cut_is_refused():
+    model = tiny_model("mixtral")
+    with pytest.raises(UnsupportedArchitecture, match="minitron cannot cut mixtral: .*Mixture-of-Experts"):
         _prune(model, sparsity=0.2)
+
+
+def test_a_square_linear_outside_the_blocks_is_refused():
+    """Gemma-4's model-level per-layer projection reads the stream; where its output happens to be
+    hidden-sized too, nothing tells its sides apart, so the cut is refused."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("gemma4_text", hidden_size_per_layer_input=16)
+    ).eval()
+    with pytest.raises(
+        UnsupportedArchitecture, match="per_layer_model_projection.weight .64, 64.: a hidden-size"
+    ):
+        _prune(model, sparsity=0.2)
+
+
+def test_gemma4_model_level_projection_is_cut_and_its_derived_scale_follows(tmp_path):
+    """The projection of the embedding into per-layer inputs loses the cut input columns, and the
+    scale Gemma-4's code derives from hidden_size (hidden_size**-0.5) is reset with the old / new
+    ratio folded into the projection: the reloaded checkpoint gives the in-memory logits."""
+    model = tiny_model("gemma4_text")
+    ids = calib_ids()
+    report = _prune(model, ids, sparsity=0.3, axes="hidden,mlp,heads")
+    new = model.config.hidden_size
+    assert new < 64 and model.model.per_layer_model_projection.weight.shape[1] == new
+    assert model.model.per_layer_model_projection_scale == pytest.approx(new**-0.5)
+    assert any("per_layer_model_projection_scale follows the config" in n for n in report.notes)
+    out = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(again, ids), out)
 
 
 def test_options_are_checked():

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from sparsekit.models import (
 from sparsekit.models.families import family
 
 from ..capture import Chunk, block_output_structure, tail_loss
+from ..distributed import World, all_reduce_sum_, calibration_share, current_world
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -78,6 +79,15 @@ def _token_cos(a: torch.Tensor, b: torch.Tensor, tokens: str) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-1).reshape(-1)
 
 
+def _mean_over_ranks(values: torch.Tensor, world: World | None) -> float:
+    """The mean of ``values`` [n] over every rank's tokens (this rank's alone outside a group)."""
+    if world is None or not world.active:
+        return values.mean().item()
+    parts = torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64)])
+    all_reduce_sum_([parts])
+    return (parts[0] / parts[1]).item()
+
+
 def block_influence(
     blocks: nn.ModuleList,
     chunks: list[Chunk],
@@ -85,14 +95,16 @@ def block_influence(
     tokens: str = "all",
     show_progress: bool = True,
     record=None,
+    world: World | None = None,
 ) -> list[float]:
-    """ShortGPT's BI per block (1 - mean cos(in, out)); runs the dense stack once (chunks advance)."""
+    """ShortGPT's BI per block (1 - mean cos(in, out)); runs the dense stack once (chunks advance).
+    With an active ``world`` each rank holds its share of the chunks and the mean is over all."""
     scores = []
     for index, block in enumerate(tqdm(blocks, desc="block influence", disable=not show_progress)):
         with on_device(block, device):
             outs = forward(block, chunks, index)
         cos = torch.cat([_token_cos(c.hidden, o, tokens) for c, o in zip(chunks, outs, strict=True)])
-        scores.append(1.0 - cos.mean().item())
+        scores.append(1.0 - _mean_over_ranks(cos.cpu(), world))
         if record is not None:
             record(outs)
         for c, o in zip(chunks, outs, strict=True):
@@ -108,14 +120,16 @@ def angular_distances(
     tokens: str = "all",
     show_progress: bool = True,
     record=None,
+    world: World | None = None,
 ) -> list[float]:
-    """d(l) = mean arccos(cos(x_l, x_{l+n})) / pi for every start l in [0, blocks - n]."""
+    """d(l) = mean arccos(cos(x_l, x_{l+n})) / pi for every start l in [0, blocks - n] (the mean over
+    every rank's tokens with an active ``world``)."""
     window: deque[list[torch.Tensor]] = deque([[c.hidden for c in chunks]], maxlen=n + 1)
     distances = []
 
     def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         cos = torch.cat([_token_cos(x, y, tokens) for x, y in zip(a, b, strict=True)])
-        return (torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).mean().item()
+        return _mean_over_ranks((torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).cpu(), world)
 
     if n == 0:
         return [0.0] * (len(blocks) + 1)
@@ -369,7 +383,8 @@ def repair_pass(
 
 @dataclass
 class DepthContext:
-    """What a depth criterion may read: the model and its calibration ids, the decoder blocks, the
+    """What a depth criterion may read: the model and its calibration ids (this rank's share under
+    torchrun when the method ``shards``), the decoder blocks, the
     block-0 inputs (``chunks``, advanced in place by a pass over the blocks), the compute device and
     ``record`` (called with each block's dense outputs, in order, by a pass that computes them)."""
 
@@ -379,6 +394,7 @@ class DepthContext:
     chunks: list[Chunk]
     device: torch.device
     record: Callable[[list[torch.Tensor]], None]
+    world: World = field(default_factory=World)  # active: ``chunks`` are this rank's share
 
 
 class DepthMethod(StructuredMethod):
@@ -387,6 +403,7 @@ class DepthMethod(StructuredMethod):
     state_budget_bytes: int = 4 << 30  # dense boundary states kept for the repair up to this size
     uses_tokens: bool = False  # reads StructuredConfig.tokens (cosine-based criteria)
     whole_model: str = ""  # "forward" / "backward": runs the whole model to its loss (memory checks)
+    shards: bool = False  # ``choose`` reduces its token means over ranks (ctx.world), so chunks are split
 
     def choose(self, ctx: DepthContext, n: int, config: StructuredConfig) -> tuple[list[int], list[float]]:
         """(indices of the n blocks to remove, the per-block scores shown in the report)."""
@@ -407,15 +424,19 @@ class DepthMethod(StructuredMethod):
         report = StructuredReport(self.name, config.sparsity, *input_ids.shape)
         report.params_before, report.block_params_before = param_count(model), block_param_count(model)
         device = compute_device(model, config.device)
+        # under torchrun a criterion that is a token mean splits the tokens over the ranks; the repair
+        # (a least-squares fit on every token) and the other criteria run on all of them on every rank
+        world = current_world() if self.shards and not config.repair else World()
         started = time.perf_counter()
         with torch.no_grad():
-            chunks = capture(model, input_ids, config.batch_size, device)
+            mine = calibration_share(input_ids, config.batch_size, world)
+            chunks = capture(model, mine, config.batch_size, device)
             if config.repair:
                 for block in anatomy:
                     check_mlp_reaches_residual(block, chunks[0], device)
             inputs = [c.hidden for c in chunks]
             dense = DenseStates(blocks, chunks, device, self.state_budget_bytes if config.repair else 0)
-            ctx = DepthContext(model, input_ids, blocks, chunks, device, dense.record)
+            ctx = DepthContext(model, mine, blocks, chunks, device, dense.record, world)
             removed, scores = self.choose(ctx, n, config)
             dense.complete_or_recompute()
             report.timings_s["score"] = time.perf_counter() - started
@@ -445,10 +466,12 @@ class ShortGPT(DepthMethod):
 
     name = "shortgpt"
     uses_tokens = True
+    shards = True
 
     def choose(self, ctx, n, config):
+        show = config.show_progress and ctx.world.main
         scores = block_influence(
-            ctx.blocks, ctx.chunks, ctx.device, config.tokens, config.show_progress, ctx.record
+            ctx.blocks, ctx.chunks, ctx.device, config.tokens, show, ctx.record, ctx.world
         )
         order = sorted(range(len(scores)), key=lambda i: scores[i])
         return sorted(order[:n]), scores
@@ -460,13 +483,15 @@ class Angular(DepthMethod):
 
     name = "angular"
     uses_tokens = True
+    shards = True
 
     def choose(self, ctx, n, config):
         if n == 0:
             return [], []
         distances = angular_distances(
-            ctx.blocks, ctx.chunks, n, ctx.device, config.tokens, config.show_progress, ctx.record
-        )
+            ctx.blocks, ctx.chunks, n, ctx.device, config.tokens, config.show_progress and ctx.world.main,
+            ctx.record, ctx.world,
+        )  # fmt: skip
         start = min(range(len(distances)), key=lambda i: distances[i])
         return list(range(start, start + n)), distances
 
@@ -481,6 +506,7 @@ class ShortenedPPL(DepthMethod):
 
     name = "shortened-ppl"
     whole_model = "forward"
+    shards = True
 
     def choose(self, ctx, n, config):
         """One dense pass stores every block's input; skipping block i then reruns blocks i+1.. from
@@ -492,11 +518,20 @@ class ShortenedPPL(DepthMethod):
         template = block_output_structure(ctx.blocks[0], ctx.chunks[0], 0)
         scores = []
         for index in tqdm(
-            range(len(ctx.blocks)), desc="ppl with a block skipped", disable=not config.show_progress
+            range(len(ctx.blocks)),
+            desc="ppl with a block skipped",
+            disable=not config.show_progress or not ctx.world.main,
         ):
             final = states.run_from(index + 1, states.inputs[index])
             loss = tail_loss(
-                ctx.model, ctx.blocks, final, ctx.input_ids, config.batch_size, ctx.device, template
+                ctx.model,
+                ctx.blocks,
+                final,
+                ctx.input_ids,
+                config.batch_size,
+                ctx.device,
+                template,
+                ctx.world,
             )
             scores.append(math.exp(loss))
         return _lowest(scores, n, list(range(len(scores)))), scores

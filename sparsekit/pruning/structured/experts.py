@@ -36,7 +36,7 @@ from sparsekit.models import (
 )
 from sparsekit.models.experts import EXPERT_COUNT_ATTRS
 
-from ..distributed import World, all_reduce_sum_, current_world, shard
+from ..distributed import World, all_reduce_sum_, calibration_share, current_world
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -115,14 +115,6 @@ def _score_pass(anatomy, chunks, device, show_progress: bool) -> dict[int, Exper
         for c, o in zip(chunks, outs, strict=True):
             c.hidden = o
     return scores
-
-
-def _my_share(input_ids: torch.Tensor, batch_size: int, world: World) -> torch.Tensor:
-    """This rank's calibration sequences: whole chunks of the global order (as the engine shards)."""
-    if not world.active:
-        return input_ids
-    part = shard(-(-input_ids.shape[0] // batch_size), world)
-    return input_ids[part.start * batch_size : part.stop * batch_size]
 
 
 def _sum_over_ranks(scores: dict[int, ExpertScores], world: World, device: torch.device) -> None:
@@ -289,7 +281,9 @@ class _ExpertMethod(StructuredMethod):
         world = current_world()
         started = time.perf_counter()
         with torch.no_grad():
-            chunks = capture(model, _my_share(input_ids, config.batch_size, world), config.batch_size, device)
+            chunks = capture(
+                model, calibration_share(input_ids, config.batch_size, world), config.batch_size, device
+            )
             scores = _score_pass(anatomy, chunks, device, config.show_progress and world.main)
             del chunks
             _sum_over_ranks(scores, world, device)

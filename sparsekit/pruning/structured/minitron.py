@@ -47,7 +47,9 @@ from sparsekit.models import (
     require_hidden_cut,
 )
 from sparsekit.models.hidden import embedding_gain
+from sparsekit.models.modules import is_linear_like, linear_weight
 
+from ..distributed import World, all_reduce_sum_, calibration_share, current_world
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -106,6 +108,20 @@ class Stats:
     norms: dict[str, Moments] = field(default_factory=dict)  # each norm's input, by qualified name
     heads: list[Importance | None] = field(default_factory=list)  # per block: o_proj's input
     mlp: list[Importance | None] = field(default_factory=list)  # per block: down_proj's input
+
+    def sum_over_ranks(self, world: World) -> None:
+        """Every statistic summed over the ranks' shares of the calibration tokens (all sums)."""
+        if not world.active:
+            return
+        importances = [self.hidden, *(i for i in (*self.heads, *self.mlp) if i is not None)]
+        moments = [self.norms[n] for n in sorted(self.norms)]
+        tensors = [i.value for i in importances] + [t for m in moments for t in (m.raw, m.centered)]
+        counts = torch.tensor(
+            [float(m.count) for m in moments], dtype=torch.float64, device=tensors[0].device
+        )
+        all_reduce_sum_([*tensors, counts])
+        for m, n in zip(moments, counts.tolist(), strict=True):
+            m.count = int(n)
 
 
 def _hooks(model: nn.Module, block: BlockAnatomy, prefix: str, hmap: HiddenMap, stats: Stats) -> list:
@@ -330,6 +346,43 @@ def cut_hidden(
         )
 
 
+def follow_config_constants(model: nn.Module, old_config) -> list[str]:
+    """Float attributes the family's code derives from its config (Gemma-4's
+    ``per_layer_model_projection_scale = hidden_size**-0.5``) moved to what the new config gives, so
+    the saved checkpoint behaves as the model in memory: an attribute counts when a build from
+    ``old_config`` and one from the model's (new) config disagree on it, and the model still holds
+    the old build's value. Where it scales a linear named like it (``<linear>_scale``), old / new is
+    folded into that linear's weight and bias, so the function is kept. Returns a note per change."""
+    before = dict(build_on_meta(model, old_config).named_modules())
+    after = dict(build_on_meta(model, model.config).named_modules())
+    notes = []
+    for name, module in model.named_modules():
+        if name not in before or name not in after:
+            continue
+        for attr, new in vars(after[name]).items():
+            old = vars(before[name]).get(attr)
+            if (
+                not (isinstance(new, float) and isinstance(old, float))
+                or old == new
+                or vars(module).get(attr) != old
+            ):
+                continue
+            setattr(module, attr, new)
+            scaled = getattr(module, attr.removesuffix("_scale"), None) if attr.endswith("_scale") else None
+            folded = is_linear_like(scaled) and new != 0
+            if folded:
+                with torch.no_grad():
+                    linear_weight(scaled).mul_(old / new)
+                    if getattr(scaled, "bias", None) is not None:
+                        scaled.bias.mul_(old / new)
+            where = f"{name}.{attr}" if name else attr
+            notes.append(
+                f"{where} follows the config: {old:.6g} -> {new:.6g}"
+                + (f" (old / new folded into {attr.removesuffix('_scale')})" if folded else "")
+            )
+    return notes
+
+
 def _config_update(model: nn.Module, anatomy: ModelAnatomy, new_hidden: int | None) -> dict[str, object]:
     widths = block_widths(anatomy)
     updates: dict[str, object] = {}
@@ -387,8 +440,12 @@ class Minitron(StructuredMethod):
         device = compute_device(model, config.device)
         started = time.perf_counter()
         with torch.no_grad():
-            chunks = capture(model, input_ids, config.batch_size, device)
-            stats = collect(model, anatomy, hmap, chunks, device, config.show_progress)
+            world = current_world()
+            chunks = capture(
+                model, calibration_share(input_ids, config.batch_size, world), config.batch_size, device
+            )
+            stats = collect(model, anatomy, hmap, chunks, device, config.show_progress and world.main)
+            stats.sum_over_ranks(world)
             del chunks
             report.timings_s["statistics"] = time.perf_counter() - started
             started = time.perf_counter()
@@ -404,9 +461,11 @@ class Minitron(StructuredMethod):
             if cuts_hidden:
                 cut_hidden(model, hmap, chosen.hidden, stats, report, self.norm_gains)
                 stated = model.config.to_dict()  # (Gemma-4's per-layer keys raise on getattr)
+                old_config = copy.deepcopy(model.config)
                 for key, value in _config_update(model, anatomy, len(chosen.hidden)).items():
                     if stated.get(key) != value:
                         setattr(model.config, key, value)
+                report.notes += follow_config_constants(model, old_config)
             report.timings_s["select+cut"] = time.perf_counter() - started
         anatomy = describe(model, refresh=True)
         if cuts_hidden:

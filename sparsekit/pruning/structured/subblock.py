@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -46,6 +46,7 @@ from sparsekit.models import BlockAnatomy, ModelAnatomy, describe
 from sparsekit.models.families import KV_SHARING_ATTRS
 
 from ..capture import Chunk, block_output_structure, tail_loss
+from ..distributed import World, calibration_share, current_world
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -108,6 +109,7 @@ class SearchContext:
     states: BlockStates
     template: object
     device: torch.device
+    world: World = field(default_factory=World)  # active: ``input_ids`` and the states are this rank's share
 
     def ppl_without(self, cand: Candidate) -> float:
         """Calibration perplexity of the current model with ``cand`` removed as well."""
@@ -121,6 +123,7 @@ class SearchContext:
             self.batch_size,
             self.device,
             self.template,
+            self.world,
         )
         return math.exp(loss)
 
@@ -173,16 +176,23 @@ def greedy_removal(
 def search_subblocks(
     model: nn.Module, input_ids: torch.Tensor, config: StructuredConfig, target: float, kinds: tuple[str, ...]
 ) -> list[dict]:
-    """Capture, store every block's input and run the greedy search (``greedy_removal``)."""
+    """Capture, store every block's input and run the greedy search (``greedy_removal``). Under
+    torchrun each rank holds its share of the calibration chunks (when there is one for every
+    rank) and every perplexity is the mean over all ranks' tokens."""
     anatomy = describe(model)
     device = compute_device(model, config.device)
+    world = current_world()
+    if -(-input_ids.shape[0] // config.batch_size) < world.size:
+        world = World()  # fewer chunks than ranks (2SSP's 2,048-token search): every rank runs them all
+    mine = calibration_share(input_ids, config.batch_size, world)
     with torch.no_grad():
-        chunks = capture(model, input_ids, config.batch_size, device)
+        chunks = capture(model, mine, config.batch_size, device)
         with on_device(anatomy.blocks[0], device):
             template = block_output_structure(anatomy.blocks[0], chunks[0], 0)
         states = BlockStates(anatomy.blocks, chunks, device)
-        ctx = SearchContext(model, anatomy, input_ids, config.batch_size, states, template, device)
-        return greedy_removal(ctx, target, kinds, config.subblock_search, config.show_progress)
+        ctx = SearchContext(model, anatomy, mine, config.batch_size, states, template, device, world)
+        show = config.show_progress and current_world().main
+        return greedy_removal(ctx, target, kinds, config.subblock_search, show)
 
 
 class SubblockMethod(StructuredMethod):

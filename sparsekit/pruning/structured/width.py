@@ -33,6 +33,7 @@ from torch import nn
 from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, in_out_features, linear_weight
 from sparsekit.models.families import CONFIG_MLP_WIDTH_KEYS, family
 
+from ..distributed import World, all_reduce_sum_, calibration_share, current_world
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -107,6 +108,18 @@ def collect_stats(anatomy: ModelAnatomy, chunks, device, show_progress: bool) ->
 
     hooked_pass(anatomy, chunks, device, hook_block, "channel statistics", show_progress)
     return stats
+
+
+def sum_stats_over_ranks(stats: list[BlockStats], world: World) -> None:
+    """Every rank ends with the channel sums, sums of squares and counts over all ranks' tokens."""
+    if not world.active:
+        return
+    parts = [c for s in stats for c in (s.attn, s.mlp)]
+    tensors = [t for c in parts if c.sum is not None for t in (c.sum, c.sq_sum)]
+    counts = torch.tensor([float(c.count) for c in parts], dtype=torch.float64, device=tensors[0].device)
+    all_reduce_sum_([*tensors, counts])
+    for c, n in zip(parts, counts.tolist(), strict=True):
+        c.count = int(n)
 
 
 # ----------------------------------------------------------------------------- scores
@@ -462,12 +475,20 @@ class WidthMethod(StructuredMethod):
                 "plain checkpoint could not hold it"
             )
         device = compute_device(model, config.device)
+        # under torchrun the statistics (sums) are split over the ranks; the refit's pass is not
+        world = World() if config.refit else current_world()
+        if config.refit and current_world().active:
+            report.notes.append("refit: every rank computes the statistics and the refit on all the tokens")
         started = time.perf_counter()
         with torch.no_grad():
-            chunks = capture(model, input_ids, config.batch_size, device)
+            chunks = capture(
+                model, calibration_share(input_ids, config.batch_size, world), config.batch_size, device
+            )
             inputs = [c.hidden for c in chunks] if config.refit else []  # block 0's, for the refit pass
             if self.scores_from_stats or targets:
-                stats = collect_stats(anatomy, chunks, device, config.show_progress)
+                show = config.show_progress and world.main
+                stats = collect_stats(anatomy, chunks, device, show)
+                sum_stats_over_ranks(stats, world)
                 report.timings_s["statistics"] = time.perf_counter() - started
             else:  # scored elsewhere (llm-pruner's gradients) and nothing to compensate: no pass
                 stats = [BlockStats(ChannelStats(), ChannelStats()) for _ in anatomy]
