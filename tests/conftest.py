@@ -21,6 +21,35 @@ TOL = {
 }
 
 
+def extension_must_build() -> bool:
+    """On x86-64 Linux with a C++ compiler (and the extension not switched off by
+    SPARSEKIT_CPU_EXT=0) the C++ CPU extension builds; a failure there is a bug."""
+    import platform
+
+    return (
+        platform.system() == "Linux"
+        and platform.machine() == "x86_64"
+        and os.environ.get("SPARSEKIT_CPU_EXT", "1") != "0"
+        and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    )
+
+
+def require_cpu_extension():
+    """The compiled C++ CPU extension, for tests of what only it does: fails where it must build and
+    did not, skips (saying why) where it cannot build (no compiler, not x86-64, or switched off)."""
+    from sparsekit.kernels import cpu_ext
+
+    module = cpu_ext.extension()
+    if module is None:
+        if extension_must_build():
+            pytest.fail(f"the C++ CPU extension failed to build: {cpu_ext.build_error()}")
+        pytest.skip(
+            "no C++ compiler, not x86-64, or SPARSEKIT_CPU_EXT=0: the extension cannot build here; these "
+            "tests run on CI and on any x86-64 Linux machine with g++ after `make setup`"
+        )
+    return module
+
+
 _GGUF_CACHE: list[str] = []
 
 

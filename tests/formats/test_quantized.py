@@ -19,21 +19,13 @@ from sparsekit.kernels.quant import (
     unpack_int4,
 )
 from sparsekit.nn import SparseLinear
-from tests.conftest import TOL
+from tests.conftest import TOL, require_cpu_extension
 
 SHAPES = [(1, 64, 128), (5, 48, 192), (9, 160, 256)]  # (M, N, K); N % 16 == 0 for the int4 op
 ODD_N = (3, 40, 128)  # N % 16 != 0: int4 dequantizes
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # every ISA level this CPU runs (an AVX-512 machine runs all three)
 ISAS = [i.value for i, lvl in cpu_ext.ISA_LEVEL.items() if lvl <= cpu_ext.ISA_LEVEL[cpu_ext.supported_isa()]]
-
-
-def _needs_extension() -> None:
-    if cpu_ext.extension() is None:
-        pytest.skip(
-            f"the C++ CPU extension did not build ({cpu_ext.build_error()}); these tests run wherever "
-            "a C++ compiler is found, as on CI and after `make setup` on any x86-64 machine with g++"
-        )
 
 
 def _ids(shape, dtype):
@@ -74,7 +66,7 @@ def test_sparse24_int8_kernel_every_isa_against_the_reference(isa, m, dtype):
     """The C++ code of a 2:4-int8 layer at a forced ISA against decompress + scale + F.linear in
     fp32: the direct kernel ``mm24_q8`` up to 16 rows (m = 1..9), the ISA's C++ decompress + GEMM
     above (m = 33); K = 260 leaves a tail of groups past the vector loop."""
-    _needs_extension()
+    require_cpu_extension()
     n, k = 37, 260
     lin = _linear(n, k, dtype, "2:4")
     layer = SparseLinear.from_linear(lin, format="2:4-int8")
@@ -93,7 +85,7 @@ def test_sparse24_int8_kernel_every_isa_against_the_reference(isa, m, dtype):
 def test_dense_int8_kernel_every_isa_against_the_reference(isa, m):
     """fp32 int8 layers run sparsekit's C++ direct kernel (``mm_q8``) up to 8 rows; K = 300 leaves
     a tail past the 32-column vector loop."""
-    _needs_extension()
+    require_cpu_extension()
     from sparsekit.kernels.quant import int8_mm_ref
 
     layer = SparseLinear.from_linear(_linear(37, 300, torch.float32), format="int8")

@@ -23,6 +23,7 @@ from sparsekit.kernels.bitmap_cpu import bitmap_mm_cpu, decompress_bitmap_cpu
 from sparsekit.kernels.sparse24_cpu import decompress_rows, sparse24_mm_cpu
 from sparsekit.kernels.topk_select import nm_keep_mask
 from sparsekit.nn import SparseLinear
+from tests.conftest import require_cpu_extension
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 ISAS = ("scalar", "avx2", "avx512")
@@ -38,23 +39,7 @@ SHAPES_BITMAP = [(37, 45), (130, 520), (3, 7)]
 @pytest.fixture(scope="module")
 def ext():
     """The compiled extension; a build failure where it must build fails the suite."""
-    module = cpu_ext.extension()
-    if module is None:
-        if _extension_must_build():
-            pytest.fail(f"the CPU extension failed to build: {cpu_ext.build_error()}")
-        pytest.skip("no C++ compiler, not x86-64, or SPARSEKIT_CPU_EXT=0: the extension cannot build here")
-    return module
-
-
-def _extension_must_build() -> bool:
-    import platform
-
-    return (
-        platform.system() == "Linux"
-        and platform.machine() == "x86_64"
-        and os.environ.get("SPARSEKIT_CPU_EXT", "1") != "0"
-        and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
-    )
+    return require_cpu_extension()
 
 
 def _runnable(isa: str) -> str:

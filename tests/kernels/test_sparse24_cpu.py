@@ -10,6 +10,7 @@ import torch
 from sparsekit.kernels import compress_24, decompress_24, sparse24_cpu, sparse24_mm, sparse24_mm_ref
 from sparsekit.kernels.sparse24 import decompress_24_ref
 from sparsekit.kernels.topk_select import nm_keep_mask
+from tests.conftest import extension_must_build, require_cpu_extension
 
 NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -32,30 +33,14 @@ def cpu_path(request, monkeypatch, torch_backend):
     """Run once with the compiled extension, once with the plain-torch fallback."""
     if request.param == "fallback":
         monkeypatch.setattr(sparse24_cpu, "extension", lambda: None)
-    elif sparse24_cpu.extension() is None:
-        if _extension_must_build():
-            pytest.fail(f"the sparse24 CPU extension failed to build: {sparse24_cpu.build_error()}")
-        pytest.skip("no C++ compiler, not x86-64, or SPARSEKIT_CPU_EXT=0: the extension cannot build here")
+    else:
+        require_cpu_extension()
     return request.param
-
-
-def _extension_must_build() -> bool:
-    """On x86-64 Linux with a C++ compiler (and the extension not switched off) a build failure is a bug."""
-    import os
-    import platform
-    import shutil
-
-    return (
-        platform.system() == "Linux"
-        and platform.machine() == "x86_64"
-        and os.environ.get("SPARSEKIT_CPU_EXT", "1") != "0"
-        and any(shutil.which(c) for c in ("c++", "g++", "clang++"))
-    )
 
 
 def test_extension_builds_where_it_can():
     """A broken build must fail the suite, not turn every extension test into a skip."""
-    if not _extension_must_build():
+    if not extension_must_build():
         pytest.skip("no C++ compiler, not x86-64, or SPARSEKIT_CPU_EXT=0: the extension cannot build here")
     assert sparse24_cpu.extension() is not None, sparse24_cpu.build_error()
 

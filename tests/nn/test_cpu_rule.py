@@ -8,6 +8,7 @@ import sparsekit.nn.sparse_linear as sl_mod
 from sparsekit.kernels import cpu_ext
 from sparsekit.kernels.topk_select import nm_keep_mask
 from sparsekit.nn import SparseLinear, cpu_rule
+from tests.conftest import require_cpu_extension
 from tests.kernels.conftest import _assert_close
 
 
@@ -16,15 +17,6 @@ def _fresh_decisions():
     cpu_rule.forget()
     yield
     cpu_rule.forget()
-
-
-def _needs_extension() -> None:
-    """The rule times the layer's bound C++ call: without the extension there is none to time."""
-    if cpu_ext.extension() is None:
-        pytest.skip(
-            f"the C++ CPU extension did not build here ({cpu_ext.build_error()}); these tests run "
-            "wherever it builds: a C++ compiler and torch's headers, as on CI and `make setup` machines"
-        )
 
 
 def _layer(fmt="2:4", n=48, k=64, rule="fastest"):
@@ -64,7 +56,7 @@ def test_m_classes():
 
 
 def test_dense_copy_where_dense_wins_and_sparse_below_min_m(monkeypatch):
-    _needs_extension()
+    require_cpu_extension()
     calls = _spy(monkeypatch, verdict=True)
     lin, layer = _layer()
     with torch.no_grad():
@@ -81,7 +73,7 @@ def test_dense_copy_where_dense_wins_and_sparse_below_min_m(monkeypatch):
 
 
 def test_sparse_kept_where_it_wins_and_decision_shared(monkeypatch):
-    _needs_extension()
+    require_cpu_extension()
     calls = _spy(monkeypatch, verdict=False)
     _, a = _layer()
     _, b = _layer()
@@ -94,7 +86,7 @@ def test_sparse_kept_where_it_wins_and_decision_shared(monkeypatch):
 
 
 def test_real_measurement_is_recorded_and_exact():
-    _needs_extension()
+    require_cpu_extension()
     lin, layer = _layer("bitmap", n=40, k=72)
     x = torch.randn(70, 72)
     with torch.no_grad():
@@ -114,7 +106,7 @@ def test_decisions_are_memoised_per_layer_until_forgotten(monkeypatch):
     """A forward under the rule pays one memo lookup: no copy of the decision table, no second
     measurement; ``forget`` makes the next forward measure again; going memory first drops the
     memo's reference to the dense copy too."""
-    _needs_extension()
+    require_cpu_extension()
     calls = _spy(monkeypatch, verdict=True)
     looked_up = []
     real = sl_mod.decided
@@ -140,7 +132,7 @@ def test_decisions_are_memoised_per_layer_until_forgotten(monkeypatch):
 def test_measurement_rotates_over_copies_past_the_last_level_cache(monkeypatch):
     """The rule times both sides on copies adding up to twice the LLC (each call reads its weight
     from DRAM, as in a model), and the copies are faithful: the layer's output stays exact."""
-    _needs_extension()
+    require_cpu_extension()
     lin, layer = _layer(n=48, k=64)
     weight_bytes = 48 * 64 * 4
     monkeypatch.setattr(cpu_rule, "llc_bytes", lambda: 4 * weight_bytes)
