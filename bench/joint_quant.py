@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 import sparsekit
-from sparsekit._env import environment
+from sparsekit._env import environment, run_line
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
@@ -78,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
     env = environment()
     head = (
-        f"`python bench/joint_quant.py {shlex.join(sys.argv[1:] if argv is None else argv)}` on {env['cpu']} "
-        f"({env['cpu_threads']} threads), torch {env['torch']}, transformers {env['transformers']}, commit "
-        f"{env['commit']}, {env['time_utc']}; SmolLM2-135M fp32, calibration {args.nsamples} x {args.seqlen} "
+        f"{run_line('bench/joint_quant.py', argv, env)}; SmolLM2-135M fp32, calibration "
+        f"{args.nsamples} x {args.seqlen} "
         f"(seed 0), forward dtype {args.forward_dtype}, ppl on {eval_ids.shape[1]} held-out tokens "
         "(windows of 512)."
     )

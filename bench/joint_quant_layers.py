@@ -13,13 +13,12 @@ Writes <out>.json and <out>.md.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
-from sparsekit._env import environment
+from sparsekit._env import environment, run_line
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.hf.data import calibration_ids
 from sparsekit.hf.models import load_model
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
     env = environment()
     head = (
-        f"`python bench/joint_quant_layers.py {shlex.join(sys.argv[1:] if argv is None else argv)}` on "
-        f"{env['cpu']}, commit {env['commit']}, {env['time_utc']}; grid {grid}; {args.sequences // 2} x 512 "
+        f"{run_line('bench/joint_quant_layers.py', argv, env)}; grid {grid}; {args.sequences // 2} x 512 "
         "tokens fit the Hessian, as many are held out."
     )
     lines = [

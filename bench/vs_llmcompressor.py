@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import logging
-import shlex
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import torch
 from safetensors.torch import load_file
 
 import sparsekit
-from sparsekit._env import environment
+from sparsekit._env import environment, run_line
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
@@ -202,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
     env = environment()
     head = (
-        f"`python bench/vs_llmcompressor.py {shlex.join(sys.argv[1:] if argv is None else argv)}` on "
-        f"{env['cpu']} ({env['cpu_threads']} threads), torch {env['torch']}, transformers "
-        f"{env['transformers']} (llm-compressor in its own venv), commit {env['commit']}, {env['time_utc']}; "
+        f"{run_line('bench/vs_llmcompressor.py', argv, env)} (llm-compressor in its own venv); "
         f"SmolLM2-135M fp32, calibration {args.nsamples} x {args.seqlen} (seeds "
         f"{' '.join(map(str, args.seeds))}), ppl on {eval_ids.shape[1]} "
         "held-out tokens in windows of 512."

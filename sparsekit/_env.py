@@ -39,6 +39,19 @@ def _commit() -> str:
         return "unknown"
 
 
+def run_line(script: str, argv: list[str] | None, env: dict) -> str:
+    """How a report was made, for its header: "`python SCRIPT ARGS` on CPU (N threads), torch T,
+    transformers V, commit C, TIME" (``argv`` None: this process's own arguments)."""
+    import shlex
+    import sys
+
+    args = shlex.join(sys.argv[1:] if argv is None else argv)
+    return (
+        f"`python {script} {args}` on {env['cpu']} ({env['cpu_threads']} threads), torch {env['torch']}, "
+        f"transformers {env['transformers']}, commit {env['commit']}, {env['time_utc']}"
+    )
+
+
 def environment() -> dict:
     """Device name and capability, driver/CUDA, torch/triton/transformers versions, CPU, commit, time."""
     import transformers

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ._backend import use_triton
 from .aot import AotCase
+from .quant import round_to_grid
 from .topk_select import keep_count, kth_smallest, nm_keep_mask, topk_keep_mask
 
 
@@ -149,10 +150,7 @@ def obs_block_solve_ref(
         col = w[:, i]
         q[:, i] = col * mask[:, i]
         if step is not None:
-            q[:, i] = (
-                torch.round(q[:, i] / step[:, i]).clamp(-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
-                * step[:, i]
-            )
+            q[:, i] = round_to_grid(q[:, i], step[:, i], bits)
         err[:, i] = (col - q[:, i]) / diag[i]
         w[:, i:] -= err[:, i : i + 1] * hinv[i : i + 1, i:]
     return q, err, mask

@@ -18,7 +18,7 @@ from torch import nn
 
 from sparsekit.models import model_device
 
-from .distributed import World, all_reduce_sum_
+from .distributed import World, sum_over_ranks_
 from .offload import materialized, offloaded_modules
 
 
@@ -308,7 +308,5 @@ def tail_loss(
             tokens = batch.numel() - batch.shape[0]
             total, count = total + run(batch, final).item() * tokens, count + tokens
     if world is not None and world.active:
-        parts = torch.tensor([total, count], dtype=torch.float64)
-        all_reduce_sum_([parts])
-        total, count = parts.tolist()
+        total, count = sum_over_ranks_([], [total, count], device)
     return total / count

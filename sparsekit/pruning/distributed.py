@@ -115,6 +115,18 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def sum_over_ranks_(
+    tensors: Sequence[torch.Tensor], counts: Sequence[float], device: torch.device | None = None
+) -> list[float]:
+    """Sum ``tensors`` in place and the scalar ``counts`` (token counts, loss sums) across ranks, in
+    the given order; returns the summed counts. The counts travel in one float64 tensor on
+    ``device`` (default: the first tensor's), the compute device, so Gloo and NCCL both take it."""
+    device = device if device is not None else tensors[0].device
+    summed = torch.tensor(list(counts), dtype=torch.float64, device=device)
+    all_reduce_sum_([*tensors, summed])
+    return summed.tolist()
+
+
 def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
     """``tensor`` from rank ``src`` on every rank (in place where it can be; returns the result)."""
     work = tensor if tensor.is_contiguous() else tensor.contiguous()

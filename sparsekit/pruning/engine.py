@@ -161,7 +161,7 @@ class PruneConfig:
                     f"wgroup={self.wgroup} sizes the groups of wbits' grid: add wbits (e.g. 4), or drop it"
                 )
             return
-        self.quant_grid  # validates the values  # noqa: B018
+        QuantGrid(self.wbits, self.wgroup)  # refuses bits outside 2..8 and a group below 1
         if self.method.name != "sparsegpt":
             raise ValueError(
                 f"wbits quantizes inside SparseGPT's sweep, and method {self.method.name!r} has none: use "

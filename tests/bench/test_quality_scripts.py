@@ -67,3 +67,11 @@ def test_joint_quant_layers_reads_each_layers_input_and_scores_errors():
     assert (
         layers.rel_error(seen[name], w, w) == 0 and layers.rel_error(seen[name], w, torch.zeros_like(w)) == 1
     )
+
+
+def test_run_line_quotes_the_command_and_names_the_machine():
+    from sparsekit._env import environment, run_line
+
+    env = environment()
+    line = run_line("bench/x.py", ["--rows", "a b"], env)
+    assert line.startswith("`python bench/x.py --rows 'a b'` on ") and env["commit"] in line

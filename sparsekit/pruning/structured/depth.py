@@ -45,7 +45,7 @@ from sparsekit.models import (
 from sparsekit.models.families import family
 
 from ..capture import Chunk, block_output_structure, tail_loss
-from ..distributed import World, all_reduce_sum_, calibration_share, current_world
+from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -83,9 +83,8 @@ def _mean_over_ranks(values: torch.Tensor, world: World | None) -> float:
     """The mean of ``values`` [n] over every rank's tokens (this rank's alone outside a group)."""
     if world is None or not world.active:
         return values.mean().item()
-    parts = torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64)])
-    all_reduce_sum_([parts])
-    return (parts[0] / parts[1]).item()
+    total, count = sum_over_ranks_([], [values.double().sum().item(), values.numel()], values.device)
+    return total / count
 
 
 def block_influence(
@@ -104,7 +103,7 @@ def block_influence(
         with on_device(block, device):
             outs = forward(block, chunks, index)
         cos = torch.cat([_token_cos(c.hidden, o, tokens) for c, o in zip(chunks, outs, strict=True)])
-        scores.append(1.0 - _mean_over_ranks(cos.cpu(), world))
+        scores.append(1.0 - _mean_over_ranks(cos, world))
         if record is not None:
             record(outs)
         for c, o in zip(chunks, outs, strict=True):
@@ -129,7 +128,7 @@ def angular_distances(
 
     def distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         cos = torch.cat([_token_cos(x, y, tokens) for x, y in zip(a, b, strict=True)])
-        return _mean_over_ranks((torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).cpu(), world)
+        return _mean_over_ranks(torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi, world)
 
     if n == 0:
         return [0.0] * (len(blocks) + 1)

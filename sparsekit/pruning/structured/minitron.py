@@ -49,7 +49,7 @@ from sparsekit.models import (
 from sparsekit.models.hidden import embedding_gain
 from sparsekit.models.modules import is_linear_like, linear_weight
 
-from ..distributed import World, all_reduce_sum_, calibration_share, current_world
+from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -116,11 +116,7 @@ class Stats:
         importances = [self.hidden, *(i for i in (*self.heads, *self.mlp) if i is not None)]
         moments = [self.norms[n] for n in sorted(self.norms)]
         tensors = [i.value for i in importances] + [t for m in moments for t in (m.raw, m.centered)]
-        counts = torch.tensor(
-            [float(m.count) for m in moments], dtype=torch.float64, device=tensors[0].device
-        )
-        all_reduce_sum_([*tensors, counts])
-        for m, n in zip(moments, counts.tolist(), strict=True):
+        for m, n in zip(moments, sum_over_ranks_(tensors, [m.count for m in moments]), strict=True):
             m.count = int(n)
 
 

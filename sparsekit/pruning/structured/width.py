@@ -33,7 +33,7 @@ from torch import nn
 from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, in_out_features, linear_weight
 from sparsekit.models.families import CONFIG_MLP_WIDTH_KEYS, family
 
-from ..distributed import World, all_reduce_sum_, calibration_share, current_world
+from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
     StructuredConfig,
@@ -116,9 +116,7 @@ def sum_stats_over_ranks(stats: list[BlockStats], world: World) -> None:
         return
     parts = [c for s in stats for c in (s.attn, s.mlp)]
     tensors = [t for c in parts if c.sum is not None for t in (c.sum, c.sq_sum)]
-    counts = torch.tensor([float(c.count) for c in parts], dtype=torch.float64, device=tensors[0].device)
-    all_reduce_sum_([*tensors, counts])
-    for c, n in zip(parts, counts.tolist(), strict=True):
+    for c, n in zip(parts, sum_over_ranks_(tensors, [c.count for c in parts]), strict=True):
         c.count = int(n)
 
 
