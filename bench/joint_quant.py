@@ -8,7 +8,10 @@ symmetric, steps from the dense weight's max |w| per row or per group of inputs,
 SparseGPT alone; SparseGPT then round-to-nearest on the same grid (prune-then-quantize); SparseGPT
 with the grid inside its sweep (joint, the SparseGPT paper's 50% + 4-bit mode). Dense and dense
 rounded to the grid give the quantization-only cost. Every row prunes a fresh copy with the same
-tokens. Writes <out>.json and <out>.md after every row.
+tokens. ``--store FORMAT`` (e.g. ``int4``, ``2:4-int8``) adds what a user saves: the plain SparseGPT
+model and the joint one each stored in that quantized format (``sparsekit.sparsify``): the format
+quantizes the first with its own grid and keeps the joint one's grid exactly (``grid_steps``).
+Writes <out>.json and <out>.md after every row.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sparsekit
 from sparsekit._env import environment, run_line
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
+from sparsekit.formats.weight import weight_format
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
 from sparsekit.kernels.quant import round_to_grid
@@ -68,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--forward-dtype", default="auto")
+    p.add_argument("--store", metavar="FORMAT", help="also store both models in this quantized format")
     args = p.parse_args(argv)
+    if args.store:
+        weight_format(args.store)  # an unknown name fails here, before the model loads
     grid = QuantGrid(args.bits, args.group or None)  # refuses bad values before the model loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
@@ -104,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         sparsekit.prune(model, sparsity=pattern, **common)
         seconds = time.perf_counter() - start
         add(model, pattern=pattern, grid="-", row="SparseGPT", prune_s=seconds)
+        if args.store:
+            stored = copy.deepcopy(model)
+            sparsekit.sparsify(stored, format=args.store)
+            add(stored, pattern=pattern, grid=args.store, row=f"SparseGPT, stored as {args.store}")
+            del stored
         round_model_(model, grid, steps_from=dense)
         add(model, pattern=pattern, grid=str(grid), row="SparseGPT, then rounded", prune_s=seconds)
         model = copy.deepcopy(dense)
@@ -112,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         add(
             model, pattern=pattern, grid=str(grid), row="SparseGPT joint", prune_s=time.perf_counter() - start
         )
+        if args.store:
+            sparsekit.sparsify(model, format=args.store)
+            add(model, pattern=pattern, grid=str(grid), row=f"SparseGPT joint, stored as {args.store}")
         del model
     print(_markdown(head, rows))
     return 0

@@ -14,8 +14,6 @@ pruned decoder weights (safetensors) and a JSON line with the prune time and ver
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from importlib.metadata import version
@@ -56,7 +54,6 @@ def main() -> int:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
@@ -75,10 +72,8 @@ def main() -> int:
         max_seq_length=ids.shape[1],
     )
     seconds = time.perf_counter() - start
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".layers." in k}
-    tmp = args.out + ".tmp"
-    save_file(state, tmp)
-    os.replace(tmp, args.out)
+    from driver_output import write_outputs
+
     report = {
         "prune_s": seconds,
         "llmcompressor": version("llmcompressor"),
@@ -86,9 +81,7 @@ def main() -> int:
         "torch": torch.__version__,
         "modifier": repr(modifier),
     }
-    with open(args.report + ".tmp", "w") as f:
-        json.dump(report, f)
-    os.replace(args.report + ".tmp", args.report)
+    write_outputs(model, args.out, args.report, report)
     return 0
 
 

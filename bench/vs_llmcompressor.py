@@ -17,6 +17,13 @@ allocation, M 5 and lambda 0.08, in both tools). ``--seeds 0 1 2 3`` repeats eve
 many calibration draws (both tools get the same ids per seed) and adds a summary: per tool the
 median ppl over seeds with its range, and the median of the per-seed ratio to llm-compressor (a
 2:4 choice flips on rounding-level differences, so one seed cannot rank tools by a few percent).
+``--original DIR`` adds the papers' own code as a third tool (issue 28): ``DIR/wanda`` and
+``DIR/owl`` are git checkouts of locuslab/wanda and luuyin/OWL (Wanda and SparseGPT rows from the
+first, ``+owl`` rows from the second), cloned there from GitHub at ``ORIGINAL`` 's pinned commits
+when missing (``--original-from`` points the clones elsewhere, e.g. local mirrors); each prune
+runs in ``bench/original_driver.py`` (a subprocess of this venv, with the shims it lists). A
+reference table then gives, per config and seed, sparsekit's default ppl and prune time as ratios
+to each reference. ``--forward-dtypes auto`` skips sparsekit's fp32-forward variant.
 Writes <out>.json and <out>.md after every row.
 """
 
@@ -49,6 +56,11 @@ CONFIGS = [
 ]  # fmt: skip
 PINS = ("torch==2.13.0", "llmcompressor==0.14.0.1")
 DRIVER = Path(__file__).with_name("llmcompressor_driver.py")
+ORIGINAL_DRIVER = Path(__file__).with_name("original_driver.py")
+ORIGINAL = {  # checkout name -> (GitHub repository, the commit every table row ran)
+    "wanda": ("https://github.com/locuslab/wanda", "8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6"),
+    "owl": ("https://github.com/luuyin/OWL", "dddb7a4bffe27c73e4c8cf692b3a5e36401532c8"),
+}
 log = logging.getLogger("vs_llmcompressor")
 
 
@@ -74,6 +86,29 @@ def decoder_sparsity(model) -> float:
     return zeros / total
 
 
+def decoder_masks(model) -> dict[str, torch.Tensor]:
+    """{name: weight == 0} (bool, the weight's shape) of every linear inside the decoder blocks."""
+    return {
+        name: module.weight.detach() == 0
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".layers." in name
+    }
+
+
+def mask_difference(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict:
+    """Share of decoder weights whose kept/pruned state differs, and the first block that differs
+    (None: identical masks). Names ``...layers.<i>...``."""
+    differ = total = 0
+    first = None
+    for name, mask in ours.items():
+        count = int((mask != ref[name]).sum())
+        differ, total = differ + count, total + mask.numel()
+        if count:
+            block = int(name.split(".layers.")[1].split(".")[0])
+            first = block if first is None else min(first, block)
+    return {"share": differ / total, "first_block": first}
+
+
 def run_llmcompressor(python: Path, dense, folder: Path, calib_file: Path, method: str, sparsity: str):
     """(pruned copy of ``dense``, the driver's report)."""
     out, report = folder / "llmc.safetensors", folder / "llmc.json"
@@ -81,19 +116,51 @@ def run_llmcompressor(python: Path, dense, folder: Path, calib_file: Path, metho
         str(python), str(DRIVER), "--model", str(folder / "dense"), "--calib", str(calib_file),
         "--method", method, "--sparsity", sparsity, "--out", str(out), "--report", str(report),
     ]  # fmt: skip
+    return _load_pruned(command, dense, out, report, "llm-compressor")
+
+
+def _load_pruned(command: list[str], dense, out: Path, report: Path, tool: str):
+    """Run a driver ``command``; load the decoder weights it wrote into a copy of ``dense``."""
     done = subprocess.run(command, capture_output=True, text=True)
     sys.stderr.write(done.stderr[-20000:])
     if done.returncode:
         last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
-        raise RuntimeError(f"llm-compressor failed (exit {done.returncode}): {last[0]}")
+        raise RuntimeError(f"{tool} failed (exit {done.returncode}): {last[0]}")
     state = load_file(str(out))
     model = copy.deepcopy(dense)
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown or not state:
-        raise RuntimeError(f"llm-compressor's weights do not match the model: {unknown[:3]}")
+        raise RuntimeError(f"{tool}'s weights do not match the model: {unknown[:3]}")
     model.load_state_dict(state, strict=False)
     return model, json.loads(report.read_text())
+
+
+def fetch_original(folder: Path, source: str | None) -> dict[str, Path]:
+    """``ORIGINAL``'s checkouts under ``folder`` (cloned from GitHub, or ``source``/<name> when given,
+    at the pinned commit when missing) -> {name: path}. An existing checkout is used as it is."""
+    out = {}
+    for name, (url, commit) in ORIGINAL.items():
+        path = folder / name
+        if not (path / "lib").is_dir():
+            origin = f"{source}/{name}" if source else url
+            log.info("cloning %s into %s at %s", origin, path, commit[:12])
+            subprocess.run(["git", "clone", "-q", origin, str(path)], check=True)
+            subprocess.run(["git", "-C", str(path), "checkout", "-q", commit], check=True)
+        out[name] = path
+    return out
+
+
+def run_original(code: dict[str, Path], dense, folder: Path, calib_file: Path, method: str, sparsity: str):
+    """(copy of ``dense`` pruned by the original code, the driver's report)."""
+    impl = "owl" if method.endswith("+owl") else "wanda"
+    out, report = folder / "original.safetensors", folder / "original.json"
+    command = [
+        sys.executable, str(ORIGINAL_DRIVER), "--code", str(code[impl]), "--impl", impl,
+        "--model", str(folder / "dense"), "--calib", str(calib_file), "--method", method,
+        "--sparsity", sparsity, "--out", str(out), "--report", str(report),
+    ]  # fmt: skip
+    return _load_pruned(command, dense, out, report, "the original code")
 
 
 def run_sparsekit(dense, calib: torch.Tensor, method: str, sparsity: str, forward_dtype: str):
@@ -121,6 +188,7 @@ def _markdown(head: str, rows: list[dict]) -> str:
             f"| {r['config']} | {r.get('seed', '-')} | {r['tool']} | {r.get('forward_dtype', '-')} | {ppl} | "
             f"{r.get('prune_s', 0):.1f} | {r.get('sparsity', 0):.4f} |"
         )
+    lines += _reference_summary(rows)
     lines += _seed_summary(rows)
     failed = [r for r in rows if r.get("error")]
     if failed:
@@ -173,6 +241,45 @@ def _seed_summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _reference_summary(rows: list[dict]) -> list[str]:
+    """Per config and seed: each sparsekit variant against each reference on the same ids: ppl and
+    prune time as ratios (below 1: sparsekit lower / faster) and how far the masks differ."""
+    scored = [r for r in rows if "seed" in r and not r.get("error")]
+    refs = lambda r: r["tool"].startswith(("llm-compressor", "original"))  # noqa: E731
+    if not any(refs(r) for r in scored):
+        return []
+    lines = [
+        "",
+        "sparsekit against each reference on the same ids (ratios: sparsekit / reference; the issue's "
+        "targets: ppl <= 1, time <= 0.5):",
+        "",
+        "| config | seed | reference | sparsekit forwards | reference ppl | sparsekit ppl | ppl ratio "
+        "| time ratio | masks differ (share) | first block that differs |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for config, seed in dict.fromkeys((r["config"], r["seed"]) for r in scored):
+        mine = [r for r in scored if r["config"] == config and r["seed"] == seed]
+        for ref in (r for r in mine if refs(r)):
+            for ours in (r for r in mine if r["tool"].startswith("sparsekit")):
+                diff = ours.get("mask_vs", {}).get(ref["tool"], {})
+                first = diff.get("first_block", "-")
+                lines.append(
+                    f"| {config} | {seed} | {ref['tool']} | {ours['forward_dtype']} | {ref['ppl']:.2f} | "
+                    f"{ours['ppl']:.2f} | {ours['ppl'] / ref['ppl']:.3f} | "
+                    f"{ours['prune_s'] / ref['prune_s']:.2f} | {diff.get('share', float('nan')):.4f} | "
+                    f"{'none' if first is None else first} |"
+                )
+    pairs = [(r, t, d) for r in scored if refs(r) for t, d in r.get("mask_vs", {}).items()]
+    if pairs:
+        lines += ["", "The references against each other:", ""]
+        lines += [
+            f"- {r['config']}, seed {r['seed']}: {r['tool']} vs {t}: masks differ on {d['share']:.4f} of "
+            f"the weights (first block {'none' if d['first_block'] is None else d['first_block']})"
+            for r, t, d in pairs
+        ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="reports/vs_llmcompressor")
@@ -185,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument(
+        "--original", metavar="DIR", help="also run the original code: checkouts DIR/wanda and DIR/owl"
+    )
+    p.add_argument("--original-from", metavar="URL", help="clone the checkouts from URL/wanda, URL/owl")
+    p.add_argument(
+        "--forward-dtypes", nargs="+", default=["auto", "float32"], choices=("auto", "float32"),
+        help="sparsekit's calibration-forward variants (the first is its default in the summary)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     unknown = [r for r in args.rows if r not in CONFIGS]
     if unknown:
@@ -195,13 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
     python = setup_venv(venv)
+    original = fetch_original(Path(args.original), args.original_from) if args.original else None
     dense, tok = load_model("smollm2", dtype=torch.float32)
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds repeats a seed: {args.seeds}")
     eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
     env = environment()
     head = (
-        f"{run_line('bench/vs_llmcompressor.py', argv, env)} (llm-compressor in its own venv); "
+        f"{run_line('bench/vs_llmcompressor.py', argv, env)} (llm-compressor in its own venv"
+        f"{'; the original code via bench/original_driver.py' if original else ''}); "
         f"SmolLM2-135M fp32, calibration {args.nsamples} x {args.seqlen} (seeds "
         f"{' '.join(map(str, args.seeds))}), ppl on {eval_ids.shape[1]} "
         "held-out tokens in windows of 512."
@@ -209,9 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows = [{"config": "dense", "tool": "-", "ppl": perplexity_of_ids(dense, eval_ids, 512).ppl}]
 
+    ref_masks: dict[str, dict[str, torch.Tensor]] = {}  # this config and seed's references
+
     def add(row: dict, model) -> None:
         row["ppl"] = perplexity_of_ids(model, eval_ids, 512).ppl
         row["sparsity"] = decoder_sparsity(model)
+        masks = decoder_masks(model)
+        row["mask_vs"] = {tool: mask_difference(masks, ref) for tool, ref in ref_masks.items()}
+        if not row["tool"].startswith("sparsekit"):
+            ref_masks[row["tool"]] = masks
         rows.append(row)
         log.info("%s", {k: v for k, v in row.items() if k != "timings_s"})
         write_json_atomic(out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows})
@@ -227,6 +350,16 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(calib.clone(), calib_file)
             for config in args.rows:
                 method, sparsity = config.split("/")
+                ref_masks.clear()
+                if original:
+                    try:
+                        model, info = run_original(original, dense, folder, calib_file, method, sparsity)
+                        tool = f"original {info['code']}"
+                        add({"config": config, "seed": seed, "tool": tool, **info}, model)
+                    except RuntimeError as exc:
+                        log.error("%s", exc)
+                        failed = {"config": config, "seed": seed, "tool": "original", "ppl": float("nan")}
+                        rows.append({**failed, "error": str(exc)})
                 try:
                     model, info = run_llmcompressor(python, dense, folder, calib_file, method, sparsity)
                     tool = f"llm-compressor {info['llmcompressor']}"
@@ -235,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                     log.error("%s", exc)
                     failed = {"config": config, "seed": seed, "tool": "llm-compressor", "ppl": float("nan")}
                     rows.append({**failed, "error": str(exc)})
-                for forward_dtype in ("auto", "float32"):
+                for forward_dtype in args.forward_dtypes:
                     model, info = run_sparsekit(dense, calib, method, sparsity, forward_dtype)
                     add(
                         {

@@ -26,6 +26,7 @@ bind time and never saved).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -43,13 +44,52 @@ INT4_GROUPS = (32, 64, 128, 256)  # group sizes the torch CPU int4 op accepts
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W [N, K] float -> (q int8 [N, K], scale [N] in W's dtype): W ~= q * scale[:, None].
 
-    Symmetric, round to nearest, codes in -127..127; an all-zero row gets scale 1 (its codes are 0).
+    Symmetric, round to nearest, codes in -127..127; scale = max|w| / 127, except for a row that
+    already lies on a symmetric grid of at most 127 steps (SparseGPT's joint ``--wbits 8``, or an
+    int8 weight dequantized): its own step (``grid_steps``), so storing it is exact, not a second
+    rounding. An all-zero row gets scale 1 (its codes are 0).
     """
     w = weight.detach().float()
     amax = w.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale = torch.where(amax > 0, grid_steps(w, 127, fallback=scale), scale)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale.to(weight.dtype)
+
+
+def grid_steps(
+    w: torch.Tensor, qmax: int, fallback: torch.Tensor, tol: float = 1e-3, probe: int = 32
+) -> torch.Tensor:
+    """w [R, G] fp32 -> step [R]: per row the step s of the symmetric grid it lies on (every w / s
+    within ``tol`` of an integer, max |w| = c * s for the largest c <= ``qmax`` that fits), else
+    ``fallback`` [R]. Each c is first tried on ``probe`` evenly spread columns, which rules out a
+    float row at once; rows that pass are checked whole (a joint-mode row whose largest code moved
+    below qmax fits a c a little under it)."""
+    amax = w.abs().amax(dim=1)
+    if qmax <= 8:  # small grids (int4): a row on one has every w / amax * lcm(1..qmax) integral
+        lcm = math.lcm(*range(1, qmax + 1))
+        r = w * (lcm / amax.clamp_min(1e-30))[:, None]
+        candidate = ((r - r.round()).abs().amax(1) <= tol * lcm / qmax) & (amax > 0)
+        passes = candidate[:, None].expand(-1, qmax)
+    else:
+        cols = torch.linspace(0, w.shape[1] - 1, min(probe, w.shape[1]), device=w.device).long()
+        c_all = torch.arange(qmax, 0, -1, device=w.device, dtype=w.dtype)  # [C], largest first
+        sample = w[:, cols].unsqueeze(1) * (c_all[None, :, None] / amax[:, None, None])  # [R, C, P]
+        passes = ((sample - sample.round()).abs().amax(-1) <= tol) & (amax > 0)[:, None]  # [R, C]
+    step = fallback.clone()
+    todo = passes.any(1)
+    for i, c in enumerate(range(qmax, 0, -1)):
+        rows = (todo & passes[:, i]).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            if not bool(todo.any()):
+                break
+            continue
+        s = amax[rows] / c
+        codes = w[rows] / s[:, None]
+        fits = (codes - codes.round()).abs().amax(1) <= tol
+        step[rows[fits]] = s[fits]
+        todo[rows[fits]] = False
+    return step
 
 
 def symmetric_steps(weight: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
@@ -174,15 +214,24 @@ def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch
     """W [N, K] -> (packed uint8 [N, K/2], scale_zero [K/group, N, 2] in W's dtype).
 
     Per group of ``group`` inputs: scale = (max - min) / 15, zero = min + 8 * scale, q = round((w -
-    min) / scale) in 0..15, so W ~= (q - 8) * scale + zero (the torch CPU op's convention).
+    min) / scale) in 0..15, so W ~= (q - 8) * scale + zero (the torch CPU op's convention). A group
+    already on a symmetric grid of codes -7..7 (SparseGPT's joint ``--wbits 4``, ``grid_steps``) is
+    stored exactly instead: scale = its step, zero = 0, q = code + 8 (a pruned zero stays zero).
     """
     n, k = weight.shape
     check_int4_shape(k, group)
     w = weight.detach().float().view(n, k // group, group)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
     scale = ((hi - lo) / 15).clamp_(min=1e-12)
-    q = torch.round((w - lo) / scale).clamp_(0, 15).to(torch.uint8).view(n, k)
+    q = torch.round((w - lo) / scale)
     zero = lo + 8 * scale
+    nan = torch.full((n * (k // group),), float("nan"), device=w.device)
+    sym = grid_steps(w.view(-1, group), 7, fallback=nan).view(n, -1, 1)
+    on_grid = ~sym.isnan()
+    if bool(on_grid.any()):
+        q = torch.where(on_grid, torch.round(w / sym) + 8, q)
+        scale, zero = torch.where(on_grid, sym, scale), torch.where(on_grid, 0.0, zero)
+    q = q.clamp_(0, 15).to(torch.uint8).view(n, k)
     scale_zero = torch.stack((scale.view(n, -1), zero.view(n, -1)), dim=-1).transpose(0, 1).contiguous()
     return pack_int4(q), scale_zero.to(weight.dtype)
 

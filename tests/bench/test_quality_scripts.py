@@ -75,3 +75,118 @@ def test_run_line_quotes_the_command_and_names_the_machine():
     env = environment()
     line = run_line("bench/x.py", ["--rows", "a b"], env)
     assert line.startswith("`python bench/x.py --rows 'a b'` on ") and env["commit"] in line
+
+
+def test_mask_difference_counts_flips_and_names_the_first_block():
+    vs = bench_script("vs_llmcompressor")
+    ref = {f"model.layers.{i}.mlp.up_proj": torch.zeros(4, 4, dtype=torch.bool) for i in range(3)}
+    ours = {k: v.clone() for k, v in ref.items()}
+    assert vs.mask_difference(ours, ref) == {"share": 0.0, "first_block": None}
+    ours["model.layers.2.mlp.up_proj"][0, :2] = True
+    ours["model.layers.1.mlp.up_proj"][3, 3] = True
+    assert vs.mask_difference(ours, ref) == {"share": 3 / 48, "first_block": 1}
+
+
+def test_original_driver_rope_hook_reproduces_the_models_own_layer_call():
+    """The original code calls a decoder layer with position_ids only; the hook supplies the
+    position_embeddings transformers 5 computes once per model, so the outputs match."""
+    driver = bench_script("original_driver")
+    model = tiny_model("llama")
+    layer, rotary = model.model.layers[0], model.model.rotary_emb
+    hidden = torch.randn(1, 6, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(6).unsqueeze(0)
+    with torch.no_grad():
+        want = layer(hidden, position_ids=positions, position_embeddings=rotary(hidden, positions))
+        layer.register_forward_pre_hook(driver._rope_hook(rotary), with_kwargs=True)
+        got = layer(hidden, attention_mask=None, position_ids=positions)
+    got, want = (t[0] if isinstance(t, tuple) else t for t in (got, want))
+    torch.testing.assert_close(got, want)
+
+
+def test_original_driver_feeds_the_callers_windows_and_the_code_pattern():
+    driver = bench_script("original_driver")
+    ids = torch.arange(12).reshape(3, 4)
+    windows, _ = driver._calibration_loader(ids)("c4", nsamples=2, seed=0, seqlen=2048)
+    assert len(windows) == 2 and torch.equal(windows[1][0], ids[1:2])
+    assert (windows[0][1][0, :-1] == -100).all() and windows[0][1][0, -1] == 3
+    with pytest.raises(SystemExit, match="asked for 4 windows"):
+        driver._calibration_loader(ids)("c4", nsamples=4)
+    assert driver._pattern("2:4") == (0.5, 2, 4) and driver._pattern("0.7") == (0.7, 0, 0)
+
+
+def test_original_driver_runs_a_checkout_as_the_original_calls_it(tmp_path):
+    """The driver's plumbing on a stand-in checkout written here: its prune function fetches the
+    calibration windows through get_loaders, runs every decoder layer the 2023 way and prunes."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    code = tmp_path / "code"
+    (code / "lib").mkdir(parents=True)
+    (code / "lib" / "__init__.py").write_text("")
+    (code / "lib" / "prune.py").write_text(
+        "import torch\n"
+        "def get_loaders(*a, **k):\n    raise RuntimeError('the C4 loader must be replaced')\n"
+        "def prune_wanda(args, model, tokenizer, device, prune_n=0, prune_m=0):\n"
+        "    windows, _ = get_loaders('c4', nsamples=args.nsamples, seed=args.seed, seqlen=model.seqlen)\n"
+        "    assert model.hf_device_map == {} and (prune_n, prune_m) == (2, 4)\n"
+        "    h = model.model.embed_tokens(windows[0][0])\n"
+        "    pos = torch.arange(h.shape[1]).unsqueeze(0)\n"
+        "    for layer in model.model.layers:\n"
+        "        h = layer(h, attention_mask=None, position_ids=pos)\n"
+        "        h = h[0] if isinstance(h, tuple) else h\n"
+        "        layer.mlp.up_proj.weight.data[:, ::2] = 0\n"
+        "    assert torch.isfinite(h).all()\n"
+    )
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "dense")
+    torch.save(torch.randint(0, 100, (2, 8)), tmp_path / "calib.pt")
+    out, report = tmp_path / "pruned.safetensors", tmp_path / "report.json"
+    command = [
+        sys.executable, str(bench_script("original_driver").__file__), "--code", str(code),
+        "--impl", "wanda", "--model", str(tmp_path / "dense"), "--calib", str(tmp_path / "calib.pt"),
+        "--method", "wanda", "--sparsity", "2:4", "--out", str(out), "--report", str(report),
+        "--threads", "1",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    state = load_file(str(out))
+    assert all(k.startswith("model.layers.") for k in state)
+    assert (state["model.layers.0.mlp.up_proj.weight"][:, ::2] == 0).all()
+    assert json.loads(report.read_text())["entry"] == "lib.prune.prune_wanda"
+    bad = subprocess.run(
+        [*command[:10], "--method", "sparsegpt+owl", *command[12:]], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "has no method 'sparsegpt+owl'" in bad.stderr
+
+
+def test_fetch_original_clones_each_checkout_at_its_pinned_commit(tmp_path, monkeypatch):
+    import subprocess
+
+    vs = bench_script("vs_llmcompressor")
+    source = tmp_path / "source"
+    pins = {}
+    for name in ("wanda", "owl"):
+        repo = source / name
+        (repo / "lib").mkdir(parents=True)
+        git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run(["git", "init", "-q", str(repo)], check=True)
+        for text in ("pinned", "later"):
+            (repo / "lib" / "prune.py").write_text(text)
+            subprocess.run([*git, "add", "-A"], check=True)
+            subprocess.run([*git, "commit", "-q", "-m", text], check=True)
+            if text == "pinned":
+                pins[name] = (
+                    "unused-url",
+                    subprocess.check_output([*git, "rev-parse", "HEAD"], text=True).strip(),
+                )
+    monkeypatch.setattr(vs, "ORIGINAL", pins)
+    got = vs.fetch_original(tmp_path / "checkouts", str(source))
+    assert sorted(got) == ["owl", "wanda"]
+    assert all((path / "lib" / "prune.py").read_text() == "pinned" for path in got.values())
+    (got["owl"] / "lib" / "prune.py").write_text("kept")  # an existing checkout is used as it is
+    assert (
+        vs.fetch_original(tmp_path / "checkouts", str(source))["owl"] / "lib" / "prune.py"
+    ).read_text() == "kept"

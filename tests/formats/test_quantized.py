@@ -255,3 +255,32 @@ def test_cli_quantize_writes_a_checkpoint_transformers_loads(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["quantize", str(folder), "--format", "int3", "--out", str(tmp_path / "x")]) != 0
     assert "int3" in capsys.readouterr().err
+
+
+def test_int8_float_rows_keep_the_max_scale_and_grid_rows_their_own_step():
+    torch.manual_seed(0)
+    w = torch.randn(6, 256)
+    w[1] = torch.randint(-100, 101, (256,)) * 0.013  # on a grid, largest code 100: step 0.013
+    w[2] = torch.randint(-127, 128, (256,)) * 0.002  # the plain case: largest code 127
+    w[3] = 0
+    w[4, ::2] = 0  # a float row with pruned entries
+    q, scale = quantize_int8(w)
+    for row in (0, 4, 5):
+        assert scale[row] == w[row].abs().max() / 127
+    assert torch.allclose(scale[1], torch.tensor(0.013)) and int(q[1].abs().max()) == 100
+    assert scale[3] == 1 and not q[3].any()
+    for row in (1, 2):
+        torch.testing.assert_close(dequantize_int8(q, scale)[row], w[row], rtol=0, atol=1e-6)
+
+
+def test_int4_stores_a_symmetric_grid_group_exactly_and_floats_as_before():
+    torch.manual_seed(0)
+    w = torch.randn(4, 128)
+    w[1, :64] = torch.randint(-5, 6, (64,)) * 0.03  # codes -5..5 of step 0.03: kept exactly
+    w[1, 64:] = torch.randint(-7, 8, (64,)) * 0.5
+    packed, scale_zero = quantize_int4(w, 64)
+    back = dequantize_int4(packed, scale_zero)
+    torch.testing.assert_close(back[1], w[1], rtol=0, atol=1e-6)
+    assert scale_zero[0, 1, 1] == 0 and torch.allclose(scale_zero[0, 1, 0], torch.tensor(0.03))
+    lo, hi = w[0, :64].min(), w[0, :64].max()  # a float group: the asymmetric min/max grid
+    assert torch.allclose(scale_zero[0, 0], torch.stack([(hi - lo) / 15, lo + 8 * (hi - lo) / 15]))

@@ -3,8 +3,10 @@ per-column loop, the grid itself, and what the joint sweep buys over rounding af
 
 import pytest
 import torch
+from torch import nn
 
 from sparsekit.kernels.quant import quantize_int8, round_to_grid, symmetric_steps
+from sparsekit.nn import SparseLinear
 from sparsekit.pruning import PLAIN_SOLVER, PruneConfig, QuantGrid, sparsegpt_solve
 from tests.pruning.test_sparsegpt_solver import _hessian
 
@@ -116,3 +118,29 @@ def test_engine_puts_every_pruned_layer_on_its_grid():
         prune_model(
             tiny_model("llama"), ids, PruneConfig(method="sparsegpt", wbits=4, wgroup=48, show_progress=False)
         )
+
+
+STORED = [  # sparsity, bits, group, format (2:4-int8 holds 2:4 weights only)
+    *((s, 8, None, "int8") for s in ("0.5", "2:4")),
+    ("2:4", 8, None, "2:4-int8"),
+    *((s, 4, 64, "int4") for s in ("0.5", "2:4")),
+    *((s, 4, None, "int4-g32") for s in ("0.5", "2:4")),
+]
+
+
+@pytest.mark.parametrize("sparsity,bits,group,fmt", STORED, ids=lambda v: str(v))
+def test_joint_weights_are_stored_exactly_by_the_quantized_formats(sparsity, bits, group, fmt):
+    """The joint sweep leaves every kept weight on its grid; the int8 / int4 formats find that
+    grid (a row whose largest code moved below 127 included) instead of rounding a second time."""
+    torch.manual_seed(0)
+    cols, tokens = 256, 1024
+    x = torch.randn(tokens, cols)
+    weight, hessian = torch.randn(96, cols), 2 * x.T @ x / tokens
+    joint = sparsegpt_solve(weight, hessian, sparsity, blocksize=64, grid=QuantGrid(bits, group)).weight
+    if bits == 8:  # what makes the case: rows whose largest code is below 127
+        codes = joint / symmetric_steps(weight, 8)
+        assert int((codes.abs().amax(1).round() < 127).sum()) > 0
+    lin = nn.Linear(cols, 96, bias=False).requires_grad_(False)
+    lin.weight.copy_(joint)
+    stored = SparseLinear.from_linear(lin, format=fmt).dense_weight()
+    torch.testing.assert_close(stored, joint, rtol=0, atol=1e-6 * float(joint.abs().max()))
