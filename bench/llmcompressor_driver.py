@@ -13,7 +13,6 @@ pruned decoder weights (safetensors) and a JSON line with the prune time and ver
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from importlib.metadata import version
@@ -41,15 +40,9 @@ def _modifier(method: str, sparsity: str):
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--calib", required=True)
-    p.add_argument("--method", required=True)
-    p.add_argument("--sparsity", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--report", required=True)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+    from driver_io import driver_arguments, load_calibration_ids, write_outputs
+
+    args = driver_arguments(__doc__.splitlines()[0]).parse_args()
 
     import torch
     from datasets import Dataset
@@ -57,9 +50,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    ids = torch.load(args.calib, weights_only=True)
-    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
-        raise SystemExit(f"{args.calib} must hold integer token ids [n, L]")
+    ids = load_calibration_ids(args.calib)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     modifier = _modifier(args.method, args.sparsity)
@@ -72,8 +63,6 @@ def main() -> int:
         max_seq_length=ids.shape[1],
     )
     seconds = time.perf_counter() - start
-    from driver_output import write_outputs
-
     report = {
         "prune_s": seconds,
         "llmcompressor": version("llmcompressor"),

@@ -24,7 +24,6 @@ is the original functions as written. Shims, each for an API the 2023 code preda
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import os
@@ -88,16 +87,11 @@ def _commit(code: str) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from driver_io import driver_arguments, load_calibration_ids, write_outputs
+
+    p = driver_arguments(__doc__.splitlines()[0])
     p.add_argument("--code", required=True, help="a checkout of locuslab/wanda or luuyin/OWL")
     p.add_argument("--impl", required=True, choices=("wanda", "owl"))
-    p.add_argument("--model", required=True)
-    p.add_argument("--calib", required=True)
-    p.add_argument("--method", required=True)
-    p.add_argument("--sparsity", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--report", required=True)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--owl-lamda", type=float, default=0.08)
     args = p.parse_args()
@@ -111,9 +105,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    ids = torch.load(args.calib, weights_only=True)
-    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
-        raise SystemExit(f"{args.calib} must hold integer token ids [n, L]")
+    ids = load_calibration_ids(args.calib)
     if not torch.cuda.is_available():
         torch.cuda.synchronize = lambda *a, **k: None
     sys.path.insert(0, os.path.abspath(args.code))
@@ -136,8 +128,6 @@ def main() -> int:
     with contextlib.redirect_stdout(sys.stderr):  # the original prints per layer: kept, off stdout
         getattr(module, function)(options, model, None, torch.device("cpu"), prune_n=prune_n, prune_m=prune_m)
     seconds = time.perf_counter() - start
-
-    from driver_output import write_outputs
 
     report = {
         "prune_s": seconds,

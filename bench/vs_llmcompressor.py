@@ -76,14 +76,9 @@ def setup_venv(venv: Path) -> Path:
     return python
 
 
-def decoder_sparsity(model) -> float:
-    """Share of zeros over the weights of every linear layer inside the decoder blocks."""
-    zeros = total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            zeros += int((module.weight == 0).sum())
-            total += module.weight.numel()
-    return zeros / total
+def decoder_sparsity(masks: dict[str, torch.Tensor]) -> float:
+    """Share of zeros over the decoder-block linears, from their ``decoder_masks``."""
+    return sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
 
 
 def decoder_masks(model) -> dict[str, torch.Tensor]:
@@ -298,12 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--original-from", metavar="URL", help="clone the checkouts from URL/wanda, URL/owl")
     p.add_argument(
         "--forward-dtypes", nargs="+", default=["auto", "float32"], choices=("auto", "float32"),
-        help="sparsekit's calibration-forward variants (the first is its default in the summary)",
+        help="sparsekit's calibration-forward variants, a row each",
     )  # fmt: skip
     args = p.parse_args(argv)
     unknown = [r for r in args.rows if r not in CONFIGS]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {' '.join(CONFIGS)}")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds repeats a seed: {args.seeds}")
+    if args.original_from and not args.original:
+        p.error("--original-from needs --original DIR (where the checkouts go)")
     venv = Path(args.venv)
     if not (venv / "bin" / "python").is_file() and not args.setup:
         p.error(f"{venv} has no python: pass --setup to create llm-compressor's environment there")
@@ -312,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     python = setup_venv(venv)
     original = fetch_original(Path(args.original), args.original_from) if args.original else None
     dense, tok = load_model("smollm2", dtype=torch.float32)
-    if len(set(args.seeds)) != len(args.seeds):
-        p.error(f"--seeds repeats a seed: {args.seeds}")
     eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
     env = environment()
     head = (
@@ -330,8 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(row: dict, model) -> None:
         row["ppl"] = perplexity_of_ids(model, eval_ids, 512).ppl
-        row["sparsity"] = decoder_sparsity(model)
         masks = decoder_masks(model)
+        row["sparsity"] = decoder_sparsity(masks)
         row["mask_vs"] = {tool: mask_difference(masks, ref) for tool, ref in ref_masks.items()}
         if not row["tool"].startswith("sparsekit"):
             ref_masks[row["tool"]] = masks

@@ -26,7 +26,6 @@ bind time and never saved).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -58,31 +57,22 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def grid_steps(
-    w: torch.Tensor, qmax: int, fallback: torch.Tensor, tol: float = 1e-3, probe: int = 32
+    w: torch.Tensor, qmax: int, fallback: torch.Tensor, tol: float = 1e-3, probe: int = 8
 ) -> torch.Tensor:
     """w [R, G] fp32 -> step [R]: per row the step s of the symmetric grid it lies on (every w / s
     within ``tol`` of an integer, max |w| = c * s for the largest c <= ``qmax`` that fits), else
-    ``fallback`` [R]. Each c is first tried on ``probe`` evenly spread columns, which rules out a
-    float row at once; rows that pass are checked whole (a joint-mode row whose largest code moved
-    below qmax fits a c a little under it)."""
+    ``fallback`` [R]. Each c is tried first on ``probe`` evenly spread columns, which rules a float
+    row out at once; only rows that pass are checked whole (a joint-mode row whose largest code
+    moved below qmax fits a c a little under it)."""
     amax = w.abs().amax(dim=1)
-    if qmax <= 8:  # small grids (int4): a row on one has every w / amax * lcm(1..qmax) integral
-        lcm = math.lcm(*range(1, qmax + 1))
-        r = w * (lcm / amax.clamp_min(1e-30))[:, None]
-        candidate = ((r - r.round()).abs().amax(1) <= tol * lcm / qmax) & (amax > 0)
-        passes = candidate[:, None].expand(-1, qmax)
-    else:
-        cols = torch.linspace(0, w.shape[1] - 1, min(probe, w.shape[1]), device=w.device).long()
-        c_all = torch.arange(qmax, 0, -1, device=w.device, dtype=w.dtype)  # [C], largest first
-        sample = w[:, cols].unsqueeze(1) * (c_all[None, :, None] / amax[:, None, None])  # [R, C, P]
-        passes = ((sample - sample.round()).abs().amax(-1) <= tol) & (amax > 0)[:, None]  # [R, C]
+    cols = torch.linspace(0, w.shape[1] - 1, min(probe, w.shape[1]), device=w.device).long()
+    sample = w[:, cols] / amax.clamp_min(1e-30)[:, None]  # [R, P] in [-1, 1]
     step = fallback.clone()
-    todo = passes.any(1)
-    for i, c in enumerate(range(qmax, 0, -1)):
-        rows = (todo & passes[:, i]).nonzero().squeeze(1)
+    todo = amax > 0
+    for c in range(qmax, 0, -1):
+        codes = sample * c
+        rows = (todo & ((codes - codes.round()).abs().amax(1) <= tol)).nonzero().squeeze(1)
         if rows.numel() == 0:
-            if not bool(todo.any()):
-                break
             continue
         s = amax[rows] / c
         codes = w[rows] / s[:, None]

@@ -190,3 +190,13 @@ def test_fetch_original_clones_each_checkout_at_its_pinned_commit(tmp_path, monk
     assert (
         vs.fetch_original(tmp_path / "checkouts", str(source))["owl"] / "lib" / "prune.py"
     ).read_text() == "kept"
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [(["--seeds", "1", "1"], "repeats a seed"), (["--original-from", "/nowhere"], "needs --original DIR")],
+)
+def test_vs_llmcompressor_refuses_bad_options_before_any_work(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        bench_script("vs_llmcompressor").main(["--venv", "/nonexistent-venv", *argv])
+    assert match in capsys.readouterr().err
