@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -50,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out.with_suffix(".json"), {"environment": env, "cells": [vars(c) for c in cells]})
     machine = f"{env.get('cpu')}, torch {env.get('torch')}, transformers {env.get('transformers')}"
+    command = " ".join(
+        shlex.quote(a) for a in ["python", "bench/coverage.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     header = (
-        f"# Family x method coverage\n\n`python bench/coverage.py --out {args.out}` on {machine}, "
+        f"# Family x method coverage\n\n`{command}` on {machine}, "
         f"commit {env.get('commit')}, {env.get('time_utc')}.\n\n"
     )
     write_text_atomic(out.with_suffix(".md"), header + table + "\n")

@@ -393,12 +393,27 @@ def _two_stage(dense, tmp: Path) -> None:
 
 
 def _minitron(dense, tmp: Path) -> None:
-    """Hidden size, MLP channels and heads cut (refused where the config derives head_dim from the
-    hidden size); decodes with the cache as without; a plain checkpoint with the same logits."""
+    """Hidden size, MLP channels and heads cut at 30%; decodes with the cache as without; a plain
+    checkpoint with the same logits. Where the family ties head width to the hidden size, the cut
+    removes whole heads with it: one query head per KV group where the tiny model has a single KV
+    head (heads="query"), and 50% where one unit is more than a quarter of the tiny hidden size."""
     from transformers import AutoModelForCausalLM
 
+    from sparsekit.models import describe, hidden_map
+    from sparsekit.pruning.structured import StructuredConfig
+    from sparsekit.pruning.structured.minitron import heads_follow_hidden, tied_units
+
     model = copy.deepcopy(dense)
-    report = _prune(model, "minitron", 0.3, axes="hidden,mlp,heads")
+    kw: dict = {"axes": "hidden,mlp,heads"}
+    anatomy, hmap = describe(model), hidden_map(model)
+    if not hmap.problems and heads_follow_hidden(model, anatomy, hmap):
+        if min(b.attention.kv_heads for b in anatomy if b.attention is not None) == 1:
+            kw["heads"] = "query"
+        step, _ = tied_units(anatomy, hmap, StructuredConfig(sparsity=0.3, **kw))
+        sparsity = 0.5 if step > hmap.size / 4 else 0.3
+    else:
+        sparsity = 0.3
+    report = _prune(model, "minitron", sparsity, **kw)
     if report.hidden_size is None or report.hidden_size[1] >= report.hidden_size[0]:
         raise CellFailure(f"the hidden size was not cut: {report.hidden_size}")
     ids = calib_ids(2, 12)

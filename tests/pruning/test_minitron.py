@@ -151,17 +151,84 @@ def test_saves_as_a_plain_checkpoint_and_reloads(family, tmp_path):
     torch.testing.assert_close(_logits(again, ids), out)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "falcon", "opt", "lfm2"])
-def test_hidden_cut_a_config_cannot_state_is_refused_before_any_weight_changes(family):
-    """These configs derive head_dim from hidden_size: a plain checkpoint could not hold the cut."""
-    model = tiny_model(family)
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "falcon", "opt", "stablelm", "helium", "lfm2"])
+def test_families_that_tie_widths_to_the_hidden_size_cut_it(family):
+    """Their code sizes the heads (head_dim = hidden / heads; Helium's o_proj input) or LFM2's
+    convolutions by hidden_size: the cut takes whole heads or the convolution's channels with it,
+    decodes with the cache as without and reloads as a plain checkpoint (the coverage cell)."""
+    from sparsekit.bench.coverage import run_cell
+
+    cell = run_cell(family, "minitron")
+    assert cell.status == "OK", cell.detail
+
+
+def _silence(model, eps_attrs=("eps", "variance_epsilon")) -> None:
+    for m in model.modules():  # eps would make the RMS of the kept channels differ by its share
+        for attr in eps_attrs:
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 1e-30)
+
+
+@pytest.mark.parametrize("heads", ["group", "query"])
+def test_a_tied_cut_removes_the_dead_head_with_the_dead_channels(heads):
+    """Helium sizes o_proj's input by hidden_size, so 8 of 64 hidden channels go with one of its 8
+    heads (head_dim 8). With 8 channels that carry nothing and head 5 silenced (its v rows zeroed),
+    a hidden-only cut must remove exactly them: the logits stay."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("helium", num_attention_heads=8, num_key_value_heads=8, head_dim=8)
+    ).eval()
+    _silence(model)
+    _kill_channels(model, torch.tensor([2, 9, 17, 30, 33, 41, 50, 60]))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight[40:48] = 0
+    ids = calib_ids()
+    before = _logits(model, ids)
+    _prune(model, ids, sparsity=0.15, axes="hidden", heads=heads)
+    assert (model.config.hidden_size, model.config.num_attention_heads) == (56, 7)
+    torch.testing.assert_close(_logits(model, ids), before, atol=2e-4, rtol=2e-4)
+
+
+def test_lfm2_convolution_channels_follow_the_hidden_cut():
+    """LFM2's convolution blocks are sized by hidden_size: with 8 stream channels and 8 channels of
+    every convolution that carry nothing (their x rows of in_proj zeroed), a hidden-only cut of
+    8 removes exactly those and keeps the logits."""
+    model = tiny_model("lfm2")
+    _silence(model)
+    _kill_channels(model, torch.tensor([1, 8, 15, 22, 35, 44, 51, 62]))
+    dead_inner = torch.tensor([0, 7, 19, 23, 31, 40, 48, 57])
+    with torch.no_grad():
+        for i in (0, 2):
+            model.model.layers[i].conv.in_proj.weight[128 + dead_inner] = 0  # the x run of B, C, x
+    ids = calib_ids()
+    before = _logits(model, ids)
+    _prune(model, ids, sparsity=0.1, axes="hidden")
+    assert model.config.hidden_size == 56
+    assert model.model.layers[0].conv.conv.weight.shape[0] == 56
+    torch.testing.assert_close(_logits(model, ids), before, atol=2e-4, rtol=2e-4)
+
+
+def test_a_convolution_that_mixes_channels_is_refused_before_any_weight_changes():
+    """The check can fail: where the channels meet (here a roll of out_proj's input), cutting some
+    is not zeroing them, and the hidden cut is refused with the reason."""
+    model = tiny_model("lfm2")
+    model.model.layers[0].conv.out_proj.register_forward_pre_hook(lambda m, a: (a[0].roll(1, -1),))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedArchitecture, match="cannot state"):
+    with pytest.raises(UnsupportedArchitecture, match="not independent"):
         _prune(model, sparsity=0.3)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    report = _prune(model, sparsity=0.3, axes="mlp,heads")  # the widths alone still cut
-    assert report.removed_fraction > 0.2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_multi_query_model_asks_for_query_heads_before_any_work():
+    """Falcon (one KV head) ties head_dim to hidden_size: whole KV groups cannot go, so the default
+    heads='group' is refused, naming heads='query'; with it the cut removes query heads."""
+    model = tiny_model("falcon")
+    with pytest.raises(UnsupportedArchitecture, match="pass heads='query'"):
+        _prune(model, sparsity=0.3)
+    report = _prune(model, sparsity=0.3, heads="query")
+    assert model.config.hidden_size == 48 and model.config.num_attention_heads == 3
+    assert report.removed_fraction == pytest.approx(0.3, abs=0.05)
 
 
 def test_a_mixture_of_experts_width_cut_is_refused():

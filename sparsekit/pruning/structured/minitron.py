@@ -46,6 +46,7 @@ from sparsekit.models import (
     hidden_map,
     require_hidden_cut,
 )
+from sparsekit.models.families import CONFIG_MLP_WIDTH_KEYS, KV_COUNT_ATTRS, family
 from sparsekit.models.hidden import embedding_gain
 from sparsekit.models.modules import is_linear_like, linear_weight
 
@@ -60,6 +61,7 @@ from .base import (
     param_count,
     register_structured,
 )
+from .channel_mixer import ChannelMixer, check_channel_independence, find_channel_mixer, keep_mixer_channels
 from .layout import block_widths, keep_channels, keep_heads, keep_hidden
 from .passes import capture, compute_device, hooked_pass
 from .width import _expresses, _kept_heads, _uniform, attention_units, build_on_meta, set_config_widths
@@ -108,20 +110,32 @@ class Stats:
     norms: dict[str, Moments] = field(default_factory=dict)  # each norm's input, by qualified name
     heads: list[Importance | None] = field(default_factory=list)  # per block: o_proj's input
     mlp: list[Importance | None] = field(default_factory=list)  # per block: down_proj's input
+    mixers: dict[int, Importance] = field(default_factory=dict)  # a tied channel mixer's writer input
 
     def sum_over_ranks(self, world: World) -> None:
         """Every statistic summed over the ranks' shares of the calibration tokens (all sums)."""
         if not world.active:
             return
         importances = [self.hidden, *(i for i in (*self.heads, *self.mlp) if i is not None)]
+        importances += [self.mixers[b] for b in sorted(self.mixers)]
         moments = [self.norms[n] for n in sorted(self.norms)]
         tensors = [i.value for i in importances] + [t for m in moments for t in (m.raw, m.centered)]
         for m, n in zip(moments, sum_over_ranks_(tensors, [m.count for m in moments]), strict=True):
             m.count = int(n)
 
 
-def _hooks(model: nn.Module, block: BlockAnatomy, prefix: str, hmap: HiddenMap, stats: Stats) -> list:
+def _hooks(
+    model: nn.Module,
+    block: BlockAnatomy,
+    prefix: str,
+    hmap: HiddenMap,
+    stats: Stats,
+    mixer: ChannelMixer | None,
+) -> list:
     handles = []
+    if mixer is not None:
+        imp = stats.mixers.setdefault(block.index, Importance())
+        handles.append(block.linear(mixer.writer).register_forward_pre_hook(lambda m, a: imp.add(a[0])))
     for name in (n for n in hmap.norms if n.startswith(prefix + ".")):
         moments = stats.norms.setdefault(name, Moments())
         norm = model.get_submodule(name)
@@ -141,13 +155,20 @@ def _hooks(model: nn.Module, block: BlockAnatomy, prefix: str, hmap: HiddenMap, 
 
 
 def collect(
-    model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap, chunks, device, progress: bool
+    model: nn.Module,
+    anatomy: ModelAnatomy,
+    hmap: HiddenMap,
+    chunks,
+    device,
+    progress: bool,
+    mixers: dict[int, ChannelMixer] | None = None,
 ) -> Stats:
     """One dense pass through the blocks; the final norms' inputs are the last block's outputs."""
     stats = Stats()
+    mixers = mixers or {}
 
     def hook_block(block: BlockAnatomy) -> list:
-        return _hooks(model, block, anatomy.block_name(block.index), hmap, stats)
+        return _hooks(model, block, anatomy.block_name(block.index), hmap, stats, mixers.get(block.index))
 
     hooked_pass(anatomy, chunks, device, hook_block, "minitron statistics", progress)
     for name in hmap.final_norms:
@@ -158,9 +179,23 @@ def collect(
 
 
 # ----------------------------------------------------------------------------- sizes
-def _exponents(anatomy: ModelAnatomy, hmap: HiddenMap) -> dict[tuple[int, int, int], int]:
-    """Decoder-block parameters grouped by how they scale: {(hidden, mlp, heads) exponents: count}."""
+def _exponents(
+    anatomy: ModelAnatomy, hmap: HiddenMap, mixers: dict[int, ChannelMixer] | None = None
+) -> dict[tuple[int, int, int], int]:
+    """Decoder-block parameters grouped by how they scale: {(hidden, mlp, heads) exponents: count}.
+    A tied channel mixer's inner axis scales with the hidden size too."""
     hidden = {(n, p) for n, p, _ in hmap.vectors}
+    inner = {
+        (f"{anatomy.block_name(i)}.{name}", p)
+        for i, m in (mixers or {}).items()
+        for name, p in (
+            (m.reader, "weight"),
+            (m.reader, "bias"),
+            (m.conv, "weight"),
+            (m.conv, "bias"),
+            (m.writer, "weight"),
+        )
+    }
     groups: dict[tuple[int, int, int], int] = {}
     for b in anatomy:
         prefix = anatomy.block_name(b.index)
@@ -168,7 +203,7 @@ def _exponents(anatomy: ModelAnatomy, hmap: HiddenMap) -> dict[tuple[int, int, i
         head_rows = set(b.attention.producers) if b.attention else set()
         for qual, p in b.module.named_parameters():
             mod, _, pname = qual.rpartition(".")
-            e_h = int((f"{prefix}.{mod}", pname) in hidden)
+            e_h = int((f"{prefix}.{mod}", pname) in hidden) + int((f"{prefix}.{mod}", pname) in inner)
             e_m = int(mod in mlp_rows or (b.mlp is not None and mod == b.mlp.down and pname == "weight"))
             e_a = int(
                 mod in head_rows or (b.attention is not None and mod == b.attention.o and pname == "weight")
@@ -200,6 +235,16 @@ class Plan:
     hidden: torch.Tensor | None  # kept hidden channels
     heads: list[tuple[torch.Tensor, torch.Tensor] | None]  # per block: (query heads, KV heads) kept
     mlp: list[torch.Tensor | None]  # per block: kept MLP channels
+    mixers: dict[int, torch.Tensor] = field(default_factory=dict)  # per tied channel mixer: kept channels
+
+    def with_mixers(self, stats: Stats) -> Plan:
+        """Each tied mixer keeps as many inner channels as the hidden size, its top ones."""
+        if self.hidden is not None:
+            h = len(self.hidden)
+            self.mixers = {
+                i: imp.value.topk(h).indices.sort().values.cpu() for i, imp in stats.mixers.items()
+            }
+        return self
 
 
 def _head_scores(block: BlockAnatomy, imp: Importance) -> torch.Tensor:
@@ -207,11 +252,25 @@ def _head_scores(block: BlockAnatomy, imp: Importance) -> torch.Tensor:
     return imp.value.reshape(a.heads, a.head_dim).sum(1).sqrt()
 
 
-def plan(anatomy: ModelAnatomy, hmap: HiddenMap, stats: Stats, axes: tuple[str, ...], config) -> Plan:
+def _by_group(block: BlockAnatomy, mode: str) -> bool:
+    """Heads go as whole KV groups (or one at a time in an MHA block), not one query head per group."""
+    return mode == "group" or block.attention.group_size == 1
+
+
+def _block_heads(block: BlockAnatomy, imp: Importance, n: int, mode: str):
+    """(query heads, KV heads) kept in one block after removing its ``n`` lowest-scored units."""
+    scores = _head_scores(block, imp)
+    units = attention_units(block, scores, mode)
+    gone = sorted(units, key=lambda u: u.score)[:n] if _by_group(block, mode) else units[:n]
+    return _kept_heads(block, scores, gone, mode)
+
+
+def plan(
+    anatomy: ModelAnatomy, hmap: HiddenMap, stats: Stats, axes: tuple[str, ...], config, mixers=None
+) -> Plan:
     """What each axis keeps: one shared keep ratio, rounded per axis, the MLP taking up the rest."""
-    groups = _exponents(anatomy, hmap)
-    total = _kept_params(groups, 1, 1, 1)
-    target = (1 - config.sparsity) * total
+    groups = _exponents(anatomy, hmap, mixers)
+    target = (1 - config.sparsity) * _kept_params(groups, 1, 1, 1)
     on = {a: a in axes for a in AXES}
     k = _solve(target, lambda x: _kept_params(groups, *(x if on[a] else 1.0 for a in AXES)))
     k_hidden = 1.0
@@ -227,23 +286,130 @@ def plan(anatomy: ModelAnatomy, hmap: HiddenMap, stats: Stats, axes: tuple[str, 
         for b, imp in zip(anatomy, stats.heads, strict=True):
             if b.attention is None or imp is None:
                 continue
-            scores = _head_scores(b, imp)
-            units = attention_units(b, scores, config.heads)
-            n = min(int((1 - k) * len(units) + 1e-9), len(units) - 1)
-            gone = sorted(units, key=lambda u: u.score)[:n] if config.heads == "group" else units[:n]
-            heads[b.index] = _kept_heads(b, scores, gone, config.heads)
+            n_units = len(attention_units(b, _head_scores(b, imp), config.heads))
+            heads[b.index] = _block_heads(
+                b, imp, min(int((1 - k) * n_units + 1e-9), n_units - 1), config.heads
+            )
             fractions.append(len(heads[b.index][0]) / b.attention.heads)
         k_heads = sum(fractions) / len(fractions) if fractions else 1.0
+    mlp = _mlp_plan(anatomy, stats, groups, target, on["mlp"], k_hidden, k_heads, config)
+    return Plan(keep_hidden, heads, mlp).with_mixers(stats)
+
+
+def _mlp_plan(
+    anatomy, stats: Stats, groups, target: float, on: bool, k_hidden: float, k_heads: float, config
+):
+    """Per block, the kept MLP channels: the width that brings the kept parameters to ``target``."""
     mlp: list = [None] * len(anatomy)
-    if on["mlp"]:
-        k_mlp = _solve(target, lambda x: _kept_params(groups, k_hidden, x, k_heads))
-        widths = [b.mlp.intermediate for b in anatomy if b.mlp is not None]
-        width = min(widths, default=0)
-        kept = _round_to(k_mlp * width, config.channel_multiple, width)
-        for b, imp in zip(anatomy, stats.mlp, strict=True):
-            if b.mlp is not None and imp is not None:
-                mlp[b.index] = imp.value.topk(min(kept, b.mlp.intermediate)).indices.sort().values.cpu()
-    return Plan(keep_hidden, heads, mlp)
+    if not on:
+        return mlp
+    k_mlp = _solve(target, lambda x: _kept_params(groups, k_hidden, x, k_heads))
+    width = min((b.mlp.intermediate for b in anatomy if b.mlp is not None), default=0)
+    kept = _round_to(k_mlp * width, config.channel_multiple, width)
+    for b, imp in zip(anatomy, stats.mlp, strict=True):
+        if b.mlp is not None and imp is not None:
+            mlp[b.index] = imp.value.topk(min(kept, b.mlp.intermediate)).indices.sort().values.cpu()
+    return mlp
+
+
+# ----------------------------------------------------------------------------- tied head width
+def _narrower(model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap) -> tuple[nn.Module | None, int]:
+    """The model built on the meta device from its config with a narrower hidden size (heads and
+    head_dim stated as before), and that size; None where the config refuses it."""
+    a = next((b.attention for b in anatomy if b.attention is not None), None)
+    size = hmap.size - (a.heads if a is not None else 1)  # head_dim - 1 per head where the code divides
+    trial = copy.deepcopy(model.config)
+    try:
+        trial.hidden_size = size
+        if a is not None and "head_dim" in trial.to_dict():
+            trial.head_dim = a.head_dim
+        return build_on_meta(model, trial), size
+    except Exception:  # noqa: BLE001 - a config that refuses the size: the dry run names the family
+        return None, size
+
+
+def heads_follow_hidden(model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap) -> bool:
+    """Whether the family's code ties the attention's width to hidden_size (GPT-2, GPT-NeoX, OPT,
+    Falcon and StableLM derive head_dim = hidden_size / heads; Helium sizes its output projection's
+    input by hidden_size): built narrower, heads and head_dim stated as before, it comes out with
+    other head widths, or with no attention sparsekit can describe."""
+    a = next((b.attention for b in anatomy if b.attention is not None), None)
+    built, _ = _narrower(model, anatomy, hmap)
+    if a is None or built is None:
+        return False
+    try:
+        b = next((b.attention for b in describe(built) if b.attention is not None), None)
+    except UnsupportedArchitecture:
+        b = None
+    return b is None or (b.heads, b.head_dim) != (a.heads, a.head_dim)
+
+
+def tied_mixers(model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap) -> dict[int, ChannelMixer]:
+    """Per block, a channel mixer (``channel_mixer.py``) whose inner width the family's code sizes
+    by hidden_size (LFM2's convolutions): built narrower, its convolution narrows with it."""
+    found = {b.index: m for b in anatomy if (m := find_channel_mixer(b, hmap.size)) is not None}
+    built, size = _narrower(model, anatomy, hmap) if found else (None, 0)
+    if built is None:
+        return {}
+    blocks = built.get_submodule(anatomy.blocks_path)
+    return {i: m for i, m in found.items() if blocks[i].get_submodule(m.conv).in_channels == size}
+
+
+def _tied_ratios(n: int, step: int, size: int) -> tuple[float, float, float]:
+    kept = 1 - n * step / size
+    return kept, 1.0, kept
+
+
+def tied_units(anatomy: ModelAnatomy, hmap: HiddenMap, config) -> tuple[int, int]:
+    """(hidden channels per removable attention unit, units that may go from every block) where
+    head_dim = hidden_size / heads; refuses shapes with no unit to spare."""
+    blocks = [b for b in anatomy if b.attention is not None]
+    shapes = {(b.attention.heads, b.attention.kv_heads, b.attention.head_dim) for b in blocks}
+    if len(shapes) != 1 or any(b.attention.heads * b.attention.head_dim != hmap.size for b in blocks):
+        raise UnsupportedArchitecture(
+            f"{anatomy.model_type} ties its heads' width to hidden_size, but its blocks' attention shapes "
+            f"(heads, KV heads, head_dim) {sorted(shapes)} do not span hidden_size {hmap.size} alike in "
+            "every block: cut axes='mlp,heads' instead"
+        )
+    a = blocks[0].attention
+    by_group = _by_group(blocks[0], config.heads)
+    limit = (a.kv_heads if by_group else a.group_size) - 1
+    if limit == 0:
+        raise UnsupportedArchitecture(
+            f"{anatomy.model_type} ties its heads' width to hidden_size, so a hidden cut must remove heads, "
+            f"and with heads={config.heads!r} its {a.heads} query / {a.kv_heads} KV heads have no unit to "
+            "spare: pass heads='query' (one query head of every KV group), or cut axes='mlp,heads'"
+        )
+    return (a.group_size if by_group else a.kv_heads) * a.head_dim, limit
+
+
+def tied_plan(
+    anatomy: ModelAnatomy, hmap: HiddenMap, stats: Stats, axes: tuple[str, ...], config, mixers=None
+) -> Plan:
+    """The hidden cut where head_dim = hidden_size / heads: it removes whole attention units (a
+    KV group with its query heads, or one query head of every group with ``heads="query"``) from
+    every block, hidden channels by their own score and heads by theirs, so the kept heads times
+    head_dim is the new hidden size; the MLP takes up the rest of the budget."""
+    step, limit = tied_units(anatomy, hmap, config)
+    blocks = [b for b in anatomy if b.attention is not None]
+    groups = _exponents(anatomy, hmap, mixers)
+    target = (1 - config.sparsity) * _kept_params(groups, 1, 1, 1)
+    mlp_on = "mlp" in axes
+    k = _solve(target, lambda x: _kept_params(groups, x, x if mlp_on else 1.0, x))
+    n = min(limit, max(0, round((1 - k) * hmap.size / step)))
+    if not mlp_on:  # the unit count whose kept parameters are nearest the target
+        n = min(
+            range(limit + 1),
+            key=lambda m: abs(_kept_params(groups, *_tied_ratios(m, step, hmap.size)) - target),
+        )
+    h = hmap.size - n * step
+    keep_hidden = stats.hidden.value.topk(h).indices.sort().values.cpu()
+    heads: list = [None] * len(anatomy)
+    for b in blocks:
+        heads[b.index] = _block_heads(b, stats.heads[b.index], n, config.heads)
+    k_cut = h / hmap.size
+    mlp = _mlp_plan(anatomy, stats, groups, target, mlp_on, k_cut, k_cut, config)
+    return Plan(keep_hidden, heads, mlp).with_mixers(stats)
 
 
 # ----------------------------------------------------------------------------- applying
@@ -379,22 +545,34 @@ def follow_config_constants(model: nn.Module, old_config) -> list[str]:
     return notes
 
 
-def _config_update(model: nn.Module, anatomy: ModelAnatomy, new_hidden: int | None) -> dict[str, object]:
+def _config_update(
+    model: nn.Module, anatomy: ModelAnatomy, new_hidden: int | None, tied: bool = False
+) -> dict[str, object]:
+    """The config values that state the cut model's widths; ``tied``: the family derives head_dim
+    from hidden_size (not written where the config has no such key)."""
     widths = block_widths(anatomy)
     updates: dict[str, object] = {}
     heads = _uniform([w.heads for w in widths])
     kv = _uniform([w.kv_heads for w in widths])
     a = next((b.attention for b in anatomy if b.attention is not None), None)
+    stated = model.config.to_dict()
     if a is not None:
-        updates |= {"head_dim": a.head_dim, "num_attention_heads": heads, "num_key_value_heads": kv}
+        updates["num_attention_heads"] = heads
+        if not tied or "head_dim" in stated:
+            updates["head_dim"] = a.head_dim
+        kv_key = next((k for k in KV_COUNT_ATTRS if k in stated), None)
+        if kv_key is not None or kv != heads:
+            updates[kv_key or "num_key_value_heads"] = kv
     inter = _uniform([w.intermediate for w in widths])
     if inter is not None:
-        keys = [k for k in ("intermediate_size", "ffn_dim", "n_inner") if k in model.config.to_dict()]
-        updates |= {k: inter for k in keys or ["intermediate_size"]}
+        keys = [k for k in CONFIG_MLP_WIDTH_KEYS if k in stated]
+        updates |= {k: inter for k in keys or ["intermediate_size"]} | family(
+            anatomy.model_type
+        ).mlp_width_config
     if new_hidden is not None:
         updates["hidden_size"] = new_hidden
         for key in ("word_embed_proj_dim",):
-            if model.config.to_dict().get(key) == anatomy.hidden_size:
+            if stated.get(key) == anatomy.hidden_size:
                 updates[key] = new_hidden
     return {k: v for k, v in updates.items() if v is not None}
 
@@ -416,16 +594,23 @@ class Minitron(StructuredMethod):
             )
         if config.bias_compensation:
             raise ValueError("minitron has no bias compensation (FLAP's); leave bias_compensation unset")
-        if config.heads != "group" and "heads" not in axes:
-            raise ValueError(
-                f"heads={config.heads!r} chooses how heads go, and axes={config.axes!r} cuts none"
-            )
         anatomy = describe(model)
         anatomy.require_width(self.name)
         anatomy.require_dense(self.name)
         hmap = hidden_map(model)
+        tied, mixers = False, {}
         if "hidden" in axes:
             require_hidden_cut(hmap, self.name)
+            tied = heads_follow_hidden(model, anatomy, hmap)
+            if tied:
+                tied_units(anatomy, hmap, config)  # refuses before any work where no unit can go
+            mixers = tied_mixers(model, anatomy, hmap)
+            for i, mixer in mixers.items():
+                check_channel_independence(anatomy[i], mixer)
+        if config.heads != "group" and "heads" not in axes and not tied:
+            raise ValueError(
+                f"heads={config.heads!r} chooses how heads go, and axes={config.axes!r} cuts none"
+            )
         check_finite_weights(anatomy.blocks, anatomy.blocks_path)
         report = StructuredReport(self.name, config.sparsity, *input_ids.shape)
         report.params_before, report.block_params_before = param_count(model), block_param_count(model)
@@ -440,25 +625,27 @@ class Minitron(StructuredMethod):
             chunks = capture(
                 model, calibration_share(input_ids, config.batch_size, world), config.batch_size, device
             )
-            stats = collect(model, anatomy, hmap, chunks, device, config.show_progress and world.main)
+            stats = collect(model, anatomy, hmap, chunks, device, config.show_progress and world.main, mixers)
             stats.sum_over_ranks(world)
             del chunks
             report.timings_s["statistics"] = time.perf_counter() - started
             started = time.perf_counter()
-            chosen = plan(anatomy, hmap, stats, axes, config)
+            chosen = (tied_plan if tied else plan)(anatomy, hmap, stats, axes, config, mixers)
             cuts_hidden = chosen.hidden is not None and len(chosen.hidden) < hmap.size
             if cuts_hidden:
-                self._dry_run(model, hmap, chosen)
+                self._dry_run(model, hmap, chosen, tied, mixers)
             for b in anatomy:
                 if chosen.heads[b.index] is not None:
                     keep_heads(b, *chosen.heads[b.index])
                 if chosen.mlp[b.index] is not None:
                     keep_channels(b, chosen.mlp[b.index])
+                if b.index in chosen.mixers:
+                    keep_mixer_channels(b, mixers[b.index], chosen.mixers[b.index])
             if cuts_hidden:
                 cut_hidden(model, hmap, chosen.hidden, stats, report, self.norm_gains)
                 stated = model.config.to_dict()  # (Gemma-4's per-layer keys raise on getattr)
                 old_config = copy.deepcopy(model.config)
-                for key, value in _config_update(model, anatomy, len(chosen.hidden)).items():
+                for key, value in _config_update(model, anatomy, len(chosen.hidden), tied).items():
                     if stated.get(key) != value:
                         setattr(model.config, key, value)
                 report.notes += follow_config_constants(model, old_config)
@@ -473,7 +660,9 @@ class Minitron(StructuredMethod):
         log.info("minitron removed %.1f%% of block parameters", 100 * report.removed_fraction)
         return report
 
-    def _dry_run(self, model: nn.Module, hmap: HiddenMap, chosen: Plan) -> None:
+    def _dry_run(
+        self, model: nn.Module, hmap: HiddenMap, chosen: Plan, tied: bool, mixers: dict[int, ChannelMixer]
+    ) -> None:
         """Cut a copy built on the meta device and check that the new config rebuilds its shapes,
         before the real weights are touched; refuse (naming the family) where it does not."""
         meta = build_on_meta(model, model.config)
@@ -487,12 +676,14 @@ class Minitron(StructuredMethod):
                 keep_heads(b, *chosen.heads[b.index])
             if chosen.mlp[b.index] is not None:
                 keep_channels(b, chosen.mlp[b.index])
+            if b.index in chosen.mixers:
+                keep_mixer_channels(b, mixers[b.index], chosen.mixers[b.index])
         keep_hidden(meta, hidden_map(meta), chosen.hidden)
         new_hidden = len(chosen.hidden)
         trial = copy.deepcopy(model.config)
         try:
             stated = trial.to_dict()
-            for key, value in _config_update(meta, anatomy, new_hidden).items():
+            for key, value in _config_update(meta, anatomy, new_hidden, tied).items():
                 if stated.get(key) != value:
                     setattr(trial, key, value)
             expressed = _expresses(meta, trial)
@@ -500,6 +691,7 @@ class Minitron(StructuredMethod):
             expressed = False
         if not expressed:
             raise UnsupportedArchitecture(
-                f"{anatomy.model_type}'s config cannot state the cut widths (hidden {new_hidden}, head_dim "
-                "kept): its code derives a size from hidden_size. Cut axes='mlp,heads' instead"
+                f"{anatomy.model_type}'s config cannot state the cut widths (hidden {new_hidden}"
+                f"{', heads removed with it' if tied else ', head_dim kept'}): its code derives a size from "
+                "hidden_size. Cut axes='mlp,heads' instead"
             )
