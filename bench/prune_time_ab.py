@@ -56,6 +56,11 @@ def parse_method(text: str) -> dict:
     return {"method": method, "sparsity": sparsity} | {f: True for f in flags}
 
 
+def _label(kwargs: dict) -> str:
+    """{method: ria, sparsity: 2:4, permute: True} -> 'ria 2:4 permute'."""
+    return " ".join(k if v is True else str(v) for k, v in kwargs.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trees", nargs=2, required=True, metavar=("BEFORE", "AFTER"))
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, per in times.items():
         a, b = per[before], per[after]
         rows.append(
-            f"| {' '.join(str(v) for v in json.loads(key).values())} | {statistics.median(a):.1f} "
+            f"| {_label(json.loads(key))} | {statistics.median(a):.1f} "
             f"({min(a):.1f}-{max(a):.1f}) | {statistics.median(b):.1f} ({min(b):.1f}-{max(b):.1f}) | "
             f"{statistics.median(b) / statistics.median(a):.3f} |"
         )

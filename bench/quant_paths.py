@@ -5,9 +5,10 @@ interleaved on one weight (the evidence behind ``sparsekit.kernels.quant.DEQUANT
 
 Candidates, all on the same [n, k] weight (SmolLM2's up_proj by default) and the same x [M, k]:
 dense ``F.linear``; torch's ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``;
-sparsekit's ``mm_q8`` (fp32 int8) and ``mm24_q8`` (2:4 + int8); and dequantize (or decompress) +
-``F.linear`` for int8, int4 and 2:4-int8. Weights stay cache-resident (one copy): this compares
-paths, the per-layer tables with weights from DRAM (bench/cpu_isa_layers.py) compare formats.
+sparsekit's ``mm_q8`` (fp32 int8), ``mm_q4`` (fp32 int4) and ``mm24_q8`` (2:4 + int8); and
+dequantize (or decompress) + ``F.linear`` for int8, int4 and 2:4-int8. Weights stay
+cache-resident (one copy): this compares paths, the per-layer tables with weights from DRAM
+(bench/cpu_isa_layers.py) compare formats.
 Writes <out>/quant-paths.json and .md with medians (p20..p80) in ms and the speedup over dense.
 """
 
@@ -26,6 +27,7 @@ from sparsekit.kernels import compress_24, cpu_ext, nm_keep_mask
 from sparsekit.kernels.quant import (
     dequantize_int4,
     dequantize_int8,
+    int4_direct_input,
     quantize_int4,
     quantize_int8,
     unpack_int4,
@@ -60,6 +62,8 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
     if ext is not None:
         fns["int8 sparsekit mm_q8"] = lambda: ext.mm_q8(x, q, s, None, level)
         fns["2:4-int8 sparsekit mm24_q8"] = lambda: ext.mm24_q8(x, q24, meta, s24, None, level)
+        if dtype == torch.float32:  # the fp32 int4 kernel, its input rearrangement included
+            fns["int4 sparsekit mm_q4"] = lambda: ext.mm_q4(int4_direct_input(x, 64), p4, sz, None, 64, level)
     return fns
 
 

@@ -54,6 +54,11 @@ CONFIGS = [
     "sparsegpt/0.5", "sparsegpt/2:4", "wanda/0.5", "wanda/2:4",
     "wanda/0.7", "wanda+owl/0.7", "sparsegpt+owl/0.7",
 ]  # fmt: skip
+# sparsekit's composed recipes (issue 28: at most the original SparseGPT's time at the same sparsity);
+# no reference runs them, so they are timed against the session's own original SparseGPT row
+COMPOSED = ["ria+permute+admm/2:4", "sparsegpt+owl+admm+dsnot/0.5"]
+PIECES = {"owl": {"allocation": "owl"}, "permute": {"permute": True}, "admm": {"update": "admm"}}
+PIECES |= {"dsnot": {"refine": "dsnot"}}
 PINS = ("torch==2.13.0", "llmcompressor==0.14.0.1")
 DRIVER = Path(__file__).with_name("llmcompressor_driver.py")
 ORIGINAL_DRIVER = Path(__file__).with_name("original_driver.py")
@@ -158,13 +163,24 @@ def run_original(code: dict[str, Path], dense, folder: Path, calib_file: Path, m
     return _load_pruned(command, dense, out, report, "the original code")
 
 
+def recipe_options(method: str) -> tuple[str, dict]:
+    """'sparsegpt+owl+admm' -> ('sparsegpt', {allocation: owl, update: admm}) (``PIECES``)."""
+    score, *pieces = method.split("+")
+    options: dict = {}
+    for piece in pieces:
+        if piece not in PIECES:
+            raise ValueError(f"unknown recipe piece {piece!r} in {method!r}; choose from {' '.join(PIECES)}")
+        options |= PIECES[piece]
+    return score, options
+
+
 def run_sparsekit(dense, calib: torch.Tensor, method: str, sparsity: str, forward_dtype: str):
     model = copy.deepcopy(dense)
-    method, _, allocation = method.partition("+")
+    method, options = recipe_options(method)
     start = time.perf_counter()
     report = sparsekit.prune(
         model, method=method, sparsity=sparsity, calib=calib, forward_dtype=forward_dtype,
-        allocation=allocation or "uniform", show_progress=False,
+        show_progress=False, **options,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     return model, {"prune_s": seconds, "timings_s": report.timings_s, "forward_dtype": report.forward_dtype}
@@ -184,6 +200,7 @@ def _markdown(head: str, rows: list[dict]) -> str:
             f"{r.get('prune_s', 0):.1f} | {r.get('sparsity', 0):.4f} |"
         )
     lines += _reference_summary(rows)
+    lines += _composed_summary(rows)
     lines += _seed_summary(rows)
     failed = [r for r in rows if r.get("error")]
     if failed:
@@ -234,6 +251,35 @@ def _seed_summary(rows: list[dict]) -> list[str]:
                 f"{max(ppl):.2f}] | {ratio} | {statistics.median(r.get('prune_s', 0) for r in got):.1f} |"
             )
     return lines
+
+
+def _composed_summary(rows: list[dict]) -> list[str]:
+    """Each composed recipe's prune time against the original SparseGPT at its sparsity and seed
+    (the issue's target: ratio <= 1)."""
+    scored = [r for r in rows if "seed" in r and not r.get("error")]
+    lines = []
+    for r in (r for r in scored if r["config"] in COMPOSED):
+        sparsity = r["config"].split("/")[1]
+        ref = next(
+            (
+                o
+                for o in scored
+                if o["config"] == f"sparsegpt/{sparsity}" and o["seed"] == r["seed"]
+                and o["tool"].startswith("original")
+            ),
+            None,
+        )  # fmt: skip
+        if ref is not None:
+            lines.append(
+                f"- {r['config']}, seed {r['seed']} ({r['forward_dtype']} forwards): {r['prune_s']:.1f} s "
+                f"against the original SparseGPT's {ref['prune_s']:.1f} s "
+                f"({r['prune_s'] / ref['prune_s']:.2f}x); ppl {r['ppl']:.2f} against its {ref['ppl']:.2f}"
+            )
+    return (
+        ["", "Composed recipes against the original SparseGPT (same sparsity and ids):", "", *lines]
+        if lines
+        else []
+    )
 
 
 def _reference_summary(rows: list[dict]) -> list[str]:
@@ -296,9 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         help="sparsekit's calibration-forward variants, a row each",
     )  # fmt: skip
     args = p.parse_args(argv)
-    unknown = [r for r in args.rows if r not in CONFIGS]
+    unknown = [r for r in args.rows if r not in CONFIGS + COMPOSED]
     if unknown:
-        p.error(f"unknown rows {unknown}; choose from {' '.join(CONFIGS)}")
+        p.error(f"unknown rows {unknown}; choose from {' '.join(CONFIGS + COMPOSED)}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds repeats a seed: {args.seeds}")
     if args.original_from and not args.original:
@@ -337,6 +383,29 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows})
         write_text_atomic(out.with_suffix(".md"), _markdown(head, rows))
 
+    def references(folder: Path, calib_file: Path, config: str, seed: int) -> None:
+        """The original code (with --original) and llm-compressor on one config; a failure is a
+        result too: recorded, the run goes on."""
+        method, sparsity = config.split("/")
+        runs = [
+            ("llm-compressor", lambda: run_llmcompressor(python, dense, folder, calib_file, method, sparsity))
+        ]
+        if original:
+            runs.insert(
+                0, ("original", lambda: run_original(original, dense, folder, calib_file, method, sparsity))
+            )
+        for name, run in runs:
+            try:
+                model, info = run()
+            except RuntimeError as exc:
+                log.error("%s", exc)
+                rows.append(
+                    {"config": config, "seed": seed, "tool": name, "ppl": float("nan"), "error": str(exc)}
+                )
+                continue
+            version = info["code"] if name == "original" else info["llmcompressor"]
+            add({"config": config, "seed": seed, "tool": f"{name} {version}", **info}, model)
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         dense.save_pretrained(folder / "dense")
@@ -348,23 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             for config in args.rows:
                 method, sparsity = config.split("/")
                 ref_masks.clear()
-                if original:
-                    try:
-                        model, info = run_original(original, dense, folder, calib_file, method, sparsity)
-                        tool = f"original {info['code']}"
-                        add({"config": config, "seed": seed, "tool": tool, **info}, model)
-                    except RuntimeError as exc:
-                        log.error("%s", exc)
-                        failed = {"config": config, "seed": seed, "tool": "original", "ppl": float("nan")}
-                        rows.append({**failed, "error": str(exc)})
-                try:
-                    model, info = run_llmcompressor(python, dense, folder, calib_file, method, sparsity)
-                    tool = f"llm-compressor {info['llmcompressor']}"
-                    add({"config": config, "seed": seed, "tool": tool, **info}, model)
-                except RuntimeError as exc:  # its failure is a result too: recorded, the run goes on
-                    log.error("%s", exc)
-                    failed = {"config": config, "seed": seed, "tool": "llm-compressor", "ppl": float("nan")}
-                    rows.append({**failed, "error": str(exc)})
+                if config not in COMPOSED:  # neither reference runs sparsekit's composed recipes
+                    references(folder, calib_file, config, seed)
                 for forward_dtype in args.forward_dtypes:
                     model, info = run_sparsekit(dense, calib, method, sparsity, forward_dtype)
                     add(

@@ -40,6 +40,7 @@ FUNCTIONS = [
     "mm24",
     "mm24_q8",
     "mm_q8",
+    "mm_q4",
     "decompress24_rows",
     "mm_bitmap",
     "decompress_bitmap_rows",

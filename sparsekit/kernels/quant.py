@@ -10,7 +10,8 @@ no hand-written quantized GEMM where one exists):
   int4  ``aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero [K/group, N, 2])``, the
         weight packed once by ``aten._convert_weight_to_int4pack_for_cpu``; value = (q - 8) * scale
         + zero, q in 0..15 (asymmetric: a pruned zero does not stay exactly zero). bf16 / fp16
-        only, as int8: fp32 layers dequantize per call.
+        only, as int8: fp32 layers run sparsekit's C++ direct int4 kernel (``mm_q4``: nibbles
+        widened in registers, one scale FMA per group) or dequantize per call.
   2:4 + int8  no library has it (vLLM, SGLang and torchao dropped their sparse + quantized
         kernels in 2026): ``mm24_q8`` in the C++ extension reads int8 values and the 2:4 nibbles
         (0.5 + 0.125 bytes per weight, against 1.0 for dense int8) and scales each row's dot
@@ -140,6 +141,10 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
 # 1.8 ms, so its op (0.59x) keeps M <= 64 and loses only at 512 (0.45x against 0.71x).
 DEQUANT_ABOVE_M = {"int8": 16, "int8-fp32": 8, "int4": 64, "2:4-int8": 16}
 INT8_DIRECT_MAX_M = DEQUANT_ABOVE_M["int8-fp32"]  # fp32: sparsekit's direct int8 kernel up to here
+# fp32: sparsekit's direct int4 kernel (mm_q4) up to here. bench/quant_paths.py on SmolLM2's up_proj
+# (docs/data/quant-paths-mm_q4): faster than dequantize + GEMM at every M it measured (1..64),
+# faster than dense up to M = 8 (the runtime rule's `cpu_rule="fastest"` covers the rest)
+INT4_DIRECT_MAX_M = 64
 
 
 def cpu_route(fmt: str, dtype: torch.dtype, m: int) -> str:
@@ -147,9 +152,10 @@ def cpu_route(fmt: str, dtype: torch.dtype, m: int) -> str:
     ``m`` rows of x in ``dtype``, in words (benchmark labels; the binds below decide the same way)."""
     fp32 = dtype == torch.float32
     if fmt.startswith("int4"):
-        if fp32 or m > DEQUANT_ABOVE_M["int4"]:
-            return "dequantize + GEMM"
-        return "aten int4 op"
+        if fp32:
+            direct = cpu_ext.extension() is not None and m <= INT4_DIRECT_MAX_M
+            return "sparsekit mm_q4" if direct else "dequantize + GEMM"
+        return "dequantize + GEMM" if m > DEQUANT_ABOVE_M["int4"] else "aten int4 op"
     if fmt == "int8":
         if fp32 and cpu_ext.extension() is not None:
             return "dequantize + GEMM" if m > INT8_DIRECT_MAX_M else "sparsekit mm_q8"
@@ -252,15 +258,27 @@ def int4_mm_ref(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
-def bind_int4_cpu(packed: torch.Tensor, scale_zero: torch.Tensor) -> Callable[..., torch.Tensor] | None:
-    """``fn(x, bias) -> y`` with the weight packed once for ``aten._weight_int4pack_mm_for_cpu``
-    (out_features padded to a multiple of 16 with zero rows, as the op requires); None for fp32,
-    where the caller dequantizes (the op's fp32 path is a generic loop, slower than that)."""
+def int4_direct_input(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [M, K] fp32 -> [M, K + K/group]: per group of inputs its even columns, then its odd ones
+    (the low and high nibbles of the packed bytes), then the K/group group sums (``mm_q4``'s input)."""
+    m, k = x.shape
+    per_group = x.reshape(m, k // group, group // 2, 2).transpose(-1, -2).reshape(m, k)
+    return torch.cat((per_group, x.reshape(m, k // group, group).sum(-1)), dim=1)
+
+
+def bind_int4_cpu(
+    packed: torch.Tensor, scale_zero: torch.Tensor, isa: CpuIsa | str | None = None
+) -> Callable[..., torch.Tensor] | None:
+    """``fn(x, bias) -> y`` for one stored int4 weight on the CPU. bf16 / fp16: the weight packed
+    once for ``aten._weight_int4pack_mm_for_cpu`` (out_features padded to a multiple of 16 with zero
+    rows, as the op requires) up to ``DEQUANT_ABOVE_M["int4"]`` rows of x. fp32: sparsekit's direct
+    kernel (``mm_q4``) up to ``INT4_DIRECT_MAX_M`` rows (torch's op has no fast fp32 path); above
+    the limits, and in fp32 without the C++ extension (None), the caller dequantizes per call."""
     n, k = packed.shape[0], 2 * packed.shape[1]
     group = k // scale_zero.shape[0]
     check_int4_shape(k, group)
     if scale_zero.dtype == torch.float32:
-        return None
+        return _bind_int4_fp32(packed, scale_zero, group, isa)
     pad = -n % 16  # zero rows: code 8 with scale 0 and zero 0
     codes = F.pad(unpack_int4(packed).to(torch.int32), (0, 0, 0, pad), value=8)
     cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -274,6 +292,24 @@ def bind_int4_cpu(packed: torch.Tensor, scale_zero: torch.Tensor) -> Callable[..
         y = y[:, :n] if pad else y
         if bias is not None:
             y = y + bias
+        return y.reshape(*x.shape[:-1], n)
+
+    return mm
+
+
+def _bind_int4_fp32(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, isa) -> Callable | None:
+    ext = cpu_ext.extension()
+    if ext is None:
+        return None
+    level = isa_level(resolve_isa(isa))
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    packed, sz = packed.contiguous(), scale_zero.contiguous()
+
+    def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, k)
+        if x2.shape[0] > INT4_DIRECT_MAX_M:
+            return F.linear(x, dequantize_int4(packed, sz), bias)
+        y = ext.mm_q4(int4_direct_input(x2, group), packed, sz, bias, group, level)
         return y.reshape(*x.shape[:-1], n)
 
     return mm

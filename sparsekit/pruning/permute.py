@@ -33,7 +33,6 @@ from .method import InputStat
 log = logging.getLogger(__name__)
 
 LSA_MAX_GROUPS = 512  # assignment problems are split into blocks of at most this many groups
-_GAIN_ELEMENTS = 1 << 25  # broadcast chunk of the gain matrix (128 MiB of fp32)
 
 
 def nm_kept_score(scores: torch.Tensor, n: int, m: int) -> float:
@@ -56,17 +55,14 @@ def balanced_permutation(scores: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _slot_gain(s: torch.Tensor, slot: int, n: int) -> torch.Tensor:
-    """s [R, G, m] grouped scores -> gain [G, G] of putting group c's ``slot`` channel into group g."""
+    """s [R, G, m] grouped scores -> gain [G, G] of putting group c's ``slot`` channel into group g:
+    sum_r max(0, cand_rc - nth_rg) = (sum_r cand_rc - sum_r nth_rg + sum_r |cand_rc - nth_rg|) / 2,
+    the last term an L1 distance between columns (``torch.cdist``, no [R, G, G] intermediate)."""
     others = torch.cat([s[..., :slot], s[..., slot + 1 :]], dim=-1)
-    nth = others.topk(n, dim=-1).values[..., -1]  # [R, G]
-    cand = s[..., slot]  # [R, G]
-    rows, groups = cand.shape
-    gain = torch.empty(groups, groups, dtype=torch.float64, device=s.device)
-    step = max(1, _GAIN_ELEMENTS // max(rows * groups, 1))
-    for g0 in range(0, groups, step):
-        g1 = min(g0 + step, groups)
-        gain[g0:g1] = (cand[:, None, :] - nth[:, g0:g1, None]).clamp_min_(0).sum(dim=0, dtype=torch.float64)
-    return gain
+    nth = others.topk(n, dim=-1).values[..., -1].double()  # [R, G]
+    cand = s[..., slot].double()  # [R, G]
+    l1 = torch.cdist(nth.T.contiguous(), cand.T.contiguous(), p=1)  # [G (g), G (c)]
+    return (l1 + cand.sum(0)[None, :] - nth.sum(0)[:, None]).mul_(0.5)
 
 
 def lsa_refine(scores: torch.Tensor, perm: torch.Tensor, n: int, m: int, rounds: int = 1) -> torch.Tensor:

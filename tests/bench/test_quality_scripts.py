@@ -200,3 +200,32 @@ def test_vs_llmcompressor_refuses_bad_options_before_any_work(argv, match, capsy
     with pytest.raises(SystemExit):
         bench_script("vs_llmcompressor").main(["--venv", "/nonexistent-venv", *argv])
     assert match in capsys.readouterr().err
+
+
+def test_composed_recipes_map_to_prune_options_and_are_timed_against_the_original_sparsegpt():
+    vs = bench_script("vs_llmcompressor")
+    assert vs.recipe_options("sparsegpt+owl+admm+dsnot") == (
+        "sparsegpt",
+        {"allocation": "owl", "update": "admm", "refine": "dsnot"},
+    )
+    assert vs.recipe_options("ria+permute+admm") == ("ria", {"permute": True, "update": "admm"})
+    assert vs.recipe_options("wanda+owl") == ("wanda", {"allocation": "owl"})
+    with pytest.raises(ValueError, match="unknown recipe piece 'sgd'"):
+        vs.recipe_options("wanda+sgd")
+    rows = [
+        {"config": "sparsegpt/2:4", "seed": 0, "tool": "original wanda@8e8fc87", "ppl": 58.0,
+         "prune_s": 200.0},
+        {"config": "sparsegpt/2:4", "seed": 0, "tool": "llm-compressor 0.14", "ppl": 59.0, "prune_s": 210.0},
+        {"config": "ria+permute+admm/2:4", "seed": 0, "tool": "sparsekit", "forward_dtype": "bfloat16",
+         "ppl": 48.0, "prune_s": 150.0},
+    ]  # fmt: skip
+    (line,) = [x for x in vs._composed_summary(rows) if x.startswith("- ")]
+    assert "150.0 s against the original SparseGPT's 200.0 s (0.75x); ppl 48.00 against its 58.00" in line
+    assert vs._composed_summary(rows[1:]) == []  # no original row: nothing to compare with
+
+
+def test_vs_llmcompressor_knows_the_composed_rows(capsys):
+    with pytest.raises(SystemExit):
+        bench_script("vs_llmcompressor").main(["--venv", "/nonexistent-venv", "--rows", "ria+admm/2:4"])
+    err = capsys.readouterr().err
+    assert "unknown rows ['ria+admm/2:4']" in err and "ria+permute+admm/2:4" in err

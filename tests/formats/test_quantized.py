@@ -101,6 +101,53 @@ def test_dense_int8_kernel_every_isa_against_the_reference(isa, m):
     torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [1, 3, 8, 9])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_dense_int4_kernel_every_isa_against_the_reference(isa, m, group):
+    """fp32 int4 layers run sparsekit's C++ direct kernel (``mm_q4``) up to 8 rows and dequantize
+    above (m = 9); against dequantize + F.linear in fp32, on N = 37 (no multiple of anything)."""
+    require_cpu_extension()
+    from sparsekit.kernels.quant import int4_direct_input
+
+    k = 384
+    fmt = "int4" if group == 64 else f"int4-g{group}"
+    layer = SparseLinear.from_linear(_linear(37, k, torch.float32), format=fmt)
+    layer.cpu_isa = isa
+    x = torch.randn(m, k)
+    with torch.no_grad():
+        y = layer(x)
+        direct = cpu_ext.extension().mm_q4(
+            int4_direct_input(x, group), layer.qweight, layer.scale_zero, layer.bias, group,
+            cpu_ext.ISA_LEVEL[cpu_ext.CpuIsa(isa)],
+        )  # fmt: skip
+    ref = int4_mm_ref(x, layer.qweight, layer.scale_zero, layer.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-4)
+    assert layer._cache  # the bound C++ call ran, not the dequantizing fallback
+
+
+def test_int4_direct_input_puts_each_groups_even_then_odd_columns_then_the_sums():
+    from sparsekit.kernels.quant import int4_direct_input
+
+    x = torch.arange(2 * 64, dtype=torch.float32).view(2, 64)
+    got = int4_direct_input(x, 32)
+    assert got.shape == (2, 66)
+    assert got[0, :16].tolist() == list(range(0, 32, 2)) and got[0, 16:32].tolist() == list(range(1, 32, 2))
+    assert got[1, 32:48].tolist() == list(range(96, 128, 2))
+    assert got[0, 64:].tolist() == [float(sum(range(32))), float(sum(range(32, 64)))]
+
+
+def test_mm_q4_refuses_inputs_it_would_misread():
+    require_cpu_extension()
+    ext = cpu_ext.extension()
+    packed, sz = quantize_int4(torch.randn(16, 64), 32)
+    with pytest.raises(RuntimeError, match="xg must be"):
+        ext.mm_q4(torch.randn(1, 64), packed, sz, None, 32, 0)  # the group sums are missing
+    with pytest.raises(RuntimeError, match="group must be"):
+        ext.mm_q4(torch.randn(1, 68), packed, sz, None, 16, 0)
+
+
 def test_int8_keeps_zeros_and_error_is_bounded_by_half_a_step():
     w = torch.randn(64, 96)
     w[w.abs() < 0.5] = 0

@@ -21,6 +21,7 @@ from sparsekit.models import (
 from sparsekit.pruning import PruneConfig, prune_model, sparsegpt_solve, wanda_prune
 from sparsekit.pruning.method import Bundle, Gram, InputStat, InputSum, SquaredNorm
 from sparsekit.pruning.permute import (
+    _slot_gain,
     balanced_permutation,
     channel_permutation,
     fold_indices,
@@ -171,6 +172,23 @@ def test_lsa_never_loses_and_finds_the_optimum_on_small_cases(seed):
     got = nm_kept_score(scores[:, perm], 2, 4)
     assert got >= nm_kept_score(scores, 2, 4) - 1e-6
     assert got >= 0.97 * _best_by_brute_force(scores, 2, 4)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
+def test_slot_gain_is_the_kept_score_moved_by_each_swap(n, m):
+    """gain[g, c] = what group g keeps more when channel ``slot`` of group c takes its slot, against
+    keeping none there: recomputed here from the kept score of the modified group itself."""
+    s = torch.rand(5, 6, m, generator=torch.Generator().manual_seed(n)) ** 3
+    slot = 1
+    gain = _slot_gain(s, slot, n)
+    for g in range(6):
+        for c in range(6):
+            group = s[:, g].clone()
+            group[:, slot] = s[:, c, slot]
+            with_it = group.topk(n, dim=-1).values.sum()
+            group[:, slot] = 0  # scores are non-negative: a zero is never kept above another
+            without = group.topk(n, dim=-1).values.sum()
+            assert gain[g, c].item() == pytest.approx(float(with_it - without), abs=1e-5)
 
 
 def _gqa_llama():

@@ -100,7 +100,7 @@ class Int4(WeightFormat):
     def bind_cpu(self, t: Any, isa=None):
         if t.qweight.device.type != "cpu" or t.scale_zero.requires_grad:
             return None
-        return bind_int4_cpu(t.qweight.contiguous(), t.scale_zero)
+        return bind_int4_cpu(t.qweight.contiguous(), t.scale_zero, isa=isa)
 
     def matmul(self, t, x, bias, backend):
         _no_triton(self.name, backend)

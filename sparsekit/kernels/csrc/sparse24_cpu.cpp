@@ -387,6 +387,123 @@ struct DenseQ8 : DenseQ8Base {
 SK_END_ISA
 #endif  // SK_X86
 
+// ------------------------------------------------------------------------- weight-only int4
+// packed uint8 [N, K/2] (column 2j the low nibble, 2j + 1 the high), codes 0..15, groups of G
+// inputs with sz [K/G, N, 2] = (scale, zero) fp32: w = (q - 8) * scale + zero. The driver hands
+// each row of x rearranged per group as [x even columns (G/2) | x odd columns (G/2)] followed by
+// the K/G group sums of x, so y[n] = sum_g scale_g * sum_j (lo_j x_2j + hi_j x_2j+1)
+// + (zero_g - 8 scale_g) * xsum_g, the nibbles never interleaved in registers.
+struct DenseQ4Base {
+  const uint8_t* w;
+  const float* sz;
+  int64_t K, G, N;
+  double row_bytes() const { return double(K) / 2; }
+  float offset(int64_t n, int64_t g) const { return sz[(g * N + n) * 2 + 1] - 8.f * sz[(g * N + n) * 2]; }
+};
+
+namespace sk_scalar {
+struct DenseQ4 : DenseQ4Base {
+  static constexpr int MB = 8;
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    const uint8_t* wr = w + n * (K / 2);
+    const int64_t half = G / 2;
+    for (int r = 0; r < R; ++r) acc[r] = 0.f;
+    for (int64_t g = 0; g < K / G; ++g) {
+      const float scale = sz[(g * N + n) * 2], off = offset(n, g);
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * ldx + g * G;
+        float part = 0.f;
+        for (int64_t j = 0; j < half; ++j) {
+          const uint8_t b = wr[g * half + j];
+          part += float(b & 15) * xr[j] + float(b >> 4) * xr[half + j];
+        }
+        acc[r] += scale * part + off * x[r * ldx + K + g];
+      }
+    }
+  }
+};
+}  // namespace sk_scalar
+
+#if SK_X86
+SK_BEGIN_AVX2
+namespace sk_avx2 {
+struct DenseQ4 : DenseQ4Base {
+  static constexpr int MB = 4;
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    const uint8_t* wr = w + n * (K / 2);
+    const int64_t half = G / 2;  // a multiple of 8 (G in 32, 64, 128, 256)
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 a[R];
+    float tail[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_ps(), tail[r] = 0.f;
+    for (int64_t g = 0; g < K / G; ++g) {
+      __m256 v[R];
+      for (int r = 0; r < R; ++r) v[r] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < half; j += 8) {
+        const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + g * half + j)));
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+        const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+        for (int r = 0; r < R; ++r) {
+          const float* xr = x + r * ldx + g * G + j;
+          v[r] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xr), v[r]);
+          v[r] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xr + half), v[r]);
+        }
+      }
+      const __m256 scale = _mm256_set1_ps(sz[(g * N + n) * 2]);
+      const float off = offset(n, g);
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm256_fmadd_ps(scale, v[r], a[r]);
+        tail[r] += off * x[r * ldx + K + g];
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = hsum(a[r]) + tail[r];
+  }
+};
+}  // namespace sk_avx2
+SK_END_ISA
+
+SK_BEGIN_AVX512
+namespace sk_avx512 {
+struct DenseQ4 : DenseQ4Base {
+  static constexpr int MB = 8;
+  template <int R>
+  void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
+    const uint8_t* wr = w + n * (K / 2);
+    const int64_t half = G / 2;  // a multiple of 16 (G in 32, 64, 128, 256)
+    const __m512i low = _mm512_set1_epi32(15);
+    __m512 a[R];
+    float tail[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps(), tail[r] = 0.f;
+    for (int64_t g = 0; g < K / G; ++g) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + g * half) + PF_BYTES, _MM_HINT_T0);
+      __m512 v[R];
+      for (int r = 0; r < R; ++r) v[r] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < half; j += 16) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + g * half + j)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+        for (int r = 0; r < R; ++r) {
+          const float* xr = x + r * ldx + g * G + j;
+          v[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), v[r]);
+          v[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr + half), v[r]);
+        }
+      }
+      const __m512 scale = _mm512_set1_ps(sz[(g * N + n) * 2]);
+      const float off = offset(n, g);
+      for (int r = 0; r < R; ++r) {
+        a[r] = _mm512_fmadd_ps(scale, v[r], a[r]);
+        tail[r] += off * x[r * ldx + K + g];
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_reduce_add_ps(a[r]) + tail[r];
+  }
+};
+}  // namespace sk_avx512
+SK_END_ISA
+#endif  // SK_X86
+
 // fn(x as fp32, bias, y) for the direct drivers of weight-only int8 kernels
 template <typename Fn>
 torch::Tensor q8_direct(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N, Fn&& fn) {
@@ -420,6 +537,33 @@ torch::Tensor mm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::
     if (isa == ISA_AVX2) return direct_mm<T>(sk_avx2::DenseQ8{{w, K}}, xf, bp, yp, M, N, K, sp);
 #endif
     direct_mm<T>(sk_scalar::DenseQ8{{w, K}}, xf, bp, yp, M, N, K, sp);
+  });
+}
+
+// weight-only int4 (groups of G): xg [M, K + K/G] fp32 contiguous, each row rearranged per group
+// as [even columns | odd columns] and followed by its K/G group sums (``quant.int4_direct_input``);
+// packed uint8 [N, K/2], sz fp32 [K/G, N, 2] contiguous, bias fp32 [N] or None -> y [M, N] fp32
+torch::Tensor mm_q4(torch::Tensor xg, torch::Tensor packed, torch::Tensor sz, c10::optional<torch::Tensor> bias,
+                    int64_t G, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(xg.scalar_type() == at::kFloat && sz.scalar_type() == at::kFloat, "mm_q4: x and sz must be fp32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, "mm_q4: packed must be uint8 [N, K/2]");
+  const int64_t N = packed.size(0), K = 2 * packed.size(1);
+  TORCH_CHECK(G >= 32 && G % 32 == 0 && K % G == 0, "mm_q4: the group must be a multiple of 32 dividing K");
+  TORCH_CHECK(xg.dim() == 2 && xg.size(1) == K + K / G && xg.is_contiguous(), "mm_q4: xg must be [M, K + K/G]");
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == K / G && sz.size(1) == N && sz.size(2) == 2 && sz.is_contiguous(),
+              "mm_q4: sz must be [K/G, N, 2] contiguous");
+  TORCH_CHECK(packed.is_contiguous(), "mm_q4: packed must be contiguous");
+  const int64_t M = xg.size(0), ldx = K + K / G;
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const float* szp = sz.data_ptr<float>();
+  return q8_direct(xg, bias, N, [&](auto tag, const float* xf, const auto* bp, auto* yp) {
+    using T = decltype(tag);
+#if SK_X86
+    if (isa == ISA_AVX512) return direct_mm<T>(sk_avx512::DenseQ4{{w, szp, K, G, N}}, xf, bp, yp, M, N, ldx);
+    if (isa == ISA_AVX2) return direct_mm<T>(sk_avx2::DenseQ4{{w, szp, K, G, N}}, xf, bp, yp, M, N, ldx);
+#endif
+    direct_mm<T>(sk_scalar::DenseQ4{{w, szp, K, G, N}}, xf, bp, yp, M, N, ldx);
   });
 }
 
