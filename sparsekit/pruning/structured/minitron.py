@@ -328,13 +328,14 @@ def _narrower(model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap) -> tuple
         return None, size
 
 
-def heads_follow_hidden(model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap) -> bool:
+def heads_follow_hidden(model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap, narrow=None) -> bool:
     """Whether the family's code ties the attention's width to hidden_size (GPT-2, GPT-NeoX, OPT,
     Falcon and StableLM derive head_dim = hidden_size / heads; Helium sizes its output projection's
     input by hidden_size): built narrower, heads and head_dim stated as before, it comes out with
-    other head widths, or with no attention sparsekit can describe."""
+    other head widths, or with no attention sparsekit can describe. ``narrow``: ``_narrower``'s
+    result when the caller has it already."""
     a = next((b.attention for b in anatomy if b.attention is not None), None)
-    built, _ = _narrower(model, anatomy, hmap)
+    built, _ = narrow or _narrower(model, anatomy, hmap)
     if a is None or built is None:
         return False
     try:
@@ -344,11 +345,13 @@ def heads_follow_hidden(model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap
     return b is None or (b.heads, b.head_dim) != (a.heads, a.head_dim)
 
 
-def tied_mixers(model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap) -> dict[int, ChannelMixer]:
+def tied_mixers(
+    model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap, narrow=None
+) -> dict[int, ChannelMixer]:
     """Per block, a channel mixer (``channel_mixer.py``) whose inner width the family's code sizes
     by hidden_size (LFM2's convolutions): built narrower, its convolution narrows with it."""
     found = {b.index: m for b in anatomy if (m := find_channel_mixer(b, hmap.size)) is not None}
-    built, size = _narrower(model, anatomy, hmap) if found else (None, 0)
+    built, size = (narrow or _narrower(model, anatomy, hmap)) if found else (None, 0)
     if built is None:
         return {}
     blocks = built.get_submodule(anatomy.blocks_path)
@@ -601,10 +604,11 @@ class Minitron(StructuredMethod):
         tied, mixers = False, {}
         if "hidden" in axes:
             require_hidden_cut(hmap, self.name)
-            tied = heads_follow_hidden(model, anatomy, hmap)
+            narrow = _narrower(model, anatomy, hmap)  # one meta build answers both questions
+            tied = heads_follow_hidden(model, anatomy, hmap, narrow)
             if tied:
                 tied_units(anatomy, hmap, config)  # refuses before any work where no unit can go
-            mixers = tied_mixers(model, anatomy, hmap)
+            mixers = tied_mixers(model, anatomy, hmap, narrow)
             for i, mixer in mixers.items():
                 check_channel_independence(anatomy[i], mixer)
         if config.heads != "group" and "heads" not in axes and not tied:
