@@ -9,14 +9,15 @@ TTFT / TPOT of every variant, with all generations interleaved in rounds (one ru
         --out reports/structured_round2
 
 Variants: dense; shortgpt-N / angular-N / shortened-ppl-N / shortened-taylor-N (N of 30 blocks;
--r: with the linear repair);
+-r: with the linear repair; -rw: the repair re-solves down_proj's weights);
 wanda-sp-P / flap-P (P% of block parameters, same widths in every block; flap-P-adaptive: per-block
 widths; -refit: the least-squares refit of the cut projections); blockpruner-P (attention and MLP
 sub-blocks removed greedily by calibration ppl, P% of block parameters; -lazy: the lazy search);
 2ssp-P (MLP channels by activation norm, then attention sub-blocks by ppl); llm-pruner-P (Taylor
 importance of coupled groups in blocks 4 .. L-3; -element2, -vector: the other criteria; -refit);
 minitron-P (hidden size and MLP channels by activation; -all: heads too; -width: MLP and heads only);
-sparsegpt-2:4; flap-20+2:4 (stacked). ``--rounds 0`` skips the generation timing (ppl, parameters
+sparsegpt-2:4; stacked steps joined by "+", each pruning what the one before left
+(flap-20+2:4, angular-3-r+flap-11-adaptive-refit: P% of what depth left). ``--rounds 0`` skips the generation timing (ppl, parameters
 and prune time only).
 Writes structured.json and structured.md to --out.
 """
@@ -39,7 +40,7 @@ from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
 from sparsekit.models import model_bytes
-from sparsekit.pruning.structured import param_count
+from sparsekit.pruning.structured import block_param_count, param_count
 
 DEFAULT_VARIANTS = (
     "dense,shortgpt-3,shortgpt-3-r,shortgpt-6,shortgpt-6-r,shortgpt-9,shortgpt-9-r,"
@@ -80,14 +81,17 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
     """'angular-6-r' -> [("angular", "0", {"remove_layers": 6, "repair": True})], etc."""
     if variant == "dense":
         return []
-    if variant == "sparsegpt-2:4":
+    if variant in ("sparsegpt-2:4", "2:4"):
         return [("sparsegpt", "2:4", {})]
-    if variant.endswith("+2:4"):
-        return steps_of(variant[:-4]) + [("sparsegpt", "2:4", {})]
+    if "+" in variant:  # stacked: each part prunes what the one before left
+        return [step for part in variant.split("+") for step in steps_of(part)]
     for method in ("shortgpt", "angular", "shortened-ppl", "shortened-taylor"):
         if variant.startswith(method + "-"):
-            parts = variant[len(method) + 1 :].split("-")
-            return [(method, "0", {"remove_layers": int(parts[0]), "repair": parts[1:] == ["r"]})]
+            blocks, *flags = variant[len(method) + 1 :].split("-")
+            if flags not in ([], ["r"], ["rw"]):
+                raise ValueError(f"unknown variant {variant!r}: the {method} suffixes are -r and -rw")
+            kw = {"remove_layers": int(blocks), "repair": bool(flags)}
+            return [(method, "0", kw | ({"repair_fit": "weights"} if flags == ["rw"] else {}))]
     for method in ("blockpruner", "2ssp"):
         if variant.startswith(method + "-"):
             percent, *flags = variant[len(method) + 1 :].split("-")
@@ -256,6 +260,7 @@ def main() -> None:
         manager = task_manager(list(tasks), None)
     train_ids = calibration_ids(tokenizer, "wiki-offline", 256, args.distill_seqlen, seed=1)
     rows, models = [], {}
+    dense_block_params = block_param_count(dense)
     for variant in args.variants.split(","):
         model = copy.deepcopy(dense)
         started = time.perf_counter()
@@ -269,11 +274,10 @@ def main() -> None:
             task: zero_shot(model, [task], tokenizer, limit=args.items, manager=manager).scores[task].main[1]
             for task in tasks
         }
-        structured = [r for r in reports if hasattr(r, "removed_fraction")]
         rows.append(
             {
                 "variant": variant,
-                "removed": structured[0].removed_fraction if structured else 0.0,
+                "removed": 1.0 - block_param_count(model) / dense_block_params,
                 "ppl": ppl,
                 "params": param_count(model),
                 "bytes": model_bytes(model),

@@ -69,7 +69,7 @@ PER_LAYER_OPTIONS = (
     "wgroup",
     *EXPERT_OPTIONS,
 )
-DEPTH_OPTIONS = ("remove_layers", "repair", "tokens")
+DEPTH_OPTIONS = ("remove_layers", "repair", "repair_fit", "tokens")
 WIDTH_OPTIONS = ("heads", "widths", "bias_compensation", "refit", "channel_multiple")
 SUBBLOCK_OPTIONS = ("subblock_search",)
 TAYLOR_OPTIONS = ("importance",)
@@ -393,6 +393,8 @@ def calibration_plan(
             copies += 1  # block 0's inputs, kept for the repair pass
             boundary = nsamples * seqlen * shape.hidden * model_dtype.itemsize
             stored = boundary * (shape.layers + 1) if boundary * (shape.layers + 1) <= 4 * 2**30 else 0
+            if getattr(config, "repair_fit", "map") == "weights":  # down_proj's normal equations, float64
+                stored += 8 * shape.intermediate * (shape.intermediate + shape.hidden + 1)
         if getattr(config, "refit", False):
             copies += 1  # block 0's inputs, kept for the refit pass (its Grams: gram=True below)
         if getattr(request.method, "stores_block_states", False):  # every block's input, kept

@@ -111,13 +111,17 @@ def _given(args: argparse.Namespace, *argv: str) -> set[str]:
     return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
 
 
-def _step_options(args: argparse.Namespace, method: str, stacked: bool) -> dict:
+def _step_options(args: argparse.Namespace, method: str, stacked: bool, step: int = 0) -> dict:
     """The options one step of ``sparsekit prune`` is checked with: all of them, or, when a per-layer
     method is stacked on a structured one, each family's own (the calibration settings go with the
-    structured step, which always calibrates)."""
+    structured step, which always calibrates); a width method stacked on a depth one takes the width
+    options, the depth method the depth options (both calibrate)."""
     keys = [k for k in _PRUNE_OPTIONS if k not in _NOT_ON_THE_CLI]
     if stacked and is_structured(method):
         keys = [k for k in keys if k not in PER_LAYER_OPTIONS]
+        if is_structured(args.then_method):  # depth, then width (checked in _check_prune_args)
+            other = DEPTH_OPTIONS if step else (*WIDTH_OPTIONS, *TAYLOR_OPTIONS, *MINITRON_OPTIONS)
+            keys = [k for k in keys if k not in other]
     elif stacked:
         skip = (
             *DEPTH_OPTIONS, *WIDTH_OPTIONS, *SUBBLOCK_OPTIONS, *TAYLOR_OPTIONS, *MINITRON_OPTIONS,
@@ -127,11 +131,22 @@ def _step_options(args: argparse.Namespace, method: str, stacked: bool) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
+def _depth_then_width(method: str, then: str) -> bool:
+    """A depth method followed by a width one (``--method angular --then-method flap``)."""
+    from sparsekit.pruning.structured import structured_method
+    from sparsekit.pruning.structured.depth import DepthMethod
+    from sparsekit.pruning.structured.minitron import Minitron
+    from sparsekit.pruning.structured.width import WidthMethod
+
+    first, second = structured_method(method), structured_method(then)
+    return isinstance(first, DepthMethod) and isinstance(second, WidthMethod | Minitron)
+
+
 def _prune_options(
     args: argparse.Namespace, step: int, method: str, request: PruneRequest, stacked: bool
 ) -> dict:
     """Keyword arguments for ``sparsekit.prune`` for one checked step."""
-    options = _step_options(args, method, stacked)
+    options = _step_options(args, method, stacked, step)
     if request.needs_calibration:
         options |= {k: getattr(args, k) for k in (*CALIBRATION_INPUTS, "batch_size")}
     sparsity = args.then_sparsity if step else args.sparsity
@@ -143,6 +158,10 @@ def _refuse_without(given: set[str], keys: tuple[str, ...], needed: str, why: st
     if unused:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in unused)
         raise ValueError(f"{flags} {'does' if len(unused) == 1 else 'do'} nothing without {needed}: {why}")
+
+
+def _then_per_layer(args: argparse.Namespace) -> bool:
+    return bool(args.then_method) and not is_structured(args.then_method)
 
 
 def _check_cli_only_prune_flags(args: argparse.Namespace, given: set[str]) -> None:
@@ -168,11 +187,11 @@ def _check_cli_only_prune_flags(args: argparse.Namespace, given: set[str]) -> No
             "--offload-folder",
             "add --offload-folder DIR to keep the rest on disk",
         )
-    if "save_format" in given and is_structured(args.method) and not args.then_method:
+    if "save_format" in given and is_structured(args.method) and not _then_per_layer(args):
         raise ValueError(
-            f"--save-format does nothing with {args.method} alone: a structured prune saves an ordinary, "
+            f"--save-format does nothing when every step is structured ({args.method}): it saves an ordinary, "
             "smaller HF checkpoint (uniform widths) or a per-block-widths checkpoint (adaptive); drop it, "
-            "or stack --then-method to save that step's sparsity compressed or dense"
+            "or stack a per-layer --then-method to save that step's sparsity compressed or dense"
         )
 
 
@@ -190,17 +209,20 @@ def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, PruneRequest]
     _check_cli_only_prune_flags(args, given)
     methods = [args.method]
     if args.then_method:
-        if not is_structured(args.method) or is_structured(args.then_method):
+        both = is_structured(args.method) and is_structured(args.then_method)
+        if not is_structured(args.method) or (both and not _depth_then_width(args.method, args.then_method)):
             raise ValueError(
-                "--then-method stacks an unstructured/N:M method on a structured one: "
-                "--method shortgpt|shortened-ppl|wanda-sp|flap|... --then-method wanda|sparsegpt|magnitude"
+                "--then-method stacks an unstructured/N:M method on a structured one (--method "
+                "shortgpt|shortened-ppl|wanda-sp|flap|... --then-method wanda|sparsegpt|magnitude), or a width "
+                "method on a depth one (--method angular|shortgpt --remove-layers N --then-method "
+                "flap|wanda-sp|llm-pruner|minitron --then-sparsity P)"
             )
         methods.append(args.then_method)
     stacked = len(methods) > 1
     steps = []
     for step, method in enumerate(methods):
         sparsity = args.then_sparsity if step else args.sparsity
-        options = _step_options(args, method, stacked)
+        options = _step_options(args, method, stacked, step)
         steps.append((method, check_prune_request(method, sparsity, options)))
     if any(request.needs_calibration for _, request in steps):
         check_corpus(args.calib)
@@ -379,12 +401,15 @@ def _prune_and_save(args: argparse.Namespace, steps, world=None) -> int:
         args.model, args.dtype, "cpu", args.trust_remote_code, args.offload_folder, args.max_cpu_memory
     )
     summary: dict = {}
+    kinds = []  # per step: the report's kind and whether its widths are uniform
     for index, (method, request) in enumerate(steps):
         options = _prune_options(args, index, method, request, stacked=len(steps) > 1)
         report = prune(model, tokenizer=tokenizer, **options)
         if main_rank:
             _print_report(report, method)
-        summary = report.to_dict() if index == 0 else summary | {"then": report.to_dict()}
+        step = report.to_dict()
+        kinds.append((step.get("kind"), step.get("uniform_widths", True)))
+        summary = step if index == 0 else summary | {"then": step}
     if not main_rank:
         distributed.barrier()  # rank 0 evaluates and writes
         return 0
@@ -402,8 +427,8 @@ def _prune_and_save(args: argparse.Namespace, steps, world=None) -> int:
         print(f"perplexity {result.ppl:.3f} on {result.dataset} ({result.windows} x {result.seqlen} tokens)")
     if args.out:
         save_format = args.save_format
-        if summary.get("kind") == "structured" and len(steps) == 1:
-            save_format = "dense" if summary.get("uniform_widths", True) else "widths"
+        if all(kind == "structured" for kind, _ in kinds):  # an ordinary smaller model, or per-block widths
+            save_format = "dense" if all(uniform for _, uniform in kinds) else "widths"
         save_pruned(model if args.offload_folder else model.cpu(), tokenizer, args.out, summary, save_format)
         print(f"saved ({save_format}) to {args.out}")
     if world is not None:
@@ -876,6 +901,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repair", action="store_true", help="depth methods: fold a least-squares map into each cut"
+    )
+    p.add_argument(
+        "--repair-fit",
+        choices=("map", "weights"),
+        default="map",
+        help="with --repair: fit one [hidden, hidden] map of the MLP output (ReplaceMe; map), or re-solve "
+        "the down projection's weights on its inputs (weights)",
     )
     p.add_argument(
         "--heads",

@@ -82,6 +82,16 @@ _PRUNE = [
     (["--method", "sparsegpt", "--update", "sparsegpt"], "solves the same mask twice"),
     # stacking
     (["--method", "wanda", "--then-method", "sparsegpt"], "--then-method stacks"),
+    (["--method", "flap", "--sparsity", "0.2", "--then-method", "angular"], "a width method on a depth one"),
+    (
+        ["--method", "angular", "--remove-layers", "3", "--then-method", "flap", "--then-sparsity", "0.1",
+         "--importance", "vector"],
+        "importance (--importance) does nothing with flap",
+    ),  # fmt: skip
+    (
+        ["--method", "angular", "--remove-layers", "3", "--repair-fit", "weights"],
+        "repair_fit='weights' chooses what the repair fits: add repair=True",
+    ),
     (
         ["--method", "flap", "--sparsity", "0.2", "--then-method", "magnitude", "--forward-dtype", "fp32"],
         "forward_dtype (--forward-dtype) does nothing with magnitude",
@@ -97,7 +107,7 @@ _PRUNE = [
     (["--max-cpu-memory", "1GiB"], "--max-cpu-memory does nothing without --offload-folder"),
     (
         ["--method", "flap", "--sparsity", "0.2", "--out", "{tmp}/flap", "--save-format", "dense"],
-        "--save-format does nothing with flap alone",
+        "--save-format does nothing when every step is structured",
     ),
     (["--out", "{tmp}"], "exists"),
 ]

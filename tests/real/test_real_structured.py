@@ -151,6 +151,31 @@ def test_cli_angular_then_2_4_stacks_and_saves_compressed(tmp_path, capsys):
     assert report["then"]["overall_sparsity"] == pytest.approx(0.5)
 
 
+def test_cli_depth_then_width_saves_a_plain_checkpoint(tmp_path, capsys):
+    """angular + the weights repair, then FLAP with the refit on what is left: one command, an
+    ordinary smaller HF checkpoint whose logits are the pruned model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "depth-width"
+    argv = [
+        "prune", "smollm2", "--method", "angular", "--remove-layers", "3", "--repair", "--repair-fit",
+        "weights", "--then-method", "flap", "--then-sparsity", "0.1", "--refit", "--nsamples", "4",
+        "--seqlen", "128", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "angular: removed 10.0%" in printed and "flap: removed" in printed, printed
+    assert not is_checkpoint(out)  # plain transformers
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 27
+    assert model.config.intermediate_size < 1536
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["repaired_blocks"] and report["then"]["method"] == "flap"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
 def test_cli_refuses_removing_every_block(capsys):
     assert main(["prune", "smollm2", "--method", "shortgpt", "--remove-layers", "30"]) == 2
     assert "would leave none" in capsys.readouterr().err

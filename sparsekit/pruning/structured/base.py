@@ -26,6 +26,8 @@ class StructuredConfig:
     sparsity: fraction of decoder-block parameters to remove (FLAP's counting), in [0, 1).
     remove_layers: depth methods only; the number of blocks to remove (overrides sparsity).
     repair: depth methods; fit a linear map for each removed run and fold it into the block before.
+    repair_fit: what the repair fits: "map", ReplaceMe's [H, H] map of the MLP output folded into
+      down_proj; "weights", down_proj's weights re-solved on its inputs (``depth.py``).
     heads: "group" removes whole KV groups with their query heads; "query" removes the same number
       of query heads from every KV group (KV heads kept). MHA models (one query head per KV head)
       are the same either way.
@@ -50,6 +52,7 @@ class StructuredConfig:
     sparsity: float = 0.2
     remove_layers: int | None = None
     repair: bool = False
+    repair_fit: str = "map"
     heads: str = "group"
     widths: str = "uniform"
     bias_compensation: bool | None = None  # None: the method's default
@@ -84,9 +87,12 @@ class StructuredConfig:
             ("tokens", ("all", "last")),
             ("subblock_search", ("lazy", "exhaustive")),
             ("importance", ("element1", "element2", "vector")),
+            ("repair_fit", ("map", "weights")),
         ):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        if self.repair_fit != "map" and not self.repair:
+            raise ValueError(f"repair_fit={self.repair_fit!r} chooses what the repair fits: add repair=True")
         bad = [a for a in self.axes_tuple if a not in ("hidden", "mlp", "heads")]
         if bad or not self.axes_tuple:
             raise ValueError(f"axes={self.axes!r}: give a comma-separated subset of hidden, mlp, heads")

@@ -18,6 +18,9 @@ training-free linear repair of each cut (ReplaceMe's least-squares map, folded i
   minimises ||Y + M T - X_target||^2 over calibration tokens (Y: that block's output without its
   MLP term, X_target: the dense model's hidden state after the run). T is folded into down_proj
   (W <- T^T W, b <- T^T b), so the saved model is still a plain architecture.
+  ``repair_fit="weights"`` re-solves down_proj's weights W' [H, I] instead, on its inputs a [I]:
+  min ||Y + W' a + T^T b - X_target||^2 with the same token weights, plus a ridge pulling W'
+  towards the map's T^T W (a larger family of fits than T^T W: the map's is one of them).
 """
 
 from __future__ import annotations
@@ -302,6 +305,75 @@ def least_squares_map(
     return torch.linalg.solve(gram, cross)
 
 
+REPAIR_WEIGHTS_DAMP = 0.01  # the weights fit's ridge, a fraction of the mean diagonal of its Gram
+
+
+class WeightsFit:
+    """The repair's least-squares fit of down_proj's weights, its normal equations summed chunk by
+    chunk (so no [tokens, I] activations are kept): min over W' [H, I] of
+    sum_t w_t^2 ||rest_t + W' a_t + b' - target_t||^2 + lambda ||W' - anchor||^2, w_t = 1 / ||target_t||
+    (the map's token weights), b' the folded bias (fixed), lambda = ``damp`` x mean diag."""
+
+    def __init__(self, in_features: int, hidden: int, device) -> None:
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(in_features, hidden, dtype=torch.float64, device=device)
+        self.total = torch.zeros(in_features, dtype=torch.float64, device=device)  # sum_t w_t^2 a_t
+
+    def add(self, a: torch.Tensor, rest: torch.Tensor, target: torch.Tensor) -> None:
+        """One chunk: a [..., I] down_proj's inputs, rest / target [..., H] (any float dtype)."""
+        hidden = target.shape[-1]
+        t = target.reshape(-1, hidden).float()
+        w = 1.0 / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        aw = a.reshape(-1, self.gram.shape[0]).float() * w
+        self.gram += (aw.T @ aw).double()
+        self.cross += (aw.T @ ((t - rest.reshape(-1, hidden).float()) * w)).double()
+        self.total += (aw * w).sum(0).double()
+
+    def solve(
+        self, anchor: torch.Tensor, bias: torch.Tensor | None, damp: float = REPAIR_WEIGHTS_DAMP
+    ) -> torch.Tensor:
+        """W' [H, I] float64; ``anchor`` [H, I] the ridge's centre, ``bias`` [H] b' or None."""
+        cross = self.cross
+        if bias is not None:
+            cross = cross - torch.outer(self.total, bias.to(cross))
+        system = self.gram.clone()
+        ridge = damp * system.diagonal().mean().clamp_min(1e-12)
+        system.diagonal().add_(ridge)
+        return torch.linalg.solve(system, cross + ridge * anchor.to(cross).T).T
+
+
+def fold_weights(down: nn.Module, transform: torch.Tensor, fit: WeightsFit) -> None:
+    """The weights repair: down_proj's bias becomes T^T b (as the map folds it) and its weight the
+    fit's W', with the ridge centred on the map's T^T W."""
+    weight = linear_weight(down)
+    t = transform.to(device=weight.device, dtype=torch.float64)
+    bias = None
+    if down.bias is not None:
+        bias = t.T @ down.bias.data.double()
+        down.bias.data = bias.to(down.bias.dtype)
+    solved = fit.solve((t.T @ weight.data.double()).to(fit.gram.device), bias)
+    set_linear_weight(down, solved.to(device=weight.device, dtype=weight.dtype))
+
+
+def _run_capturing(
+    block: nn.Module, down: nn.Module, chunk: Chunk, index: int, hidden: torch.Tensor, inputs: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(block output, down_proj's output, its input where ``inputs``) on one chunk."""
+    got: dict[str, torch.Tensor] = {}
+
+    def hook(_m, args, out):  # copies: a block may add to the output in place (Falcon)
+        got["out"] = out.detach().clone()
+        if inputs:
+            got["in"] = args[0].detach().clone()
+
+    handle = down.register_forward_hook(hook)
+    try:
+        out = chunk.run(block, index, hidden)
+    finally:
+        handle.remove()
+    return out, got["out"].reshape(out.shape), got.get("in")  # OPT's down output is [b * L, H]
+
+
 class DenseStates:
     """The dense model's hidden states at block boundaries: stored from the scoring pass when they
     fit in ``budget_bytes``, otherwise recomputed by running the dense blocks again."""
@@ -339,11 +411,12 @@ class DenseStates:
 
 
 def repair_pass(
-    anatomy, chunks: list[Chunk], removed: list[int], dense: DenseStates, device
+    anatomy, chunks: list[Chunk], removed: list[int], dense: DenseStates, device, fit: str = "map"
 ) -> tuple[list[int], list[str]]:
-    """Fit and fold one linear map per removed run (see module docstring). Runs only what it must:
-    the block before each cut, and the kept blocks between cuts (before the first cut the pruned
-    model equals the dense one). Returns (blocks that absorbed a map, notes)."""
+    """Fit and fold one repair per removed run (see module docstring; ``fit``: "map" or "weights").
+    Runs only what it must: the block before each cut, and the kept blocks between cuts (before
+    the first cut the pruned model equals the dense one). Returns (blocks that absorbed a repair,
+    notes)."""
     blocks = anatomy.blocks
     notes, repaired = [], []
     pruned, position = None, 0  # pruned: input of block ``position`` in the pruned model (None: dense)
@@ -361,20 +434,27 @@ def repair_pass(
                     pruned = forward(blocks[index], chunks, index, pruned)
         block = blocks[before]
         down = _repair_target(anatomy[before])
-        captured: list[torch.Tensor] = []
-        handle = down.register_forward_hook(  # a copy: a block may add to the output in place (Falcon)
-            lambda _m, _i, out, store=captured: store.append(out.detach().clone())
-        )
-        try:
+        target = dense.input_of(end)
+        weights = None
+        if fit == "weights":
+            weights = WeightsFit(linear_weight(down).shape[1], target[0].shape[-1], device)
+        captured, rest = [], []
+        with on_device(block, device):
+            for chunk, x, t in zip(chunks, pruned, target, strict=True):
+                out, m, a = _run_capturing(block, down, chunk, before, x, weights is not None)
+                captured.append(m)
+                rest.append(out - m)
+                if weights is not None:
+                    weights.add(a, rest[-1], t)
+        transform = least_squares_map(captured, rest, target)
+        if weights is None:
+            fold_map(down, transform)
+            pruned = [r + m @ transform.to(m.dtype) for m, r in zip(captured, rest, strict=True)]
+        else:
+            del captured, rest
             with on_device(block, device):
-                out = forward(block, chunks, before, pruned)
-        finally:
-            handle.remove()
-        captured = [m.reshape(o.shape) for o, m in zip(out, captured, strict=True)]  # OPT: [b * L, H]
-        rest = [o - m for o, m in zip(out, captured, strict=True)]
-        transform = least_squares_map(captured, rest, dense.input_of(end))
-        fold_map(down, transform)
-        pruned = [r + m @ transform.to(m.dtype) for m, r in zip(captured, rest, strict=True)]
+                fold_weights(down, transform, weights)
+                pruned = forward(block, chunks, before, pruned)
         position = end
         repaired.append(before)
     return repaired, notes
@@ -444,7 +524,9 @@ class DepthMethod(StructuredMethod):
                 for chunk, x in zip(chunks, inputs, strict=True):
                     chunk.hidden = x
                 started = time.perf_counter()
-                report.repaired_blocks, notes = repair_pass(anatomy, chunks, removed, dense, device)
+                report.repaired_blocks, notes = repair_pass(
+                    anatomy, chunks, removed, dense, device, config.repair_fit
+                )
                 report.notes += notes
                 report.timings_s["repair"] = time.perf_counter() - started
             del dense
