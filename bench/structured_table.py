@@ -7,6 +7,8 @@ TTFT / TPOT of every variant, with all generations interleaved in rounds (one ru
     # distilled 200 steps): many hours on 2 cores
     python bench/structured_table.py --preset round2 --items 200 --distill-steps 200 --distill-best 3 \
         --out reports/structured_round2
+    # the same rows across sessions (no timing or distillation): rerun after a stop to continue
+    python bench/structured_table.py --preset round2 --items 200 --rounds 0 --resume --out reports/round2
 
 Variants: dense; shortgpt-N / angular-N / shortened-ppl-N / shortened-taylor-N (N of 30 blocks;
 -r: with the linear repair; -rw: the repair re-solves down_proj's weights);
@@ -17,8 +19,8 @@ sub-blocks removed greedily by calibration ppl, P% of block parameters; -lazy: t
 importance of coupled groups in blocks 4 .. L-3; -element2, -vector: the other criteria; -refit);
 minitron-P (hidden size and MLP channels by activation; -all: heads too; -width: MLP and heads only);
 sparsegpt-2:4; stacked steps joined by "+", each pruning what the one before left
-(flap-20+2:4, angular-3-r+flap-11-adaptive-refit: P% of what depth left). ``--rounds 0`` skips the generation timing (ppl, parameters
-and prune time only).
+(flap-20+2:4; angular-3-rw+flap-28-adaptive-refit: 28% of the block parameters depth left).
+``--rounds 0`` skips the generation timing (ppl, parameters and prune time only).
 Writes structured.json and structured.md to --out.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -53,11 +56,14 @@ ROUND2 = ",".join(
     ["dense"]
     + [
         v
-        for blocks, p in ((6, 20), (10, 35))
+        for blocks, p, hybrid in ((6, 20, 11), (10, 35, 28))
         for v in (
             f"shortgpt-{blocks}",
             f"shortgpt-{blocks}-r",
+            f"shortgpt-{blocks}-rw",
             f"angular-{blocks}-r",
+            f"angular-{blocks}-rw",
+            f"angular-3-rw+flap-{hybrid}-adaptive-refit",  # 3 blocks (10%), then width: p% in all
             f"shortened-ppl-{blocks}-r",
             f"shortened-taylor-{blocks}-r",
             f"wanda-sp-{p}",
@@ -122,6 +128,29 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
             kw = {"widths": "adaptive" if "adaptive" in flags else "uniform", "refit": "refit" in flags}
             return [(method, str(int(percent) / 100), kw)]
     raise ValueError(f"unknown variant {variant!r}")
+
+
+PROTOCOL = ("model", "nsamples", "seqlen", "eval_tokens", "eval_seqlen", "items")  # what a kept row depends on
+
+
+def resumed_rows(args: argparse.Namespace) -> dict[str, dict]:
+    """The rows of a stopped run with the same protocol, by variant; clear errors otherwise."""
+    if args.rounds > 0 or args.distill_steps:
+        raise SystemExit(
+            "--resume keeps rows of a stopped run, but timing (--rounds) and distillation need every pruned "
+            "model resident: add --rounds 0 and drop --distill-steps (time or distil the chosen rows apart)"
+        )
+    path = Path(args.out) / "structured.partial.json"
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    protocol = {k: getattr(args, k) for k in PROTOCOL}
+    if saved.get("protocol") != protocol:
+        raise SystemExit(
+            f"--resume: {path} was written with {saved.get('protocol')}, this run asks for {protocol}: "
+            "give the same settings, or another --out"
+        )
+    return {r["variant"]: r for r in saved["rows"]}
 
 
 def distil_choice(rows: list[dict], best: int, named: str) -> list[dict]:
@@ -239,12 +268,19 @@ def main() -> None:
     parser.add_argument("--distill-batch", type=int, default=2)
     parser.add_argument("--distill-seqlen", type=int, default=256)
     parser.add_argument("--out", default="reports/structured")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows a stopped run left in --out/structured.partial.json (same protocol; with "
+        "--rounds 0 and no distillation, which need every model resident)",
+    )
     args = parser.parse_args()
     if args.variants and args.preset:
         parser.error("give --variants or --preset, not both")
     args.variants = args.variants or PRESETS[args.preset or "round1"]
     for variant in args.variants.split(","):  # a typo fails here, not after an hour of pruning
         steps_of(variant)
+    done = resumed_rows(args) if args.resume else {}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(torch.get_num_threads())
 
@@ -261,7 +297,12 @@ def main() -> None:
     train_ids = calibration_ids(tokenizer, "wiki-offline", 256, args.distill_seqlen, seed=1)
     rows, models = [], {}
     dense_block_params = block_param_count(dense)
+    protocol = {k: getattr(args, k) for k in PROTOCOL}
     for variant in args.variants.split(","):
+        if variant in done:
+            rows.append(done[variant])
+            logging.info("%s: kept from %s (--resume)", variant, Path(args.out) / "structured.partial.json")
+            continue
         model = copy.deepcopy(dense)
         started = time.perf_counter()
         reports = [
@@ -300,8 +341,8 @@ def main() -> None:
             variant, ppl, accuracy, rows[-1]["params"], prune_s,
         )  # fmt: skip
         write_json_atomic(
-            Path(args.out) / "structured.partial.json", {"rows": rows}
-        )  # a stopped run keeps these
+            Path(args.out) / "structured.partial.json", {"protocol": protocol, "rows": rows}
+        )  # a stopped run keeps these (--resume reads them)
         distilling = args.distill_steps and (args.distill_best or variant in args.distill_variants.split(","))
         if args.rounds > 0 or distilling:  # kept resident for the interleaved timing / distillation
             models[variant] = model
@@ -312,7 +353,7 @@ def main() -> None:
             row["distilled"] = distil(
                 models[row["variant"]], dense, train_ids, eval_ids, args, tasks, tokenizer, manager
             )
-            write_json_atomic(Path(args.out) / "structured.partial.json", {"rows": rows})
+            write_json_atomic(Path(args.out) / "structured.partial.json", {"protocol": protocol, "rows": rows})
     env = environment()
     setup = (
         f"model {args.model}; calibration wiki-offline {args.nsamples} x {args.seqlen} tokens (seed 0); "

@@ -368,7 +368,8 @@ def _run_capturing(
 
     handle = down.register_forward_hook(hook)
     try:
-        out = chunk.run(block, index, hidden)
+        with torch.no_grad():
+            out = chunk.run(block, index, hidden)
     finally:
         handle.remove()
     return out, got["out"].reshape(out.shape), got.get("in")  # OPT's down output is [b * L, H]
