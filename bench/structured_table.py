@@ -130,7 +130,8 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
     raise ValueError(f"unknown variant {variant!r}")
 
 
-PROTOCOL = ("model", "nsamples", "seqlen", "eval_tokens", "eval_seqlen", "items")  # what a kept row depends on
+# what a kept row depends on (--resume)
+PROTOCOL = ("model", "nsamples", "calib_seed", "seqlen", "eval_tokens", "eval_seqlen", "items")
 
 
 def resumed_rows(args: argparse.Namespace) -> dict[str, dict]:
@@ -238,6 +239,7 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="comma-separated (default: the round1 preset)")
     parser.add_argument("--preset", choices=tuple(PRESETS), default=None, help="a named list of variants")
     parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--calib-seed", type=int, default=0, help="which calibration windows (another draw)")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--eval-seqlen", type=int, default=512)
@@ -285,7 +287,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
     dense, tokenizer = load_model(args.model)
-    calib = calibration_ids(tokenizer, "wiki-offline", args.nsamples, args.seqlen, seed=0)
+    calib = calibration_ids(tokenizer, "wiki-offline", args.nsamples, args.seqlen, seed=args.calib_seed)
     eval_ids = evaluation_ids(tokenizer, "wiki-offline", max_tokens=args.eval_tokens)
     prompts, prompt_source = prompt_ids(tokenizer, 1, args.prompt_len)
     tasks = ("wiki_lambada", "wiki_continuation") if args.items else ()
@@ -353,10 +355,12 @@ def main() -> None:
             row["distilled"] = distil(
                 models[row["variant"]], dense, train_ids, eval_ids, args, tasks, tokenizer, manager
             )
-            write_json_atomic(Path(args.out) / "structured.partial.json", {"protocol": protocol, "rows": rows})
+            partial = {"protocol": protocol, "rows": rows}
+            write_json_atomic(Path(args.out) / "structured.partial.json", partial)
     env = environment()
     setup = (
-        f"model {args.model}; calibration wiki-offline {args.nsamples} x {args.seqlen} tokens (seed 0); "
+        f"model {args.model}; calibration wiki-offline {args.nsamples} x {args.seqlen} tokens "
+        f"(seed {args.calib_seed}); "
         f"ppl on {eval_ids.shape[1]} held-out tokens in windows of {args.eval_seqlen}; generation: batch 1, "
         f"{args.prompt_len}-token prompt ({prompt_source}), {args.new_tokens} new tokens, greedy, static KV "
         f"cache, fp32 eager, {args.rounds} rounds with every variant interleaved in each round (0: not "

@@ -94,10 +94,11 @@ def prune(
     learns 2:4 masks by training (keywords: ``MASKLLM_OPTIONS``; returns a ``MaskLLMReport``).
     sparsity: 0.5 (the default for the per-layer methods), '50%', '2:4', '4:8'; for structured
     methods the fraction of decoder-block parameters removed, which they need explicitly (or,
-    depth methods, remove_layers) (keywords: remove_layers, repair, heads, widths,
+    depth methods, remove_layers) (keywords: remove_layers, repair, repair_fit, heads, widths,
     bias_compensation, refit, tokens, subblock_search, importance, axes; see ``StructuredConfig``).
     Structured methods return a ``StructuredReport`` and leave a smaller dense model; prune again
-    with an unstructured method to stack. A sparsity of 0 is refused.
+    with an unstructured method, or a width method after a depth one, to stack (the second
+    sparsity counts the block parameters the first left). A sparsity of 0 is refused.
     calib: 'wiki-offline' | 'wikitext2' | 'c4' | 'dolly' | a text/JSONL path | list of texts |
     LongTensor [nsamples, seqlen]. Extra keywords go to ``PruneConfig``: the steps around the
     method's score, allocation='owl' (owl_lambda, owl_m), refine='dsnot', update='sparsegpt' |

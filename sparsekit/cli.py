@@ -189,9 +189,9 @@ def _check_cli_only_prune_flags(args: argparse.Namespace, given: set[str]) -> No
         )
     if "save_format" in given and is_structured(args.method) and not _then_per_layer(args):
         raise ValueError(
-            f"--save-format does nothing when every step is structured ({args.method}): it saves an ordinary, "
-            "smaller HF checkpoint (uniform widths) or a per-block-widths checkpoint (adaptive); drop it, "
-            "or stack a per-layer --then-method to save that step's sparsity compressed or dense"
+            f"--save-format does nothing when every step is structured ({args.method}): it saves an "
+            "ordinary, smaller HF checkpoint (uniform widths) or a per-block-widths checkpoint (adaptive); "
+            "drop it, or stack a per-layer --then-method to save that step's sparsity compressed or dense"
         )
 
 
@@ -213,8 +213,8 @@ def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, PruneRequest]
         if not is_structured(args.method) or (both and not _depth_then_width(args.method, args.then_method)):
             raise ValueError(
                 "--then-method stacks an unstructured/N:M method on a structured one (--method "
-                "shortgpt|shortened-ppl|wanda-sp|flap|... --then-method wanda|sparsegpt|magnitude), or a width "
-                "method on a depth one (--method angular|shortgpt --remove-layers N --then-method "
+                "shortgpt|shortened-ppl|wanda-sp|flap|... --then-method wanda|sparsegpt|magnitude), or a "
+                "width method on a depth one (--method angular|shortgpt --remove-layers N --then-method "
                 "flap|wanda-sp|llm-pruner|minitron --then-sparsity P)"
             )
         methods.append(args.then_method)
@@ -962,9 +962,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--then-method",
-        choices=method_names(),
+        choices=(*method_names(), *structured_method_names()),
         default=None,
-        help="after a structured method, prune what remains with this method (stacking)",
+        help="after a structured method, prune what remains with this method (stacking): a per-layer "
+        "method, or a width method after a depth one",
     )
     p.add_argument("--then-sparsity", default="2:4", help="sparsity of --then-method")
     p.add_argument(

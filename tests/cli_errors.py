@@ -84,10 +84,10 @@ _PRUNE = [
     (["--method", "wanda", "--then-method", "sparsegpt"], "--then-method stacks"),
     (["--method", "flap", "--sparsity", "0.2", "--then-method", "angular"], "a width method on a depth one"),
     (
-        ["--method", "angular", "--remove-layers", "3", "--then-method", "flap", "--then-sparsity", "0.1",
-         "--importance", "vector"],
+        ["--method", "angular", "--remove-layers", "3", "--then-method", "flap", "--then-sparsity", "0.1"]
+        + ["--importance", "vector"],
         "importance (--importance) does nothing with flap",
-    ),  # fmt: skip
+    ),
     (
         ["--method", "angular", "--remove-layers", "3", "--repair-fit", "weights"],
         "repair_fit='weights' chooses what the repair fits: add repair=True",

@@ -61,9 +61,7 @@ def _repaired_error(model, ids, removed: list[int], fit: str) -> float:
     before = dense.input_of(start - 1)
     repair_pass(anatomy, chunks, removed, dense, torch.device("cpu"), fit)
     got = forward(anatomy.blocks[start - 1], chunks, start - 1, before)
-    return sum(
-        _weighted(g - w, w).pow(2).sum().item() for g, w in zip(got, want, strict=True)
-    )
+    return sum(_weighted(g - w, w).pow(2).sum().item() for g, w in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
@@ -95,11 +93,13 @@ def test_repair_fit_needs_the_repair():
         StructuredConfig(remove_layers=2, repair_fit="weights")
     with pytest.raises(ValueError, match="choose one of map, weights"):
         StructuredConfig(remove_layers=2, repair=True, repair_fit="down")
-    request = check_prune_request("angular", None, {"remove_layers": 2, "repair": True, "repair_fit": "weights"})
+    options = {"remove_layers": 2, "repair": True, "repair_fit": "weights"}
+    request = check_prune_request("angular", None, options)
     assert request.config.repair_fit == "weights"
     with pytest.raises(ValueError, match="do nothing with flap"):
         check_prune_request("flap", 0.2, {"repair": True, "repair_fit": "weights"})
     args = build_parser().parse_args(
-        ["prune", "smollm2", "--method", "angular", "--remove-layers", "2", "--repair", "--repair-fit", "weights"]
+        ["prune", "smollm2", "--method", "angular", "--remove-layers", "2", "--repair"]
+        + ["--repair-fit", "weights"]
     )
     assert args.repair_fit == "weights"
