@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsekit.kernels import accumulate_gram
 from sparsekit.models import (
     BlockAnatomy,
     describe,
@@ -324,8 +325,9 @@ class WeightsFit:
         hidden = target.shape[-1]
         t = target.reshape(-1, hidden).float()
         w = 1.0 / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        aw = a.reshape(-1, self.gram.shape[0]).float() * w
-        self.gram += (aw.T @ aw).double()
+        k = self.gram.shape[0]
+        aw = a.reshape(-1, k).float() * w
+        self.gram += accumulate_gram(aw, torch.zeros(k, k, dtype=torch.float32, device=aw.device)).double()
         self.cross += (aw.T @ ((t - rest.reshape(-1, hidden).float()) * w)).double()
         self.total += (aw * w).sum(0).double()
 
