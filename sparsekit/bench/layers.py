@@ -142,6 +142,11 @@ class Prepared:
     weight_bytes: int
     impl: str
     replicate: Callable[[], Callable[[], torch.Tensor]] | None = None  # the same call on a copy of the weight
+    read_bytes: int | None = None  # weight bytes a call reads, where not all it holds (a rule's dense copy)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.weight_bytes if self.read_bytes is None else self.read_bytes
 
 
 class Unavailable(Exception):
@@ -176,15 +181,24 @@ def _as_module(case: Case, fmt: str | None, cpu_rule: str = "sparse") -> Prepare
     module.eval()
     blas = "cuBLAS" if case.device.type == "cuda" else "CPU BLAS"
     impl = f"SparseLinear({fmt})" if fmt else f"nn.Linear ({blas})"
+    held, read = model_bytes(module), None
     if fmt is not None and case.device.type == "cpu":
-        impl += f" {case.pattern}, {_cpu_route(case, fmt)}" + (
-            ", rule: fastest" if cpu_rule == "fastest" else ""
-        )
+        impl += f" {case.pattern}, {_cpu_route(case, fmt)}"
+        if cpu_rule == "fastest":
+            _module_call(module, case.x)()  # the rule decides for this M class (untimed)
+            copy_bytes = module.dense_copy_bytes()
+            held, read = held + copy_bytes, copy_bytes or None
+            impl += (
+                f", rule: fastest -> dense copy (+{copy_bytes / 1e6:.2f} MB held)"
+                if copy_bytes
+                else ", rule: fastest -> sparse kernel"
+            )
     return Prepared(
         _module_call(module, case.x),
-        model_bytes(module),
+        held,
         impl,
         replicate=lambda: _module_call(copy.deepcopy(module), case.x),
+        read_bytes=read,
     )
 
 
@@ -560,7 +574,7 @@ def _rotated(prepared: Prepared, pool_bytes: int) -> Rotation | Callable[[], tor
     """``prepared`` rotated over copies of its weight adding up to ``pool_bytes``, warmed once."""
     if prepared.replicate is None:
         return prepared.fn
-    n = copies_for(prepared.weight_bytes, pool_bytes)
+    n = copies_for(prepared.bytes_read, pool_bytes)  # each copy's call reads this much
     rotation = Rotation([prepared.fn] + [prepared.replicate() for _ in range(n - 1)])
     rotation.warm()
     return rotation
@@ -569,7 +583,7 @@ def _rotated(prepared: Prepared, pool_bytes: int) -> Rotation | Callable[[], tor
 def _row(case: Case, backend: str, prepared: Prepared, timing: Timing, roof: Roofline, env: dict) -> LayerRow:
     m, n, k = case.m, case.shape.n, case.shape.k
     el = case.x.element_size()
-    moved = m * k * el + prepared.weight_bytes + m * n * el
+    moved = m * k * el + prepared.bytes_read + m * n * el
     flops = 2.0 * m * n * k
     sec = timing.median_ms * 1e-3
     return LayerRow(
@@ -607,7 +621,8 @@ def layers_markdown(result: LayersResult) -> str:
         f"{env.get('time_utc')}.",
         f"Measured roofline: copy {roof['copy_gbps']:.1f} GB/s, dense matmul {roof['matmul_tflops']:.3f} "
         f"TFLOP/s ({roof['dtype']}). Speedup is against the best dense baseline at that shape and M; "
-        "TFLOP/s counts the dense 2*M*N*K; GB/s counts input + weight format + output bytes.",
+        "TFLOP/s counts the dense 2*M*N*K; GB/s counts input + the weight bytes a call reads + output "
+        "bytes; weight MB is what the layer holds (under a CPU rule, its dense copy included).",
         "",
     ]
     groups: dict[tuple[str, str, int, int], list[LayerRow]] = {}

@@ -10,8 +10,9 @@ and runs it for the class: the memory cost is N * K * element bytes per such lay
 always runs: there the weight stream dominates, and a short cache-warm measurement at runtime
 would misjudge what a decode step sees (weights read from DRAM, where the compressed format's
 fewer bytes win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up the measurement rotates over
-copies of the layer adding up to twice the last-level cache, so both sides read their weights
-from DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never holds a
+copies of the layer adding up to twice the last-level cache (at most ``COLD_MAX_BYTES`` of dense
+copies; a small layer gets as many copies as that takes), so both sides read their weights from
+DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never holds a
 dense copy: memory first.
 """
 
@@ -33,7 +34,8 @@ CPU_RULES = ("sparse", "fastest")
 MIN_M = 16  # smallest M class the rule measures; below it the sparse kernel runs
 MARGIN = 0.05  # dense must be this much faster to be worth its memory
 ROUNDS = 7
-COLD_MAX_COPIES = 64  # at most this many weight copies for a DRAM-cold measurement
+COLD_MAX_BYTES = 256 * 2**20  # the dense copies of a DRAM-cold measurement add up to at most this
+COLD_MAX_COPIES = 4096  # and number at most this (a tiny layer's setup stays under a second)
 
 # (format, isa, dtype, N, K, M class) -> True when dense won
 _DECISIONS: dict[tuple, bool] = {}
@@ -79,7 +81,8 @@ def dense_wins(
     pairs = [(sparse, dense_weight)]
     if replicate is not None:
         per_copy = dense_weight.numel() * dense_weight.element_size()
-        while len(pairs) < min(COLD_MAX_COPIES, -(-2 * llc_bytes() // per_copy)):
+        wanted = -(-min(2 * llc_bytes(), COLD_MAX_BYTES) // per_copy)
+        while len(pairs) < min(wanted, COLD_MAX_COPIES):
             pairs.append(replicate())
     turn = [0]
 

@@ -124,8 +124,8 @@ class SparseLinear(nn.Module):
     def cpu_rule(self, value: str) -> None:
         self._cpu_rule = check_cpu_rule(value)
         if value == "sparse" and "_cache" in self.__dict__:  # memory first: drop the rule's dense copy
-            for key in [k for k in self._cache if k == "dense" or (isinstance(k, tuple) and k[0] == "rule")]:
-                del self._cache[key]
+            for key in [k for k in self._cache if k == "dense" or isinstance(k, int)]:
+                del self._cache[key]  # the dense copy and the plans that run it
 
     def dense_copy_bytes(self) -> int:
         """Bytes of the dense weight copy ``cpu_rule='fastest'`` keeps (0 when none)."""
@@ -268,29 +268,52 @@ class SparseLinear(nn.Module):
         fmt = self.weight_format
         return isinstance(fmt, Sparse24) and fmt.wants_semi_structured(self, rows)
 
-    def _bound_cpu(self):
+    def _bound_cpu(self, isa: CpuIsa | None = None):
         """(the format's pre-checked CPU call for the stored tensors, their dtype), built once per
         CPU ISA (``_cache`` is cleared by ``.to()`` and ``load_state_dict``); (None, None) where
         there is none."""
-        isa = self.__dict__.get("_cpu_isa") or current_cpu_isa()
+        isa = isa or self.__dict__.get("_cpu_isa") or current_cpu_isa()
         bound = self._cache.get(isa)
         if bound is None:
             fn = self.weight_format.bind_cpu(self, isa=isa) if self._backend in ("auto", "torch") else None
             bound = self._cache[isa] = (fn, self.dtype) if fn is not None else (None, None)
         return bound
 
-    def _dense_for(self, rows: int, fn) -> torch.Tensor | None:
-        """The dense copy to run ``rows`` rows of x with under ``cpu_rule='fastest'``, or None for
-        the sparse kernel ``fn`` (measured once per format, ISA, dtype, shape and M class; the
-        answer is memoised per rows and ISA on the layer, so a forward pays one dict lookup)."""
+    def _cpu_plan(self, x: torch.Tensor):
+        """The eager CPU call for ``x`` (a callable of x), or None for the general path.
+
+        Built once per rows class (every rows > 1024 shares one), ISA, dtype and rule generation,
+        and memoised under an int key in ``_cache`` (cleared by ``.to()``, ``load_state_dict`` and a
+        new stored tensor), so a forward pays one dict lookup and three identity checks."""
         isa = self.__dict__.get("_cpu_isa") or current_cpu_isa()
-        memo_key = ("rule", min(rows, 1025), isa)  # every rows > 1024 is one M class
-        memo = self._cache.get(memo_key)
-        if memo is not None and memo[0] == rule_generation():
-            return memo[1]
-        dense = self._decide_dense(rows, fn, resolve_isa(isa))
-        self._cache[memo_key] = (rule_generation(), dense)
-        return dense
+        rule = self.__dict__.get("_cpu_rule") == "fastest"
+        rows = min(x.numel() // self.in_features, 1025) if rule else 0
+        memo = self._cache.get(rows)
+        generation = rule_generation()
+        if memo is not None and memo[0] is isa and memo[1] is x.dtype and memo[2] == generation:
+            return memo[3]
+        plan = self._build_cpu_plan(rows, isa, x.dtype, rule)
+        self._cache[rows] = (isa, x.dtype, generation, plan)
+        return plan
+
+    def _build_cpu_plan(self, rows: int, isa: CpuIsa, dtype: torch.dtype, rule: bool):
+        fn, stored = self._bound_cpu(isa)
+        if fn is None or dtype != stored:
+            return None
+        bias = self.bias
+        dense = self._decide_dense(rows, fn, resolve_isa(isa)) if rule else None
+        if dense is None:
+            return lambda x: fn(x, bias)
+        n, k = self.out_features, self.in_features
+        linear = torch.nn.functional.linear
+
+        def dense_call(x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 2:
+                return linear(x, dense, bias)
+            # 2-D, as the rule measured it (3-D takes a slower CPU path)
+            return linear(x.reshape(-1, k), dense, bias).reshape(*x.shape[:-1], n)
+
+        return dense_call
 
     def _rule_twin(self):
         """(the sparse CPU call, the dense weight) of a copy of this layer: the rule's DRAM-cold
@@ -324,18 +347,12 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        # eager CPU hot path: checks were made when the call was bound; one C++ call per forward
-        if not x.is_cuda and not torch.compiler.is_compiling() and current_backend() is not Backend.TRITON:
-            fn, dtype = self._bound_cpu()
-            if fn is not None and x.dtype == dtype and x.device.type == "cpu" and not x.requires_grad:
-                if self.__dict__.get("_cpu_rule") == "fastest":
-                    dense = self._dense_for(x.numel() // self.in_features, fn)
-                    if dense is not None and x.dim() == 2:
-                        return torch.nn.functional.linear(x, dense, self.bias)
-                    if dense is not None:  # 2-D, as the rule measured it (3-D takes a slower CPU path)
-                        y = torch.nn.functional.linear(x.reshape(-1, self.in_features), dense, self.bias)
-                        return y.reshape(*x.shape[:-1], self.out_features)
-                return fn(x, self.bias)
+        # eager CPU hot path: checks were made when the call was planned; one call per forward
+        if x.is_cpu and not x.requires_grad and current_backend() is not Backend.TRITON:
+            if not torch.compiler.is_compiling():
+                plan = self._cpu_plan(x)
+                if plan is not None:
+                    return plan(x)
         fmt = self.weight_format
         backend = self._backend
         if backend == "semi_structured" or (

@@ -55,3 +55,34 @@ def test_run_layers_per_isa_records_the_path():
     assert rows[(40, "bitmap=0.7@scalar")].impl.endswith("0.7, scalar blas")
     assert rows[(1, "bitmap=0.7@avx2")].weight_bytes < rows[(1, "2:4@avx2")].weight_bytes  # 30% kept < 50%
     assert result.config["isas"] == ["avx2", "scalar"] and result.config["cpu_extension"] == "built"
+
+
+@pytest.mark.parametrize("dense_won", [True, False])
+def test_rule_rows_say_which_path_the_rule_took(dense_won):
+    """A rule row (``2:4-fastest``) names the path its layer runs at that M, holds its dense copy
+    in ``weight MB`` and counts (and rotates over) the bytes a call reads."""
+    if cpu_ext.extension() is None:
+        pytest.skip(f"the C++ CPU extension did not build: {cpu_ext.build_error()}")
+    import torch
+
+    from sparsekit.nn import cpu_rule
+
+    shape = TINY[0]
+    cpu_rule.pin(("2:4", "avx2", "torch.float32", shape.n, shape.k, 64), dense_won=dense_won)
+    try:
+        result = run_layers(
+            TINY, (40,), "2:4", ("2:4", "2:4-fastest"), device="cpu", min_time_s=0.0,
+            cold=False, show_progress=False, isas=("avx2",), dtype=torch.float32,
+        )  # fmt: skip
+    finally:
+        cpu_rule.forget()
+    rows = {r.backend: r for r in result.rows}
+    sparse, ruled = rows["2:4@avx2"], rows["2:4-fastest@avx2"]
+    dense_bytes = shape.n * shape.k * 4
+    if dense_won:
+        assert ruled.impl.endswith(f"rule: fastest -> dense copy (+{dense_bytes / 1e6:.2f} MB held)")
+        assert ruled.weight_bytes == sparse.weight_bytes + dense_bytes
+        assert ruled.moved_bytes - sparse.moved_bytes == dense_bytes - sparse.weight_bytes
+    else:
+        assert ruled.impl.endswith("rule: fastest -> sparse kernel")
+        assert (ruled.weight_bytes, ruled.moved_bytes) == (sparse.weight_bytes, sparse.moved_bytes)
