@@ -123,10 +123,7 @@ def test_decisions_are_memoised_per_layer_until_forgotten(monkeypatch):
     assert len(calls) == 2
     _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
     layer.cpu_rule = "sparse"
-    assert (
-        not any(isinstance(k, int) for k in layer._cache)
-        and layer.dense_copy_bytes() == 0
-    )
+    assert not any(isinstance(k, int) for k in layer._cache) and layer.dense_copy_bytes() == 0
 
 
 def test_measurement_rotates_over_copies_past_the_last_level_cache(monkeypatch):
