@@ -147,33 +147,51 @@ INT8_DIRECT_MAX_M = DEQUANT_ABOVE_M["int8-fp32"]  # fp32: sparsekit's direct int
 INT4_DIRECT_MAX_M = 64
 
 
+# Above the direct paths' M a bound CPU layer dequantizes tiles of about this many bytes of its
+# weight into a per-thread buffer and hands each to ATen's GEMM (``mm_q8_blas``, ``mm_q4_blas``,
+# ``mm24_q8_blas`` in the C++ extension): no dense weight is held or written to memory whole.
+# The torch dequantize + F.linear it replaces ran 0.2-0.6x dense at M = 64-512 in bf16. 8 MiB
+# (a SmolLM2 layer in one tile per thread): the tile sweep of bench/quant_paths.py --tiles
+# (docs/data/quant-paths-tiles.md) found 0.5 MiB tiles 10-40% slower, the GEMM then too small.
+QUANT_TILE_BYTES = 8 << 20
+
+
+def _contiguous(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
+
+
 def cpu_route(fmt: str, dtype: torch.dtype, m: int) -> str:
     """What a bound CPU layer of quantized format ``fmt`` ('int8', 'int4...', '2:4-int8') runs for
     ``m`` rows of x in ``dtype``, in words (benchmark labels; the binds below decide the same way)."""
     fp32 = dtype == torch.float32
     if fmt.startswith("int4"):
         if fp32:
-            direct = cpu_ext.extension() is not None and m <= INT4_DIRECT_MAX_M
-            return "sparsekit mm_q4" if direct else "dequantize + GEMM"
-        return "dequantize + GEMM" if m > DEQUANT_ABOVE_M["int4"] else "aten int4 op"
+            if cpu_ext.extension() is None:
+                return "dequantize + GEMM"
+            return "sparsekit mm_q4" if m <= INT4_DIRECT_MAX_M else "sparsekit mm_q4_blas (tiles + GEMM)"
+        if m > DEQUANT_ABOVE_M["int4"]:
+            return "dequantize + GEMM" if cpu_ext.extension() is None else "sparsekit mm_q4_blas (tiles + GEMM)"
+        return "aten int4 op"
     if fmt == "int8":
-        if fp32 and cpu_ext.extension() is not None:
-            return "dequantize + GEMM" if m > INT8_DIRECT_MAX_M else "sparsekit mm_q8"
-        return "dequantize + GEMM" if m > DEQUANT_ABOVE_M["int8"] else "aten int8 op"
+        ext = cpu_ext.extension() is not None
+        if m > (INT8_DIRECT_MAX_M if fp32 and ext else DEQUANT_ABOVE_M["int8"]):
+            return "sparsekit mm_q8_blas (tiles + GEMM)" if ext else "dequantize + GEMM"
+        return "sparsekit mm_q8" if fp32 and ext else "aten int8 op"
     if fmt == "2:4-int8":
-        return "decompress + GEMM" if m > DEQUANT_ABOVE_M["2:4-int8"] else "sparsekit mm24_q8"
+        return "sparsekit mm24_q8_blas (tiles + GEMM)" if m > DEQUANT_ABOVE_M["2:4-int8"] else "sparsekit mm24_q8"
     raise ValueError(f"{fmt!r} is not a quantized format")
 
 
 def bind_int8_cpu(
     q: torch.Tensor, scale: torch.Tensor, isa: CpuIsa | str | None = None
 ) -> Callable[..., torch.Tensor]:
-    """``fn(x, bias) -> y`` for one stored int8 weight on the CPU: torch's op for bf16 / fp16; for
-    fp32 sparsekit's C++ direct kernel (``mm_q8``) up to ``INT8_DIRECT_MAX_M`` rows of x and
-    dequantize + GEMM above (torch's op has no fast fp32 path)."""
+    """``fn(x, bias) -> y`` for one stored int8 weight on the CPU: torch's op for bf16 / fp16 up to
+    ``DEQUANT_ABOVE_M['int8']`` rows of x; for fp32 sparsekit's C++ direct kernel (``mm_q8``) up to
+    ``INT8_DIRECT_MAX_M`` (torch's op has no fast fp32 path); above, dequantized tiles + GEMM
+    (``mm_q8_blas``). Without the C++ extension: torch's op, or dequantize + F.linear above."""
     n, k = q.shape
     ext = cpu_ext.extension()
-    if scale.dtype != torch.float32 or ext is None:
+    if ext is None:
 
         def op(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             if x.numel() > DEQUANT_ABOVE_M["int8"] * k:
@@ -182,14 +200,19 @@ def bind_int8_cpu(
 
         return op
     level = isa_level(resolve_isa(isa))
-    scale32 = scale.contiguous()
+    scale32 = scale.float().contiguous()
+    fp32 = scale.dtype == torch.float32
+    most = INT8_DIRECT_MAX_M if fp32 else DEQUANT_ABOVE_M["int8"]
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
-        if x2.shape[0] > INT8_DIRECT_MAX_M:
-            y = F.linear(x2, dequantize_int8(q, scale32), bias)
+        x2 = x2 if x2.is_contiguous() else x2.contiguous()
+        if x2.shape[0] > most:
+            y = ext.mm_q8_blas(x2, q, scale32, _contiguous(bias, x.dtype), level, QUANT_TILE_BYTES)
+        elif fp32:
+            y = ext.mm_q8(x2, q, scale32, bias, level)
         else:
-            y = ext.mm_q8(x2 if x2.is_contiguous() else x2.contiguous(), q, scale32, bias, level)
+            return int8_mm(x, q, scale, bias)
         return y.reshape(*x.shape[:-1], n)
 
     return mm
@@ -284,10 +307,18 @@ def bind_int4_cpu(
     cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     sz = F.pad(scale_zero, (0, 0, 0, pad)).contiguous()
 
+    ext = cpu_ext.extension()
+    level = isa_level(resolve_isa(isa))
+    packed_c, sz32 = packed.contiguous(), scale_zero.float().contiguous()
+
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         if x2.shape[0] > DEQUANT_ABOVE_M["int4"]:
-            return F.linear(x, dequantize_int4(packed, scale_zero), bias)
+            if ext is None:
+                return F.linear(x, dequantize_int4(packed, scale_zero), bias)
+            b = _contiguous(bias, x.dtype)
+            y = ext.mm_q4_blas(x2.contiguous(), packed_c, sz32, b, group, level, QUANT_TILE_BYTES)
+            return y.reshape(*x.shape[:-1], n)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), cpu_packed, group, sz)
         y = y[:, :n] if pad else y
         if bias is not None:
@@ -308,8 +339,10 @@ def _bind_int4_fp32(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         if x2.shape[0] > INT4_DIRECT_MAX_M:
-            return F.linear(x, dequantize_int4(packed, sz), bias)
-        y = ext.mm_q4(int4_direct_input(x2, group), packed, sz, bias, group, level)
+            b = _contiguous(bias, x.dtype)
+            y = ext.mm_q4_blas(x2.contiguous(), packed, sz, b, group, level, QUANT_TILE_BYTES)
+        else:
+            y = ext.mm_q4(int4_direct_input(x2, group), packed, sz, bias, group, level)
         return y.reshape(*x.shape[:-1], n)
 
     return mm
@@ -356,10 +389,12 @@ def bind_sparse24_int8_cpu(
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
-        if x2.shape[0] > DEQUANT_ABOVE_M["2:4-int8"]:  # C++ decompress of the widened values + GEMM
-            w = decompress_rows(values.to(x.dtype), meta, 0, n, isa=chosen) * scale.to(x.dtype)[:, None]
-            return F.linear(x, w, bias)
-        y = ext.mm24_q8(x2 if x2.is_contiguous() else x2.contiguous(), values, meta, scale32, bias, level)
+        x2 = x2 if x2.is_contiguous() else x2.contiguous()
+        if x2.shape[0] > DEQUANT_ABOVE_M["2:4-int8"]:  # dequantized, expanded tiles + GEMM
+            b = _contiguous(bias, x.dtype)
+            y = ext.mm24_q8_blas(x2, values, meta, scale32, b, level, QUANT_TILE_BYTES)
+        else:
+            y = ext.mm24_q8(x2, values, meta, scale32, bias, level)
         return y.reshape(*x.shape[:-1], n)
 
     return mm

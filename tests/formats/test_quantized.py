@@ -64,8 +64,8 @@ def test_layer_matches_linear_of_its_dequantized_weight(fmt, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_sparse24_int8_kernel_every_isa_against_the_reference(isa, m, dtype):
     """The C++ code of a 2:4-int8 layer at a forced ISA against decompress + scale + F.linear in
-    fp32: the direct kernel ``mm24_q8`` up to 16 rows (m = 1..9), the ISA's C++ decompress + GEMM
-    above (m = 33); K = 260 leaves a tail of groups past the vector loop."""
+    fp32: the direct kernel ``mm24_q8`` up to 16 rows (m = 1..9), the ISA's dequantized tiles +
+    GEMM above (``mm24_q8_blas``, m = 33); K = 260 leaves a tail of groups past the vector loop."""
     require_cpu_extension()
     n, k = 37, 260
     lin = _linear(n, k, dtype, "2:4")
@@ -105,8 +105,8 @@ def test_dense_int8_kernel_every_isa_against_the_reference(isa, m):
 @pytest.mark.parametrize("m", [1, 3, 8, 9])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_dense_int4_kernel_every_isa_against_the_reference(isa, m, group):
-    """fp32 int4 layers run sparsekit's C++ direct kernel (``mm_q4``) up to 8 rows and dequantize
-    above (m = 9); against dequantize + F.linear in fp32, on N = 37 (no multiple of anything)."""
+    """fp32 int4 layers run sparsekit's C++ direct kernel (``mm_q4``) at these M (up to 64 rows;
+    above, tests/formats/test_quant_blas.py); against dequantize + F.linear in fp32, on N = 37."""
     require_cpu_extension()
     from sparsekit.kernels.quant import int4_direct_input
 

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -133,39 +134,50 @@ void direct_mm(const Kern& kern, const float* x, const T* bias, T* y, int64_t M,
   });
 }
 
+// A per-thread buffer of n elements of T for the decompressed tile, kept between calls up to
+// SCRATCH_KEEP bytes: a fresh allocation of a tile this size is an mmap whose page faults cost
+// more than the tile's decompression.
+constexpr size_t SCRATCH_KEEP = size_t(16) << 20;
+
+template <typename T>
+torch::Tensor scratch(int64_t n) {
+  thread_local std::vector<char> keep;
+  const size_t bytes = size_t(n) * sizeof(T);
+  auto opts = torch::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  if (bytes > SCRATCH_KEEP) return torch::empty({n}, opts);
+  if (keep.size() < bytes) keep.resize(bytes);
+  return torch::from_blob(keep.data(), {n}, opts);
+}
+
 // ------------------------------------------------------------------------- blas path driver
 // Kern provides void decompress(n0, n1, T* out): dense rows [n0, n1) into out [n1 - n0, K].
 // Each task decompresses tiles of weight rows into its own buffer and calls ATen's GEMM on them
-// (single-threaded inside the parallel region); the result of a tile is copied into y's columns.
+// (single-threaded inside the parallel region), writing straight into y's columns of the tile.
 template <typename T, typename Kern>
 torch::Tensor blas_mm(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N,
-                      int64_t K) {
+                      int64_t K, int64_t tile_bytes = TILE_BYTES) {
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, x.options());
   const int64_t threads = at::get_num_threads();
   // rows per tile: at most about TILE_BYTES dense, a multiple of 16, and a tile count that is a
   // multiple of the threads (no thread idles on the last round)
-  const int64_t most = std::max<int64_t>(16, TILE_BYTES / std::max<int64_t>(1, K * int64_t(sizeof(T))));
+  const int64_t most = std::max<int64_t>(16, tile_bytes / std::max<int64_t>(1, K * int64_t(sizeof(T))));
   int64_t tiles = (N + most - 1) / most;
   tiles = (tiles + threads - 1) / threads * threads;
   const int64_t tile = std::min<int64_t>(N, ((N + tiles - 1) / tiles + 15) / 16 * 16);
   tiles = (N + tile - 1) / tile;
-  T* yp = y.data_ptr<T>();
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     at::NoGradGuard no_grad;  // grad mode is thread-local: the pool's threads need their own guard
-    auto w = torch::empty({tile, K}, x.options());
-    auto out = torch::empty({M * tile}, x.options());
+    torch::Tensor w = scratch<T>(tile * K).view({tile, K});
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * tile, rows = std::min<int64_t>(tile, N - n0);
       kern.decompress(n0, n0 + rows, w.data_ptr<T>());
       auto wt = w.narrow(0, 0, rows).t();
-      auto o = out.narrow(0, 0, M * rows).view({M, rows});
+      auto o = y.narrow(1, n0, rows);  // y's columns [n0, n0 + rows): row stride N, the GEMM's ldc
       if (bias.has_value())
         at::addmm_out(o, bias->narrow(0, n0, rows), x, wt);
       else
         at::mm_out(o, x, wt);
-      const T* op = o.data_ptr<T>();
-      for (int64_t m = 0; m < M; ++m) std::memcpy(yp + m * N + n0, op + m * rows, rows * sizeof(T));
     }
   });
   return y;

@@ -504,6 +504,201 @@ struct DenseQ4 : DenseQ4Base {
 SK_END_ISA
 #endif  // SK_X86
 
+// ------------------------------------------------------------------------- quantized blas path
+// Above the direct kernels' M (prefill, batches), a quantized layer hands dequantized tiles of
+// its weight rows to ATen's GEMM (blas_mm): each tile is dequantized into a per-thread buffer
+// that stays in L2, so no dense weight is written to memory and none is held. The arithmetic is
+// fp32, rounded once to T (round to nearest even, as torch's casts). Row helpers per ISA:
+//   q8_row   out[k] = q[k] * s                                  (int8 values, one scale)
+//   q4_row   out[2j] = (lo_j - 8) * scale_g + zero_g, out[2j+1] from hi_j (packed nibbles); a
+//            product, then a sum (no FMA), rounded as quant.dequantize_int4 rounds them
+namespace sk_scalar {
+template <typename T>
+inline void q8_row(const int8_t* q, float s, T* out, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<T>(float(q[k]) * s);
+}
+template <typename T>
+inline void q4_row(const uint8_t* p, const float* sz, int64_t N, int64_t n, int64_t K, int64_t G, T* out) {
+  for (int64_t g = 0; g < K / G; ++g) {
+    const float scale = sz[(g * N + n) * 2], zero = sz[(g * N + n) * 2 + 1];
+    for (int64_t j = g * G / 2; j < (g + 1) * G / 2; ++j) {
+      out[2 * j] = static_cast<T>(float(int(p[j] & 15) - 8) * scale + zero);
+      out[2 * j + 1] = static_cast<T>(float(int(p[j] >> 4) - 8) * scale + zero);
+    }
+  }
+}
+}  // namespace sk_scalar
+
+#if SK_X86
+SK_BEGIN_AVX2
+namespace sk_avx2 {
+template <typename T> inline void store8_rne(T* p, __m256 v) { store8<T>(p, v); }
+template <> inline void store8_rne<c10::BFloat16>(c10::BFloat16* p, __m256 v) {
+  __m256i b = _mm256_castps_si256(v);  // finite lanes: add 0x7FFF + the kept lsb, keep the top half
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+template <typename T>
+inline void q8_row(const int8_t* q, float s, T* out, int64_t K) {
+  const __m256 vs = _mm256_set1_ps(s);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) store8_rne<T>(out + k, _mm256_mul_ps(load8<int8_t>(q + k), vs));
+  for (; k < K; ++k) out[k] = static_cast<T>(float(q[k]) * s);
+}
+template <typename T>
+inline void q4_row(const uint8_t* p, const float* sz, int64_t N, int64_t n, int64_t K, int64_t G, T* out) {
+  if (G % 16) return sk_scalar::q4_row<T>(p, sz, N, n, K, G, out);
+  const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  for (int64_t g = 0; g < K / G; ++g) {
+    const __m256 vs = _mm256_set1_ps(sz[(g * N + n) * 2]), vz = _mm256_set1_ps(sz[(g * N + n) * 2 + 1]);
+    for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += 8) {  // 8 bytes -> 16 columns
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
+      const __m256i cl = _mm256_sub_epi32(_mm256_and_si256(b, low), eight);
+      const __m256i ch = _mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight);
+      __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(cl), vs);
+      __asm__("" : "+v"(lo));  // no FMA contraction: round the product, then the sum
+      lo = _mm256_add_ps(lo, vz);
+      __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(ch), vs);
+      __asm__("" : "+v"(hi));  // no FMA contraction: round the product, then the sum
+      hi = _mm256_add_ps(hi, vz);
+      const __m256 a = _mm256_unpacklo_ps(lo, hi), c = _mm256_unpackhi_ps(lo, hi);  // per 128-bit lane
+      store8_rne<T>(out + 2 * j, _mm256_permute2f128_ps(a, c, 0x20));
+      store8_rne<T>(out + 2 * j + 8, _mm256_permute2f128_ps(a, c, 0x31));
+    }
+  }
+}
+}  // namespace sk_avx2
+SK_END_ISA
+
+SK_BEGIN_AVX512
+namespace sk_avx512 {
+template <typename T> inline void store16_rne(T* p, __m512 v) { store16<T>(p, v); }
+template <> inline void store16_rne<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
+  __m512i b = _mm512_castps_si512(v);  // finite lanes: add 0x7FFF + the kept lsb, keep the top half
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+}
+template <typename T>
+inline void q8_row(const int8_t* q, float s, T* out, int64_t K) {
+  const __m512 vs = _mm512_set1_ps(s);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) store16_rne<T>(out + k, _mm512_mul_ps(load16<int8_t>(q + k), vs));
+  for (; k < K; ++k) out[k] = static_cast<T>(float(q[k]) * s);
+}
+template <typename T>
+inline void q4_row(const uint8_t* p, const float* sz, int64_t N, int64_t n, int64_t K, int64_t G, T* out) {
+  if (G % 32) return sk_scalar::q4_row<T>(p, sz, N, n, K, G, out);
+  const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+  alignas(64) int32_t i0[16], i1[16];
+  for (int l = 0; l < 16; ++l) i0[l] = (l / 2) + 16 * (l % 2), i1[l] = 8 + (l / 2) + 16 * (l % 2);
+  const __m512i first = _mm512_load_si512(i0), second = _mm512_load_si512(i1);
+  for (int64_t g = 0; g < K / G; ++g) {
+    const __m512 vs = _mm512_set1_ps(sz[(g * N + n) * 2]), vz = _mm512_set1_ps(sz[(g * N + n) * 2 + 1]);
+    for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += 16) {  // 16 bytes -> 32 columns
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)));
+      const __m512i cl = _mm512_sub_epi32(_mm512_and_si512(b, low), eight);
+      const __m512i ch = _mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight);
+      __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(cl), vs);
+      __asm__("" : "+v"(lo));  // no FMA contraction: round the product, then the sum
+      lo = _mm512_add_ps(lo, vz);
+      __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(ch), vs);
+      __asm__("" : "+v"(hi));  // no FMA contraction: round the product, then the sum
+      hi = _mm512_add_ps(hi, vz);
+      store16_rne<T>(out + 2 * j, _mm512_permutex2var_ps(lo, first, hi));
+      store16_rne<T>(out + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
+    }
+  }
+}
+}  // namespace sk_avx512
+SK_END_ISA
+#endif  // SK_X86
+
+template <int ISA, typename T>
+inline void q8_row(const int8_t* q, float s, T* out, int64_t K) {
+#if SK_X86
+  if constexpr (ISA == ISA_AVX512) return sk_avx512::q8_row<T>(q, s, out, K);
+  if constexpr (ISA == ISA_AVX2) return sk_avx2::q8_row<T>(q, s, out, K);
+#endif
+  sk_scalar::q8_row<T>(q, s, out, K);
+}
+
+template <typename T, int ISA>
+struct DequantQ8 {  // w = q * scale[n]
+  const int8_t* q;
+  const float* scale;
+  int64_t K;
+  void decompress(int64_t n0, int64_t n1, T* out) const {
+    for (int64_t n = n0; n < n1; ++n) q8_row<ISA, T>(q + n * K, scale[n], out + (n - n0) * K, K);
+  }
+};
+
+template <typename T, int ISA>
+struct DequantQ4 {  // w = (code - 8) * scale_g + zero_g; sz [K/G, N, 2] fp32
+  const uint8_t* packed;
+  const float* sz;
+  int64_t K, G, N;
+  void decompress(int64_t n0, int64_t n1, T* out) const {
+    for (int64_t n = n0; n < n1; ++n) {
+      T* o = out + (n - n0) * K;
+      const uint8_t* p = packed + n * (K / 2);
+#if SK_X86
+      if constexpr (ISA == ISA_AVX512) { sk_avx512::q4_row<T>(p, sz, N, n, K, G, o); continue; }
+      if constexpr (ISA == ISA_AVX2) { sk_avx2::q4_row<T>(p, sz, N, n, K, G, o); continue; }
+#endif
+      sk_scalar::q4_row<T>(p, sz, N, n, K, G, o);
+    }
+  }
+};
+
+template <typename T, int ISA>
+struct Dequant24Q8 {  // w = scale[n] * decompress_24(values, meta): the row's values, then the 2:4 expand
+  const int8_t* v;
+  const uint8_t* meta;
+  const float* scale;
+  int64_t K;
+  void decompress(int64_t n0, int64_t n1, T* out) const {
+    const int64_t ldv = K / 2, ldm = (K + 7) / 8;
+    std::vector<T> vals(ldv);
+    for (int64_t n = n0; n < n1; ++n) {
+      q8_row<ISA, T>(v + n * ldv, scale[n], vals.data(), ldv);
+      T* o = out + (n - n0) * K;
+#if SK_X86
+      if constexpr (ISA == ISA_AVX512) { sk_avx512::Sparse24<T>{{vals.data(), meta + n * ldm, K}}.decompress(0, 1, o); continue; }
+      if constexpr (ISA == ISA_AVX2) { sk_avx2::Sparse24<T>{{vals.data(), meta + n * ldm, K}}.decompress(0, 1, o); continue; }
+#endif
+      sk_scalar::Sparse24<T>{{vals.data(), meta + n * ldm, K}}.decompress(0, 1, o);
+    }
+  }
+};
+
+template <template <typename, int> class Kern, typename... Args>
+torch::Tensor quant_blas(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K,
+                         int64_t isa, int64_t tile_bytes, Args... args) {
+  check_isa(isa);
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "quantized blas path: x must be [M, ", K,
+              "] contiguous");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type() && bias->numel() == N && bias->is_contiguous(),
+                "quantized blas path: bias must be [", N, "] in x's dtype");
+  const int64_t M = x.size(0);
+  if (M == 0 || N == 0) return torch::empty({M, N}, x.options());
+  const int64_t tile = tile_bytes > 0 ? tile_bytes : TILE_BYTES;
+  torch::Tensor y;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+#if SK_X86
+    if (isa == ISA_AVX512) { y = blas_mm<T>(Kern<T, ISA_AVX512>{args...}, x, bias, N, K, tile); return; }
+    if (isa == ISA_AVX2) { y = blas_mm<T>(Kern<T, ISA_AVX2>{args...}, x, bias, N, K, tile); return; }
+#endif
+    y = blas_mm<T>(Kern<T, ISA_SCALAR>{args...}, x, bias, N, K, tile);
+  });
+  return y;
+}
+
 // fn(x as fp32, bias, y) for the direct drivers of weight-only int8 kernels
 template <typename Fn>
 torch::Tensor q8_direct(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N, Fn&& fn) {
@@ -585,6 +780,47 @@ torch::Tensor mm24_q8(torch::Tensor x, torch::Tensor values, torch::Tensor meta,
       return 0;
     });
   });
+}
+
+// The quantized formats above their direct kernels' M: x [M, K] contiguous (fp32/bf16/fp16), bias
+// [N] (x's dtype) or None -> y [M, N]; dequantized tiles of about tile_bytes (0: the default) each
+// handed to ATen's GEMM; isa 0 scalar / 1 avx2 / 2 avx512. mm_q8_blas: q int8 [N, K], scale fp32 [N]. mm_q4_blas: packed uint8
+// [N, K/2] (column 2j the low nibble), sz fp32 [K/G, N, 2] = (scale, zero). mm24_q8_blas: values
+// int8 [N, K/2], meta uint8 [N, ceil(K/8)], scale fp32 [N]. Every tensor contiguous.
+torch::Tensor mm_q8_blas(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
+                         int64_t isa, int64_t tile_bytes) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "mm_q8_blas: q must be int8 [N, K]");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
+              "mm_q8_blas: scale must be fp32 [N]");
+  return quant_blas<DequantQ8>(x, bias, N, K, isa, tile_bytes, q.data_ptr<int8_t>(), scale.data_ptr<float>(), K);
+}
+
+torch::Tensor mm_q4_blas(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, c10::optional<torch::Tensor> bias,
+                         int64_t G, int64_t isa, int64_t tile_bytes) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous(),
+              "mm_q4_blas: packed must be uint8 [N, K/2]");
+  const int64_t N = packed.size(0), K = 2 * packed.size(1);
+  TORCH_CHECK(G >= 2 && G % 2 == 0 && K % G == 0, "mm_q4_blas: the group must be even and divide K");
+  TORCH_CHECK(sz.scalar_type() == at::kFloat && sz.dim() == 3 && sz.size(0) == K / G && sz.size(1) == N &&
+                  sz.size(2) == 2 && sz.is_contiguous(),
+              "mm_q4_blas: sz must be fp32 [K/G, N, 2] contiguous");
+  return quant_blas<DequantQ4>(x, bias, N, K, isa, tile_bytes, packed.data_ptr<uint8_t>(), sz.data_ptr<float>(), K, G, N);
+}
+
+torch::Tensor mm24_q8_blas(torch::Tensor x, torch::Tensor values, torch::Tensor meta, torch::Tensor scale,
+                           c10::optional<torch::Tensor> bias, int64_t isa, int64_t tile_bytes) {
+  TORCH_CHECK(values.scalar_type() == at::kChar && values.dim() == 2 && values.is_contiguous(),
+              "mm24_q8_blas: values must be int8 [N, K/2]");
+  const int64_t N = values.size(0), K = 2 * values.size(1);
+  TORCH_CHECK(K % 4 == 0, "mm24_q8_blas: K must be a multiple of 4");
+  TORCH_CHECK(meta.scalar_type() == at::kByte && meta.dim() == 2 && meta.size(0) == N && meta.size(1) == (K + 7) / 8 &&
+                  meta.is_contiguous(),
+              "mm24_q8_blas: meta must be uint8 [N, ceil(K/8)]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
+              "mm24_q8_blas: scale must be fp32 [N]");
+  return quant_blas<Dequant24Q8>(x, bias, N, K, isa, tile_bytes, values.data_ptr<int8_t>(), meta.data_ptr<uint8_t>(),
+                                 scale.data_ptr<float>(), K);
 }
 
 // rows [n0, n0 + out.size(0)) of the dense weight into out [rows, K] (contiguous)
