@@ -2,14 +2,11 @@
 interleaved on one weight (the evidence behind ``sparsekit.kernels.quant.DEQUANT_ABOVE_M``).
 
     python bench/quant_paths.py --out docs/data [--n 1536 --k 576] [--ms 1,16,64,512] [--threads 1]
-        [--tiles 0.5,2,8,whole] [--stem quant-paths]
 
 Candidates, all on the same [n, k] weight (SmolLM2's up_proj by default) and the same x [M, k]:
 dense ``F.linear``; torch's ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``;
 sparsekit's ``mm_q8`` (fp32 int8), ``mm_q4`` (fp32 int4) and ``mm24_q8`` (2:4 + int8); and
-dequantize (or decompress) + ``F.linear`` for int8, int4 and 2:4-int8; and the C++ blas paths
-(``mm_q8_blas``, ``mm_q4_blas``, ``mm24_q8_blas``: dequantized tiles of ``--tiles`` MiB each handed
-to ATen's GEMM; ``whole``: one tile per thread). Weights stay
+dequantize (or decompress) + ``F.linear`` for int8, int4 and 2:4-int8. Weights stay
 cache-resident (one copy): this compares paths, the per-layer tables with weights from DRAM
 (bench/cpu_isa_layers.py) compare formats.
 Writes <out>/quant-paths.json and .md with medians (p20..p80) in ms and the speedup over dense.
@@ -40,9 +37,8 @@ from sparsekit.kernels.sparse24_cpu import decompress_rows
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def candidates(w: torch.Tensor, x: torch.Tensor, tiles: tuple[str, ...] = ()) -> dict:
-    """name -> fn() for one weight w [n, k] (fp32) and x [M, k] in the dtype to time; ``tiles``:
-    the blas paths' tile sizes in MiB ('whole': one tile per thread)."""
+def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
+    """name -> fn() for one weight w [n, k] (fp32) and x [M, k] in the dtype to time."""
     dtype, (n, _) = x.dtype, w.shape
     ext, level = cpu_ext.extension(), cpu_ext.isa_level(cpu_ext.resolve_isa(None))
     wd = w.to(dtype)
@@ -68,12 +64,6 @@ def candidates(w: torch.Tensor, x: torch.Tensor, tiles: tuple[str, ...] = ()) ->
         fns["2:4-int8 sparsekit mm24_q8"] = lambda: ext.mm24_q8(x, q24, meta, s24, None, level)
         if dtype == torch.float32:  # the fp32 int4 kernel, its input rearrangement included
             fns["int4 sparsekit mm_q4"] = lambda: ext.mm_q4(int4_direct_input(x, 64), p4, sz, None, 64, level)
-        s32, sz32, s24_32 = s.float(), sz.float().contiguous(), s24.float()
-        for tile in tiles:
-            b = 1 << 50 if tile == "whole" else int(float(tile) * 2**20)
-            fns[f"int8 blas {tile}"] = lambda b=b: ext.mm_q8_blas(x, q, s32, None, level, b)
-            fns[f"int4 blas {tile}"] = lambda b=b: ext.mm_q4_blas(x, p4, sz32, None, 64, level, b)
-            fns[f"2:4-int8 blas {tile}"] = lambda b=b: ext.mm24_q8_blas(x, q24, meta, s24_32, None, level, b)
     return fns
 
 
@@ -87,13 +77,7 @@ def main() -> None:
     parser.add_argument("--ms", default="1,16,64,512")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds of calls per candidate and cell")
-    parser.add_argument("--tiles", default="8", help="blas path tile sizes in MiB, comma-separated ('whole')")
-    parser.add_argument("--stem", default="quant-paths", help="report file name without suffix")
     args = parser.parse_args()
-    tiles = tuple(t for t in args.tiles.split(",") if t)
-    for t in tiles:
-        if t != "whole" and not t.replace(".", "", 1).isdigit():
-            parser.error(f"--tiles takes MiB numbers or 'whole', got {t!r}")
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(args.n, args.k, generator=gen) / args.k**0.5
@@ -102,7 +86,7 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, args.k, generator=gen).to(dtype)
             with torch.no_grad():
-                timings = time_cpu_interleaved(candidates(w, x, tiles), min_time_s=args.min_time)
+                timings = time_cpu_interleaved(candidates(w, x), min_time_s=args.min_time)
             dense = timings["dense"].median_ms
             for path, t in timings.items():
                 rows.append(
@@ -119,7 +103,7 @@ def main() -> None:
     env = environment()
     command = (
         f"python bench/quant_paths.py --out {args.out} --n {args.n} --k {args.k} --ms {args.ms} "
-        f"--threads {args.threads} --min-time {args.min_time} --tiles {args.tiles} --stem {args.stem}"
+        f"--threads {args.threads} --min-time {args.min_time}"
     )
     md = [
         f"# Quantized-layer CPU paths on one [{args.n}, {args.k}] weight",
@@ -137,8 +121,8 @@ def main() -> None:
         for r in rows
     ]
     out = Path(args.out)
-    write_json_atomic(out / f"{args.stem}.json", {"command": command, "env": env, "rows": rows})
-    write_text_atomic(out / f"{args.stem}.md", "\n".join(md) + "\n")
+    write_json_atomic(out / "quant-paths.json", {"command": command, "env": env, "rows": rows})
+    write_text_atomic(out / "quant-paths.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

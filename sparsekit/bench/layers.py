@@ -54,6 +54,10 @@ ALL_BACKENDS = (
     "int8",
     "int4",
     "2:4-int8",
+    "int8-fastest",
+    "int4-fastest",
+    "2:4-int8-fastest",
+    "dense-control",
     "cusparselt",
     "csr",
 )
@@ -264,6 +268,27 @@ def setup_24_int8(case: Case) -> Prepared:
     return _as_module(case, "2:4-int8")
 
 
+def setup_int8_fastest(case: Case) -> Prepared:
+    """int8 under ``cpu_rule='fastest'`` (its dequantized copy where dense measured faster)."""
+    return _as_module(_dense_case(case), "int8", cpu_rule="fastest")
+
+
+def setup_int4_fastest(case: Case) -> Prepared:
+    return _as_module(_dense_case(case), "int4", cpu_rule="fastest")
+
+
+def setup_24_int8_fastest(case: Case) -> Prepared:
+    _check_24(case)
+    return _as_module(case, "2:4-int8", cpu_rule="fastest")
+
+
+def setup_dense_control(case: Case) -> Prepared:
+    """A second ``nn.Linear`` on the same weight, timed like any backend: the A/A control. Its
+    speedup over ``dense`` is pure measurement noise (1.00x on a quiet machine); a row is only
+    faster or slower than dense beyond the spread of this one."""
+    return _as_module(case, None)
+
+
 def setup_masked(case: Case) -> Prepared:
     return _as_module(case, "masked")
 
@@ -363,7 +388,9 @@ def expand_isas(backends: tuple[str, ...], isas: tuple[str, ...] | None) -> tupl
     return tuple(out)
 
 
-SPARSE_LINEAR_BACKENDS = ("2:4", "bitmap", "2:4-fastest", "bitmap-fastest", "masked", "2:4-int8")
+SPARSE_LINEAR_BACKENDS = (
+    "2:4", "bitmap", "2:4-fastest", "bitmap-fastest", "masked", "2:4-int8", "2:4-int8-fastest",
+)  # fmt: skip
 
 SETUPS: dict[str, Callable[[Case], Prepared]] = {
     "dense": setup_dense,
@@ -374,6 +401,10 @@ SETUPS: dict[str, Callable[[Case], Prepared]] = {
     "bitmap-fastest": setup_bitmap_fastest,
     "masked": setup_masked,
     "int8": setup_int8,
+    "int8-fastest": setup_int8_fastest,
+    "int4-fastest": setup_int4_fastest,
+    "2:4-int8-fastest": setup_24_int8_fastest,
+    "dense-control": setup_dense_control,
     "int4": setup_int4,
     "2:4-int8": setup_24_int8,
     "cusparselt": setup_cusparselt,

@@ -72,7 +72,7 @@ def bitmap_mm_cpu(
     route = choose_path("bitmap", chosen, x.dtype, x2.shape[0], path)
     values, mask_bits, offsets = values.contiguous(), mask_bits.contiguous(), offsets.contiguous()
     b = bias.contiguous() if bias is not None else None
-    y = ext.mm_bitmap(x2, values, mask_bits, offsets, b, isa_level(chosen), route)
+    y = ext.mm_bitmap(x2, values, mask_bits, offsets, b, isa_level(chosen), route, cpu_ext.BLAS_TILE_BYTES)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -99,7 +99,16 @@ def bind_bitmap_cpu(
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        y = ext.mm_bitmap(x2, values, mask_bits, offsets, bias, level, int(x2.shape[0] > direct_max))
+        y = ext.mm_bitmap(
+            x2,
+            values,
+            mask_bits,
+            offsets,
+            bias,
+            level,
+            int(x2.shape[0] > direct_max),
+            cpu_ext.BLAS_TILE_BYTES,
+        )
         return y.reshape(*x.shape[:-1], n)
 
     return mm

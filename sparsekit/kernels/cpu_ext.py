@@ -52,6 +52,9 @@ FUNCTIONS = [
 ISA_LEVEL = {CpuIsa.SCALAR: 0, CpuIsa.AVX2: 1, CpuIsa.AVX512: 2}
 _LEVEL_ISA = {level: isa for isa, level in ISA_LEVEL.items()}
 PATHS = ("auto", "direct", "blas")
+# bytes of decompressed (or dequantized) weight rows per GEMM call on every blas path: 2:4, bitmap
+# and the quantized formats (the C++ TILE_BYTES; bench/blas_tiles.py measures others)
+BLAS_TILE_BYTES = 8 << 20
 
 # largest M (rows of x) for the direct path; above it, decompressed tiles + BLAS. Measured with
 # bench/cpu_paths.py (docs/data/cpu-paths*.md: SmolLM2 shapes, 1 thread, weights from DRAM): the

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from . import cpu_ext
 from ._backend import CpuIsa
 from .cpu_ext import isa_level, resolve_isa
-from .sparse24_cpu import decompress_24_torch, decompress_rows
+from .sparse24_cpu import decompress_24_torch
 
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes the torch CPU int4 op accepts
 
@@ -147,13 +147,11 @@ INT8_DIRECT_MAX_M = DEQUANT_ABOVE_M["int8-fp32"]  # fp32: sparsekit's direct int
 INT4_DIRECT_MAX_M = 64
 
 
-# Above the direct paths' M a bound CPU layer dequantizes tiles of about this many bytes of its
-# weight into a per-thread buffer and hands each to ATen's GEMM (``mm_q8_blas``, ``mm_q4_blas``,
-# ``mm24_q8_blas`` in the C++ extension): no dense weight is held or written to memory whole.
-# The torch dequantize + F.linear it replaces ran 0.2-0.6x dense at M = 64-512 in bf16. 8 MiB
-# (a SmolLM2 layer in one tile per thread): the tile sweep of bench/quant_paths.py --tiles
-# (docs/data/quant-paths-tiles.md) found 0.5 MiB tiles 10-40% slower, the GEMM then too small.
-QUANT_TILE_BYTES = 8 << 20
+# Above the direct paths' M a bound CPU layer dequantizes tiles of about ``cpu_ext.BLAS_TILE_BYTES``
+# of its weight into a per-thread buffer and hands each to ATen's GEMM (``mm_q8_blas``,
+# ``mm_q4_blas``, ``mm24_q8_blas`` in the C++ extension): no dense weight is held or written to
+# memory whole. The torch dequantize + F.linear it replaces ran 0.2-0.6x dense at M = 64-512 in
+# bf16 (docs/data/quant-paths.md; the tiles: docs/data/blas-tiles.md).
 
 
 def _contiguous(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -170,7 +168,9 @@ def cpu_route(fmt: str, dtype: torch.dtype, m: int) -> str:
                 return "dequantize + GEMM"
             return "sparsekit mm_q4" if m <= INT4_DIRECT_MAX_M else "sparsekit mm_q4_blas (tiles + GEMM)"
         if m > DEQUANT_ABOVE_M["int4"]:
-            return "dequantize + GEMM" if cpu_ext.extension() is None else "sparsekit mm_q4_blas (tiles + GEMM)"
+            return (
+                "dequantize + GEMM" if cpu_ext.extension() is None else "sparsekit mm_q4_blas (tiles + GEMM)"
+            )
         return "aten int4 op"
     if fmt == "int8":
         ext = cpu_ext.extension() is not None
@@ -178,7 +178,11 @@ def cpu_route(fmt: str, dtype: torch.dtype, m: int) -> str:
             return "sparsekit mm_q8_blas (tiles + GEMM)" if ext else "dequantize + GEMM"
         return "sparsekit mm_q8" if fp32 and ext else "aten int8 op"
     if fmt == "2:4-int8":
-        return "sparsekit mm24_q8_blas (tiles + GEMM)" if m > DEQUANT_ABOVE_M["2:4-int8"] else "sparsekit mm24_q8"
+        return (
+            "sparsekit mm24_q8_blas (tiles + GEMM)"
+            if m > DEQUANT_ABOVE_M["2:4-int8"]
+            else "sparsekit mm24_q8"
+        )
     raise ValueError(f"{fmt!r} is not a quantized format")
 
 
@@ -208,7 +212,7 @@ def bind_int8_cpu(
         x2 = x.reshape(-1, k)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         if x2.shape[0] > most:
-            y = ext.mm_q8_blas(x2, q, scale32, _contiguous(bias, x.dtype), level, QUANT_TILE_BYTES)
+            y = ext.mm_q8_blas(x2, q, scale32, _contiguous(bias, x.dtype), level, cpu_ext.BLAS_TILE_BYTES)
         elif fp32:
             y = ext.mm_q8(x2, q, scale32, bias, level)
         else:
@@ -317,7 +321,7 @@ def bind_int4_cpu(
             if ext is None:
                 return F.linear(x, dequantize_int4(packed, scale_zero), bias)
             b = _contiguous(bias, x.dtype)
-            y = ext.mm_q4_blas(x2.contiguous(), packed_c, sz32, b, group, level, QUANT_TILE_BYTES)
+            y = ext.mm_q4_blas(x2.contiguous(), packed_c, sz32, b, group, level, cpu_ext.BLAS_TILE_BYTES)
             return y.reshape(*x.shape[:-1], n)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), cpu_packed, group, sz)
         y = y[:, :n] if pad else y
@@ -340,7 +344,7 @@ def _bind_int4_fp32(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, 
         x2 = x.reshape(-1, k)
         if x2.shape[0] > INT4_DIRECT_MAX_M:
             b = _contiguous(bias, x.dtype)
-            y = ext.mm_q4_blas(x2.contiguous(), packed, sz, b, group, level, QUANT_TILE_BYTES)
+            y = ext.mm_q4_blas(x2.contiguous(), packed, sz, b, group, level, cpu_ext.BLAS_TILE_BYTES)
         else:
             y = ext.mm_q4(int4_direct_input(x2, group), packed, sz, bias, group, level)
         return y.reshape(*x.shape[:-1], n)
@@ -392,7 +396,7 @@ def bind_sparse24_int8_cpu(
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         if x2.shape[0] > DEQUANT_ABOVE_M["2:4-int8"]:  # dequantized, expanded tiles + GEMM
             b = _contiguous(bias, x.dtype)
-            y = ext.mm24_q8_blas(x2, values, meta, scale32, b, level, QUANT_TILE_BYTES)
+            y = ext.mm24_q8_blas(x2, values, meta, scale32, b, level, cpu_ext.BLAS_TILE_BYTES)
         else:
             y = ext.mm24_q8(x2, values, meta, scale32, bias, level)
         return y.reshape(*x.shape[:-1], n)

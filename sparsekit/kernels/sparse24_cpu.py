@@ -104,7 +104,7 @@ def sparse24_mm_cpu(
     chosen = resolve_isa(isa)
     route = choose_path("2:4", chosen, x.dtype, x2.shape[0], path)
     b = bias.contiguous() if bias is not None else None
-    y = ext.mm24(x2.contiguous(), values, meta, b, isa_level(chosen), route)
+    y = ext.mm24(x2.contiguous(), values, meta, b, isa_level(chosen), route, cpu_ext.BLAS_TILE_BYTES)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -132,7 +132,7 @@ def bind_sparse24_cpu(
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        y = ext.mm24(x2, values, meta, bias, level, int(x2.shape[0] > direct_max))
+        y = ext.mm24(x2, values, meta, bias, level, int(x2.shape[0] > direct_max), cpu_ext.BLAS_TILE_BYTES)
         return y.reshape(*x.shape[:-1], n)
 
     return mm

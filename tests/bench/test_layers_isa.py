@@ -86,3 +86,20 @@ def test_rule_rows_say_which_path_the_rule_took(dense_won):
     else:
         assert ruled.impl.endswith("rule: fastest -> sparse kernel")
         assert (ruled.weight_bytes, ruled.moved_bytes) == (sparse.weight_bytes, sparse.moved_bytes)
+
+
+def test_quantized_rule_rows_and_the_a_a_control():
+    """int8 / int4 / 2:4-int8 under the rule name the path they took; ``dense-control`` is a second
+    nn.Linear whose speedup over dense is the run's noise, never a baseline itself."""
+    if cpu_ext.extension() is None:
+        pytest.skip(f"the C++ CPU extension did not build: {cpu_ext.build_error()}")
+    result = run_layers(
+        TINY, (1, 40), "2:4", ("dense", "dense-control", "int8-fastest", "int4-fastest", "2:4-int8-fastest"),
+        device="cpu", min_time_s=0.0, cold=False, show_progress=False,
+    )  # fmt: skip
+    rows = {(r.m, r.backend): r for r in result.rows}
+    assert rows[(1, "dense-control")].impl == "nn.Linear (CPU BLAS)"
+    assert rows[(1, "dense")].speedup == 1.0  # dense-control never became the "best dense"
+    for fmt in ("int8", "int4", "2:4-int8"):
+        assert rows[(1, f"{fmt}-fastest")].impl.endswith("rule: fastest -> sparse kernel")  # M < 16
+        assert "rule: fastest -> " in rows[(40, f"{fmt}-fastest")].impl

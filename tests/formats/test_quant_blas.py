@@ -8,7 +8,6 @@ import torch
 
 from sparsekit.kernels import compress_24, cpu_ext, nm_keep_mask
 from sparsekit.kernels.quant import (
-    QUANT_TILE_BYTES,
     cpu_route,
     dequantize_int4,
     dequantize_int8,
@@ -22,7 +21,7 @@ from tests.conftest import TOL, require_cpu_extension
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ISAS = [i.value for i, lvl in cpu_ext.ISA_LEVEL.items() if lvl <= cpu_ext.ISA_LEVEL[cpu_ext.supported_isa()]]
 N = 37  # no multiple of 16: the last tile is short
-TILES = [1, QUANT_TILE_BYTES]  # 1 byte: tiles of 16 rows (the floor); the shipped size: one tile
+TILES = [1, cpu_ext.BLAS_TILE_BYTES]  # 1 byte: tiles of 16 rows (the floor); the shipped size: one tile
 
 
 def _level(isa: str) -> int:

@@ -246,16 +246,17 @@ auto with_bitmap(int64_t isa, const torch::Tensor& values, const torch::Tensor& 
 
 // x [M, K] contiguous (values' dtype), values [nnz], mask_bits [N, ceil(K/8)], offsets
 // [N, ceil(K/64)] int32 (all contiguous, checked against each other by the caller), bias [N] or
-// None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512; path 0 direct / 1 blas
+// None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512; path 0 direct / 1 blas (tiles of about
+// tile_bytes, 0: TILE_BYTES)
 torch::Tensor mm_bitmap(torch::Tensor x, torch::Tensor values, torch::Tensor mask_bits, torch::Tensor offsets,
-                        c10::optional<torch::Tensor> bias, int64_t isa, int64_t path) {
+                        c10::optional<torch::Tensor> bias, int64_t isa, int64_t path, int64_t tile_bytes) {
   check_isa(isa);
   const int64_t K = x.size(1), N = mask_bits.size(0);
   torch::Tensor y;
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     y = with_bitmap<T>(isa, values, mask_bits, offsets, K,
-                       [&](const auto& kern) { return run_mm<T>(kern, x, bias, N, K, path); });
+                       [&](const auto& kern) { return run_mm<T>(kern, x, bias, N, K, path, tile_bytes); });
   });
   return y;
 }

@@ -15,8 +15,8 @@
 // Two ways to multiply, for every format and ISA:
 //   direct  x [M, K] fp32 against the compressed rows, never building a dense weight (decode and
 //           small batches: one pass over the compressed bytes);
-//   blas    decompress TILE_BYTES of weight rows at a time into a per-thread buffer and hand each
-//           tile to ATen's dense GEMM (MKL / oneDNN, AMX for bf16 where the CPU has it), the
+//   blas    decompress about TILE_BYTES of weight rows at a time into a per-thread buffer (kept
+//           between calls) and hand each tile to ATen's dense GEMM (MKL / oneDNN, AMX for bf16 where the CPU has it), the
 //           tiles spread over threads; no dense copy of the whole weight is ever held.
 
 #include <torch/extension.h>
@@ -56,7 +56,10 @@ enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum Path : int64_t { PATH_DIRECT = 0, PATH_BLAS = 1 };
 
 constexpr int PF_BYTES = 2048;          // software prefetch distance along a weight stream
-constexpr int64_t TILE_BYTES = 512 << 10;  // decompressed weight rows per GEMM call: stays in L2
+// decompressed weight rows per GEMM call (a SmolLM2 layer is one tile per thread): 0.5 MiB tiles
+// ran 2:4 at M = 64-512 up to 40% slower on a Xeon with AMX, the GEMM per tile too small to run at
+// speed (bench/blas_tiles.py, docs/data/blas-tiles.md)
+constexpr int64_t TILE_BYTES = 8 << 20;
 
 int64_t isa_supported() {
 #if SK_X86
@@ -185,11 +188,11 @@ torch::Tensor blas_mm(const Kern& kern, const torch::Tensor& x, const c10::optio
 
 template <typename T, typename Kern>
 torch::Tensor run_mm(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N,
-                     int64_t K, int64_t path) {
+                     int64_t K, int64_t path, int64_t tile_bytes = 0) {
   at::NoGradGuard no_grad;
   const int64_t M = x.size(0);
   if (M == 0 || N == 0) return torch::empty({M, N}, x.options());
-  if (path == PATH_BLAS) return blas_mm<T>(kern, x, bias, N, K);
+  if (path == PATH_BLAS) return blas_mm<T>(kern, x, bias, N, K, tile_bytes > 0 ? tile_bytes : TILE_BYTES);
   auto y = torch::empty({M, N}, x.options());
   auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);  // M x K: small where direct runs
   const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;

@@ -292,15 +292,17 @@ auto with_sparse24(int64_t isa, const torch::Tensor& values, const torch::Tensor
 }  // namespace
 
 // x [M, K] contiguous (values' dtype), values [N, K/2] and meta [N, ceil(K/8)] contiguous,
-// bias [N] or None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512; path 0 direct / 1 blas
+// bias [N] or None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512; path 0 direct / 1 blas, whose
+// decompressed tiles hold about tile_bytes each (0: TILE_BYTES)
 torch::Tensor mm24(torch::Tensor x, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
-                   int64_t isa, int64_t path) {
+                   int64_t isa, int64_t path, int64_t tile_bytes) {
   check_isa(isa);
   const int64_t K = x.size(1), N = values.size(0);
   torch::Tensor y;
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    y = with_sparse24<T>(isa, values, meta, K, [&](const auto& kern) { return run_mm<T>(kern, x, bias, N, K, path); });
+    y = with_sparse24<T>(isa, values, meta, K,
+                         [&](const auto& kern) { return run_mm<T>(kern, x, bias, N, K, path, tile_bytes); });
   });
   return y;
 }
