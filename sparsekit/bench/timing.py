@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -100,8 +101,11 @@ def time_cpu_interleaved(
 
     On a machine shared with other jobs, contention comes in bursts of seconds; interleaving makes
     every function see the same bursts, so their ratio (the speedup) stays meaningful even when
-    absolute times move. Rounds continue until ``min_repeats`` and ``min_time_s`` (per function)
-    are both met, or ``max_repeats``; calls slower than 0.1 s stop after 3 rounds.
+    absolute times move. Each round calls the functions in a new order (a seeded shuffle): the
+    call that follows the timer's own loop, or a given neighbour, runs a few percent slower, and a
+    fixed order would hand that to one function every round. Rounds continue until
+    ``min_repeats`` and ``min_time_s`` (per function) are both met, or ``max_repeats``; calls
+    slower than 0.1 s stop after 3 rounds.
     """
     slowest = 0.0
     for fn in fns.values():
@@ -114,8 +118,11 @@ def time_cpu_interleaved(
     samples: dict[str, list[float]] = {name: [] for name in fns}
     spent = dict.fromkeys(fns, 0.0)
     rounds = 0
+    order = list(fns.items())
+    shuffle = random.Random(0).shuffle
     while rounds < max_repeats and (rounds < min_repeats or min(spent.values()) < min_time_s):
-        for name, fn in fns.items():
+        shuffle(order)
+        for name, fn in order:
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start
@@ -124,7 +131,7 @@ def time_cpu_interleaved(
         rounds += 1
         if rounds >= 3 and max(spent.values()) / rounds > 0.1:
             break
-    method = "cpu-wall, interleaved"
+    method = "cpu-wall, interleaved (shuffled rounds)"
     return {name: Timing(*quantiles(s), len(s), method) for name, s in samples.items()}
 
 

@@ -37,6 +37,16 @@ def test_quantiles_order():
     assert timings["a"].repeats == timings["b"].repeats >= 5
 
 
+def test_interleaved_rounds_change_the_order():
+    """No function holds the first slot of every round (it runs a few percent slower there)."""
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    time_cpu_interleaved(fns, warmup=0, min_repeats=40, max_repeats=40, min_time_s=0.0)
+    firsts = [calls[i] for i in range(0, len(calls), 4)]
+    assert len(calls) == 160 and all(calls.count(n) == 40 for n in "abcd")
+    assert set(firsts) == set("abcd")
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "0.5"])
 def test_run_layers_tiny(tmp_path, pattern):
     result = run_layers(TINY, (1, 4), pattern, min_time_s=0.0, cold=False, show_progress=False)
