@@ -626,6 +626,7 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         method=args.method,
         dtypes=_parse_dtypes(args.dtypes),
         quantize=quantize,
+        cpu_rule_twins=args.cpu_rule_twins,
     )
     result.config["threads_note"] = threads_note
     paths = write_e2e_report(result, args.out)
@@ -1139,6 +1140,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compile", action="store_true", help="add torch.compile'd twins (CUDA graphs on GPU for decode)"
+    )
+    p.add_argument(
+        "--cpu-rule-twins",
+        action="store_true",
+        help="add a twin of every sparse / quantized variant under cpu_rule='fastest' (CPU: dense on a "
+        "kept copy where it measured faster, from 16 rows up; its MiB include the copies)",
     )
     p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache kind")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds after one untimed")

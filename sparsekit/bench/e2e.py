@@ -22,6 +22,7 @@ from torch import nn
 from sparsekit._env import environment
 from sparsekit.bench.timing import RegionTimer, quantiles
 from sparsekit.models import model_bytes, model_device
+from sparsekit.nn import cpu_rule
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +421,7 @@ def run_e2e(
     dtypes: tuple[torch.dtype, ...] | None = None,
     show_progress: bool = True,
     quantize: tuple[str, ...] = (),
+    cpu_rule_twins: bool = False,
 ) -> E2EResult:
     """Dense vs sparsified generation speed, memory and perplexity of ``model`` (left unchanged).
 
@@ -433,6 +435,9 @@ def run_e2e(
     ``input_ids`` [batch, prompt_len] and ``eval_ids`` [1, T] replace the corpus text (needed
     when there is no tokenizer). ``quantize`` ('int8', 'int4', ...) adds, per dtype, the dense
     model weight-only quantized, and with int8 the sparse one too (its 2:4 layers: 2:4-int8).
+    ``cpu_rule_twins`` adds a copy of every variant with SparseLinear layers under
+    ``cpu_rule='fastest'`` ("..., rule fastest"): dense on a kept copy where it measured faster,
+    from 16 rows up; its MiB include the dense copies it ends up holding.
     """
     quantize = check_quantize(tuple(quantize))
     from sparsekit.bench.roofline import measure_roofline
@@ -462,6 +467,12 @@ def run_e2e(
 
     log.info("e2e: building variants (%s, %s)", method, ", ".join(_dtype_name(d) for d in dtypes))
     built = _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids, quantize)
+    if cpu_rule_twins:
+        for name, (variant, info, extra) in list(built.items()):
+            if has_sparse_layers(variant):
+                twin = copy.deepcopy(variant)
+                cpu_rule.apply(twin, "fastest")
+                built[f"{name}, rule fastest"] = (twin, info, extra)
     for variant, _, _ in built.values():
         variant.to(device)
     timed = {name: m for name, (m, _, _) in built.items()}
@@ -489,7 +500,7 @@ def run_e2e(
             ppl = perplexity_of_ids(variant, eval_ids, seqlen).ppl
         elif eval_ids is not None:
             ppl = next((r.ppl for r in rows if r.variant == base), None)
-        nbytes = model_bytes(variant)
+        nbytes = model_bytes(variant) + cpu_rule.dense_copy_bytes(variant)  # a rule's dense copies
         rows.append(
             E2ERow(
                 variant=name,

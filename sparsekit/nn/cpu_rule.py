@@ -14,11 +14,16 @@ copies of the layer adding up to twice the last-level cache (at most ``COLD_MAX_
 copies; a small layer gets as many copies as that takes), so both sides read their weights from
 DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never holds a
 dense copy: memory first.
+
+The process default is ``SPARSEKIT_CPU_RULE`` (read once: 'sparse' unless set), what a layer built
+without ``cpu_rule=`` gets, ``from_pretrained`` and ``sparsekit.load`` included; ``apply(model,
+rule)`` sets every SparseLinear of a model already built.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +50,35 @@ def check_cpu_rule(rule: str) -> str:
     if rule not in CPU_RULES:
         raise ValueError(f"unknown cpu_rule {rule!r}; choose one of {', '.join(CPU_RULES)}")
     return rule
+
+
+_DEFAULT: list[str] = []
+
+
+def default_rule() -> str:
+    """The rule of a layer built without ``cpu_rule=``: ``SPARSEKIT_CPU_RULE`` (read once), else
+    'sparse'."""
+    if not _DEFAULT:
+        value = os.environ.get("SPARSEKIT_CPU_RULE", "sparse")
+        try:
+            _DEFAULT.append(check_cpu_rule(value))
+        except ValueError as exc:
+            raise ValueError(f"SPARSEKIT_CPU_RULE: {exc}") from None
+    return _DEFAULT[0]
+
+
+def apply(model: torch.nn.Module, rule: str) -> int:
+    """Set ``cpu_rule`` on every SparseLinear of ``model``; returns how many layers it set."""
+    check_cpu_rule(rule)
+    layers = [m for m in model.modules() if hasattr(m, "dense_copy_bytes") and hasattr(m, "cpu_rule")]
+    for layer in layers:
+        layer.cpu_rule = rule
+    return len(layers)
+
+
+def dense_copy_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the dense copies the rule's layers of ``model`` hold now (0 under 'sparse')."""
+    return sum(m.dense_copy_bytes() for m in model.modules() if hasattr(m, "dense_copy_bytes"))
 
 
 def m_class(rows: int) -> int:
@@ -152,6 +186,6 @@ def forget() -> None:
 
 
 __all__ = [
-    "CPU_RULES", "MARGIN", "MIN_M", "check_cpu_rule", "decided", "decisions", "dense_wins", "forget",
-    "generation", "m_class", "pin",
+    "CPU_RULES", "MARGIN", "MIN_M", "apply", "check_cpu_rule", "decided", "decisions", "default_rule",
+    "dense_copy_bytes", "dense_wins", "forget", "generation", "m_class", "pin",
 ]  # fmt: skip

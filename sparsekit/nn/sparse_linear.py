@@ -27,7 +27,7 @@ from sparsekit.kernels.cpu_ext import resolve_isa
 from sparsekit.models import is_conv1d, linear_weight, register_linear_like
 
 from .cpu_rule import MIN_M as CPU_RULE_MIN_M
-from .cpu_rule import check_cpu_rule, decided, dense_wins, m_class
+from .cpu_rule import check_cpu_rule, decided, default_rule, dense_wins, m_class
 from .cpu_rule import generation as rule_generation
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class SparseLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         cpu_isa: str | None = None,
-        cpu_rule: str = "sparse",
+        cpu_rule: str | None = None,
     ) -> None:
         """An uninitialised layer of ``format`` (use ``from_linear`` to build one from a weight).
 
@@ -68,7 +68,7 @@ class SparseLinear(nn.Module):
         ('avx512', 'avx2', 'scalar', 'auto'); None follows ``use_cpu_isa`` / SPARSEKIT_CPU_ISA.
         ``cpu_rule``: 'sparse' (memory first: always the sparse kernel) or 'fastest' (per M class
         from 16 rows up, dense on a kept copy of the weight where that measured faster; see
-        ``sparsekit.nn.cpu_rule``).
+        ``sparsekit.nn.cpu_rule``); None: the process default, ``SPARSEKIT_CPU_RULE``.
         """
         super().__init__()
         fmt = weight_format(format)
@@ -77,7 +77,7 @@ class SparseLinear(nn.Module):
         self.weight_format = fmt
         self.backend = backend
         self.cpu_isa = cpu_isa
-        self.cpu_rule = cpu_rule
+        self.cpu_rule = default_rule() if cpu_rule is None else cpu_rule
         self.conv1d = False  # built from a GPT-2 Conv1D (its checkpoints store the weight as [in, out])
         self._cache: dict = {}  # derived tensors (the semi-structured weight), never saved
         float_dtype = dtype or torch.get_default_dtype()
@@ -118,7 +118,7 @@ class SparseLinear(nn.Module):
     @property
     def cpu_rule(self) -> str:
         """'sparse' or 'fastest' (see ``sparsekit.nn.cpu_rule``)."""
-        return self.__dict__.get("_cpu_rule", "sparse")
+        return self.__dict__.get("_cpu_rule") or default_rule()
 
     @cpu_rule.setter
     def cpu_rule(self, value: str) -> None:

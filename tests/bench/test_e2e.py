@@ -175,3 +175,24 @@ def test_run_e2e_adds_quantized_dense_and_sparse_variants():
     assert result.config["quantize"] == ["int8", "int4"]
     with pytest.raises(ValueError, match="unknown quantization int3"):
         run_e2e(model, input_ids=_prompt(12), eval_tokens=0, quantize=("int3",))
+
+
+def test_run_e2e_adds_rule_twins_of_the_sparse_variants(monkeypatch):
+    """``cpu_rule_twins``: every variant with SparseLinear layers gets a twin under the rule; the
+    dense one does not; a twin whose layers went dense counts their copies in its bytes."""
+    from sparsekit.nn import cpu_rule
+
+    monkeypatch.setattr(cpu_rule, "_DECISIONS", {})
+    monkeypatch.setattr(  # every measured class goes dense (no timing in a unit test)
+        "sparsekit.nn.sparse_linear.dense_wins",
+        lambda key, *args, **kw: cpu_rule._DECISIONS.setdefault(key, True),
+    )
+    model = tiny_model("llama")
+    result = run_e2e(
+        model, input_ids=_prompt(20), new_tokens=2, eval_ids=None, eval_tokens=0, repeats=1,
+        method="magnitude", cpu_rule_twins=True,
+    )  # fmt: skip
+    rows = {r.variant: r for r in result.rows}
+    assert set(rows) == {"dense", "sparse (2:4, magnitude)", "sparse (2:4, magnitude), rule fastest"}
+    twin, sparse = rows["sparse (2:4, magnitude), rule fastest"], rows["sparse (2:4, magnitude)"]
+    assert twin.model_bytes > sparse.model_bytes  # the 20-token prefill made dense copies

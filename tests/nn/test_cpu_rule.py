@@ -148,3 +148,38 @@ def test_measurement_rotates_over_copies_past_the_last_level_cache(monkeypatch):
         torch.equal(dense_twin, lin.weight.detach())
         and dense_twin.data_ptr() != layer.dense_weight().data_ptr()
     )
+
+
+def test_process_default_comes_from_the_environment_once(monkeypatch):
+    """SPARSEKIT_CPU_RULE sets what a layer built without ``cpu_rule=`` gets (read once); a bad
+    value names the variable and the choices."""
+    monkeypatch.setattr(cpu_rule, "_DEFAULT", [])
+    monkeypatch.setenv("SPARSEKIT_CPU_RULE", "fastest")
+    assert SparseLinear(8, 4).cpu_rule == "fastest"
+    monkeypatch.setenv("SPARSEKIT_CPU_RULE", "sparse")  # read once: no effect now
+    assert (
+        SparseLinear(8, 4).cpu_rule == "fastest"
+        and SparseLinear(8, 4, cpu_rule="sparse").cpu_rule == "sparse"
+    )
+    monkeypatch.setattr(cpu_rule, "_DEFAULT", [])
+    monkeypatch.setenv("SPARSEKIT_CPU_RULE", "fast")
+    with pytest.raises(
+        ValueError, match="SPARSEKIT_CPU_RULE: unknown cpu_rule 'fast'; choose one of sparse, fastest"
+    ):
+        SparseLinear(8, 4)
+
+
+def test_apply_sets_every_layer_and_counts_the_dense_copies(monkeypatch):
+    require_cpu_extension()
+    _spy(monkeypatch, verdict=True)
+    model = torch.nn.Sequential(
+        _layer(rule="sparse")[1], torch.nn.ReLU(), _layer(n=64, k=48, rule="sparse")[1]
+    )
+    assert cpu_rule.apply(model, "fastest") == 2
+    assert all(m.cpu_rule == "fastest" for m in (model[0], model[2]))
+    with torch.no_grad():
+        model(torch.randn(20, 64))
+    assert cpu_rule.dense_copy_bytes(model) == (48 * 64 + 64 * 48) * 4
+    assert cpu_rule.apply(model, "sparse") == 2 and cpu_rule.dense_copy_bytes(model) == 0
+    with pytest.raises(ValueError, match="unknown cpu_rule"):
+        cpu_rule.apply(model, "dense")
