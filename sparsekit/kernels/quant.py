@@ -346,7 +346,7 @@ def _bind_int4_fp32(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, 
             b = _contiguous(bias, x.dtype)
             y = ext.mm_q4_blas(x2.contiguous(), packed, sz, b, group, level, cpu_ext.BLAS_TILE_BYTES)
         else:
-            y = ext.mm_q4(int4_direct_input(x2, group), packed, sz, bias, group, level)
+            y = ext.mm_q4(x2.contiguous(), packed, sz, bias, group, level)  # rearranged in C++
         return y.reshape(*x.shape[:-1], n)
 
     return mm

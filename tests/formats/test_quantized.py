@@ -121,9 +121,13 @@ def test_dense_int4_kernel_every_isa_against_the_reference(isa, m, group):
             int4_direct_input(x, group), layer.qweight, layer.scale_zero, layer.bias, group,
             cpu_ext.ISA_LEVEL[cpu_ext.CpuIsa(isa)],
         )  # fmt: skip
+        raw = cpu_ext.extension().mm_q4(  # x as is: the rearrangement done in C++
+            x, layer.qweight, layer.scale_zero, layer.bias, group, cpu_ext.ISA_LEVEL[cpu_ext.CpuIsa(isa)]
+        )
     ref = int4_mm_ref(x, layer.qweight, layer.scale_zero, layer.bias)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(raw, ref, rtol=1e-5, atol=1e-4)
     assert layer._cache  # the bound C++ call ran, not the dequantizing fallback
 
 
@@ -142,8 +146,8 @@ def test_mm_q4_refuses_inputs_it_would_misread():
     require_cpu_extension()
     ext = cpu_ext.extension()
     packed, sz = quantize_int4(torch.randn(16, 64), 32)
-    with pytest.raises(RuntimeError, match="xg must be"):
-        ext.mm_q4(torch.randn(1, 64), packed, sz, None, 32, 0)  # the group sums are missing
+    with pytest.raises(RuntimeError, match="x must be"):
+        ext.mm_q4(torch.randn(1, 65), packed, sz, None, 32, 0)  # neither [M, K] nor [M, K + K/G]
     with pytest.raises(RuntimeError, match="group must be"):
         ext.mm_q4(torch.randn(1, 68), packed, sz, None, 16, 0)
 

@@ -737,17 +737,42 @@ torch::Tensor mm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::
   });
 }
 
-// weight-only int4 (groups of G): xg [M, K + K/G] fp32 contiguous, each row rearranged per group
-// as [even columns | odd columns] and followed by its K/G group sums (``quant.int4_direct_input``);
-// packed uint8 [N, K/2], sz fp32 [K/G, N, 2] contiguous, bias fp32 [N] or None -> y [M, N] fp32
-torch::Tensor mm_q4(torch::Tensor xg, torch::Tensor packed, torch::Tensor sz, c10::optional<torch::Tensor> bias,
+// x [M, K] fp32 -> [M, K + K/G]: per group its even columns, then its odd ones (the low and high
+// nibbles of the packed bytes), then the K/G group sums (what ``quant.int4_direct_input`` builds)
+torch::Tensor int4_rearranged(const torch::Tensor& x, int64_t K, int64_t G) {
+  const int64_t M = x.size(0), ldx = K + K / G, half = G / 2;
+  auto xg = torch::empty({M, ldx}, x.options());
+  const float* xi = x.data_ptr<float>();
+  float* o = xg.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K / G; ++g) {
+      const float* src = xi + m * K + g * G;
+      float* dst = o + m * ldx + g * G;
+      float sum = 0.f;
+      for (int64_t j = 0; j < half; ++j) {
+        dst[j] = src[2 * j];
+        dst[half + j] = src[2 * j + 1];
+        sum += src[2 * j] + src[2 * j + 1];
+      }
+      o[m * ldx + K + g] = sum;
+    }
+  return xg;
+}
+
+// weight-only int4 (groups of G): x fp32 contiguous, either [M, K] (rearranged here) or already
+// [M, K + K/G], each row per group as [even columns | odd columns] followed by its K/G group sums
+// (``quant.int4_direct_input``); packed uint8 [N, K/2], sz fp32 [K/G, N, 2] contiguous, bias fp32
+// [N] or None -> y [M, N] fp32
+torch::Tensor mm_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, c10::optional<torch::Tensor> bias,
                     int64_t G, int64_t isa) {
   check_isa(isa);
-  TORCH_CHECK(xg.scalar_type() == at::kFloat && sz.scalar_type() == at::kFloat, "mm_q4: x and sz must be fp32");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && sz.scalar_type() == at::kFloat, "mm_q4: x and sz must be fp32");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, "mm_q4: packed must be uint8 [N, K/2]");
   const int64_t N = packed.size(0), K = 2 * packed.size(1);
   TORCH_CHECK(G >= 32 && G % 32 == 0 && K % G == 0, "mm_q4: the group must be a multiple of 32 dividing K");
-  TORCH_CHECK(xg.dim() == 2 && xg.size(1) == K + K / G && xg.is_contiguous(), "mm_q4: xg must be [M, K + K/G]");
+  TORCH_CHECK(x.dim() == 2 && (x.size(1) == K || x.size(1) == K + K / G) && x.is_contiguous(),
+              "mm_q4: x must be [M, K] or (rearranged) [M, K + K/G], contiguous");
+  const torch::Tensor xg = x.size(1) == K ? int4_rearranged(x, K, G) : x;
   TORCH_CHECK(sz.dim() == 3 && sz.size(0) == K / G && sz.size(1) == N && sz.size(2) == 2 && sz.is_contiguous(),
               "mm_q4: sz must be [K/G, N, 2] contiguous");
   TORCH_CHECK(packed.is_contiguous(), "mm_q4: packed must be contiguous");
