@@ -57,6 +57,9 @@ def _default_from_env() -> Backend:
 
 
 _SELECTED: list[Backend] = [_default_from_env()]  # [default, *innermost use_backend last]
+# bumped on entering and leaving every use_backend / use_cpu_isa block: a layer's memoised CPU
+# call is valid while this is unchanged (one int compare on the hot path, not two lookups)
+SELECTION_EPOCH: list[int] = [0]
 
 
 def current_backend() -> Backend:
@@ -69,10 +72,12 @@ def use_backend(backend: Backend | str) -> Iterator[Backend]:
     """Run the ops inside the block with ``backend`` (``"auto"``, ``"triton"``, ``"torch"``)."""
     selected = Backend.of(backend)
     _SELECTED.append(selected)
+    SELECTION_EPOCH[0] += 1
     try:
         yield selected
     finally:
         _SELECTED.pop()
+        SELECTION_EPOCH[0] += 1
 
 
 class CpuIsa(enum.Enum):
@@ -127,10 +132,12 @@ def use_cpu_isa(isa: CpuIsa | str) -> Iterator[CpuIsa]:
     """Run the CPU kernels inside the block at ``isa`` ("auto", "avx512", "avx2", "scalar")."""
     selected = CpuIsa.of(isa)
     _SELECTED_ISA.append(selected)
+    SELECTION_EPOCH[0] += 1
     try:
         yield selected
     finally:
         _SELECTED_ISA.pop()
+        SELECTION_EPOCH[0] += 1
 
 
 def interpreting() -> bool:

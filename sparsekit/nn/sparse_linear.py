@@ -15,6 +15,7 @@ sparse tensor cores (2:4 on CUDA only).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import torch
@@ -22,13 +23,13 @@ from torch import nn
 
 from sparsekit.formats.weight import Sparse24, WeightFormat, choose_format, is_24, weight_format
 from sparsekit.kernels import Backend, current_backend
-from sparsekit.kernels._backend import CpuIsa, current_cpu_isa
+from sparsekit.kernels._backend import SELECTION_EPOCH, CpuIsa, current_cpu_isa
 from sparsekit.kernels.cpu_ext import resolve_isa
 from sparsekit.models import is_conv1d, linear_weight, register_linear_like
 
+from .cpu_rule import _GENERATION as _RULE_GENERATION
 from .cpu_rule import MIN_M as CPU_RULE_MIN_M
 from .cpu_rule import check_cpu_rule, decided, default_rule, dense_wins, m_class
-from .cpu_rule import generation as rule_generation
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class SparseLinear(nn.Module):
     @cpu_isa.setter
     def cpu_isa(self, value: CpuIsa | str | None) -> None:
         self._cpu_isa = None if value is None else CpuIsa.of(value)
+        for key in [k for k in self.__dict__.get("_cache", {}) if isinstance(k, int)]:
+            del self._cache[key]  # the memoised calls were planned for the old ISA
 
     @property
     def cpu_rule(self) -> str:
@@ -279,22 +282,17 @@ class SparseLinear(nn.Module):
             bound = self._cache[isa] = (fn, self.dtype) if fn is not None else (None, None)
         return bound
 
-    def _cpu_plan(self, x: torch.Tensor):
-        """The eager CPU call for ``x`` (a callable of x), or None for the general path.
-
-        Built once per rows class (every rows > 1024 shares one), ISA, dtype and rule generation,
-        and memoised under an int key in ``_cache`` (cleared by ``.to()``, ``load_state_dict`` and a
-        new stored tensor), so a forward pays one dict lookup and three identity checks."""
-        isa = self.__dict__.get("_cpu_isa") or current_cpu_isa()
-        rule = self.__dict__.get("_cpu_rule") == "fastest"
-        rows = min(x.numel() // self.in_features, 1025) if rule else 0
-        memo = self._cache.get(rows)
-        generation = rule_generation()
-        if memo is not None and memo[0] is isa and memo[1] is x.dtype and memo[2] == generation:
-            return memo[3]
-        plan = self._build_cpu_plan(rows, isa, x.dtype, rule)
-        self._cache[rows] = (isa, x.dtype, generation, plan)
-        return plan
+    def _cpu_plan(self, dtype: torch.dtype, rows: int) -> tuple:
+        """(dtype, selection epoch, rule generation, the eager CPU call of x or None for the
+        general path), built for ``rows`` (0, or the rows class under the rule: every rows > 1024
+        shares one) and memoised under that int key in ``_cache`` (cleared by ``.to()``,
+        ``load_state_dict``, a new stored tensor and the ISA / rule setters)."""
+        memo = (dtype, SELECTION_EPOCH[0], _RULE_GENERATION[0], None)
+        if current_backend() is not Backend.TRITON:
+            isa = self.__dict__.get("_cpu_isa") or current_cpu_isa()
+            memo = (*memo[:3], self._build_cpu_plan(rows, isa, dtype, rows > 0))
+        self._cache[rows] = memo
+        return memo
 
     def _build_cpu_plan(self, rows: int, isa: CpuIsa, dtype: torch.dtype, rule: bool):
         fn, stored = self._bound_cpu(isa)
@@ -303,17 +301,10 @@ class SparseLinear(nn.Module):
         bias = self.bias
         dense = self._decide_dense(rows, fn, resolve_isa(isa)) if rule else None
         if dense is None:
-            return lambda x: fn(x, bias)
-        n, k = self.out_features, self.in_features
-        linear = torch.nn.functional.linear
-
-        def dense_call(x: torch.Tensor) -> torch.Tensor:
-            if x.dim() == 2:
-                return linear(x, dense, bias)
-            # 2-D, as the rule measured it (3-D takes a slower CPU path)
-            return linear(x.reshape(-1, k), dense, bias).reshape(*x.shape[:-1], n)
-
-        return dense_call
+            return functools.partial(fn, bias=bias)  # every bound CPU call is fn(x, bias)
+        # F.linear on x as given: the extra Python reshapes of a 2-D call cost more, between the
+        # heavy calls of a model's forward, than the 2-D GEMM saves
+        return functools.partial(torch.nn.functional.linear, weight=dense, bias=bias)
 
     def _rule_twin(self):
         """(the sparse CPU call, the dense weight) of a copy of this layer: the rule's DRAM-cold
@@ -345,14 +336,25 @@ class SparseLinear(nn.Module):
         return self._cache["dense"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        d = self.__dict__
+        if x.shape[-1] != d["in_features"]:
             raise ValueError(f"SparseLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        # eager CPU hot path: checks were made when the call was planned; one call per forward
-        if x.is_cpu and not x.requires_grad and current_backend() is not Backend.TRITON:
-            if not torch.compiler.is_compiling():
-                plan = self._cpu_plan(x)
-                if plan is not None:
-                    return plan(x)
+        # eager CPU hot path: one memo lookup, then the call planned with every check made; the
+        # plan is rebuilt when the dtype, the rows class (under the rule), a use_backend /
+        # use_cpu_isa block or the rule's decisions change (few lookups: between the heavy calls
+        # of a model's forward, each costs a cache miss)
+        if x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling():
+            rows = min(x.numel() // d["in_features"], 1025) if d.get("_cpu_rule") == "fastest" else 0
+            memo = d["_cache"].get(rows)
+            if (
+                memo is None
+                or memo[0] is not x.dtype
+                or memo[1] != SELECTION_EPOCH[0]
+                or memo[2] != _RULE_GENERATION[0]
+            ):
+                memo = self._cpu_plan(x.dtype, rows)
+            if memo[3] is not None:
+                return memo[3](x)
         fmt = self.weight_format
         backend = self._backend
         if backend == "semi_structured" or (
