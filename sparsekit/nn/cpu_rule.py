@@ -1,19 +1,19 @@
 """The CPU runtime rule of ``SparseLinear``: its sparse kernel or dense, whichever is faster here.
 
-``cpu_rule='fastest'`` on a CPU layer: for each M class (rows of x, rounded up to a power of 4:
-1, 4, 16, 64, 256, 1024+) from ``MIN_M`` up, the first forward in that class times the layer's
-sparse kernel against dense ``F.linear`` on a decompressed copy of its weight (interleaved
-repeats, medians) and remembers the winner for every layer of the same format, ISA, dtype and
-shape in this process. Where dense wins by more than ``MARGIN``, the layer keeps that dense copy
-and runs it for the class: the memory cost is N * K * element bytes per such layer
-(``SparseLinear.dense_copy_bytes()``; logged once per layer). Below ``MIN_M`` the sparse kernel
-always runs: there the weight stream dominates, and a short cache-warm measurement at runtime
-would misjudge what a decode step sees (weights read from DRAM, where the compressed format's
-fewer bytes win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up the measurement rotates over
-copies of the layer adding up to twice the last-level cache (at most ``COLD_MAX_BYTES`` of dense
-copies; a small layer gets as many copies as that takes), so both sides read their weights from
-DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never holds a
-dense copy: memory first.
+``cpu_rule='fastest'`` on a CPU layer: for each M class (rows of x, rounded up to a power of 4: 1,
+4, 16, 64, 256, 1024+) from ``MIN_M`` up, the first forward in that class times, at the class's
+smallest rows (``measured_rows``), the layer's sparse kernel against dense ``F.linear`` on a
+decompressed copy of its weight (interleaved repeats, medians) and remembers the winner for every
+layer of the same format, ISA, dtype and shape in this process. Where dense wins by more than
+``MARGIN``, the layer keeps that dense copy and runs it for the class: the memory cost is N * K *
+element bytes per such layer (``SparseLinear.dense_copy_bytes()``; logged once per layer). Below
+``MIN_M`` the sparse kernel always runs: there the weight stream dominates, and a short cache-warm
+measurement at runtime would misjudge what a decode step sees (weights read from DRAM, where the
+compressed format's fewer bytes win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up the
+measurement rotates over copies of the layer adding up to twice the last-level cache (at most
+``COLD_MAX_BYTES`` of dense copies; a small layer gets as many copies as that takes), so both sides
+read their weights from DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never
+holds a dense copy: memory first.
 
 The process default is ``SPARSEKIT_CPU_RULE`` (read once: 'sparse' unless set), what a layer built
 without ``cpu_rule=`` gets, ``from_pretrained`` and ``sparsekit.load`` included; ``apply(model,
@@ -89,6 +89,15 @@ def m_class(rows: int) -> int:
     return bucket
 
 
+def measured_rows(bucket: int) -> int:
+    """The rows of x the rule times for M class ``bucket``: the class's smallest member. A blas
+    path pays a fixed decompression per call that weighs most at the fewest rows, so a decision
+    measured there holds for the whole class. (Timed at the largest, 1024 rows, the class of a
+    512-token prompt kept sparse kernels that the per-layer table found at 0.84-0.88x dense at
+    512 rows: docs/results.md.)"""
+    return bucket // 4 + 1 if bucket > 1 else 1
+
+
 def _timed(fn: Callable[[], object], samples: list[float]) -> None:
     start = time.perf_counter()
     fn()
@@ -134,8 +143,9 @@ def dense_wins(
         for _ in range(len(pairs)):
             for fn in calls.values():
                 fn()  # untimed: first-call setup (oneDNN primitives, page faults), every copy
-        for _ in range(ROUNDS * max(1, len(pairs) // 4)):
-            for name, fn in calls.items():
+        order = list(calls.items())
+        for turn_ in range(ROUNDS * max(1, len(pairs) // 4)):
+            for name, fn in order if turn_ % 2 else order[::-1]:  # alternate who goes first
                 _timed(fn, times[name])
     sparse_ms, dense_ms = statistics.median(times["sparse"]), statistics.median(times["dense"])
     won = dense_ms < (1.0 - MARGIN) * sparse_ms
@@ -187,5 +197,5 @@ def forget() -> None:
 
 __all__ = [
     "CPU_RULES", "MARGIN", "MIN_M", "apply", "check_cpu_rule", "decided", "decisions", "default_rule",
-    "dense_copy_bytes", "dense_wins", "forget", "generation", "m_class", "pin",
+    "dense_copy_bytes", "dense_wins", "forget", "generation", "m_class", "measured_rows", "pin",
 ]  # fmt: skip

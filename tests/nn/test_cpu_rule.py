@@ -183,3 +183,23 @@ def test_apply_sets_every_layer_and_counts_the_dense_copies(monkeypatch):
     assert cpu_rule.apply(model, "sparse") == 2 and cpu_rule.dense_copy_bytes(model) == 0
     with pytest.raises(ValueError, match="unknown cpu_rule"):
         cpu_rule.apply(model, "dense")
+
+
+def test_each_class_is_timed_at_its_smallest_rows(monkeypatch):
+    """A blas path's fixed decompression weighs most at a class's fewest rows: the rule times there
+    (20 rows fall in the 64 class, timed at 17; 300 in the 1024 class, timed at 257)."""
+    require_cpu_extension()
+    timed_rows = []
+
+    def dense_wins(key, sparse, dense_weight, rows, replicate=None):
+        timed_rows.append((key[-1], rows))
+        cpu_rule._DECISIONS[key] = False
+        return False
+
+    monkeypatch.setattr(sl_mod, "dense_wins", dense_wins)
+    _, layer = _layer()
+    with torch.no_grad():
+        layer(torch.randn(20, 64))
+        layer(torch.randn(300, 64))
+    assert timed_rows == [(64, 17), (1024, 257)]
+    assert [cpu_rule.measured_rows(b) for b in (1, 4, 16, 64, 256, 1024)] == [1, 2, 5, 17, 65, 257]
