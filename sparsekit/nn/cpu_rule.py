@@ -1,9 +1,9 @@
 """The CPU runtime rule of ``SparseLinear``: its sparse kernel or dense, whichever is faster here.
 
-``cpu_rule='fastest'`` on a CPU layer: for each M class (rows of x, rounded up to a power of 4: 1,
-4, 16, 64, 256, 1024+) from ``MIN_M`` up, the first forward in that class times, at the class's
-smallest rows (``measured_rows``), the layer's sparse kernel against dense ``F.linear`` on a
-decompressed copy of its weight (interleaved repeats, medians) and remembers the winner for every
+``cpu_rule='fastest'`` on a CPU layer: for each M class (rows of x, rounded up to a power of 2: 1,
+2, 4, ..., 512, 1024+) from ``MIN_M`` up, the first forward in that class times, at the class's
+largest rows, the layer's sparse kernel against dense ``F.linear`` on a decompressed copy of its
+weight (interleaved repeats, medians) and remembers the winner for every
 layer of the same format, ISA, dtype and shape in this process. Where dense wins by more than
 ``MARGIN``, the layer keeps that dense copy and runs it for the class: the memory cost is N * K *
 element bytes per such layer (``SparseLinear.dense_copy_bytes()``; logged once per layer). Below
@@ -82,20 +82,15 @@ def dense_copy_bytes(model: torch.nn.Module) -> int:
 
 
 def m_class(rows: int) -> int:
-    """Rows of x rounded up to a power of 4, capped at 1024 (prefill)."""
+    """Rows of x rounded up to a power of 2, capped at 1024 (prefill). Classes within 2x: a direct
+    kernel's cost grows with M faster than dense's, a blas path's fixed decompression shrinks
+    relative to it, so a class 4x wide measured at either end misjudged the other (powers of 4,
+    timed at their largest rows, kept sparse kernels that ran 0.84-0.88x dense at 512 rows;
+    timed at their smallest, 0.50-0.74x at 16 rows in bf16: docs/results.md)."""
     bucket = 1
     while bucket < rows and bucket < 1024:
-        bucket *= 4
+        bucket *= 2
     return bucket
-
-
-def measured_rows(bucket: int) -> int:
-    """The rows of x the rule times for M class ``bucket``: the class's smallest member. A blas
-    path pays a fixed decompression per call that weighs most at the fewest rows, so a decision
-    measured there holds for the whole class. (Timed at the largest, 1024 rows, the class of a
-    512-token prompt kept sparse kernels that the per-layer table found at 0.84-0.88x dense at
-    512 rows: docs/results.md.)"""
-    return bucket // 4 + 1 if bucket > 1 else 1
 
 
 def _timed(fn: Callable[[], object], samples: list[float]) -> None:
@@ -197,5 +192,5 @@ def forget() -> None:
 
 __all__ = [
     "CPU_RULES", "MARGIN", "MIN_M", "apply", "check_cpu_rule", "decided", "decisions", "default_rule",
-    "dense_copy_bytes", "dense_wins", "forget", "generation", "m_class", "measured_rows", "pin",
+    "dense_copy_bytes", "dense_wins", "forget", "generation", "m_class", "pin",
 ]  # fmt: skip

@@ -29,7 +29,7 @@ from sparsekit.models import is_conv1d, linear_weight, register_linear_like
 
 from .cpu_rule import _GENERATION as _RULE_GENERATION
 from .cpu_rule import MIN_M as CPU_RULE_MIN_M
-from .cpu_rule import check_cpu_rule, decided, default_rule, dense_wins, m_class, measured_rows
+from .cpu_rule import check_cpu_rule, decided, default_rule, dense_wins, m_class
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class SparseLinear(nn.Module):
         won, candidate = decided(key), self._cache.get("dense")
         if won is None:
             candidate = self.dense_weight().detach().contiguous() if candidate is None else candidate
-            won = dense_wins(key, lambda x: fn(x, None), candidate, measured_rows(bucket), self._rule_twin)
+            won = dense_wins(key, lambda x: fn(x, None), candidate, bucket, self._rule_twin)
         if not won:
             return None
         if "dense" not in self._cache:  # the measured copy when there was one: decompressed once

@@ -41,18 +41,8 @@ def _spy(monkeypatch, verdict: bool):
 
 
 def test_m_classes():
-    assert [cpu_rule.m_class(m) for m in (1, 2, 4, 5, 16, 17, 64, 65, 300, 5000)] == [
-        1,
-        4,
-        4,
-        16,
-        16,
-        64,
-        64,
-        256,
-        1024,
-        1024,
-    ]
+    got = [cpu_rule.m_class(m) for m in (1, 2, 3, 5, 16, 17, 64, 65, 300, 512, 513, 5000)]
+    assert got == [1, 2, 4, 8, 16, 32, 64, 128, 512, 512, 1024, 1024]
 
 
 def test_dense_copy_where_dense_wins_and_sparse_below_min_m(monkeypatch):
@@ -62,9 +52,9 @@ def test_dense_copy_where_dense_wins_and_sparse_below_min_m(monkeypatch):
     with torch.no_grad():
         y1 = layer(torch.ones(1, 3, 64))  # M = 3: class 4 < MIN_M, never measured
         assert calls == [] and layer.dense_copy_bytes() == 0
-        x = torch.randn(2, 10, 64)  # M = 20: class 64
+        x = torch.randn(2, 10, 64)  # M = 20: class 32
         y = layer(x)
-    assert len(calls) == 1 and calls[0][-1] == 64
+    assert len(calls) == 1 and calls[0][-1] == 32
     assert layer.dense_copy_bytes() == 48 * 64 * 4
     _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
     _assert_close(y1, F.linear(torch.ones(1, 3, 64), lin.weight, lin.bias).detach())
@@ -92,7 +82,7 @@ def test_real_measurement_is_recorded_and_exact():
     with torch.no_grad():
         y = layer(x)
     (key,) = cpu_rule.decisions()
-    assert key[:2] == ("bitmap", cpu_ext.resolve_isa().value) and key[-3:] == (40, 72, 256)
+    assert key[:2] == ("bitmap", cpu_ext.resolve_isa().value) and key[-3:] == (40, 72, 128)
     assert layer.dense_copy_bytes() == (40 * 72 * 4 if cpu_rule.decisions()[key] else 0)
     _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
 
@@ -185,9 +175,8 @@ def test_apply_sets_every_layer_and_counts_the_dense_copies(monkeypatch):
         cpu_rule.apply(model, "dense")
 
 
-def test_each_class_is_timed_at_its_smallest_rows(monkeypatch):
-    """A blas path's fixed decompression weighs most at a class's fewest rows: the rule times there
-    (20 rows fall in the 64 class, timed at 17; 300 in the 1024 class, timed at 257)."""
+def test_each_class_is_timed_at_its_largest_rows(monkeypatch):
+    """20 rows fall in the 32 class and are timed at 32; 300 in the 512 class, timed at 512."""
     require_cpu_extension()
     timed_rows = []
 
@@ -201,5 +190,4 @@ def test_each_class_is_timed_at_its_smallest_rows(monkeypatch):
     with torch.no_grad():
         layer(torch.randn(20, 64))
         layer(torch.randn(300, 64))
-    assert timed_rows == [(64, 17), (1024, 257)]
-    assert [cpu_rule.measured_rows(b) for b in (1, 4, 16, 64, 256, 1024)] == [1, 2, 5, 17, 65, 257]
+    assert timed_rows == [(32, 32), (512, 512)]
