@@ -84,9 +84,8 @@ def dense_copy_bytes(model: torch.nn.Module) -> int:
 def m_class(rows: int) -> int:
     """Rows of x rounded up to a power of 2, capped at 1024 (prefill). Classes within 2x: a direct
     kernel's cost grows with M faster than dense's, a blas path's fixed decompression shrinks
-    relative to it, so a class 4x wide measured at either end misjudged the other (powers of 4,
-    timed at their largest rows, kept sparse kernels that ran 0.84-0.88x dense at 512 rows;
-    timed at their smallest, 0.50-0.74x at 16 rows in bf16: docs/results.md)."""
+    relative to it, so classes 4x wide, timed at either end, misjudged the other end (the notes
+    of stop 43 on issue 27 give the runs)."""
     bucket = 1
     while bucket < rows and bucket < 1024:
         bucket *= 2
