@@ -77,6 +77,25 @@ DIRECT_MAX_M: dict[tuple[str, CpuIsa, torch.dtype], int] = {
     for i, dtypes in enumerate(((_F32,), (_BF16, _F16)))
     for dtype in dtypes
 }
+# A CPU with AMX runs the blas path's bf16 GEMM on its tile unit, so the blas path wins sooner:
+# bench/cpu_paths.py on Xeon-AMX with 8 MiB tiles (docs/data/cpu-paths-amx.md) moved bitmap bf16
+# at AVX-512 from 16 to 8 (blas at M = 16: 0.73-0.84x dense, direct 0.56-0.85x). Its other AVX-512
+# crossovers matched the table above; its forced-avx2 rows (an AVX2 kernel beside an AMX GEMM)
+# describe no real CPU and are not used.
+_MEASURED_AMX = {("bitmap", CpuIsa.AVX512, _BF16): 8, ("bitmap", CpuIsa.AVX512, _F16): 8}
+
+
+def has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU reports AMX for bf16 (Linux /proc/cpuinfo; False where unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+if has_amx():
+    DIRECT_MAX_M.update(_MEASURED_AMX)
 
 
 def _build_flags() -> list[str]:

@@ -296,3 +296,15 @@ def test_bitmap_without_the_extension_falls_back_to_torch(dtype, monkeypatch, as
     assert_close(bitmap_mm_cpu(x, values, mask_bits, offsets, bias, isa="avx512"), want)
     assert_close(bitmap_cpu.bind_bitmap_cpu(values, mask_bits, offsets, 45)(x, bias), want)
     assert torch.equal(decompress_bitmap_cpu(values, mask_bits, offsets, 45), w)
+
+
+def test_amx_cpus_take_the_blas_path_sooner_for_bf16_bitmap(tmp_path):
+    """The AMX crossovers replace the table's only where the CPU reports amx_bf16."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512bw amx_bf16 amx_tile\n")
+    assert cpu_ext.has_amx(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_bf16\n")
+    assert not cpu_ext.has_amx(str(info)) and not cpu_ext.has_amx(str(tmp_path / "missing"))
+    key = ("bitmap", cpu_ext.CpuIsa.AVX512, torch.bfloat16)
+    assert cpu_ext.DIRECT_MAX_M[key] == (8 if cpu_ext.has_amx() else 16)
+    assert cpu_ext.DIRECT_MAX_M[("2:4", cpu_ext.CpuIsa.AVX512, torch.bfloat16)] == 16  # unchanged
