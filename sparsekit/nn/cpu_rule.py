@@ -3,17 +3,16 @@
 ``cpu_rule='fastest'`` on a CPU layer: for each M class (rows of x, rounded up to a power of 2: 1,
 2, 4, ..., 512, 1024+) from ``MIN_M`` up, the first forward in that class times, at the class's
 largest rows, the layer's sparse kernel against dense ``F.linear`` on a decompressed copy of its
-weight (interleaved repeats, medians) and remembers the winner for every
-layer of the same format, ISA, dtype and shape in this process. Where dense wins by more than
-``MARGIN``, the layer keeps that dense copy and runs it for the class: the memory cost is N * K *
-element bytes per such layer (``SparseLinear.dense_copy_bytes()``; logged once per layer). Below
-``MIN_M`` the sparse kernel always runs: there the weight stream dominates, and a short cache-warm
-measurement at runtime would misjudge what a decode step sees (weights read from DRAM, where the
-compressed format's fewer bytes win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up the
-measurement rotates over copies of the layer adding up to twice the last-level cache (at most
-``COLD_MAX_BYTES`` of dense copies; a small layer gets as many copies as that takes), so both sides
-read their weights from DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never
-holds a dense copy: memory first.
+weight (interleaved repeats, medians) and remembers the winner for every layer of the same format,
+ISA, dtype and shape in this process. Where dense wins by more than ``MARGIN``, the layer keeps
+that dense copy and runs it for the class: the memory cost is N * K * element bytes per such layer
+(``SparseLinear.dense_copy_bytes()``; logged once per layer). Below ``MIN_M`` the sparse kernel
+always runs: there the weight stream dominates, and a short cache-warm measurement at runtime would
+misjudge what a decode step sees (weights read from DRAM, where the compressed format's fewer bytes
+win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up the measurement rotates over copies of the
+layer adding up to twice the last-level cache (at most ``COLD_MAX_BYTES`` of dense copies; a small
+layer gets as many copies as that takes), so both sides read their weights from DRAM as in a
+model's forward. ``cpu_rule='sparse'`` (the default) never holds a dense copy: memory first.
 
 The process default is ``SPARSEKIT_CPU_RULE`` (read once: 'sparse' unless set), what a layer built
 without ``cpu_rule=`` gets, ``from_pretrained`` and ``sparsekit.load`` included; ``apply(model,
@@ -84,8 +83,8 @@ def dense_copy_bytes(model: torch.nn.Module) -> int:
 def m_class(rows: int) -> int:
     """Rows of x rounded up to a power of 2, capped at 1024 (prefill). Classes within 2x: a direct
     kernel's cost grows with M faster than dense's, a blas path's fixed decompression shrinks
-    relative to it, so classes 4x wide, timed at either end, misjudged the other end (the notes
-    of stop 43 on issue 27 give the runs)."""
+    relative to it, so classes 4x wide, timed at either end, misjudged the other end
+    (docs/results.md, "The rule on Xeon-AMX")."""
     bucket = 1
     while bucket < rows and bucket < 1024:
         bucket *= 2
