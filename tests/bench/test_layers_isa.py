@@ -4,7 +4,7 @@ each row ran."""
 import pytest
 
 from sparsekit.bench.layers import LinearShape, expand_isas, parse_backend, run_layers
-from sparsekit.kernels import cpu_ext
+from tests.conftest import require_cpu_extension
 
 TINY = [LinearShape("tiny", "q_proj", 32, 128)]
 
@@ -32,8 +32,7 @@ def test_every_sparse_backend_once_per_isa():
 
 
 def test_run_layers_per_isa_records_the_path():
-    if cpu_ext.extension() is None:
-        pytest.skip(f"the C++ CPU extension did not build: {cpu_ext.build_error()}")
+    require_cpu_extension()
     result = run_layers(
         TINY,
         (1, 40),
@@ -61,8 +60,7 @@ def test_run_layers_per_isa_records_the_path():
 def test_rule_rows_say_which_path_the_rule_took(dense_won):
     """A rule row (``2:4-fastest``) names the path its layer runs at that M, holds its dense copy
     in ``weight MB`` and counts (and rotates over) the bytes a call reads."""
-    if cpu_ext.extension() is None:
-        pytest.skip(f"the C++ CPU extension did not build: {cpu_ext.build_error()}")
+    require_cpu_extension()
     import torch
 
     from sparsekit.nn import cpu_rule
@@ -91,8 +89,7 @@ def test_rule_rows_say_which_path_the_rule_took(dense_won):
 def test_quantized_rule_rows_and_the_a_a_control():
     """int8 / int4 / 2:4-int8 under the rule name the path they took; ``dense-control`` is a second
     nn.Linear whose speedup over dense is the run's noise, never a baseline itself."""
-    if cpu_ext.extension() is None:
-        pytest.skip(f"the C++ CPU extension did not build: {cpu_ext.build_error()}")
+    require_cpu_extension()
     result = run_layers(
         TINY, (1, 40), "2:4", ("dense", "dense-control", "int8-fastest", "int4-fastest", "2:4-int8-fastest"),
         device="cpu", min_time_s=0.0, cold=False, show_progress=False,
