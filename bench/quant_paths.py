@@ -27,7 +27,6 @@ from sparsekit.kernels import compress_24, cpu_ext, nm_keep_mask
 from sparsekit.kernels.quant import (
     dequantize_int4,
     dequantize_int8,
-    int4_direct_input,
     quantize_int4,
     quantize_int8,
     unpack_int4,
@@ -62,8 +61,8 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
     if ext is not None:
         fns["int8 sparsekit mm_q8"] = lambda: ext.mm_q8(x, q, s, None, level)
         fns["2:4-int8 sparsekit mm24_q8"] = lambda: ext.mm24_q8(x, q24, meta, s24, None, level)
-        if dtype == torch.float32:  # the fp32 int4 kernel, its input rearrangement included
-            fns["int4 sparsekit mm_q4"] = lambda: ext.mm_q4(int4_direct_input(x, 64), p4, sz, None, 64, level)
+        if dtype == torch.float32:  # the fp32 int4 kernel, x rearranged inside it as a layer calls it
+            fns["int4 sparsekit mm_q4"] = lambda: ext.mm_q4(x, p4, sz, None, 64, level)
     return fns
 
 

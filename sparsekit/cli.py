@@ -602,10 +602,10 @@ def _parse_dtypes(text: str | None) -> tuple[torch.dtype, ...] | None:
 
 
 def cmd_bench_e2e(args: argparse.Namespace) -> int:
-    from sparsekit.bench.e2e import check_quantize, run_e2e, write_e2e_report
+    from sparsekit.bench.e2e import check_cpu_rule_twins, check_quantize, run_e2e, write_e2e_report
     from sparsekit.bench.timing import choose_threads
 
-    check_device(args.device)
+    check_cpu_rule_twins(args.cpu_rule_twins, check_device(args.device))  # before the model loads
     quantize = check_quantize(tuple(q for q in (args.quantize or "").split(",") if q))
     _, threads_note = choose_threads(args.threads)
     model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)

@@ -279,6 +279,15 @@ def time_generation_interleaved(
 
 
 # ----------------------------------------------------------------------------- variants
+def check_cpu_rule_twins(wanted: bool, device: torch.device | str) -> None:
+    """``cpu_rule_twins`` only means something on the CPU: elsewhere a twin would be a plain copy."""
+    if wanted and torch.device(device).type != "cpu":
+        raise ValueError(
+            f"--cpu-rule-twins compares SparseLinear's CPU rule, but the model runs on {device}; "
+            "drop the option, or run with --device cpu"
+        )
+
+
 def has_sparse_layers(model: nn.Module) -> bool:
     from sparsekit.nn import SparseLinear
 
@@ -440,6 +449,7 @@ def run_e2e(
     from 16 rows up; its MiB include the dense copies it ends up holding.
     """
     quantize = check_quantize(tuple(quantize))
+    check_cpu_rule_twins(cpu_rule_twins, model_device(model))
     from sparsekit.bench.roofline import measure_roofline
     from sparsekit.eval.perplexity import perplexity_of_ids
     from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids, evaluation_ids
@@ -551,6 +561,8 @@ def run_e2e(
         "pruned_input": pruned,
         "compile": compile,
         "quantize": list(quantize),
+        "cpu_rule_default": cpu_rule.default_rule(),  # what the variants' layers run (SPARSEKIT_CPU_RULE)
+        "cpu_rule_twins": cpu_rule_twins,
         "prompts": prompt_source,
         "warmup": warmup,
         "repeats": repeats,

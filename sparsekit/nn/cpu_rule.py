@@ -43,6 +43,8 @@ COLD_MAX_COPIES = 4096  # and number at most this (a tiny layer's setup stays un
 
 # (format, isa, dtype, N, K, M class) -> True when dense won
 _DECISIONS: dict[tuple, bool] = {}
+# bumped by ``pin`` and ``forget``: a layer's memoised plan is valid while this is unchanged
+DECISION_GENERATION: list[int] = [0]
 
 
 def check_cpu_rule(rule: str) -> str:
@@ -171,24 +173,16 @@ def pin(key: tuple, dense_won: bool) -> None:
     if len(key) != 6 or key[-1] != m_class(key[-1]):
         raise ValueError(f"a decision key is (format, isa, dtype, N, K, M class), got {key!r}")
     _DECISIONS[key] = bool(dense_won)
-    _GENERATION[0] += 1  # layers re-read their memo
-
-
-_GENERATION = [0]
-
-
-def generation() -> int:
-    """Bumped by ``forget``: a layer's memo of its decisions is valid while this is unchanged."""
-    return _GENERATION[0]
+    DECISION_GENERATION[0] += 1  # layers re-read their memo
 
 
 def forget() -> None:
     """Drop every measured decision (the next forward in each class measures again)."""
     _DECISIONS.clear()
-    _GENERATION[0] += 1
+    DECISION_GENERATION[0] += 1
 
 
 __all__ = [
-    "CPU_RULES", "MARGIN", "MIN_M", "apply", "check_cpu_rule", "decided", "decisions", "default_rule",
-    "dense_copy_bytes", "dense_wins", "forget", "generation", "m_class", "pin",
+    "CPU_RULES", "DECISION_GENERATION", "MARGIN", "MIN_M", "apply", "check_cpu_rule", "decided",
+    "decisions", "default_rule", "dense_copy_bytes", "dense_wins", "forget", "m_class", "pin",
 ]  # fmt: skip

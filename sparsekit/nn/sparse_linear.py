@@ -27,9 +27,8 @@ from sparsekit.kernels._backend import SELECTION_EPOCH, CpuIsa, current_cpu_isa
 from sparsekit.kernels.cpu_ext import resolve_isa
 from sparsekit.models import is_conv1d, linear_weight, register_linear_like
 
-from .cpu_rule import _GENERATION as _RULE_GENERATION
+from .cpu_rule import DECISION_GENERATION, check_cpu_rule, decided, default_rule, dense_wins, m_class
 from .cpu_rule import MIN_M as CPU_RULE_MIN_M
-from .cpu_rule import check_cpu_rule, decided, default_rule, dense_wins, m_class
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +286,7 @@ class SparseLinear(nn.Module):
         general path), built for ``rows`` (0, or the rows class under the rule: every rows > 1024
         shares one) and memoised under that int key in ``_cache`` (cleared by ``.to()``,
         ``load_state_dict``, a new stored tensor and the ISA / rule setters)."""
-        memo = (dtype, SELECTION_EPOCH[0], _RULE_GENERATION[0], None)
+        memo = (dtype, SELECTION_EPOCH[0], DECISION_GENERATION[0], None)
         if current_backend() is not Backend.TRITON:
             isa = self.__dict__.get("_cpu_isa") or current_cpu_isa()
             memo = (*memo[:3], self._build_cpu_plan(rows, isa, dtype, rows > 0))
@@ -302,8 +301,7 @@ class SparseLinear(nn.Module):
         dense = self._decide_dense(rows, fn, resolve_isa(isa)) if rule else None
         if dense is None:
             return functools.partial(fn, bias=bias)  # every bound CPU call is fn(x, bias)
-        # F.linear on x as given: the extra Python reshapes of a 2-D call cost more, between the
-        # heavy calls of a model's forward, than the 2-D GEMM saves
+        # F.linear on x as given: one call, no Python reshapes around it
         return functools.partial(torch.nn.functional.linear, weight=dense, bias=bias)
 
     def _rule_twin(self):
@@ -350,7 +348,7 @@ class SparseLinear(nn.Module):
                 memo is None
                 or memo[0] is not x.dtype
                 or memo[1] != SELECTION_EPOCH[0]
-                or memo[2] != _RULE_GENERATION[0]
+                or memo[2] != DECISION_GENERATION[0]
             ):
                 memo = self._cpu_plan(x.dtype, rows)
             if memo[3] is not None:

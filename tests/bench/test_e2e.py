@@ -196,3 +196,15 @@ def test_run_e2e_adds_rule_twins_of_the_sparse_variants(monkeypatch):
     assert set(rows) == {"dense", "sparse (2:4, magnitude)", "sparse (2:4, magnitude), rule fastest"}
     twin, sparse = rows["sparse (2:4, magnitude), rule fastest"], rows["sparse (2:4, magnitude)"]
     assert twin.model_bytes > sparse.model_bytes  # the 20-token prefill made dense copies
+    assert result.config["cpu_rule_twins"] and result.config["cpu_rule_default"] == "sparse"
+
+
+def test_rule_twins_are_refused_off_the_cpu():
+    """The rule acts on CPU layers only: off the CPU the twins would be plain copies, so the option
+    is refused (the CLI checks it before loading the model)."""
+    from sparsekit.bench.e2e import check_cpu_rule_twins
+
+    with pytest.raises(ValueError, match="runs on cuda; drop the option, or run with --device cpu"):
+        check_cpu_rule_twins(True, "cuda")
+    check_cpu_rule_twins(True, "cpu")
+    check_cpu_rule_twins(False, "cuda")

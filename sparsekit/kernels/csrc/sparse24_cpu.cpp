@@ -542,6 +542,12 @@ template <> inline void store8_rne<c10::BFloat16>(c10::BFloat16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
+// a * b + c with the product rounded first (no FMA contraction), as torch computes it unfused
+inline __m256 mul_then_add(__m256 a, __m256 b, __m256 c) {
+  __m256 p = _mm256_mul_ps(a, b);
+  __asm__("" : "+v"(p));
+  return _mm256_add_ps(p, c);
+}
 template <typename T>
 inline void q8_row(const int8_t* q, float s, T* out, int64_t K) {
   const __m256 vs = _mm256_set1_ps(s);
@@ -559,12 +565,8 @@ inline void q4_row(const uint8_t* p, const float* sz, int64_t N, int64_t n, int6
       const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + j)));
       const __m256i cl = _mm256_sub_epi32(_mm256_and_si256(b, low), eight);
       const __m256i ch = _mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight);
-      __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(cl), vs);
-      __asm__("" : "+v"(lo));  // no FMA contraction: round the product, then the sum
-      lo = _mm256_add_ps(lo, vz);
-      __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(ch), vs);
-      __asm__("" : "+v"(hi));  // no FMA contraction: round the product, then the sum
-      hi = _mm256_add_ps(hi, vz);
+      const __m256 lo = mul_then_add(_mm256_cvtepi32_ps(cl), vs, vz);
+      const __m256 hi = mul_then_add(_mm256_cvtepi32_ps(ch), vs, vz);
       const __m256 a = _mm256_unpacklo_ps(lo, hi), c = _mm256_unpackhi_ps(lo, hi);  // per 128-bit lane
       store8_rne<T>(out + 2 * j, _mm256_permute2f128_ps(a, c, 0x20));
       store8_rne<T>(out + 2 * j + 8, _mm256_permute2f128_ps(a, c, 0x31));
@@ -582,6 +584,12 @@ template <> inline void store16_rne<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
   b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+}
+// a * b + c with the product rounded first (no FMA contraction), as torch computes it unfused
+inline __m512 mul_then_add(__m512 a, __m512 b, __m512 c) {
+  __m512 p = _mm512_mul_ps(a, b);
+  __asm__("" : "+v"(p));
+  return _mm512_add_ps(p, c);
 }
 template <typename T>
 inline void q8_row(const int8_t* q, float s, T* out, int64_t K) {
@@ -603,12 +611,8 @@ inline void q4_row(const uint8_t* p, const float* sz, int64_t N, int64_t n, int6
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + j)));
       const __m512i cl = _mm512_sub_epi32(_mm512_and_si512(b, low), eight);
       const __m512i ch = _mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight);
-      __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(cl), vs);
-      __asm__("" : "+v"(lo));  // no FMA contraction: round the product, then the sum
-      lo = _mm512_add_ps(lo, vz);
-      __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(ch), vs);
-      __asm__("" : "+v"(hi));  // no FMA contraction: round the product, then the sum
-      hi = _mm512_add_ps(hi, vz);
+      const __m512 lo = mul_then_add(_mm512_cvtepi32_ps(cl), vs, vz);
+      const __m512 hi = mul_then_add(_mm512_cvtepi32_ps(ch), vs, vz);
       store16_rne<T>(out + 2 * j, _mm512_permutex2var_ps(lo, first, hi));
       store16_rne<T>(out + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
     }
