@@ -150,8 +150,8 @@ INT4_DIRECT_MAX_M = 64
 # Above the direct paths' M a bound CPU layer dequantizes tiles of about ``cpu_ext.BLAS_TILE_BYTES``
 # of its weight into a per-thread buffer and hands each to ATen's GEMM (``mm_q8_blas``,
 # ``mm_q4_blas``, ``mm24_q8_blas`` in the C++ extension): no dense weight is held or written to
-# memory whole. The torch dequantize + F.linear it replaces ran 0.2-0.6x dense at M = 64-512 in
-# bf16 (docs/data/quant-paths.md; the tiles: docs/data/blas-tiles.md).
+# memory whole. The torch dequantize + F.linear it replaces ran 0.29-0.96x dense at M = 64-512
+# in bf16 (docs/data/quant-paths.md; the tiles: docs/data/blas-tiles.md).
 
 
 def _contiguous(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
