@@ -7,8 +7,10 @@ TTFT / TPOT of every variant, with all generations interleaved in rounds (one ru
     # distilled 200 steps): many hours on 2 cores
     python bench/structured_table.py --preset round2 --items 200 --distill-steps 200 --distill-best 3 \
         --out reports/structured_round2
-    # the same rows across sessions (no timing or distillation): rerun after a stop to continue
-    python bench/structured_table.py --preset round2 --items 200 --rounds 0 --resume --out reports/round2
+    # the same, resumable across sessions: every pruned model is saved to --models, and a rerun of the
+    # same command after a stop keeps the finished rows (and timing / distillation once done)
+    python bench/structured_table.py --preset round2 --items 200 --distill-steps 200 --distill-best 3 \
+        --models reports/round2-models --resume --out docs/data/structured_round2
 
 Variants: dense; shortgpt-N / angular-N / shortened-ppl-N / shortened-taylor-N (N of 30 blocks;
 -r: with the linear repair; -rw: the repair re-solves down_proj's weights);
@@ -21,7 +23,10 @@ minitron-P (hidden size and MLP channels by activation; -all: heads too; -width:
 sparsegpt-2:4; stacked steps joined by "+", each pruning what the one before left
 (flap-20+2:4; angular-3-rw+flap-28-adaptive-refit: 28% of the block parameters depth left).
 ``--rounds 0`` skips the generation timing (ppl, parameters and prune time only).
-Writes structured.json and structured.md to --out.
+Writes structured.json and structured.md to --out. With ``--models`` every model (dense too) is
+saved there as a sparsekit checkpoint and the timing and distillation load them from there, so
+every timed model took the same path from disk; each row records the commit and CPU it was pruned
+on (the process's start: edits made while it runs are not in it).
 """
 
 from __future__ import annotations
@@ -132,26 +137,58 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
 
 # what a kept row depends on (--resume)
 PROTOCOL = ("model", "nsamples", "calib_seed", "seqlen", "eval_tokens", "eval_seqlen", "items")
+TIMING = ("rounds", "prompt_len", "new_tokens")  # what kept timings depend on
+DISTILL = ("distill_steps", "distill_lr", "distill_batch", "distill_seqlen", "items")
 
 
-def resumed_rows(args: argparse.Namespace) -> dict[str, dict]:
-    """The rows of a stopped run with the same protocol, by variant; clear errors otherwise."""
-    if args.rounds > 0 or args.distill_steps:
+def settings(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    return {k: getattr(args, k) for k in names}
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """Before any work: timing and distillation of rows pruned in an earlier session read the saved
+    models, so --resume with either needs --models."""
+    if (args.rounds > 0 or args.distill_steps) and not args.models:
         raise SystemExit(
-            "--resume keeps rows of a stopped run, but timing (--rounds) and distillation need every pruned "
-            "model resident: add --rounds 0 and drop --distill-steps (time or distil the chosen rows apart)"
+            "--resume keeps rows of a stopped run, but timing (--rounds) and distillation need every "
+            "pruned model: add --models DIR (each model is saved there and loaded back), or --rounds 0 "
+            "without --distill-steps"
         )
+
+
+def resumed_state(args: argparse.Namespace) -> dict:
+    """What a stopped run with the same protocol left in --out/structured.partial.json ({} if none):
+    {"rows": {variant: row}, "timing": {...}}; a clear error for another protocol."""
     path = Path(args.out) / "structured.partial.json"
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())
-    protocol = {k: getattr(args, k) for k in PROTOCOL}
+    protocol = settings(args, PROTOCOL)
     if saved.get("protocol") != protocol:
         raise SystemExit(
             f"--resume: {path} was written with {saved.get('protocol')}, this run asks for {protocol}: "
             "give the same settings, or another --out"
         )
-    return {r["variant"]: r for r in saved["rows"]}
+    return {"rows": {r["variant"]: r for r in saved["rows"]}, "timing": saved.get("timing")}
+
+
+def claim_models_dir(args: argparse.Namespace) -> None:
+    """--models holds the models of one protocol: refuse a folder written for another (before any
+    work), mark a new one."""
+    if not args.models:
+        return
+    mark, protocol = Path(args.models) / "protocol.json", settings(args, PROTOCOL)
+    if mark.exists() and json.loads(mark.read_text()) != protocol:
+        raise SystemExit(
+            f"--models {args.models} holds models of {json.loads(mark.read_text())}, this run asks for "
+            f"{protocol}: give another --models folder"
+        )
+    write_json_atomic(mark, protocol)
+
+
+def model_dir(models: str, variant: str) -> Path:
+    """Where ``variant``'s model is saved ('sparsegpt-2:4' -> 'sparsegpt-2_4')."""
+    return Path(models) / variant.replace(":", "_")
 
 
 def distil_choice(rows: list[dict], best: int, named: str) -> list[dict]:
@@ -167,34 +204,28 @@ def distil_choice(rows: list[dict], best: int, named: str) -> list[dict]:
     return list({id(r): r for r in chosen}.values())
 
 
-def distil(model, teacher, train_ids, eval_ids, args, tasks, tokenizer, manager) -> dict:
-    """Distil a copy of ``model`` from ``teacher`` (KL at T = 1, every block linear trained); its
+def distil(model, p: Protocol, args: argparse.Namespace) -> dict:
+    """Distil a copy of ``model`` from the dense model (KL at T = 1, every block linear trained); its
     ppl, accuracies and training time. The pruned model itself stays as it was (it is timed)."""
     from sparsekit.hf.finetune import finetune
 
     student = copy.deepcopy(model)
     fr = finetune(
         student,
-        input_ids=train_ids,
+        input_ids=p.train_ids,
         steps=args.distill_steps,
         lr=args.distill_lr,
         batch_size=args.distill_batch,
-        teacher=teacher,
+        teacher=p.dense,
     )
     out = {
         "steps": args.distill_steps,
-        "ppl": perplexity_of_ids(student, eval_ids, seqlen=args.eval_seqlen).ppl,
+        "ppl": perplexity_of_ids(student, p.eval_ids, seqlen=args.eval_seqlen).ppl,
         "seconds": fr.seconds,
         "first_loss": fr.losses[0],
         "last_loss": fr.losses[-1],
+        "accuracy": p.accuracy(student, args.items),
     }
-    if tasks:
-        from sparsekit.eval.zero_shot import zero_shot
-
-        out["accuracy"] = {
-            t: zero_shot(student, [t], tokenizer, limit=args.items, manager=manager).scores[t].main[1]
-            for t in tasks
-        }
     logging.info("distilled %d steps: ppl %.2f (%.0f s)", args.distill_steps, out["ppl"], fr.seconds)
     return out
 
@@ -231,7 +262,7 @@ def distil_cells(r: dict, steps: int) -> str:
     return f" {d['ppl']:.2f}{acc} | {d['seconds']:.0f} |"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -271,10 +302,16 @@ def main() -> None:
     parser.add_argument("--distill-seqlen", type=int, default=256)
     parser.add_argument("--out", default="reports/structured")
     parser.add_argument(
+        "--models",
+        default=None,
+        help="save every model (dense too) to DIR/<variant> as a sparsekit checkpoint; the timing and "
+        "distillation then load them from there (needed by --resume with timing or distillation)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
-        help="keep the rows a stopped run left in --out/structured.partial.json (same protocol; with "
-        "--rounds 0 and no distillation, which need every model resident)",
+        help="keep what a stopped run left in --out/structured.partial.json (same protocol): its rows, "
+        "and its timing and distillation where their settings and rows are the same",
     )
     args = parser.parse_args()
     if args.variants and args.preset:
@@ -282,89 +319,171 @@ def main() -> None:
     args.variants = args.variants or PRESETS[args.preset or "round1"]
     for variant in args.variants.split(","):  # a typo fails here, not after an hour of pruning
         steps_of(variant)
-    done = resumed_rows(args) if args.resume else {}
+    if args.resume:
+        check_resume(args)
+    claim_models_dir(args)
+    return args
+
+
+class Protocol:
+    """The model, tokens and tasks every row is measured with, loaded once."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.dense, self.tokenizer = load_model(args.model)
+        tok = self.tokenizer
+        self.calib = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=args.calib_seed)
+        self.eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
+        self.prompts, self.prompt_source = prompt_ids(tok, 1, args.prompt_len)
+        self.tasks = ("wiki_lambada", "wiki_continuation") if args.items else ()
+        self.manager = None
+        if self.tasks:
+            from sparsekit.eval.zero_shot import task_manager
+
+            self.manager = task_manager(list(self.tasks), None)
+        self.train_ids = calibration_ids(tok, "wiki-offline", 256, args.distill_seqlen, seed=1)
+        self.dense_block_params = block_param_count(self.dense)
+
+    def accuracy(self, model, items: int) -> dict[str, float]:
+        from sparsekit.eval.zero_shot import zero_shot
+
+        return {
+            t: zero_shot(model, [t], self.tokenizer, limit=items, manager=self.manager).scores[t].main[1]
+            for t in self.tasks
+        }
+
+
+def prune_row(variant: str, p: Protocol, args: argparse.Namespace, stamp: dict):
+    """Prune a copy of the dense model as ``variant`` says; (its row, the model)."""
+    model = copy.deepcopy(p.dense)
+    started = time.perf_counter()
+    reports = [
+        sparsekit.prune(model, method=method, sparsity=sparsity, calib=p.calib, show_progress=False, **kw)
+        for method, sparsity, kw in steps_of(variant)
+    ]
+    prune_s = time.perf_counter() - started
+    ppl = perplexity_of_ids(model, p.eval_ids, seqlen=args.eval_seqlen).ppl
+    row = {
+        "variant": variant,
+        "removed": 1.0 - block_param_count(model) / p.dense_block_params,
+        "ppl": ppl,
+        "params": param_count(model),
+        "bytes": model_bytes(model),
+        "layers": model.config.num_hidden_layers,
+        "prune_s": prune_s if variant != "dense" else 0.0,
+        "accuracy": p.accuracy(model, args.items),
+        # each step's choice and scores (depth: per block), so a ranking can be examined later
+        "steps": [
+            {
+                k: getattr(r, k)
+                for k in ("method", "removed_blocks", "removed_subblocks", "block_scores")
+                if hasattr(r, k)
+            }
+            for r in reports
+        ],
+        "run": stamp | {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    logging.info(
+        "%s: ppl %.2f, accuracy %s, %d params, pruned in %.1f s",
+        variant, ppl, row["accuracy"], row["params"], prune_s,
+    )  # fmt: skip
+    return row, model
+
+
+def save_checked(model, folder: Path, ids: torch.Tensor) -> None:
+    """Save ``model`` and load it back at once: a checkpoint that does not reproduce the model's
+    logits fails here, not hours later in the timing."""
+    sparsekit.save(model, folder)
+    with torch.no_grad():
+        want, got = model(ids).logits, sparsekit.load(folder)(ids).logits
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        raise RuntimeError(
+            f"{folder} loads back with logits {float((got - want).abs().max()):.3g} away from the "
+            "pruned model's: the checkpoint does not hold this model"
+        )
+
+
+def saved_model(args: argparse.Namespace, variant: str):
+    """The model --models holds for ``variant`` (fp32, eval mode), or None."""
+    folder = model_dir(args.models, variant) if args.models else None
+    if folder is None or not folder.is_dir():
+        return None
+    return sparsekit.load(folder)
+
+
+def distil_rows(rows: list[dict], p: Protocol, args: argparse.Namespace, models: dict, save_partial) -> None:
+    """Distil the chosen rows (those already distilled with the same settings are kept)."""
+    wanted = settings(args, DISTILL)
+    for row in distil_choice(rows, args.distill_best, args.distill_variants):
+        if (row.get("distilled") or {}).get("settings") == wanted:
+            logging.info("%s: distillation kept from the stopped run", row["variant"])
+            continue
+        model = models.get(row["variant"]) or saved_model(args, row["variant"])
+        row["distilled"] = distil(model, p, args) | {"settings": wanted}
+        save_partial()
+
+
+def main() -> None:
+    args = parse_args()
+    kept = resumed_state(args) if args.resume else {}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(torch.get_num_threads())
+    env = environment()  # at the start: the code this process runs
+    stamp = {"commit": env["commit"], "cpu": env["cpu"], "cpu_threads": env["cpu_threads"]}
+    p = Protocol(args)
+    out = Path(args.out)
+    partial = {"protocol": settings(args, PROTOCOL), "rows": [], "timing": None}
 
-    dense, tokenizer = load_model(args.model)
-    calib = calibration_ids(tokenizer, "wiki-offline", args.nsamples, args.seqlen, seed=args.calib_seed)
-    eval_ids = evaluation_ids(tokenizer, "wiki-offline", max_tokens=args.eval_tokens)
-    prompts, prompt_source = prompt_ids(tokenizer, 1, args.prompt_len)
-    tasks = ("wiki_lambada", "wiki_continuation") if args.items else ()
-    manager = None
-    if tasks:
-        from sparsekit.eval.zero_shot import task_manager, zero_shot
+    def save_partial() -> None:  # a stopped run keeps these (--resume reads them)
+        write_json_atomic(out / "structured.partial.json", partial)
 
-        manager = task_manager(list(tasks), None)
-    train_ids = calibration_ids(tokenizer, "wiki-offline", 256, args.distill_seqlen, seed=1)
-    rows, models = [], {}
-    dense_block_params = block_param_count(dense)
-    protocol = {k: getattr(args, k) for k in PROTOCOL}
+    rows, models, pruned_now = partial["rows"], {}, False
+    keep_resident = not args.models and (args.rounds > 0 or args.distill_steps)
     for variant in args.variants.split(","):
-        if variant in done:
-            rows.append(done[variant])
-            logging.info("%s: kept from %s (--resume)", variant, Path(args.out) / "structured.partial.json")
+        row = kept.get("rows", {}).get(variant)
+        needs_model = args.models and (args.rounds > 0 or args.distill_steps)
+        if row is not None and (not needs_model or model_dir(args.models, variant).is_dir()):
+            rows.append(row)
+            logging.info("%s: kept from the stopped run (--resume)", variant)
             continue
-        model = copy.deepcopy(dense)
-        started = time.perf_counter()
-        reports = [
-            sparsekit.prune(model, method=method, sparsity=sparsity, calib=calib, show_progress=False, **kw)
-            for method, sparsity, kw in steps_of(variant)
-        ]
-        prune_s = time.perf_counter() - started
-        ppl = perplexity_of_ids(model, eval_ids, seqlen=args.eval_seqlen).ppl
-        accuracy = {
-            task: zero_shot(model, [task], tokenizer, limit=args.items, manager=manager).scores[task].main[1]
-            for task in tasks
-        }
-        rows.append(
-            {
-                "variant": variant,
-                "removed": 1.0 - block_param_count(model) / dense_block_params,
-                "ppl": ppl,
-                "params": param_count(model),
-                "bytes": model_bytes(model),
-                "layers": model.config.num_hidden_layers,
-                "prune_s": prune_s if variant != "dense" else 0.0,
-                "accuracy": accuracy,
-                # each step's choice and scores (depth: per block), so a ranking can be examined later
-                "steps": [
-                    {
-                        k: getattr(r, k)
-                        for k in ("method", "removed_blocks", "removed_subblocks", "block_scores")
-                        if hasattr(r, k)
-                    }
-                    for r in reports
-                ],
-            }
-        )
-        logging.info(
-            "%s: ppl %.2f, accuracy %s, %d params, pruned in %.1f s",
-            variant, ppl, accuracy, rows[-1]["params"], prune_s,
-        )  # fmt: skip
-        write_json_atomic(
-            Path(args.out) / "structured.partial.json", {"protocol": protocol, "rows": rows}
-        )  # a stopped run keeps these (--resume reads them)
-        distilling = args.distill_steps and (args.distill_best or variant in args.distill_variants.split(","))
-        if args.rounds > 0 or distilling:  # kept resident for the interleaved timing / distillation
+        row, model = prune_row(variant, p, args, stamp)
+        pruned_now = True
+        if args.models:
+            save_checked(model, model_dir(args.models, variant), p.prompts)
+        elif keep_resident:  # kept resident for the interleaved timing / distillation
             models[variant] = model
+        rows.append(row)
+        save_partial()
     if args.rounds > 0:
-        add_timing(rows, time_generation_interleaved(models, prompts, args.new_tokens, rounds=args.rounds))
+        timing = kept.get("timing")
+        same = timing and timing["settings"] == settings(args, TIMING)
+        if pruned_now or not (same and timing["variants"] == [r["variant"] for r in rows]):
+            resident = models or {r["variant"]: saved_model(args, r["variant"]) for r in rows}
+            results = time_generation_interleaved(resident, p.prompts, args.new_tokens, rounds=args.rounds)
+            timing = {
+                "settings": settings(args, TIMING),
+                "variants": [r["variant"] for r in rows],
+                "results": results,
+                "run": stamp | {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            }
+            del resident
+        partial["timing"] = timing
+        save_partial()
+        add_timing(rows, timing["results"])
     if args.distill_steps:
-        for row in distil_choice(rows, args.distill_best, args.distill_variants):
-            row["distilled"] = distil(
-                models[row["variant"]], dense, train_ids, eval_ids, args, tasks, tokenizer, manager
-            )
-            partial = {"protocol": protocol, "rows": rows}
-            write_json_atomic(Path(args.out) / "structured.partial.json", partial)
-    env = environment()
-    setup = (
+        distil_rows(rows, p, args, models, save_partial)
+    write_report(rows, partial["timing"], p, args)
+
+
+def setup_line(p: Protocol, args: argparse.Namespace) -> str:
+    return (
         f"model {args.model}; calibration wiki-offline {args.nsamples} x {args.seqlen} tokens "
         f"(seed {args.calib_seed}); "
-        f"ppl on {eval_ids.shape[1]} held-out tokens in windows of {args.eval_seqlen}; generation: batch 1, "
-        f"{args.prompt_len}-token prompt ({prompt_source}), {args.new_tokens} new tokens, greedy, static KV "
-        f"cache, fp32 eager, {args.rounds} rounds with every variant interleaved in each round (0: not "
-        f"timed); zero-shot: {args.items} items per task of {', '.join(tasks) or 'none'}"
+        f"ppl on {p.eval_ids.shape[1]} held-out tokens in windows of {args.eval_seqlen}; generation: "
+        f"batch 1, {args.prompt_len}-token prompt ({p.prompt_source}), {args.new_tokens} new tokens, "
+        f"greedy, static KV cache, fp32 eager, {args.rounds} rounds with every variant interleaved in "
+        f"each round (0: not timed){'; every model loaded from its saved checkpoint' if args.models else ''}"
+        f"; zero-shot: "
+        f"{args.items} items per task of {', '.join(p.tasks) or 'none'}"
         + (
             f"; distillation: {args.distill_steps} AdamW steps, lr {args.distill_lr}, batch "
             f"{args.distill_batch} x {args.distill_seqlen} tokens of wiki-offline (seed 1), KL to the dense "
@@ -373,8 +492,35 @@ def main() -> None:
             else ""
         )
     )
+
+
+def runs_line(rows: list[dict], timing: dict | None) -> str:
+    """Which commit and CPU each group of rows was pruned on (and the timing run)."""
+    groups: dict[tuple, list[str]] = {}
+    for r in rows:
+        run = r.get("run", {})
+        key = (run.get("commit", "?"), run.get("cpu", "?"), run.get("cpu_threads", "?"))
+        groups.setdefault(key, []).append(r["variant"])
+    parts = [
+        f"{', '.join(names) if len(groups) > 1 else 'every row'}: pruned at commit {c} on {cpu} "
+        f"({threads} threads)"
+        for (c, cpu, threads), names in groups.items()
+    ]
+    if timing:
+        run = timing["run"]
+        parts.append(
+            f"timing: commit {run['commit']} on {run['cpu']} ({run['cpu_threads']} threads), one process"
+        )
+    return "; ".join(parts)
+
+
+def write_report(rows: list[dict], timing: dict | None, p: Protocol, args: argparse.Namespace) -> None:
+    """structured.json and structured.md in --out."""
+    env = environment()
+    setup = setup_line(p, args)
     out = Path(args.out)
-    write_json_atomic(out / "structured.json", {"env": env, "setup": setup, "rows": rows})
+    write_json_atomic(out / "structured.json", {"env": env, "setup": setup, "rows": rows, "timing": timing})
+    tasks = p.tasks
     lines = [
         "| variant | blocks | params (M) | ppl | "
         + "".join(f"{t} acc | " for t in tasks)
@@ -392,7 +538,7 @@ def main() -> None:
             f"{r['prune_s']:.0f} | {timing_cells(r)} |" + distil_cells(r, args.distill_steps)
         )
     markdown = "\n".join(lines) + (
-        f"\n\n{setup}.\nMachine: {env['cpu']} ({env['cpu_threads']} threads), torch {env['torch']}, "
+        f"\n\n{setup}.\nRuns: {runs_line(rows, timing)}.\nReport written: torch {env['torch']}, "
         f"commit {env['commit']}, {env['time_utc']}.\n"
     )
     write_text_atomic(out / "structured.md", markdown)
