@@ -434,7 +434,8 @@ def main() -> None:
     partial = {"protocol": settings(args, PROTOCOL), "rows": [], "timing": None}
 
     def save_partial() -> None:  # a stopped run keeps these (--resume reads them)
-        write_json_atomic(out / "structured.partial.json", partial)
+        others = [r for v, r in kept.get("rows", {}).items() if v not in args.variants.split(",")]
+        write_json_atomic(out / "structured.partial.json", partial | {"rows": partial["rows"] + others})
 
     rows, models, pruned_now = partial["rows"], {}, False
     keep_resident = not args.models and (args.rounds > 0 or args.distill_steps)

@@ -151,3 +151,14 @@ def test_a_stopped_run_resumes_and_times_and_distils_the_saved_models(table, tmp
     assert calls == []
     again = json.loads((out / "structured.json").read_text())
     assert again["rows"] == report["rows"] and again["timing"] == report["timing"]
+
+    # another list of rows (no timing, no distillation) leaves the rows it does not name in the file
+    subset = argv[:2] + ["dense,shortgpt-1"] + argv[3:]
+    subset[subset.index("--rounds") + 1], subset[subset.index("--distill-steps") + 1] = "0", "0"
+    monkeypatch.setattr(sys, "argv", subset)
+    table.main()
+    assert calls == ["shortgpt-1"]
+    listed = [r["variant"] for r in json.loads((out / "structured.json").read_text())["rows"]]
+    assert listed == ["dense", "shortgpt-1"]
+    kept = json.loads((out / "structured.partial.json").read_text())
+    assert [r["variant"] for r in kept["rows"]] == ["dense", "shortgpt-1", "shortgpt-1-r"]

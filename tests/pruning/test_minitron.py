@@ -297,3 +297,32 @@ def test_coverage_cell_on_more_layouts(family):
 
     cell = run_cell(family, "minitron")
     assert cell.status == "OK", cell.detail
+
+
+def test_the_hidden_size_is_one_the_config_accepts(tmp_path):
+    """A Llama config refuses a hidden size that is no multiple of its head count even with head_dim
+    stated, so save_pretrained would fail after the cut: the plan takes the nearest multiple of
+    channel_multiple that the config accepts (3 heads, multiple 4: 40 is refused, 36 is not)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("llama", hidden_size=48, num_attention_heads=3, num_key_value_heads=3)
+    ).eval()
+    ids = calib_ids()
+    _prune(model, ids, sparsity=0.2, axes="hidden,mlp,heads", channel_multiple=4)
+    assert model.config.hidden_size == 36 and model.config.num_attention_heads == 3
+    out = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(again, ids), out)
+
+
+def test_accepted_hidden_takes_the_nearest_accepted_multiple():
+    from sparsekit.pruning.structured.minitron import _accepted_hidden
+
+    def by_nine(hidden, heads):
+        return hidden % 9 == 0
+
+    assert _accepted_hidden(512.4, 8, 576, 9, by_nine) == 504  # 512 refused; 504 is 8.4 away, 576 the total
+    assert _accepted_hidden(512.4, 8, 576, 9, None) == 512
+    assert _accepted_hidden(40.0, 8, 48, 3, lambda h, n: False) == 48  # nothing accepted: no cut

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -230,6 +231,52 @@ def _round_to(value: float, multiple: int, total: int) -> int:
     return int(min(total, max(multiple, round(value / multiple) * multiple)))
 
 
+def _accepted_hidden(
+    value: float,
+    multiple: int,
+    total: int,
+    heads: int | None,
+    accepts: Callable[[int, int | None], bool] | None,
+) -> int:
+    """The multiple of ``multiple`` nearest ``value`` (at most ``total``) that ``accepts`` takes (a
+    Llama config refuses a hidden size that is no multiple of its head count, head_dim stated or
+    not); ``total`` (no cut) when none does."""
+    first = _round_to(value, multiple, total)
+    if accepts is None or accepts(first, heads):
+        return first
+    sizes = range(multiple, total, multiple)
+    for size in sorted(sizes, key=lambda s: (abs(s - value), -s)):
+        if accepts(size, heads):
+            log.info("minitron: hidden size %d instead of %d, which the config refuses", size, first)
+            return size
+    return total
+
+
+def config_accepts(model: nn.Module, anatomy: ModelAnatomy) -> Callable[[int, int | None], bool]:
+    """``accepts(hidden, heads)`` for ``plan``: the model's config with that hidden size (and head
+    count; head_dim stated as it is) passes the config's own validation, the check
+    ``save_pretrained`` runs."""
+    a = next((b.attention for b in anatomy if b.attention is not None), None)
+
+    def accepts(hidden: int, heads: int | None) -> bool:
+        trial = copy.deepcopy(model.config)
+        validate = getattr(trial, "validate", None)
+        if validate is None:
+            return True
+        try:
+            trial.hidden_size = hidden
+            if a is not None and "head_dim" in trial.to_dict():
+                trial.head_dim = a.head_dim
+            if heads is not None:
+                trial.num_attention_heads = heads
+            validate()
+        except Exception:  # noqa: BLE001 - transformers raises its own validation error types
+            return False
+        return True
+
+    return accepts
+
+
 @dataclass
 class Plan:
     hidden: torch.Tensor | None  # kept hidden channels
@@ -266,19 +313,22 @@ def _block_heads(block: BlockAnatomy, imp: Importance, n: int, mode: str):
 
 
 def plan(
-    anatomy: ModelAnatomy, hmap: HiddenMap, stats: Stats, axes: tuple[str, ...], config, mixers=None
+    anatomy: ModelAnatomy,
+    hmap: HiddenMap,
+    stats: Stats,
+    axes: tuple[str, ...],
+    config,
+    mixers=None,
+    accepts: Callable[[int, int | None], bool] | None = None,
 ) -> Plan:
-    """What each axis keeps: one shared keep ratio, rounded per axis, the MLP taking up the rest."""
+    """What each axis keeps: one shared keep ratio, rounded per axis, the MLP taking up the rest.
+    ``accepts(hidden, heads)``: whether the model's config takes that hidden size with that many
+    query heads per block (None: the heads are not cut); the hidden size is the accepted multiple of
+    ``channel_multiple`` nearest the ratio's."""
     groups = _exponents(anatomy, hmap, mixers)
     target = (1 - config.sparsity) * _kept_params(groups, 1, 1, 1)
     on = {a: a in axes for a in AXES}
     k = _solve(target, lambda x: _kept_params(groups, *(x if on[a] else 1.0 for a in AXES)))
-    k_hidden = 1.0
-    keep_hidden = None
-    if on["hidden"]:
-        h = _round_to(k * hmap.size, config.channel_multiple, hmap.size)
-        keep_hidden = stats.hidden.value.topk(h).indices.sort().values.cpu()
-        k_hidden = h / hmap.size
     heads: list = [None] * len(anatomy)
     k_heads = 1.0
     if on["heads"]:
@@ -292,6 +342,13 @@ def plan(
             )
             fractions.append(len(heads[b.index][0]) / b.attention.heads)
         k_heads = sum(fractions) / len(fractions) if fractions else 1.0
+    k_hidden = 1.0
+    keep_hidden = None
+    if on["hidden"]:
+        kept_heads = _uniform([len(h[0]) for h in heads if h is not None])
+        h = _accepted_hidden(k * hmap.size, config.channel_multiple, hmap.size, kept_heads, accepts)
+        keep_hidden = stats.hidden.value.topk(h).indices.sort().values.cpu()
+        k_hidden = h / hmap.size
     mlp = _mlp_plan(anatomy, stats, groups, target, on["mlp"], k_hidden, k_heads, config)
     return Plan(keep_hidden, heads, mlp).with_mixers(stats)
 
@@ -634,7 +691,10 @@ class Minitron(StructuredMethod):
             del chunks
             report.timings_s["statistics"] = time.perf_counter() - started
             started = time.perf_counter()
-            chosen = (tied_plan if tied else plan)(anatomy, hmap, stats, axes, config, mixers)
+            if tied:
+                chosen = tied_plan(anatomy, hmap, stats, axes, config, mixers)
+            else:
+                chosen = plan(anatomy, hmap, stats, axes, config, mixers, config_accepts(model, anatomy))
             cuts_hidden = chosen.hidden is not None and len(chosen.hidden) < hmap.size
             if cuts_hidden:
                 self._dry_run(model, hmap, chosen, tied, mixers)
@@ -693,6 +753,14 @@ class Minitron(StructuredMethod):
             expressed = _expresses(meta, trial)
         except (AttributeError, TypeError, ValueError):  # a derived, read-only config value
             expressed = False
+        try:
+            if expressed and hasattr(trial, "validate"):
+                trial.validate()  # what save_pretrained runs: refused now, not after the cut
+        except Exception as exc:  # noqa: BLE001 - transformers raises its own validation error types
+            raise UnsupportedArchitecture(
+                f"{anatomy.model_type}'s config refuses the cut widths (hidden {new_hidden}): {exc}. "
+                "Ask for another sparsity, or cut axes='mlp,heads' instead"
+            ) from exc
         if not expressed:
             raise UnsupportedArchitecture(
                 f"{anatomy.model_type}'s config cannot state the cut widths (hidden {new_hidden}"
