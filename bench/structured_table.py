@@ -61,14 +61,18 @@ ROUND2 = ",".join(
     ["dense"]
     + [
         v
-        for blocks, p, hybrid in ((6, 20, 11), (10, 35, 28))
+        for blocks, p, hybrids in (
+            (6, 20, ("angular-3-rw+flap-11-adaptive-refit",)),
+            # 3 or 5 blocks first (10%, 17%), then width: p% in all (the recipes table's best at 35%)
+            (10, 35, ("angular-3-rw+flap-28-adaptive-refit", "shortgpt-5-rw+flap-22-adaptive-refit")),
+        )
         for v in (
             f"shortgpt-{blocks}",
             f"shortgpt-{blocks}-r",
             f"shortgpt-{blocks}-rw",
             f"angular-{blocks}-r",
             f"angular-{blocks}-rw",
-            f"angular-3-rw+flap-{hybrid}-adaptive-refit",  # 3 blocks (10%), then width: p% in all
+            *hybrids,
             f"shortened-ppl-{blocks}-r",
             f"shortened-taylor-{blocks}-r",
             f"wanda-sp-{p}",
@@ -476,13 +480,14 @@ def main() -> None:
 
 
 def setup_line(p: Protocol, args: argparse.Namespace) -> str:
+    loaded = "; every model timed as loaded from its checkpoint" if args.models and args.rounds > 0 else ""
     return (
         f"model {args.model}; calibration wiki-offline {args.nsamples} x {args.seqlen} tokens "
         f"(seed {args.calib_seed}); "
         f"ppl on {p.eval_ids.shape[1]} held-out tokens in windows of {args.eval_seqlen}; generation: "
         f"batch 1, {args.prompt_len}-token prompt ({p.prompt_source}), {args.new_tokens} new tokens, "
         f"greedy, static KV cache, fp32 eager, {args.rounds} rounds with every variant interleaved in "
-        f"each round (0: not timed){'; every model loaded from its saved checkpoint' if args.models else ''}"
+        f"each round (0: not timed){loaded}"
         f"; zero-shot: "
         f"{args.items} items per task of {', '.join(p.tasks) or 'none'}"
         + (

@@ -325,4 +325,5 @@ def test_accepted_hidden_takes_the_nearest_accepted_multiple():
 
     assert _accepted_hidden(512.4, 8, 576, 9, by_nine) == 504  # 512 refused; 504 is 8.4 away, 576 the total
     assert _accepted_hidden(512.4, 8, 576, 9, None) == 512
-    assert _accepted_hidden(40.0, 8, 48, 3, lambda h, n: False) == 48  # nothing accepted: no cut
+    with pytest.raises(ValueError, match="accepts no hidden size below 48"):
+        _accepted_hidden(40.0, 8, 48, 3, lambda h, n: False)

@@ -240,7 +240,7 @@ def _accepted_hidden(
 ) -> int:
     """The multiple of ``multiple`` nearest ``value`` (at most ``total``) that ``accepts`` takes (a
     Llama config refuses a hidden size that is no multiple of its head count, head_dim stated or
-    not); ``total`` (no cut) when none does."""
+    not); a ValueError when none does."""
     first = _round_to(value, multiple, total)
     if accepts is None or accepts(first, heads):
         return first
@@ -249,7 +249,10 @@ def _accepted_hidden(
         if accepts(size, heads):
             log.info("minitron: hidden size %d instead of %d, which the config refuses", size, first)
             return size
-    return total
+    raise ValueError(
+        f"minitron: the model's config accepts no hidden size below {total} in steps of {multiple} "
+        f"(with {heads} heads): give channel_multiple=1, or cut axes='mlp,heads'"
+    )
 
 
 def config_accepts(model: nn.Module, anatomy: ModelAnatomy) -> Callable[[int, int | None], bool]:
