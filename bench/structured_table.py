@@ -437,16 +437,18 @@ def main() -> None:
     out = Path(args.out)
     partial = {"protocol": settings(args, PROTOCOL), "rows": [], "timing": None}
 
+    variants = args.variants.split(",")
+
     def save_partial() -> None:  # a stopped run keeps these (--resume reads them)
-        others = [r for v, r in kept.get("rows", {}).items() if v not in args.variants.split(",")]
+        others = [r for v, r in kept.get("rows", {}).items() if v not in variants]
         write_json_atomic(out / "structured.partial.json", partial | {"rows": partial["rows"] + others})
 
     rows, models, pruned_now = partial["rows"], {}, False
-    keep_resident = not args.models and (args.rounds > 0 or args.distill_steps)
-    for variant in args.variants.split(","):
+    uses_models = args.rounds > 0 or args.distill_steps  # timing and distillation need every model
+    for variant in variants:
         row = kept.get("rows", {}).get(variant)
-        needs_model = args.models and (args.rounds > 0 or args.distill_steps)
-        if row is not None and (not needs_model or model_dir(args.models, variant).is_dir()):
+        saved = not (args.models and uses_models) or model_dir(args.models, variant).is_dir()
+        if row is not None and saved:  # (a kept row whose model timing needs is gone: pruned again)
             rows.append(row)
             logging.info("%s: kept from the stopped run (--resume)", variant)
             continue
@@ -454,7 +456,7 @@ def main() -> None:
         pruned_now = True
         if args.models:
             save_checked(model, model_dir(args.models, variant), p.prompts)
-        elif keep_resident:  # kept resident for the interleaved timing / distillation
+        elif uses_models:  # kept resident for the interleaved timing / distillation
             models[variant] = model
         rows.append(row)
         save_partial()

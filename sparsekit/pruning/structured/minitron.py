@@ -255,6 +255,16 @@ def _accepted_hidden(
     )
 
 
+def _config_with_hidden(model: nn.Module, attention, hidden: int):
+    """A copy of the model's config with ``hidden`` as its hidden size, head_dim stated as before
+    where the config has the key (may raise: a config that refuses the value)."""
+    trial = copy.deepcopy(model.config)
+    trial.hidden_size = hidden
+    if attention is not None and "head_dim" in trial.to_dict():
+        trial.head_dim = attention.head_dim
+    return trial
+
+
 def config_accepts(model: nn.Module, anatomy: ModelAnatomy) -> Callable[[int, int | None], bool]:
     """``accepts(hidden, heads)`` for ``plan``: the model's config with that hidden size (and head
     count; head_dim stated as it is) passes the config's own validation, the check
@@ -262,17 +272,13 @@ def config_accepts(model: nn.Module, anatomy: ModelAnatomy) -> Callable[[int, in
     a = next((b.attention for b in anatomy if b.attention is not None), None)
 
     def accepts(hidden: int, heads: int | None) -> bool:
-        trial = copy.deepcopy(model.config)
-        validate = getattr(trial, "validate", None)
-        if validate is None:
+        if not hasattr(model.config, "validate"):
             return True
         try:
-            trial.hidden_size = hidden
-            if a is not None and "head_dim" in trial.to_dict():
-                trial.head_dim = a.head_dim
+            trial = _config_with_hidden(model, a, hidden)
             if heads is not None:
                 trial.num_attention_heads = heads
-            validate()
+            trial.validate()
         except Exception:  # noqa: BLE001 - transformers raises its own validation error types
             return False
         return True
@@ -378,12 +384,8 @@ def _narrower(model: nn.Module, anatomy: ModelAnatomy, hmap: HiddenMap) -> tuple
     head_dim stated as before), and that size; None where the config refuses it."""
     a = next((b.attention for b in anatomy if b.attention is not None), None)
     size = hmap.size - (a.heads if a is not None else 1)  # head_dim - 1 per head where the code divides
-    trial = copy.deepcopy(model.config)
     try:
-        trial.hidden_size = size
-        if a is not None and "head_dim" in trial.to_dict():
-            trial.head_dim = a.head_dim
-        return build_on_meta(model, trial), size
+        return build_on_meta(model, _config_with_hidden(model, a, size)), size
     except Exception:  # noqa: BLE001 - a config that refuses the size: the dry run names the family
         return None, size
 
