@@ -1,4 +1,5 @@
-"""Run one prune with the papers' original code (locuslab/wanda, luuyin/OWL) on a local checkout.
+"""Run one prune with the papers' original code (locuslab/wanda, luuyin/OWL, CASIA-IVA-Lab/FLAP) on a
+local checkout.
 
 Called by ``bench/vs_llmcompressor.py --original`` in a subprocess of sparsekit's own venv, so the
 compatibility shims below never touch the process that runs sparsekit. The original code is
@@ -9,9 +10,12 @@ imported from ``--code`` (a git checkout the caller fetched); nothing of it is v
 
 ``--impl wanda``: ``lib.prune.prune_wanda`` / ``prune_sparsegpt`` of locuslab/wanda;
 ``--impl owl``: ``lib.prune_all.prune_wanda_outlier`` / ``prune_sparsegpt_outlier`` of luuyin/OWL
-(``--method wanda+owl`` / ``sparsegpt+owl``, M ``--owl-m`` and lambda ``--owl-lamda``). The
-calibration windows are the caller's ids (the code's own C4 loader is replaced); everything else
-is the original functions as written. Shims, each for an API the 2023 code predates:
+(``--method wanda+owl`` / ``sparsegpt+owl``, M ``--owl-m`` and lambda ``--owl-lamda``);
+``--impl flap``: ``lib.prune.prune_flap`` (``--method flap``: its defaults, WIFV scores, the AL-AM
+adaptive structure, bias compensation) / ``prune_wanda_sp`` (``--method wanda-sp``) of
+CASIA-IVA-Lab/FLAP, ``--sparsity`` its pruning ratio. The calibration windows are the caller's ids
+(the code's own C4 / WikiText loader is replaced); everything else is the original functions as
+written. Shims, each for an API the 2023 code predates:
 
 - transformers 5 decoder layers take ``position_embeddings`` (cos, sin) from the model's rotary
   module instead of computing them; a forward pre-hook on each decoder layer computes them from
@@ -20,6 +24,23 @@ is the original functions as written. Shims, each for an API the 2023 code preda
   map, the single-device case; ``model.seqlen``: the calibration window length.
 - ``torch.cuda.synchronize`` is a no-op where torch has no CUDA (the SparseGPT class calls it
   for its timer).
+
+FLAP's code runs its own LLaMA-1 modeling file (``models/hf_llama``, biases on o_proj and
+down_proj, head_dim fixed at 128), so ``--impl flap`` builds that model from ``--model``'s weights,
+which must be multi-head with 128-channel heads (``bench/mha_head128.py`` re-expresses SmolLM2
+so). Its shims:
+- the model is built from the config and loaded from the safetensors with the two biases zero, as
+  its ``get_llm`` does, in fp32 (its ``get_llm`` loads fp16 for a GPU);
+- its rotary module is rebuilt with the config's ``rope_theta`` (the file fixes base 10000; it
+  takes the base as an argument), and the built model must give the transformers model's logits
+  (relative 1e-4) before the prune starts;
+- ``Tensor.cuda()`` returns the tensor where torch has no CUDA (it sorts scores on the GPU);
+- its mean inputs, stored in fp16, are cast back to the weight's dtype where ``compress`` multiplies
+  them with the weight (fp16 @ fp32 is an error on the CPU; the fp16 rounding is kept);
+- ``unstr=True``, the code's own mask-only mode (its scripts pass ``--unstr``): cut heads and
+  channels are zeroed in place, and the compensation goes to the biases; the shapes stay, so the
+  caller can load the result. ``prune_wanda_sp`` asks for 128 C4 windows and reads ``nsamples`` of
+  them: it gets the caller's windows and reads all of them.
 """
 
 from __future__ import annotations
@@ -37,6 +58,8 @@ ENTRY = {
     ("wanda", "sparsegpt"): ("lib.prune", "prune_sparsegpt"),
     ("owl", "wanda+owl"): ("lib.prune_all", "prune_wanda_outlier"),
     ("owl", "sparsegpt+owl"): ("lib.prune_all", "prune_sparsegpt_outlier"),
+    ("flap", "flap"): ("lib.prune", "prune_flap"),
+    ("flap", "wanda-sp"): ("lib.prune", "prune_wanda_sp"),
 }
 
 
@@ -65,10 +88,14 @@ def _rope_hook(rotary):
     return hook
 
 
-def _calibration_loader(ids):
-    """The original ``get_loaders`` replaced: (list of (input [1, L], target [1, L]), None)."""
+def _calibration_loader(ids, all_windows: bool = False):
+    """The original ``get_loaders`` replaced: (list of (input [1, L], target [1, L]), None).
+    ``all_windows``: every window of ``ids`` whatever the count asked for (FLAP's ``prune_wanda_sp``
+    asks for 128 and reads its ``nsamples``)."""
 
     def get_loaders(name, nsamples=128, seed=0, seqlen=2048, tokenizer=None):
+        if all_windows:
+            nsamples = ids.shape[0]
         if nsamples > ids.shape[0]:
             raise SystemExit(f"the original code asked for {nsamples} windows; the file has {ids.shape[0]}")
         windows = []
@@ -81,6 +108,79 @@ def _calibration_loader(ids):
     return get_loaders
 
 
+def _flap_model(model_dir: str, window):
+    """FLAP's own LlamaForCausalLM (its ``models/hf_llama``, importable from the checkout) holding
+    the weights in ``model_dir``, checked against the transformers model on ``window`` [1, L]."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.num_key_value_heads != config.num_attention_heads or config.head_dim != 128:
+        raise SystemExit(
+            f"FLAP's code needs multi-head attention with head_dim 128; {model_dir} has "
+            f"{config.num_attention_heads} query / {config.num_key_value_heads} KV heads of "
+            f"{config.head_dim}: re-express it with bench/mha_head128.py"
+        )
+    from models.hf_llama.modeling_llama import LlamaForCausalLM, LlamaRotaryEmbedding
+
+    model = LlamaForCausalLM(config)
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    rebuilt = [m for m in missing if m.endswith(("o_proj.bias", "down_proj.bias", "rotary_emb.inv_freq"))]
+    if unexpected or set(missing) - set(rebuilt) - {"lm_head.weight"}:
+        raise SystemExit(f"the weights do not fit FLAP's model: {unexpected[:3]} {missing[:3]}")
+    if "lm_head.weight" in missing:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    theta = config.rope_parameters["rope_theta"]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.bias.zero_()
+            layer.mlp.down_proj.bias.zero_()
+            layer.self_attn.rotary_emb = LlamaRotaryEmbedding(
+                128, max_position_embeddings=config.max_position_embeddings, base=theta
+            )
+        model.eval()
+        reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        ours, theirs = model(window).logits, reference(window).logits
+    gap = float((ours - theirs).abs().max() / theirs.abs().max())
+    if gap > 1e-4:
+        raise SystemExit(
+            f"FLAP's model built from {model_dir} differs from transformers' by {gap:.1e} (relative)"
+        )
+    return model
+
+
+def _flap_shims(module) -> None:
+    """``Tensor.cuda`` a no-op without CUDA; ``compress`` given its fp16 mean inputs in the weight's dtype."""
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = lambda self, *a, **k: self
+    compress = module.compress
+
+    def compress_same_dtype(layer, attn_mask, mlp_mask, attn_mean_inp, mlp_mean_inp, *args, **kwargs):
+        dtype = layer.mlp.down_proj.weight.dtype
+        attn_mean_inp = attn_mean_inp.to(dtype) if attn_mean_inp is not None else None
+        mlp_mean_inp = mlp_mean_inp.to(dtype) if mlp_mean_inp is not None else None
+        return compress(layer, attn_mask, mlp_mask, attn_mean_inp, mlp_mean_inp, *args, **kwargs)
+
+    module.compress = compress_same_dtype
+
+
+def _options(args, ids):
+    """The ``args`` namespace the original entry point reads."""
+    if args.impl == "flap":
+        return SimpleNamespace(
+            nsamples=ids.shape[0], seed=0, pruning_ratio=float(args.sparsity), remove_heads=-1,
+            metrics="WIFV", structure="AL-AM", unstr=True,
+        )  # fmt: skip
+    return SimpleNamespace(
+        nsamples=ids.shape[0], seed=0, sparsity_ratio=_pattern(args.sparsity)[0], use_variant=False,
+        Hyper_m=args.owl_m, Lamda=args.owl_lamda, model=args.model,
+    )  # fmt: skip
+
+
 def _commit(code: str) -> str:
     done = subprocess.run(["git", "-C", code, "rev-parse", "HEAD"], capture_output=True, text=True)
     return done.stdout.strip() or "unknown (not a git checkout)"
@@ -90,8 +190,10 @@ def main() -> int:
     from driver_io import driver_arguments, load_calibration_ids, write_outputs
 
     p = driver_arguments(__doc__.splitlines()[0])
-    p.add_argument("--code", required=True, help="a checkout of locuslab/wanda or luuyin/OWL")
-    p.add_argument("--impl", required=True, choices=("wanda", "owl"))
+    p.add_argument(
+        "--code", required=True, help="a checkout of locuslab/wanda, luuyin/OWL or CASIA-IVA-Lab/FLAP"
+    )
+    p.add_argument("--impl", required=True, choices=("wanda", "owl", "flap"))
     p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--owl-lamda", type=float, default=0.08)
     args = p.parse_args()
@@ -100,6 +202,8 @@ def main() -> int:
         p.error(f"--impl {args.impl} has no method {args.method!r}: {known}")
     if not os.path.isdir(os.path.join(args.code, "lib")):
         p.error(f"--code {args.code} has no lib/ folder: pass a checkout of the original repository")
+    if args.impl == "flap" and ":" in args.sparsity:
+        p.error(f"FLAP's code prunes a ratio of heads and channels, not {args.sparsity}: give e.g. 0.2")
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -111,22 +215,25 @@ def main() -> int:
     sys.path.insert(0, os.path.abspath(args.code))
     module_name, function = ENTRY[(args.impl, args.method)]
     module = importlib.import_module(module_name)
-    module.get_loaders = _calibration_loader(ids)
+    module.get_loaders = _calibration_loader(ids, all_windows=args.impl == "flap")
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model.eval()
+    if args.impl == "flap":
+        _flap_shims(module)
+        model = _flap_model(args.model, ids[:1])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        model.eval()
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(_rope_hook(model.model.rotary_emb), with_kwargs=True)
     model.seqlen = ids.shape[1]
     model.hf_device_map = {}
-    for layer in model.model.layers:
-        layer.register_forward_pre_hook(_rope_hook(model.model.rotary_emb), with_kwargs=True)
-    ratio, prune_n, prune_m = _pattern(args.sparsity)
-    options = SimpleNamespace(
-        nsamples=ids.shape[0], seed=0, sparsity_ratio=ratio, use_variant=False,
-        Hyper_m=args.owl_m, Lamda=args.owl_lamda, model=args.model,
-    )  # fmt: skip
+    call = {}
+    if args.impl != "flap":  # FLAP's entry points take no N:M arguments
+        _, prune_n, prune_m = _pattern(args.sparsity)
+        call = {"prune_n": prune_n, "prune_m": prune_m}
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the original prints per layer: kept, off stdout
-        getattr(module, function)(options, model, None, torch.device("cpu"), prune_n=prune_n, prune_m=prune_m)
+        getattr(module, function)(_options(args, ids), model, None, torch.device("cpu"), **call)
     seconds = time.perf_counter() - start
 
     report = {

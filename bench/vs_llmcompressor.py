@@ -136,11 +136,12 @@ def _load_pruned(command: list[str], dense, out: Path, report: Path, tool: str):
     return model, json.loads(report.read_text())
 
 
-def fetch_original(folder: Path, source: str | None) -> dict[str, Path]:
-    """``ORIGINAL``'s checkouts under ``folder`` (cloned from GitHub, or ``source``/<name> when given,
-    at the pinned commit when missing) -> {name: path}. An existing checkout is used as it is."""
+def fetch_original(folder: Path, source: str | None, pins: dict | None = None) -> dict[str, Path]:
+    """The checkouts of ``pins`` ({name: (repository, commit)}; default ``ORIGINAL``) under ``folder``
+    (cloned from GitHub, or ``source``/<name> when given, at the pinned commit when missing) ->
+    {name: path}. An existing checkout is used as it is."""
     out = {}
-    for name, (url, commit) in ORIGINAL.items():
+    for name, (url, commit) in (ORIGINAL if pins is None else pins).items():
         path = folder / name
         if not (path / "lib").is_dir():
             origin = f"{source}/{name}" if source else url

@@ -1,6 +1,7 @@
 """Shared fixtures of the benchmark-harness tests."""
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -11,7 +12,11 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 def bench_script(name: str) -> ModuleType:
-    """bench/<name>.py loaded as a module (the bench folder is not a package)."""
+    """bench/<name>.py loaded as a module (the bench folder is not a package). The folder goes at
+    the end of ``sys.path``, so a script's imports of its neighbours resolve as when it runs as
+    ``python bench/<name>.py``, and no installed package is shadowed."""
+    if str(BENCH) not in sys.path:
+        sys.path.append(str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

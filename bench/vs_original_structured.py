@@ -1,0 +1,244 @@
+"""sparsekit's FLAP and Wanda-sp against FLAP's original code (CASIA-IVA-Lab/FLAP) on one model,
+the same calibration tokens and one machine, in one run (issue 28).
+
+    python bench/vs_original_structured.py --original reports/original --out docs/data/vs_original_structured
+
+FLAP's code runs only on multi-head attention with 128-channel heads, so both tools prune SmolLM2
+re-expressed in that shape (``bench/mha_head128.py``: the same logits; its zero channels count as
+parameters for both, as FLAP's own accounting counts a head as 4 x hidden x 128). Protocol as the
+other issue-28 tables: fp32, 64 x 512 calibration tokens of the offline corpus (``--seeds``),
+perplexity on 32,768 held-out tokens in windows of 512, 2 threads. Per row (method / ratio): the
+original code through ``bench/original_driver.py`` (a subprocess; ``--method flap`` is its default
+WIFV score with the AL-AM adaptive structure and bias compensation, ``wanda-sp`` its uniform
+structured Wanda; mask-only mode, its result loaded into a transformers Llama with the
+compensation biases), then sparsekit's matching method and the same with ``refit=True``. Each row
+gives ppl, the prune call's time (model load excluded), and the decoder-block parameters removed,
+counted the same way for both (a live head 4 x hidden x 128, a live MLP channel 3 x hidden).
+``--original DIR`` holds the checkout (``DIR/flap``, cloned at ``ORIGINAL``'s pinned commit when
+missing; ``--original-from`` points the clone elsewhere). Writes <out>.json and <out>.md after
+every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from mha_head128 import as_mha, max_logit_difference
+from safetensors.torch import load_file
+from vs_llmcompressor import fetch_original
+
+import sparsekit
+from sparsekit._env import environment, run_line
+from sparsekit._io import write_json_atomic, write_text_atomic
+from sparsekit.eval.perplexity import perplexity_of_ids
+from sparsekit.hf.data import calibration_ids, evaluation_ids
+from sparsekit.hf.models import load_model
+
+ORIGINAL = {"flap": ("https://github.com/CASIA-IVA-Lab/FLAP", "3bb57db3449dd2fa04a5c2192de80e87e33be2b1")}
+ROWS = ["flap/0.2", "wanda-sp/0.2"]
+# sparsekit's counterpart of each original method: (label, prune options)
+SPARSEKIT = {
+    "flap": [
+        ("flap adaptive", {"widths": "adaptive"}),
+        ("flap adaptive + refit", {"widths": "adaptive", "refit": True}),
+    ],
+    "wanda-sp": [("wanda-sp", {}), ("wanda-sp + refit", {"refit": True})],
+}
+DRIVER = Path(__file__).with_name("original_driver.py")
+HEAD = 128  # FLAP's fixed head width
+log = logging.getLogger("vs_original_structured")
+
+
+def live_widths(model) -> list[tuple[int, int]]:
+    """Per decoder block: (heads with any nonzero q row, MLP channels with any nonzero up row). A
+    physically cut model and a mask-only one of the same cut give the same counts."""
+    out = []
+    for layer in model.model.layers:
+        q = layer.self_attn.q_proj.weight.detach()
+        heads = int((q.reshape(-1, HEAD * q.shape[1]) != 0).any(1).sum())
+        channels = int((layer.mlp.up_proj.weight.detach() != 0).any(1).sum())
+        out.append((heads, channels))
+    return out
+
+
+def block_params(model) -> int:
+    """Decoder-block linear parameters by FLAP's accounting: 4 x hidden x 128 per live head, 3 x hidden
+    per live MLP channel."""
+    hidden = model.config.hidden_size
+    return sum(h * 4 * hidden * HEAD + c * 3 * hidden for h, c in live_widths(model))
+
+
+def with_biases(dense, state: dict[str, torch.Tensor]):
+    """A transformers copy of ``dense`` with biases on every projection (zero but o_proj's and
+    down_proj's, which ``state`` gives) and ``state``'s decoder tensors; rotary buffers skipped."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(dense.config)
+    config.attention_bias, config.mlp_bias = True, True
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    full = dense.state_dict() | {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if unexpected:
+        raise RuntimeError(f"the original code's tensors do not fit the model: {unexpected[:3]}")
+    with torch.no_grad():
+        for name in missing:
+            if not name.endswith(".bias"):
+                raise RuntimeError(f"the original code left {name} out")
+            model.get_parameter(name).zero_()
+    return model
+
+
+def run_original(checkout: Path, dense, folder: Path, calib_file: Path, method: str, ratio: str):
+    """(dense pruned by the original code, its report)."""
+    out, report = folder / "original.safetensors", folder / "original.json"
+    command = [
+        sys.executable, str(DRIVER), "--code", str(checkout), "--impl", "flap",
+        "--model", str(folder / "dense"), "--calib", str(calib_file), "--method", method,
+        "--sparsity", ratio, "--out", str(out), "--report", str(report),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    sys.stderr.write(done.stderr[-20000:])
+    if done.returncode:
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
+        raise RuntimeError(f"the original code failed (exit {done.returncode}): {last[0]}")
+    return with_biases(dense, load_file(str(out))), json.loads(report.read_text())
+
+
+def run_sparsekit(dense, calib: torch.Tensor, method: str, ratio: str, options: dict):
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    sparsekit.prune(model, method=method, sparsity=float(ratio), calib=calib, show_progress=False, **options)
+    return model, {"prune_s": time.perf_counter() - start}
+
+
+def _markdown(head: str, rows: list[dict]) -> str:
+    lines = [
+        head,
+        "",
+        "| row | seed | tool | ppl | prune s | block params removed | heads kept | MLP channels kept |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ppl = "failed" if r.get("error") else f"{r['ppl']:.2f}"
+        lines.append(
+            f"| {r['row']} | {r.get('seed', '-')} | {r['tool']} | {ppl} | {r.get('prune_s', 0):.1f} | "
+            f"{r.get('removed', 0):.2%} | {r.get('heads', '-')} | {r.get('channels', '-')} |"
+        )
+    lines += _ratios(rows)
+    failed = [r for r in rows if r.get("error")]
+    lines += [f"- {r['row']}, {r['tool']}: {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _ratios(rows: list[dict]) -> list[str]:
+    """Each sparsekit row against the original on the same row and seed (ratios below 1: lower or faster)."""
+    out = []
+    for ref in (r for r in rows if r["tool"].startswith("original") and not r.get("error")):
+        for r in rows:
+            if r["tool"].startswith("sparsekit") and (r["row"], r.get("seed")) == (ref["row"], ref["seed"]):
+                out.append(
+                    f"- {r['row']}, seed {r['seed']}, {r['tool']}: ppl {r['ppl'] / ref['ppl']:.3f}x the "
+                    f"original's, time {r['prune_s'] / ref['prune_s']:.2f}x, block params removed "
+                    f"{r['removed']:.2%} against {ref['removed']:.2%}"
+                )
+    return (
+        ["", "sparsekit against the original code (the issue's targets: ppl <= 1x, time <= 0.5x):", "", *out]
+        if out
+        else []
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="reports/vs_original_structured")
+    p.add_argument("--original", required=True, metavar="DIR", help="where the FLAP checkout is (DIR/flap)")
+    p.add_argument("--original-from", metavar="URL", help="clone the checkout from URL/flap")
+    p.add_argument("--rows", nargs="+", default=ROWS, metavar="METHOD/RATIO")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    args = p.parse_args(argv)
+    for row in args.rows:
+        method, _, ratio = row.partition("/")
+        if method not in SPARSEKIT:
+            p.error(f"unknown row {row!r}: methods {' '.join(SPARSEKIT)}, e.g. flap/0.2")
+        try:
+            if not 0 < float(ratio) < 1:
+                raise ValueError
+        except ValueError:
+            p.error(f"row {row!r} needs a ratio in (0, 1) after the '/', e.g. {method}/0.2")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds repeats a seed: {args.seeds}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(2)
+    checkout = fetch_original(Path(args.original), args.original_from, pins=ORIGINAL)["flap"]
+    source, tok = load_model("smollm2", dtype=torch.float32)
+    dense = as_mha(source)
+    probe = torch.randint(0, source.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    gap = max_logit_difference(source, dense, probe)
+    if gap > 1e-4:
+        raise SystemExit(f"the MHA re-expression's logits differ by {gap:.1e} (relative)")
+    del source
+    eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
+    env = environment()
+    head = (
+        f"{run_line('bench/vs_original_structured.py', argv, env)}; FLAP's code at "
+        f"{ORIGINAL['flap'][1][:12]} via bench/original_driver.py; SmolLM2-135M re-expressed as 9 heads "
+        f"x 128 (MHA; logits within {gap:.1e} of the source), fp32, calibration {args.nsamples} x "
+        f"{args.seqlen} (seeds {' '.join(map(str, args.seeds))}), ppl on {eval_ids.shape[1]} held-out "
+        "tokens in windows of 512."
+    )
+    total = block_params(dense)
+    out = Path(args.out)
+    rows = [{"row": "dense", "tool": "-", "ppl": perplexity_of_ids(dense, eval_ids, 512).ppl, "removed": 0.0}]
+
+    def add(row: dict, model) -> None:
+        widths = live_widths(model)
+        row |= {
+            "ppl": perplexity_of_ids(model, eval_ids, 512).ppl,
+            "removed": 1 - block_params(model) / total,
+            "heads": sum(h for h, _ in widths),
+            "channels": sum(c for _, c in widths),
+        }
+        rows.append(row)
+        log.info("%s", row)
+        write_json_atomic(out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows})
+        write_text_atomic(out.with_suffix(".md"), _markdown(head, rows))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        dense.save_pretrained(folder / "dense")
+        for seed in args.seeds:
+            calib = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=seed)
+            calib_file = folder / "calib.pt"
+            torch.save(calib.clone(), calib_file)
+            for row in args.rows:
+                method, _, ratio = row.partition("/")
+                try:
+                    model, info = run_original(checkout, dense, folder, calib_file, method, ratio)
+                    add({"row": row, "seed": seed, "tool": f"original {info['code']}", **info}, model)
+                except RuntimeError as exc:
+                    log.error("%s", exc)
+                    rows.append(
+                        {"row": row, "seed": seed, "tool": "original", "ppl": float("nan"), "error": str(exc)}
+                    )
+                for label, options in SPARSEKIT[method]:
+                    model, info = run_sparsekit(dense, calib, method, ratio, options)
+                    add({"row": row, "seed": seed, "tool": f"sparsekit {label}", **info}, model)
+                del model
+    print(_markdown(head, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
