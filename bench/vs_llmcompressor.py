@@ -119,13 +119,19 @@ def run_llmcompressor(python: Path, dense, folder: Path, calib_file: Path, metho
     return _load_pruned(command, dense, out, report, "llm-compressor")
 
 
-def _load_pruned(command: list[str], dense, out: Path, report: Path, tool: str):
-    """Run a driver ``command``; load the decoder weights it wrote into a copy of ``dense``."""
+def run_driver(command: list[str], tool: str) -> None:
+    """Run a prune driver ``command``, its stderr passed on; a RuntimeError naming ``tool`` and the
+    driver's last line when it fails."""
     done = subprocess.run(command, capture_output=True, text=True)
     sys.stderr.write(done.stderr[-20000:])
     if done.returncode:
         last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
         raise RuntimeError(f"{tool} failed (exit {done.returncode}): {last[0]}")
+
+
+def _load_pruned(command: list[str], dense, out: Path, report: Path, tool: str):
+    """Run a driver ``command``; load the decoder weights it wrote into a copy of ``dense``."""
+    run_driver(command, tool)
     state = load_file(str(out))
     model = copy.deepcopy(dense)
     own = model.state_dict()

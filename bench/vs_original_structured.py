@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 from mha_head128 import as_mha, max_logit_difference
 from safetensors.torch import load_file
-from vs_llmcompressor import fetch_original
+from vs_llmcompressor import fetch_original, run_driver
 
 import sparsekit
 from sparsekit._env import environment, run_line
@@ -105,11 +104,7 @@ def run_original(checkout: Path, dense, folder: Path, calib_file: Path, method: 
         "--model", str(folder / "dense"), "--calib", str(calib_file), "--method", method,
         "--sparsity", ratio, "--out", str(out), "--report", str(report),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    sys.stderr.write(done.stderr[-20000:])
-    if done.returncode:
-        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or ["no output"]
-        raise RuntimeError(f"the original code failed (exit {done.returncode}): {last[0]}")
+    run_driver(command, "the original code")
     return with_biases(dense, load_file(str(out))), json.loads(report.read_text())
 
 
