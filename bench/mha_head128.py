@@ -47,10 +47,8 @@ def _check_convertible(config, width: int) -> None:
     if config.model_type != "llama":
         raise ValueError(f"expected a Llama model, got model_type {config.model_type!r}")
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default" or getattr(config, "partial_rotary_factor", 1) not in (
-        None,
-        1,
-    ):
+    partial = getattr(config, "partial_rotary_factor", None) or 1
+    if rope.get("rope_type", "default") != "default" or partial != 1:
         raise ValueError(
             f"rotary {rope} is not the default full rotation: the frequencies of a wider head would "
             "not line up with the old ones"
@@ -100,6 +98,17 @@ def as_mha(model, width: int = 128):
     return wide.eval()
 
 
+def checked_mha(model, width: int = 128, tolerance: float = 1e-4):
+    """(``as_mha(model, width)``, its largest logit difference from ``model`` relative to the largest
+    logit, on two random 64-token windows); a SystemExit above ``tolerance``."""
+    wide = as_mha(model, width)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    gap = max_logit_difference(model, wide, ids)
+    if gap > tolerance:
+        raise SystemExit(f"the re-expressed model's logits differ by {gap:.2e} of the largest logit")
+    return wide, gap
+
+
 def max_logit_difference(a, b, ids: torch.Tensor) -> float:
     """Largest |logit difference| of two models on ``ids`` [batch, seq], relative to a's largest |logit|."""
     with torch.no_grad():
@@ -122,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from sparsekit.hf.models import load_model
 
     model, tok = load_model(args.model, dtype=torch.float32)
-    wide = as_mha(model, args.width)
-    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    gap = max_logit_difference(model, wide, ids)
-    if gap > 1e-4:
-        raise SystemExit(f"the re-expressed model's logits differ by {gap:.2e} of the largest logit")
+    wide, gap = checked_mha(model, args.width)
     tmp = out.with_name(out.name + ".tmp")
     wide.save_pretrained(tmp)
     tok.save_pretrained(tmp)

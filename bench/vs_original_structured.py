@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from mha_head128 import as_mha, max_logit_difference
+from mha_head128 import checked_mha
 from safetensors.torch import load_file
 from vs_llmcompressor import fetch_original, run_driver
 
@@ -178,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     checkout = fetch_original(Path(args.original), args.original_from, pins=ORIGINAL)["flap"]
     source, tok = load_model("smollm2", dtype=torch.float32)
-    dense = as_mha(source)
-    probe = torch.randint(0, source.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
-    gap = max_logit_difference(source, dense, probe)
-    if gap > 1e-4:
-        raise SystemExit(f"the MHA re-expression's logits differ by {gap:.1e} (relative)")
+    dense, gap = checked_mha(source, HEAD)
     del source
     eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
     env = environment()

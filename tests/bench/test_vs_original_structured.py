@@ -125,3 +125,11 @@ def test_vs_original_structured_refuses_bad_rows_before_any_work(tmp_path, rows,
     with pytest.raises(SystemExit):
         vs.main(["--original", str(tmp_path), "--rows", *rows])
     assert match in capsys.readouterr().err
+
+
+def test_checked_mha_reports_the_gap_and_stops_above_the_tolerance():
+    mha = bench_script("mha_head128")
+    wide, gap = mha.checked_mha(gqa_llama(), 32)
+    assert wide.config.head_dim == 32 and gap < 1e-5
+    with pytest.raises(SystemExit, match="logits differ"):
+        mha.checked_mha(gqa_llama(), 32, tolerance=-1.0)
