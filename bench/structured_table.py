@@ -90,6 +90,9 @@ ROUND2 = ",".join(
     ]
 )
 PRESETS = {"round1": DEFAULT_VARIANTS, "round2": ROUND2}
+# the width methods' calibration forwards stay fp32 in these tables, as they ran before the width
+# methods took forward_dtype (whose default, "auto", is bf16 where the CPU has bf16 matmuls)
+FP32_FORWARDS = {"forward_dtype": "model"}
 
 
 def steps_of(variant: str) -> list[tuple[str, str, dict]]:
@@ -120,7 +123,7 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
             raise ValueError(
                 f"unknown variant {variant!r}: llm-pruner suffixes are -element2, -vector, -refit"
             )
-        kw: dict = {"refit": "refit" in flags}
+        kw: dict = {"refit": "refit" in flags} | FP32_FORWARDS
         kw.update(("importance", f) for f in flags if f in ("element2", "vector"))
         return [("llm-pruner", str(int(percent) / 100), kw)]
     if variant.startswith("minitron-"):
@@ -135,7 +138,7 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
             if set(flags) - {"adaptive", "refit"}:
                 raise ValueError(f"unknown variant {variant!r}: width suffixes are -adaptive and -refit")
             kw = {"widths": "adaptive" if "adaptive" in flags else "uniform", "refit": "refit" in flags}
-            return [(method, str(int(percent) / 100), kw)]
+            return [(method, str(int(percent) / 100), kw | FP32_FORWARDS)]
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -414,15 +417,19 @@ def saved_model(args: argparse.Namespace, variant: str):
     return sparsekit.load(folder)
 
 
-def distil_rows(rows: list[dict], p: Protocol, args: argparse.Namespace, models: dict, save_partial) -> None:
-    """Distil the chosen rows (those already distilled with the same settings are kept)."""
+def distil_rows(
+    rows: list[dict], p: Protocol, args: argparse.Namespace, models: dict, save_partial, stamp: dict
+) -> None:
+    """Distil the chosen rows (those already distilled with the same settings are kept); each
+    distillation records the commit and CPU it ran on (``stamp``) and when it finished."""
     wanted = settings(args, DISTILL)
     for row in distil_choice(rows, args.distill_best, args.distill_variants):
         if (row.get("distilled") or {}).get("settings") == wanted:
             logging.info("%s: distillation kept from the stopped run", row["variant"])
             continue
         model = models.get(row["variant"]) or saved_model(args, row["variant"])
-        row["distilled"] = distil(model, p, args) | {"settings": wanted}
+        done = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        row["distilled"] = distil(model, p, args) | {"settings": wanted, "run": stamp | done}
         save_partial()
 
 
@@ -477,7 +484,7 @@ def main() -> None:
         save_partial()
         add_timing(rows, timing["results"])
     if args.distill_steps:
-        distil_rows(rows, p, args, models, save_partial)
+        distil_rows(rows, p, args, models, save_partial, stamp)
     write_report(rows, partial["timing"], p, args)
 
 
@@ -519,6 +526,15 @@ def runs_line(rows: list[dict], timing: dict | None) -> str:
         parts.append(
             f"timing: commit {run['commit']} on {run['cpu']} ({run['cpu_threads']} threads), one process"
         )
+    distilled: dict[tuple, list[str]] = {}
+    for r in rows:
+        run = (r.get("distilled") or {}).get("run")
+        if run:  # distillations before the stamp was kept say nothing here
+            distilled.setdefault((run["commit"], run["cpu"], run["cpu_threads"]), []).append(r["variant"])
+    parts += [
+        f"distillation of {', '.join(names)}: commit {c} on {cpu} ({threads} threads)"
+        for (c, cpu, threads), names in distilled.items()
+    ]
     return "; ".join(parts)
 
 

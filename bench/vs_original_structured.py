@@ -11,9 +11,11 @@ perplexity on 32,768 held-out tokens in windows of 512, 2 threads. Per row (meth
 original code through ``bench/original_driver.py`` (a subprocess; ``--method flap`` is its default
 WIFV score with the AL-AM adaptive structure and bias compensation, ``wanda-sp`` its uniform
 structured Wanda; mask-only mode, its result loaded into a transformers Llama with the
-compensation biases), then sparsekit's matching method and the same with ``refit=True``. Each row
-gives ppl, the prune call's time (model load excluded), and the decoder-block parameters removed,
-counted the same way for both (a live head 4 x hidden x 128, a live MLP channel 3 x hidden).
+compensation biases), then sparsekit's counterparts (``SPARSEKIT``: the default bf16 forwards and
+fp32 ones, with and without ``refit=True``, Wanda-sp also at the original's size). Each row gives
+ppl, the prune call's time (model load excluded) and sparsekit's phases, and the decoder-block
+parameters removed, counted the same way for both (a live head 4 x hidden x 128, a live MLP
+channel 3 x hidden).
 ``--original DIR`` holds the checkout (``DIR/flap``, cloned at ``ORIGINAL``'s pinned commit when
 missing; ``--original-from`` points the clone elsewhere). Writes <out>.json and <out>.md after
 every row.
@@ -44,13 +46,24 @@ from sparsekit.hf.models import load_model
 
 ORIGINAL = {"flap": ("https://github.com/CASIA-IVA-Lab/FLAP", "3bb57db3449dd2fa04a5c2192de80e87e33be2b1")}
 ROWS = ["flap/0.2", "wanda-sp/0.2"]
-# sparsekit's counterpart of each original method: (label, prune options)
+# sparsekit's counterparts of each original method: (label, prune options, size). Size "ratio"
+# prunes the row's ratio of block parameters; "original" the share the original code removed on
+# that row, with no rounding of MLP widths (channel_multiple 1, as the original), so both tools
+# cut the same number of heads and channels (the original's Wanda-sp ratio counts heads and
+# channels, not parameters: at 0.2 it removes 15.55% of SmolLM2's). Default forwards: bf16 where
+# the CPU has bf16 matmuls ("auto"); "model" keeps them fp32, as the original code on a CPU.
 SPARSEKIT = {
     "flap": [
-        ("flap adaptive", {"widths": "adaptive"}),
-        ("flap adaptive + refit", {"widths": "adaptive", "refit": True}),
+        ("flap adaptive, fp32 forwards", {"widths": "adaptive", "forward_dtype": "model"}, "ratio"),
+        ("flap adaptive", {"widths": "adaptive"}, "ratio"),
+        ("flap adaptive + refit", {"widths": "adaptive", "refit": True}, "ratio"),
     ],
-    "wanda-sp": [("wanda-sp", {}), ("wanda-sp + refit", {"refit": True})],
+    "wanda-sp": [
+        ("wanda-sp at 20% of parameters", {}, "ratio"),
+        ("wanda-sp, fp32 forwards", {"forward_dtype": "model", "channel_multiple": 1}, "original"),
+        ("wanda-sp", {"channel_multiple": 1}, "original"),
+        ("wanda-sp + refit", {"channel_multiple": 1, "refit": True}, "original"),
+    ],
 }
 DRIVER = Path(__file__).with_name("original_driver.py")
 HEAD = 128  # FLAP's fixed head width
@@ -108,25 +121,44 @@ def run_original(checkout: Path, dense, folder: Path, calib_file: Path, method: 
     return with_biases(dense, load_file(str(out))), json.loads(report.read_text())
 
 
-def run_sparsekit(dense, calib: torch.Tensor, method: str, ratio: str, options: dict):
+def target_sparsity(size: str, ratio: str, original: dict | None) -> float | None:
+    """What sparsekit is asked for: the row's ratio ("ratio"), or the share of block parameters the
+    original code removed on the row ("original"; None when the original failed)."""
+    if size == "ratio":
+        return float(ratio)
+    return None if original is None else original["removed"]
+
+
+def run_sparsekit(dense, calib: torch.Tensor, method: str, sparsity: float, options: dict):
+    """(the pruned copy, {prune_s, its phases, forward dtype})."""
     model = copy.deepcopy(dense)
     start = time.perf_counter()
-    sparsekit.prune(model, method=method, sparsity=float(ratio), calib=calib, show_progress=False, **options)
-    return model, {"prune_s": time.perf_counter() - start}
+    report = sparsekit.prune(
+        model, method=method, sparsity=sparsity, calib=calib, show_progress=False, **options
+    )
+    seconds = time.perf_counter() - start
+    return model, {"prune_s": seconds, "phases_s": report.timings_s, "forward_dtype": report.forward_dtype}
 
 
 def _markdown(head: str, rows: list[dict]) -> str:
     lines = [
         head,
         "",
-        "| row | seed | tool | ppl | prune s | block params removed | heads kept | MLP channels kept |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| row | seed | tool | forwards | ppl | prune s | sparsekit's phases (s) | block params removed | "
+        "heads kept | MLP channels kept |",
+        "|---|---:|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         ppl = "failed" if r.get("error") else f"{r['ppl']:.2f}"
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in r.get("phases_s", {}).items()) or "-"
+        dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(
+            r.get("forward_dtype", ""), r.get("forward_dtype", "-")
+        )
+        dtype = "fp32" if r["tool"].startswith("original") else dtype
         lines.append(
-            f"| {r['row']} | {r.get('seed', '-')} | {r['tool']} | {ppl} | {r.get('prune_s', 0):.1f} | "
-            f"{r.get('removed', 0):.2%} | {r.get('heads', '-')} | {r.get('channels', '-')} |"
+            f"| {r['row']} | {r.get('seed', '-')} | {r['tool']} | {dtype} | {ppl} | "
+            f"{r.get('prune_s', 0):.1f} | {phases} | {r.get('removed', 0):.2%} | {r.get('heads', '-')} | "
+            f"{r.get('channels', '-')} |"
         )
     lines += _ratios(rows)
     failed = [r for r in rows if r.get("error")]
@@ -215,18 +247,26 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(calib.clone(), calib_file)
             for row in args.rows:
                 method, _, ratio = row.partition("/")
+                original = None
                 try:
                     model, info = run_original(checkout, dense, folder, calib_file, method, ratio)
-                    add({"row": row, "seed": seed, "tool": f"original {info['code']}", **info}, model)
+                    original = {"row": row, "seed": seed, "tool": f"original {info['code']}", **info}
+                    add(original, model)
                 except RuntimeError as exc:
                     log.error("%s", exc)
                     rows.append(
                         {"row": row, "seed": seed, "tool": "original", "ppl": float("nan"), "error": str(exc)}
                     )
-                for label, options in SPARSEKIT[method]:
-                    model, info = run_sparsekit(dense, calib, method, ratio, options)
-                    add({"row": row, "seed": seed, "tool": f"sparsekit {label}", **info}, model)
-                del model
+                for label, options, size in SPARSEKIT[method]:
+                    tool = f"sparsekit {label}" + (", at the original's size" if size == "original" else "")
+                    sparsity = target_sparsity(size, ratio, original)
+                    if sparsity is None:
+                        rows.append({"row": row, "seed": seed, "tool": tool, "ppl": float("nan"),
+                                     "error": "the original code failed: no size to match"})  # fmt: skip
+                        continue
+                    model, info = run_sparsekit(dense, calib, method, sparsity, options)
+                    add({"row": row, "seed": seed, "tool": tool, "sparsity": sparsity, **info}, model)
+                    del model
     print(_markdown(head, rows))
     return 0
 

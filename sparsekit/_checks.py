@@ -71,6 +71,7 @@ PER_LAYER_OPTIONS = (
 )
 DEPTH_OPTIONS = ("remove_layers", "repair", "repair_fit", "tokens")
 WIDTH_OPTIONS = ("heads", "widths", "bias_compensation", "refit", "channel_multiple")
+WIDTH_FORWARD_OPTIONS = ("forward_dtype",)  # per-layer methods' option that the width methods also honour
 SUBBLOCK_OPTIONS = ("subblock_search",)
 TAYLOR_OPTIONS = ("importance",)
 MINITRON_OPTIONS = ("axes",)
@@ -164,7 +165,8 @@ def _refuse_unused(name: str, keys: list[str], why: str) -> None:
 def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | None) -> PruneRequest:
     obj = structured_method(method)
     name = obj.name
-    per_layer = [k for k in PER_LAYER_OPTIONS if k in asked]
+    forwards = isinstance(obj, WidthMethod)  # wanda-sp / flap / llm-pruner honour forward_dtype
+    per_layer = [k for k in PER_LAYER_OPTIONS if k in asked and not (forwards and k in WIDTH_FORWARD_OPTIONS)]
     _refuse_unused(
         name,
         per_layer,
@@ -245,6 +247,7 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
             *MINITRON_OPTIONS,
             *EXPERT_REMOVAL_OPTIONS,
             *COMMON_OPTIONS,
+            *(WIDTH_FORWARD_OPTIONS if forwards else ()),
         )  # fmt: skip
         if k in asked
     ]

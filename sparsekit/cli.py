@@ -1033,8 +1033,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--forward-dtype",
         default="auto",
-        help="dtype of the calibration forwards: auto (bf16 for an fp32 model where bf16 matmuls are "
-        "fast), model, bf16, fp16, fp32; statistics are fp32 and weights keep their dtype",
+        help="dtype of the calibration forwards (the per-layer methods, and wanda-sp / flap / llm-pruner): "
+        "auto (bf16 for an fp32 model where bf16 matmuls are fast), model, bf16, fp16, fp32; statistics "
+        "are fp32 or wider and weights keep their dtype",
     )
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per block forward")
     p.add_argument(

@@ -38,7 +38,7 @@ def test_distil_choice_takes_the_best_of_each_size_and_the_named(table):
 def test_stacked_and_repair_variants_parse(table):
     assert table.steps_of("angular-3-rw+flap-28-adaptive-refit") == [
         ("angular", "0", {"remove_layers": 3, "repair": True, "repair_fit": "weights"}),
-        ("flap", "0.28", {"widths": "adaptive", "refit": True}),
+        ("flap", "0.28", {"widths": "adaptive", "refit": True, "forward_dtype": "model"}),
     ]
     assert table.steps_of("shortgpt-6-r") == [("shortgpt", "0", {"remove_layers": 6, "repair": True})]
     assert table.steps_of("flap-20+2:4")[-1] == ("sparsegpt", "2:4", {})
@@ -143,6 +143,8 @@ def test_a_stopped_run_resumes_and_times_and_distils_the_saved_models(table, tmp
     assert set(report["timing"]["results"]) == {"dense", "shortgpt-1-r"}
     assert rows["shortgpt-1-r"]["distilled"]["settings"]["distill_steps"] == 2
     assert rows["dense"]["run"]["commit"] == rows["shortgpt-1-r"]["run"]["commit"]
+    assert rows["shortgpt-1-r"]["distilled"]["run"]["commit"] == rows["dense"]["run"]["commit"]
+    assert "distillation of shortgpt-1-r: commit" in (out / "structured.md").read_text()
 
     calls.clear()
     monkeypatch.setattr(table, "distil", lambda *a: pytest.fail("distilled again"))

@@ -133,3 +133,24 @@ def test_checked_mha_reports_the_gap_and_stops_above_the_tolerance():
     assert wide.config.head_dim == 32 and gap < 1e-5
     with pytest.raises(SystemExit, match="logits differ"):
         mha.checked_mha(gqa_llama(), 32, tolerance=-1.0)
+
+
+def test_sizes_rows_and_report_columns():
+    mod = bench_script("vs_original_structured")
+    assert mod.target_sparsity("ratio", "0.2", None) == 0.2
+    assert mod.target_sparsity("original", "0.2", {"removed": 0.1555}) == 0.1555
+    assert mod.target_sparsity("original", "0.2", None) is None  # the original failed: nothing to match
+    # every Wanda-sp counterpart at the original's size cuts MLP widths as the original (no rounding)
+    assert all(
+        o.get("channel_multiple") == 1 for _, o, size in mod.SPARSEKIT["wanda-sp"] if size == "original"
+    )
+    rows = [
+        {"row": "flap/0.2", "seed": 0, "tool": "original flap@abc", "ppl": 30.0, "prune_s": 60.0,
+         "removed": 0.2},
+        {"row": "flap/0.2", "seed": 0, "tool": "sparsekit flap adaptive", "ppl": 29.0, "prune_s": 20.0,
+         "removed": 0.2, "forward_dtype": "bfloat16", "phases_s": {"statistics": 19.5, "select+cut": 0.5}},
+    ]  # fmt: skip
+    text = mod._markdown("head", rows)
+    assert "| flap/0.2 | 0 | original flap@abc | fp32 | 30.00 | 60.0 | - |" in text
+    assert "| sparsekit flap adaptive | bf16 | 29.00 | 20.0 | statistics 19.5, select+cut 0.5 |" in text
+    assert "ppl 0.967x the original's, time 0.33x" in text

@@ -135,6 +135,26 @@ def test_global_selection_removes_the_lowest_scores_across_blocks_by_cost():
     assert {u.index for u in chosen[0][1]} == set(range(100))  # the lowest of block 0
 
 
+def test_global_selection_stops_nearest_the_budget_as_flaps_threshold():
+    """FLAP's AL-AM threshold is the position whose cumulative cost is nearest the budget: a head
+    that would overshoot by more than stopping leaves short is not removed, nor anything after it."""
+    from sparsekit.pruning.structured.width import Unit, select_global
+
+    layouts = list(describe(make("llama", layers=2)))
+    config = StructuredConfig(sparsity=0.25, channel_multiple=1)  # budget 1000 of 4000
+    mlp = [[Unit(b, "mlp", i, float(i), 10) for i in range(128)] for b in range(2)]
+    # after 96 channels (960 params) the next unit is a head of 100: 1060 is further than 960
+    attn = [[Unit(0, "attn", 0, 47.5, 100), Unit(0, "attn", 1, 99.0, 100)], []]
+    chosen = select_global(layouts, attn, mlp, config, [2000, 2000])
+    assert [len(a) for a, _ in chosen] == [0, 0]
+    assert [len(m) for _, m in chosen] == [48, 48]
+    # a head of 60 there lands nearer (1020 against 960): it goes, and then nothing more (1030)
+    attn = [[Unit(0, "attn", 0, 47.5, 60), Unit(0, "attn", 1, 99.0, 60)], []]
+    chosen = select_global(layouts, attn, mlp, config, [2000, 2000])
+    assert [len(a) for a, _ in chosen] == [1, 0]
+    assert [len(m) for _, m in chosen] == [48, 48]
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.models import describe
 
 _STRUCTURED: dict[str, type[StructuredMethod]] = {}
@@ -47,6 +48,11 @@ class StructuredConfig:
       (``minitron.py``; default "hidden,mlp", the paper's recipe).
     channel_multiple: kept MLP widths are rounded to a multiple of this (8: aligned GEMMs, and
       2:4 / 4:8 stacking needs a multiple of 4 or 8); 1 disables the rounding.
+    forward_dtype: width methods (wanda-sp, flap, llm-pruner); the dtype of their calibration
+      forwards (statistics, refit): "auto" (bfloat16 for an fp32 model where the device has fast
+      bf16 matmuls, as the unstructured engine), "model", or a torch dtype. Statistics and solves
+      stay in float64; the weights are cut and refitted in their own dtype. LLM-Pruner's gradient
+      pass runs in the model's dtype.
     """
 
     sparsity: float = 0.2
@@ -63,6 +69,7 @@ class StructuredConfig:
     axes: str = "hidden,mlp"
     channel_multiple: int = 8
     num_experts: int | None = None  # expert methods: experts every MoE block keeps (overrides sparsity)
+    forward_dtype: str | torch.dtype = "auto"
     batch_size: int = 8
     device: str | torch.device | None = None
     show_progress: bool = True
@@ -102,6 +109,11 @@ class StructuredConfig:
             raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.forward_dtype not in ("auto", "model"):
+            try:
+                self.forward_dtype = parse_dtype(self.forward_dtype)
+            except ValueError as exc:
+                raise ValueError(f"forward_dtype: {exc}, or auto / model") from None
 
     @property
     def axes_tuple(self) -> tuple[str, ...]:
@@ -131,6 +143,7 @@ class StructuredReport:
     experts: list[dict[str, Any]] = field(default_factory=list)  # expert methods: per MoE block
     uniform_widths: bool = True
     bias_compensation: bool = False
+    forward_dtype: str = ""  # width methods: the dtype their calibration forwards ran in
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, model_device
+from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, model_device, model_dtype
 
 from ..capture import Chunk, block_output_structure, capture_block_inputs, model_tail
 from ..offload import materialized
@@ -36,10 +38,18 @@ def on_device(block: nn.Module, device: torch.device) -> Iterator[None]:
             block.to(home)
 
 
+def runner(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``block`` itself where its weights are ``dtype``, else a copy cast to ``dtype`` (the
+    calibration forwards' dtype, ``PruneConfig.forward_dtype``; the block's own weights stay)."""
+    return block if model_dtype(block) == dtype else copy.deepcopy(block).to(dtype)
+
+
 def forward(
     block: nn.Module, chunks: list[Chunk], index: int, hidden: list[torch.Tensor] | None = None
 ) -> list[torch.Tensor]:
-    """Outputs of decoder block ``index`` on each chunk (the chunk's hidden states, or ``hidden``)."""
+    """Outputs of decoder block ``index`` on each chunk (the chunk's hidden states, or ``hidden``),
+    in the chunks' dtype (a cast copy of the block runs where it differs from the weights')."""
+    block = runner(block, (chunks[0].hidden if hidden is None else hidden[0]).dtype)
     with torch.no_grad():
         return [c.run(block, index, None if hidden is None else hidden[i]) for i, c in enumerate(chunks)]
 
@@ -54,15 +64,17 @@ def hooked_pass(
 ) -> None:
     """One pass of the blocks in order over ``chunks`` (each chunk's hidden states advanced to the
     last block's output), with the hooks ``hook_block(block)`` registers (it returns their handles)
-    in place for that block's forward only."""
+    in place for that block's forward only. Where the chunks' dtype differs from the weights', the
+    hooks go on the cast copy that runs (``hook_block`` gets the block with that copy as module)."""
     for block in tqdm(list(anatomy), desc=desc, disable=not show_progress):
-        handles = hook_block(block)
-        try:
-            with on_device(block.module, device):
-                outs = forward(block.module, chunks, block.index)
-        finally:
-            for h in handles:
-                h.remove()
+        with on_device(block.module, device):
+            run = runner(block.module, chunks[0].hidden.dtype)
+            handles = hook_block(block if run is block.module else dataclasses.replace(block, module=run))
+            try:
+                outs = forward(run, chunks, block.index)
+            finally:
+                for h in handles:
+                    h.remove()
         for c, o in zip(chunks, outs, strict=True):
             c.hidden = o
 

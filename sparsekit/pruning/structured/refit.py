@@ -33,7 +33,7 @@ from sparsekit.models import BlockAnatomy, ModelAnatomy, linear_weight, set_line
 
 from ..capture import Chunk
 from .layout import add_output_bias
-from .passes import forward, on_device
+from .passes import forward, on_device, runner
 
 DEFAULT_DAMP = 0.01  # ridge, as a fraction of the mean diagonal (SparseGPT's percdamp)
 
@@ -111,15 +111,32 @@ def refit_linear(
         add_output_bias(linear, bias)
 
 
+class _Recorded(Exception):
+    """Raised once the recorded linear has its input: the rest of the block's forward is not needed."""
+
+
 def _record_inputs(block: BlockAnatomy, name: str, chunks: list[Chunk], device) -> GramStats:
-    """Gram statistics of linear ``name``'s input while ``block`` runs on ``chunks``."""
+    """Gram statistics of linear ``name``'s input while ``block`` runs on ``chunks`` (in their
+    dtype); each chunk's forward stops at that linear (for o_proj the MLP never runs)."""
     stats = GramStats()
-    handle = block.linear(name).register_forward_pre_hook(stats)
-    try:
-        with on_device(block.module, device):
-            forward(block.module, chunks, block.index)
-    finally:
-        handle.remove()
+
+    def record(module: nn.Module, inputs: tuple) -> None:
+        stats(module, inputs)
+        raise _Recorded
+
+    with on_device(block.module, device):
+        run = runner(block.module, chunks[0].hidden.dtype)
+        handle = run.get_submodule(name).register_forward_pre_hook(record)
+        try:
+            with torch.no_grad():
+                for chunk in chunks:
+                    try:
+                        chunk.run(run, block.index)
+                    except _Recorded:
+                        continue
+                    raise RuntimeError(f"block {block.index} ran without calling {name}: nothing to refit on")
+        finally:
+            handle.remove()
     return stats
 
 

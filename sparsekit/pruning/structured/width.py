@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, in_out_features, linear_weight
+from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, in_out_features, linear_weight, model_dtype
 from sparsekit.models.families import CONFIG_MLP_WIDTH_KEYS, family
 
+from ..capture import cast_chunks, resolve_forward_dtype
 from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
@@ -251,8 +252,11 @@ def select_global(
     layouts, attn: list[list[Unit]], mlp: list[list[Unit]], config: StructuredConfig, block_params: list[int]
 ) -> list[tuple[list[Unit], list[Unit]]]:
     """FLAP's adaptive structure: scores (standardised within each block) ranked across blocks and
-    types, removed lowest first until ``sparsity`` of all block parameters is gone, which is
-    FLAP's parameter-weighted threshold (each block keeps an attention unit and an MLP channel)."""
+    types, removed lowest first while that brings the removed parameters nearer ``sparsity`` of
+    all block parameters: FLAP's parameter-weighted threshold, which stops at the unit whose
+    cumulative cost is nearest the budget, so a head (a hundred or more channels' worth) that would
+    overshoot by more than it leaves short stays (each block keeps an attention unit and an MLP
+    channel)."""
     all_attn = [u for units in attn for u in units]
     all_mlp = [u for units in mlp for u in units]
     budget = config.sparsity * sum(block_params)
@@ -260,7 +264,7 @@ def select_global(
     chosen: list[tuple[list[Unit], list[Unit]]] = [([], []) for _ in layouts]
     removed = 0
     for unit in sorted(all_attn + all_mlp, key=lambda u: (u.score, u.index)):
-        if removed >= budget:
+        if removed + unit.cost - budget > budget - removed:  # stopping here is nearer the budget
             break
         a_sel, m_sel = chosen[unit.block]
         if unit.kind == "attn":
@@ -482,6 +486,9 @@ class WidthMethod(StructuredMethod):
             chunks = capture(
                 model, calibration_share(input_ids, config.batch_size, world), config.batch_size, device
             )
+            forward_dtype = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
+            report.forward_dtype = str(forward_dtype).replace("torch.", "")
+            cast_chunks(chunks, forward_dtype)
             inputs = [c.hidden for c in chunks] if config.refit else []  # block 0's, for the refit pass
             if self.scores_from_stats or targets:
                 show = config.show_progress and world.main

@@ -1,0 +1,73 @@
+"""The width methods' calibration forwards in another dtype (``StructuredConfig.forward_dtype``):
+the statistics hooks fire on the cast copy that runs, the model's own weights keep their dtype,
+the bf16 statistics match the fp32 ones within bf16's rounding, the refit runs on bf16 inputs,
+and the option is refused by the structured methods that do not honour it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sparsekit._checks import check_prune_request
+from sparsekit.models import describe
+from sparsekit.pruning.capture import cast_chunks
+from sparsekit.pruning.structured import StructuredConfig, structured_method
+from sparsekit.pruning.structured.passes import capture
+from sparsekit.pruning.structured.width import collect_stats
+from tests.pruning.test_structured import calib, make
+
+
+def _stats(model, dtype: torch.dtype):
+    anatomy = describe(model)
+    chunks = capture(model, calib(8, 16), 4, torch.device("cpu"))
+    cast_chunks(chunks, dtype)
+    return collect_stats(anatomy, chunks, torch.device("cpu"), show_progress=False)
+
+
+def test_bf16_statistics_match_fp32_within_bf16_rounding():
+    model = make("llama", layers=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fp32, bf16 = _stats(model, torch.float32), _stats(model, torch.bfloat16)
+    for a, b in zip(fp32, bf16, strict=True):
+        for x, y in ((a.attn, b.attn), (a.mlp, b.mlp)):
+            assert x.count == y.count > 0
+            # sums of squares: every token's value rounded to bf16 (8 bits) through 3 blocks
+            torch.testing.assert_close(y.sq_sum, x.sq_sum, rtol=0.05, atol=1e-3)
+            assert not torch.equal(x.sq_sum, y.sq_sum)  # the bf16 pass really ran in bf16
+    after = model.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("refit", [False, True], ids=["cut", "refit"])
+@pytest.mark.parametrize("method", ["flap", "wanda-sp"])
+def test_width_methods_prune_with_bf16_forwards(method, refit):
+    dense = make("llama", layers=3)
+    reports, models = {}, {}
+    for dtype in ("model", "bfloat16"):
+        models[dtype] = copy.deepcopy(dense)
+        config = StructuredConfig(sparsity=0.4, refit=refit, forward_dtype=dtype, show_progress=False)
+        reports[dtype] = structured_method(method).prune(models[dtype], calib(16, 16), config)
+    assert reports["model"].forward_dtype == "float32"
+    assert reports["bfloat16"].forward_dtype == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in models["bfloat16"].parameters())
+    assert reports["bfloat16"].removed_fraction == pytest.approx(reports["model"].removed_fraction, abs=0.02)
+    ids = calib(2, 16)
+    with torch.no_grad():
+        a = models["model"](ids).logits
+        b = models["bfloat16"](ids).logits
+    assert torch.isfinite(b).all()
+    # the same method on slightly different statistics: close outputs, not identical ones
+    assert (a - b).norm() / a.norm() < 0.5
+
+
+def test_forward_dtype_is_refused_where_no_width_method_runs():
+    for method, options in (("shortgpt", {"remove_layers": 1}), ("minitron", {}), ("blockpruner", {})):
+        with pytest.raises(ValueError, match=r"forward_dtype \(--forward-dtype\) does nothing with"):
+            check_prune_request(method, 0.2 if not options else None, {**options, "forward_dtype": "bf16"})
+    for method in ("flap", "wanda-sp", "llm-pruner"):
+        config = check_prune_request(method, 0.2, {"forward_dtype": "bf16"}).config
+        assert config.forward_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="forward_dtype"):
+        StructuredConfig(forward_dtype="half-ish")
