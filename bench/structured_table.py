@@ -135,9 +135,14 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
     for method in ("wanda-sp", "flap"):
         if variant.startswith(method + "-"):
             percent, *flags = variant[len(method) + 1 :].split("-")
-            if set(flags) - {"adaptive", "refit"}:
-                raise ValueError(f"unknown variant {variant!r}: width suffixes are -adaptive and -refit")
+            if set(flags) - {"adaptive", "refit", "bias", "nobias"} or {"bias", "nobias"} <= set(flags):
+                raise ValueError(
+                    f"unknown variant {variant!r}: width suffixes are -adaptive, -refit and one of -bias / "
+                    "-nobias (bias compensation on / off; default: the method's)"
+                )
             kw = {"widths": "adaptive" if "adaptive" in flags else "uniform", "refit": "refit" in flags}
+            if {"bias", "nobias"} & set(flags):
+                kw["bias_compensation"] = "bias" in flags
             return [(method, str(int(percent) / 100), kw | FP32_FORWARDS)]
     raise ValueError(f"unknown variant {variant!r}")
 

@@ -44,6 +44,11 @@ def test_stacked_and_repair_variants_parse(table):
     assert table.steps_of("flap-20+2:4")[-1] == ("sparsegpt", "2:4", {})
     with pytest.raises(ValueError, match="suffixes are -r and -rw"):
         table.steps_of("angular-6-x")
+    assert table.steps_of("wanda-sp-35-bias")[0][2]["bias_compensation"] is True
+    assert table.steps_of("flap-35-nobias")[0][2]["bias_compensation"] is False
+    assert "bias_compensation" not in table.steps_of("flap-35")[0][2]  # the method's default
+    with pytest.raises(ValueError, match="one of -bias / -nobias"):
+        table.steps_of("flap-35-bias-nobias")
 
 
 def _args(table, tmp_path, **over):
