@@ -166,7 +166,14 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
     obj = structured_method(method)
     name = obj.name
     forwards = isinstance(obj, WidthMethod)  # wanda-sp / flap / llm-pruner honour forward_dtype
-    per_layer = [k for k in PER_LAYER_OPTIONS if k in asked and not (forwards and k in WIDTH_FORWARD_OPTIONS)]
+    if not forwards:
+        _refuse_unused(
+            name,
+            [k for k in WIDTH_FORWARD_OPTIONS if k in asked],
+            "of the structured methods only wanda-sp / flap / llm-pruner run their calibration forwards "
+            "in it; a per-layer method stacked after this one takes it (--then-method)",
+        )
+    per_layer = [k for k in PER_LAYER_OPTIONS if k in asked and k not in WIDTH_FORWARD_OPTIONS]
     _refuse_unused(
         name,
         per_layer,

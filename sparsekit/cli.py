@@ -22,6 +22,7 @@ from sparsekit._checks import (
     PER_LAYER_OPTIONS,
     SUBBLOCK_OPTIONS,
     TAYLOR_OPTIONS,
+    WIDTH_FORWARD_OPTIONS,
     WIDTH_OPTIONS,
     PruneRequest,
     check_prune_request,
@@ -118,7 +119,8 @@ def _step_options(args: argparse.Namespace, method: str, stacked: bool, step: in
     options, the depth method the depth options (both calibrate)."""
     keys = [k for k in _PRUNE_OPTIONS if k not in _NOT_ON_THE_CLI]
     if stacked and is_structured(method):
-        keys = [k for k in keys if k not in PER_LAYER_OPTIONS]
+        forwards = WIDTH_FORWARD_OPTIONS if _runs_width_forwards(method) else ()
+        keys = [k for k in keys if k not in PER_LAYER_OPTIONS or k in forwards]
         if is_structured(args.then_method):  # depth, then width (checked in _check_prune_args)
             other = DEPTH_OPTIONS if step else (*WIDTH_OPTIONS, *TAYLOR_OPTIONS, *MINITRON_OPTIONS)
             keys = [k for k in keys if k not in other]
@@ -129,6 +131,15 @@ def _step_options(args: argparse.Namespace, method: str, stacked: bool, step: in
         )  # fmt: skip
         keys = [k for k in keys if k not in skip]
     return {k: getattr(args, k) for k in keys}
+
+
+def _runs_width_forwards(method: str) -> bool:
+    """Whether structured ``method`` runs calibration forwards in ``forward_dtype`` (the width
+    methods; a per-layer method stacked after it takes the same --forward-dtype)."""
+    from sparsekit.pruning.structured import structured_method
+    from sparsekit.pruning.structured.width import WidthMethod
+
+    return isinstance(structured_method(method), WidthMethod)
 
 
 def _depth_then_width(method: str, then: str) -> bool:
@@ -224,6 +235,14 @@ def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, PruneRequest]
         sparsity = args.then_sparsity if step else args.sparsity
         options = _step_options(args, method, stacked, step)
         steps.append((method, check_prune_request(method, sparsity, options)))
+    routed = {k for step, method in enumerate(methods) for k in _step_options(args, method, stacked, step)}
+    lost = sorted(k for k in given if k in _PRUNE_OPTIONS and k not in routed)
+    if lost:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in lost)
+        raise ValueError(
+            f"{flags} {'does' if len(lost) == 1 else 'do'} nothing with --method {args.method} --then-method "
+            f"{args.then_method}: neither step takes it"
+        )
     if any(request.needs_calibration for _, request in steps):
         check_corpus(args.calib)
     if args.eval:

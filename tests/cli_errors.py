@@ -64,6 +64,25 @@ _PRUNE = [
     (["--method", "magnitude", "--calib", "c4"], "calib (--calib) does nothing with magnitude"),
     (["--method", "magnitude", "--nsamples", "16"], "nsamples (--nsamples) does nothing with magnitude"),
     (["--method", "magnitude", "--forward-dtype", "fp32"], "forward_dtype (--forward-dtype) does nothing"),
+    (
+        ["--method", "shortgpt", "--remove-layers", "2", "--forward-dtype", "fp32"],
+        "only wanda-sp / flap / llm-pruner run their calibration forwards in it",
+    ),
+    (
+        [
+            "--method",
+            "angular",
+            "--remove-layers",
+            "2",
+            "--then-method",
+            "minitron",
+            "--then-sparsity",
+            "0.2",
+            "--forward-dtype",
+            "fp32",
+        ],
+        "--forward-dtype does nothing with --method angular --then-method minitron: neither step takes it",
+    ),  # fmt: skip
     (["--method", "wanda", "--blocksize", "64"], "only tunes SparseGPT's solve"),
     (["--method", "wanda", "--owl-lambda", "0.1"], "only tunes allocation='owl'"),
     (

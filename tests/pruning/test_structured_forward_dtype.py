@@ -71,3 +71,25 @@ def test_forward_dtype_is_refused_where_no_width_method_runs():
         assert config.forward_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="forward_dtype"):
         StructuredConfig(forward_dtype="half-ish")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "flap", "--sparsity", "0.2", "--then-method", "sparsegpt", "--then-sparsity", "2:4"],
+         {"flap": torch.float32, "sparsegpt": torch.float32}),
+        (["--method", "angular", "--remove-layers", "2", "--then-method", "flap", "--then-sparsity", "0.2"],
+         {"angular": "auto", "flap": torch.float32}),  # the depth step runs no forwards in it
+        (["--method", "shortgpt", "--remove-layers", "2", "--then-method", "wanda"],
+         {"shortgpt": "auto", "wanda": torch.float32}),
+    ],
+    ids=["width-then-per-layer", "depth-then-width", "depth-then-per-layer"],
+)  # fmt: skip
+def test_the_cli_gives_forward_dtype_to_every_stacked_step_that_runs_forwards(argv, expected, tmp_path):
+    from sparsekit.cli import _check_prune_args, build_parser
+
+    args = build_parser().parse_args(
+        ["prune", "smollm2", *argv, "--forward-dtype", "fp32", "--out", str(tmp_path / "o")]
+    )
+    steps = _check_prune_args(args)
+    assert {method: request.config.forward_dtype for method, request in steps} == expected
