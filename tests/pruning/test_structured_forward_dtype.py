@@ -93,3 +93,18 @@ def test_the_cli_gives_forward_dtype_to_every_stacked_step_that_runs_forwards(ar
     )
     steps = _check_prune_args(args)
     assert {method: request.config.forward_dtype for method, request in steps} == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_channel_stats_of_half_precision_inputs_match_float64(dtype):
+    from sparsekit.pruning.structured.width import ChannelStats
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [(torch.randn(4, 64, 48, generator=g) * 3 + 1).to(dtype) for _ in range(3)]
+    stats = ChannelStats()
+    for x in chunks:
+        stats(None, (x,))
+    ref = torch.cat([x.reshape(-1, 48).double() for x in chunks])  # the same rounded values, in float64
+    assert stats.count == ref.shape[0] and stats.sum.dtype == torch.float64
+    torch.testing.assert_close(stats.sum, ref.sum(0), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(stats.sq_sum, (ref * ref).sum(0), rtol=1e-6, atol=1e-4)
