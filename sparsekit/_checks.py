@@ -173,6 +173,13 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
             "of the structured methods only wanda-sp / flap / llm-pruner run their calibration forwards "
             "in it; a per-layer method stacked after this one takes it (--then-method)",
         )
+    elif isinstance(obj, LLMPruner) and not (asked.get("refit") or asked.get("bias_compensation")):
+        _refuse_unused(
+            name,
+            [k for k in WIDTH_FORWARD_OPTIONS if k in asked],
+            "llm-pruner scores by gradients in the model's dtype and runs calibration forwards only for "
+            "refit (--refit) or bias compensation (--bias-compensation): add one, or drop it",
+        )
     per_layer = [k for k in PER_LAYER_OPTIONS if k in asked and k not in WIDTH_FORWARD_OPTIONS]
     _refuse_unused(
         name,

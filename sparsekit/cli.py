@@ -230,12 +230,12 @@ def _check_prune_args(args: argparse.Namespace) -> list[tuple[str, PruneRequest]
             )
         methods.append(args.then_method)
     stacked = len(methods) > 1
-    steps = []
+    steps, routed = [], set()
     for step, method in enumerate(methods):
         sparsity = args.then_sparsity if step else args.sparsity
         options = _step_options(args, method, stacked, step)
+        routed |= options.keys()
         steps.append((method, check_prune_request(method, sparsity, options)))
-    routed = {k for step, method in enumerate(methods) for k in _step_options(args, method, stacked, step)}
     lost = sorted(k for k in given if k in _PRUNE_OPTIONS and k not in routed)
     if lost:
         flags = ", ".join(f"--{k.replace('_', '-')}" for k in lost)

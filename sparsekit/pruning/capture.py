@@ -8,6 +8,7 @@ forwards may run in another dtype than the model (``resolve_forward_dtype``).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit.models import model_device
+from sparsekit.models import model_device, model_dtype
 
 from .distributed import World, sum_over_ranks_
 from .offload import materialized, offloaded_modules
@@ -97,6 +98,12 @@ def cast_chunks(chunks: list[Chunk], dtype: torch.dtype) -> None:
         memo: dict[int, Any] = {}
         chunk.hidden = chunk.hidden.to(dtype)
         chunk.inputs = [floats_to(inputs, dtype, memo) for inputs in chunk.inputs]
+
+
+def cast_runner(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """What a calibration forward in ``dtype`` runs: ``block`` itself where its weights are already
+    ``dtype``, else a copy cast to it (the block's own weights never pass through ``dtype``)."""
+    return block if model_dtype(block) == dtype else copy.deepcopy(block).to(dtype)
 
 
 def _move_own_tensors(module: nn.Module, device: torch.device) -> None:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,7 +34,7 @@ from sparsekit.models import (
 )
 
 from .allocation import Allocation, allocation, outlier_ratio
-from .capture import Chunk, capture_block_inputs, cast_chunks, resolve_forward_dtype, run_block
+from .capture import Chunk, capture_block_inputs, cast_chunks, cast_runner, resolve_forward_dtype, run_block
 from .compose import MaskRefine, NoRefine, NoUpdate, WeightUpdate, mask_refine, weight_update
 from .distributed import (
     World,
@@ -427,10 +426,9 @@ def _prune_block(
     stats: dict[str, dict[str, InputStat]] = {}
     dense_outputs = None
     dense_weights: dict[str, torch.Tensor] = {}
-    runner, run_linears = block, linears  # what the calibration forwards run: the block or a cast copy
-    if chunks and chunks[0].hidden.dtype != model_dtype(block):
-        runner = copy.deepcopy(block).to(chunks[0].hidden.dtype)
-        run_linears = anatomy.prunable(runner, routers=config.prune_routers)
+    # what the calibration forwards run: the block or a cast copy
+    runner = cast_runner(block, chunks[0].hidden.dtype) if chunks else block
+    run_linears = linears if runner is block else anatomy.prunable(runner, routers=config.prune_routers)
     routed = routed_experts(anatomy, runner, run_linears, config.expert_tokens == "all")
     if chunks:
         collector = StatsCollector(run_linears, config.statistic, timer, config.share_statistics)
@@ -572,8 +570,7 @@ def _outlier_ratios(
         home = model_device(block)
         with materialized(block, device):
             block.to(device)
-            runner = block if chunks[0].hidden.dtype == model_dtype(block) else copy.deepcopy(block)
-            runner.to(chunks[0].hidden.dtype)
+            runner = cast_runner(block, chunks[0].hidden.dtype)
             linears = part.prunable(runner, routers=config.prune_routers)
             collector = StatsCollector(linears, SquaredNorm(), timer, config.share_statistics)
             with timer.phase("forward"), routed_experts(part, runner, linears, config.expert_tokens == "all"):

@@ -66,9 +66,12 @@ def test_forward_dtype_is_refused_where_no_width_method_runs():
     for method, options in (("shortgpt", {"remove_layers": 1}), ("minitron", {}), ("blockpruner", {})):
         with pytest.raises(ValueError, match=r"forward_dtype \(--forward-dtype\) does nothing with"):
             check_prune_request(method, 0.2 if not options else None, {**options, "forward_dtype": "bf16"})
-    for method in ("flap", "wanda-sp", "llm-pruner"):
-        config = check_prune_request(method, 0.2, {"forward_dtype": "bf16"}).config
+    for method, options in (("flap", {}), ("wanda-sp", {}), ("llm-pruner", {"refit": True})):
+        config = check_prune_request(method, 0.2, {**options, "forward_dtype": "bf16"}).config
         assert config.forward_dtype == torch.bfloat16
+    # llm-pruner's scores come from gradients: without a refit or compensation nothing runs in it
+    with pytest.raises(ValueError, match="add one, or drop it"):
+        check_prune_request("llm-pruner", 0.2, {"forward_dtype": "bf16"})
     with pytest.raises(ValueError, match="forward_dtype"):
         StructuredConfig(forward_dtype="half-ish")
 
@@ -108,3 +111,18 @@ def test_channel_stats_of_half_precision_inputs_match_float64(dtype):
     assert stats.count == ref.shape[0] and stats.sum.dtype == torch.float64
     torch.testing.assert_close(stats.sum, ref.sum(0), rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(stats.sq_sum, (ref * ref).sum(0), rtol=1e-6, atol=1e-4)
+
+
+def test_a_cast_copy_of_a_blocks_anatomy_names_the_copys_linears():
+    from sparsekit.pruning.capture import cast_runner
+    from sparsekit.pruning.structured.passes import running_copy
+
+    block = describe(make("llama", layers=1))[0]
+    run = cast_runner(block.module, torch.bfloat16)
+    view = running_copy(block, run)
+    assert run is not block.module and view.module is run
+    assert view.linears.keys() == block.linears.keys()
+    assert all(view.linears[n] is run.get_submodule(n) for n in block.linears)
+    assert all(p.dtype == torch.bfloat16 for p in run.parameters())
+    assert all(p.dtype == torch.float32 for p in block.module.parameters())
+    assert cast_runner(block.module, torch.float32) is block.module

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,9 +10,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, model_device, model_dtype
+from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, model_device
 
-from ..capture import Chunk, block_output_structure, capture_block_inputs, model_tail
+from ..capture import Chunk, block_output_structure, capture_block_inputs, cast_runner, model_tail
 from ..offload import materialized
 
 
@@ -38,10 +37,9 @@ def on_device(block: nn.Module, device: torch.device) -> Iterator[None]:
             block.to(home)
 
 
-def runner(block: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``block`` itself where its weights are ``dtype``, else a copy cast to ``dtype`` (the
-    calibration forwards' dtype, ``PruneConfig.forward_dtype``; the block's own weights stay)."""
-    return block if model_dtype(block) == dtype else copy.deepcopy(block).to(dtype)
+def running_copy(block: BlockAnatomy, run: nn.Module) -> BlockAnatomy:
+    """``block``'s anatomy over ``run``, a cast copy of its module (its linears those of the copy)."""
+    return dataclasses.replace(block, module=run, linears={n: run.get_submodule(n) for n in block.linears})
 
 
 def forward(
@@ -49,7 +47,7 @@ def forward(
 ) -> list[torch.Tensor]:
     """Outputs of decoder block ``index`` on each chunk (the chunk's hidden states, or ``hidden``),
     in the chunks' dtype (a cast copy of the block runs where it differs from the weights')."""
-    block = runner(block, (chunks[0].hidden if hidden is None else hidden[0]).dtype)
+    block = cast_runner(block, (chunks[0].hidden if hidden is None else hidden[0]).dtype)
     with torch.no_grad():
         return [c.run(block, index, None if hidden is None else hidden[i]) for i, c in enumerate(chunks)]
 
@@ -68,8 +66,8 @@ def hooked_pass(
     hooks go on the cast copy that runs (``hook_block`` gets the block with that copy as module)."""
     for block in tqdm(list(anatomy), desc=desc, disable=not show_progress):
         with on_device(block.module, device):
-            run = runner(block.module, chunks[0].hidden.dtype)
-            handles = hook_block(block if run is block.module else dataclasses.replace(block, module=run))
+            run = cast_runner(block.module, chunks[0].hidden.dtype)
+            handles = hook_block(block if run is block.module else running_copy(block, run))
             try:
                 outs = forward(run, chunks, block.index)
             finally:

@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from sparsekit.kernels import accumulate_gram
 from sparsekit.models import BlockAnatomy, ModelAnatomy, linear_weight, set_linear_weight
 
-from ..capture import Chunk
+from ..capture import Chunk, cast_runner
 from .layout import add_output_bias
-from .passes import forward, on_device, runner
+from .passes import forward, on_device
 
 DEFAULT_DAMP = 0.01  # ridge, as a fraction of the mean diagonal (SparseGPT's percdamp)
 
@@ -125,7 +125,7 @@ def _record_inputs(block: BlockAnatomy, name: str, chunks: list[Chunk], device) 
         raise _Recorded
 
     with on_device(block.module, device):
-        run = runner(block.module, chunks[0].hidden.dtype)
+        run = cast_runner(block.module, chunks[0].hidden.dtype)
         handle = run.get_submodule(name).register_forward_pre_hook(record)
         try:
             with torch.no_grad():
