@@ -1,5 +1,5 @@
-"""Run one prune with the papers' original code (locuslab/wanda, luuyin/OWL, CASIA-IVA-Lab/FLAP) on a
-local checkout.
+"""Run one prune with the papers' original code (locuslab/wanda, luuyin/OWL, CASIA-IVA-Lab/FLAP,
+icip-cas/ShortGPT) on a local checkout.
 
 Called by ``bench/vs_llmcompressor.py --original`` in a subprocess of sparsekit's own venv, so the
 compatibility shims below never touch the process that runs sparsekit. The original code is
@@ -11,6 +11,11 @@ imported from ``--code`` (a git checkout the caller fetched); nothing of it is v
 ``--impl wanda``: ``lib.prune.prune_wanda`` / ``prune_sparsegpt`` of locuslab/wanda;
 ``--impl owl``: ``lib.prune_all.prune_wanda_outlier`` / ``prune_sparsegpt_outlier`` of luuyin/OWL
 (``--method wanda+owl`` / ``sparsegpt+owl``, M ``--owl-m`` and lambda ``--owl-lamda``);
+``--impl shortgpt``: the ``ShortGPT`` class of icip-cas/ShortGPT (the authors' lab; its
+``shortgpt/shortgpt.py``, ``--method shortgpt``, ``--sparsity`` the share of decoder blocks, rounded
+to a block count as its ``n_prune_layers``) run as its ``run_shortgpt.py`` does: ``eval_importance``
+on each calibration window (a batch of one, ``stride`` the window length, no generation), then
+``remove_layers`` and the renumbered ``layer_idx``; the report lists the removed blocks;
 ``--impl flap``: ``lib.prune.prune_flap`` (``--method flap``: its defaults, WIFV scores, the AL-AM
 adaptive structure, bias compensation) / ``prune_wanda_sp`` (``--method wanda-sp``) of
 CASIA-IVA-Lab/FLAP, ``--sparsity`` its pruning ratio. The calibration windows are the caller's ids
@@ -24,6 +29,14 @@ written. Shims, each for an API the 2023 code predates:
   map, the single-device case; ``model.seqlen``: the calibration window length.
 - ``torch.cuda.synchronize`` is a no-op where torch has no CUDA (the SparseGPT class calls it
   for its timer).
+
+ShortGPT's shims: its ``__init__`` (a hub download in fp16 with ``device_map="auto"``) is replaced
+by setting the attributes it sets (``model``, ``layers`` at ``model.layers``, ``n_prune_layers``,
+``importances``) on the fp32 model; its tokenizer by one that returns the calibration window as
+``input_ids`` (attention mask all ones), in a tensor type whose ``.to("cuda")`` stays on the CPU
+(the class moves its inputs to "cuda" unconditionally). transformers' last hidden state is the final
+norm's output, as in the 2024 transformers the code ran on, so the last block's influence compares
+its input with the normed output, as the authors' code does.
 
 FLAP's code runs its own LLaMA-1 modeling file (``models/hf_llama``, biases on o_proj and
 down_proj, head_dim fixed at 128), so ``--impl flap`` builds that model from ``--model``'s weights,
@@ -53,7 +66,8 @@ import sys
 import time
 from types import SimpleNamespace
 
-ENTRY = {
+ENTRY = {  # (impl, method) -> (module, entry point)
+    ("shortgpt", "shortgpt"): ("shortgpt", "ShortGPT"),
     ("wanda", "wanda"): ("lib.prune", "prune_wanda"),
     ("wanda", "sparsegpt"): ("lib.prune", "prune_sparsegpt"),
     ("owl", "wanda+owl"): ("lib.prune_all", "prune_wanda_outlier"),
@@ -106,6 +120,44 @@ def _calibration_loader(ids, all_windows: bool = False):
         return windows, None
 
     return get_loaders
+
+
+def _window_tokenizer(ids):
+    """ShortGPT's tokenizer replaced: its prompts are window indices into ``ids`` [n, L]; the ids come
+    back in a tensor type whose ``.to("cuda")`` returns a plain CPU tensor."""
+    import torch
+
+    class HostTensor(torch.Tensor):
+        def to(self, *args, **kwargs):
+            if args and str(args[0]).startswith("cuda"):
+                return self.as_subclass(torch.Tensor)
+            return super().to(*args, **kwargs)
+
+    def tokenize(prompts, **kwargs):
+        rows = ids[list(prompts)]
+        mask = torch.ones_like(rows)
+        return SimpleNamespace(
+            input_ids=rows.as_subclass(HostTensor), attention_mask=mask.as_subclass(HostTensor)
+        )
+
+    return tokenize
+
+
+def _run_shortgpt(module, model, ids, sparsity: str) -> list[int]:
+    """The authors' ShortGPT on ``model`` over the windows of ``ids``, as its ``run_shortgpt.py``
+    drives it -> the removed block indices (the model's blocks are deleted in place)."""
+    fraction = float(sparsity)
+    layers = model.model.layers
+    short = object.__new__(module.ShortGPT)  # its __init__ loads a hub model in fp16 on a GPU
+    short.model, short.layers, short.tokenizer = model, layers, _window_tokenizer(ids)
+    short.n_prune_layers = round(fraction * len(layers))
+    short.importances = [0 for _ in layers]
+    for index in range(ids.shape[0]):
+        short.eval_importance(prompts=[index], stride=ids.shape[1], max_gen_len=0)
+    removed = short.remove_layers()
+    for layer_idx, layer in enumerate(short.layers):
+        layer.self_attn.layer_idx = layer_idx
+    return sorted(removed)
 
 
 def _flap_model(model_dir: str, window):
@@ -191,19 +243,22 @@ def main() -> int:
 
     p = driver_arguments(__doc__.splitlines()[0])
     p.add_argument(
-        "--code", required=True, help="a checkout of locuslab/wanda, luuyin/OWL or CASIA-IVA-Lab/FLAP"
+        "--code",
+        required=True,
+        help="a checkout of locuslab/wanda, luuyin/OWL, CASIA-IVA-Lab/FLAP or icip-cas/ShortGPT",
     )
-    p.add_argument("--impl", required=True, choices=("wanda", "owl", "flap"))
+    p.add_argument("--impl", required=True, choices=("wanda", "owl", "flap", "shortgpt"))
     p.add_argument("--owl-m", type=float, default=5.0)
     p.add_argument("--owl-lamda", type=float, default=0.08)
     args = p.parse_args()
     if (args.impl, args.method) not in ENTRY:
         known = sorted(m for i, m in ENTRY if i == args.impl)
         p.error(f"--impl {args.impl} has no method {args.method!r}: {known}")
-    if not os.path.isdir(os.path.join(args.code, "lib")):
-        p.error(f"--code {args.code} has no lib/ folder: pass a checkout of the original repository")
-    if args.impl == "flap" and ":" in args.sparsity:
-        p.error(f"FLAP's code prunes a ratio of heads and channels, not {args.sparsity}: give e.g. 0.2")
+    package = "shortgpt" if args.impl == "shortgpt" else "lib"
+    if not os.path.isdir(os.path.join(args.code, package)):
+        p.error(f"--code {args.code} has no {package}/ folder: pass a checkout of the original repository")
+    if args.impl in ("flap", "shortgpt") and ":" in args.sparsity:
+        p.error(f"{args.impl}'s code removes a ratio of structures, not {args.sparsity}: give e.g. 0.2")
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -212,11 +267,19 @@ def main() -> int:
     ids = load_calibration_ids(args.calib)
     if not torch.cuda.is_available():
         torch.cuda.synchronize = lambda *a, **k: None
-    sys.path.insert(0, os.path.abspath(args.code))
+    sys.path.insert(0, os.path.abspath(os.path.join(args.code, package if args.impl == "shortgpt" else "")))
     module_name, function = ENTRY[(args.impl, args.method)]
     module = importlib.import_module(module_name)
     module.get_loaders = _calibration_loader(ids, all_windows=args.impl == "flap")
 
+    report = {"code": f"{args.impl}@{_commit(args.code)[:12]}", "entry": f"{module_name}.{function}"}
+    if args.impl == "shortgpt":  # the whole model runs (its own rotary); no decoder-layer shims
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        start = time.perf_counter()
+        report["removed_blocks"] = _run_shortgpt(module, model, ids, args.sparsity)
+        report |= {"prune_s": time.perf_counter() - start, "torch": torch.__version__}
+        write_outputs(model, args.out, args.report, report)
+        return 0
     if args.impl == "flap":
         _flap_shims(module)
         model = _flap_model(args.model, ids[:1])
@@ -236,12 +299,7 @@ def main() -> int:
         getattr(module, function)(_options(args, ids), model, None, torch.device("cpu"), **call)
     seconds = time.perf_counter() - start
 
-    report = {
-        "prune_s": seconds,
-        "code": f"{args.impl}@{_commit(args.code)[:12]}",
-        "entry": f"{module_name}.{function}",
-        "torch": torch.__version__,
-    }
+    report |= {"prune_s": seconds, "torch": torch.__version__}
     write_outputs(model, args.out, args.report, report)
     return 0
 

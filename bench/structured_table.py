@@ -90,8 +90,9 @@ ROUND2 = ",".join(
     ]
 )
 PRESETS = {"round1": DEFAULT_VARIANTS, "round2": ROUND2}
-# the width methods' calibration forwards stay fp32 in these tables, as they ran before the width
-# methods took forward_dtype (whose default, "auto", is bf16 where the CPU has bf16 matmuls)
+# the width methods' and the cosine depth criteria's calibration forwards stay fp32 in these
+# tables, as they ran before those methods took forward_dtype (whose default, "auto", is bf16 where
+# the CPU has bf16 matmuls)
 FP32_FORWARDS = {"forward_dtype": "model"}
 
 
@@ -109,7 +110,11 @@ def steps_of(variant: str) -> list[tuple[str, str, dict]]:
             if flags not in ([], ["r"], ["rw"]):
                 raise ValueError(f"unknown variant {variant!r}: the {method} suffixes are -r and -rw")
             kw = {"remove_layers": int(blocks), "repair": bool(flags)}
-            return [(method, "0", kw | ({"repair_fit": "weights"} if flags == ["rw"] else {}))]
+            if flags == ["rw"]:
+                kw["repair_fit"] = "weights"
+            elif not flags and method in ("shortgpt", "angular"):  # they cast their forwards without repair
+                kw |= FP32_FORWARDS
+            return [(method, "0", kw)]
     for method in ("blockpruner", "2ssp"):
         if variant.startswith(method + "-"):
             percent, *flags = variant[len(method) + 1 :].split("-")

@@ -149,7 +149,7 @@ def fetch_original(folder: Path, source: str | None, pins: dict | None = None) -
     out = {}
     for name, (url, commit) in (ORIGINAL if pins is None else pins).items():
         path = folder / name
-        if not (path / "lib").is_dir():
+        if not path.is_dir():
             origin = f"{source}/{name}" if source else url
             log.info("cloning %s into %s at %s", origin, path, commit[:12])
             subprocess.run(["git", "clone", "-q", origin, str(path)], check=True)

@@ -1,5 +1,6 @@
-"""sparsekit's FLAP and Wanda-sp against FLAP's original code (CASIA-IVA-Lab/FLAP) on one model,
-the same calibration tokens and one machine, in one run (issue 28).
+"""sparsekit's FLAP, Wanda-sp and ShortGPT against the original code (CASIA-IVA-Lab/FLAP, and
+icip-cas/ShortGPT from the ShortGPT authors' lab) on one model, the same calibration tokens and one
+machine, in one run (issue 28).
 
     python bench/vs_original_structured.py --original reports/original --out docs/data/vs_original_structured
 
@@ -16,9 +17,13 @@ fp32 ones, with and without ``refit=True``, Wanda-sp also at the original's size
 ppl, the prune call's time (model load excluded) and sparsekit's phases, and the decoder-block
 parameters removed, counted the same way for both (a live head 4 x hidden x 128, a live MLP
 channel 3 x hidden).
-``--original DIR`` holds the checkout (``DIR/flap``, cloned at ``ORIGINAL``'s pinned commit when
-missing; ``--original-from`` points the clone elsewhere). Writes <out>.json and <out>.md after
-every row.
+``shortgpt/RATIO`` rows remove round(RATIO x 30) whole blocks of SmolLM2 as it ships (the
+authors' class driven as its ``run_shortgpt.py`` drives it, each calibration window one
+``eval_importance`` call; the depth rows need no re-expression), then sparsekit's ``shortgpt`` with
+fp32 and with its default forwards; they report the removed blocks.
+``--original DIR`` holds the checkouts (``DIR/flap``, ``DIR/shortgpt``, cloned at ``ORIGINAL``'s
+pinned commits when missing; ``--original-from`` points the clones elsewhere). Writes <out>.json
+and <out>.md after every row.
 """
 
 from __future__ import annotations
@@ -43,9 +48,14 @@ from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
+from sparsekit.pruning.structured.depth import remove_blocks
 
-ORIGINAL = {"flap": ("https://github.com/CASIA-IVA-Lab/FLAP", "3bb57db3449dd2fa04a5c2192de80e87e33be2b1")}
-ROWS = ["flap/0.2", "wanda-sp/0.2"]
+ORIGINAL = {
+    "flap": ("https://github.com/CASIA-IVA-Lab/FLAP", "3bb57db3449dd2fa04a5c2192de80e87e33be2b1"),
+    "shortgpt": ("https://github.com/icip-cas/ShortGPT", "9a2ee8dfe9e28d0bee430e83c140b787c02ddd6c"),
+}
+ROWS = ["flap/0.2", "wanda-sp/0.2", "shortgpt/0.2"]
+DEPTH = ("shortgpt",)  # rows that remove whole blocks of the model as it ships
 # sparsekit's counterparts of each original method: (label, prune options, size). Size "ratio"
 # prunes the row's ratio of block parameters; "original" the share the original code removed on
 # that row, with no rounding of MLP widths (channel_multiple 1, as the original), so both tools
@@ -63,6 +73,10 @@ SPARSEKIT = {
         ("wanda-sp, fp32 forwards", {"forward_dtype": "model", "channel_multiple": 1}, "original"),
         ("wanda-sp", {"channel_multiple": 1}, "original"),
         ("wanda-sp + refit", {"channel_multiple": 1, "refit": True}, "original"),
+    ],
+    "shortgpt": [
+        ("shortgpt, fp32 forwards", {"forward_dtype": "model"}, "ratio"),
+        ("shortgpt", {}, "ratio"),
     ],
 }
 DRIVER = Path(__file__).with_name("original_driver.py")
@@ -109,16 +123,41 @@ def with_biases(dense, state: dict[str, torch.Tensor]):
     return model
 
 
+def without_blocks(dense, removed: list[int], state: dict[str, torch.Tensor]):
+    """A copy of ``dense`` without the ``removed`` blocks, checked to hold exactly ``state`` (the
+    original code's decoder tensors after its own deletion)."""
+    model = copy.deepcopy(dense)
+    remove_blocks(model, removed)
+    own = model.state_dict()
+    if set(state) != {k for k in own if ".layers." in k}:
+        raise RuntimeError(f"the original code's blocks do not fit after removing {removed}")
+    differ = [k for k, v in state.items() if not torch.equal(v, own[k])]
+    if differ:
+        raise RuntimeError(f"the original code's kept blocks differ from the dense ones: {differ[:3]}")
+    return model
+
+
 def run_original(checkout: Path, dense, folder: Path, calib_file: Path, method: str, ratio: str):
-    """(dense pruned by the original code, its report)."""
+    """(dense pruned by the original code, its report); ``dense`` is the model the row prunes, saved
+    in ``folder / model_folder(method)``."""
     out, report = folder / "original.safetensors", folder / "original.json"
+    impl = "shortgpt" if method in DEPTH else "flap"
     command = [
-        sys.executable, str(DRIVER), "--code", str(checkout), "--impl", "flap",
-        "--model", str(folder / "dense"), "--calib", str(calib_file), "--method", method,
+        sys.executable, str(DRIVER), "--code", str(checkout), "--impl", impl,
+        "--model", str(folder / model_folder(method)), "--calib", str(calib_file), "--method", method,
         "--sparsity", ratio, "--out", str(out), "--report", str(report),
     ]  # fmt: skip
     run_driver(command, "the original code")
-    return with_biases(dense, load_file(str(out))), json.loads(report.read_text())
+    info = json.loads(report.read_text())
+    if method in DEPTH:
+        return without_blocks(dense, info["removed_blocks"], load_file(str(out))), info
+    return with_biases(dense, load_file(str(out))), info
+
+
+def model_folder(method: str) -> str:
+    """Where the dense model a row prunes is saved: SmolLM2 as it ships for the depth rows, its
+    MHA 9 x 128 re-expression for FLAP's code."""
+    return "source" if method in DEPTH else "dense"
 
 
 def target_sparsity(size: str, ratio: str, original: dict | None) -> float | None:
@@ -130,14 +169,20 @@ def target_sparsity(size: str, ratio: str, original: dict | None) -> float | Non
 
 
 def run_sparsekit(dense, calib: torch.Tensor, method: str, sparsity: float, options: dict):
-    """(the pruned copy, {prune_s, its phases, forward dtype})."""
+    """(the pruned copy, {prune_s, its phases, forward dtype[, removed blocks]})."""
     model = copy.deepcopy(dense)
     start = time.perf_counter()
     report = sparsekit.prune(
         model, method=method, sparsity=sparsity, calib=calib, show_progress=False, **options
     )
     seconds = time.perf_counter() - start
-    return model, {"prune_s": seconds, "phases_s": report.timings_s, "forward_dtype": report.forward_dtype}
+    info = {"prune_s": seconds, "phases_s": report.timings_s, "forward_dtype": report.forward_dtype}
+    return model, info | ({"removed_blocks": report.removed_blocks} if method in DEPTH else {})
+
+
+def decoder_block_params(model) -> int:
+    """Parameters of the decoder blocks, counted as stored (the depth rows' accounting)."""
+    return sum(p.numel() for p in model.model.layers.parameters())
 
 
 def _markdown(head: str, rows: list[dict]) -> str:
@@ -145,8 +190,8 @@ def _markdown(head: str, rows: list[dict]) -> str:
         head,
         "",
         "| row | seed | tool | forwards | ppl | prune s | sparsekit's phases (s) | block params removed | "
-        "heads kept | MLP channels kept |",
-        "|---|---:|---|---|---:|---:|---|---:|---:|---:|",
+        "heads kept | MLP channels kept | blocks removed |",
+        "|---|---:|---|---|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
         ppl = "failed" if r.get("error") else f"{r['ppl']:.2f}"
@@ -158,7 +203,7 @@ def _markdown(head: str, rows: list[dict]) -> str:
         lines.append(
             f"| {r['row']} | {r.get('seed', '-')} | {r['tool']} | {dtype} | {ppl} | "
             f"{r.get('prune_s', 0):.1f} | {phases} | {r.get('removed', 0):.2%} | {r.get('heads', '-')} | "
-            f"{r.get('channels', '-')} |"
+            f"{r.get('channels', '-')} | {' '.join(map(str, r.get('removed_blocks', []))) or '-'} |"
         )
     lines += _ratios(rows)
     failed = [r for r in rows if r.get("error")]
@@ -187,8 +232,10 @@ def _ratios(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="reports/vs_original_structured")
-    p.add_argument("--original", required=True, metavar="DIR", help="where the FLAP checkout is (DIR/flap)")
-    p.add_argument("--original-from", metavar="URL", help="clone the checkout from URL/flap")
+    p.add_argument(
+        "--original", required=True, metavar="DIR", help="where the checkouts are (DIR/flap, DIR/shortgpt)"
+    )
+    p.add_argument("--original-from", metavar="URL", help="clone the checkouts from URL/flap, URL/shortgpt")
     p.add_argument("--rows", nargs="+", default=ROWS, metavar="METHOD/RATIO")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--nsamples", type=int, default=64)
@@ -208,31 +255,38 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seeds repeats a seed: {args.seeds}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
-    checkout = fetch_original(Path(args.original), args.original_from, pins=ORIGINAL)["flap"]
+    methods = {row.partition("/")[0] for row in args.rows}
+    needed = {"shortgpt" if m in DEPTH else "flap" for m in methods}
+    checkouts = fetch_original(
+        Path(args.original), args.original_from, pins={k: v for k, v in ORIGINAL.items() if k in needed}
+    )
     source, tok = load_model("smollm2", dtype=torch.float32)
     dense, gap = checked_mha(source, HEAD)
-    del source
     eval_ids = evaluation_ids(tok, "wiki-offline", max_tokens=args.eval_tokens)
     env = environment()
     head = (
-        f"{run_line('bench/vs_original_structured.py', argv, env)}; FLAP's code at "
-        f"{ORIGINAL['flap'][1][:12]} via bench/original_driver.py; SmolLM2-135M re-expressed as 9 heads "
-        f"x 128 (MHA; logits within {gap:.1e} of the source), fp32, calibration {args.nsamples} x "
+        f"{run_line('bench/vs_original_structured.py', argv, env)}; the original code ("
+        + ", ".join(f"{k} at {v[1][:12]}" for k, v in ORIGINAL.items() if k in needed)
+        + ") via bench/original_driver.py; SmolLM2-135M (the width rows: re-expressed as 9 heads "
+        f"x 128, MHA, logits within {gap:.1e} of the source), fp32, calibration {args.nsamples} x "
         f"{args.seqlen} (seeds {' '.join(map(str, args.seeds))}), ppl on {eval_ids.shape[1]} held-out "
         "tokens in windows of 512."
     )
-    total = block_params(dense)
+    total, depth_total = block_params(dense), decoder_block_params(source)
     out = Path(args.out)
     rows = [{"row": "dense", "tool": "-", "ppl": perplexity_of_ids(dense, eval_ids, 512).ppl, "removed": 0.0}]
 
     def add(row: dict, model) -> None:
-        widths = live_widths(model)
-        row |= {
-            "ppl": perplexity_of_ids(model, eval_ids, 512).ppl,
-            "removed": 1 - block_params(model) / total,
-            "heads": sum(h for h, _ in widths),
-            "channels": sum(c for _, c in widths),
-        }
+        row["ppl"] = perplexity_of_ids(model, eval_ids, 512).ppl
+        if row["row"].partition("/")[0] in DEPTH:
+            row["removed"] = 1 - decoder_block_params(model) / depth_total
+        else:
+            widths = live_widths(model)
+            row |= {
+                "removed": 1 - block_params(model) / total,
+                "heads": sum(h for h, _ in widths),
+                "channels": sum(c for _, c in widths),
+            }
         rows.append(row)
         log.info("%s", row)
         write_json_atomic(out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows})
@@ -241,15 +295,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         dense.save_pretrained(folder / "dense")
+        source.save_pretrained(folder / "source")
         for seed in args.seeds:
             calib = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=seed)
             calib_file = folder / "calib.pt"
             torch.save(calib.clone(), calib_file)
             for row in args.rows:
                 method, _, ratio = row.partition("/")
+                model_in = source if method in DEPTH else dense
+                checkout = checkouts["shortgpt" if method in DEPTH else "flap"]
                 original = None
                 try:
-                    model, info = run_original(checkout, dense, folder, calib_file, method, ratio)
+                    model, info = run_original(checkout, model_in, folder, calib_file, method, ratio)
                     original = {"row": row, "seed": seed, "tool": f"original {info['code']}", **info}
                     add(original, model)
                 except RuntimeError as exc:
@@ -264,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append({"row": row, "seed": seed, "tool": tool, "ppl": float("nan"),
                                      "error": "the original code failed: no size to match"})  # fmt: skip
                         continue
-                    model, info = run_sparsekit(dense, calib, method, sparsity, options)
+                    model, info = run_sparsekit(model_in, calib, method, sparsity, options)
                     add({"row": row, "seed": seed, "tool": tool, "sparsity": sparsity, **info}, model)
                     del model
     print(_markdown(head, rows))

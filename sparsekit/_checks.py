@@ -165,13 +165,20 @@ def _refuse_unused(name: str, keys: list[str], why: str) -> None:
 def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | None) -> PruneRequest:
     obj = structured_method(method)
     name = obj.name
-    forwards = isinstance(obj, WidthMethod)  # wanda-sp / flap / llm-pruner honour forward_dtype
-    if not forwards:
+    if not obj.casts_forwards:
         _refuse_unused(
             name,
             [k for k in WIDTH_FORWARD_OPTIONS if k in asked],
-            "of the structured methods only wanda-sp / flap / llm-pruner run their calibration forwards "
-            "in it; a per-layer method stacked after this one takes it (--then-method)",
+            "of the structured methods only wanda-sp / flap / llm-pruner and shortgpt / angular run "
+            "their calibration forwards in it; a per-layer method stacked after this one takes it "
+            "(--then-method)",
+        )
+    elif asked.get("repair"):
+        _refuse_unused(
+            name,
+            [k for k in WIDTH_FORWARD_OPTIONS if k in asked],
+            "the repair fits its maps on states in the model's dtype, so with --repair the scoring "
+            "pass runs in it too: drop one of them",
         )
     elif isinstance(obj, LLMPruner) and not (asked.get("refit") or asked.get("bias_compensation")):
         _refuse_unused(
@@ -261,7 +268,7 @@ def _structured(method: Any, sparsity, asked: dict[str, Any], num_blocks: int | 
             *MINITRON_OPTIONS,
             *EXPERT_REMOVAL_OPTIONS,
             *COMMON_OPTIONS,
-            *(WIDTH_FORWARD_OPTIONS if forwards else ()),
+            *(WIDTH_FORWARD_OPTIONS if obj.casts_forwards else ()),
         )  # fmt: skip
         if k in asked
     ]

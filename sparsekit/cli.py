@@ -119,7 +119,7 @@ def _step_options(args: argparse.Namespace, method: str, stacked: bool, step: in
     options, the depth method the depth options (both calibrate)."""
     keys = [k for k in _PRUNE_OPTIONS if k not in _NOT_ON_THE_CLI]
     if stacked and is_structured(method):
-        forwards = WIDTH_FORWARD_OPTIONS if _runs_width_forwards(method) else ()
+        forwards = WIDTH_FORWARD_OPTIONS if _casts_forwards(args, method) else ()
         keys = [k for k in keys if k not in PER_LAYER_OPTIONS or k in forwards]
         if is_structured(args.then_method):  # depth, then width (checked in _check_prune_args)
             other = DEPTH_OPTIONS if step else (*WIDTH_OPTIONS, *TAYLOR_OPTIONS, *MINITRON_OPTIONS)
@@ -133,13 +133,15 @@ def _step_options(args: argparse.Namespace, method: str, stacked: bool, step: in
     return {k: getattr(args, k) for k in keys}
 
 
-def _runs_width_forwards(method: str) -> bool:
+def _casts_forwards(args: argparse.Namespace, method: str) -> bool:
     """Whether structured ``method`` runs calibration forwards in ``forward_dtype`` (the width
-    methods; a per-layer method stacked after it takes the same --forward-dtype)."""
+    methods, and shortgpt / angular without --repair; a per-layer method stacked after it takes the
+    same --forward-dtype)."""
     from sparsekit.pruning.structured import structured_method
-    from sparsekit.pruning.structured.width import WidthMethod
+    from sparsekit.pruning.structured.depth import DepthMethod
 
-    return isinstance(structured_method(method), WidthMethod)
+    obj = structured_method(method)
+    return obj.casts_forwards and not (isinstance(obj, DepthMethod) and args.repair)
 
 
 def _depth_then_width(method: str, then: str) -> bool:

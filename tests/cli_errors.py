@@ -65,8 +65,12 @@ _PRUNE = [
     (["--method", "magnitude", "--nsamples", "16"], "nsamples (--nsamples) does nothing with magnitude"),
     (["--method", "magnitude", "--forward-dtype", "fp32"], "forward_dtype (--forward-dtype) does nothing"),
     (
-        ["--method", "shortgpt", "--remove-layers", "2", "--forward-dtype", "fp32"],
-        "only wanda-sp / flap / llm-pruner run their calibration forwards in it",
+        ["--method", "shortened-ppl", "--remove-layers", "2", "--forward-dtype", "fp32"],
+        "only wanda-sp / flap / llm-pruner and shortgpt / angular run their calibration forwards in it",
+    ),
+    (
+        ["--method", "shortgpt", "--remove-layers", "2", "--repair", "--forward-dtype", "fp32"],
+        "the repair fits its maps on states in the model's dtype",
     ),
     (
         [
@@ -74,6 +78,7 @@ _PRUNE = [
             "angular",
             "--remove-layers",
             "2",
+            "--repair",
             "--then-method",
             "minitron",
             "--then-sparsity",

@@ -41,6 +41,13 @@ def test_stacked_and_repair_variants_parse(table):
         ("flap", "0.28", {"widths": "adaptive", "refit": True, "forward_dtype": "model"}),
     ]
     assert table.steps_of("shortgpt-6-r") == [("shortgpt", "0", {"remove_layers": 6, "repair": True})]
+    # unrepaired cosine criteria keep the fp32 forwards the tables ran with; shortened-ppl casts none
+    assert table.steps_of("shortgpt-6")[0][2] == {
+        "remove_layers": 6,
+        "repair": False,
+        "forward_dtype": "model",
+    }
+    assert "forward_dtype" not in table.steps_of("shortened-ppl-6")[0][2]
     assert table.steps_of("flap-20+2:4")[-1] == ("sparsegpt", "2:4", {})
     with pytest.raises(ValueError, match="suffixes are -r and -rw"):
         table.steps_of("angular-6-x")

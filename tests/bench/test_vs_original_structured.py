@@ -154,3 +154,108 @@ def test_sizes_rows_and_report_columns():
     assert "| flap/0.2 | 0 | original flap@abc | fp32 | 30.00 | 60.0 | - |" in text
     assert "| sparsekit flap adaptive | bf16 | 29.00 | 20.0 | statistics 19.5, select+cut 0.5 |" in text
     assert "ppl 0.967x the original's, time 0.33x" in text
+
+
+# A stand-in for the ShortGPT authors' class, written here with the calls the driver's shims serve:
+# the tokenizer called on a list of prompts, inputs moved with .to("cuda"), the whole model run with
+# output_hidden_states, importances summed per block, and the lowest n deleted from ``layers``.
+SHORTGPT_STAND_IN = """
+import numpy as np
+import torch
+
+
+class ShortGPT:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("the driver must not run __init__ (a hub download on a GPU)")
+
+    @torch.inference_mode()
+    def eval_importance(self, prompts, stride=256, max_gen_len=0):
+        assert max_gen_len == 0
+        tokens = self.tokenizer(prompts, padding=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = tokens.input_ids, tokens.attention_mask
+        for start in range(0, ids.shape[1], stride):
+            out = self.model(
+                input_ids=ids[:, start:start + stride].to("cuda"),
+                attention_mask=mask[:, start:start + stride].to("cuda"),
+                output_hidden_states=True,
+            )
+            hs = out.hidden_states
+            for i in range(len(hs) - 1):
+                cos = torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1)
+                self.importances[i] += (1 - cos).sum().item()
+
+    def remove_layers(self):
+        drop = np.argsort(np.array(self.importances))[: self.n_prune_layers].tolist()
+        for i in sorted(drop, reverse=True):
+            del self.layers[i]
+        return drop
+"""
+
+
+def test_shortgpt_driver_runs_the_class_on_the_windows_and_the_result_loads(tmp_path):
+    """The driver (a subprocess, as vs_original_structured runs it) on a stand-in checkout: every
+    window scored, round(0.4 x 5) = 2 blocks deleted, its kept tensors equal the dense blocks, and
+    ``without_blocks`` rebuilds that model (a changed tensor is refused)."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    vs = bench_script("vs_original_structured")
+    code = tmp_path / "code"
+    (code / "shortgpt").mkdir(parents=True)
+    (code / "shortgpt" / "shortgpt.py").write_text(SHORTGPT_STAND_IN)
+    dense = gqa_llama(num_hidden_layers=5)
+    dense.save_pretrained(tmp_path / "source")
+    torch.save(
+        torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(2)), tmp_path / "calib.pt"
+    )
+    out, report = tmp_path / "o.safetensors", tmp_path / "o.json"
+    command = [
+        sys.executable, str(bench_script("original_driver").__file__), "--code", str(code),
+        "--impl", "shortgpt", "--model", str(tmp_path / "source"), "--calib", str(tmp_path / "calib.pt"),
+        "--method", "shortgpt", "--sparsity", "0.4", "--out", str(out), "--report", str(report),
+        "--threads", "1",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads(report.read_text())
+    assert info["entry"] == "shortgpt.ShortGPT" and len(info["removed_blocks"]) == 2
+    state = load_file(str(out))
+    pruned = vs.without_blocks(dense, info["removed_blocks"], state)
+    assert len(pruned.model.layers) == 3 and pruned.config.num_hidden_layers == 3
+    kept = [i for i in range(5) if i not in info["removed_blocks"]]
+    ref = dense.model.layers[kept[-1]].mlp.up_proj.weight
+    assert torch.equal(pruned.model.layers[2].mlp.up_proj.weight, ref)
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"] + 1
+    with pytest.raises(RuntimeError, match="differ from the dense ones"):
+        vs.without_blocks(dense, info["removed_blocks"], state)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        vs.without_blocks(dense, info["removed_blocks"][:1], load_file(str(out)))
+    bad = subprocess.run([*command[:13], "2:4", *command[14:]], capture_output=True, text=True)
+    assert bad.returncode == 2 and "removes a ratio of structures, not 2:4" in bad.stderr
+
+
+def test_shortgpt_window_tokenizer_keeps_cuda_moves_on_the_cpu():
+    driver = bench_script("original_driver")
+    ids = torch.arange(12).reshape(3, 4)
+    tokens = driver._window_tokenizer(ids)([2], padding=True, return_tensors="pt")
+    moved = tokens.input_ids[:, 1:3].to("cuda")
+    assert type(moved) is torch.Tensor and moved.device.type == "cpu"
+    assert moved.tolist() == [[9, 10]] and tokens.attention_mask.sum() == 4
+    assert tokens.input_ids.to(torch.float32).dtype == torch.float32
+
+
+def test_depth_rows_report_their_removed_blocks():
+    vs = bench_script("vs_original_structured")
+    assert vs.model_folder("shortgpt") == "source" and vs.model_folder("flap") == "dense"
+    rows = [
+        {"row": "shortgpt/0.2", "seed": 0, "tool": "original shortgpt@abc", "ppl": 50.0, "prune_s": 50.0,
+         "removed": 0.2, "removed_blocks": [3, 12]},
+        {"row": "shortgpt/0.2", "seed": 0, "tool": "sparsekit shortgpt", "ppl": 50.0, "prune_s": 10.0,
+         "removed": 0.2, "removed_blocks": [3, 12], "forward_dtype": "bfloat16", "phases_s": {"score": 9.9}},
+    ]  # fmt: skip
+    text = vs._markdown("head", rows)
+    assert "| 20.00% | - | - | 3 12 |" in text
+    assert "ppl 1.000x the original's, time 0.20x" in text

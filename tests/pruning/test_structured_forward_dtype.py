@@ -1,7 +1,8 @@
-"""The width methods' calibration forwards in another dtype (``StructuredConfig.forward_dtype``):
-the statistics hooks fire on the cast copy that runs, the model's own weights keep their dtype,
-the bf16 statistics match the fp32 ones within bf16's rounding, the refit runs on bf16 inputs,
-and the option is refused by the structured methods that do not honour it."""
+"""The width methods' and the cosine depth criteria's calibration forwards in another dtype
+(``StructuredConfig.forward_dtype``): the statistics hooks fire on the cast copy that runs, the
+model's own weights keep their dtype, the bf16 statistics and depth scores match the fp32 ones
+within bf16's rounding, the refit runs on bf16 inputs, and the option is refused by the structured
+methods that do not honour it."""
 
 from __future__ import annotations
 
@@ -62,18 +63,54 @@ def test_width_methods_prune_with_bf16_forwards(method, refit):
     assert (a - b).norm() / a.norm() < 0.5
 
 
-def test_forward_dtype_is_refused_where_no_width_method_runs():
-    for method, options in (("shortgpt", {"remove_layers": 1}), ("minitron", {}), ("blockpruner", {})):
+def test_forward_dtype_is_refused_where_no_forward_runs_in_it():
+    for method, options in (
+        ("shortened-ppl", {"remove_layers": 1}),
+        ("minitron", {}),
+        ("blockpruner", {}),
+    ):
         with pytest.raises(ValueError, match=r"forward_dtype \(--forward-dtype\) does nothing with"):
             check_prune_request(method, 0.2 if not options else None, {**options, "forward_dtype": "bf16"})
-    for method, options in (("flap", {}), ("wanda-sp", {}), ("llm-pruner", {"refit": True})):
+    for method, options in (
+        ("flap", {}),
+        ("wanda-sp", {}),
+        ("llm-pruner", {"refit": True}),
+        ("shortgpt", {}),
+        ("angular", {}),
+    ):
         config = check_prune_request(method, 0.2, {**options, "forward_dtype": "bf16"}).config
         assert config.forward_dtype == torch.bfloat16
     # llm-pruner's scores come from gradients: without a refit or compensation nothing runs in it
     with pytest.raises(ValueError, match="add one, or drop it"):
         check_prune_request("llm-pruner", 0.2, {"forward_dtype": "bf16"})
+    # the depth repair fits on the model dtype's states, so its scoring pass runs in that dtype too
+    with pytest.raises(ValueError, match="the repair fits its maps"):
+        check_prune_request("shortgpt", 0.2, {"repair": True, "forward_dtype": "bf16"})
     with pytest.raises(ValueError, match="forward_dtype"):
         StructuredConfig(forward_dtype="half-ish")
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "angular"])
+def test_cosine_depth_criteria_score_in_the_forward_dtype(method):
+    """bf16 forwards: scores within bf16's rounding of the fp32 ones (a cosine of 8-bit-mantissa
+    states), the report says bf16, the kept blocks keep fp32 weights; with the repair the scoring
+    stays in the model's dtype."""
+    dense = make("llama", layers=6)
+    ids = calib(16, 32)
+    reports = {}
+    for dtype in ("model", "bfloat16"):
+        model = copy.deepcopy(dense)
+        config = StructuredConfig(remove_layers=2, forward_dtype=dtype, show_progress=False)
+        reports[dtype] = structured_method(method).prune(model, ids, config)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    fp32, bf16 = reports["model"], reports["bfloat16"]
+    assert (fp32.forward_dtype, bf16.forward_dtype) == ("float32", "bfloat16")
+    a, b = torch.tensor(fp32.block_scores), torch.tensor(bf16.block_scores)
+    assert not torch.equal(a, b)  # the bf16 pass really ran in bf16
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.01)
+    repaired = StructuredConfig(remove_layers=2, repair=True, show_progress=False)
+    report = structured_method(method).prune(copy.deepcopy(dense), ids, repaired)
+    assert report.forward_dtype == "float32"
 
 
 @pytest.mark.parametrize(
@@ -82,11 +119,17 @@ def test_forward_dtype_is_refused_where_no_width_method_runs():
         (["--method", "flap", "--sparsity", "0.2", "--then-method", "sparsegpt", "--then-sparsity", "2:4"],
          {"flap": torch.float32, "sparsegpt": torch.float32}),
         (["--method", "angular", "--remove-layers", "2", "--then-method", "flap", "--then-sparsity", "0.2"],
-         {"angular": "auto", "flap": torch.float32}),  # the depth step runs no forwards in it
+         {"angular": torch.float32, "flap": torch.float32}),
+        (["--method", "angular", "--remove-layers", "2", "--repair", "--then-method", "flap",
+          "--then-sparsity", "0.2"],
+         {"angular": "auto", "flap": torch.float32}),  # with the repair the depth step runs none in it
         (["--method", "shortgpt", "--remove-layers", "2", "--then-method", "wanda"],
-         {"shortgpt": "auto", "wanda": torch.float32}),
+         {"shortgpt": torch.float32, "wanda": torch.float32}),
+        (["--method", "shortened-ppl", "--remove-layers", "2", "--then-method", "wanda"],
+         {"shortened-ppl": "auto", "wanda": torch.float32}),
     ],
-    ids=["width-then-per-layer", "depth-then-width", "depth-then-per-layer"],
+    ids=["width-then-per-layer", "depth-then-width", "repaired-depth-then-width", "depth-then-per-layer",
+         "ppl-depth-then-per-layer"],
 )  # fmt: skip
 def test_the_cli_gives_forward_dtype_to_every_stacked_step_that_runs_forwards(argv, expected, tmp_path):
     from sparsekit.cli import _check_prune_args, build_parser

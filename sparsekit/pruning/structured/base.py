@@ -48,11 +48,12 @@ class StructuredConfig:
       (``minitron.py``; default "hidden,mlp", the paper's recipe).
     channel_multiple: kept MLP widths are rounded to a multiple of this (8: aligned GEMMs, and
       2:4 / 4:8 stacking needs a multiple of 4 or 8); 1 disables the rounding.
-    forward_dtype: width methods (wanda-sp, flap, llm-pruner); the dtype of their calibration
-      forwards (statistics, refit): "auto" (bfloat16 for an fp32 model where the device has fast
-      bf16 matmuls, as the unstructured engine), "model", or a torch dtype. Statistics and solves
-      stay in float64; the weights are cut and refitted in their own dtype. LLM-Pruner's gradient
-      pass runs in the model's dtype.
+    forward_dtype: width methods (wanda-sp, flap, llm-pruner) and the cosine depth criteria
+      (shortgpt, angular, without the repair); the dtype of their calibration forwards
+      (statistics, refit, the scoring pass): "auto" (bfloat16 for an fp32 model where the device
+      has fast bf16 matmuls, as the unstructured engine), "model", or a torch dtype. Statistics,
+      cosines and solves stay in fp32 / float64; the weights are cut and refitted in their own
+      dtype. LLM-Pruner's gradient pass and the depth repair run in the model's dtype.
     """
 
     sparsity: float = 0.2
@@ -143,7 +144,7 @@ class StructuredReport:
     experts: list[dict[str, Any]] = field(default_factory=list)  # expert methods: per MoE block
     uniform_widths: bool = True
     bias_compensation: bool = False
-    forward_dtype: str = ""  # width methods: the dtype their calibration forwards ran in
+    forward_dtype: str = ""  # methods that cast their forwards: the dtype they ran in
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -167,6 +168,7 @@ class StructuredMethod:
     name: ClassVar[str]
     needs_calibration: ClassVar[bool] = True
     structured: ClassVar[bool] = True
+    casts_forwards: ClassVar[bool] = False  # runs its calibration forwards in config.forward_dtype
 
     def prune(
         self, model: nn.Module, input_ids: torch.Tensor | None, config: StructuredConfig

@@ -43,12 +43,13 @@ from sparsekit.models import (
     BlockAnatomy,
     describe,
     linear_weight,
+    model_dtype,
     set_linear_weight,
     set_submodule,
 )
 from sparsekit.models.families import family
 
-from ..capture import Chunk, block_output_structure, tail_loss
+from ..capture import Chunk, block_output_structure, cast_chunks, resolve_forward_dtype, tail_loss
 from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
@@ -517,6 +518,12 @@ class DepthMethod(StructuredMethod):
                 for block in anatomy:
                     check_mlp_reaches_residual(block, chunks[0], device)
             inputs = [c.hidden for c in chunks]
+            if self.casts_forwards:  # the repair fits on the model dtype's states: no cast with it
+                forward_dtype = model_dtype(model)
+                if not config.repair:
+                    forward_dtype = resolve_forward_dtype(config.forward_dtype, forward_dtype, device)
+                    cast_chunks(chunks, forward_dtype)
+                report.forward_dtype = str(forward_dtype).replace("torch.", "")
             dense = DenseStates(blocks, chunks, device, self.state_budget_bytes if config.repair else 0)
             ctx = DepthContext(model, mine, blocks, chunks, device, dense.record, world)
             removed, scores = self.choose(ctx, n, config)
@@ -551,6 +558,7 @@ class ShortGPT(DepthMethod):
     name = "shortgpt"
     uses_tokens = True
     shards = True
+    casts_forwards = True
 
     def choose(self, ctx, n, config):
         show = config.show_progress and ctx.world.main
@@ -568,6 +576,7 @@ class Angular(DepthMethod):
     name = "angular"
     uses_tokens = True
     shards = True
+    casts_forwards = True
 
     def choose(self, ctx, n, config):
         if n == 0:

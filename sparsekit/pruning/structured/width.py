@@ -441,6 +441,7 @@ def set_config_widths(model: nn.Module, anatomy: ModelAnatomy, report: Structure
 
 class WidthMethod(StructuredMethod):
     score_kind: str
+    casts_forwards = True
     attention_exponent: int = 1  # attention channel scores are raised to this power before anything else
     default_compensation: bool = False
     adaptive_ok: bool = False

@@ -1,0 +1,89 @@
+"""bench/vs_references.py: the one-table summary of the two reference benchmarks' reports."""
+
+import pytest
+
+from tests.bench.conftest import bench_script
+
+
+def _unstructured_report():
+    row = lambda seed, tool, ppl, s, **kw: {"config": "wanda/2:4", "seed": seed, "tool": tool, "ppl": ppl,  # noqa: E731
+                                             "prune_s": s, **kw}  # fmt: skip
+    return {
+        "rows": [
+            {"config": "dense", "tool": "-", "ppl": 15.0},
+            row(0, "original wanda@abc", 150.0, 100.0),
+            row(0, "llm-compressor 0.14", 140.0, 120.0),
+            row(0, "sparsekit 0.1", 145.0, 30.0, forward_dtype="bfloat16", timings_s={"forward": 28.0}),
+            row(0, "sparsekit 0.1", 130.0, 90.0, forward_dtype="float32", timings_s={"forward": 88.0}),
+            row(1, "original wanda@abc", 160.0, 100.0),
+            row(1, "llm-compressor 0.14", 150.0, 110.0),
+            row(1, "sparsekit 0.1", 150.0, 40.0, forward_dtype="bfloat16", timings_s={"forward": 38.0}),
+            {"config": "wanda+owl/0.7", "seed": 0, "tool": "llm-compressor", "ppl": float("nan"),
+             "error": "Cannot invoke event"},
+            {"config": "wanda+owl/0.7", "seed": 0, "tool": "sparsekit 0.1", "ppl": 700.0, "prune_s": 50.0,
+             "forward_dtype": "bfloat16"},
+        ]
+    }  # fmt: skip
+
+
+def test_unstructured_rows_judge_the_default_forwards_by_per_seed_medians():
+    vs = bench_script("vs_references")
+    wanda, owl = vs.unstructured_rows(_unstructured_report())
+    assert wanda["config"] == "wanda/2:4"
+    assert wanda["sparsekit"]["ppl"] == 147.5 and wanda["sparsekit"]["seeds"] == [0, 1]  # fp32 row left out
+    assert wanda["vs original"]["ppl"] == pytest.approx((145 / 150 + 150 / 160) / 2)
+    assert wanda["vs llm-compressor"]["time"] == pytest.approx((30 / 120 + 40 / 110) / 2)
+    assert wanda["phases_s"] == {"forward": 28.0}
+    assert (
+        owl["llm-compressor"]["failed"] == ["Cannot invoke event"] and owl["vs llm-compressor"]["seeds"] == 0
+    )
+    text = vs.markdown("head", [wanda, owl])
+    assert "| wanda/2:4 | 2 | 155.00 (100) | 145.00 (115) | 147.50 (35) |" in text
+    assert "| 0.952 / 0.35 (yes) |" in text  # against the original: both targets met
+    assert "1.018 / 0.31 (no) |" in text  # against llm-compressor: ppl above it
+    assert "| wanda+owl/0.7 | 1 | - | failed | 700.00 (50) | - | - | - |" in text
+    assert "- wanda+owl/0.7, llm-compressor failed: Cannot invoke event" in text
+
+
+def test_structured_rows_read_each_methods_headline_row():
+    vs = bench_script("vs_references")
+    report = {
+        "rows": [
+            {"row": "dense", "tool": "-", "ppl": 15.0, "removed": 0.0},
+            {"row": "flap/0.2", "seed": 0, "tool": "original flap@abc", "ppl": 34.8, "prune_s": 60.0},
+            {"row": "flap/0.2", "seed": 0, "tool": "sparsekit flap adaptive, fp32 forwards", "ppl": 30.0,
+             "prune_s": 55.0},
+            {"row": "flap/0.2", "seed": 0, "tool": "sparsekit flap adaptive", "ppl": 34.9, "prune_s": 15.0,
+             "phases_s": {"statistics": 14.0}},
+            {"row": "shortgpt/0.2", "seed": 0, "tool": "original shortgpt@abc", "ppl": 50.0, "prune_s": 50.0},
+            {"row": "shortgpt/0.2", "seed": 0, "tool": "sparsekit shortgpt", "ppl": 50.0, "prune_s": 9.0},
+        ]
+    }  # fmt: skip
+    flap, short = vs.structured_rows(report)
+    assert flap["sparsekit"]["ppl"] == 34.9 and flap["phases_s"] == {"statistics": 14.0}
+    assert (
+        flap["vs original"]["ppl"] == pytest.approx(34.9 / 34.8) and flap["vs llm-compressor"]["seeds"] == 0
+    )
+    assert short["vs original"]["time"] == pytest.approx(0.18)
+    assert set(vs.HEADLINE) == set(bench_script("vs_original_structured").SPARSEKIT)
+    for method, tool in vs.HEADLINE.items():  # each headline names a row the structured half writes
+        labels = [f"sparsekit {label}" + (", at the original's size" if size == "original" else "")
+                  for label, _, size in bench_script("vs_original_structured").SPARSEKIT[method]]  # fmt: skip
+        assert tool in labels
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--seeds", "1", "1"], "repeats a seed"),
+        (["--structured-seeds", "0", "0"], "repeats a seed"),
+        (["--forward-dtypes", "float32"], "needs auto"),
+        ([], "has no python: pass --setup"),
+    ],
+)
+def test_vs_references_refuses_bad_options_before_any_work(argv, match, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        bench_script("vs_references").main(
+            ["--original", str(tmp_path), "--venv", str(tmp_path / "no-venv"), *argv]
+        )
+    assert match in capsys.readouterr().err
