@@ -1054,7 +1054,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--forward-dtype",
         default="auto",
-        help="dtype of the calibration forwards (the per-layer methods, and wanda-sp / flap / llm-pruner): "
+        help="dtype of the calibration forwards (the per-layer methods, wanda-sp / flap / llm-pruner, and "
+        "shortgpt / angular without --repair): "
         "auto (bf16 for an fp32 model where bf16 matmuls are fast), model, bf16, fp16, fp32; statistics "
         "are fp32 or wider and weights keep their dtype",
     )
