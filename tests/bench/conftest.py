@@ -30,3 +30,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def original_driver_command(
+    code, impl: str, model, calib, method: str, sparsity: str, out, report
+) -> list[str]:
+    """The command line that runs bench/original_driver.py on one thread (as the benchmarks call it)."""
+    return [
+        sys.executable, str(BENCH / "original_driver.py"), "--code", str(code), "--impl", impl,
+        "--model", str(model), "--calib", str(calib), "--method", method, "--sparsity", sparsity,
+        "--out", str(out), "--report", str(report), "--threads", "1",
+    ]  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 
 from sparsekit.models import block_linears, find_decoder_blocks, linear_weight
 from sparsekit.pruning import QuantGrid
-from tests.bench.conftest import bench_script
+from tests.bench.conftest import bench_script, original_driver_command
 from tests.conftest import tiny_model
 
 
@@ -119,7 +119,6 @@ def test_original_driver_runs_a_checkout_as_the_original_calls_it(tmp_path):
     calibration windows through get_loaders, runs every decoder layer the 2023 way and prunes."""
     import json
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -144,12 +143,9 @@ def test_original_driver_runs_a_checkout_as_the_original_calls_it(tmp_path):
     model.save_pretrained(tmp_path / "dense")
     torch.save(torch.randint(0, 100, (2, 8)), tmp_path / "calib.pt")
     out, report = tmp_path / "pruned.safetensors", tmp_path / "report.json"
-    command = [
-        sys.executable, str(bench_script("original_driver").__file__), "--code", str(code),
-        "--impl", "wanda", "--model", str(tmp_path / "dense"), "--calib", str(tmp_path / "calib.pt"),
-        "--method", "wanda", "--sparsity", "2:4", "--out", str(out), "--report", str(report),
-        "--threads", "1",
-    ]  # fmt: skip
+    command = original_driver_command(
+        code, "wanda", tmp_path / "dense", tmp_path / "calib.pt", "wanda", "2:4", out, report
+    )
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     state = load_file(str(out))

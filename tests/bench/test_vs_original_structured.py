@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.bench.conftest import bench_script
+from tests.bench.conftest import bench_script, original_driver_command
 
 
 def gqa_llama(tie: bool = True, **overrides):
@@ -198,7 +198,6 @@ def test_shortgpt_driver_runs_the_class_on_the_windows_and_the_result_loads(tmp_
     ``without_blocks`` rebuilds that model (a changed tensor is refused)."""
     import json
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -212,12 +211,9 @@ def test_shortgpt_driver_runs_the_class_on_the_windows_and_the_result_loads(tmp_
         torch.randint(0, 101, (3, 16), generator=torch.Generator().manual_seed(2)), tmp_path / "calib.pt"
     )
     out, report = tmp_path / "o.safetensors", tmp_path / "o.json"
-    command = [
-        sys.executable, str(bench_script("original_driver").__file__), "--code", str(code),
-        "--impl", "shortgpt", "--model", str(tmp_path / "source"), "--calib", str(tmp_path / "calib.pt"),
-        "--method", "shortgpt", "--sparsity", "0.4", "--out", str(out), "--report", str(report),
-        "--threads", "1",
-    ]  # fmt: skip
+    command = original_driver_command(
+        code, "shortgpt", tmp_path / "source", tmp_path / "calib.pt", "shortgpt", "0.4", out, report
+    )
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     info = json.loads(report.read_text())

@@ -88,6 +88,8 @@ def test_forward_dtype_is_refused_where_no_forward_runs_in_it():
         check_prune_request("shortgpt", 0.2, {"repair": True, "forward_dtype": "bf16"})
     with pytest.raises(ValueError, match="forward_dtype"):
         StructuredConfig(forward_dtype="half-ish")
+    with pytest.raises(ValueError, match="the repair fits its maps"):  # the config alone refuses it too
+        StructuredConfig(remove_layers=1, repair=True, forward_dtype="bf16")
 
 
 @pytest.mark.parametrize("method", ["shortgpt", "angular"])

@@ -115,6 +115,11 @@ class StructuredConfig:
                 self.forward_dtype = parse_dtype(self.forward_dtype)
             except ValueError as exc:
                 raise ValueError(f"forward_dtype: {exc}, or auto / model") from None
+            if self.repair:
+                raise ValueError(
+                    f"forward_dtype={self.forward_dtype} with repair=True: the repair fits its maps on "
+                    "states in the model's dtype, so the scoring pass runs in it too; drop one of them"
+                )
 
     @property
     def axes_tuple(self) -> tuple[str, ...]:
