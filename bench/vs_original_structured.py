@@ -48,6 +48,7 @@ from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
+from sparsekit.pruning.structured.base import block_param_count
 from sparsekit.pruning.structured.depth import remove_blocks
 
 ORIGINAL = {
@@ -180,11 +181,6 @@ def run_sparsekit(dense, calib: torch.Tensor, method: str, sparsity: float, opti
     return model, info | ({"removed_blocks": report.removed_blocks} if method in DEPTH else {})
 
 
-def decoder_block_params(model) -> int:
-    """Parameters of the decoder blocks, counted as stored (the depth rows' accounting)."""
-    return sum(p.numel() for p in model.model.layers.parameters())
-
-
 def _markdown(head: str, rows: list[dict]) -> str:
     lines = [
         head,
@@ -272,14 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.seqlen} (seeds {' '.join(map(str, args.seeds))}), ppl on {eval_ids.shape[1]} held-out "
         "tokens in windows of 512."
     )
-    total, depth_total = block_params(dense), decoder_block_params(source)
+    total, depth_total = block_params(dense), block_param_count(source)
     out = Path(args.out)
     rows = [{"row": "dense", "tool": "-", "ppl": perplexity_of_ids(dense, eval_ids, 512).ppl, "removed": 0.0}]
 
     def add(row: dict, model) -> None:
         row["ppl"] = perplexity_of_ids(model, eval_ids, 512).ppl
         if row["row"].partition("/")[0] in DEPTH:
-            row["removed"] = 1 - decoder_block_params(model) / depth_total
+            row["removed"] = 1 - block_param_count(model) / depth_total
         else:
             widths = live_widths(model)
             row |= {
