@@ -15,6 +15,11 @@ Same protocol in both halves: SmolLM2-135M fp32, 64 x 512 calibration tokens of 
 corpus, ppl on 32,768 held-out tokens in windows of 512, 2 threads. The structured half needs no
 llm-compressor (it has none of these methods); ``--structured-seeds`` gives it its own draws
 (it is the cheaper half).
+
+``--from-reports A.json B.json ...`` runs nothing: it merges halves' reports written by earlier
+runs (of this script or of either half alone, e.g. ``vs_llmcompressor.py --seeds 1 2``) into the
+summary, each row's medians taken over every seed the reports hold. Reports of one half must share
+its protocol (calibration size, ppl tokens) and machine, and no config may repeat a seed.
 """
 
 from __future__ import annotations
@@ -39,7 +44,51 @@ HEADLINE = {
     "shortgpt": "sparsekit shortgpt",
 }
 HEADS = ("original", "llm-compressor", "sparsekit")  # the summary's tools
+VERSUS = ("vs original", "vs llm-compressor")
+PROTOCOL = ("nsamples", "seqlen", "eval_tokens")  # a half's args that must agree to merge its reports
+MACHINE = ("cpu", "cpu_threads", "torch")  # and the environment's
 log = logging.getLogger("vs_references")
+
+
+def merge_reports(reports: list[dict]) -> tuple[dict, dict]:
+    """The unstructured and structured halves of ``reports`` (each ``{"environment", "args",
+    "rows"}``; told apart by their rows' keys), each as one report over all their seeds. Raises
+    ValueError where reports of a half differ in protocol or CPU, or repeat a config's seed."""
+    halves: dict[str, list[dict]] = {"unstructured": [], "structured": []}
+    for report in reports:
+        seeded = [r for r in report["rows"] if "seed" in r]
+        if not seeded:
+            raise ValueError("a report holds no seeded rows: pass the halves' reports (their .json)")
+        halves["structured" if "row" in seeded[0] else "unstructured"].append(report)
+    return tuple(_merge_half(name, got) for name, got in halves.items())
+
+
+def _merge_half(name: str, reports: list[dict]) -> dict:
+    if not reports:
+        return {"rows": [], "environments": []}
+    for key in PROTOCOL:
+        values = {r["args"][key] for r in reports}
+        if len(values) > 1:
+            raise ValueError(
+                f"{name} reports differ in {key} ({sorted(values)}): they measure different protocols"
+            )
+    for key in MACHINE:
+        values = {str(r["environment"][key]) for r in reports}
+        if len(values) > 1:
+            raise ValueError(
+                f"{name} reports differ in {key} ({sorted(values)}): time ratios would mix machines"
+            )
+    rows, seen = [], set()
+    for report in reports:
+        for row in report["rows"]:
+            if "seed" not in row:
+                continue
+            key = (row.get("config", row.get("row")), row["seed"], row["tool"], row.get("forward_dtype"))
+            if key in seen:
+                raise ValueError(f"{name} reports repeat {key[0]} seed {key[1]} ({key[2]}): drop one of them")
+            seen.add(key)
+            rows.append(row)
+    return {"rows": rows, "environments": [r["environment"] for r in reports]}
 
 
 def _median(values: list[float]) -> float:
@@ -61,7 +110,12 @@ def unstructured_rows(report: dict) -> list[dict]:
             ],
         }
         phases = tools["sparsekit"][0].get("timings_s", {}) if tools["sparsekit"] else {}
-        out.append(_summary(config, tools, phases))
+        summary = _summary(config, tools, phases)
+        fp32 = [r for r in mine if r["tool"].startswith("sparsekit") and r.get("forward_dtype") == "float32"]
+        if fp32:  # context: the same prune with fp32 calibration forwards, judged the same way
+            other = _summary(config, {**tools, "sparsekit": fp32}, {})
+            summary["sparsekit fp32"] = {**other["sparsekit"], **{k: other[k] for k in VERSUS}}
+        out.append(summary)
     return out
 
 
@@ -121,6 +175,15 @@ def _ratio(summary: dict, name: str) -> str:
     return f"{r['ppl']:.3f} / {r['time']:.2f} ({met})"
 
 
+def _fp32_cell(fp32: dict | None) -> str:
+    if not fp32 or not fp32["seeds"]:
+        return "-"
+    ratios = "; ".join(
+        f"{fp32[k]['ppl']:.3f} / {fp32[k]['time']:.2f}" if fp32[k]["seeds"] else "-" for k in VERSUS
+    )
+    return f"{_cell(fp32)}: {ratios}"
+
+
 def markdown(head: str, rows: list[dict]) -> str:
     lines = [
         head,
@@ -130,15 +193,17 @@ def markdown(head: str, rows: list[dict]) -> str:
         "ppl <= 1 and time <= 0.5, 'yes' where both hold).",
         "",
         "| config | seeds | original code | llm-compressor | sparsekit default | vs original | "
-        "vs llm-compressor | sparsekit's phases (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "vs llm-compressor | sparsekit's phases (s) | "
+        "sparsekit, fp32 forwards: vs original; vs llm-compressor (ppl / time) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
         seeds = len(r["sparsekit"]["seeds"])
         phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phases_s"].items()) or "-"
         lines.append(
             f"| {r['config']} | {seeds} | {_cell(r['original'])} | {_cell(r['llm-compressor'])} | "
-            f"{_cell(r['sparsekit'])} | {_ratio(r, 'original')} | {_ratio(r, 'llm-compressor')} | {phases} |"
+            f"{_cell(r['sparsekit'])} | {_ratio(r, 'original')} | {_ratio(r, 'llm-compressor')} | {phases} | "
+            f"{_fp32_cell(r.get('sparsekit fp32'))} |"
         )
     failed = [(r["config"], n, e) for r in rows for n in HEADS for e in r[n]["failed"]]
     lines += ["", *(f"- {c}, {n} failed: {e}" for c, n, e in failed)] if failed else []
@@ -148,7 +213,10 @@ def markdown(head: str, rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="reports/vs_references")
-    p.add_argument("--original", required=True, metavar="DIR", help="where the original checkouts go")
+    p.add_argument("--original", metavar="DIR", help="where the original checkouts go (needed to run)")
+    p.add_argument(
+        "--from-reports", nargs="+", metavar="JSON", help="merge these halves' reports instead of running"
+    )
     p.add_argument("--original-from", metavar="URL", help="clone the checkouts from URL/<name>")
     p.add_argument("--venv", default=".venv-llmc", help="llm-compressor's virtual environment")
     p.add_argument("--setup", action="store_true", help="create --venv when it is missing")
@@ -161,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         help="sparsekit's calibration-forward variants in the unstructured half (the summary reads auto)",
     )  # fmt: skip
     args = p.parse_args(argv)
+    if args.from_reports:
+        return summarize_reports(p, args, argv)
+    if not args.original:
+        p.error("--original DIR is needed to run the references (or --from-reports to merge reports)")
     if "auto" not in args.forward_dtypes:
         p.error("--forward-dtypes needs auto: the summary judges sparsekit's default forwards")
     for seeds in (args.seeds, args.structured_seeds or []):
@@ -190,6 +262,37 @@ def main(argv: list[str] | None = None) -> int:
         f"{structured}.md (their protocol and versions in their headers)."
     )
     write_json_atomic(out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows})
+    write_text_atomic(out.with_suffix(".md"), markdown(head, rows))
+    print(markdown(head, rows))
+    return 0
+
+
+def summarize_reports(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """--from-reports: the summary of earlier reports, merged (nothing runs)."""
+    ran = [a for a in ("original", "original_from", "structured_seeds") if getattr(args, a)]
+    defaults = args.seeds != [0] or args.venv != ".venv-llmc" or args.forward_dtypes != ["auto", "float32"]
+    if ran or args.setup or defaults:
+        p.error("--from-reports runs nothing: drop the options that choose what to run")
+    paths = [Path(f) for f in args.from_reports]
+    missing = [str(f) for f in paths if not f.is_file()]
+    if missing:
+        p.error(f"no such report: {' '.join(missing)}")
+    try:
+        unstructured, structured = merge_reports([json.loads(f.read_text()) for f in paths])
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        p.error(f"cannot merge the reports: {exc}")
+    rows = unstructured_rows(unstructured) + structured_rows(structured)
+    commits = sorted({e["commit"] for half in (unstructured, structured) for e in half["environments"]})
+    cpus = sorted({e["cpu"] for half in (unstructured, structured) for e in half["environments"]})
+    head = (
+        f"{run_line('bench/vs_references.py', argv, environment())}; merged from "
+        f"{', '.join(map(str, paths))} (commits {', '.join(commits)}; {'; '.join(cpus)}; their protocol "
+        "and versions in their headers)."
+    )
+    out = Path(args.out)
+    write_json_atomic(
+        out.with_suffix(".json"), {"args": vars(args), "sources": args.from_reports, "rows": rows}
+    )
     write_text_atomic(out.with_suffix(".md"), markdown(head, rows))
     print(markdown(head, rows))
     return 0

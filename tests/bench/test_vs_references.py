@@ -1,5 +1,7 @@
 """bench/vs_references.py: the one-table summary of the two reference benchmarks' reports."""
 
+import json
+
 import pytest
 
 from tests.bench.conftest import bench_script
@@ -86,4 +88,84 @@ def test_vs_references_refuses_bad_options_before_any_work(argv, match, capsys, 
         bench_script("vs_references").main(
             ["--original", str(tmp_path), "--venv", str(tmp_path / "no-venv"), *argv]
         )
+    assert match in capsys.readouterr().err
+
+
+def test_fp32_forwards_are_a_context_column_judged_like_the_default():
+    vs = bench_script("vs_references")
+    wanda, owl = vs.unstructured_rows(_unstructured_report())
+    fp32 = wanda["sparsekit fp32"]
+    assert fp32["ppl"] == 130.0 and fp32["seeds"] == [0]
+    assert fp32["vs original"]["ppl"] == pytest.approx(130 / 150)
+    assert fp32["vs llm-compressor"]["time"] == pytest.approx(90 / 120)
+    assert "sparsekit fp32" not in owl  # no fp32 row ran
+    text = vs.markdown("head", [wanda, owl])
+    assert "| 130.00 (90): 0.867 / 0.90; 0.929 / 0.75 |" in text
+    assert "| wanda+owl/0.7 | 1 | - | failed | 700.00 (50) | - | - | - | - |" in text  # no fp32 cell
+
+
+def _report(rows, seeds, cpu="Xeon", nsamples=64, commit="abc"):
+    return {
+        "environment": {"cpu": cpu, "commit": commit, "cpu_threads": 2, "torch": "2.13.0+cpu"},
+        "args": {"nsamples": nsamples, "seqlen": 512, "eval_tokens": 32768, "seeds": seeds},
+        "rows": [{"config": "dense", "tool": "-", "ppl": 15.0}] + [r for r in rows if r.get("seed") in seeds],
+    }
+
+
+def test_reports_of_separate_runs_merge_into_one_summary_over_their_seeds(tmp_path, capsys):
+    vs = bench_script("vs_references")
+    rows = _unstructured_report()["rows"]
+    first, second = tmp_path / "s0.json", tmp_path / "s1.json"
+    first.write_text(json.dumps(_report(rows, [0])))
+    second.write_text(json.dumps(_report(rows, [1], commit="def")))
+    structured = tmp_path / "st.json"
+    short_row = lambda tool, s: {"row": "shortgpt/0.2", "seed": 0, "tool": tool, "ppl": 50.0, "prune_s": s}  # noqa: E731
+    structured.write_text(json.dumps({
+        "environment": {"cpu": "Xeon", "commit": "abc", "cpu_threads": 2, "torch": "2.13.0+cpu"},
+        "args": {"nsamples": 64, "seqlen": 512, "eval_tokens": 32768},
+        "rows": [short_row("original shortgpt@abc", 50.0), short_row("sparsekit shortgpt", 9.0)],
+    }))  # fmt: skip
+    out = tmp_path / "merged"
+    assert vs.main(["--from-reports", str(first), str(second), str(structured), "--out", str(out)]) == 0
+    merged = json.loads(out.with_suffix(".json").read_text())["rows"]
+    wanda, _owl, short = merged
+    # the same medians as one run over both seeds gives
+    assert wanda["sparsekit"]["seeds"] == [0, 1] and wanda["sparsekit"]["ppl"] == 147.5
+    assert wanda == json.loads(json.dumps(vs.unstructured_rows(_unstructured_report())[0]))
+    assert short["config"] == "shortgpt/0.2" and short["vs original"]["time"] == pytest.approx(0.18)
+    text = out.with_suffix(".md").read_text()
+    assert "commits abc, def" in text and "| wanda/2:4 | 2 |" in text
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"nsamples": 32}, "differ in nsamples"),
+        ({"cpu": "EPYC"}, "differ in cpu"),
+        ({"seeds": [0]}, "repeat wanda/2:4 seed 0"),
+    ],
+)
+def test_merging_refuses_reports_that_do_not_belong_together(change, match, tmp_path, capsys):
+    vs = bench_script("vs_references")
+    rows = _unstructured_report()["rows"]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(_report(rows, [0])))
+    second.write_text(json.dumps(_report(rows, change.pop("seeds", [1]), **change)))
+    with pytest.raises(SystemExit):
+        vs.main(["--from-reports", str(first), str(second), "--out", str(tmp_path / "m")])
+    assert match in capsys.readouterr().err and not (tmp_path / "m.md").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--original", "x"], "runs nothing"),
+        (["--seeds", "1"], "runs nothing"),
+        (["--forward-dtypes", "auto"], "runs nothing"),
+        ([], "no such report"),
+    ],
+)
+def test_from_reports_refuses_run_options_and_missing_files(argv, match, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_script("vs_references").main(["--from-reports", str(tmp_path / "none.json"), *argv])
     assert match in capsys.readouterr().err
