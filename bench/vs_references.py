@@ -205,7 +205,7 @@ def markdown(head: str, rows: list[dict]) -> str:
             f"{_cell(r['sparsekit'])} | {_ratio(r, 'original')} | {_ratio(r, 'llm-compressor')} | {phases} | "
             f"{_fp32_cell(r.get('sparsekit fp32'))} |"
         )
-    failed = [(r["config"], n, e) for r in rows for n in HEADS for e in r[n]["failed"]]
+    failed = list(dict.fromkeys((r["config"], n, e) for r in rows for n in HEADS for e in r[n]["failed"]))
     lines += ["", *(f"- {c}, {n} failed: {e}" for c, n, e in failed)] if failed else []
     return "\n".join(lines) + "\n"
 
