@@ -269,10 +269,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize_reports(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     """--from-reports: the summary of earlier reports, merged (nothing runs)."""
-    ran = [a for a in ("original", "original_from", "structured_seeds") if getattr(args, a)]
-    defaults = args.seeds != [0] or args.venv != ".venv-llmc" or args.forward_dtypes != ["auto", "float32"]
-    if ran or args.setup or defaults:
-        p.error("--from-reports runs nothing: drop the options that choose what to run")
+    runs = ("original", "original_from", "setup", "venv", "seeds", "structured_seeds", "forward_dtypes")
+    given = [f"--{a.replace('_', '-')}" for a in runs if getattr(args, a) != p.get_default(a)]
+    if given:
+        p.error(f"--from-reports runs nothing: drop {' '.join(given)}")
     paths = [Path(f) for f in args.from_reports]
     missing = [str(f) for f in paths if not f.is_file()]
     if missing:
