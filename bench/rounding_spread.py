@@ -3,11 +3,16 @@
     python bench/rounding_spread.py --method sparsegpt --sparsity 2:4 --seeds 0 3 4 \\
         --variants float32@4 float32@8 float32@16 auto@8 --out docs/data/rounding_spread_sparsegpt24
 
-A variant is ``FORWARD_DTYPE@BATCH``: the calibration forwards' dtype (``float32``, or ``auto``:
-bf16 where the CPU has fast bf16 matmuls) and how many calibration sequences each block forward
-takes. Batch sizes change only the order of the same fp32 sums (GEMM blocking, the statistics'
-chunk sums), so their spread is how much of a gap between two equivalent implementations is
-rounding; the forward dtype is the default's one departure from fp32. Issue-28 protocol:
+A variant is ``FORWARD_DTYPE@BATCH`` or ``FORWARD_DTYPE@BATCH~DRAW``: the calibration forwards'
+dtype (``float32``, or ``auto``: bf16 where the CPU has fast bf16 matmuls), how many calibration
+sequences each block forward takes, and optionally a jitter draw: every layer's input statistic
+(Wanda's squared norms, SparseGPT's Gram matrix) multiplied elementwise by 1 + J z before the method
+reads it, z standard normal from a generator seeded DRAW (symmetric for a Gram matrix), J =
+``--jitter`` (default 1e-6, the size of the differences between two fp32 summation orders of the
+same statistic). Batch sizes change only the order of the same fp32 sums (GEMM blocking, the
+statistics' chunk sums) and jitter draws change the statistics at that size, so their spread is how
+much of a gap between two equivalent implementations is rounding; the forward dtype is the
+default's one departure from fp32. Issue-28 protocol:
 SmolLM2-135M fp32, 64 x 512 calibration tokens of the offline corpus per seed, ppl on 32,768
 held-out tokens in windows of 512, 2 threads. Writes <out>.json and <out>.md after every prune: per
 seed each variant's ppl and prune time, and per variant its ppl over the first variant's on the
@@ -33,20 +38,48 @@ from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.formats import parse_sparsity
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
-from sparsekit.pruning.method import pruning_method
+from sparsekit.pruning.method import InputStat, PruningMethod, pruning_method
 
 DTYPES = ("float32", "auto")
 log = logging.getLogger("rounding_spread")
 
 
-def parse_variant(text: str) -> tuple[str, int]:
-    """'float32@8' -> ('float32', 8); raises ValueError naming the accepted form."""
-    dtype, sep, batch = text.partition("@")
-    if dtype not in DTYPES or not sep or not batch.isdigit() or int(batch) < 1:
+def parse_variant(text: str) -> tuple[str, int, int | None]:
+    """'float32@8' -> ('float32', 8, None); 'float32@8~3' -> ('float32', 8, 3) (jitter draw 3);
+    raises ValueError naming the accepted form."""
+    dtype, sep, rest = text.partition("@")
+    batch, tilde, draw = rest.partition("~")
+    valid = dtype in DTYPES and sep and batch.isdigit() and int(batch) >= 1
+    if not valid or (tilde and not (draw.isdigit() and int(draw) >= 1)):
         raise ValueError(
-            f"variant {text!r}: write FORWARD_DTYPE@BATCH, FORWARD_DTYPE one of {DTYPES}, BATCH >= 1"
+            f"variant {text!r}: write FORWARD_DTYPE@BATCH or FORWARD_DTYPE@BATCH~DRAW, FORWARD_DTYPE "
+            f"one of {DTYPES}, BATCH >= 1, DRAW >= 1 (a jitter draw)"
         )
-    return dtype, int(batch)
+    return dtype, int(batch), int(draw) if tilde else None
+
+
+def jitter_(value: torch.Tensor, size: float, generator: torch.Generator) -> torch.Tensor:
+    """``value`` (a statistic: [K] or a Gram matrix [K, K], fp32) times 1 + size * z elementwise, z
+    standard normal (symmetrised for a square matrix, so a Gram matrix stays symmetric); in place."""
+    z = torch.randn(value.shape, generator=generator, dtype=torch.float64)
+    if value.dim() == 2 and value.shape[0] == value.shape[1]:
+        z = (z + z.T) / 2**0.5
+    return value.mul_((1 + size * z).to(value.dtype))
+
+
+def jittered(method: str, size: float, draw: int) -> PruningMethod:
+    """``method``'s object whose ``prune`` reads each layer's statistic jittered by ``jitter_``
+    (relative ``size``; one generator seeded ``draw``, drawn in the engine's fixed layer order)."""
+    base = type(pruning_method(method))
+    generator = torch.Generator().manual_seed(draw)
+
+    class Jittered(base):
+        def prune(self, weight: torch.Tensor, stat: InputStat | None, config):
+            if stat is not None:
+                stat = InputStat(jitter_(stat.value.clone(), size, generator), stat.tokens)
+            return super().prune(weight, stat, config)
+
+    return Jittered()
 
 
 def spread(rows: list[dict], variants: list[str]) -> list[dict]:
@@ -120,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument(
+        "--jitter", type=float, default=1e-6, help="relative size of a ~DRAW variant's statistic jitter"
+    )
     args = p.parse_args(argv)
     try:
         parsed = [parse_variant(v) for v in args.variants]
@@ -127,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         parse_sparsity(args.sparsity)
     except ValueError as exc:
         p.error(str(exc))
+    if not 0 < args.jitter < 1:
+        p.error(f"--jitter {args.jitter}: give a relative size in (0, 1), e.g. 1e-6")
+    if any(draw for *_, draw in parsed) and pruning_method(args.method).statistic is None:
+        p.error(f"{args.method} reads no calibration statistic: a ~DRAW variant has nothing to jitter")
     for name, values in (("--seeds", args.seeds), ("--variants", args.variants)):
         if len(set(values)) != len(values):
             p.error(f"{name} repeats a value: {values}")
@@ -143,15 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     out, rows = Path(args.out), []
     for seed in args.seeds:
         calib = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=seed)
-        for variant, (dtype, batch) in zip(args.variants, parsed, strict=True):
+        for variant, (dtype, batch, draw) in zip(args.variants, parsed, strict=True):
             model = copy.deepcopy(dense)
+            method = jittered(args.method, args.jitter, draw) if draw else args.method
             start = time.perf_counter()
             report = sparsekit.prune(
-                model, method=args.method, sparsity=args.sparsity, calib=calib, forward_dtype=dtype,
+                model, method=method, sparsity=args.sparsity, calib=calib, forward_dtype=dtype,
                 batch_size=batch, show_progress=False,
             )  # fmt: skip
             seconds = time.perf_counter() - start
             row = {"seed": seed, "variant": variant, "forward_dtype": report.forward_dtype, "batch": batch,
+                   "jitter": args.jitter if draw else 0.0, "jitter_draw": draw,
                    "ppl": perplexity_of_ids(model, eval_ids, 512).ppl, "prune_s": seconds,
                    "timings_s": report.timings_s}  # fmt: skip
             rows.append(row)

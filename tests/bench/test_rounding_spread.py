@@ -11,11 +11,50 @@ from tests.conftest import tiny_model
 
 def test_variants_parse_and_bad_ones_name_the_form():
     rs = bench_script("rounding_spread")
-    assert rs.parse_variant("float32@16") == ("float32", 16)
-    assert rs.parse_variant("auto@8") == ("auto", 8)
-    for bad in ("float32", "bfloat16@8", "float32@0", "float32@x"):
+    assert rs.parse_variant("float32@16") == ("float32", 16, None)
+    assert rs.parse_variant("auto@8") == ("auto", 8, None)
+    assert rs.parse_variant("float32@8~3") == ("float32", 8, 3)
+    bads = ("float32", "bfloat16@8", "float32@0", "float32@x", "float32@8~", "float32@8~0", "float32@8~a")
+    for bad in bads:
         with pytest.raises(ValueError, match="FORWARD_DTYPE@BATCH"):
             rs.parse_variant(bad)
+
+
+def test_jitter_is_relative_seeded_and_keeps_a_gram_matrix_symmetric():
+    rs = bench_script("rounding_spread")
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    gram = x.T @ x
+    a = rs.jitter_(gram.clone(), 1e-3, torch.Generator().manual_seed(1))
+    b = rs.jitter_(gram.clone(), 1e-3, torch.Generator().manual_seed(1))
+    c = rs.jitter_(gram.clone(), 1e-3, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, a.T)
+    rel = (a - gram) / gram
+    assert 1e-4 < rel.abs().max() < 1e-2  # a few standard deviations of 1e-3
+    norms = x.pow(2).sum(0)
+    jittered = rs.jitter_(norms.clone(), 1e-6, torch.Generator().manual_seed(3))
+    assert not torch.equal(jittered, norms) and torch.allclose(jittered, norms, rtol=1e-5, atol=0)
+
+
+def test_a_jittered_method_reads_a_different_statistic_of_the_same_method():
+    rs = bench_script("rounding_spread")
+    from sparsekit.pruning.method import InputStat
+
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    norms = torch.rand(16, generator=torch.Generator().manual_seed(1)) + 0.5
+    stat = InputStat(norms.clone(), tokens=10)
+    plain = rs.pruning_method("wanda").prune(weight, stat, _Config("2:4"))
+    big = rs.jittered("wanda", 0.5, draw=1)  # large enough to flip some 2:4 choices
+    assert big.name == "wanda" and big.statistic is not None
+    noisy = big.prune(weight, stat, _Config("2:4"))
+    assert torch.equal(stat.value, norms)  # the engine's statistic is not changed in place
+    assert not torch.equal(noisy.mask, plain.mask)
+    assert (noisy.mask.reshape(8, 4, 4).sum(-1) == 2).all()  # still 2:4
+
+
+class _Config:
+    def __init__(self, sparsity):
+        self.sparsity = sparsity
 
 
 def test_spread_divides_by_the_first_variant_on_the_same_seed():
@@ -44,6 +83,9 @@ def test_spread_divides_by_the_first_variant_on_the_same_seed():
         (["--method", "nope"], "unknown pruning method"),
         (["--sparsity", "5:4"], "5:4"),
         (["--seeds", "1", "1"], "repeats a value"),
+        (["--variants", "float32@8~0"], "DRAW >= 1"),
+        (["--jitter", "0"], "--jitter"),
+        (["--method", "magnitude", "--variants", "float32@8", "float32@8~1"], "nothing to jitter"),
     ],
 )
 def test_bad_options_are_refused_before_the_model_loads(argv, match, capsys, monkeypatch):
@@ -65,20 +107,25 @@ def test_a_run_prunes_each_variant_per_seed_with_its_batch_and_dtype(tmp_path, m
     prune = rs.sparsekit.prune
 
     def spy(model, **kw):
-        seen.append((kw["forward_dtype"], kw["batch_size"]))
+        seen.append((kw["forward_dtype"], kw["batch_size"], type(kw["method"]).__name__))
         return prune(model, **kw)
 
     monkeypatch.setattr(rs.sparsekit, "prune", spy)
     out = tmp_path / "spread"
-    argv = ["--out", str(out), "--seeds", "0", "1", "--variants", "float32@2", "float32@4", "auto@4",
+    argv = ["--out", str(out), "--seeds", "0", "1", "--jitter", "0.05",
+            "--variants", "float32@2", "float32@4", "auto@4", "float32@4~1",
             "--nsamples", "4", "--seqlen", "8", "--eval-tokens", "512"]  # fmt: skip
     assert rs.main(argv) == 0
-    assert seen == [("float32", 2), ("float32", 4), ("auto", 4)] * 2
+    plain = [("float32", 2, "str"), ("float32", 4, "str"), ("auto", 4, "str")]
+    assert seen == (plain + [("float32", 4, "Jittered")]) * 2
     report = json.loads(out.with_suffix(".json").read_text())
     assert [(r["seed"], r["variant"]) for r in report["rows"]] == [
-        (s, v) for s in (0, 1) for v in ("float32@2", "float32@4", "auto@4")
+        (s, v) for s in (0, 1) for v in ("float32@2", "float32@4", "auto@4", "float32@4~1")
     ]
+    rows = {(r["seed"], r["variant"]): r for r in report["rows"]}
+    assert rows[(0, "float32@4~1")]["jitter"] == 0.05 and rows[(0, "float32@4")]["jitter"] == 0.0
+    assert rows[(0, "float32@4~1")]["ppl"] != rows[(0, "float32@4")]["ppl"]  # a 5% jitter moves the solve
     assert all(r["forward_dtype"] == "float32" for r in report["rows"] if r["variant"].startswith("float32"))
-    assert [s["variant"] for s in report["spread"]] == ["float32@2", "float32@4", "auto@4"]
+    assert [s["variant"] for s in report["spread"]] == ["float32@2", "float32@4", "auto@4", "float32@4~1"]
     assert all(r["ppl"] > 1 for r in report["rows"])
     assert "| 1 |" in out.with_suffix(".md").read_text()
