@@ -8,6 +8,8 @@ ISA (``2:4@avx2``, ``bitmap=0.7@scalar``, ...), all interleaved with dense ``nn.
 same rounds, weights rotated over copies adding up to ``--pool-mib`` (read from DRAM, as in a
 decode step). Writes <out>/<stem>.json and .md (default stem cpu-isa-layers): rows with medians
 (p20..p80), speedup against dense, the kernel path each row ran, and the machine.
+``--rule-margin`` sets the runtime rule's ``MARGIN`` (``sparsekit.nn.cpu_rule``) for the ``-fastest``
+rows of this run, so two runs compare margins; the report records the margin it ran with.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.bench.layers import layers_markdown, linear_shapes, run_layers
+from sparsekit.nn import cpu_rule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BACKENDS = ("dense", "2:4", "bitmap=0.5", "bitmap=0.7")
@@ -62,7 +65,7 @@ def _summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -78,7 +81,22 @@ def main() -> None:
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds of calls per backend and cell")
     parser.add_argument("--pool-mib", type=int, default=256, help="weight copies per backend, MiB")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--rule-margin",
+        type=float,
+        default=None,
+        help=f"the -fastest rows' MARGIN for this run (sparsekit.nn.cpu_rule; default {cpu_rule.MARGIN}): "
+        "dense must beat the sparse kernel by this share to be chosen",
+    )
+    args = parser.parse_args(argv)
+    if args.rule_margin is not None:
+        if not 0 <= args.rule_margin < 1:
+            parser.error(f"--rule-margin {args.rule_margin}: give a share in [0, 1), e.g. 0 or 0.05")
+        if not any("-fastest" in b for b in args.backends.split(",")):
+            parser.error(
+                "--rule-margin sets the rule's margin, but no --backends entry is a -fastest rule row"
+            )
+        cpu_rule.MARGIN = args.rule_margin
     if args.threads:
         torch.set_num_threads(args.threads)
     ms = tuple(int(m) for m in args.ms.split(","))
@@ -103,6 +121,7 @@ def main() -> None:
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --backends {args.backends}" if args.backends != ",".join(BACKENDS) else "")
         + (f" --stem {args.stem}" if args.stem != "cpu-isa-layers" else "")
+        + (f" --rule-margin {args.rule_margin:g}" if args.rule_margin is not None else "")
     )
     rows = [dict(asdict(r), env={}) for res in results.values() for r in res.rows]
     first = next(iter(results.values()))
@@ -110,6 +129,7 @@ def main() -> None:
         "command": command,
         "env": first.env,
         "config": {k: r.config for k, r in results.items()},
+        "rule_margin": cpu_rule.MARGIN,
         "rows": rows,
     }
     md = [

@@ -1,0 +1,41 @@
+"""bench/cpu_isa_layers.py: --rule-margin is checked before any timing and set for the run."""
+
+import pytest
+
+from tests.bench.conftest import bench_script
+
+
+class _Ran(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--rule-margin", "-0.1", "--backends", "dense,2:4-fastest"], "give a share in [0, 1)"),
+        (["--rule-margin", "1", "--backends", "dense,2:4-fastest"], "give a share in [0, 1)"),
+        (["--rule-margin", "0", "--backends", "dense,2:4"], "no --backends entry is a -fastest rule row"),
+    ],
+)
+def test_a_bad_rule_margin_is_refused_before_timing(argv, match, capsys, monkeypatch):
+    bench = bench_script("cpu_isa_layers")
+    monkeypatch.setattr(bench.cpu_rule, "MARGIN", bench.cpu_rule.MARGIN)
+    monkeypatch.setattr(bench, "run_layers", lambda *a, **k: pytest.fail("timed a layer"))
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert match in capsys.readouterr().err
+
+
+def test_the_rule_margin_is_the_one_the_timed_rows_see(monkeypatch):
+    bench = bench_script("cpu_isa_layers")
+    monkeypatch.setattr(bench.cpu_rule, "MARGIN", 0.05)
+    seen = []
+
+    def run_layers(*args, **kwargs):
+        seen.append(bench.cpu_rule.MARGIN)
+        raise _Ran
+
+    monkeypatch.setattr(bench, "run_layers", run_layers)
+    with pytest.raises(_Ran):
+        bench.main(["--rule-margin", "0", "--backends", "dense,2:4-fastest", "--isas", "avx512"])
+    assert seen == [0.0]
