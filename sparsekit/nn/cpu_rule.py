@@ -4,15 +4,16 @@
 2, 4, ..., 512, 1024+) from ``MIN_M`` up, the first forward in that class times, at the class's
 largest rows, the layer's sparse kernel against dense ``F.linear`` on a decompressed copy of its
 weight (interleaved repeats, medians) and remembers the winner for every layer of the same format,
-ISA, dtype and shape in this process. Where dense wins by more than ``MARGIN``, the layer keeps
-that dense copy and runs it for the class: the memory cost is N * K * element bytes per such layer
-(``SparseLinear.dense_copy_bytes()``; logged once per layer). Below ``MIN_M`` the sparse kernel
-always runs: there the weight stream dominates, and a short cache-warm measurement at runtime would
-misjudge what a decode step sees (weights read from DRAM, where the compressed format's fewer bytes
-win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up the measurement rotates over copies of the
-layer adding up to twice the last-level cache (at most ``COLD_MAX_BYTES`` of dense copies; a small
-layer gets as many copies as that takes), so both sides read their weights from DRAM as in a
-model's forward. ``cpu_rule='sparse'`` (the default) never holds a dense copy: memory first.
+ISA, dtype and shape in this process. Where dense measures faster (by more than ``MARGIN``, 0: any
+win), the layer keeps that dense copy and runs it for the class: the memory cost is N * K * element
+bytes per such layer (``SparseLinear.dense_copy_bytes()``; logged once per layer). Below ``MIN_M``
+the sparse kernel always runs: there the weight stream dominates, and a short cache-warm measurement
+at runtime would misjudge what a decode step sees (weights read from DRAM, where the compressed
+format's fewer bytes win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up the measurement rotates
+over copies of the layer adding up to twice the last-level cache (at most ``COLD_MAX_BYTES`` of
+dense copies; a small layer gets as many copies as that takes), so both sides read their weights
+from DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never holds a dense copy:
+memory first.
 
 The process default is ``SPARSEKIT_CPU_RULE`` (read once: 'sparse' unless set), what a layer built
 without ``cpu_rule=`` gets, ``from_pretrained`` and ``sparsekit.load`` included; ``apply(model,
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 
 CPU_RULES = ("sparse", "fastest")
 MIN_M = 16  # smallest M class the rule measures; below it the sparse kernel runs
-MARGIN = 0.05  # dense must be this much faster to be worth its memory
+# dense must be this share faster to be chosen. 0: 'fastest' takes the faster side. A 5% margin
+# left 13 of 400 rule cells below 0.95x dense on EPYC-512, 0 left 3 (docs/results.md, "The margin")
+MARGIN = 0.0
 ROUNDS = 7
 COLD_MAX_BYTES = 256 * 2**20  # the dense copies of a DRAM-cold measurement add up to at most this
 COLD_MAX_COPIES = 4096  # and number at most this (a tiny layer's setup stays under a second)
