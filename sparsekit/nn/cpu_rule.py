@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 
 CPU_RULES = ("sparse", "fastest")
 MIN_M = 16  # smallest M class the rule measures; below it the sparse kernel runs
-# dense must be this share faster to be chosen. 0: 'fastest' takes the faster side. A 5% margin
-# left 13 of 400 rule cells below 0.95x dense on EPYC-512, 0 left 3 (docs/results.md, "The margin")
+# dense must be this share faster to be chosen. 0: 'fastest' takes the faster side. On EPYC-512
+# 0.05 left 24 of 1600 rule cells below 0.95x dense over 1 and 2 threads, 0 left 19
+# (docs/results.md, "The margin")
 MARGIN = 0.0
 ROUNDS = 7
 COLD_MAX_BYTES = 256 * 2**20  # the dense copies of a DRAM-cold measurement add up to at most this
