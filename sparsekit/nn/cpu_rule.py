@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 CPU_RULES = ("sparse", "fastest")
 MIN_M = 16  # smallest M class the rule measures; below it the sparse kernel runs
 # dense must be this share faster to be chosen. 0: 'fastest' takes the faster side. On EPYC-512
-# 0.05 left 24 of 1600 rule cells below 0.95x dense over 1 and 2 threads, 0 left 19
+# 0.05 left 24 of 800 rule cells below 0.95x dense over 1 and 2 threads, 0 left 19 of 800
 # (docs/results.md, "The margin")
 MARGIN = 0.0
 ROUNDS = 7
