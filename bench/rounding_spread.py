@@ -8,11 +8,11 @@ dtype (``float32``, or ``auto``: bf16 where the CPU has fast bf16 matmuls), how 
 sequences each block forward takes, and optionally a jitter draw: every layer's input statistic
 (Wanda's squared norms, SparseGPT's Gram matrix) multiplied elementwise by 1 + J z before the method
 reads it, z standard normal from a generator seeded DRAW (symmetric for a Gram matrix), J =
-``--jitter`` (default 1e-6, the size of the differences between two fp32 summation orders of the
-same statistic). Batch sizes change only the order of the same fp32 sums (GEMM blocking, the
-statistics' chunk sums) and jitter draws change the statistics at that size, so their spread is how
-much of a gap between two equivalent implementations is rounding; the forward dtype is the
-default's one departure from fp32. Issue-28 protocol:
+``--jitter`` (default 1e-6: a few fp32 roundings, the order of the difference between two summation
+orders of the same statistic over tens of calibration windows). Batch sizes change only the order of
+the same fp32 sums (GEMM blocking, the statistics' chunk sums) and jitter draws change the
+statistics at that size, so their spread is how much of a gap between two equivalent implementations
+is rounding; the forward dtype is the default's one departure from fp32. Issue-28 protocol:
 SmolLM2-135M fp32, 64 x 512 calibration tokens of the offline corpus per seed, ppl on 32,768
 held-out tokens in windows of 512, 2 threads. Writes <out>.json and <out>.md after every prune: per
 seed each variant's ppl and prune time, and per variant its ppl over the first variant's on the
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--jitter {args.jitter}: give a relative size in (0, 1), e.g. 1e-6")
     if any(draw for *_, draw in parsed) and pruning_method(args.method).statistic is None:
         p.error(f"{args.method} reads no calibration statistic: a ~DRAW variant has nothing to jitter")
+    if args.jitter != p.get_default("jitter") and not any(draw for *_, draw in parsed):
+        p.error(f"--jitter {args.jitter:g} sizes the ~DRAW variants, and none is given: add e.g. float32@8~1")
     for name, values in (("--seeds", args.seeds), ("--variants", args.variants)):
         if len(set(values)) != len(values):
             p.error(f"{name} repeats a value: {values}")

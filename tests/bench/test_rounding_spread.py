@@ -85,6 +85,7 @@ def test_spread_divides_by_the_first_variant_on_the_same_seed():
         (["--seeds", "1", "1"], "repeats a value"),
         (["--variants", "float32@8~0"], "DRAW >= 1"),
         (["--jitter", "0"], "--jitter"),
+        (["--jitter", "1e-5", "--variants", "float32@8", "auto@8"], "none is given"),
         (["--method", "magnitude", "--variants", "float32@8", "float32@8~1"], "nothing to jitter"),
     ],
 )
