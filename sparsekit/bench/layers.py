@@ -173,6 +173,7 @@ def _as_module(case: Case, fmt: str | None, cpu_rule: str = "sparse") -> Prepare
     """The layer a model runs: nn.Linear (``fmt`` None) or SparseLinear in ``fmt``, called as a module
     (its CPU kernels at ``case.isa`` when set)."""
     from sparsekit.nn import SparseLinear
+    from sparsekit.nn.cpu_rule import measured
 
     lin = nn.Linear(case.shape.k, case.shape.n, bias=False, device=case.device, dtype=case.dtype)
     with torch.no_grad():
@@ -197,6 +198,9 @@ def _as_module(case: Case, fmt: str | None, cpu_rule: str = "sparse") -> Prepare
                 if copy_bytes
                 else ", rule: fastest -> sparse kernel"
             )
+            rule_ms = measured(module.rule_key(case.m))
+            if rule_ms is not None:  # what the rule saw, beside what this table then measures
+                impl += f" (rule measured sparse {rule_ms[0]:.4g} ms, dense {rule_ms[1]:.4g} ms)"
     return Prepared(
         _module_call(module, case.x),
         held,
@@ -247,9 +251,17 @@ def setup_bitmap_fastest(case: Case) -> Prepared:
     return _as_module(case, "bitmap", cpu_rule="fastest")
 
 
+def _repruned(case: Case, pattern: str) -> Case:
+    """``case`` with its weight pruned to ``pattern`` instead, holding the cell's own input tensor:
+    every row of a cell then reads the same x, as the layers of a model read one activation (a
+    fresh x of equal values would cost the rows that hold it the cache misses of a second input:
+    about 5% at M = 512 on EPYC-512, docs/results.md)."""
+    return replace(make_case(case.shape, case.m, pattern, case.dtype, case.device), isa=case.isa, x=case.x)
+
+
 def _dense_case(case: Case) -> Case:
     """The same shape, M and x with the weight unpruned (what a quantization baseline starts from)."""
-    return replace(make_case(case.shape, case.m, "0", case.dtype, case.device), isa=case.isa)
+    return _repruned(case, "0")
 
 
 def setup_int8(case: Case) -> Prepared:
@@ -367,7 +379,7 @@ def setup_case(spec: str, case: Case) -> Prepared:
     """Run ``spec``'s setup on ``case``, re-pruned to the spec's own sparsity and at its ISA."""
     name, sparsity, isa = parse_backend(spec)
     if sparsity is not None:
-        case = replace(make_case(case.shape, case.m, sparsity, case.dtype, case.device), isa=case.isa)
+        case = _repruned(case, sparsity)
     if isa is not None:
         case = replace(case, isa=isa)
     return SETUPS[name](case)

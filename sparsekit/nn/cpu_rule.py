@@ -47,6 +47,8 @@ COLD_MAX_COPIES = 4096  # and number at most this (a tiny layer's setup stays un
 
 # (format, isa, dtype, N, K, M class) -> True when dense won
 _DECISIONS: dict[tuple, bool] = {}
+# the same keys -> (sparse ms, dense ms): the medians a decision was measured on (none when pinned)
+_MEASURED: dict[tuple, tuple[float, float]] = {}
 # bumped by ``pin`` and ``forget``: a layer's memoised plan is valid while this is unchanged
 DECISION_GENERATION: list[int] = [0]
 
@@ -149,6 +151,7 @@ def dense_wins(
     sparse_ms, dense_ms = statistics.median(times["sparse"]), statistics.median(times["dense"])
     won = dense_ms < (1.0 - MARGIN) * sparse_ms
     _DECISIONS[key] = won
+    _MEASURED[key] = (sparse_ms, dense_ms)
     winner = "dense" if won else "sparse"
     log.info(
         "cpu rule %s: sparse %.3f ms, dense %.3f ms (%d copies) -> %s",
@@ -166,6 +169,12 @@ def decisions() -> dict[tuple, bool]:
     return dict(_DECISIONS)
 
 
+def measured(key: tuple) -> tuple[float, float] | None:
+    """(sparse ms, dense ms) the decision for ``key`` was measured on; None when it was pinned or
+    not made yet."""
+    return _MEASURED.get(key)
+
+
 def decided(key: tuple) -> bool | None:
     """The decision measured for ``key``, or None (no copy of the table)."""
     return _DECISIONS.get(key)
@@ -177,16 +186,18 @@ def pin(key: tuple, dense_won: bool) -> None:
     if len(key) != 6 or key[-1] != m_class(key[-1]):
         raise ValueError(f"a decision key is (format, isa, dtype, N, K, M class), got {key!r}")
     _DECISIONS[key] = bool(dense_won)
+    _MEASURED.pop(key, None)
     DECISION_GENERATION[0] += 1  # layers re-read their memo
 
 
 def forget() -> None:
     """Drop every measured decision (the next forward in each class measures again)."""
     _DECISIONS.clear()
+    _MEASURED.clear()
     DECISION_GENERATION[0] += 1
 
 
 __all__ = [
     "CPU_RULES", "DECISION_GENERATION", "MARGIN", "MIN_M", "apply", "check_cpu_rule", "decided",
-    "decisions", "default_rule", "dense_copy_bytes", "dense_wins", "forget", "m_class", "pin",
+    "decisions", "default_rule", "dense_copy_bytes", "dense_wins", "forget", "m_class", "measured", "pin",
 ]  # fmt: skip

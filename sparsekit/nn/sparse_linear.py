@@ -311,11 +311,17 @@ class SparseLinear(nn.Module):
         fn, _ = twin._bound_cpu()
         return (lambda x: fn(x, None)), twin.dense_weight().detach().contiguous()
 
+    def rule_key(self, rows: int, isa: CpuIsa | None = None) -> tuple:
+        """The CPU rule's decision key for ``rows`` rows of x at ``isa`` (default: this layer's):
+        (format, isa, dtype, N, K, M class), as ``cpu_rule.decided`` / ``measured`` / ``pin`` take."""
+        isa = resolve_isa(isa or self.__dict__.get("_cpu_isa") or current_cpu_isa())
+        return (self.format, isa.value, str(self.dtype), self.out_features, self.in_features, m_class(rows))
+
     def _decide_dense(self, rows: int, fn, isa) -> torch.Tensor | None:
-        bucket = m_class(rows)
+        key = self.rule_key(rows, isa)
+        bucket = key[-1]
         if bucket < CPU_RULE_MIN_M:
             return None
-        key = (self.format, isa.value, str(self.dtype), self.out_features, self.in_features, bucket)
         won, candidate = decided(key), self._cache.get("dense")
         if won is None:
             candidate = self.dense_weight().detach().contiguous() if candidate is None else candidate

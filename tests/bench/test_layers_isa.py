@@ -1,6 +1,8 @@
 """``bench layers`` per CPU ISA: backend specs (NAME=SPARSITY@ISA), one variant per ISA, the path
 each row ran."""
 
+import re
+
 import pytest
 
 from sparsekit.bench.layers import LinearShape, expand_isas, parse_backend, run_layers
@@ -100,3 +102,30 @@ def test_quantized_rule_rows_and_the_a_a_control():
     for fmt in ("int8", "int4", "2:4-int8"):
         assert rows[(1, f"{fmt}-fastest")].impl.endswith("rule: fastest -> sparse kernel")  # M < 16
         assert "rule: fastest -> " in rows[(40, f"{fmt}-fastest")].impl
+        # a measured decision shows what the rule saw (both medians), beside the table's own timing
+        seen = r"\(rule measured sparse [0-9.e-]+ ms, dense [0-9.e-]+ ms\)$"
+        assert re.search(seen, rows[(40, f"{fmt}-fastest")].impl)
+
+
+def test_every_row_of_a_cell_reads_the_same_input_tensor(monkeypatch):
+    """Backends re-pruned to their own sparsity (bitmap=0.7) or unpruned (int8) still call the
+    cell's own x: one tensor, as a model's layers read one activation, so no row pays for a second
+    input in the cache. Their weights are their own."""
+    from sparsekit.bench import layers
+
+    seen = {}
+    real = layers._as_module
+
+    def spy(case, fmt, cpu_rule="sparse"):
+        seen[fmt] = case
+        return real(case, fmt, cpu_rule)
+
+    monkeypatch.setattr(layers, "_as_module", spy)
+    run_layers(
+        TINY, (4,), "2:4", ("dense", "2:4", "bitmap=0.7", "int8"),
+        device="cpu", min_time_s=0.0, cold=False, show_progress=False,
+    )  # fmt: skip
+    assert {id(c.x) for c in seen.values()} == {id(seen[None].x)}
+    assert float((seen["bitmap"].weight == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
+    assert float((seen["int8"].weight == 0).float().mean()) == 0.0
+    assert float((seen["2:4"].weight == 0).float().mean()) == pytest.approx(0.5)

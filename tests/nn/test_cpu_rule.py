@@ -85,6 +85,12 @@ def test_real_measurement_is_recorded_and_exact():
     assert key[:2] == ("bitmap", cpu_ext.resolve_isa().value) and key[-3:] == (40, 72, 128)
     assert layer.dense_copy_bytes() == (40 * 72 * 4 if cpu_rule.decisions()[key] else 0)
     _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
+    assert layer.rule_key(70) == key and layer.rule_key(200)[-1] == 256
+    sparse_ms, dense_ms = cpu_rule.measured(key)  # the medians the decision rests on
+    assert sparse_ms > 0 and dense_ms > 0
+    assert cpu_rule.decisions()[key] == (dense_ms < (1 - cpu_rule.MARGIN) * sparse_ms)
+    cpu_rule.pin(key, dense_won=True)  # a pinned decision was not measured
+    assert cpu_rule.measured(key) is None
 
 
 def test_unknown_rule_names_the_choices():
