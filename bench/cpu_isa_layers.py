@@ -3,8 +3,9 @@
     python bench/cpu_isa_layers.py --out docs/data [--ms 1,4,16,64,512] [--isas avx512,avx2,scalar]
 
 A thin case of ``sparsekit.bench.layers.run_layers`` (what ``sparsekit bench layers --isa ...``
-runs), once per dtype: SmolLM2-135M's linear shapes, every SparseLinear backend once per forced
-ISA (``2:4@avx2``, ``bitmap=0.7@scalar``, ...), all interleaved with dense ``nn.Linear`` in the
+runs), once per dtype: SmolLM2-135M's linear shapes (``--shapes smollm2,llama-2-7b`` adds other
+shipped configs), every SparseLinear backend once per forced ISA (``2:4@avx2``,
+``bitmap=0.7@scalar``, ...), all interleaved with dense ``nn.Linear`` in the
 same rounds, weights rotated over copies adding up to ``--pool-mib`` (read from DRAM, as in a
 decode step). Writes <out>/<stem>.json and .md (default stem cpu-isa-layers): rows with medians
 (p20..p80), speedup against dense, the kernel path each row ran, and the machine.
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> None:
         help=f"run_layers specs (the rule's: {','.join(RULE_BACKENDS)})",
     )
     parser.add_argument("--stem", default="cpu-isa-layers", help="report file name without suffix")
+    parser.add_argument(
+        "--shapes",
+        default="smollm2",
+        help="comma-separated shipped shape configs whose linear shapes are timed, e.g. smollm2,llama-2-7b",
+    )
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds of calls per backend and cell")
     parser.add_argument("--pool-mib", type=int, default=256, help="weight copies per backend, MiB")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -89,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         "dense must beat the sparse kernel by this share to be chosen",
     )
     args = parser.parse_args(argv)
+    try:  # an unknown name fails here, before any timing
+        shapes = [s for name in args.shapes.split(",") for s in linear_shapes(name.strip())]
+    except ValueError as exc:
+        parser.error(f"--shapes: {exc}")
     if args.rule_margin is not None:
         if not 0 <= args.rule_margin < 1:
             parser.error(f"--rule-margin {args.rule_margin}: give a share in [0, 1), e.g. 0 or 0.05")
@@ -101,7 +111,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     ms = tuple(int(m) for m in args.ms.split(","))
     isas = tuple(args.isas.split(","))
-    shapes = linear_shapes("smollm2")
     results = {}
     for name, dtype in DTYPES.items():
         results[name] = run_layers(
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         + (f" --backends {args.backends}" if args.backends != ",".join(BACKENDS) else "")
         + (f" --stem {args.stem}" if args.stem != "cpu-isa-layers" else "")
         + (f" --rule-margin {args.rule_margin:g}" if args.rule_margin is not None else "")
+        + (f" --shapes {args.shapes}" if args.shapes != "smollm2" else "")
     )
     rows = [dict(asdict(r), env={}) for res in results.values() for r in res.rows]
     first = next(iter(results.values()))
@@ -133,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
     md = [
-        f"# CPU kernels per ISA on SmolLM2-135M shapes: {', '.join(args.backends.split(','))}",
+        f"# CPU kernels per ISA on {', '.join(dict.fromkeys(s.model for s in shapes))} shapes: "
+        f"{', '.join(args.backends.split(','))}",
         "",
         f"`{command}`",
         "",

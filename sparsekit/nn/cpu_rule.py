@@ -9,10 +9,10 @@ win), the layer keeps that dense copy and runs it for the class: the memory cost
 bytes per such layer (``SparseLinear.dense_copy_bytes()``; logged once per layer). Below ``MIN_M``
 the sparse kernel always runs: there the weight stream dominates, and a short cache-warm measurement
 at runtime would misjudge what a decode step sees (weights read from DRAM, where the compressed
-format's fewer bytes win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up the measurement rotates
-over copies of the layer adding up to twice the last-level cache (at most ``COLD_MAX_BYTES`` of
-dense copies; a small layer gets as many copies as that takes), so both sides read their weights
-from DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never holds a dense copy:
+format's fewer bytes win: docs/data/cpu-isa-layers.md). From ``MIN_M`` up each side of the
+measurement rotates over copies of its own weight adding up to twice the last-level cache (at most
+``COLD_MAX_BYTES``; a small layer gets as many copies as that takes), so both sides read their
+weights from DRAM as in a model's forward. ``cpu_rule='sparse'`` (the default) never holds a dense copy:
 memory first.
 
 The process default is ``SPARSEKIT_CPU_RULE`` (read once: 'sparse' unless set), what a layer built
@@ -105,47 +105,64 @@ def _timed(fn: Callable[[], object], samples: list[float]) -> None:
     samples.append((time.perf_counter() - start) * 1e3)
 
 
+def _copies(per_copy: int) -> int:
+    """Copies of ``per_copy`` bytes adding up to twice the last-level cache (capped)."""
+    wanted = -(-min(2 * llc_bytes(), COLD_MAX_BYTES) // max(per_copy, 1))
+    return max(1, min(wanted, COLD_MAX_COPIES))
+
+
 def dense_wins(
     key: tuple,
     sparse: Callable[[torch.Tensor], torch.Tensor],
     dense_weight: torch.Tensor,
     rows: int,
-    replicate: Callable[[], tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]] | None = None,
+    replicate: Callable[[], tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[], torch.Tensor]]]
+    | None = None,
+    sparse_bytes: int | None = None,
 ) -> bool:
-    """Whether dense ``F.linear`` beat ``sparse(x)`` by more than MARGIN at ``rows`` rows of x
-    [rows, K] (measured once per ``key``, then remembered).
+    """Whether dense ``F.linear`` beat ``sparse(x)`` by more than MARGIN on x [1, rows, K] (a batch-1
+    model's input; measured once per ``key``, then remembered).
 
-    ``replicate()`` -> (a sparse call, a dense weight) on fresh copies of the stored tensors: when
-    given, each side rotates over copies adding up to twice the last-level cache, so every timed
-    call reads its weight from DRAM, as a layer in a model's forward does (every other layer was
-    streamed since its last call); cache-warm timing favours dense, whose weight is larger."""
+    ``replicate()`` -> (a sparse call on a fresh copy of the stored tensors, a function making a
+    fresh dense weight): when given, each side rotates over its own copies adding up to twice the
+    last-level cache, counted in its own bytes (``sparse_bytes``: the stored tensors' bytes, default
+    the dense weight's), so every timed call of either side reads its weight from DRAM, as a layer
+    in a model's forward does. Cache-warm timing favours dense, whose weight is larger; copies
+    counted in dense bytes left a 4x smaller int8 weight cache-resident and favoured it."""
     if key in _DECISIONS:
         return _DECISIONS[key]
-    x = torch.randn(rows, dense_weight.shape[1], dtype=dense_weight.dtype)
-    pairs = [(sparse, dense_weight)]
+    x = torch.randn(1, rows, dense_weight.shape[1], dtype=dense_weight.dtype)
+    sides: dict[str, list] = {"sparse": [sparse], "dense": [dense_weight]}
     if replicate is not None:
-        per_copy = dense_weight.numel() * dense_weight.element_size()
-        wanted = -(-min(2 * llc_bytes(), COLD_MAX_BYTES) // per_copy)
-        while len(pairs) < min(wanted, COLD_MAX_COPIES):
-            pairs.append(replicate())
-    turn = [0]
+        dense_size = dense_weight.numel() * dense_weight.element_size()
+        n_sparse, n_dense = _copies(sparse_bytes or dense_size), _copies(dense_size)
+        while len(sides["sparse"]) < n_sparse or len(sides["dense"]) < n_dense:
+            call, make_dense = replicate()
+            if len(sides["sparse"]) < n_sparse:
+                sides["sparse"].append(call)
+            if len(sides["dense"]) < n_dense:
+                sides["dense"].append(make_dense())
+    turns = {"sparse": 0, "dense": 0}
 
-    def rotating(side: int) -> Callable[[], object]:
+    def rotating(side: str) -> Callable[[], object]:
+        copies = sides[side]
+
         def call() -> object:
-            turn[0] = (turn[0] + 1) % len(pairs)
-            fn = pairs[turn[0]][side]
-            return fn(x) if side == 0 else F.linear(x, fn)
+            turns[side] = (turns[side] + 1) % len(copies)
+            fn = copies[turns[side]]
+            return fn(x) if side == "sparse" else F.linear(x, fn)
 
         return call
 
     times: dict[str, list[float]] = {"sparse": [], "dense": []}
-    calls = {"sparse": rotating(0), "dense": rotating(1)}
+    calls = {side: rotating(side) for side in sides}
+    longest = max(len(c) for c in sides.values())
     with torch.no_grad():
-        for _ in range(len(pairs)):
-            for fn in calls.values():
+        for side, fn in calls.items():
+            for _ in range(len(sides[side])):
                 fn()  # untimed: first-call setup (oneDNN primitives, page faults), every copy
         order = list(calls.items())
-        for turn_ in range(ROUNDS * max(1, len(pairs) // 4)):
+        for turn_ in range(ROUNDS * max(1, longest // 4)):
             for name, fn in order if turn_ % 2 else order[::-1]:  # alternate who goes first
                 _timed(fn, times[name])
     sparse_ms, dense_ms = statistics.median(times["sparse"]), statistics.median(times["dense"])
@@ -154,11 +171,12 @@ def dense_wins(
     _MEASURED[key] = (sparse_ms, dense_ms)
     winner = "dense" if won else "sparse"
     log.info(
-        "cpu rule %s: sparse %.3f ms, dense %.3f ms (%d copies) -> %s",
+        "cpu rule %s: sparse %.3f ms (%d copies), dense %.3f ms (%d copies) -> %s",
         key,
         sparse_ms,
+        len(sides["sparse"]),
         dense_ms,
-        len(pairs),
+        len(sides["dense"]),
         winner,
     )
     return won

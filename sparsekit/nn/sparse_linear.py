@@ -305,11 +305,12 @@ class SparseLinear(nn.Module):
         return functools.partial(torch.nn.functional.linear, weight=dense, bias=bias)
 
     def _rule_twin(self):
-        """(the sparse CPU call, the dense weight) of a copy of this layer: the rule's DRAM-cold
-        measurement rotates over such copies."""
+        """(the sparse CPU call of a copy of this layer, a function making a fresh dense weight):
+        the rule's DRAM-cold measurement rotates over such copies, each side over as many as its
+        own bytes take."""
         twin = copy.deepcopy(self)  # stored tensors copied; the derived-weight cache starts empty
         fn, _ = twin._bound_cpu()
-        return (lambda x: fn(x, None)), twin.dense_weight().detach().contiguous()
+        return (lambda x: fn(x, None)), (lambda: twin.dense_weight().detach().contiguous())
 
     def rule_key(self, rows: int, isa: CpuIsa | None = None) -> tuple:
         """The CPU rule's decision key for ``rows`` rows of x at ``isa`` (default: this layer's):
@@ -325,7 +326,9 @@ class SparseLinear(nn.Module):
         won, candidate = decided(key), self._cache.get("dense")
         if won is None:
             candidate = self.dense_weight().detach().contiguous() if candidate is None else candidate
-            won = dense_wins(key, lambda x: fn(x, None), candidate, bucket, self._rule_twin)
+            won = dense_wins(
+                key, lambda x: fn(x, None), candidate, bucket, self._rule_twin, self.weight_bytes()
+            )
         if not won:
             return None
         if "dense" not in self._cache:  # the measured copy when there was one: decompressed once

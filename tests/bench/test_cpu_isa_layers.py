@@ -39,3 +39,22 @@ def test_the_rule_margin_is_the_one_the_timed_rows_see(monkeypatch):
     with pytest.raises(_Ran):
         bench.main(["--rule-margin", "0", "--backends", "dense,2:4-fastest", "--isas", "avx512"])
     assert seen == [0.0]
+
+
+def test_shapes_are_read_before_timing_and_reach_the_run(capsys, monkeypatch):
+    bench = bench_script("cpu_isa_layers")
+    monkeypatch.setattr(bench, "run_layers", lambda *a, **k: pytest.fail("timed a layer"))
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "smollm2,no-such-model"])
+    assert "--shapes: no shape config 'no-such-model'" in capsys.readouterr().err
+    seen = []
+
+    def run_layers(shapes, *args, **kwargs):
+        seen.append([(s.model, s.n, s.k) for s in shapes])
+        raise _Ran
+
+    monkeypatch.setattr(bench, "run_layers", run_layers)
+    with pytest.raises(_Ran):
+        bench.main(["--shapes", "smollm2,llama-2-7b", "--isas", "avx512"])
+    models = {m for m, _, _ in seen[0]}
+    assert len(models) == 2 and ("llama-2-7b", 11008, 4096) in {(m.lower(), n, k) for m, n, k in seen[0]}

@@ -31,7 +31,7 @@ def _layer(fmt="2:4", n=48, k=64, rule="fastest"):
 def _spy(monkeypatch, verdict: bool):
     calls = []
 
-    def dense_wins(key, sparse, dense_weight, rows, replicate=None):
+    def dense_wins(key, sparse, dense_weight, rows, replicate=None, sparse_bytes=None):
         calls.append(key)
         cpu_rule._DECISIONS[key] = verdict
         return verdict
@@ -122,26 +122,40 @@ def test_decisions_are_memoised_per_layer_until_forgotten(monkeypatch):
     assert not any(isinstance(k, int) for k in layer._cache) and layer.dense_copy_bytes() == 0
 
 
-def test_measurement_rotates_over_copies_past_the_last_level_cache(monkeypatch):
-    """The rule times both sides on copies adding up to twice the LLC (each call reads its weight
-    from DRAM, as in a model), and the copies are faithful: the layer's output stays exact."""
+@pytest.mark.parametrize("fmt", ["2:4", "int8"])
+def test_measurement_rotates_each_side_past_the_last_level_cache(monkeypatch, fmt):
+    """Each side of the rule's timing rotates over copies of its own weight adding up to twice the
+    LLC, counted in its own bytes (a 4x smaller int8 weight gets 4x the copies, so it is not timed
+    from the cache), on a batch-1 [1, rows, K] input; the copies are faithful: the output stays exact."""
     require_cpu_extension()
-    lin, layer = _layer(n=48, k=64)
-    weight_bytes = 48 * 64 * 4
-    monkeypatch.setattr(cpu_rule, "llc_bytes", lambda: 4 * weight_bytes)
-    twins = []
+    lin, layer = _layer(fmt, n=48, k=64)
+    dense_bytes = 48 * 64 * 4
+    monkeypatch.setattr(cpu_rule, "llc_bytes", lambda: 4 * dense_bytes)
+    twins, dense_made, inputs = [], [], []
     real = sl_mod.SparseLinear._rule_twin
-    monkeypatch.setattr(sl_mod.SparseLinear, "_rule_twin", lambda self: twins.append(1) or real(self))
+
+    def counted(self):
+        sparse_call, make_dense = real(self)
+        twins.append(1)
+        return (lambda x: inputs.append(x.shape) or sparse_call(x)), (
+            lambda: dense_made.append(1) or make_dense()
+        )
+
+    monkeypatch.setattr(sl_mod.SparseLinear, "_rule_twin", counted)
     x = torch.randn(20, 64)
     with torch.no_grad():
         y = layer(x)
-    assert len(twins) == 7  # 8 pairs: 2 x LLC / the dense weight's bytes, the layer's own first
-    _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
-    sparse_twin, dense_twin = real(layer)
+    n_sparse = -(-8 * dense_bytes // layer.weight_bytes())  # 2 x LLC in the sparse side's bytes
+    assert layer.weight_bytes() < dense_bytes and n_sparse > 8
+    assert len(twins) == n_sparse - 1 and len(dense_made) == 8 - 1  # the layer's own copy first
+    assert set(inputs) == {torch.Size([1, 32, 64])}  # the 32 class, timed at its largest rows
+    _assert_close(y, F.linear(x, layer.dense_weight(), lin.bias).detach())
+    sparse_twin, make_dense = real(layer)
     with torch.no_grad():
-        _assert_close(sparse_twin(x), F.linear(x, lin.weight).detach())
+        _assert_close(sparse_twin(x), F.linear(x, layer.dense_weight()).detach())
+    dense_twin = make_dense()
     assert (
-        torch.equal(dense_twin, lin.weight.detach())
+        torch.equal(dense_twin, layer.dense_weight())
         and dense_twin.data_ptr() != layer.dense_weight().data_ptr()
     )
 
@@ -186,7 +200,7 @@ def test_each_class_is_timed_at_its_largest_rows(monkeypatch):
     require_cpu_extension()
     timed_rows = []
 
-    def dense_wins(key, sparse, dense_weight, rows, replicate=None):
+    def dense_wins(key, sparse, dense_weight, rows, replicate=None, sparse_bytes=None):
         timed_rows.append((key[-1], rows))
         cpu_rule._DECISIONS[key] = False
         return False
