@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=None,
         help=f"the -fastest rows' MARGIN for this run (sparsekit.nn.cpu_rule; default {cpu_rule.MARGIN}): "
-        "dense must beat the sparse kernel by this share to be chosen",
+        "dense must beat the sparse kernel by this share to be chosen; negative: the sparse kernel "
+        "must beat dense by -MARGIN / (1 - MARGIN) to be kept",
     )
     args = parser.parse_args(argv)
     try:  # an unknown name fails here, before any timing
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(f"--shapes: {exc}")
     if args.rule_margin is not None:
-        if not 0 <= args.rule_margin < 1:
-            parser.error(f"--rule-margin {args.rule_margin}: give a share in [0, 1), e.g. 0 or 0.05")
+        if not -0.5 <= args.rule_margin < 1:
+            parser.error(f"--rule-margin {args.rule_margin}: give a share in [-0.5, 1), e.g. -0.1, 0 or 0.05")
         if not any("-fastest" in b for b in args.backends.split(",")):
             parser.error(
                 "--rule-margin sets the rule's margin, but no --backends entry is a -fastest rule row"

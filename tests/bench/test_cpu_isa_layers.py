@@ -12,8 +12,8 @@ class _Ran(Exception):
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["--rule-margin", "-0.1", "--backends", "dense,2:4-fastest"], "give a share in [0, 1)"),
-        (["--rule-margin", "1", "--backends", "dense,2:4-fastest"], "give a share in [0, 1)"),
+        (["--rule-margin", "-0.6", "--backends", "dense,2:4-fastest"], "give a share in [-0.5, 1)"),
+        (["--rule-margin", "1", "--backends", "dense,2:4-fastest"], "give a share in [-0.5, 1)"),
         (["--rule-margin", "0", "--backends", "dense,2:4"], "no --backends entry is a -fastest rule row"),
     ],
 )
