@@ -45,7 +45,7 @@ MIN_M = 16  # smallest M class the rule measures; below it the sparse kernel run
 # and 2 threads, -0.1 left 4 (docs/results.md, "The rule measured cold on both sides")
 MARGIN = -0.1
 ROUNDS = 7
-COLD_MAX_BYTES = 256 * 2**20  # the dense copies of a DRAM-cold measurement add up to at most this
+COLD_MAX_BYTES = 256 * 2**20  # each side's copies in a DRAM-cold measurement add up to at most this
 COLD_MAX_COPIES = 4096  # and number at most this (a tiny layer's setup stays under a second)
 
 # (format, isa, dtype, N, K, M class) -> True when dense won
