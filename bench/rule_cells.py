@@ -4,7 +4,7 @@
 
 Per report: the rule rows (``*-fastest``) below ``--floor`` times dense (default 0.95) and below
 0.90, the A/A control's range (``dense-control``: the run's own noise), how many rule cells from
-the rule's smallest M class up ran a held dense copy (and the megabytes those copies add), the
+M = 16 up ran a held dense copy (and the megabytes those copies add) and how many at 1 < M < 16, the
 decode speedups at M = 1 of the formats the issue names (2:4, bitmap 70%), and every miss with
 what the rule measured when it decided (the ``rule measured`` note the rows carry since commit
 793f1a3). Reads the JSON only; times nothing.
@@ -19,11 +19,11 @@ import re
 from pathlib import Path
 
 from sparsekit._io import write_text_atomic
-from sparsekit.nn.cpu_rule import MIN_M
 
 MEASURED = re.compile(r"rule measured sparse ([0-9.e+-]+) ms, dense ([0-9.e+-]+) ms")
 HELD = re.compile(r"dense copy \(\+([0-9.]+) MB held\)")
 DECODE_FORMATS = ("2:4-fastest", "bitmap-fastest=0.7")
+PREFILL_M = 16  # copies are counted from here up (prefill, batches) and, apart, at 1 < M < 16
 
 
 def _geo(values: list[float]) -> float:
@@ -37,8 +37,10 @@ def summarise(report: dict, floor: float = 0.95) -> dict:
     if not rule:
         raise ValueError("this report has no -fastest rows: run cpu_isa_layers.py with rule backends")
     control = [r["speedup"] for r in rows if r["backend"] == "dense-control"]
-    upper = [r for r in rule if r["m"] >= MIN_M]
+    upper = [r for r in rule if r["m"] >= PREFILL_M]
     held = [float(m.group(1)) for r in upper if (m := HELD.search(r["impl"]))]
+    small = [r for r in rule if 1 < r["m"] < PREFILL_M]
+    held_small = sum(bool(HELD.search(r["impl"])) for r in small)
     decode: dict[str, float] = {}
     for r in rule:
         base = r["backend"].split("@")[0]
@@ -68,6 +70,8 @@ def summarise(report: dict, floor: float = 0.95) -> dict:
         "cells_from_min_m": len(upper),
         "dense_held": len(held),
         "dense_held_mb": sum(held),
+        "cells_small_m": len(small),
+        "dense_held_small_m": held_small,
         "decode_geo": {k: _geo(v) for k, v in decode.items()},
         "decode_min": min((min(v) for v in decode.values()), default=None),
         "misses": misses,
@@ -84,8 +88,9 @@ def to_markdown(name: str, s: dict, floor: float) -> str:
         f"- rule margin {s['rule_margin']}; rule cells below {floor:.2f}x dense: **{s['below_floor']} of "
         f"{s['rule_cells']}** ({s['below_0.90']} below 0.90x)",
         f"- A/A control (dense-control over dense), per cell: {control}",
-        f"- rule cells from M = {MIN_M} up running a held dense copy: {s['dense_held']} of "
-        f"{s['cells_from_min_m']} ({s['dense_held_mb']:.0f} MB of copies over those cells)",
+        f"- rule cells from M = {PREFILL_M} up running a held dense copy: {s['dense_held']} of "
+        f"{s['cells_from_min_m']} ({s['dense_held_mb']:.0f} MB of copies over those cells); "
+        f"at 1 < M < {PREFILL_M}: {s['dense_held_small_m']} of {s['cells_small_m']}",
     ]
     if s["decode_geo"]:
         geo = ", ".join(f"{k} {v:.2f}x" for k, v in sorted(s["decode_geo"].items()))

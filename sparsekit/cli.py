@@ -1168,7 +1168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-rule-twins",
         action="store_true",
         help="add a twin of every sparse / quantized variant under cpu_rule='fastest' (CPU: dense on a "
-        "kept copy where it measured faster, from 16 rows up; its MiB include the copies)",
+        "kept copy where it measured faster, from 2 rows up; its MiB include the copies)",
     )
     p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache kind")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds after one untimed")

@@ -446,7 +446,7 @@ def run_e2e(
     model weight-only quantized, and with int8 the sparse one too (its 2:4 layers: 2:4-int8).
     ``cpu_rule_twins`` adds a copy of every variant with SparseLinear layers under
     ``cpu_rule='fastest'`` ("..., rule fastest"): dense on a kept copy where it measured faster,
-    from 16 rows up; its MiB include the dense copies it ends up holding.
+    from 2 rows up; its MiB include the dense copies it ends up holding.
     """
     quantize = check_quantize(tuple(quantize))
     check_cpu_rule_twins(cpu_rule_twins, model_device(model))

@@ -7,12 +7,13 @@ weight (interleaved repeats, medians) and remembers the winner for every layer o
 ISA, dtype and shape in this process. Where dense wins (with ``MARGIN`` at -0.1: unless the sparse
 kernel measured at least 9% faster), the layer keeps that dense copy and runs it for the class: the
 memory cost is N * K * element bytes per such layer (``SparseLinear.dense_copy_bytes()``; logged
-once per layer). Below ``MIN_M`` the sparse kernel always runs: there the weight stream dominates,
-and a short cache-warm measurement at runtime would misjudge what a decode step sees (weights read
-from DRAM, where the compressed format's fewer bytes win: docs/data/cpu-isa-layers.md). From
-``MIN_M`` up each side of the measurement rotates over copies of its own weight adding up to twice
-the last-level cache (at most ``COLD_MAX_BYTES``; a small layer gets as many copies as that
-takes), so both sides read their weights from DRAM as in a model's forward.
+once per layer). At M = 1 (one sequence decoding) the sparse kernel always runs: every format
+there streams fewer bytes than dense and wins (docs/data/cpu-isa-layers.md), and a decode step
+pays no measurement. From ``MIN_M`` (2) up each side of the measurement rotates over copies of
+its own weight adding up to twice the last-level cache (at most ``COLD_MAX_BYTES``; a small layer
+gets as many copies as that takes), so both sides read their weights from DRAM as in a model's
+forward. (``MIN_M`` was 16 while the measurement could be cache-warm on one side; on Llama-2-7B's
+shapes bitmap bf16 at M = 4 then ran its sparse kernel at 0.87-0.94x dense: docs/results.md.)
 ``cpu_rule='sparse'`` (the default) never holds a dense copy: memory first.
 
 The process default is ``SPARSEKIT_CPU_RULE`` (read once: 'sparse' unless set), what a layer built
@@ -36,7 +37,7 @@ from sparsekit.kernels.cpu_ext import llc_bytes
 log = logging.getLogger(__name__)
 
 CPU_RULES = ("sparse", "fastest")
-MIN_M = 16  # smallest M class the rule measures; below it the sparse kernel runs
+MIN_M = 2  # smallest M class the rule measures; below it (decode, M = 1) the sparse kernel runs
 # dense is chosen when dense_ms < (1 - MARGIN) * sparse_ms. Negative: the sparse kernel keeps a
 # layer only when it measured at least -MARGIN / (1 - MARGIN) faster (9% at -0.1); a closer call
 # goes to the dense copy, which runs at dense speed by construction, because one short first-call

@@ -67,7 +67,7 @@ class SparseLinear(nn.Module):
         ``load_state_dict`` resizes it). ``cpu_isa``: the ISA level of the C++ CPU kernels
         ('avx512', 'avx2', 'scalar', 'auto'); None follows ``use_cpu_isa`` / SPARSEKIT_CPU_ISA.
         ``cpu_rule``: 'sparse' (memory first: always the sparse kernel) or 'fastest' (per M class
-        from 16 rows up, dense on a kept copy of the weight where that measured faster; see
+        from 2 rows up, dense on a kept copy of the weight where that measured faster; see
         ``sparsekit.nn.cpu_rule``); None: the process default, ``SPARSEKIT_CPU_RULE``.
         """
         super().__init__()

@@ -25,6 +25,7 @@ REPORT = {
         _row("int8-fastest", 64, 0.80,
              "rule: fastest -> dense copy (+0.44 MB held) (rule measured sparse 2 ms, dense 1 ms)"),
         _row("int4-fastest", 16, 1.10, "rule: fastest -> dense copy (+1.50 MB held)"),
+        _row("int4-fastest", 4, 1.00, "rule: fastest -> dense copy (+1.50 MB held)"),
     ],
 }  # fmt: skip
 
@@ -32,9 +33,10 @@ REPORT = {
 def test_counts_misses_copies_and_what_the_rule_saw():
     bench = bench_script("rule_cells")
     s = bench.summarise(REPORT)
-    assert (s["rule_cells"], s["below_floor"], s["below_0.90"]) == (5, 2, 1)
+    assert (s["rule_cells"], s["below_floor"], s["below_0.90"]) == (6, 2, 1)
     assert s["control"] == (0.98, 1.03)
     assert (s["cells_from_min_m"], s["dense_held"], s["dense_held_mb"]) == (3, 2, pytest.approx(1.94))
+    assert (s["cells_small_m"], s["dense_held_small_m"]) == (1, 1)
     assert [m["cell"] for m in s["misses"]] == [
         "int8-fastest float32 8x16 M=64",
         "2:4-fastest@avx2 float32 8x16 M=64",
@@ -53,7 +55,7 @@ def test_cli_writes_the_summary_and_refuses_a_report_without_rule_rows(tmp_path,
     bad.write_text(json.dumps({"rows": [_row("dense", 1, 1.0)]}))
     bench.main([str(good), "--out", str(tmp_path / "s.md")])
     text = (tmp_path / "s.md").read_text()
-    assert "**2 of 5**" in text and "| int8-fastest float32 8x16 M=64 | 0.800 | dense copy | 0.500 |" in text
+    assert "**2 of 6**" in text and "| int8-fastest float32 8x16 M=64 | 0.800 | dense copy | 0.500 |" in text
     with pytest.raises(SystemExit):
         bench.main([str(bad)])
     assert "no -fastest rows" in capsys.readouterr().err

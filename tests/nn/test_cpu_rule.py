@@ -50,14 +50,14 @@ def test_dense_copy_where_dense_wins_and_sparse_below_min_m(monkeypatch):
     calls = _spy(monkeypatch, verdict=True)
     lin, layer = _layer()
     with torch.no_grad():
-        y1 = layer(torch.ones(1, 3, 64))  # M = 3: class 4 < MIN_M, never measured
+        y1 = layer(torch.ones(1, 1, 64))  # M = 1 (decode): below MIN_M, never measured
         assert calls == [] and layer.dense_copy_bytes() == 0
         x = torch.randn(2, 10, 64)  # M = 20: class 32
         y = layer(x)
     assert len(calls) == 1 and calls[0][-1] == 32
     assert layer.dense_copy_bytes() == 48 * 64 * 4
     _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
-    _assert_close(y1, F.linear(torch.ones(1, 3, 64), lin.weight, lin.bias).detach())
+    _assert_close(y1, F.linear(torch.ones(1, 1, 64), lin.weight, lin.bias).detach())
     layer.cpu_rule = "sparse"  # memory first: the copy goes
     assert layer.dense_copy_bytes() == 0
 
