@@ -314,9 +314,16 @@ class SparseLinear(nn.Module):
 
     def rule_key(self, rows: int, isa: CpuIsa | None = None) -> tuple:
         """The CPU rule's decision key for ``rows`` rows of x at ``isa`` (default: this layer's):
-        (format, isa, dtype, N, K, M class), as ``cpu_rule.decided`` / ``measured`` / ``pin`` take."""
+        (format, isa, dtype, N, K, M class), as ``cpu_rule.decided`` / ``measured`` / ``pin`` take.
+        A format sized by its kept weights (bitmap) runs as fast as its density lets it, so its
+        name carries the density to 2 decimals ('bitmap@0.70'): layers of one shape at 50% and 70%
+        (OWL's per-layer ratios) are decided apart."""
         isa = resolve_isa(isa or self.__dict__.get("_cpu_isa") or current_cpu_isa())
-        return (self.format, isa.value, str(self.dtype), self.out_features, self.in_features, m_class(rows))
+        fmt = self.format
+        stored = self.weight_format.stored_nnz(self)
+        if stored:
+            fmt = f"{fmt}@{stored / max(self.out_features * self.in_features, 1):.2f}"
+        return (fmt, isa.value, str(self.dtype), self.out_features, self.in_features, m_class(rows))
 
     def _decide_dense(self, rows: int, fn, isa) -> torch.Tensor | None:
         key = self.rule_key(rows, isa)

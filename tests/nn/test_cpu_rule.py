@@ -82,7 +82,7 @@ def test_real_measurement_is_recorded_and_exact():
     with torch.no_grad():
         y = layer(x)
     (key,) = cpu_rule.decisions()
-    assert key[:2] == ("bitmap", cpu_ext.resolve_isa().value) and key[-3:] == (40, 72, 128)
+    assert key[:2] == ("bitmap@0.50", cpu_ext.resolve_isa().value) and key[-3:] == (40, 72, 128)
     assert layer.dense_copy_bytes() == (40 * 72 * 4 if cpu_rule.decisions()[key] else 0)
     _assert_close(y, F.linear(x, lin.weight, lin.bias).detach())
     assert layer.rule_key(70) == key and layer.rule_key(200)[-1] == 256
@@ -211,3 +211,24 @@ def test_each_class_is_timed_at_its_largest_rows(monkeypatch):
         layer(torch.randn(20, 64))
         layer(torch.randn(300, 64))
     assert timed_rows == [(32, 32), (512, 512)]
+
+
+def test_bitmap_layers_of_one_shape_at_two_densities_are_decided_apart(monkeypatch):
+    """Two bitmap layers of one shape, 50% and 75% sparse, get their own decisions (a bitmap's
+    speed follows its density); two 2:4 layers of one shape share one."""
+    require_cpu_extension()
+    calls = _spy(monkeypatch, verdict=False)
+    layers = []
+    for keep in (2, 1):  # 2 of 4 kept, then 1 of 4
+        lin = torch.nn.Linear(64, 48)
+        with torch.no_grad():
+            lin.weight.mul_(nm_keep_mask(lin.weight.abs(), keep, 4))
+        layer = SparseLinear.from_linear(lin, format="bitmap")
+        layer.cpu_rule = "fastest"
+        layers.append(layer)
+    _, twin_a = _layer("2:4")
+    _, twin_b = _layer("2:4")
+    with torch.no_grad():
+        for layer in (*layers, twin_a, twin_b):
+            layer(torch.randn(20, 64))
+    assert [k[0] for k in calls] == ["bitmap@0.50", "bitmap@0.25", "2:4"]
