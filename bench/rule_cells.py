@@ -41,12 +41,11 @@ def summarise(report: dict, floor: float = 0.95) -> dict:
     held = [float(m.group(1)) for r in upper if (m := HELD.search(r["impl"]))]
     small = [r for r in rule if 1 < r["m"] < PREFILL_M]
     held_small = sum(bool(HELD.search(r["impl"])) for r in small)
-    decode: dict[str, float] = {}
+    decode: dict[str, list[float]] = {}
     for r in rule:
-        base = r["backend"].split("@")[0]
+        base, _, isa = r["backend"].partition("@")
         if r["m"] == 1 and base in DECODE_FORMATS:
-            decode.setdefault(f"{base} {r['backend'].partition('@')[2] or '-'} {r['dtype']}", [])
-            decode[f"{base} {r['backend'].partition('@')[2] or '-'} {r['dtype']}"].append(r["speedup"])
+            decode.setdefault(f"{base} {isa or '-'} {r['dtype']}", []).append(r["speedup"])
     misses = []
     for r in sorted(rule, key=lambda r: r["speedup"]):
         if r["speedup"] >= floor:
@@ -67,7 +66,7 @@ def summarise(report: dict, floor: float = 0.95) -> dict:
         "below_floor": len(misses),
         "below_0.90": sum(m["speedup"] < 0.90 for m in misses),
         "control": (min(control), max(control)) if control else None,
-        "cells_from_min_m": len(upper),
+        "cells_from_16": len(upper),
         "dense_held": len(held),
         "dense_held_mb": sum(held),
         "cells_small_m": len(small),
@@ -89,7 +88,7 @@ def to_markdown(name: str, s: dict, floor: float) -> str:
         f"{s['rule_cells']}** ({s['below_0.90']} below 0.90x)",
         f"- A/A control (dense-control over dense), per cell: {control}",
         f"- rule cells from M = {PREFILL_M} up running a held dense copy: {s['dense_held']} of "
-        f"{s['cells_from_min_m']} ({s['dense_held_mb']:.0f} MB of copies over those cells); "
+        f"{s['cells_from_16']} ({s['dense_held_mb']:.0f} MB of copies over those cells); "
         f"at 1 < M < {PREFILL_M}: {s['dense_held_small_m']} of {s['cells_small_m']}",
     ]
     if s["decode_geo"]:

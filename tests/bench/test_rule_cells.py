@@ -35,7 +35,7 @@ def test_counts_misses_copies_and_what_the_rule_saw():
     s = bench.summarise(REPORT)
     assert (s["rule_cells"], s["below_floor"], s["below_0.90"]) == (6, 2, 1)
     assert s["control"] == (0.98, 1.03)
-    assert (s["cells_from_min_m"], s["dense_held"], s["dense_held_mb"]) == (3, 2, pytest.approx(1.94))
+    assert (s["cells_from_16"], s["dense_held"], s["dense_held_mb"]) == (3, 2, pytest.approx(1.94))
     assert (s["cells_small_m"], s["dense_held_small_m"]) == (1, 1)
     assert [m["cell"] for m in s["misses"]] == [
         "int8-fastest float32 8x16 M=64",
