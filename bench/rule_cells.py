@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
+import statistics
 from pathlib import Path
 
 from sparsekit._io import write_text_atomic
@@ -24,10 +24,6 @@ MEASURED = re.compile(r"rule measured sparse ([0-9.e+-]+) ms, dense ([0-9.e+-]+)
 HELD = re.compile(r"dense copy \(\+([0-9.]+) MB held\)")
 DECODE_FORMATS = ("2:4-fastest", "bitmap-fastest=0.7")
 PREFILL_M = 16  # copies are counted from here up (prefill, batches) and, apart, at 1 < M < 16
-
-
-def _geo(values: list[float]) -> float:
-    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def summarise(report: dict, floor: float = 0.95) -> dict:
@@ -71,7 +67,7 @@ def summarise(report: dict, floor: float = 0.95) -> dict:
         "dense_held_mb": sum(held),
         "cells_small_m": len(small),
         "dense_held_small_m": held_small,
-        "decode_geo": {k: _geo(v) for k, v in decode.items()},
+        "decode_geo": {k: statistics.geometric_mean(v) for k, v in decode.items()},
         "decode_min": min((min(v) for v in decode.values()), default=None),
         "misses": misses,
     }
