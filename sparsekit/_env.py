@@ -9,16 +9,7 @@ import subprocess
 
 import torch
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from sparsekit.kernels.cpu_ext import cpu_model
 
 
 def _commit() -> str:
@@ -69,7 +60,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "transformers": transformers.__version__,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "device": "cpu",
     }

@@ -27,7 +27,13 @@ from sparsekit._checks import (
     PruneRequest,
     check_prune_request,
 )
-from sparsekit._io import atomic_dir, check_can_create, check_can_write_file, write_json_atomic
+from sparsekit._io import (
+    atomic_dir,
+    check_can_create,
+    check_can_write_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from sparsekit.hf.resources import check_device
 from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.pruning import method_names
@@ -617,6 +623,38 @@ def cmd_bench_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_rule_table(args: argparse.Namespace) -> int:
+    from sparsekit.bench.rule_table import check_m_classes, measure_rule_table, table_markdown
+    from sparsekit.bench.timing import choose_threads
+    from sparsekit.nn.cpu_rule_table import write_table
+
+    if check_device(args.device).type != "cpu":
+        raise ValueError(f"the CPU rule table is measured on the CPU, not {args.device}: drop --device")
+    m_classes = check_m_classes(tuple(int(m) for m in args.m.split(",")))
+    check_at_least(1, rounds=args.rounds)
+    if not args.out.endswith(".json"):
+        raise ValueError(f"--out is the table's JSON file (its .md summary goes beside it), got {args.out}")
+    check_can_write_file(args.out)
+    _, threads_note = choose_threads(args.threads)
+    if threads_note:
+        print(f"note: {threads_note}; the table holds for that thread count")
+    from sparsekit.hf.checkpoint import is_checkpoint, load
+
+    if not is_checkpoint(args.model):
+        raise ValueError(
+            f"{args.model} is not a sparsekit checkpoint, so it has no compressed layers for the rule to "
+            f"decide: prune and save it first (`sparsekit prune {args.model} --sparsity 2:4 --out DIR`), "
+            "then measure DIR"
+        )
+    model = load(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    table = measure_rule_table(model, m_classes, args.rounds)
+    path = write_table(args.out, table.entries, table.margin, table.rounds, args.model)
+    md = write_text_atomic(Path(args.out).with_suffix(".md"), table_markdown(table, args.model))
+    print(md.read_text())
+    print(f"wrote {path}, {md}; load it with SPARSEKIT_CPU_RULE_TABLE={path}")
+    return 0
+
+
 def _parse_dtypes(text: str | None) -> tuple[torch.dtype, ...] | None:
     """'fp32,bf16' -> (torch.float32, torch.bfloat16); None stays None."""
     return tuple(parse_dtype(d) for d in text.split(",")) if text else None
@@ -626,7 +664,9 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
     from sparsekit.bench.e2e import check_cpu_rule_twins, check_quantize, run_e2e, write_e2e_report
     from sparsekit.bench.timing import choose_threads
 
-    check_cpu_rule_twins(args.cpu_rule_twins, check_device(args.device))  # before the model loads
+    check_cpu_rule_twins(
+        args.cpu_rule_twins, check_device(args.device), args.cpu_rule_table
+    )  # before loading
     quantize = check_quantize(tuple(q for q in (args.quantize or "").split(",") if q))
     _, threads_note = choose_threads(args.threads)
     model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
@@ -648,6 +688,7 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         dtypes=_parse_dtypes(args.dtypes),
         quantize=quantize,
         cpu_rule_twins=args.cpu_rule_twins,
+        cpu_rule_table=args.cpu_rule_table,
     )
     result.config["threads_note"] = threads_note
     paths = write_e2e_report(result, args.out)
@@ -1142,6 +1183,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="reports/layers", help="directory for layers.json/.md/.png")
     p.set_defaults(func=cmd_bench_layers)
+    p = bench.add_parser(
+        "rule-table",
+        help="time a compressed model's SparseLinear layers in its own forward, sparse vs dense per M "
+        "class; write the CPU rule's decision table",
+        description="Load the table with SPARSEKIT_CPU_RULE_TABLE=TABLE.json (which makes cpu_rule 'fastest' "
+        "the default) or sparsekit.nn.cpu_rule_table.load_table. It holds on the CPU model and thread "
+        "count it was measured with. Cost: 2 x (rounds + 1) forwards of M tokens per M class.",
+    )
+    p.add_argument(
+        "model", help="a compressed model: a `sparsekit prune --out` folder or sparsekit checkpoint"
+    )
+    p.add_argument(
+        "--m",
+        default=",".join(str(m) for m in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)),
+        help="M classes to decide (powers of 2 from 2 to 1024; 1 always runs sparse)",
+    )
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per side after one untimed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (the table holds for these)")
+    p.add_argument("--out", required=True, help="the table's JSON file (a .md summary goes beside it)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_bench_rule_table)
     p = bench.add_parser("e2e", help="TTFT / TPOT / memory / perplexity, dense vs sparsified")
     p.add_argument("model", help="hub id, folder, 'smollm2', a `prune --out` folder, a sparsekit checkpoint")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -1169,6 +1231,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add a twin of every sparse / quantized variant under cpu_rule='fastest' (CPU: dense on a "
         "kept copy where it measured faster, from 2 rows up; its MiB include the copies)",
+    )
+    p.add_argument(
+        "--cpu-rule-table",
+        help="decide the rule twins before timing: 'measure' (each twin timed in its own forward at this "
+        "run's prefill and decode M) or a table file from `sparsekit bench rule-table`",
     )
     p.add_argument("--cache", choices=("static", "dynamic"), default="static", help="KV cache kind")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds after one untimed")

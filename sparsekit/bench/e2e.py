@@ -279,13 +279,41 @@ def time_generation_interleaved(
 
 
 # ----------------------------------------------------------------------------- variants
-def check_cpu_rule_twins(wanted: bool, device: torch.device | str) -> None:
-    """``cpu_rule_twins`` only means something on the CPU: elsewhere a twin would be a plain copy."""
+def check_cpu_rule_twins(wanted: bool, device: torch.device | str, table: str | None = None) -> None:
+    """``cpu_rule_twins`` only means something on the CPU: elsewhere a twin would be a plain copy;
+    ``table`` ('measure' or a table file) decides the twins, so it needs them."""
     if wanted and torch.device(device).type != "cpu":
         raise ValueError(
             f"--cpu-rule-twins compares SparseLinear's CPU rule, but the model runs on {device}; "
             "drop the option, or run with --device cpu"
         )
+    if table is not None and not wanted:
+        raise ValueError("--cpu-rule-table decides the rule's twins: add --cpu-rule-twins, or drop it")
+    if table not in (None, "measure"):
+        from sparsekit.nn.cpu_rule_table import read_table
+
+        read_table(table)  # a missing or invalid file fails here, before the model loads
+
+
+def _decide_twins(twins: dict[str, nn.Module], table: str | None, rows: tuple[int, ...]) -> dict:
+    """Pin the rule twins' decisions before timing: from the table file ``table``, or ('measure')
+    timed in each twin's own forward at the M classes of ``rows`` (prefill and decode). Returns
+    {twin: its measured entries} ('measure'), {'table': path} (a file) or {} (None: first call)."""
+    if table is None:
+        return {}
+    if table != "measure":
+        from sparsekit.nn.cpu_rule_table import load_table
+
+        load_table(table)
+        return {"table": table}
+    from sparsekit.bench.rule_table import measure_rule_table
+
+    classes = tuple(sorted({cpu_rule.m_class(min(r, 1025)) for r in rows if r >= cpu_rule.MIN_M}))
+    measured = {}
+    for name, twin in twins.items():
+        log.info("e2e: measuring %s's rule table at M %s", name, classes)
+        measured[name] = measure_rule_table(twin, classes, show_progress=False).entries if classes else []
+    return measured
 
 
 def has_sparse_layers(model: nn.Module) -> bool:
@@ -431,6 +459,7 @@ def run_e2e(
     show_progress: bool = True,
     quantize: tuple[str, ...] = (),
     cpu_rule_twins: bool = False,
+    cpu_rule_table: str | None = None,
 ) -> E2EResult:
     """Dense vs sparsified generation speed, memory and perplexity of ``model`` (left unchanged).
 
@@ -446,10 +475,14 @@ def run_e2e(
     model weight-only quantized, and with int8 the sparse one too (its 2:4 layers: 2:4-int8).
     ``cpu_rule_twins`` adds a copy of every variant with SparseLinear layers under
     ``cpu_rule='fastest'`` ("..., rule fastest"): dense on a kept copy where it measured faster,
-    from 2 rows up; its MiB include the dense copies it ends up holding.
+    from 2 rows up; its MiB include the dense copies it ends up holding. ``cpu_rule_table``
+    decides the twins before timing instead of on their first calls: 'measure' times each twin's
+    layers in its own forward at this run's prefill and decode M classes
+    (``sparsekit.bench.rule_table``), a path loads a table that ``sparsekit bench rule-table``
+    wrote; the twins are then named "..., rule table".
     """
     quantize = check_quantize(tuple(quantize))
-    check_cpu_rule_twins(cpu_rule_twins, model_device(model))
+    check_cpu_rule_twins(cpu_rule_twins, model_device(model), cpu_rule_table)
     from sparsekit.bench.roofline import measure_roofline
     from sparsekit.eval.perplexity import perplexity_of_ids
     from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids, evaluation_ids
@@ -477,14 +510,18 @@ def run_e2e(
 
     log.info("e2e: building variants (%s, %s)", method, ", ".join(_dtype_name(d) for d in dtypes))
     built = _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids, quantize)
+    twins: dict[str, nn.Module] = {}
     if cpu_rule_twins:
+        suffix = "rule table" if cpu_rule_table else "rule fastest"
         for name, (variant, info, extra) in list(built.items()):
             if has_sparse_layers(variant):
                 twin = copy.deepcopy(variant)
                 cpu_rule.apply(twin, "fastest")
-                built[f"{name}, rule fastest"] = (twin, info, extra)
+                built[f"{name}, {suffix}"] = (twin, info, extra)
+                twins[f"{name}, {suffix}"] = twin
     for variant, _, _ in built.values():
         variant.to(device)
+    rule_tables = _decide_twins(twins, cpu_rule_table, (batch * prompt_len, batch))
     timed = {name: m for name, (m, _, _) in built.items()}
     flags = dict.fromkeys(timed, False)
     if compile:
@@ -563,6 +600,8 @@ def run_e2e(
         "quantize": list(quantize),
         "cpu_rule_default": cpu_rule.default_rule(),  # what the variants' layers run (SPARSEKIT_CPU_RULE)
         "cpu_rule_twins": cpu_rule_twins,
+        "cpu_rule_table": cpu_rule_table,
+        "cpu_rule_tables": rule_tables,
         "prompts": prompt_source,
         "warmup": warmup,
         "repeats": repeats,

@@ -206,6 +206,18 @@ def llc_bytes() -> int:
     return best or 32 * 2**20
 
 
+def cpu_model() -> str:
+    """This CPU's model name (Linux /proc/cpuinfo), else what ``platform`` reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def isa_level(isa: CpuIsa) -> int:
     return ISA_LEVEL[isa]
 
@@ -216,6 +228,7 @@ __all__ = [
     "PATHS",
     "build_error",
     "choose_path",
+    "cpu_model",
     "extension",
     "isa_level",
     "resolve_isa",

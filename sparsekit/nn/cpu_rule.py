@@ -14,7 +14,9 @@ its own weight adding up to twice the last-level cache (at most ``COLD_MAX_BYTES
 gets as many copies as that takes), so both sides read their weights from DRAM as in a model's
 forward. (``MIN_M`` was 16 while the measurement could be cache-warm on one side; on Llama-2-7B's
 shapes bitmap bf16 at M = 4 then ran its sparse kernel at 0.87-0.94x dense: docs/results.md.)
-``cpu_rule='sparse'`` (the default) never holds a dense copy: memory first.
+``cpu_rule='sparse'`` (the default) never holds a dense copy: memory first. A decision table that
+``sparsekit bench rule-table`` measured in the model's own forward replaces the first-call
+measurements for the keys it holds (``cpu_rule_table.load_table``, ``SPARSEKIT_CPU_RULE_TABLE``).
 
 The process default is ``SPARSEKIT_CPU_RULE`` (read once: 'sparse' unless set), what a layer built
 without ``cpu_rule=`` gets, ``from_pretrained`` and ``sparsekit.load`` included; ``apply(model,
@@ -27,7 +29,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -68,14 +70,32 @@ _DEFAULT: list[str] = []
 
 def default_rule() -> str:
     """The rule of a layer built without ``cpu_rule=``: ``SPARSEKIT_CPU_RULE`` (read once), else
-    'sparse'."""
+    'fastest' when ``SPARSEKIT_CPU_RULE_TABLE`` names a decision table, else 'sparse'."""
     if not _DEFAULT:
-        value = os.environ.get("SPARSEKIT_CPU_RULE", "sparse")
+        table = os.environ.get("SPARSEKIT_CPU_RULE_TABLE")
+        value = os.environ.get("SPARSEKIT_CPU_RULE", "fastest" if table else "sparse")
         try:
             _DEFAULT.append(check_cpu_rule(value))
         except ValueError as exc:
             raise ValueError(f"SPARSEKIT_CPU_RULE: {exc}") from None
+        if table and value == "sparse":
+            raise ValueError(
+                "SPARSEKIT_CPU_RULE_TABLE names a decision table, but SPARSEKIT_CPU_RULE=sparse never "
+                "reads one: unset SPARSEKIT_CPU_RULE (a table implies 'fastest') or the table"
+            )
     return _DEFAULT[0]
+
+
+_ENV_TABLES: list[bool] = []
+
+
+def _load_env_tables() -> None:
+    """Pin the decisions of the tables SPARSEKIT_CPU_RULE_TABLE names, once per process."""
+    if not _ENV_TABLES:
+        _ENV_TABLES.append(True)
+        from .cpu_rule_table import load_env_tables  # it imports this module
+
+        load_env_tables()
 
 
 def apply(model: torch.nn.Module, rule: str) -> int:
@@ -192,30 +212,43 @@ def decisions() -> dict[tuple, bool]:
 
 
 def measured(key: tuple) -> tuple[float, float] | None:
-    """(sparse ms, dense ms) the decision for ``key`` was measured on; None when it was pinned or
-    not made yet."""
+    """(sparse ms, dense ms) the decision for ``key`` was measured on (first call or a table); None
+    when it was pinned without them or not made yet."""
     return _MEASURED.get(key)
 
 
 def decided(key: tuple) -> bool | None:
-    """The decision measured for ``key``, or None (no copy of the table)."""
+    """The decision measured or pinned for ``key``, or None (no copy of the table). The first call
+    in a process loads the tables SPARSEKIT_CPU_RULE_TABLE names."""
+    if not _ENV_TABLES:
+        _load_env_tables()
     return _DECISIONS.get(key)
 
 
-def pin(key: tuple, dense_won: bool) -> None:
+def pin(key: tuple, dense_won: bool, measured_ms: tuple[float, float] | None = None) -> None:
     """Record a decision without measuring it (from a table a benchmark wrote, or to force a
-    path): key = (format, isa, dtype str, N, K, M class)."""
+    path): key = (format, isa, dtype str, N, K, M class); ``measured_ms`` = (sparse ms, dense ms)
+    the table measured it on, for ``measured``."""
     if len(key) != 6 or key[-1] != m_class(key[-1]):
         raise ValueError(f"a decision key is (format, isa, dtype, N, K, M class), got {key!r}")
     _DECISIONS[key] = bool(dense_won)
-    _MEASURED.pop(key, None)
+    if measured_ms is None:
+        _MEASURED.pop(key, None)
+    else:
+        _MEASURED[key] = (float(measured_ms[0]), float(measured_ms[1]))
     DECISION_GENERATION[0] += 1  # layers re-read their memo
 
 
-def forget() -> None:
-    """Drop every measured decision (the next forward in each class measures again)."""
-    _DECISIONS.clear()
-    _MEASURED.clear()
+def forget(keys: Iterable[tuple] | None = None) -> None:
+    """Drop every measured or pinned decision, a loaded table's included, or only those of ``keys``
+    (the next forward in each class measures again)."""
+    if keys is None:
+        _DECISIONS.clear()
+        _MEASURED.clear()
+    else:
+        for key in keys:
+            _DECISIONS.pop(key, None)
+            _MEASURED.pop(key, None)
     DECISION_GENERATION[0] += 1
 
 
