@@ -647,7 +647,7 @@ def cmd_bench_rule_table(args: argparse.Namespace) -> int:
             "then measure DIR"
         )
     model = load(args.model, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    table = measure_rule_table(model, m_classes, args.rounds)
+    table = measure_rule_table(model, m_classes, args.rounds, args.margin)
     path = write_table(args.out, table.entries, table.margin, table.rounds, args.model)
     md = write_text_atomic(Path(args.out).with_suffix(".md"), table_markdown(table, args.model))
     print(md.read_text())
@@ -1200,6 +1200,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="M classes to decide (powers of 2 from 2 to 1024; 1 always runs sparse)",
     )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per side after one untimed")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="dense wins when dense ms < (1 - margin) x sparse ms (0: the faster; the first-call rule: -0.1)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (the table holds for these)")
     p.add_argument("--out", required=True, help="the table's JSON file (a .md summary goes beside it)")
     _add_model_args(p)

@@ -43,7 +43,7 @@ def test_the_table_covers_every_layer_and_pins_what_its_medians_say(arch, patter
         assert {cpu_rule_table.entry_key(e) for e in at_m} == set(keys)
         assert sum(e["layers"] for e in at_m) == len(layers)
     for e in table.entries:
-        assert e["dense_won"] == (e["dense_ms"] < (1 - cpu_rule.MARGIN) * e["sparse_ms"])
+        assert e["dense_won"] == (e["dense_ms"] < e["sparse_ms"])  # the table's margin: 0
         assert e["sparse_p20_ms"] <= e["sparse_ms"] <= e["sparse_p80_ms"]
         assert cpu_rule.decided(cpu_rule_table.entry_key(e)) is e["dense_won"]
         assert cpu_rule.measured(cpu_rule_table.entry_key(e)) == (e["sparse_ms"], e["dense_ms"])
@@ -94,6 +94,8 @@ def test_refusals_come_before_any_timing():
         measure_rule_table(model, (1, 16, 24))
     with pytest.raises(ValueError, match="rounds must be at least 1"):
         measure_rule_table(model, (16,), rounds=0)
+    with pytest.raises(ValueError, match=r"margin must be in \[-0.5, 1\)"):
+        measure_rule_table(model, (16,), margin=1.0)
 
 
 def test_an_interrupted_measurement_leaves_earlier_decisions_as_they_were(monkeypatch):
