@@ -40,6 +40,7 @@ class RuleTable:
 
     entries: list[dict] = field(default_factory=list)
     copy_bytes: int = 0
+    copy_bytes_up_to: dict[int, int] = field(default_factory=dict)  # M class -> copies held running M <= it
     sparse_bytes: int = 0
     layers: int = 0
     rounds: int = 0
@@ -184,6 +185,7 @@ def measure_rule_table(
     return RuleTable(
         entries=entries,
         copy_bytes=_copy_bytes(layers, entries),
+        copy_bytes_up_to={m: _copy_bytes(layers, entries, {c for c in m_classes if c <= m}) for m in m_classes},
         sparse_bytes=sum(layer.weight_bytes() for layer in layers),
         layers=len(layers),
         rounds=rounds,
@@ -195,11 +197,11 @@ def _key(entry: dict) -> tuple:
     return (entry["format"], entry["isa"], entry["dtype"], entry["n"], entry["k"], entry["m_class"])
 
 
-def _copy_bytes(layers: list[SparseLinear], entries: list[dict]) -> int:
-    """Bytes of the dense copies the layers hold once every measured class has run: a layer holds
-    one when any class decided dense for its key."""
+def _copy_bytes(layers: list[SparseLinear], entries: list[dict], classes: set[int] | None = None) -> int:
+    """Bytes of the dense copies the layers hold once every class in ``classes`` (default: every
+    measured one) has run: a layer holds one when any of them decided dense for its key."""
     dense = {_key(e) for e in entries if e["dense_won"]}
-    classes = {e["m_class"] for e in entries}
+    classes = {e["m_class"] for e in entries} if classes is None else classes
     total = 0
     for layer in layers:
         if any(layer.rule_key(m) in dense for m in classes):
@@ -219,6 +221,10 @@ def table_markdown(table: RuleTable, title: str) -> str:
         f"{table.layers} SparseLinear layers, {table.sparse_bytes / 2**20:.1f} MiB stored; dense copies "
         f"the decisions hold: {table.copy_bytes / 2**20:.1f} MiB. Medians of {table.rounds} rounds in the "
         f"model's forward (p20-p80 in brackets); dense wins below {1 - table.margin:.2f} x sparse.",
+        "",
+        "Dense copies held by a model that runs M up to a class: "
+        + ", ".join(f"{m}: {b / 2**20:.1f} MiB" for m, b in sorted(table.copy_bytes_up_to.items()))
+        + " (a table measured with `--m` up to that class holds no more).",
         "",
         "| format | isa | dtype | N x K | M | layers | sparse ms | dense ms | sparse speedup | runs |",
         "|---|---|---|---|---:|---:|---|---|---:|---|",

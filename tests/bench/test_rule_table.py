@@ -54,6 +54,12 @@ def test_the_table_covers_every_layer_and_pins_what_its_medians_say(arch, patter
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
         model(ids[:, :2])
     assert cpu_rule.dense_copy_bytes(model) == table.copy_bytes  # what the table said it would cost
+    assert table.copy_bytes_up_to[16] == table.copy_bytes
+    cpu_rule.apply(model, "sparse")
+    cpu_rule.apply(model, "fastest")
+    with torch.no_grad():
+        model(ids[:, :2])
+    assert cpu_rule.dense_copy_bytes(model) == table.copy_bytes_up_to[2]
     assert "| format | isa |" in table_markdown(table, arch)
 
 
