@@ -49,8 +49,12 @@ def table(pairs: list[tuple[str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("reports", nargs="+", help="BEFORE.json AFTER.json, pairs of cpu_isa_layers.py reports")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "reports", nargs="+", help="BEFORE.json AFTER.json, pairs of cpu_isa_layers.py reports"
+    )
     parser.add_argument("--out", help="write the markdown table here too")
     args = parser.parse_args(argv)
     if len(args.reports) % 2:

@@ -185,7 +185,9 @@ def measure_rule_table(
     return RuleTable(
         entries=entries,
         copy_bytes=_copy_bytes(layers, entries),
-        copy_bytes_up_to={m: _copy_bytes(layers, entries, {c for c in m_classes if c <= m}) for m in m_classes},
+        copy_bytes_up_to={
+            m: _copy_bytes(layers, entries, {c for c in m_classes if c <= m}) for m in m_classes
+        },
         sparse_bytes=sum(layer.weight_bytes() for layer in layers),
         layers=len(layers),
         rounds=rounds,

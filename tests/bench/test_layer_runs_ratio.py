@@ -18,14 +18,20 @@ def _report(times):
 
 def test_geometric_mean_of_before_over_after_per_group(tmp_path):
     mod = bench_script("layer_runs_ratio")
-    before = _report({("dense", 8, 1): 1.0, ("dense", 32, 1): 2.0, ("bitmap", 8, 1): 1.0, ("bitmap", 32, 1): 4.0})
-    after = _report({("dense", 8, 1): 1.0, ("dense", 32, 1): 2.0, ("bitmap", 8, 1): 0.5, ("bitmap", 32, 1): 1.0})
+    before = _report(
+        {("dense", 8, 1): 1.0, ("dense", 32, 1): 2.0, ("bitmap", 8, 1): 1.0, ("bitmap", 32, 1): 4.0}
+    )
+    after = _report(
+        {("dense", 8, 1): 1.0, ("dense", 32, 1): 2.0, ("bitmap", 8, 1): 0.5, ("bitmap", 32, 1): 1.0}
+    )
     got = mod.ratios(before, after)
     assert got[("dense", "bfloat16", 1)] == pytest.approx(1.0)
     assert got[("bitmap", "bfloat16", 1)] == pytest.approx(math.sqrt(2.0 * 4.0))
     for name, report in (("b.json", before), ("a.json", after)):
         (tmp_path / name).write_text(json.dumps(report))
-    assert mod.main([str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "r.md")]) == 0
+    assert (
+        mod.main([str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "r.md")]) == 0
+    )
     assert "| bitmap | bfloat16 | 1 | 2.828 |" in (tmp_path / "r.md").read_text()
     with pytest.raises(ValueError, match="share no"):
         mod.ratios(before, _report({("int8", 8, 4): 1.0}))
