@@ -85,17 +85,56 @@ DIRECT_MAX_M: dict[tuple[str, CpuIsa, torch.dtype], int] = {
 _MEASURED_AMX = {("bitmap", CpuIsa.AVX512, _BF16): 8, ("bitmap", CpuIsa.AVX512, _F16): 8}
 
 
-def has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU reports AMX for bf16 (Linux /proc/cpuinfo; False where unreadable)."""
+# AMD Zen 4 runs each 512-bit instruction as two 256-bit halves, so the direct kernels' AVX-512 FMAs
+# run at half a Xeon's rate while ATen's GEMM (bf16: vdpbf16ps) stays fast: bench/cpu_paths.py on
+# EPYC-512 (docs/data/cpu-paths-epyc.md at 1 thread, cpu-paths-epyc-2t.md at 2, both alike for
+# AVX-512) puts every AVX-512 crossover lower. 2:4 bf16 at M = 16 on the down projection
+# (576x1536): direct 0.56x dense, blas 0.87x. Its forced-avx2 rows are not used (an AVX2-only AMD
+# CPU is another core).
+_MEASURED_ZEN4 = {
+    ("2:4", CpuIsa.AVX512, _F32): 16,
+    ("2:4", CpuIsa.AVX512, _BF16): 8,
+    ("2:4", CpuIsa.AVX512, _F16): 8,
+    ("bitmap", CpuIsa.AVX512, _F32): 4,
+    ("bitmap", CpuIsa.AVX512, _BF16): 4,
+    ("bitmap", CpuIsa.AVX512, _F16): 4,
+}
+
+
+def _cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
+    """The first processor's fields of a Linux /proc/cpuinfo ({} where unreadable)."""
+    fields: dict[str, str] = {}
     try:
         with open(cpuinfo) as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+            for line in f:
+                if not line.strip():
+                    break
+                name, _, value = line.partition(":")
+                fields[name.strip()] = value.strip()
     except OSError:
-        return False
+        pass
+    return fields
+
+
+def has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU reports AMX for bf16 (Linux /proc/cpuinfo; False where unreadable)."""
+    return "amx_bf16" in _cpuinfo_fields(cpuinfo).get("flags", "").split()
+
+
+def is_zen4(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """AMD family 0x19 (Zen 3 and Zen 4) with AVX-512, which only Zen 4 has (False where unreadable)."""
+    fields = _cpuinfo_fields(cpuinfo)
+    return (
+        fields.get("vendor_id") == "AuthenticAMD"
+        and fields.get("cpu family") == "25"
+        and "avx512f" in fields.get("flags", "").split()
+    )
 
 
 if has_amx():
     DIRECT_MAX_M.update(_MEASURED_AMX)
+elif is_zen4():
+    DIRECT_MAX_M.update(_MEASURED_ZEN4)
 
 
 def _build_flags() -> list[str]:

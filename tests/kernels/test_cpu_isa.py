@@ -306,5 +306,25 @@ def test_amx_cpus_take_the_blas_path_sooner_for_bf16_bitmap(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_bf16\n")
     assert not cpu_ext.has_amx(str(info)) and not cpu_ext.has_amx(str(tmp_path / "missing"))
     key = ("bitmap", cpu_ext.CpuIsa.AVX512, torch.bfloat16)
-    assert cpu_ext.DIRECT_MAX_M[key] == (8 if cpu_ext.has_amx() else 16)
-    assert cpu_ext.DIRECT_MAX_M[("2:4", cpu_ext.CpuIsa.AVX512, torch.bfloat16)] == 16  # unchanged
+    expected = 8 if cpu_ext.has_amx() else (4 if cpu_ext.is_zen4() else 16)
+    assert cpu_ext.DIRECT_MAX_M[key] == expected
+    expected_24 = 8 if cpu_ext.is_zen4() and not cpu_ext.has_amx() else 16
+    assert cpu_ext.DIRECT_MAX_M[("2:4", cpu_ext.CpuIsa.AVX512, torch.bfloat16)] == expected_24
+
+
+def test_zen4_is_told_apart_from_zen3_and_intel(tmp_path):
+    """Zen 4 (AMD family 25 with AVX-512) takes its own, lower AVX-512 crossovers; Zen 3 (family 25,
+    no AVX-512) and Intel do not."""
+    info = tmp_path / "cpuinfo"
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n"
+    zen4 += "flags\t\t: fpu avx2 avx512f avx512bw\n\n"
+    info.write_text(zen4 + "processor\t: 1\nvendor_id\t: GenuineIntel\n")
+    assert cpu_ext.is_zen4(str(info))
+    info.write_text(zen4.replace(" avx512f avx512bw", ""))
+    assert not cpu_ext.is_zen4(str(info))  # Zen 3
+    info.write_text(zen4.replace("AuthenticAMD", "GenuineIntel").replace("25", "6"))
+    assert not cpu_ext.is_zen4(str(info)) and not cpu_ext.is_zen4(str(tmp_path / "missing"))
+    info.write_text(zen4.replace("cpu family\t: 25", "cpu family\t: 26"))
+    assert not cpu_ext.is_zen4(str(info))  # Zen 5: not measured
+    for key, limit in cpu_ext._MEASURED_ZEN4.items():
+        assert limit <= cpu_ext._MEASURED[key[:2]][0 if key[2] == torch.float32 else 1]  # lower, never higher
