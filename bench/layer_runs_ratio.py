@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from sparsekit._io import write_text_atomic
+from sparsekit._io import print_and_write
 
 
 def medians(report: dict) -> dict[tuple, float]:
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the reports in before/after pairs (an even number of files)")
     pairs = list(zip(args.reports[::2], args.reports[1::2], strict=True))
     text = "Before ms / after ms, geometric mean over shapes (above 1: after is faster).\n\n" + table(pairs)
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text)
+    print_and_write(text, args.out)
     return 0
 
 

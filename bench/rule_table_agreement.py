@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sparsekit._io import write_text_atomic
+from sparsekit._io import print_and_write
 from sparsekit.nn.cpu_rule_table import entry_key, read_table
 
 
@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.first).stem,
         Path(args.second).stem,
     )
-    print(text)
-    if args.out:
-        write_text_atomic(args.out, text)
+    print_and_write(text, args.out)
     return 0
 
 

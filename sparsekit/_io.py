@@ -154,6 +154,13 @@ def _finite(value: object) -> object:
     return value
 
 
+def print_and_write(text: str, out: str | Path | None) -> None:
+    """Print ``text`` and, when ``out`` is given, write it there atomically (a report script's output)."""
+    print(text)
+    if out:
+        write_text_atomic(out, text)
+
+
 def write_json_atomic(path: str | Path, data: object) -> Path:
     """JSON (indented; NaN and inf written as null) through ``write_text_atomic``."""
     return write_text_atomic(path, json.dumps(_finite(data), indent=2))
