@@ -18,7 +18,8 @@ shapes bitmap bf16 at M = 4 then ran its sparse kernel at 0.87-0.94x dense: docs
 ``sparsekit bench rule-table`` measured in the model's own forward replaces the first-call
 measurements for the keys it holds (``cpu_rule_table.load_table``, ``SPARSEKIT_CPU_RULE_TABLE``).
 
-The process default is ``SPARSEKIT_CPU_RULE`` (read once: 'sparse' unless set), what a layer built
+The process default is ``SPARSEKIT_CPU_RULE`` (read once: 'sparse' unless set, or 'fastest' when
+``SPARSEKIT_CPU_RULE_TABLE`` names a table), what a layer built
 without ``cpu_rule=`` gets, ``from_pretrained`` and ``sparsekit.load`` included; ``apply(model,
 rule)`` sets every SparseLinear of a model already built.
 """
@@ -90,12 +91,13 @@ _ENV_TABLES: list[bool] = []
 
 
 def _load_env_tables() -> None:
-    """Pin the decisions of the tables SPARSEKIT_CPU_RULE_TABLE names, once per process."""
+    """Pin the decisions of the tables SPARSEKIT_CPU_RULE_TABLE names, once per process (a table
+    that fails to load raises again on the next call: it is never silently skipped)."""
     if not _ENV_TABLES:
-        _ENV_TABLES.append(True)
         from .cpu_rule_table import load_env_tables  # it imports this module
 
         load_env_tables()
+        _ENV_TABLES.append(True)
 
 
 def apply(model: torch.nn.Module, rule: str) -> int:

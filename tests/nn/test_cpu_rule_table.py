@@ -161,3 +161,9 @@ def test_the_env_table_is_read_once_and_makes_fastest_the_default(tmp_path):
     assert run.returncode != 0 and "SPARSEKIT_CPU_RULE=sparse never reads one" in run.stderr
     run = _python(code, SPARSEKIT_CPU_RULE_TABLE=str(tmp_path / "missing.json"), SPARSEKIT_CPU_RULE="fastest")
     assert run.returncode != 0 and "SPARSEKIT_CPU_RULE_TABLE: no CPU rule table at" in run.stderr
+    again = (  # a table that failed to load fails again: never silently skipped
+        "from sparsekit.nn import cpu_rule\nfor _ in range(2):\n    try:\n"
+        "        cpu_rule.decided(('2:4',))\n    except FileNotFoundError:\n        print('raised')"
+    )
+    run = _python(again, SPARSEKIT_CPU_RULE_TABLE=str(tmp_path / "missing.json"))
+    assert run.stdout.split() == ["raised", "raised"], run.stderr
