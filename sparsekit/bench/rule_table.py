@@ -26,6 +26,7 @@ from torch import nn
 from sparsekit.bench.timing import quantiles
 from sparsekit.models import model_device
 from sparsekit.nn import SparseLinear, cpu_rule
+from sparsekit.nn.cpu_rule_table import entry_key
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def check_m_classes(m_classes: tuple[int, ...]) -> tuple[int, ...]:
     """Each M a class the rule decides: a power of 2 from MIN_M to 1024."""
     if not m_classes:
         raise ValueError("no M classes to measure; give e.g. --m 16,64,512")
-    bad = [m for m in m_classes if m < cpu_rule.MIN_M or m != cpu_rule.m_class(m)]
+    bad = [m for m in m_classes if not cpu_rule.is_decided_class(m)]
     if bad:
         raise ValueError(
             f"M {bad} are not classes the CPU rule decides: use powers of 2 from {cpu_rule.MIN_M} to 1024 "
@@ -181,7 +182,7 @@ def measure_rule_table(
             layer.cpu_rule = "sparse"  # drops the measurement's dense copy and plans
             layer.cpu_rule = rule
     for entry in entries:
-        cpu_rule.pin(_key(entry), entry["dense_won"], (entry["sparse_ms"], entry["dense_ms"]))
+        cpu_rule.pin(entry_key(entry), entry["dense_won"], (entry["sparse_ms"], entry["dense_ms"]))
     return RuleTable(
         entries=entries,
         copy_bytes=_copy_bytes(layers, entries),
@@ -195,14 +196,10 @@ def measure_rule_table(
     )
 
 
-def _key(entry: dict) -> tuple:
-    return (entry["format"], entry["isa"], entry["dtype"], entry["n"], entry["k"], entry["m_class"])
-
-
 def _copy_bytes(layers: list[SparseLinear], entries: list[dict], classes: set[int] | None = None) -> int:
     """Bytes of the dense copies the layers hold once every class in ``classes`` (default: every
     measured one) has run: a layer holds one when any of them decided dense for its key."""
-    dense = {_key(e) for e in entries if e["dense_won"]}
+    dense = {entry_key(e) for e in entries if e["dense_won"]}
     classes = {e["m_class"] for e in entries} if classes is None else classes
     total = 0
     for layer in layers:

@@ -125,6 +125,11 @@ def m_class(rows: int) -> int:
     return bucket
 
 
+def is_decided_class(m: int) -> bool:
+    """Whether ``m`` is an M class the rule decides: a power of 2 from MIN_M to 1024."""
+    return m >= MIN_M and m == m_class(m)
+
+
 def _timed(fn: Callable[[], object], samples: list[float]) -> None:
     start = time.perf_counter()
     fn()
@@ -256,5 +261,6 @@ def forget(keys: Iterable[tuple] | None = None) -> None:
 
 __all__ = [
     "CPU_RULES", "DECISION_GENERATION", "MARGIN", "MIN_M", "apply", "check_cpu_rule", "decided",
-    "decisions", "default_rule", "dense_copy_bytes", "dense_wins", "forget", "m_class", "measured", "pin",
+    "decisions", "default_rule", "dense_copy_bytes", "dense_wins", "forget", "is_decided_class", "m_class",
+    "measured", "pin",
 ]  # fmt: skip

@@ -105,7 +105,7 @@ def _check_entry(entry: object, where: str) -> None:
             f"{where}: n, k and layers must be positive, got {entry['n']}, {entry['k']}, {entry['layers']}"
         )
     m = entry["m_class"]
-    if m < cpu_rule.MIN_M or m != cpu_rule.m_class(m):
+    if not cpu_rule.is_decided_class(m):
         raise ValueError(
             f"{where}: m_class {m} is not an M class the rule decides "
             f"(a power of 2 from {cpu_rule.MIN_M} to 1024)"
