@@ -10,9 +10,10 @@ from tests.bench.conftest import bench_script
 
 def _report(times):
     rows = [
-        {"n": n, "k": 16, "m": m, "dtype": "bfloat16", "backend": b, "median_ms": ms}
+        {"n": n, "k": 16, "m": m, "dtype": "bfloat16", "backend": b, "median_ms": ms, "model": f"M{n}",
+         "speedup": 1.0 / ms}
         for (b, n, m), ms in times.items()
-    ]
+    ]  # fmt: skip
     return {"rows": rows}
 
 
@@ -33,6 +34,14 @@ def test_geometric_mean_of_before_over_after_per_group(tmp_path):
         mod.main([str(tmp_path / "b.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "r.md")]) == 0
     )
     assert "| bitmap | bfloat16 | 1 | 2.828 |" in (tmp_path / "r.md").read_text()
+    got = mod.speedups(after)[("bitmap", "bfloat16", 1)]
+    assert got == pytest.approx((math.sqrt(2.0 * 1.0), 1.0, 2.0))
+    assert mod.speedups(after, "M32")[("bitmap", "bfloat16", 1)] == pytest.approx((1.0, 1.0, 1.0))
+    assert "| bitmap | bfloat16 | 1 | 1.00x (1.00-1.00) | 2.00x (2.00-2.00) |" in mod.speedup_table(
+        [str(tmp_path / "b.json"), str(tmp_path / "a.json")], "M8"
+    )
+    with pytest.raises(ValueError, match="no rows of model"):
+        mod.speedups(after, "Llama")
     with pytest.raises(ValueError, match="share no"):
         mod.ratios(before, _report({("int8", 8, 4): 1.0}))
     with pytest.raises(SystemExit):
