@@ -664,11 +664,11 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
     from sparsekit.bench.e2e import check_cpu_rule_twins, check_quantize, run_e2e, write_e2e_report
     from sparsekit.bench.timing import choose_threads
 
+    _, threads_note = choose_threads(args.threads)  # first: a rule table is checked against them
     check_cpu_rule_twins(
         args.cpu_rule_twins, check_device(args.device), args.cpu_rule_table
     )  # before loading
     quantize = check_quantize(tuple(q for q in (args.quantize or "").split(",") if q))
-    _, threads_note = choose_threads(args.threads)
     model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
     pruned = Path(args.model, "prune_report.json").is_file()  # a `sparsekit prune --out` folder
     result = run_e2e(

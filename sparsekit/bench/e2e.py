@@ -290,9 +290,9 @@ def check_cpu_rule_twins(wanted: bool, device: torch.device | str, table: str | 
     if table is not None and not wanted:
         raise ValueError("--cpu-rule-table decides the rule's twins: add --cpu-rule-twins, or drop it")
     if table not in (None, "measure"):
-        from sparsekit.nn.cpu_rule_table import read_table
+        from sparsekit.nn.cpu_rule_table import check_table
 
-        read_table(table)  # a missing or invalid file fails here, before the model loads
+        check_table(table)  # a missing, invalid or other machine's file fails here, before the model loads
 
 
 def _decide_twins(twins: dict[str, nn.Module], table: str | None, rows: tuple[int, ...]) -> dict:
@@ -308,7 +308,7 @@ def _decide_twins(twins: dict[str, nn.Module], table: str | None, rows: tuple[in
         return {"table": table}
     from sparsekit.bench.rule_table import measure_rule_table
 
-    classes = tuple(sorted({cpu_rule.m_class(min(r, 1025)) for r in rows if r >= cpu_rule.MIN_M}))
+    classes = tuple(sorted({cpu_rule.m_class(r) for r in rows if r >= cpu_rule.MIN_M}))
     measured = {}
     for name, twin in twins.items():
         log.info("e2e: measuring %s's rule table at M %s", name, classes)

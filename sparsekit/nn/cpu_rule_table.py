@@ -162,13 +162,20 @@ def _check_machine(path: Path, recorded: dict) -> None:
         log.warning("%s was measured under torch %s, this is %s", path, recorded.get("torch"), here["torch"])
 
 
-def load_table(path: str | Path, check_machine: bool = True) -> int:
-    """Pin every decision of the table at ``path`` (``cpu_rule.pin``); returns how many. Raises before
-    pinning anything when the file is not a valid table, or (``check_machine``) was measured on
-    another CPU model or thread count."""
+def check_table(path: str | Path, check_machine: bool = True) -> dict:
+    """The table at ``path``, read and validated, pinning nothing: raises when the file is not a
+    valid table, or (``check_machine``) was measured on another CPU model or thread count than this
+    process runs now."""
     table = read_table(path)
     if check_machine:
         _check_machine(Path(path), table["machine"])
+    return table
+
+
+def load_table(path: str | Path, check_machine: bool = True) -> int:
+    """Pin every decision of the table at ``path`` (``cpu_rule.pin``); returns how many. Raises before
+    pinning anything as ``check_table`` does."""
+    table = check_table(path, check_machine)
     for entry in table["entries"]:
         cpu_rule.pin(entry_key(entry), entry["dense_won"], (entry["sparse_ms"], entry["dense_ms"]))
     dense = sum(e["dense_won"] for e in table["entries"])
@@ -186,6 +193,6 @@ def load_env_tables() -> int:
 
 
 __all__ = [
-    "TABLE_ENV", "TABLE_KIND", "TABLE_VERSION", "entry_key", "load_env_tables", "load_table", "machine",
-    "read_table", "write_table",
+    "TABLE_ENV", "TABLE_KIND", "TABLE_VERSION", "check_table", "entry_key", "load_env_tables", "load_table",
+    "machine", "read_table", "write_table",
 ]  # fmt: skip

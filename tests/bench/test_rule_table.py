@@ -144,7 +144,7 @@ def test_cli_writes_a_table_that_loads(tmp_path):
     assert main(["bench", "rule-table", str(tmp_path / "plain"), "--out", str(out)]) != 0
 
 
-def test_e2e_twins_decided_by_a_table_measured_in_their_forward():
+def test_e2e_twins_decided_by_a_table_measured_in_their_forward(tmp_path):
     model = tiny_model("llama")
     prompt = torch.randint(0, 128, (1, 20))
     result = run_e2e(
@@ -157,6 +157,10 @@ def test_e2e_twins_decided_by_a_table_measured_in_their_forward():
     assert {e["m_class"] for e in entries} == {32}  # the 20-token prefill; decode (1 row) is always sparse
     with pytest.raises(ValueError, match="add --cpu-rule-twins"):
         run_e2e(model, input_ids=prompt, eval_tokens=0, cpu_rule_table="measure")
+    other = cpu_rule_table.write_table(tmp_path / "other.json", [], 0.0, 1, "m")
+    other.write_text(other.read_text().replace(f'"threads": {torch.get_num_threads()}', '"threads": 999'))
+    with pytest.raises(ValueError, match="measured with threads 999"):  # before any variant is built
+        run_e2e(model, input_ids=prompt, eval_tokens=0, cpu_rule_twins=True, cpu_rule_table=str(other))
     with pytest.raises(FileNotFoundError, match="no CPU rule table"):
         run_e2e(
             model, input_ids=prompt, eval_tokens=0, cpu_rule_twins=True, cpu_rule_table="/nonexistent.json"
