@@ -1,9 +1,10 @@
 """Which C++ CPU kernel path wins at which M: direct vs blas (decompressed tiles + ATen GEMM).
 
     python bench/cpu_paths.py --out docs/data/cpu-paths [--ms 1,4,8,16,32,64] [--min-time 0.1]
+        [--isas avx512,avx2,scalar] [--formats 2:4,bitmap] [--dtypes fp32,bf16]
 
 For every SmolLM2-135M linear shape, M, dtype (fp32, bf16), format (2:4, bitmap at 50%) and ISA
-(scalar, avx2, avx512: each forced), times the kernel with ``path='direct'`` and ``path='blas'``
+(scalar, avx2, avx512, avx512-bf16: each forced), times the kernel with ``path='direct'`` and ``path='blas'``
 next to dense ``F.linear``, all interleaved in the same rounds, each rotated over copies of its
 weight adding up to ``--pool-mib`` (weights from DRAM, as in decode). Prints and writes the
 medians and, per (format, ISA, dtype), the largest M at which direct beat blas on the geometric
@@ -64,16 +65,24 @@ def _bytes(fmt: str, w: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in parts)
 
 
-def run(ms: tuple[int, ...], isas: tuple[str, ...], min_time: float, pool_mib: int) -> list[dict]:
+def run(
+    ms: tuple[int, ...],
+    isas: tuple[str, ...],
+    min_time: float,
+    pool_mib: int,
+    formats: tuple[str, ...] = FORMATS,
+    dtypes: tuple[str, ...] = tuple(DTYPES),
+) -> list[dict]:
     rows = []
     shapes = linear_shapes("smollm2")
-    for dname, dtype in DTYPES.items():
+    for dname in dtypes:
+        dtype = DTYPES[dname]
         for shape in shapes:
             weights = _weights(shape.n, shape.k, dtype)
             for m in ms:
                 x = torch.randn(1, m, shape.k).to(dtype)
                 variants = {"dense": ("dense", None, None)}
-                for fmt in FORMATS:
+                for fmt in formats:
                     for isa in isas:
                         for path in ("direct", "blas"):
                             variants[f"{fmt} {isa} {path}"] = (fmt, isa, path)
@@ -169,6 +178,8 @@ def main() -> None:
     parser.add_argument("--out", default="reports/cpu-paths", help="output path without suffix")
     parser.add_argument("--ms", default="1,4,8,16,32,64")
     parser.add_argument("--isas", default=",".join(ISAS))
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds of calls per variant and cell")
     parser.add_argument("--pool-mib", type=int, default=128, help="weight copies per variant, MiB")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -178,7 +189,17 @@ def main() -> None:
     if cpu_ext.extension() is None:
         raise SystemExit(f"the C++ CPU extension did not build: {cpu_ext.build_error()}")
     ms = tuple(int(m) for m in args.ms.split(","))
-    rows = run(ms, tuple(args.isas.split(",")), args.min_time, args.pool_mib)
+    isas, formats, dtypes = (tuple(v.split(",")) for v in (args.isas, args.formats, args.dtypes))
+    for name, got, known in (("--formats", formats, FORMATS), ("--dtypes", dtypes, tuple(DTYPES))):
+        unknown = sorted(set(got) - set(known))
+        if unknown:
+            parser.error(f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    for isa in isas:  # a level this CPU lacks is refused here, before any timing
+        try:
+            cpu_ext.resolve_isa(isa)
+        except ValueError as exc:
+            parser.error(f"--isas: {exc}")
+    rows = run(ms, isas, args.min_time, args.pool_mib, formats, dtypes)
     limits = thresholds(rows)
     env = environment()
     command = "python bench/cpu_paths.py " + " ".join(

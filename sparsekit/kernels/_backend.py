@@ -83,13 +83,16 @@ def use_backend(backend: Backend | str) -> Iterator[Backend]:
 class CpuIsa(enum.Enum):
     """The x86-64 instruction-set level the C++ CPU kernels run (see ``sparsekit.kernels.cpu_ext``).
 
-    ``AUTO`` is the best level this CPU runs; ``AVX512`` (F, BW, VL), ``AVX2`` (+ FMA, F16C) and
-    ``SCALAR`` (no hand-written SIMD) force one, so an AVX-512 machine can test and measure every
-    path. Choose it with ``use_cpu_isa(...)``, or pass ``isa=`` to a CPU kernel or ``cpu_isa=`` to
-    ``SparseLinear``; ``SPARSEKIT_CPU_ISA`` only sets the process default, read once at import.
+    ``AUTO`` is the best level this CPU runs; ``AVX512_BF16`` (AVX-512 + AVX512_BF16: the bf16 2:4
+    direct kernel on vdpbf16ps, every other kernel as ``AVX512``), ``AVX512`` (F, BW, VL), ``AVX2``
+    (+ FMA, F16C) and ``SCALAR`` (no hand-written SIMD) force one, so a machine with the highest
+    level can test and measure every path. Choose it with ``use_cpu_isa(...)``, or pass ``isa=`` to a
+    CPU kernel or ``cpu_isa=`` to ``SparseLinear``; ``SPARSEKIT_CPU_ISA`` only sets the process
+    default, read once at import.
     """
 
     AUTO = "auto"
+    AVX512_BF16 = "avx512-bf16"
     AVX512 = "avx512"
     AVX2 = "avx2"
     SCALAR = "scalar"
@@ -129,7 +132,7 @@ def cpu_isa_is_default() -> bool:
 
 @contextlib.contextmanager
 def use_cpu_isa(isa: CpuIsa | str) -> Iterator[CpuIsa]:
-    """Run the CPU kernels inside the block at ``isa`` ("auto", "avx512", "avx2", "scalar")."""
+    """Run the CPU kernels inside the block at ``isa`` ("auto", "avx512-bf16", "avx512", "avx2", "scalar")."""
     selected = CpuIsa.of(isa)
     _SELECTED_ISA.append(selected)
     SELECTION_EPOCH[0] += 1

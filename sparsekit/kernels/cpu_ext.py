@@ -49,7 +49,7 @@ FUNCTIONS = [
     "decompress_bitmap_rows",
     "cpu_isa_supported",
 ]
-ISA_LEVEL = {CpuIsa.SCALAR: 0, CpuIsa.AVX2: 1, CpuIsa.AVX512: 2}
+ISA_LEVEL = {CpuIsa.SCALAR: 0, CpuIsa.AVX2: 1, CpuIsa.AVX512: 2, CpuIsa.AVX512_BF16: 3}
 _LEVEL_ISA = {level: isa for isa, level in ISA_LEVEL.items()}
 PATHS = ("auto", "direct", "blas")
 # bytes of decompressed (or dequantized) weight rows per GEMM call on every blas path: 2:4, bitmap
@@ -131,10 +131,25 @@ def is_zen4(cpuinfo: str = "/proc/cpuinfo") -> bool:
     )
 
 
+# The AVX-512 + BF16 level's own 2:4 bf16 direct kernel (vdpbf16ps, x kept bf16): bench/cpu_paths.py
+# on EPYC-512 (docs/data/cpu-paths-epyc-bf16dot.md). Not measured on an Intel CPU with AVX512_BF16
+# (Cooper Lake, Sapphire Rapids and later: there the level takes AVX-512's crossover).
+_MEASURED_ZEN4_BF16DOT = {("2:4", CpuIsa.AVX512_BF16, _BF16): 32}
+
+
+def _with_bf16_level(table: dict) -> dict:
+    """``table`` plus the AVX-512 + BF16 level's rows: AVX-512's, whose kernels it runs."""
+    inherited = {(f, CpuIsa.AVX512_BF16, d): m for (f, isa, d), m in table.items() if isa is CpuIsa.AVX512}
+    return {**table, **inherited}
+
+
 if has_amx():
     DIRECT_MAX_M.update(_MEASURED_AMX)
 elif is_zen4():
     DIRECT_MAX_M.update(_MEASURED_ZEN4)
+DIRECT_MAX_M.update(_with_bf16_level(DIRECT_MAX_M))
+if is_zen4():
+    DIRECT_MAX_M.update(_MEASURED_ZEN4_BF16DOT)
 
 
 def _build_flags() -> list[str]:

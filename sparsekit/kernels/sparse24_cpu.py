@@ -9,7 +9,9 @@ re-reads from cache, and never builds the dense weight: it gathers x instead. Th
 group sit at columns 4*group + slot of x, so a permute with indices from the meta nibbles
 (computed once per step and reused for every row of x) fetches the matching x entries and one FMA
 multiplies them by the values: AVX-512 (vpermt2ps: 16 values per permute), AVX2 (2 x vpermps +
-blend: 8 values), or scalar (two products per group).
+blend: 8 values), or scalar (two products per group). AVX-512 + BF16 (bf16 only): x stays bf16, a
+word permute (vpermt2w) places the x pair of each of 16 groups in its 32-bit lane and one vdpbf16ps
+multiplies and adds both values of all 16 groups: 32 values per permute and instruction.
 
 Prefill (larger M): the blas path decompresses tiles of weight rows (about 512 KiB) into a
 per-thread buffer and runs ATen's GEMM on each, tiles spread over threads, so a dense copy of the
@@ -140,7 +142,7 @@ def bind_sparse24_cpu(
 
 def has_fast_path() -> bool:
     """True when the extension built and this CPU runs its AVX-512 kernels."""
-    return extension() is not None and cpu_ext.supported_isa() is CpuIsa.AVX512
+    return extension() is not None and cpu_ext.supported_isa() in (CpuIsa.AVX512, CpuIsa.AVX512_BF16)
 
 
 __all__ = [

@@ -96,8 +96,9 @@ def _check_entry(entry: object, where: str) -> None:
             raise ValueError(
                 f"{where}: {name} = {value!r} is not a{' positive' if kind is float else ''} {kind.__name__}"
             )
-    if entry["isa"] not in {i.value for i in CpuIsa} - {"auto"}:
-        raise ValueError(f"{where}: isa {entry['isa']!r} is not one of avx512, avx2, scalar")
+    isas = [i.value for i in CpuIsa if i is not CpuIsa.AUTO]
+    if entry["isa"] not in isas:
+        raise ValueError(f"{where}: isa {entry['isa']!r} is not one of {', '.join(isas)}")
     if entry["dtype"] not in DTYPES:
         raise ValueError(f"{where}: dtype {entry['dtype']!r} is not one of {', '.join(DTYPES)}")
     if entry["n"] < 1 or entry["k"] < 1 or entry["layers"] < 1:

@@ -65,7 +65,7 @@ class SparseLinear(nn.Module):
 
         ``nnz`` sizes formats stored by their number of kept weights (bitmap; default 0,
         ``load_state_dict`` resizes it). ``cpu_isa``: the ISA level of the C++ CPU kernels
-        ('avx512', 'avx2', 'scalar', 'auto'); None follows ``use_cpu_isa`` / SPARSEKIT_CPU_ISA.
+        ('avx512-bf16', 'avx512', 'avx2', 'scalar', 'auto'); None follows ``use_cpu_isa`` / SPARSEKIT_CPU_ISA.
         ``cpu_rule``: 'sparse' (memory first: always the sparse kernel) or 'fastest' (per M class
         from 2 rows up, dense on a kept copy of the weight where that measured faster; see
         ``sparsekit.nn.cpu_rule``); None: the process default, ``SPARSEKIT_CPU_RULE``.

@@ -1,10 +1,10 @@
-"""The C++ CPU kernels on every ISA path (scalar, AVX2, AVX-512), each forced on this machine.
+"""The C++ CPU kernels on every ISA path (scalar, AVX2, AVX-512, AVX-512 + BF16), each forced here.
 
 Contract: every format, ISA, path (direct / blas) and M reproduces the dense-with-zeros reference
 ``F.linear(x, w_with_zeros, bias)`` (computed in fp32, cast back) at the TOL table's tolerance;
 decompression is bit-exact. Plus the ISA selection rules (argument > use_cpu_isa >
-SPARSEKIT_CPU_ISA > auto, unsupported levels refused) and a disassembly check that the AVX2 code
-holds no AVX-512 instruction.
+SPARSEKIT_CPU_ISA > auto, unsupported levels refused) and a disassembly check that each level's code
+holds no instruction of a higher one.
 """
 
 import os
@@ -26,7 +26,7 @@ from sparsekit.nn import SparseLinear
 from tests.conftest import require_cpu_extension
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "avx512-bf16")
 MS = (1, 3, 8, 17, 64)
 PATHS = ("direct", "blas")
 # K = 100: 25 groups leave a tail after AVX-512's 16-group and AVX2's 8-group steps; K = 520 runs
@@ -219,6 +219,12 @@ def test_avx2_code_holds_no_avx512_instruction(ext):
     assert any("%zmm" in body for body in avx512.values()), "the AVX-512 kernels hold no 512-bit instruction"
     for name, body in scalar.items():
         assert "%ymm" not in body and "%zmm" not in body, f"AVX instruction in the scalar kernel {name}"
+    # AVX-512 CPUs without AVX512_BF16 (Skylake-X, Ice Lake) run level 2: vdpbf16ps only at level 3
+    bf16dot = _functions(text.stdout, "sk_avx512bf16::")
+    assert bf16dot, "the AVX-512 + BF16 kernel was not found in the disassembly"
+    for name, body in {**avx2, **avx512, **scalar}.items():
+        assert "vdpbf16ps" not in body, f"AVX512_BF16 instruction in {name}"
+    assert any("vdpbf16ps" in body for body in bf16dot.values()), "the bf16-dot kernel holds no vdpbf16ps"
 
 
 # ----------------------------------------------------------------------------- SparseLinear

@@ -313,7 +313,7 @@ auto with_bitmap(int64_t isa, const torch::Tensor& values, const torch::Tensor& 
 // tile_bytes, 0: TILE_BYTES)
 torch::Tensor mm_bitmap(torch::Tensor x, torch::Tensor values, torch::Tensor mask_bits, torch::Tensor offsets,
                         c10::optional<torch::Tensor> bias, int64_t isa, int64_t path, int64_t tile_bytes) {
-  check_isa(isa);
+  isa = check_isa(isa);
   const int64_t K = x.size(1), N = mask_bits.size(0);
   torch::Tensor y;
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
@@ -327,7 +327,7 @@ torch::Tensor mm_bitmap(torch::Tensor x, torch::Tensor values, torch::Tensor mas
 // rows [n0, n0 + out.size(0)) of the dense weight into out [rows, K] (contiguous)
 void decompress_bitmap_rows(torch::Tensor values, torch::Tensor mask_bits, torch::Tensor offsets, int64_t n0,
                             torch::Tensor out, int64_t isa) {
-  check_isa(isa);
+  isa = check_isa(isa);
   const int64_t rows = out.size(0), K = out.size(1);
   dispatch_dtype(values.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

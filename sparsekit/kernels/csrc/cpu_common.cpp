@@ -10,7 +10,9 @@
 // the compiler's target for those functions only (GCC `#pragma GCC target`, clang
 // `#pragma clang attribute`): the AVX2 code can hold no AVX-512 instruction, and every path can be
 // forced, tested and measured on a machine that runs them all. The caller passes the ISA
-// (0 scalar, 1 avx2, 2 avx512); cpu_isa_supported() says what this CPU runs.
+// (0 scalar, 1 avx2, 2 avx512, 3 avx512-bf16); cpu_isa_supported() says what this CPU runs. Level 3 is
+// level 2 plus AVX512_BF16 (vdpbf16ps): it runs the AVX-512 kernels except where a kernel has a
+// bf16-dot variant (2:4, bf16, direct path), so level 2 stays testable on a CPU that has level 3.
 //
 // Two ways to multiply, for every format and ISA:
 //   direct  x [M, K] fp32 against the compressed rows, never building a dense weight (decode and
@@ -43,17 +45,23 @@
   _Pragma(                                                                                               \
       "clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi,bmi2,popcnt\"))), " \
       "apply_to = function)")
+#define SK_BEGIN_AVX512BF16                                                                              \
+  _Pragma(                                                                                               \
+      "clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt\"))), " \
+      "apply_to = function)")
 #define SK_END_ISA _Pragma("clang attribute pop")
 #elif SK_X86
 #define SK_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c,bmi,bmi2,popcnt\")")
 #define SK_BEGIN_AVX512 \
   _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi,bmi2,popcnt\")")
+#define SK_BEGIN_AVX512BF16 \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt\")")
 #define SK_END_ISA _Pragma("GCC pop_options")
 #endif
 
 namespace {
 
-enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512_BF16 = 3 };
 enum Path : int64_t { PATH_DIRECT = 0, PATH_BLAS = 1 };
 
 constexpr int PF_BYTES = 2048;          // software prefetch distance along a weight stream
@@ -67,17 +75,21 @@ int64_t isa_supported() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl"))
-    return ISA_AVX512;
+    return __builtin_cpu_supports("avx512bf16") ? ISA_AVX512_BF16 : ISA_AVX512;
   // every AVX2 CPU (Haswell, Zen 1 and later) also has F16C
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
 #endif
   return ISA_SCALAR;
 }
 
-void check_isa(int64_t isa) {
-  TORCH_CHECK(isa >= ISA_SCALAR && isa <= ISA_AVX512, "sparsekit CPU kernel: isa must be 0, 1 or 2, got ", isa);
+// checks that this CPU runs ISA level isa; returns the level of the kernels that have no bf16-dot
+// variant (3 -> 2)
+int64_t check_isa(int64_t isa) {
+  TORCH_CHECK(isa >= ISA_SCALAR && isa <= ISA_AVX512_BF16, "sparsekit CPU kernel: isa must be 0, 1, 2 or 3, got ",
+              isa);
   TORCH_CHECK(isa <= isa_supported(), "sparsekit CPU kernel: this CPU does not run ISA level ", isa,
               " (it runs up to ", isa_supported(), "); choose a lower one (SPARSEKIT_CPU_ISA / isa=)");
+  return std::min<int64_t>(isa, ISA_AVX512);
 }
 
 template <typename Fn>
@@ -97,8 +109,8 @@ void dispatch_dtype(at::ScalarType t, Fn&& fn) {
 //   double row_bytes() const                   compressed bytes of one weight row
 // T is the output's (and bias's) dtype; the kernel's stored values may be another (int8).
 // scale [N] fp32 or nullptr: y[m, n] = scale[n] * acc + bias[n] (per-row weight-only quantization)
-template <typename T, typename Kern, int R>
-void rows_block(const Kern& kern, const float* x, int64_t K, const T* bias, const float* scale, T* y, int64_t N,
+template <typename T, typename Kern, int R, typename X>
+void rows_block(const Kern& kern, const X* x, int64_t K, const T* bias, const float* scale, T* y, int64_t N,
                 int64_t m0, int64_t n0, int64_t n1) {
   float acc[R];
   for (int64_t n = n0; n < n1; ++n) {
@@ -109,8 +121,8 @@ void rows_block(const Kern& kern, const float* x, int64_t K, const T* bias, cons
   }
 }
 
-template <typename T, typename Kern, int R>
-void rows_block_any(int64_t rows, const Kern& kern, const float* x, int64_t K, const T* bias, const float* scale,
+template <typename T, typename Kern, int R, typename X>
+void rows_block_any(int64_t rows, const Kern& kern, const X* x, int64_t K, const T* bias, const float* scale,
                     T* y, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
   if constexpr (R > 1) {
     if (rows < R) return rows_block_any<T, Kern, R - 1>(rows, kern, x, K, bias, scale, y, N, m0, n0, n1);
@@ -121,8 +133,8 @@ void rows_block_any(int64_t rows, const Kern& kern, const float* x, int64_t K, c
 // y [M, N] = x [M, K] (fp32) @ W.T + bias. Tiles of weight rows (about 32 KiB compressed) are
 // re-read from cache by every pass of Kern::MB rows of x, so the weight streams from DRAM once
 // whatever M is; each task streams at least about 64 KiB.
-template <typename T, typename Kern>
-void direct_mm(const Kern& kern, const float* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
+template <typename T, typename Kern, typename X>
+void direct_mm(const Kern& kern, const X* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
                const float* scale = nullptr) {
   const int64_t row_bytes = std::max<int64_t>(1, int64_t(kern.row_bytes()));
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / row_bytes);

@@ -14,20 +14,25 @@
 //            low 3 bits of an index, so one index vector permutes both registers and a blend keeps
 //            lanes 0-3 from the first and 4-7 from the second: 2 permutes + 1 blend + 1 FMA.
 //   scalar:  acc += v0 * x[4g + i0] + v1 * x[4g + i1].
+//   AVX-512 + BF16 (bf16 only): x stays bf16. The 32 values of 16 groups are 16 pairs, one per
+//            32-bit lane; one two-source word permute (vpermt2w, indices from the 16 nibbles) puts
+//            each pair's two x entries in its lane and one vdpbf16ps multiplies and adds both: 32
+//            values per permute and dot instruction, twice the fp32 kernel's 16 per vpermt2ps + FMA.
 
 namespace {
 
 inline int nibble(const uint8_t* mrow, int64_t g) { return (mrow[g >> 1] >> ((g & 1) * 4)) & 15; }
 
 // groups [g0, G) of one weight row against R rows of x: the scalar gather every ISA ends with
-template <typename T, int R>
-inline void dot24_tail(const T* vrow, const uint8_t* mrow, const float* x, int64_t ldx, int64_t g0, int64_t G,
+template <typename T, int R, typename X>
+inline void dot24_tail(const T* vrow, const uint8_t* mrow, const X* x, int64_t ldx, int64_t g0, int64_t G,
                        float* acc) {
   for (int64_t g = g0; g < G; ++g) {
     const int nib = nibble(mrow, g);
     const int64_t c0 = 4 * g + (nib & 3), c1 = 4 * g + (nib >> 2);
     const float v0 = static_cast<float>(vrow[2 * g]), v1 = static_cast<float>(vrow[2 * g + 1]);
-    for (int r = 0; r < R; ++r) acc[r] += v0 * x[r * ldx + c0] + v1 * x[r * ldx + c1];
+    for (int r = 0; r < R; ++r)
+      acc[r] += v0 * static_cast<float>(x[r * ldx + c0]) + v1 * static_cast<float>(x[r * ldx + c1]);
   }
 }
 
@@ -275,6 +280,136 @@ struct Sparse24 : Sparse24Base<T> {
 };
 }  // namespace sk_avx512
 SK_END_ISA
+
+SK_BEGIN_AVX512BF16
+namespace sk_avx512bf16 {
+// word permute indices of 32 values (16 groups, 64 columns of x: 32 words in each source) from
+// their 16 nibbles mw: word lane w is value w % 2 of group w / 2, whose nibble sits in byte w / 4
+// of mw at bit 4 * ((w / 2) % 2), its slot 2 bits above that for the second value: 2 * (w % 4)
+struct Gather24W {
+  __m512i pick, shift, base, three;
+  Gather24W() {
+    alignas(64) uint8_t p[64];
+    alignas(64) int16_t s[32], b[32];
+    for (int w = 0; w < 32; ++w) {
+      // _mm512_set1_epi64 puts mw in bytes 0-7 and 8-15 of every 128-bit lane: byte w / 4 of mw
+      // is lane byte w / 4 (< 8); the word's high byte is zeroed (0x80)
+      p[(2 * w) % 64] = uint8_t(w / 4);
+      p[(2 * w + 1) % 64] = 0x80;
+      s[w] = int16_t(2 * (w % 4));
+      b[w] = int16_t(4 * (w / 2));
+    }
+    pick = _mm512_load_si512(p);
+    shift = _mm512_load_si512(s);
+    base = _mm512_load_si512(b);
+    three = _mm512_set1_epi16(3);
+  }
+  inline __m512i index(uint64_t mw) const {
+    const __m512i bytes = _mm512_shuffle_epi8(_mm512_set1_epi64(int64_t(mw)), pick);
+    return _mm512_add_epi16(base, _mm512_and_si512(_mm512_srlv_epi16(bytes, shift), three));
+  }
+};
+
+// bf16 values, bf16 x: vdpbf16ps takes 32 bf16 products per instruction into 16 fp32 lanes
+// (products exact, sums in fp32; like every AVX512_BF16 op it treats subnormal inputs as zero).
+// dot<NB, R> runs NB weight rows against R rows of x: each x load serves NB rows' permutes, so
+// the loads per dot instruction fall from 2 to 2 / NB.
+struct Sparse24Dot : Sparse24Base<c10::BFloat16> {
+  using BF = c10::BFloat16;
+  static constexpr int NB = 4, MB = 4;  // 16 accumulators + 4 indices + 4 value vectors + x
+  template <int NR, int R>
+  void dot(int64_t n, const BF* x, int64_t ldx, float (*acc)[R]) const {
+    static const Gather24W X;
+    const BF* vrow[NR];
+    const uint8_t* mrow[NR];
+    for (int j = 0; j < NR; ++j) {
+      vrow[j] = v + (n + j) * ldv();
+      mrow[j] = meta + (n + j) * ldm();
+    }
+    const int64_t G = K / 4;
+    __m512 a[NR][R];
+    for (int j = 0; j < NR; ++j)
+      for (int r = 0; r < R; ++r) a[j][r] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= G; g += 16) {  // 64 columns: 32 values (64 bytes) and 8 meta bytes per row
+      __m512i idx[NR];
+      __m512bh vals[NR];
+      for (int j = 0; j < NR; ++j) {
+        // the same columns NB rows on (the next block's row j): NR streams run side by side
+        _mm_prefetch(reinterpret_cast<const char*>(vrow[j] + 2 * g + NB * ldv()), _MM_HINT_T0);
+        uint64_t mw;
+        std::memcpy(&mw, mrow[j] + g / 2, 8);
+        idx[j] = X.index(mw);
+        vals[j] = (__m512bh)_mm512_loadu_si512(vrow[j] + 2 * g);
+      }
+      const BF* xk = x + 4 * g;
+      for (int r = 0; r < R; ++r) {
+        const __m512i lo = _mm512_loadu_si512(xk + r * ldx), hi = _mm512_loadu_si512(xk + r * ldx + 32);
+        for (int j = 0; j < NR; ++j)
+          a[j][r] = _mm512_dpbf16_ps(a[j][r], (__m512bh)_mm512_permutex2var_epi16(lo, idx[j], hi), vals[j]);
+      }
+    }
+    for (int j = 0; j < NR; ++j) {
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_reduce_add_ps(a[j][r]);
+      dot24_tail<BF, R>(vrow[j], mrow[j], x, ldx, g, G, acc[j]);
+    }
+  }
+  double row_bytes() const { return K / 2 * 2.0 + ldm(); }
+};
+
+// weight rows [n0, n1) against rows [m0, m0 + R) of x: NB rows at a time, then one at a time
+template <int R>
+void dot_rows_block(const Sparse24Dot& kern, const c10::BFloat16* x, int64_t K, const c10::BFloat16* bias,
+                    c10::BFloat16* y, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
+  constexpr int NB = Sparse24Dot::NB;
+  float acc[NB][R];
+  const c10::BFloat16* xm = x + m0 * K;
+  auto put = [&](int64_t n, int count) {
+    for (int j = 0; j < count; ++j) {
+      const float b = bias ? static_cast<float>(bias[n + j]) : 0.f;
+      for (int r = 0; r < R; ++r) y[(m0 + r) * N + n + j] = static_cast<c10::BFloat16>(acc[j][r] + b);
+    }
+  };
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    kern.dot<NB, R>(n, xm, K, acc);
+    put(n, NB);
+  }
+  for (; n < n1; ++n) {
+    kern.dot<1, R>(n, xm, K, acc);
+    put(n, 1);
+  }
+}
+
+template <int R>
+void dot_rows_block_any(int64_t rows, const Sparse24Dot& kern, const c10::BFloat16* x, int64_t K,
+                        const c10::BFloat16* bias, c10::BFloat16* y, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
+  if constexpr (R > 1) {
+    if (rows < R) return dot_rows_block_any<R - 1>(rows, kern, x, K, bias, y, N, m0, n0, n1);
+  }
+  dot_rows_block<R>(kern, x, K, bias, y, N, m0, n0, n1);
+}
+
+// y [M, N] = x [M, K] @ W.T + bias, all bf16: direct_mm's tiling (tiles of about 32 KiB of weight
+// rows, a multiple of NB, re-read from cache by every pass of MB rows of x)
+void direct_mm_dot(const Sparse24Dot& kern, const c10::BFloat16* x, const c10::BFloat16* bias, c10::BFloat16* y,
+                   int64_t M, int64_t N, int64_t K) {
+  constexpr int NB = Sparse24Dot::NB;
+  const int64_t row_bytes = std::max<int64_t>(1, int64_t(kern.row_bytes()));
+  const int64_t grain = std::max<int64_t>(NB, (64 * 1024) / row_bytes / NB * NB);
+  const int64_t tile_rows = std::max<int64_t>(NB, (32 * 1024) / row_bytes / NB * NB);
+  at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t n0 = c0; n0 < c1; n0 += tile_rows) {
+      const int64_t n1 = std::min<int64_t>(c1, n0 + tile_rows);
+      for (int64_t m0 = 0; m0 < M; m0 += Sparse24Dot::MB) {
+        const int64_t rows = std::min<int64_t>(Sparse24Dot::MB, M - m0);
+        dot_rows_block_any<Sparse24Dot::MB>(rows, kern, x, K, bias, y, N, m0, n0, n1);
+      }
+    }
+  });
+}
+}  // namespace sk_avx512bf16
+SK_END_ISA
 #endif  // SK_X86
 
 // fn(kernel) with the 2:4 kernel of this ISA for dtype T
@@ -292,12 +427,26 @@ auto with_sparse24(int64_t isa, const torch::Tensor& values, const torch::Tensor
 }  // namespace
 
 // x [M, K] contiguous (values' dtype), values [N, K/2] and meta [N, ceil(K/8)] contiguous,
-// bias [N] or None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512; path 0 direct / 1 blas, whose
+// bias [N] or None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512 / 3 avx512-bf16; path 0 direct / 1 blas, whose
 // decompressed tiles hold about tile_bytes each (0: TILE_BYTES)
 torch::Tensor mm24(torch::Tensor x, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
                    int64_t isa, int64_t path, int64_t tile_bytes) {
-  check_isa(isa);
+  const int64_t requested = isa;
+  isa = check_isa(isa);
   const int64_t K = x.size(1), N = values.size(0);
+#if SK_X86
+  if (requested == ISA_AVX512_BF16 && path == PATH_DIRECT && x.scalar_type() == at::kBFloat16) {
+    at::NoGradGuard no_grad;
+    const int64_t M = x.size(0);
+    auto y = torch::empty({M, N}, x.options());
+    if (M == 0 || N == 0) return y;
+    using BF = c10::BFloat16;
+    const BF* bp = bias.has_value() ? bias->data_ptr<BF>() : nullptr;
+    sk_avx512bf16::direct_mm_dot(sk_avx512bf16::Sparse24Dot{{values.data_ptr<BF>(), meta.data_ptr<uint8_t>(), K}},
+                                 x.data_ptr<BF>(), bp, y.data_ptr<BF>(), M, N, K);
+    return y;
+  }
+#endif
   torch::Tensor y;
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -683,7 +832,7 @@ struct Dequant24Q8 {  // w = scale[n] * decompress_24(values, meta): the row's v
 template <template <typename, int> class Kern, typename... Args>
 torch::Tensor quant_blas(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t K,
                          int64_t isa, int64_t tile_bytes, Args... args) {
-  check_isa(isa);
+  isa = check_isa(isa);
   at::NoGradGuard no_grad;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.is_contiguous(), "quantized blas path: x must be [M, ", K,
               "] contiguous");
@@ -726,7 +875,7 @@ torch::Tensor q8_direct(const torch::Tensor& x, const c10::optional<torch::Tenso
 // bias [N] (x's dtype) or None -> y [M, N] = x @ (scale[:, None] * q).T + bias; direct path
 torch::Tensor mm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                     int64_t isa) {
-  check_isa(isa);
+  isa = check_isa(isa);
   TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "mm_q8: q must be int8, scale fp32");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   const int8_t* w = q.data_ptr<int8_t>();
@@ -769,7 +918,7 @@ torch::Tensor int4_rearranged(const torch::Tensor& x, int64_t K, int64_t G) {
 // [N] or None -> y [M, N] fp32
 torch::Tensor mm_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, c10::optional<torch::Tensor> bias,
                     int64_t G, int64_t isa) {
-  check_isa(isa);
+  isa = check_isa(isa);
   TORCH_CHECK(x.scalar_type() == at::kFloat && sz.scalar_type() == at::kFloat, "mm_q4: x and sz must be fp32");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, "mm_q4: packed must be uint8 [N, K/2]");
   const int64_t N = packed.size(0), K = 2 * packed.size(1);
@@ -799,7 +948,7 @@ torch::Tensor mm_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, c10
 // are widened to fp32 in registers, the row's scale applied once to its dot products)
 torch::Tensor mm24_q8(torch::Tensor x, torch::Tensor values, torch::Tensor meta, torch::Tensor scale,
                       c10::optional<torch::Tensor> bias, int64_t isa) {
-  check_isa(isa);
+  isa = check_isa(isa);
   TORCH_CHECK(values.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
               "mm24_q8: values must be int8 and scale fp32");
   const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
@@ -856,7 +1005,7 @@ torch::Tensor mm24_q8_blas(torch::Tensor x, torch::Tensor values, torch::Tensor 
 
 // rows [n0, n0 + out.size(0)) of the dense weight into out [rows, K] (contiguous)
 void decompress24_rows(torch::Tensor values, torch::Tensor meta, int64_t n0, torch::Tensor out, int64_t isa) {
-  check_isa(isa);
+  isa = check_isa(isa);
   const int64_t rows = out.size(0), K = out.size(1);
   dispatch_dtype(values.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
