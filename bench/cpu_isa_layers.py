@@ -48,6 +48,8 @@ def _summary(rows: list[dict]) -> str:
     lines = []
     for dtype in DTYPES:
         sel = [r for r in rows if r["dtype"] == str(DTYPES[dtype]).replace("torch.", "")]
+        if not sel:  # a dtype this run left out (--dtypes)
+            continue
         backends = [b for b in dict.fromkeys(r["backend"] for r in sel) if b != "dense"]
         lines += [
             f"**{dtype}**: speedup over dense, geometric mean over the shapes (min..max)",
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="reports", help="directory for <stem>.json / .md")
     parser.add_argument("--ms", default="1,4,16,64,512")
     parser.add_argument("--isas", default="avx512,avx2,scalar")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, of fp32,bf16")
     parser.add_argument(
         "--backends",
         default=",".join(BACKENDS),
@@ -112,8 +115,13 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     ms = tuple(int(m) for m in args.ms.split(","))
     isas = tuple(args.isas.split(","))
+    dtypes = args.dtypes.split(",")
+    unknown = sorted(set(dtypes) - set(DTYPES))
+    if unknown:
+        parser.error(f"--dtypes: unknown {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
     results = {}
-    for name, dtype in DTYPES.items():
+    for name in dtypes:
+        dtype = DTYPES[name]
         results[name] = run_layers(
             shapes,
             ms,
@@ -133,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         + (f" --stem {args.stem}" if args.stem != "cpu-isa-layers" else "")
         + (f" --rule-margin {args.rule_margin:g}" if args.rule_margin is not None else "")
         + (f" --shapes {args.shapes}" if args.shapes != "smollm2" else "")
+        + (f" --dtypes {args.dtypes}" if args.dtypes != ",".join(DTYPES) else "")
     )
     rows = [dict(asdict(r), env={}) for res in results.values() for r in res.rows]
     first = next(iter(results.values()))

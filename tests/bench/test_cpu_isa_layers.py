@@ -58,3 +58,21 @@ def test_shapes_are_read_before_timing_and_reach_the_run(capsys, monkeypatch):
         bench.main(["--shapes", "smollm2,llama-2-7b", "--isas", "avx512"])
     models = {m for m, _, _ in seen[0]}
     assert len(models) == 2 and ("llama-2-7b", 11008, 4096) in {(m.lower(), n, k) for m, n, k in seen[0]}
+
+
+def test_dtypes_are_checked_before_timing_and_only_those_run(capsys, monkeypatch):
+    bench = bench_script("cpu_isa_layers")
+    monkeypatch.setattr(bench, "run_layers", lambda *a, **k: pytest.fail("timed a layer"))
+    with pytest.raises(SystemExit):
+        bench.main(["--dtypes", "bf16,fp8"])
+    assert "--dtypes: unknown fp8" in capsys.readouterr().err
+    seen = []
+
+    def run_layers(shapes, ms, fmt, backends, dtype, *args, **kwargs):
+        seen.append(dtype)
+        raise _Ran
+
+    monkeypatch.setattr(bench, "run_layers", run_layers)
+    with pytest.raises(_Ran):
+        bench.main(["--dtypes", "bf16", "--isas", "avx512"])
+    assert seen == [bench.DTYPES["bf16"]]

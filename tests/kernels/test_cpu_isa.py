@@ -334,3 +334,33 @@ def test_zen4_is_told_apart_from_zen3_and_intel(tmp_path):
     assert not cpu_ext.is_zen4(str(info))  # Zen 5: not measured
     for key, limit in cpu_ext._MEASURED_ZEN4.items():
         assert limit <= cpu_ext._MEASURED[key[:2]][0 if key[2] == torch.float32 else 1]  # lower, never higher
+
+
+def test_the_bf16_level_inherits_avx512_crossovers_but_its_own_24_bf16():
+    """Level 3 runs the AVX-512 kernels except 2:4 bf16 direct, so every other limit is AVX-512's."""
+    for (fmt, isa, dtype), limit in cpu_ext.DIRECT_MAX_M.items():
+        if isa is CpuIsa.AVX512 and (fmt, dtype) != ("2:4", torch.bfloat16):
+            assert cpu_ext.DIRECT_MAX_M[(fmt, CpuIsa.AVX512_BF16, dtype)] == limit, (fmt, dtype)
+    own = cpu_ext.DIRECT_MAX_M[("2:4", CpuIsa.AVX512_BF16, torch.bfloat16)]
+    avx512 = cpu_ext.DIRECT_MAX_M[("2:4", CpuIsa.AVX512, torch.bfloat16)]
+    assert own == (
+        cpu_ext._MEASURED_ZEN4_BF16DOT[("2:4", CpuIsa.AVX512_BF16, torch.bfloat16)]
+        if cpu_ext.is_zen4()
+        else avx512
+    )
+
+
+def test_the_bf16_dot_kernel_sums_in_fp32(ext):
+    """vdpbf16ps adds products into fp32 lanes: a long row of values that cancel except for one
+    small term keeps it, where a bf16 running sum would round it away."""
+    _runnable("avx512-bf16")
+    k = 1024
+    w = torch.zeros(4, k)
+    w[:, 0::4], w[:, 1::4] = 1.0, -1.0  # 2 of every 4 kept: +1, -1
+    w[:, 2] = 2.0**-7  # slot 2 of group 0 replaces the -1
+    w[:, 1] = 0.0
+    values, meta = compress_24(w.bfloat16())
+    x = torch.ones(3, k, dtype=torch.bfloat16) * 256
+    y = sparse24_mm_cpu(x, values, meta, isa="avx512-bf16", path="direct")
+    assert torch.equal(y, _reference(x, w.bfloat16(), None))
+    assert torch.equal(y, torch.full((3, 4), 258.0, dtype=torch.bfloat16))
