@@ -7,7 +7,8 @@ x @ W.T + bias, fp32 accumulation.
 
 Decode and small batches (M <= ``cpu_ext.DIRECT_MAX_M``): the direct kernel walks each weight
 row's mask once, expands its values into dense vectors in registers (AVX-512: vexpandps per 16
-columns; AVX2: a per-byte permute table, 8 columns; scalar: the set bits) and multiplies them
+columns; AVX2: a per-byte permute table, 8 columns; scalar: the set bits; AVX-512 + BF16, bf16:
+vpexpandw per 32 columns, then one vdpbf16ps per row of x, x read as bf16) and multiplies them
 with every row of x: it reads s * b + 1/8 bytes per weight (s kept fraction, b value bytes).
 Larger M: decompressed tiles of weight rows + ATen's GEMM, tiles spread over threads (the blas
 path of ``sparse24_cpu``). Without the extension: whole-matrix decompress + F.linear.

@@ -14,6 +14,9 @@
 //            values in their columns and zeroes the rest: 8 columns per step (bf16: one vpshufb
 //            of the 16 loaded bytes places, widens and zeroes at once).
 //   scalar:  walks the set bits.
+//   AVX-512 + BF16 (bf16 only): one expand (vpexpandw) of popcount values gives the 32 dense bf16
+//            lanes of 32 columns, and one vdpbf16ps per row of x multiplies them with x's 32
+//            columns as they are: no conversion of weight or x, 32 columns per instruction.
 // Loads never reach past the end of values: AVX-512 loads are masked to the popcount, AVX2
 // loads of 8 fall back to a scalar copy within 8 elements of the end.
 
@@ -291,6 +294,62 @@ struct Bitmap : BitmapBase<T> {
 };
 }  // namespace sk_avx512
 SK_END_ISA
+
+SK_BEGIN_AVX512BF16
+namespace sk_avx512bf16 {
+// bf16 values, bf16 x: dot<NB, R> runs NB weight rows against R rows of x, each x load serving NB
+// rows (products exact, sums in fp32, subnormal inputs read as zero, as every AVX512_BF16 op does)
+struct BitmapDot : BitmapBase<c10::BFloat16> {
+  using BF = c10::BFloat16;
+  static constexpr int NB = 2, MB = 8;  // 16 accumulators + 2 weight vectors + x
+  // the 32 dense lanes of 32 columns with mask bits m (zero above the row's end): popcount(m)
+  // values read, never past them
+  static inline __m512bh expand32(uint32_t m, const BF* p) {
+    const __m512i v = _mm512_maskz_loadu_epi16(__mmask32(_bzhi_u32(0xFFFFFFFFu, _mm_popcnt_u32(m))), p);
+    return (__m512bh)_mm512_maskz_expand_epi16(__mmask32(m), v);
+  }
+  template <int NR, int R>
+  void dot(int64_t n, const BF* x, int64_t ldx, float (*acc)[R]) const {
+    const uint8_t* mrow[NR];
+    const BF* p[NR];
+    for (int j = 0; j < NR; ++j) {
+      mrow[j] = mask + (n + j) * ldm();
+      p[j] = row_values(n + j);
+    }
+    __m512 a[NR][R];
+    for (int j = 0; j < NR; ++j)
+      for (int r = 0; r < R; ++r) a[j][r] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= K; c += 32) {  // 32 columns: 4 mask bytes per row
+      __m512bh w[NR];
+      for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(p[j]) + PF_BYTES, _MM_HINT_T0);
+        uint32_t m;
+        std::memcpy(&m, mrow[j] + c / 8, 4);
+        w[j] = expand32(m, p[j]);
+        p[j] += _mm_popcnt_u32(m);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + r * ldx + c);
+        for (int j = 0; j < NR; ++j) a[j][r] = _mm512_dpbf16_ps(a[j][r], xv, w[j]);
+      }
+    }
+    if (c < K) {  // the last 1..31 columns: x loads masked to the row
+      const int width = int(K - c);
+      __m512bh w[NR];
+      for (int j = 0; j < NR; ++j) w[j] = expand32(mask_bits_at(mrow[j], c, width), p[j]);
+      const __mmask32 inside = __mmask32(_bzhi_u32(0xFFFFFFFFu, width));
+      for (int r = 0; r < R; ++r) {
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(inside, x + r * ldx + c);
+        for (int j = 0; j < NR; ++j) a[j][r] = _mm512_dpbf16_ps(a[j][r], xv, w[j]);
+      }
+    }
+    for (int j = 0; j < NR; ++j)
+      for (int r = 0; r < R; ++r) acc[j][r] = _mm512_reduce_add_ps(a[j][r]);
+  }
+};
+}  // namespace sk_avx512bf16
+SK_END_ISA
 #endif  // SK_X86
 
 template <typename T, typename Fn>
@@ -309,12 +368,21 @@ auto with_bitmap(int64_t isa, const torch::Tensor& values, const torch::Tensor& 
 
 // x [M, K] contiguous (values' dtype), values [nnz], mask_bits [N, ceil(K/8)], offsets
 // [N, ceil(K/64)] int32 (all contiguous, checked against each other by the caller), bias [N] or
-// None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512; path 0 direct / 1 blas (tiles of about
+// None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512 / 3 avx512-bf16; path 0 direct / 1 blas (tiles of about
 // tile_bytes, 0: TILE_BYTES)
 torch::Tensor mm_bitmap(torch::Tensor x, torch::Tensor values, torch::Tensor mask_bits, torch::Tensor offsets,
                         c10::optional<torch::Tensor> bias, int64_t isa, int64_t path, int64_t tile_bytes) {
+  const int64_t requested = isa;
   isa = check_isa(isa);
   const int64_t K = x.size(1), N = mask_bits.size(0);
+#if SK_X86
+  if (requested == ISA_AVX512_BF16 && path == PATH_DIRECT && x.scalar_type() == at::kBFloat16) {
+    using BF = c10::BFloat16;
+    const sk_avx512bf16::BitmapDot kern{{values.data_ptr<BF>(), mask_bits.data_ptr<uint8_t>(),
+                                         offsets.data_ptr<int32_t>(), values.numel(), K, N}};
+    return direct_mm_nb<BF>(kern, x, bias, N, K);
+  }
+#endif
   torch::Tensor y;
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -11,8 +11,9 @@
 // `#pragma clang attribute`): the AVX2 code can hold no AVX-512 instruction, and every path can be
 // forced, tested and measured on a machine that runs them all. The caller passes the ISA
 // (0 scalar, 1 avx2, 2 avx512, 3 avx512-bf16); cpu_isa_supported() says what this CPU runs. Level 3 is
-// level 2 plus AVX512_BF16 (vdpbf16ps): it runs the AVX-512 kernels except where a kernel has a
-// bf16-dot variant (2:4, bf16, direct path), so level 2 stays testable on a CPU that has level 3.
+// level 2 plus AVX512_BF16 (vdpbf16ps) and AVX512_VBMI2 (vpexpandw): it runs the AVX-512 kernels
+// except where a kernel has a bf16-dot variant (2:4 and bitmap, bf16, direct path), so level 2
+// stays testable on a CPU that has level 3.
 //
 // Two ways to multiply, for every format and ISA:
 //   direct  x [M, K] fp32 against the compressed rows, never building a dense weight (decode and
@@ -47,7 +48,7 @@
       "apply_to = function)")
 #define SK_BEGIN_AVX512BF16                                                                              \
   _Pragma(                                                                                               \
-      "clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt\"))), " \
+      "clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi2,avx2,fma,f16c,bmi,bmi2,popcnt\"))), " \
       "apply_to = function)")
 #define SK_END_ISA _Pragma("clang attribute pop")
 #elif SK_X86
@@ -55,7 +56,7 @@
 #define SK_BEGIN_AVX512 \
   _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx2,fma,f16c,bmi,bmi2,popcnt\")")
 #define SK_BEGIN_AVX512BF16 \
-  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c,bmi,bmi2,popcnt\")")
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi2,avx2,fma,f16c,bmi,bmi2,popcnt\")")
 #define SK_END_ISA _Pragma("GCC pop_options")
 #endif
 
@@ -75,7 +76,9 @@ int64_t isa_supported() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl"))
-    return __builtin_cpu_supports("avx512bf16") ? ISA_AVX512_BF16 : ISA_AVX512;
+    // Zen 4 and Sapphire Rapids have both; Cooper Lake (BF16 without VBMI2) stays at level 2
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi2") ? ISA_AVX512_BF16
+                                                                                         : ISA_AVX512;
   // every AVX2 CPU (Haswell, Zen 1 and later) also has F16C
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
 #endif
@@ -148,6 +151,73 @@ void direct_mm(const Kern& kern, const X* x, const T* bias, T* y, int64_t M, int
       }
     }
   });
+}
+
+// ------------------------------------------------------------------------- direct path, NB rows per call
+// Kern (the bf16-dot kernels) provides
+//   static constexpr int NB, MB                 weight rows per call, rows of x per pass
+//   template <int NR, int R> void dot(n, x, ldx, float (*acc)[R])
+//       acc[j][r] = sum_k x[r * ldx + k] * W[n + j, k], j < NR (NB, or 1 for the last rows), r < R
+//   double row_bytes() const
+// x, y and bias are T (the kernel reads x as it is: no fp32 copy).
+template <typename T, typename Kern, int R>
+void rows_block_nb(const Kern& kern, const T* x, int64_t K, const T* bias, T* y, int64_t N, int64_t m0, int64_t n0,
+                   int64_t n1) {
+  constexpr int NB = Kern::NB;
+  float acc[NB][R];
+  const T* xm = x + m0 * K;
+  auto put = [&](int64_t n, int count) {
+    for (int j = 0; j < count; ++j) {
+      const float b = bias ? static_cast<float>(bias[n + j]) : 0.f;
+      for (int r = 0; r < R; ++r) y[(m0 + r) * N + n + j] = static_cast<T>(acc[j][r] + b);
+    }
+  };
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    kern.template dot<NB, R>(n, xm, K, acc);
+    put(n, NB);
+  }
+  for (; n < n1; ++n) {
+    kern.template dot<1, R>(n, xm, K, acc);
+    put(n, 1);
+  }
+}
+
+template <typename T, typename Kern, int R>
+void rows_block_nb_any(int64_t rows, const Kern& kern, const T* x, int64_t K, const T* bias, T* y, int64_t N,
+                       int64_t m0, int64_t n0, int64_t n1) {
+  if constexpr (R > 1) {
+    if (rows < R) return rows_block_nb_any<T, Kern, R - 1>(rows, kern, x, K, bias, y, N, m0, n0, n1);
+  }
+  rows_block_nb<T, Kern, R>(kern, x, K, bias, y, N, m0, n0, n1);
+}
+
+// y [M, N] = x [M, K] @ W.T + bias: direct_mm's tiling (about 32 KiB of weight rows per tile, a
+// multiple of NB, re-read from cache by every pass of MB rows of x)
+template <typename T, typename Kern>
+torch::Tensor direct_mm_nb(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
+                           int64_t N, int64_t K) {
+  at::NoGradGuard no_grad;
+  constexpr int NB = Kern::NB;
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const T* xp = x.data_ptr<T>();
+  const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
+  T* yp = y.data_ptr<T>();
+  const int64_t row_bytes = std::max<int64_t>(1, int64_t(kern.row_bytes()));
+  const int64_t grain = std::max<int64_t>(NB, (64 * 1024) / row_bytes / NB * NB);
+  const int64_t tile_rows = std::max<int64_t>(NB, (32 * 1024) / row_bytes / NB * NB);
+  at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t n0 = c0; n0 < c1; n0 += tile_rows) {
+      const int64_t n1 = std::min<int64_t>(c1, n0 + tile_rows);
+      for (int64_t m0 = 0; m0 < M; m0 += Kern::MB) {
+        const int64_t rows = std::min<int64_t>(Kern::MB, M - m0);
+        rows_block_nb_any<T, Kern, Kern::MB>(rows, kern, xp, K, bp, yp, N, m0, n0, n1);
+      }
+    }
+  });
+  return y;
 }
 
 // A per-thread buffer of n elements of T for the decompressed tile, kept between calls up to

@@ -357,57 +357,6 @@ struct Sparse24Dot : Sparse24Base<c10::BFloat16> {
   double row_bytes() const { return K / 2 * 2.0 + ldm(); }
 };
 
-// weight rows [n0, n1) against rows [m0, m0 + R) of x: NB rows at a time, then one at a time
-template <int R>
-void dot_rows_block(const Sparse24Dot& kern, const c10::BFloat16* x, int64_t K, const c10::BFloat16* bias,
-                    c10::BFloat16* y, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int NB = Sparse24Dot::NB;
-  float acc[NB][R];
-  const c10::BFloat16* xm = x + m0 * K;
-  auto put = [&](int64_t n, int count) {
-    for (int j = 0; j < count; ++j) {
-      const float b = bias ? static_cast<float>(bias[n + j]) : 0.f;
-      for (int r = 0; r < R; ++r) y[(m0 + r) * N + n + j] = static_cast<c10::BFloat16>(acc[j][r] + b);
-    }
-  };
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    kern.dot<NB, R>(n, xm, K, acc);
-    put(n, NB);
-  }
-  for (; n < n1; ++n) {
-    kern.dot<1, R>(n, xm, K, acc);
-    put(n, 1);
-  }
-}
-
-template <int R>
-void dot_rows_block_any(int64_t rows, const Sparse24Dot& kern, const c10::BFloat16* x, int64_t K,
-                        const c10::BFloat16* bias, c10::BFloat16* y, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
-  if constexpr (R > 1) {
-    if (rows < R) return dot_rows_block_any<R - 1>(rows, kern, x, K, bias, y, N, m0, n0, n1);
-  }
-  dot_rows_block<R>(kern, x, K, bias, y, N, m0, n0, n1);
-}
-
-// y [M, N] = x [M, K] @ W.T + bias, all bf16: direct_mm's tiling (tiles of about 32 KiB of weight
-// rows, a multiple of NB, re-read from cache by every pass of MB rows of x)
-void direct_mm_dot(const Sparse24Dot& kern, const c10::BFloat16* x, const c10::BFloat16* bias, c10::BFloat16* y,
-                   int64_t M, int64_t N, int64_t K) {
-  constexpr int NB = Sparse24Dot::NB;
-  const int64_t row_bytes = std::max<int64_t>(1, int64_t(kern.row_bytes()));
-  const int64_t grain = std::max<int64_t>(NB, (64 * 1024) / row_bytes / NB * NB);
-  const int64_t tile_rows = std::max<int64_t>(NB, (32 * 1024) / row_bytes / NB * NB);
-  at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t n0 = c0; n0 < c1; n0 += tile_rows) {
-      const int64_t n1 = std::min<int64_t>(c1, n0 + tile_rows);
-      for (int64_t m0 = 0; m0 < M; m0 += Sparse24Dot::MB) {
-        const int64_t rows = std::min<int64_t>(Sparse24Dot::MB, M - m0);
-        dot_rows_block_any<Sparse24Dot::MB>(rows, kern, x, K, bias, y, N, m0, n0, n1);
-      }
-    }
-  });
-}
 }  // namespace sk_avx512bf16
 SK_END_ISA
 #endif  // SK_X86
@@ -436,15 +385,9 @@ torch::Tensor mm24(torch::Tensor x, torch::Tensor values, torch::Tensor meta, c1
   const int64_t K = x.size(1), N = values.size(0);
 #if SK_X86
   if (requested == ISA_AVX512_BF16 && path == PATH_DIRECT && x.scalar_type() == at::kBFloat16) {
-    at::NoGradGuard no_grad;
-    const int64_t M = x.size(0);
-    auto y = torch::empty({M, N}, x.options());
-    if (M == 0 || N == 0) return y;
     using BF = c10::BFloat16;
-    const BF* bp = bias.has_value() ? bias->data_ptr<BF>() : nullptr;
-    sk_avx512bf16::direct_mm_dot(sk_avx512bf16::Sparse24Dot{{values.data_ptr<BF>(), meta.data_ptr<uint8_t>(), K}},
-                                 x.data_ptr<BF>(), bp, y.data_ptr<BF>(), M, N, K);
-    return y;
+    return direct_mm_nb<BF>(sk_avx512bf16::Sparse24Dot{{values.data_ptr<BF>(), meta.data_ptr<uint8_t>(), K}}, x, bias,
+                            N, K);
   }
 #endif
   torch::Tensor y;
