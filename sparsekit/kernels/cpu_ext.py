@@ -131,12 +131,13 @@ def is_zen4(cpuinfo: str = "/proc/cpuinfo") -> bool:
     )
 
 
-# The AVX-512 + BF16 level's own 2:4 bf16 direct kernel (vdpbf16ps, x kept bf16): bench/cpu_paths.py
-# on EPYC-512 at 2 threads. docs/data/cpu-paths-epyc-bf16dot.md (M up to 128) had direct ahead of
-# blas at every M; cpu-paths-epyc-bf16dot-large.md (M 64-512) had it ahead at 64 and behind from 128.
-# Not measured on an Intel CPU with AVX512_BF16 (Cooper Lake, Sapphire Rapids and later: there the
-# level takes AVX-512's crossover).
-_MEASURED_ZEN4_BF16DOT = {("2:4", CpuIsa.AVX512_BF16, _BF16): 64}
+# The AVX-512 + BF16 level's own bf16 direct kernels (vdpbf16ps, x kept bf16): bench/cpu_paths.py on
+# EPYC-512 at 2 threads. 2:4: docs/data/cpu-paths-epyc-bf16dot.md (M up to 128) had direct ahead of
+# blas at every M; cpu-paths-epyc-bf16dot-large.md (M 64-512) had it ahead at 64 and behind from
+# 128. bitmap (50%): cpu-paths-epyc-bf16dot-bitmap.md, ahead up to 16 (AVX-512's kernel: 4). Not
+# measured on an Intel CPU with AVX512_BF16 and VBMI2 (Sapphire Rapids and later: there the level
+# takes AVX-512's crossovers).
+_MEASURED_ZEN4_BF16DOT = {("2:4", CpuIsa.AVX512_BF16, _BF16): 64, ("bitmap", CpuIsa.AVX512_BF16, _BF16): 16}
 
 
 def _with_bf16_level(table: dict) -> dict:

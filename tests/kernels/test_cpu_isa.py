@@ -336,18 +336,16 @@ def test_zen4_is_told_apart_from_zen3_and_intel(tmp_path):
         assert limit <= cpu_ext._MEASURED[key[:2]][0 if key[2] == torch.float32 else 1]  # lower, never higher
 
 
-def test_the_bf16_level_inherits_avx512_crossovers_but_its_own_24_bf16():
-    """Level 3 runs the AVX-512 kernels except 2:4 bf16 direct, so every other limit is AVX-512's."""
+def test_the_bf16_level_inherits_avx512_crossovers_but_its_own_bf16_ones():
+    """Level 3 runs the AVX-512 kernels except the bf16 direct ones, so every other limit is AVX-512's."""
     for (fmt, isa, dtype), limit in cpu_ext.DIRECT_MAX_M.items():
-        if isa is CpuIsa.AVX512 and (fmt, dtype) != ("2:4", torch.bfloat16):
+        if isa is CpuIsa.AVX512 and dtype is not torch.bfloat16:
             assert cpu_ext.DIRECT_MAX_M[(fmt, CpuIsa.AVX512_BF16, dtype)] == limit, (fmt, dtype)
-    own = cpu_ext.DIRECT_MAX_M[("2:4", CpuIsa.AVX512_BF16, torch.bfloat16)]
-    avx512 = cpu_ext.DIRECT_MAX_M[("2:4", CpuIsa.AVX512, torch.bfloat16)]
-    assert own == (
-        cpu_ext._MEASURED_ZEN4_BF16DOT[("2:4", CpuIsa.AVX512_BF16, torch.bfloat16)]
-        if cpu_ext.is_zen4()
-        else avx512
-    )
+    for fmt in ("2:4", "bitmap"):
+        own = cpu_ext.DIRECT_MAX_M[(fmt, CpuIsa.AVX512_BF16, torch.bfloat16)]
+        avx512 = cpu_ext.DIRECT_MAX_M[(fmt, CpuIsa.AVX512, torch.bfloat16)]
+        measured = cpu_ext._MEASURED_ZEN4_BF16DOT[(fmt, CpuIsa.AVX512_BF16, torch.bfloat16)]
+        assert own == (measured if cpu_ext.is_zen4() else avx512), fmt
 
 
 def test_the_bf16_dot_kernel_sums_in_fp32(ext):
