@@ -2,11 +2,14 @@
 interleaved on one weight (the evidence behind ``sparsekit.kernels.quant.DEQUANT_ABOVE_M``).
 
     python bench/quant_paths.py --out docs/data [--n 1536 --k 576] [--ms 1,16,64,512] [--threads 1]
+        [--isas avx512]
 
 Candidates, all on the same [n, k] weight (SmolLM2's up_proj by default) and the same x [M, k]:
 dense ``F.linear``; torch's ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``;
-sparsekit's ``mm_q8`` (fp32 int8), ``mm_q4`` (fp32 int4) and ``mm24_q8`` (2:4 + int8); and
-dequantize (or decompress) + ``F.linear`` for int8, int4 and 2:4-int8. Weights stay
+sparsekit's ``mm_q8`` (fp32 int8), ``mm_q4`` (fp32 int4) and ``mm24_q8`` (2:4 + int8) at the CPU's
+best ISA level, ``mm24_q8`` again at each ``--isas`` level, and ``mm24_q8_blas`` (dequantized tiles
++ GEMM, the path above ``DEQUANT_ABOVE_M``); and dequantize (or decompress) + ``F.linear`` for
+int8, int4 and 2:4-int8. Weights stay
 cache-resident (one copy): this compares paths, the per-layer tables with weights from DRAM
 (bench/cpu_isa_layers.py) compare formats.
 Writes <out>/quant-paths.json and .md with medians (p20..p80) in ms and the speedup over dense.
@@ -36,8 +39,9 @@ from sparsekit.kernels.sparse24_cpu import decompress_rows
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
-    """name -> fn() for one weight w [n, k] (fp32) and x [M, k] in the dtype to time."""
+def candidates(w: torch.Tensor, x: torch.Tensor, isas: tuple[str, ...] = ()) -> dict:
+    """name -> fn() for one weight w [n, k] (fp32) and x [M, k] in the dtype to time; ``isas``
+    adds the 2:4-int8 kernel forced at each of those ISA levels."""
     dtype, (n, _) = x.dtype, w.shape
     ext, level = cpu_ext.extension(), cpu_ext.isa_level(cpu_ext.resolve_isa(None))
     wd = w.to(dtype)
@@ -61,6 +65,14 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
     if ext is not None:
         fns["int8 sparsekit mm_q8"] = lambda: ext.mm_q8(x, q, s, None, level)
         fns["2:4-int8 sparsekit mm24_q8"] = lambda: ext.mm24_q8(x, q24, meta, s24, None, level)
+        for isa in isas:
+            forced = cpu_ext.isa_level(cpu_ext.resolve_isa(isa))
+            fns[f"2:4-int8 sparsekit mm24_q8 @{isa}"] = lambda lv=forced: ext.mm24_q8(
+                x, q24, meta, s24, None, lv
+            )
+        fns["2:4-int8 sparsekit mm24_q8_blas"] = lambda: ext.mm24_q8_blas(
+            x, q24, meta, s24, None, level, cpu_ext.BLAS_TILE_BYTES
+        )
         if dtype == torch.float32:  # the fp32 int4 kernel, x rearranged inside it as a layer calls it
             fns["int4 sparsekit mm_q4"] = lambda: ext.mm_q4(x, p4, sz, None, 64, level)
     return fns
@@ -76,7 +88,14 @@ def main() -> None:
     parser.add_argument("--ms", default="1,16,64,512")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds of calls per candidate and cell")
+    parser.add_argument("--isas", default="", help="comma-separated ISA levels to time mm24_q8 at as well")
     args = parser.parse_args()
+    isas = tuple(i for i in args.isas.split(",") if i)
+    for isa in isas:  # a level this CPU lacks is refused here, before any timing
+        try:
+            cpu_ext.resolve_isa(isa)
+        except ValueError as exc:
+            parser.error(f"--isas: {exc}")
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(args.n, args.k, generator=gen) / args.k**0.5
@@ -85,7 +104,7 @@ def main() -> None:
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, args.k, generator=gen).to(dtype)
             with torch.no_grad():
-                timings = time_cpu_interleaved(candidates(w, x), min_time_s=args.min_time)
+                timings = time_cpu_interleaved(candidates(w, x, isas), min_time_s=args.min_time)
             dense = timings["dense"].median_ms
             for path, t in timings.items():
                 rows.append(
@@ -102,7 +121,7 @@ def main() -> None:
     env = environment()
     command = (
         f"python bench/quant_paths.py --out {args.out} --n {args.n} --k {args.k} --ms {args.ms} "
-        f"--threads {args.threads} --min-time {args.min_time}"
+        f"--threads {args.threads} --min-time {args.min_time}" + (f" --isas {args.isas}" if isas else "")
     )
     md = [
         f"# Quantized-layer CPU paths on one [{args.n}, {args.k}] weight",

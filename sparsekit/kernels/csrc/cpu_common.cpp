@@ -159,17 +159,19 @@ void direct_mm(const Kern& kern, const X* x, const T* bias, T* y, int64_t M, int
 //   template <int NR, int R> void dot(n, x, ldx, float (*acc)[R])
 //       acc[j][r] = sum_k x[r * ldx + k] * W[n + j, k], j < NR (NB, or 1 for the last rows), r < R
 //   double row_bytes() const
-// x, y and bias are T (the kernel reads x as it is: no fp32 copy).
+// x, y and bias are T (the kernel reads x as it is: no fp32 copy); scale [N] fp32 or nullptr:
+// y[m, n] = scale[n] * acc + bias[n] (per-row weight-only quantization)
 template <typename T, typename Kern, int R>
-void rows_block_nb(const Kern& kern, const T* x, int64_t K, const T* bias, T* y, int64_t N, int64_t m0, int64_t n0,
-                   int64_t n1) {
+void rows_block_nb(const Kern& kern, const T* x, int64_t K, const T* bias, const float* scale, T* y, int64_t N,
+                   int64_t m0, int64_t n0, int64_t n1) {
   constexpr int NB = Kern::NB;
   float acc[NB][R];
   const T* xm = x + m0 * K;
   auto put = [&](int64_t n, int count) {
     for (int j = 0; j < count; ++j) {
       const float b = bias ? static_cast<float>(bias[n + j]) : 0.f;
-      for (int r = 0; r < R; ++r) y[(m0 + r) * N + n + j] = static_cast<T>(acc[j][r] + b);
+      const float s = scale ? scale[n + j] : 1.f;
+      for (int r = 0; r < R; ++r) y[(m0 + r) * N + n + j] = static_cast<T>(s * acc[j][r] + b);
     }
   };
   int64_t n = n0;
@@ -184,19 +186,19 @@ void rows_block_nb(const Kern& kern, const T* x, int64_t K, const T* bias, T* y,
 }
 
 template <typename T, typename Kern, int R>
-void rows_block_nb_any(int64_t rows, const Kern& kern, const T* x, int64_t K, const T* bias, T* y, int64_t N,
-                       int64_t m0, int64_t n0, int64_t n1) {
+void rows_block_nb_any(int64_t rows, const Kern& kern, const T* x, int64_t K, const T* bias, const float* scale,
+                       T* y, int64_t N, int64_t m0, int64_t n0, int64_t n1) {
   if constexpr (R > 1) {
-    if (rows < R) return rows_block_nb_any<T, Kern, R - 1>(rows, kern, x, K, bias, y, N, m0, n0, n1);
+    if (rows < R) return rows_block_nb_any<T, Kern, R - 1>(rows, kern, x, K, bias, scale, y, N, m0, n0, n1);
   }
-  rows_block_nb<T, Kern, R>(kern, x, K, bias, y, N, m0, n0, n1);
+  rows_block_nb<T, Kern, R>(kern, x, K, bias, scale, y, N, m0, n0, n1);
 }
 
 // y [M, N] = x [M, K] @ W.T + bias: direct_mm's tiling (about 32 KiB of weight rows per tile, a
 // multiple of NB, re-read from cache by every pass of MB rows of x)
 template <typename T, typename Kern>
 torch::Tensor direct_mm_nb(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
-                           int64_t N, int64_t K) {
+                           int64_t N, int64_t K, const float* scale = nullptr) {
   at::NoGradGuard no_grad;
   constexpr int NB = Kern::NB;
   const int64_t M = x.size(0);
@@ -213,7 +215,7 @@ torch::Tensor direct_mm_nb(const Kern& kern, const torch::Tensor& x, const c10::
       const int64_t n1 = std::min<int64_t>(c1, n0 + tile_rows);
       for (int64_t m0 = 0; m0 < M; m0 += Kern::MB) {
         const int64_t rows = std::min<int64_t>(Kern::MB, M - m0);
-        rows_block_nb_any<T, Kern, Kern::MB>(rows, kern, xp, K, bp, yp, N, m0, n0, n1);
+        rows_block_nb_any<T, Kern, Kern::MB>(rows, kern, xp, K, bp, scale, yp, N, m0, n0, n1);
       }
     }
   });

@@ -310,37 +310,47 @@ struct Gather24W {
   }
 };
 
-// bf16 values, bf16 x: vdpbf16ps takes 32 bf16 products per instruction into 16 fp32 lanes
-// (products exact, sums in fp32; like every AVX512_BF16 op it treats subnormal inputs as zero).
-// dot<NB, R> runs NB weight rows against R rows of x: each x load serves NB rows' permutes, so
-// the loads per dot instruction fall from 2 to 2 / NB.
-struct Sparse24Dot : Sparse24Base<c10::BFloat16> {
+// 32 values as bf16: as stored, or int8 (2:4 + int8) widened and packed, exact (|v| <= 127)
+inline __m512bh values32(const c10::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+inline __m512bh values32(const int8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+  return _mm512_cvtne2ps_pbh(hi, lo);  // words 0-15 from lo, 16-31 from hi
+}
+
+// values V (bf16, or int8 whose row scale the driver applies), bf16 x: vdpbf16ps takes 32 bf16
+// products per instruction into 16 fp32 lanes (products exact, sums in fp32; like every
+// AVX512_BF16 op it treats subnormal inputs as zero). dot<NB, R> runs NB weight rows against R
+// rows of x: each x load serves NB rows' permutes, so the loads per dot instruction fall from 2 to
+// 2 / NB.
+template <typename V>
+struct Sparse24Dot : Sparse24Base<V> {
   using BF = c10::BFloat16;
   static constexpr int NB = 4, MB = 4;  // 16 accumulators + 4 indices + 4 value vectors + x
   template <int NR, int R>
   void dot(int64_t n, const BF* x, int64_t ldx, float (*acc)[R]) const {
     static const Gather24W X;
-    const BF* vrow[NR];
+    const V* vrow[NR];
     const uint8_t* mrow[NR];
     for (int j = 0; j < NR; ++j) {
-      vrow[j] = v + (n + j) * ldv();
-      mrow[j] = meta + (n + j) * ldm();
+      vrow[j] = this->v + (n + j) * this->ldv();
+      mrow[j] = this->meta + (n + j) * this->ldm();
     }
-    const int64_t G = K / 4;
+    const int64_t G = this->K / 4;
     __m512 a[NR][R];
     for (int j = 0; j < NR; ++j)
       for (int r = 0; r < R; ++r) a[j][r] = _mm512_setzero_ps();
     int64_t g = 0;
-    for (; g + 16 <= G; g += 16) {  // 64 columns: 32 values (64 bytes) and 8 meta bytes per row
+    for (; g + 16 <= G; g += 16) {  // 64 columns: 32 values and 8 meta bytes per row
       __m512i idx[NR];
       __m512bh vals[NR];
       for (int j = 0; j < NR; ++j) {
         // the same columns NB rows on (the next block's row j): NR streams run side by side
-        _mm_prefetch(reinterpret_cast<const char*>(vrow[j] + 2 * g + NB * ldv()), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vrow[j] + 2 * g + NB * this->ldv()), _MM_HINT_T0);
         uint64_t mw;
         std::memcpy(&mw, mrow[j] + g / 2, 8);
         idx[j] = X.index(mw);
-        vals[j] = (__m512bh)_mm512_loadu_si512(vrow[j] + 2 * g);
+        vals[j] = values32(vrow[j] + 2 * g);
       }
       const BF* xk = x + 4 * g;
       for (int r = 0; r < R; ++r) {
@@ -351,10 +361,9 @@ struct Sparse24Dot : Sparse24Base<c10::BFloat16> {
     }
     for (int j = 0; j < NR; ++j) {
       for (int r = 0; r < R; ++r) acc[j][r] = _mm512_reduce_add_ps(a[j][r]);
-      dot24_tail<BF, R>(vrow[j], mrow[j], x, ldx, g, G, acc[j]);
+      dot24_tail<V, R>(vrow[j], mrow[j], x, ldx, g, G, acc[j]);
     }
   }
-  double row_bytes() const { return K / 2 * 2.0 + ldm(); }
 };
 
 }  // namespace sk_avx512bf16
@@ -386,8 +395,8 @@ torch::Tensor mm24(torch::Tensor x, torch::Tensor values, torch::Tensor meta, c1
 #if SK_X86
   if (requested == ISA_AVX512_BF16 && path == PATH_DIRECT && x.scalar_type() == at::kBFloat16) {
     using BF = c10::BFloat16;
-    return direct_mm_nb<BF>(sk_avx512bf16::Sparse24Dot{{values.data_ptr<BF>(), meta.data_ptr<uint8_t>(), K}}, x, bias,
-                            N, K);
+    return direct_mm_nb<BF>(sk_avx512bf16::Sparse24Dot<BF>{{values.data_ptr<BF>(), meta.data_ptr<uint8_t>(), K}}, x,
+                            bias, N, K);
   }
 #endif
   torch::Tensor y;
@@ -891,11 +900,17 @@ torch::Tensor mm_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, c10
 // are widened to fp32 in registers, the row's scale applied once to its dot products)
 torch::Tensor mm24_q8(torch::Tensor x, torch::Tensor values, torch::Tensor meta, torch::Tensor scale,
                       c10::optional<torch::Tensor> bias, int64_t isa) {
+  const int64_t requested = isa;
   isa = check_isa(isa);
   TORCH_CHECK(values.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
               "mm24_q8: values must be int8 and scale fp32");
   const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
   const float* sp = scale.data_ptr<float>();
+#if SK_X86
+  if (requested == ISA_AVX512_BF16 && x.scalar_type() == at::kBFloat16)  // bf16 x: int8 values widened to bf16
+    return direct_mm_nb<c10::BFloat16>(
+        sk_avx512bf16::Sparse24Dot<int8_t>{{values.data_ptr<int8_t>(), meta.data_ptr<uint8_t>(), K}}, x, bias, N, K, sp);
+#endif
   return q8_direct(x, bias, N, [&](auto tag, const float* xf, const auto* bp, auto* yp) {
     using T = decltype(tag);
     with_sparse24<int8_t>(isa, values, meta, K, [&](const auto& kern) {
