@@ -358,7 +358,7 @@ def _cpu_route(case: Case, fmt: str) -> str:
     except ValueError as exc:  # an ISA this CPU lacks: a skipped cell, not a failed run
         raise Unavailable(str(exc)) from exc
     if fmt == "2:4-int8":
-        return f"{isa.value} {cpu_route(fmt, case.dtype, case.m)}"
+        return f"{isa.value} {cpu_route(fmt, case.dtype, case.m, isa)}"
     path = ("direct", "blas")[cpu_ext.choose_path(fmt, isa, case.dtype, case.m)]
     return f"{isa.value} {path}"
 

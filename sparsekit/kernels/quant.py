@@ -140,6 +140,11 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
 # dequantize + GEMM, 2:4-int8's kernel 0.46x against 0.73x decompressed; int4's dequantize costs
 # 1.8 ms, so its op (0.59x) keeps M <= 64 and loses only at 512 (0.45x against 0.71x).
 DEQUANT_ABOVE_M = {"int8": 16, "int8-fp32": 8, "int4": 64, "2:4-int8": 16}
+# 2:4-int8 with bf16 x at the avx512-bf16 level (its vdpbf16ps kernel), on Zen 4: bench/quant_paths.py
+# --isas avx512 on EPYC-512 (docs/data/quant-paths-bf16dot/quant-paths.md, 2 threads): the kernel
+# runs 1.57x dense at M = 16 and 1.05x at 32, ahead of the tiles (0.75x, 0.78x); at 64 the tiles
+# lead (0.85x against 0.82x). Elsewhere the level keeps AVX-512's limit (not measured there).
+DEQUANT_ABOVE_M_24Q8_BF16DOT_ZEN4 = 32
 INT8_DIRECT_MAX_M = DEQUANT_ABOVE_M["int8-fp32"]  # fp32: sparsekit's direct int8 kernel up to here
 # fp32: sparsekit's direct int4 kernel (mm_q4) up to here. bench/quant_paths.py on SmolLM2's up_proj
 # (docs/data/quant-paths-mm_q4): faster than dequantize + GEMM at every M it measured (1..64),
@@ -158,9 +163,17 @@ def _contiguous(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return None if t is None else t.to(dtype).contiguous()
 
 
-def cpu_route(fmt: str, dtype: torch.dtype, m: int) -> str:
+def sparse24_int8_kernel_max_m(isa: CpuIsa, dtype: torch.dtype) -> int:
+    """Rows of x up to which a 2:4-int8 layer at ``isa`` runs ``mm24_q8`` (above: dequantized tiles)."""
+    if isa is CpuIsa.AVX512_BF16 and dtype == torch.bfloat16 and cpu_ext.is_zen4():
+        return DEQUANT_ABOVE_M_24Q8_BF16DOT_ZEN4
+    return DEQUANT_ABOVE_M["2:4-int8"]
+
+
+def cpu_route(fmt: str, dtype: torch.dtype, m: int, isa: CpuIsa | str | None = None) -> str:
     """What a bound CPU layer of quantized format ``fmt`` ('int8', 'int4...', '2:4-int8') runs for
-    ``m`` rows of x in ``dtype``, in words (benchmark labels; the binds below decide the same way)."""
+    ``m`` rows of x in ``dtype`` at ``isa`` (None: the default), in words (benchmark labels; the
+    binds below decide the same way)."""
     fp32 = dtype == torch.float32
     if fmt.startswith("int4"):
         if fp32:
@@ -178,11 +191,8 @@ def cpu_route(fmt: str, dtype: torch.dtype, m: int) -> str:
             return "sparsekit mm_q8_blas (tiles + GEMM)" if ext else "dequantize + GEMM"
         return "sparsekit mm_q8" if fp32 and ext else "aten int8 op"
     if fmt == "2:4-int8":
-        return (
-            "sparsekit mm24_q8_blas (tiles + GEMM)"
-            if m > DEQUANT_ABOVE_M["2:4-int8"]
-            else "sparsekit mm24_q8"
-        )
+        limit = sparse24_int8_kernel_max_m(resolve_isa(isa), dtype)
+        return "sparsekit mm24_q8_blas (tiles + GEMM)" if m > limit else "sparsekit mm24_q8"
     raise ValueError(f"{fmt!r} is not a quantized format")
 
 
@@ -390,11 +400,13 @@ def bind_sparse24_int8_cpu(
     chosen = resolve_isa(isa)
     level = isa_level(chosen)
     scale32 = scale.float().contiguous()
+    limit = sparse24_int8_kernel_max_m(chosen, torch.float32)
+    bf16_limit = sparse24_int8_kernel_max_m(chosen, torch.bfloat16)
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        if x2.shape[0] > DEQUANT_ABOVE_M["2:4-int8"]:  # dequantized, expanded tiles + GEMM
+        if x2.shape[0] > (bf16_limit if x2.dtype == torch.bfloat16 else limit):  # dequantized tiles + GEMM
             b = _contiguous(bias, x.dtype)
             y = ext.mm24_q8_blas(x2, values, meta, scale32, b, level, cpu_ext.BLAS_TILE_BYTES)
         else:

@@ -335,3 +335,43 @@ def test_int4_stores_a_symmetric_grid_group_exactly_and_floats_as_before():
     assert scale_zero[0, 1, 1] == 0 and torch.allclose(scale_zero[0, 1, 0], torch.tensor(0.03))
     lo, hi = w[0, :64].min(), w[0, :64].max()  # a float group: the asymmetric min/max grid
     assert torch.allclose(scale_zero[0, 0], torch.stack([(hi - lo) / 15, lo + 8 * (hi - lo) / 15]))
+
+
+@pytest.mark.parametrize("zen4", [True, False])
+def test_24_int8_bf16_takes_the_dot_kernels_limit_only_at_its_level_on_zen4(zen4, monkeypatch):
+    """bf16 x at avx512-bf16 on Zen 4 stays on the kernel up to DEQUANT_ABOVE_M_24Q8_BF16DOT_ZEN4
+    rows; fp32 x, another level or another CPU keep DEQUANT_ABOVE_M['2:4-int8']."""
+    from sparsekit.kernels import quant
+
+    calls = []
+
+    class FakeExt:
+        def cpu_isa_supported(self):
+            return 3
+
+        def mm24_q8(self, x, *args):
+            calls.append(("kernel", x.shape[0]))
+            return x.new_zeros(x.shape[0], 4)
+
+        def mm24_q8_blas(self, x, *args):
+            calls.append(("tiles", x.shape[0]))
+            return x.new_zeros(x.shape[0], 4)
+
+    monkeypatch.setattr(cpu_ext, "extension", lambda: FakeExt())
+    monkeypatch.setattr(cpu_ext, "is_zen4", lambda cpuinfo="/proc/cpuinfo": zen4)
+    values, meta, scale = (
+        torch.zeros(4, 32, dtype=torch.int8),
+        torch.zeros(4, 8, dtype=torch.uint8),
+        torch.ones(4),
+    )
+    bf16_limit = quant.DEQUANT_ABOVE_M_24Q8_BF16DOT_ZEN4 if zen4 else quant.DEQUANT_ABOVE_M["2:4-int8"]
+    for isa, dtype, limit in (
+        ("avx512-bf16", torch.bfloat16, bf16_limit),
+        ("avx512-bf16", torch.float32, quant.DEQUANT_ABOVE_M["2:4-int8"]),
+        ("avx512", torch.bfloat16, quant.DEQUANT_ABOVE_M["2:4-int8"]),
+    ):
+        mm = quant.bind_sparse24_int8_cpu(values, meta, scale, isa=isa)
+        calls.clear()
+        mm(torch.zeros(limit, 64, dtype=dtype), None)
+        mm(torch.zeros(limit + 1, 64, dtype=dtype), None)
+        assert calls == [("kernel", limit), ("tiles", limit + 1)], (isa, dtype)
