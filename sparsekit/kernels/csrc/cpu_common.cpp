@@ -133,23 +133,28 @@ void rows_block_any(int64_t rows, const Kern& kern, const X* x, int64_t K, const
   rows_block<T, Kern, R>(kern, x, K, bias, scale, y, N, m0, n0, n1);
 }
 
-// y [M, N] = x [M, K] (fp32) @ W.T + bias. Tiles of weight rows (about 32 KiB compressed) are
-// re-read from cache by every pass of Kern::MB rows of x, so the weight streams from DRAM once
-// whatever M is; each task streams at least about 64 KiB.
-template <typename T, typename Kern, typename X>
-void direct_mm(const Kern& kern, const X* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
-               const float* scale = nullptr) {
-  const int64_t row_bytes = std::max<int64_t>(1, int64_t(kern.row_bytes()));
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / row_bytes);
-  const int64_t tile_rows = std::max<int64_t>(1, (32 * 1024) / row_bytes);
+// The direct paths' tiling: tiles of weight rows (about 32 KiB compressed, a multiple of align
+// rows) are re-read from cache by every pass of mb rows of x, so the weight streams from DRAM once
+// whatever M is; each task streams at least about 64 KiB. fn(rows, m0, n0, n1) runs one pass.
+template <typename Fn>
+void for_each_tile_pass(int64_t N, int64_t M, double row_bytes, int64_t align, int64_t mb, Fn&& fn) {
+  const int64_t bytes = std::max<int64_t>(1, int64_t(row_bytes));
+  const int64_t grain = std::max<int64_t>(align, (64 * 1024) / bytes / align * align);
+  const int64_t tile_rows = std::max<int64_t>(align, (32 * 1024) / bytes / align * align);
   at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t n0 = c0; n0 < c1; n0 += tile_rows) {
       const int64_t n1 = std::min<int64_t>(c1, n0 + tile_rows);
-      for (int64_t m0 = 0; m0 < M; m0 += Kern::MB) {
-        const int64_t rows = std::min<int64_t>(Kern::MB, M - m0);
-        rows_block_any<T, Kern, Kern::MB>(rows, kern, x, K, bias, scale, y, N, m0, n0, n1);
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += mb) fn(std::min<int64_t>(mb, M - m0), m0, n0, n1);
     }
+  });
+}
+
+// y [M, N] = x [M, K] (fp32) @ W.T + bias, one weight row per kernel call
+template <typename T, typename Kern, typename X>
+void direct_mm(const Kern& kern, const X* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
+               const float* scale = nullptr) {
+  for_each_tile_pass(N, M, kern.row_bytes(), 1, Kern::MB, [&](int64_t rows, int64_t m0, int64_t n0, int64_t n1) {
+    rows_block_any<T, Kern, Kern::MB>(rows, kern, x, K, bias, scale, y, N, m0, n0, n1);
   });
 }
 
@@ -194,31 +199,21 @@ void rows_block_nb_any(int64_t rows, const Kern& kern, const T* x, int64_t K, co
   rows_block_nb<T, Kern, R>(kern, x, K, bias, scale, y, N, m0, n0, n1);
 }
 
-// y [M, N] = x [M, K] @ W.T + bias: direct_mm's tiling (about 32 KiB of weight rows per tile, a
-// multiple of NB, re-read from cache by every pass of MB rows of x)
+// y [M, N] = x [M, K] @ W.T + bias: direct_mm's tiling, NB weight rows per kernel call
 template <typename T, typename Kern>
 torch::Tensor direct_mm_nb(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
                            int64_t N, int64_t K, const float* scale = nullptr) {
   at::NoGradGuard no_grad;
-  constexpr int NB = Kern::NB;
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const T* xp = x.data_ptr<T>();
   const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
   T* yp = y.data_ptr<T>();
-  const int64_t row_bytes = std::max<int64_t>(1, int64_t(kern.row_bytes()));
-  const int64_t grain = std::max<int64_t>(NB, (64 * 1024) / row_bytes / NB * NB);
-  const int64_t tile_rows = std::max<int64_t>(NB, (32 * 1024) / row_bytes / NB * NB);
-  at::parallel_for(0, N, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t n0 = c0; n0 < c1; n0 += tile_rows) {
-      const int64_t n1 = std::min<int64_t>(c1, n0 + tile_rows);
-      for (int64_t m0 = 0; m0 < M; m0 += Kern::MB) {
-        const int64_t rows = std::min<int64_t>(Kern::MB, M - m0);
-        rows_block_nb_any<T, Kern, Kern::MB>(rows, kern, xp, K, bp, scale, yp, N, m0, n0, n1);
-      }
-    }
-  });
+  auto pass = [&](int64_t rows, int64_t m0, int64_t n0, int64_t n1) {
+    rows_block_nb_any<T, Kern, Kern::MB>(rows, kern, xp, K, bp, scale, yp, N, m0, n0, n1);
+  };
+  for_each_tile_pass(N, M, kern.row_bytes(), Kern::NB, Kern::MB, pass);
   return y;
 }
 
