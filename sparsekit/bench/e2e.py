@@ -598,6 +598,7 @@ def run_e2e(
         "pruned_input": pruned,
         "compile": compile,
         "quantize": list(quantize),
+        "cpu_isa": _cpu_isa(device),  # the C++ kernels' ISA level (SPARSEKIT_CPU_ISA or the CPU's best)
         "cpu_rule_default": cpu_rule.default_rule(),  # what the variants' layers run (SPARSEKIT_CPU_RULE)
         "cpu_rule_twins": cpu_rule_twins,
         "cpu_rule_table": cpu_rule_table,
@@ -616,11 +617,22 @@ def run_e2e(
     return E2EResult(env, config, rows)
 
 
+def _cpu_isa(device: torch.device | str) -> str | None:
+    """The ISA level the CPU kernels ran at (None off the CPU or without the C++ extension)."""
+    from sparsekit.kernels import cpu_ext
+
+    if torch.device(device).type != "cpu" or cpu_ext.extension() is None:
+        return None
+    return cpu_ext.resolve_isa(None).value
+
+
 # ----------------------------------------------------------------------------- reports
 def e2e_markdown(result: E2EResult) -> str:
     cfg, env = result.config, result.env
     lines = [
-        f"{cfg['model']} on {env.get('device')} ({env.get('cpu')}, {env.get('cpu_threads')} threads), "
+        f"{cfg['model']} on {env.get('device')} ({env.get('cpu')}, {env.get('cpu_threads')} threads"
+        + (f", CPU kernels at {cfg['cpu_isa']}" if cfg.get("cpu_isa") else "")
+        + "), "
         f"{cfg['dtype']}, batch {cfg['batch']}, prompt {cfg['prompt_len']} tokens ({cfg['prompts']}), "
         f"{cfg['new_tokens']} new tokens, {cfg['repeats']} interleaved rounds after {cfg['warmup']} untimed; "
         f"sparse variant: {cfg.get('method', '?')} {cfg['pattern']}; torch {env.get('torch')}, commit "

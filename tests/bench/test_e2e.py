@@ -85,6 +85,12 @@ def test_run_e2e_dense_vs_sparse(tmp_path):
     assert data["env"]["commit"] and data["config"]["batch"] == 2 and data["config"]["prompt_len"] == 40
     assert "TTFT" in paths["md"].read_text() and "floor" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    # the report names the ISA level the CPU kernels ran at (SPARSEKIT_CPU_ISA changes the numbers)
+    from sparsekit.kernels import cpu_ext
+
+    if cpu_ext.extension() is not None:
+        isa = cpu_ext.resolve_isa(None).value
+        assert data["config"]["cpu_isa"] == isa and f"CPU kernels at {isa})" in paths["md"].read_text()
 
 
 def test_sparse_checkpoint_is_the_sparse_variant():
