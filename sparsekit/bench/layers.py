@@ -527,7 +527,7 @@ def run_layers(
 
     Backends are names from ``SETUPS``, optionally with their own sparsity and CPU ISA:
     ``bitmap=0.7@avx2`` is the bitmap format of the weight pruned to 70% at the AVX2 kernels.
-    ``isas`` ('avx512', 'avx2', 'scalar') repeats every SparseLinear backend once per ISA, all
+    ``isas`` ('avx512-bf16', 'avx512', 'avx2', 'scalar') repeats every SparseLinear backend once per ISA, all
     interleaved in the same rounds as dense.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
