@@ -83,8 +83,9 @@ def use_backend(backend: Backend | str) -> Iterator[Backend]:
 class CpuIsa(enum.Enum):
     """The x86-64 instruction-set level the C++ CPU kernels run (see ``sparsekit.kernels.cpu_ext``).
 
-    ``AUTO`` is the best level this CPU runs; ``AVX512_BF16`` (AVX-512 + AVX512_BF16: the bf16 2:4
-    direct kernel on vdpbf16ps, every other kernel as ``AVX512``), ``AVX512`` (F, BW, VL), ``AVX2``
+    ``AUTO`` is the best level this CPU runs; ``AVX512_BF16`` (AVX-512 + AVX512_BF16 + VBMI2: the
+    bf16 direct kernels of 2:4, 2:4 + int8 and bitmap on vdpbf16ps, every other kernel as
+    ``AVX512``), ``AVX512`` (F, BW, VL), ``AVX2``
     (+ FMA, F16C) and ``SCALAR`` (no hand-written SIMD) force one, so a machine with the highest
     level can test and measure every path. Choose it with ``use_cpu_isa(...)``, or pass ``isa=`` to a
     CPU kernel or ``cpu_isa=`` to ``SparseLinear``; ``SPARSEKIT_CPU_ISA`` only sets the process

@@ -146,12 +146,13 @@ def _with_bf16_level(table: dict) -> dict:
     return {**table, **inherited}
 
 
+THIS_CPU_IS_ZEN4 = is_zen4()  # read once: the limits below and the quantized binds depend on it
 if has_amx():
     DIRECT_MAX_M.update(_MEASURED_AMX)
-elif is_zen4():
+elif THIS_CPU_IS_ZEN4:
     DIRECT_MAX_M.update(_MEASURED_ZEN4)
 DIRECT_MAX_M.update(_with_bf16_level(DIRECT_MAX_M))
-if is_zen4():
+if THIS_CPU_IS_ZEN4:
     DIRECT_MAX_M.update(_MEASURED_ZEN4_BF16DOT)
 
 

@@ -165,7 +165,7 @@ def _contiguous(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
 
 def sparse24_int8_kernel_max_m(isa: CpuIsa, dtype: torch.dtype) -> int:
     """Rows of x up to which a 2:4-int8 layer at ``isa`` runs ``mm24_q8`` (above: dequantized tiles)."""
-    if isa is CpuIsa.AVX512_BF16 and dtype == torch.bfloat16 and cpu_ext.is_zen4():
+    if isa is CpuIsa.AVX512_BF16 and dtype == torch.bfloat16 and cpu_ext.THIS_CPU_IS_ZEN4:
         return DEQUANT_ABOVE_M_24Q8_BF16DOT_ZEN4
     return DEQUANT_ABOVE_M["2:4-int8"]
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from sparsekit.kernels import cpu_ext
 from tests.bench.conftest import bench_script
+from tests.conftest import require_cpu_extension
 
 
 @pytest.mark.parametrize(
@@ -15,8 +15,7 @@ from tests.bench.conftest import bench_script
     ],
 )
 def test_bad_options_are_refused_before_timing(argv, match, capsys, monkeypatch):
-    if cpu_ext.extension() is None:
-        pytest.skip("the C++ CPU extension did not build here")
+    require_cpu_extension()
     bench = bench_script("cpu_paths")
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("timed a kernel"))
     monkeypatch.setattr("sys.argv", ["cpu_paths.py", *argv])
@@ -26,8 +25,7 @@ def test_bad_options_are_refused_before_timing(argv, match, capsys, monkeypatch)
 
 
 def test_the_chosen_formats_dtypes_and_isas_reach_the_run(monkeypatch):
-    if cpu_ext.extension() is None:
-        pytest.skip("the C++ CPU extension did not build here")
+    require_cpu_extension()
     bench = bench_script("cpu_paths")
     seen = []
 

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from sparsekit.kernels import cpu_ext
 from tests.bench.conftest import bench_script
-from tests.conftest import TOL
+from tests.conftest import TOL, require_cpu_extension
 
 
 def test_an_unknown_isa_is_refused_before_timing(capsys, monkeypatch):
@@ -18,8 +17,7 @@ def test_an_unknown_isa_is_refused_before_timing(capsys, monkeypatch):
 
 
 def test_each_isa_adds_its_forced_kernel_and_the_tiles_run():
-    if cpu_ext.extension() is None:
-        pytest.skip("the C++ CPU extension did not build here")
+    require_cpu_extension()
     bench = bench_script("quant_paths")
     w = torch.randn(48, 64) / 8  # N a multiple of 16: the int4 candidate packs it
     x = torch.randn(3, 64).bfloat16()

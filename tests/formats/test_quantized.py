@@ -358,7 +358,7 @@ def test_24_int8_bf16_takes_the_dot_kernels_limit_only_at_its_level_on_zen4(zen4
             return x.new_zeros(x.shape[0], 4)
 
     monkeypatch.setattr(cpu_ext, "extension", lambda: FakeExt())
-    monkeypatch.setattr(cpu_ext, "is_zen4", lambda cpuinfo="/proc/cpuinfo": zen4)
+    monkeypatch.setattr(cpu_ext, "THIS_CPU_IS_ZEN4", zen4)
     values, meta, scale = (
         torch.zeros(4, 32, dtype=torch.int8),
         torch.zeros(4, 8, dtype=torch.uint8),

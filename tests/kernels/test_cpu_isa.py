@@ -312,9 +312,9 @@ def test_amx_cpus_take_the_blas_path_sooner_for_bf16_bitmap(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_bf16\n")
     assert not cpu_ext.has_amx(str(info)) and not cpu_ext.has_amx(str(tmp_path / "missing"))
     key = ("bitmap", cpu_ext.CpuIsa.AVX512, torch.bfloat16)
-    expected = 8 if cpu_ext.has_amx() else (4 if cpu_ext.is_zen4() else 16)
+    expected = 8 if cpu_ext.has_amx() else (4 if cpu_ext.THIS_CPU_IS_ZEN4 else 16)
     assert cpu_ext.DIRECT_MAX_M[key] == expected
-    expected_24 = 8 if cpu_ext.is_zen4() and not cpu_ext.has_amx() else 16
+    expected_24 = 8 if cpu_ext.THIS_CPU_IS_ZEN4 and not cpu_ext.has_amx() else 16
     assert cpu_ext.DIRECT_MAX_M[("2:4", cpu_ext.CpuIsa.AVX512, torch.bfloat16)] == expected_24
 
 
@@ -345,7 +345,7 @@ def test_the_bf16_level_inherits_avx512_crossovers_but_its_own_bf16_ones():
         own = cpu_ext.DIRECT_MAX_M[(fmt, CpuIsa.AVX512_BF16, torch.bfloat16)]
         avx512 = cpu_ext.DIRECT_MAX_M[(fmt, CpuIsa.AVX512, torch.bfloat16)]
         measured = cpu_ext._MEASURED_ZEN4_BF16DOT[(fmt, CpuIsa.AVX512_BF16, torch.bfloat16)]
-        assert own == (measured if cpu_ext.is_zen4() else avx512), fmt
+        assert own == (measured if cpu_ext.THIS_CPU_IS_ZEN4 else avx512), fmt
 
 
 def test_the_bf16_dot_kernel_sums_in_fp32(ext):

@@ -103,7 +103,10 @@ def test_bf16_model_on_every_cpu_isa_is_as_close_to_fp32_as_dense_bf16(pruned_an
     from sparsekit.kernels._backend import CpuIsa, use_cpu_isa
 
     if cpu_ext.ISA_LEVEL[CpuIsa.of(isa)] > cpu_ext.ISA_LEVEL[cpu_ext.supported_isa()]:
-        pytest.skip(f"this CPU runs at most {cpu_ext.supported_isa().value}, not {isa}")
+        pytest.skip(
+            f"this CPU runs at most {cpu_ext.supported_isa().value}, not {isa}: the {isa} case runs on a CPU "
+            "that has it (avx512-bf16: AVX512_BF16 + VBMI2, e.g. Zen 4 or Sapphire Rapids)"
+        )
     dense, sparse, _, tokenizer = pruned_and_sparse
     dense16, sparse16 = copy.deepcopy(dense).bfloat16(), copy.deepcopy(sparse).bfloat16()
     prompts = [
