@@ -1,0 +1,47 @@
+"""bench/cpu_op_throughput.py: refuses a CPU without the level before building anything, and
+reports every mix with rates and columns per ns consistent with each other."""
+
+import json
+
+import pytest
+
+from sparsekit.kernels import cpu_ext
+from sparsekit.kernels._backend import CpuIsa
+from tests.bench.conftest import bench_script
+from tests.conftest import require_cpu_extension
+
+
+def test_a_cpu_without_avx512_bf16_is_told_so_before_anything_is_built(monkeypatch, tmp_path):
+    bench = bench_script("cpu_op_throughput")
+    monkeypatch.setattr(bench.cpu_ext, "supported_isa", lambda: CpuIsa.AVX2)
+    monkeypatch.setattr(bench, "build", lambda: pytest.fail("built the mixes"))
+    with pytest.raises(SystemExit, match="runs at most 'avx2'; the mixes need avx512-bf16"):
+        bench.main(["--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
+def test_zero_iterations_are_refused(capsys, tmp_path):
+    bench = bench_script("cpu_op_throughput")
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path), "--iters", "0"])
+    assert "--iters and --rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_every_mix_is_reported_with_consistent_columns(tmp_path):
+    require_cpu_extension()
+    best = cpu_ext.supported_isa()
+    if best is not CpuIsa.AVX512_BF16:
+        pytest.skip(f"this CPU runs at most {best.value}; the mixes need avx512-bf16 (Zen 4, SPR)")
+    bench = bench_script("cpu_op_throughput")
+    bench.main(["--out", str(tmp_path), "--iters", "20000", "--rounds", "2"])
+    report = json.loads((tmp_path / "cpu-op-throughput.json").read_text())
+    rows = {r["mix"]: r for r in report["rows"]}
+    assert list(rows) == list(bench.MIXES)
+    for name, (_, columns) in bench.MIXES.items():
+        row = rows[name]
+        assert row["columns_per_step"] == columns
+        assert row["msteps_per_s"] > 0
+        assert row["p20"] <= row["msteps_per_s"] <= row["p80"]
+        assert row["columns_per_ns"] == pytest.approx(row["msteps_per_s"] * columns / 1e3)
+    text = (tmp_path / "cpu-op-throughput.md").read_text()
+    assert all(f"| {name} |" in text for name in bench.MIXES)
