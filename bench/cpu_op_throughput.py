@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.iters < 1 or args.rounds < 1:
         parser.error("--iters and --rounds must be at least 1")
+    if cpu_ext.extension() is None:  # supported_isa() would say 'scalar' for a build that failed
+        why = cpu_ext.build_error()
+        sys.exit(f"sparsekit's C++ CPU extension did not build here ({why}): it reads the CPU's ISA")
     if cpu_ext.supported_isa() is not CpuIsa.AVX512_BF16:
         sys.exit(
             f"this CPU runs at most {cpu_ext.supported_isa().value!r}; the mixes need avx512-bf16 "
