@@ -51,7 +51,9 @@ def test_every_mix_is_reported_with_consistent_columns(tmp_path):
         row = rows[name]
         assert row["columns_per_step"] == columns
         assert row["msteps_per_s"] > 0
-        assert row["p20"] <= row["msteps_per_s"] <= row["p80"]
+        # two equal rounds interpolate to their value give or take a rounding of the last bit
+        assert row["p20"] <= row["msteps_per_s"] * (1 + 1e-12)
+        assert row["msteps_per_s"] <= row["p80"] * (1 + 1e-12)
         assert row["columns_per_ns"] == pytest.approx(row["msteps_per_s"] * columns / 1e3)
     text = (tmp_path / "cpu-op-throughput.md").read_text()
     assert all(f"| {name} |" in text for name in bench.MIXES)
