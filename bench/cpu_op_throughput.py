@@ -24,15 +24,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
-
-from sparsekit._env import environment
-from sparsekit._io import write_json_atomic, write_text_atomic
-from sparsekit.kernels import cpu_ext
-from sparsekit.kernels._backend import CpuIsa
+from bf16dot_report import require_avx512_bf16, write_report
 
 # name -> (mix id in the C++ below, dense weight columns one step covers)
 MIXES = {
@@ -175,24 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.iters < 1 or args.rounds < 1:
         parser.error("--iters and --rounds must be at least 1")
-    if cpu_ext.extension() is None:  # supported_isa() would say 'scalar' for a build that failed
-        why = cpu_ext.build_error()
-        sys.exit(f"sparsekit's C++ CPU extension did not build here ({why}): it reads the CPU's ISA")
-    if cpu_ext.supported_isa() is not CpuIsa.AVX512_BF16:
-        sys.exit(
-            f"this CPU runs at most {cpu_ext.supported_isa().value!r}; the mixes need avx512-bf16 "
-            "(AVX-512 + AVX512_BF16 + VBMI2: Zen 4, Sapphire Rapids and later)"
-        )
+    require_avx512_bf16("the mixes")
     torch.set_num_threads(1)
     rows = measure(args.iters, args.rounds)
-    env = environment()
-    command = "python bench/cpu_op_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "cpu-op-throughput.json", {"command": command, "env": env, "rows": rows})
-    text = markdown(rows, command, env)
-    write_text_atomic(out / "cpu-op-throughput.md", text)
-    print(text)
+    print(write_report(args.out, "cpu-op-throughput", "cpu_op_throughput.py", argv, rows, markdown))
 
 
 if __name__ == "__main__":

@@ -20,18 +20,14 @@ Needs a CPU with ``avx512-bf16`` (AVX-512 + AVX512_BF16 + VBMI2) and K a multipl
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bf16dot_report import require_avx512_bf16, write_report
 
-from sparsekit._env import environment
-from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.bench.layers import linear_shapes
 from sparsekit.bench.timing import time_cpu_interleaved
-from sparsekit.kernels import compress_24, cpu_ext, nm_keep_mask
-from sparsekit.kernels._backend import CpuIsa
+from sparsekit.kernels import compress_24, nm_keep_mask
 from sparsekit.kernels.sparse24_cpu import sparse24_mm_cpu
 
 CONFIGS = ((4, 16), (4, 32), (2, 64))  # (H: rows of x per block / 16, C: groups per chunk)
@@ -279,20 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     if min(ms) < 1 or args.threads < 1:
         parser.error("--ms and --threads must be at least 1")
     shapes = [s for name in args.shapes.split(",") for s in linear_shapes(name)]
-    if cpu_ext.extension() is None:
-        sys.exit(f"sparsekit's C++ CPU extension did not build here ({cpu_ext.build_error()})")
-    if cpu_ext.supported_isa() is not CpuIsa.AVX512_BF16:
-        sys.exit(f"this CPU runs at most {cpu_ext.supported_isa().value!r}; the prototype needs avx512-bf16")
+    require_avx512_bf16("the prototype's instructions")
     torch.set_num_threads(args.threads)
     rows = measure(build(), shapes, ms, CONFIGS, args.min_time)
-    env = environment()
-    command = "python bench/pair_table_2to4.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "pair-table-2to4.json", {"command": command, "env": env, "rows": rows})
-    text = markdown(rows, command, env)
-    write_text_atomic(out / "pair-table-2to4.md", text)
-    print(text)
+    print(write_report(args.out, "pair-table-2to4", "pair_table_2to4.py", argv, rows, markdown))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from tests.conftest import require_cpu_extension
 
 def test_a_cpu_without_avx512_bf16_is_told_so_before_anything_is_built(monkeypatch, tmp_path):
     bench = bench_script("cpu_op_throughput")
-    monkeypatch.setattr(bench.cpu_ext, "extension", lambda: object())
-    monkeypatch.setattr(bench.cpu_ext, "supported_isa", lambda: CpuIsa.AVX2)
+    monkeypatch.setattr(cpu_ext, "extension", lambda: object())
+    monkeypatch.setattr(cpu_ext, "supported_isa", lambda: CpuIsa.AVX2)
     monkeypatch.setattr(bench, "build", lambda: pytest.fail("built the mixes"))
     with pytest.raises(SystemExit, match="runs at most 'avx2'; the mixes need avx512-bf16"):
         bench.main(["--out", str(tmp_path)])
@@ -23,8 +23,8 @@ def test_a_cpu_without_avx512_bf16_is_told_so_before_anything_is_built(monkeypat
 
 def test_a_failed_extension_build_is_named_not_read_as_a_scalar_cpu(monkeypatch, tmp_path):
     bench = bench_script("cpu_op_throughput")
-    monkeypatch.setattr(bench.cpu_ext, "extension", lambda: None)
-    monkeypatch.setattr(bench.cpu_ext, "build_error", lambda: "RuntimeError: no g++")
+    monkeypatch.setattr(cpu_ext, "extension", lambda: None)
+    monkeypatch.setattr(cpu_ext, "build_error", lambda: "RuntimeError: no g++")
     monkeypatch.setattr(bench, "build", lambda: pytest.fail("built the mixes"))
     with pytest.raises(SystemExit, match=r"did not build here \(RuntimeError: no g\+\+\)"):
         bench.main(["--out", str(tmp_path)])
