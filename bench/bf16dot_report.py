@@ -3,11 +3,12 @@ the report written as <stem>.json + <stem>.md beside the command that made it.""
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from sparsekit._env import environment
+from sparsekit._env import environment, run_line
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.kernels import cpu_ext
 from sparsekit.kernels._backend import CpuIsa
@@ -30,13 +31,15 @@ def require_avx512_bf16(what: str) -> None:
 def write_report(
     out: str, stem: str, script: str, argv: list[str] | None, rows: list[dict], markdown: Callable[..., str]
 ) -> str:
-    """out/<stem>.json ({command, env, rows}) and out/<stem>.md (``markdown(rows, command, env)``),
-    each written atomically; returns the markdown."""
+    """out/<stem>.json ({command, env, rows}) and out/<stem>.md (``markdown(rows, header)``, the
+    header ``_env.run_line``'s: command, CPU, threads, torch, commit, time), each written
+    atomically; returns the markdown."""
     env = environment()
-    command = f"python bench/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    command = f"python bench/{script} {shlex.join(args)}"
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(folder / f"{stem}.json", {"command": command, "env": env, "rows": rows})
-    text = markdown(rows, command, env)
+    text = markdown(rows, run_line(f"bench/{script}", args, env))
     write_text_atomic(folder / f"{stem}.md", text)
     return text

@@ -138,16 +138,15 @@ def measure(iters: int, rounds: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], command: str, env: dict) -> str:
+def markdown(rows: list[dict], header: str) -> str:
     by = {r["mix"]: r for r in rows}
     bf16, fp32 = by["vdpbf16ps"]["columns_per_ns"], by["vfmadd231ps"]["columns_per_ns"]
     lines = [
         "# AVX-512 instruction mixes of the CPU kernels: throughput on one core",
         "",
-        f"`{command}` on {env['cpu']}, torch {env['torch']}, commit {env['commit']}, {env['time_utc']}. "
-        "One thread; 8 independent chains per loop; rounds interleaved. `x dense` is the mix's dense "
-        "columns per ns over dense's of the same dtype (vdpbf16ps for bf16, vfmadd231ps for fp32): "
-        "the ceiling of that kernel's inner step against dense's once a layer is compute-bound.",
+        f"{header}. One thread; 8 independent chains per loop; rounds interleaved. `x dense` is the "
+        "mix's dense columns per ns over dense's of the same dtype (vdpbf16ps for bf16, vfmadd231ps for "
+        "fp32): the ceiling of that kernel's inner step against dense's once a layer is compute-bound.",
         "",
         "| mix | M steps/s (p20..p80) | columns / step | columns / ns | x dense |",
         "|---|---:|---:|---:|---:|",

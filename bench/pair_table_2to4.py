@@ -207,10 +207,10 @@ def sparse_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return (w * nm_keep_mask(w, 2, 4)).bfloat16()
 
 
-def cell_variants(ext, x: torch.Tensor, w: torch.Tensor, configs, label: str) -> dict:
+def cell_variants(ext, x: torch.Tensor, w: torch.Tensor, values, meta, configs, label: str) -> dict:
     """The variants of one cell: dense, the current 2:4 kernel, and the prototype per (H, C), each
-    checked against ``F.linear`` in fp32 first (a wrong prototype is never timed)."""
-    values, meta = compress_24(w)
+    checked against ``F.linear`` in fp32 first (a wrong prototype is never timed); ``values``,
+    ``meta``: ``compress_24(w)``."""
     ref = F.linear(x.float(), w.float())
     fns = {"dense": lambda: F.linear(x, w), "2:4 kernel": lambda: sparse24_mm_cpu(x, values, meta, None)}
     for h, c in configs:
@@ -227,9 +227,10 @@ def measure(ext, shapes, ms: list[int], configs, min_time: float) -> list[dict]:
     rows = []
     for shape in shapes:
         w = sparse_weight(shape.n, shape.k)
+        values, meta = compress_24(w)
         for m in ms:
             x = torch.randn(m, shape.k, generator=torch.Generator().manual_seed(m)).bfloat16()
-            fns = cell_variants(ext, x, w, configs, f"{shape.layers} M={m}")
+            fns = cell_variants(ext, x, w, values, meta, configs, f"{shape.layers} M={m}")
             timings = time_cpu_interleaved(fns, min_time_s=min_time)
             dense = timings["dense"].median_ms
             cell = {"model": shape.model, "layers": shape.layers, "n": shape.n, "k": shape.k, "m": m}
@@ -238,16 +239,15 @@ def measure(ext, shapes, ms: list[int], configs, min_time: float) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], command: str, env: dict) -> str:
+def markdown(rows: list[dict], header: str) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     cells = list(dict.fromkeys((r["model"], r["layers"], r["n"], r["k"], r["m"]) for r in rows))
     by = {(r["model"], r["layers"], r["n"], r["k"], r["m"], r["variant"]): r for r in rows}
     lines = [
         "# A 2:4 bf16 kernel from a table of x pairs (prototype) against dense and the current kernel",
         "",
-        f"`{command}` on {env['cpu']}, {torch.get_num_threads()} thread(s), torch {env['torch']}, commit "
-        f"{env['commit']}, {env['time_utc']}. Weights cache-warm (one copy), variants of a cell interleaved; "
-        "each cell: median ms (p20..p80) and x dense.",
+        f"{header}. Weights cache-warm (one copy), variants of a cell interleaved; each cell: median ms "
+        "(p20..p80) and x dense.",
         "",
         "| shape | M | " + " | ".join(variants) + " |",
         "|---|---:|" + "---:|" * len(variants),

@@ -7,8 +7,7 @@ import pytest
 
 from sparsekit.kernels import cpu_ext
 from sparsekit.kernels._backend import CpuIsa
-from tests.bench.conftest import bench_script
-from tests.conftest import require_cpu_extension
+from tests.bench.conftest import bench_script, require_avx512_bf16
 
 
 def test_a_cpu_without_avx512_bf16_is_told_so_before_anything_is_built(monkeypatch, tmp_path):
@@ -38,10 +37,7 @@ def test_zero_iterations_are_refused(capsys, tmp_path):
 
 
 def test_every_mix_is_reported_with_consistent_columns(tmp_path):
-    require_cpu_extension()
-    best = cpu_ext.supported_isa()
-    if best is not CpuIsa.AVX512_BF16:
-        pytest.skip(f"this CPU runs at most {best.value}; the mixes need avx512-bf16 (Zen 4, SPR)")
+    require_avx512_bf16("timing the mixes")
     bench = bench_script("cpu_op_throughput")
     bench.main(["--out", str(tmp_path), "--iters", "20000", "--rounds", "2"])
     report = json.loads((tmp_path / "cpu-op-throughput.json").read_text())

@@ -5,10 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsekit.kernels import compress_24, cpu_ext
-from sparsekit.kernels._backend import CpuIsa
-from tests.bench.conftest import bench_script
-from tests.conftest import require_cpu_extension
+from sparsekit.kernels import compress_24
+from tests.bench.conftest import bench_script, require_avx512_bf16
 
 
 def test_k_not_a_multiple_of_8_and_odd_chunks_are_refused():
@@ -19,15 +17,19 @@ def test_k_not_a_multiple_of_8_and_odd_chunks_are_refused():
         bench.check_args(torch.zeros(2, 16), 4, 15)
 
 
+@pytest.fixture(scope="module")
+def prototype():
+    """(the script as a module, its compiled kernel), built once for the module."""
+    require_avx512_bf16("the prototype")
+    bench = bench_script("pair_table_2to4")
+    return bench, bench.build()
+
+
 @pytest.mark.parametrize("n,k", [(37, 72), (64, 256)])
 @pytest.mark.parametrize("m", [1, 17, 70])
 @pytest.mark.parametrize("h,c", [(1, 2), (2, 6), (4, 16)])
-def test_the_prototype_matches_f_linear(n, k, m, h, c):
-    require_cpu_extension()
-    if cpu_ext.supported_isa() is not CpuIsa.AVX512_BF16:
-        pytest.skip(f"this CPU runs at most {cpu_ext.supported_isa().value}; the prototype needs avx512-bf16")
-    bench = bench_script("pair_table_2to4")
-    ext = bench.build()
+def test_the_prototype_matches_f_linear(prototype, n, k, m, h, c):
+    bench, ext = prototype
     w = bench.sparse_weight(n, k, seed=n + k)
     values, meta = compress_24(w)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
