@@ -40,7 +40,7 @@ from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
 from sparsekit.pruning.method import InputStat, PruningMethod, pruning_method
 
-DTYPES = ("float32", "auto")
+DTYPES = ("float32", "auto", "bfloat16", "bf16-mixed")
 log = logging.getLogger("rounding_spread")
 
 

@@ -431,12 +431,13 @@ def calibration_plan(
         )  # fmt: skip
     from sparsekit.pruning.capture import resolve_forward_dtype
 
-    forward_dtype = resolve_forward_dtype(config.forward_dtype, model_dtype, device)
+    precision = resolve_forward_dtype(config.forward_dtype, model_dtype, device)
     statistic = config.statistic
     gram = statistic is not None and "gram" in statistic.name.split("+")
-    weight_copies = 1 + (forward_dtype != model_dtype) + bool(config.measure_error)
+    weight_copies = 1 + precision.copies_block(model_dtype) + bool(config.measure_error)
     return CalibrationPlan(
-        nsamples, seqlen, config.batch_size, 3, forward_dtype.itemsize, model_dtype.itemsize, gram=gram,
+        nsamples, seqlen, config.batch_size, 3, precision.states_dtype(model_dtype).itemsize,
+        model_dtype.itemsize, gram=gram,
         tokenize=tokenize, block_weight_copies=weight_copies,
     )  # fmt: skip
 

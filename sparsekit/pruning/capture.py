@@ -10,36 +10,86 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.models import model_device, model_dtype
 
 from .distributed import World, sum_over_ranks_
 from .offload import materialized, offloaded_modules
 
+MIXED_FORWARDS = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
-def resolve_forward_dtype(requested: str | torch.dtype, model_dtype: torch.dtype, device: torch.device):
-    """The dtype calibration forwards run in (see ``PruneConfig.forward_dtype``)."""
+
+@dataclass(frozen=True)
+class ForwardPrecision:
+    """How calibration forwards run. ``mixed=False``: a copy of each block and every floating
+    input cast to ``dtype``. ``mixed=True``: the block's own weights and the hidden states stay in
+    the model's dtype; matmuls and attention run in ``dtype`` under ``torch.autocast`` (norms,
+    residual sums and the statistics' sums keep the wider dtype)."""
+
+    dtype: torch.dtype
+    mixed: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.mixed:
+            return next(k for k, v in MIXED_FORWARDS.items() if v == self.dtype)
+        return str(self.dtype).replace("torch.", "")
+
+    def states_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the hidden states between blocks are held in."""
+        return model_dtype if self.mixed else self.dtype
+
+    def copies_block(self, model_dtype: torch.dtype) -> bool:
+        """Whether the forwards run a cast copy of each block (mixed runs the block itself)."""
+        return not self.mixed and self.dtype != model_dtype
+
+    def apply(self, chunks: list[Chunk]) -> None:
+        """Prepare captured ``chunks`` for forwards at this precision (in place)."""
+        if self.mixed:
+            for chunk in chunks:
+                chunk.autocast = self.dtype
+        else:
+            cast_chunks(chunks, self.dtype)
+
+
+def check_forward_dtype(value: str | torch.dtype) -> str | torch.dtype:
+    """A ``forward_dtype`` option as stored: "auto", "model", a mixed mode or a torch dtype."""
+    if value in ("auto", "model") or value in MIXED_FORWARDS:
+        return value
+    try:
+        return parse_dtype(value)
+    except ValueError as exc:
+        raise ValueError(f"forward_dtype: {exc}, or auto / model / {' / '.join(MIXED_FORWARDS)}") from None
+
+
+def resolve_forward_dtype(
+    requested: str | torch.dtype, model_dtype: torch.dtype, device: torch.device
+) -> ForwardPrecision:
+    """The precision calibration forwards run at (see ``PruneConfig.forward_dtype``)."""
+    if requested in MIXED_FORWARDS:
+        return ForwardPrecision(MIXED_FORWARDS[requested], mixed=True)
     if requested == "model":
-        return model_dtype
+        return ForwardPrecision(model_dtype)
     if requested != "auto":
-        return requested
+        return ForwardPrecision(requested)
     if model_dtype != torch.float32:
-        return model_dtype
+        return ForwardPrecision(model_dtype)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+        return ForwardPrecision(torch.bfloat16)
     if (
         device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     ):
-        return torch.bfloat16
-    return model_dtype
+        return ForwardPrecision(torch.bfloat16)
+    return ForwardPrecision(model_dtype)
 
 
 class _Captured(Exception):
@@ -54,14 +104,22 @@ class Chunk:
 
     hidden: torch.Tensor  # [b, L, H]
     inputs: list[tuple[tuple, dict[str, Any]]]  # per block: (positional args after hidden, kwargs)
+    autocast: torch.dtype | None = None  # mixed precision: matmuls in this dtype, the rest as stored
 
     def run(self, block: nn.Module, index: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Output hidden states of ``block`` (decoder block ``index``) on this chunk."""
         args, kwargs = self.inputs[index]
-        return _block_output(block(self.hidden if hidden is None else hidden, *args, **kwargs))
+        with self.precision():
+            return _block_output(block(self.hidden if hidden is None else hidden, *args, **kwargs))
+
+    def precision(self):
+        """The autocast context a forward on this chunk runs in (a no-op unless mixed)."""
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(self.hidden.device.type, dtype=self.autocast)
 
     def copy(self) -> Chunk:
-        return Chunk(self.hidden, self.inputs)
+        return Chunk(self.hidden, self.inputs, self.autocast)
 
 
 def _block_output(out: Any) -> torch.Tensor:

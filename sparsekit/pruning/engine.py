@@ -20,7 +20,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparsekit.formats import NMPattern, Pattern, Unstructured, mask_sparsity, parse_sparsity
-from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.kernels.mask_bits import pack_mask, unpack_mask
 from sparsekit.models import (
     BlockAnatomy,
@@ -34,7 +33,14 @@ from sparsekit.models import (
 )
 
 from .allocation import Allocation, allocation, outlier_ratio
-from .capture import Chunk, capture_block_inputs, cast_chunks, cast_runner, resolve_forward_dtype, run_block
+from .capture import (
+    Chunk,
+    capture_block_inputs,
+    cast_runner,
+    check_forward_dtype,
+    resolve_forward_dtype,
+    run_block,
+)
 from .compose import MaskRefine, NoRefine, NoUpdate, WeightUpdate, mask_refine, weight_update
 from .distributed import (
     World,
@@ -142,11 +148,7 @@ class PruneConfig:
         self.update = weight_update(self.update)
         self._check_combination()
         self._check_quantization()
-        if self.forward_dtype not in ("auto", "model"):
-            try:
-                self.forward_dtype = parse_dtype(self.forward_dtype)
-            except ValueError as exc:
-                raise ValueError(f"forward_dtype: {exc}, or auto / model") from None
+        self.forward_dtype = check_forward_dtype(self.forward_dtype)
 
     @property
     def quant_grid(self) -> QuantGrid | None:
@@ -344,9 +346,9 @@ def prune_model(
         )
         with timer.phase("forward"):
             chunks = capture_block_inputs(model, blocks, mine, config.batch_size, device)
-        forward_dtype = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
-        report.forward_dtype = str(forward_dtype).replace("torch.", "")
-        cast_chunks(chunks, forward_dtype)
+        precision = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
+        report.forward_dtype = precision.name
+        precision.apply(chunks)
     block_configs = [config] * len(blocks)
     if config.allocation.needs_scores:
         with timer.phase("allocation"):

@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from sparsekit.kernels.dtypes import parse_dtype
 from sparsekit.models import describe
+
+from ..capture import check_forward_dtype
 
 _STRUCTURED: dict[str, type[StructuredMethod]] = {}
 
@@ -110,11 +111,8 @@ class StructuredConfig:
             raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.forward_dtype = check_forward_dtype(self.forward_dtype)
         if self.forward_dtype not in ("auto", "model"):
-            try:
-                self.forward_dtype = parse_dtype(self.forward_dtype)
-            except ValueError as exc:
-                raise ValueError(f"forward_dtype: {exc}, or auto / model") from None
             if self.repair:
                 raise ValueError(
                     f"forward_dtype={self.forward_dtype} with repair=True: the repair fits its maps on "

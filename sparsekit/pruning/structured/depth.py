@@ -49,7 +49,7 @@ from sparsekit.models import (
 )
 from sparsekit.models.families import family
 
-from ..capture import Chunk, block_output_structure, cast_chunks, resolve_forward_dtype, tail_loss
+from ..capture import Chunk, ForwardPrecision, block_output_structure, resolve_forward_dtype, tail_loss
 from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
@@ -519,11 +519,11 @@ class DepthMethod(StructuredMethod):
                     check_mlp_reaches_residual(block, chunks[0], device)
             inputs = [c.hidden for c in chunks]
             if self.casts_forwards:  # the repair fits on the model dtype's states: no cast with it
-                forward_dtype = model_dtype(model)
+                precision = ForwardPrecision(model_dtype(model))
                 if not config.repair:
-                    forward_dtype = resolve_forward_dtype(config.forward_dtype, forward_dtype, device)
-                    cast_chunks(chunks, forward_dtype)
-                report.forward_dtype = str(forward_dtype).replace("torch.", "")
+                    precision = resolve_forward_dtype(config.forward_dtype, precision.dtype, device)
+                    precision.apply(chunks)
+                report.forward_dtype = precision.name
             dense = DenseStates(blocks, chunks, device, self.state_budget_bytes if config.repair else 0)
             ctx = DepthContext(model, mine, blocks, chunks, device, dense.record, world)
             removed, scores = self.choose(ctx, n, config)

@@ -33,7 +33,7 @@ from torch import nn
 from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, in_out_features, linear_weight, model_dtype
 from sparsekit.models.families import CONFIG_MLP_WIDTH_KEYS, family
 
-from ..capture import cast_chunks, resolve_forward_dtype
+from ..capture import resolve_forward_dtype
 from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
@@ -491,9 +491,9 @@ class WidthMethod(StructuredMethod):
             chunks = capture(
                 model, calibration_share(input_ids, config.batch_size, world), config.batch_size, device
             )
-            forward_dtype = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
-            report.forward_dtype = str(forward_dtype).replace("torch.", "")
-            cast_chunks(chunks, forward_dtype)
+            precision = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
+            report.forward_dtype = precision.name
+            precision.apply(chunks)
             inputs = [c.hidden for c in chunks] if config.refit else []  # block 0's, for the refit pass
             if self.scores_from_stats or targets:
                 show = config.show_progress and world.main
