@@ -9,8 +9,9 @@ forwards may run in another dtype than the model (``resolve_forward_dtype``).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,22 @@ def resolve_forward_dtype(
     ):
         return ForwardPrecision(torch.bfloat16)
     return ForwardPrecision(model_dtype)
+
+
+def outside_autocast(hook: Callable) -> Callable:
+    """``hook`` (a forward or pre-forward hook) run with autocast off: a hook on a mixed-precision
+    forward sees the layer's inputs as they come and keeps its own sums (Gram matrices, norms)
+    in the dtype it chose."""
+
+    @functools.wraps(hook)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return hook(*args, **kwargs)
+
+    return wrapped
 
 
 class _Captured(Exception):

@@ -11,6 +11,7 @@ from torch import nn
 
 from sparsekit.models import linear_weight
 
+from .capture import outside_autocast
 from .method import InputStat, Statistic
 
 
@@ -49,7 +50,9 @@ class StatsCollector:
         self._seen: list[tuple[torch.Tensor, InputStat]] = []
         self._partial: dict[int, InputStat] = {}  # stats holding an fp32 partial of this chunk
         self._names: dict[int, str] = {}  # the first layer that fed each statistic (for errors)
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+        self._handles = [
+            m.register_forward_hook(outside_autocast(self._hook(name))) for name, m in linears.items()
+        ]
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -150,7 +153,9 @@ class OutputErrorProbe:
         self.calls = dict.fromkeys(linears, 0)
         self.max_calls = 1
         self.max_rows = max_rows
-        self._handles = [m.register_forward_hook(self._hook(n, m, dense[n])) for n, m in linears.items()]
+        self._handles = [
+            m.register_forward_hook(outside_autocast(self._hook(n, m, dense[n]))) for n, m in linears.items()
+        ]
 
     def _hook(self, name: str, module: nn.Module, dense_weight: torch.Tensor) -> Callable:
         delta = (dense_weight.float() - linear_weight(module).detach().float()).T.contiguous()

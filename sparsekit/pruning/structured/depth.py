@@ -237,7 +237,7 @@ def check_mlp_reaches_residual(block: BlockAnatomy, chunk: Chunk, device) -> Non
     handle = down.register_forward_hook(double)
     try:
         with on_device(block.module, device):
-            one = Chunk(chunk.hidden[:1], _first_sequence(chunk.inputs))
+            one = Chunk(chunk.hidden[:1], _first_sequence(chunk.inputs), chunk.autocast)
             base = one.run(block.module, block.index)
             moved = one.run(block.module, block.index)
     finally:

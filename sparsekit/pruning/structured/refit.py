@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sparsekit.kernels import accumulate_gram
 from sparsekit.models import BlockAnatomy, ModelAnatomy, linear_weight, set_linear_weight
 
-from ..capture import Chunk, cast_runner
+from ..capture import Chunk, cast_runner, outside_autocast
 from .layout import add_output_bias
 from .passes import forward, on_device
 
@@ -126,7 +126,7 @@ def _record_inputs(block: BlockAnatomy, name: str, chunks: list[Chunk], device) 
 
     with on_device(block.module, device):
         run = cast_runner(block.module, chunks[0].hidden.dtype)
-        handle = run.get_submodule(name).register_forward_pre_hook(record)
+        handle = run.get_submodule(name).register_forward_pre_hook(outside_autocast(record))
         try:
             with torch.no_grad():
                 for chunk in chunks:

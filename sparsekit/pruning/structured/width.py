@@ -33,7 +33,7 @@ from torch import nn
 from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, in_out_features, linear_weight, model_dtype
 from sparsekit.models.families import CONFIG_MLP_WIDTH_KEYS, family
 
-from ..capture import resolve_forward_dtype
+from ..capture import outside_autocast, resolve_forward_dtype
 from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
@@ -106,9 +106,11 @@ def collect_stats(anatomy: ModelAnatomy, chunks, device, show_progress: bool) ->
         stats.append(s)
         handles = []
         if block.attention is not None:
-            handles.append(block.linear(block.attention.o).register_forward_pre_hook(s.attn))
+            handles.append(
+                block.linear(block.attention.o).register_forward_pre_hook(outside_autocast(s.attn))
+            )
         if block.mlp is not None:
-            handles.append(block.linear(block.mlp.down).register_forward_pre_hook(s.mlp))
+            handles.append(block.linear(block.mlp.down).register_forward_pre_hook(outside_autocast(s.mlp)))
         return handles
 
     hooked_pass(anatomy, chunks, device, hook_block, "channel statistics", show_progress)
