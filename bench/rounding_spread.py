@@ -4,12 +4,14 @@
         --variants float32@4 float32@8 float32@16 auto@8 --out docs/data/rounding_spread_sparsegpt24
 
 A variant is ``FORWARD_DTYPE@BATCH`` or ``FORWARD_DTYPE@BATCH~DRAW``: the calibration forwards'
-dtype (``float32``, or ``auto``: bf16 where the CPU has fast bf16 matmuls), how many calibration
+dtype (``float32``; ``auto``, the default: bf16 where the CPU has fast bf16 matmuls; ``bfloat16``;
+``bf16-mixed``: the matmuls in bf16, the hidden states fp32), how many calibration
 sequences each block forward takes, and optionally a jitter draw: every layer's input statistic
 (Wanda's squared norms, SparseGPT's Gram matrix) multiplied elementwise by 1 + J z before the method
 reads it, z standard normal from a generator seeded DRAW (symmetric for a Gram matrix), J =
 ``--jitter`` (default 1e-6: a few fp32 roundings, the order of the difference between two summation
-orders of the same statistic over tens of calibration windows). Batch sizes change only the order of
+orders of the same statistic over tens of calibration windows). ``--method`` also takes a recipe as
+``vs_llmcompressor.py`` writes it (``wanda+owl``). Batch sizes change only the order of
 the same fp32 sums (GEMM blocking, the statistics' chunk sums) and jitter draws change the
 statistics at that size, so their spread is how much of a gap between two equivalent implementations
 is rounding; the forward dtype is the default's one departure from fp32. Issue-28 protocol:
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from vs_llmcompressor import recipe_options
 
 import sparsekit
 from sparsekit._env import environment, run_line
@@ -144,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="reports/rounding_spread")
     p.add_argument(
-        "--method", default="sparsegpt", help="a sparsekit method name (sparsekit.prune's method=)"
+        "--method",
+        default="sparsegpt",
+        help="a sparsekit method name (sparsekit.prune's method=), or a recipe as vs_llmcompressor.py "
+        "writes it (wanda+owl: the OWL allocation)",
     )
     p.add_argument("--sparsity", default="2:4")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -159,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         parsed = [parse_variant(v) for v in args.variants]
-        pruning_method(args.method)
+        score, options = recipe_options(args.method)
+        pruning_method(score)
         parse_sparsity(args.sparsity)
     except ValueError as exc:
         p.error(str(exc))
     if not 0 < args.jitter < 1:
         p.error(f"--jitter {args.jitter}: give a relative size in (0, 1), e.g. 1e-6")
-    if any(draw for *_, draw in parsed) and pruning_method(args.method).statistic is None:
+    if any(draw for *_, draw in parsed) and pruning_method(score).statistic is None:
         p.error(f"{args.method} reads no calibration statistic: a ~DRAW variant has nothing to jitter")
     if args.jitter != p.get_default("jitter") and not any(draw for *_, draw in parsed):
         p.error(f"--jitter {args.jitter:g} sizes the ~DRAW variants, and none is given: add e.g. float32@8~1")
@@ -187,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         calib = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=seed)
         for variant, (dtype, batch, draw) in zip(args.variants, parsed, strict=True):
             model = copy.deepcopy(dense)
-            method = jittered(args.method, args.jitter, draw) if draw else args.method
+            method = jittered(score, args.jitter, draw) if draw else score
             start = time.perf_counter()
             report = sparsekit.prune(
                 model, method=method, sparsity=args.sparsity, calib=calib, forward_dtype=dtype,
-                batch_size=batch, show_progress=False,
+                batch_size=batch, show_progress=False, **options,
             )  # fmt: skip
             seconds = time.perf_counter() - start
             row = {"seed": seed, "variant": variant, "forward_dtype": report.forward_dtype, "batch": batch,

@@ -14,7 +14,8 @@ def test_variants_parse_and_bad_ones_name_the_form():
     assert rs.parse_variant("float32@16") == ("float32", 16, None)
     assert rs.parse_variant("auto@8") == ("auto", 8, None)
     assert rs.parse_variant("float32@8~3") == ("float32", 8, 3)
-    bads = ("float32", "bfloat16@8", "float32@0", "float32@x", "float32@8~", "float32@8~0", "float32@8~a")
+    assert rs.parse_variant("bf16-mixed@8") == ("bf16-mixed", 8, None)
+    bads = ("float32", "fp16@8", "float32@0", "float32@x", "float32@8~", "float32@8~0", "float32@8~a")
     for bad in bads:
         with pytest.raises(ValueError, match="FORWARD_DTYPE@BATCH"):
             rs.parse_variant(bad)
@@ -81,6 +82,7 @@ def test_spread_divides_by_the_first_variant_on_the_same_seed():
     [
         (["--variants", "float32@8", "fp16@8"], "FORWARD_DTYPE@BATCH"),
         (["--method", "nope"], "unknown pruning method"),
+        (["--method", "wanda+nope"], "unknown recipe piece"),
         (["--sparsity", "5:4"], "5:4"),
         (["--seeds", "1", "1"], "repeats a value"),
         (["--variants", "float32@8~0"], "DRAW >= 1"),
@@ -130,3 +132,26 @@ def test_a_run_prunes_each_variant_per_seed_with_its_batch_and_dtype(tmp_path, m
     assert [s["variant"] for s in report["spread"]] == ["float32@2", "float32@4", "auto@4", "float32@4~1"]
     assert all(r["ppl"] > 1 for r in report["rows"])
     assert "| 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_a_recipe_method_prunes_with_its_pieces(tmp_path, monkeypatch):
+    rs = bench_script("rounding_spread")
+    dense = tiny_model("llama")
+    seen = []
+    monkeypatch.setattr(rs, "load_model", lambda *a, **k: (dense, None))
+    draw = lambda n, L, seed: torch.randint(0, 100, (n, L), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    monkeypatch.setattr(rs, "calibration_ids", lambda tok, src, n, L, seed: draw(n, L, seed))
+    monkeypatch.setattr(rs, "evaluation_ids", lambda *a, **k: draw(1, 512, 99))
+    prune = rs.sparsekit.prune
+
+    def spy(model, **kw):
+        seen.append((kw["method"], kw.get("allocation"), kw["forward_dtype"]))
+        return prune(model, **kw)
+
+    monkeypatch.setattr(rs.sparsekit, "prune", spy)
+    argv = ["--out", str(tmp_path / "owl"), "--method", "wanda+owl", "--sparsity", "0.7", "--variants",
+            "bf16-mixed@4", "--nsamples", "4", "--seqlen", "8", "--eval-tokens", "512"]  # fmt: skip
+    assert rs.main(argv) == 0
+    assert seen == [("wanda", "owl", "bf16-mixed")]
+    report = json.loads((tmp_path / "owl.json").read_text())
+    assert report["rows"][0]["forward_dtype"] == "bf16-mixed"
