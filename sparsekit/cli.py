@@ -1097,9 +1097,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of the calibration forwards (the per-layer methods, wanda-sp / flap / llm-pruner, and "
         "shortgpt / angular without --repair): "
-        "auto (bf16 for an fp32 model where bf16 matmuls are fast), model, bf16, fp16, fp32, or bf16-mixed / "
-        "fp16-mixed (the model's own weights and fp32 hidden states, matmuls and attention in bf16 / fp16 "
-        "under torch.autocast); statistics are fp32 or wider and weights keep their dtype",
+        "auto (bf16-mixed for an fp32 model where bf16 matmuls are fast), model, bf16, fp16, fp32 (the "
+        "block and its inputs cast), or bf16-mixed / fp16-mixed (the model's own weights and fp32 hidden "
+        "states, matmuls and attention in bf16 / fp16 under torch.autocast); statistics are fp32 or wider "
+        "and weights keep their dtype",
     )
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per block forward")
     p.add_argument(

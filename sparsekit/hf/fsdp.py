@@ -21,13 +21,6 @@ from torch.distributed.tensor import DTensor
 log = logging.getLogger(__name__)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively: CUDA with bf16, or a CPU with AVX-512-BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 @contextmanager
 def process_group(device: torch.device, timeout_s: float = 1800.0):
     """The torchrun process group when there is one; else a one-rank group for this call only."""

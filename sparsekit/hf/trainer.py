@@ -38,6 +38,7 @@ from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.models import find_decoder_blocks, set_submodule
 from sparsekit.nn import SparseLinear, densify
 from sparsekit.nn.sparsify import release_memory, sparse_candidates
+from sparsekit.pruning.capture import fast_bf16_matmuls
 
 from . import fsdp
 
@@ -220,9 +221,9 @@ def topk_distill_loss(
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 for 'bf16', and for 'auto' where the device multiplies bf16 natively; None: fp32."""
-    if precision == "fp32" or (precision == "auto" and not fsdp.bf16_supported(device)):
+    if precision == "fp32" or (precision == "auto" and not fast_bf16_matmuls(device)):
         return None
-    if precision == "bf16" and not fsdp.bf16_supported(device):
+    if precision == "bf16" and not fast_bf16_matmuls(device):
         log.warning("precision bf16 on a device without native bf16 matmuls: it will be slow")
     return torch.bfloat16
 

@@ -73,24 +73,29 @@ def check_forward_dtype(value: str | torch.dtype) -> str | torch.dtype:
 def resolve_forward_dtype(
     requested: str | torch.dtype, model_dtype: torch.dtype, device: torch.device
 ) -> ForwardPrecision:
-    """The precision calibration forwards run at (see ``PruneConfig.forward_dtype``)."""
+    """The precision calibration forwards run at (see ``PruneConfig.forward_dtype``). "auto" is
+    bf16 mixed precision for an fp32 model on a device with fast bf16 matmuls (the matmuls in bf16,
+    the hidden states fp32), else the model's dtype."""
     if requested in MIXED_FORWARDS:
         return ForwardPrecision(MIXED_FORWARDS[requested], mixed=True)
     if requested == "model":
         return ForwardPrecision(model_dtype)
     if requested != "auto":
         return ForwardPrecision(requested)
-    if model_dtype != torch.float32:
-        return ForwardPrecision(model_dtype)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return ForwardPrecision(torch.bfloat16)
-    if (
+    if model_dtype == torch.float32 and fast_bf16_matmuls(device):
+        return ForwardPrecision(torch.bfloat16, mixed=True)
+    return ForwardPrecision(model_dtype)
+
+
+def fast_bf16_matmuls(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively (a CUDA GPU with bf16, a CPU oneDNN runs bf16 on)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return (
         device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    ):
-        return ForwardPrecision(torch.bfloat16)
-    return ForwardPrecision(model_dtype)
+    )
 
 
 def outside_autocast(hook: Callable) -> Callable:

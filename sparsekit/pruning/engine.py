@@ -99,9 +99,11 @@ class PruneConfig:
     share_statistics: bool = True  # one statistic per distinct input (q/k/v, gate/up share)
     measure_error: bool = True  # per-layer output error on the first calibration chunk
     show_progress: bool = True
-    # dtype of the calibration forwards: "auto" (bfloat16 for an fp32 model where the device has
-    # fast bf16 matmuls, as the papers ran fp16 forwards; otherwise the model's dtype), "model",
-    # or a torch dtype. Statistics accumulate in fp32 and the weights are pruned in their own dtype.
+    # precision of the calibration forwards: "auto" (for an fp32 model where the device has fast
+    # bf16 matmuls "bf16-mixed", as the papers ran fp16 forwards; otherwise the model's dtype),
+    # "model", a torch dtype (the block and its inputs cast to it), or "bf16-mixed" / "fp16-mixed"
+    # (the model's own weights and hidden states, matmuls and attention in bf16 / fp16 under
+    # torch.autocast). Statistics accumulate in fp32 and the weights are pruned in their own dtype.
     forward_dtype: str | torch.dtype = "auto"
     # how much of each block to prune: "uniform", "owl" (outlier-weighted, unstructured only) or
     # an ``Allocation`` value such as ``OWL(lam=0.1)``

@@ -17,6 +17,7 @@ from sparsekit.pruning.capture import (
     ForwardPrecision,
     cast_runner,
     check_forward_dtype,
+    fast_bf16_matmuls,
     outside_autocast,
     resolve_forward_dtype,
     run_block,
@@ -104,6 +105,10 @@ def test_forward_dtype_values():
     with pytest.raises(ValueError, match="bf16-mixed"):
         check_forward_dtype("bf16-half")
     assert resolve_forward_dtype("bf16-mixed", torch.float32, CPU) == MIXED
+    auto = MIXED if fast_bf16_matmuls(CPU) else ForwardPrecision(torch.float32)
+    assert resolve_forward_dtype("auto", torch.float32, CPU) == auto  # the default
+    assert resolve_forward_dtype("auto", torch.bfloat16, CPU) == ForwardPrecision(torch.bfloat16)
+    assert resolve_forward_dtype("model", torch.float32, CPU) == ForwardPrecision(torch.float32)
     assert MIXED.name == "bf16-mixed" and ForwardPrecision(torch.bfloat16).name == "bfloat16"
 
 

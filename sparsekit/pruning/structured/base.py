@@ -51,8 +51,9 @@ class StructuredConfig:
       2:4 / 4:8 stacking needs a multiple of 4 or 8); 1 disables the rounding.
     forward_dtype: width methods (wanda-sp, flap, llm-pruner) and the cosine depth criteria
       (shortgpt, angular, without the repair); the dtype of their calibration forwards
-      (statistics, refit, the scoring pass): "auto" (bfloat16 for an fp32 model where the device
-      has fast bf16 matmuls, as the unstructured engine), "model", or a torch dtype. Statistics,
+      (statistics, refit, the scoring pass): "auto" ("bf16-mixed" for an fp32 model where the
+      device has fast bf16 matmuls, as the unstructured engine), "model", a torch dtype, or
+      "bf16-mixed" / "fp16-mixed" (``capture.ForwardPrecision``). Statistics,
       cosines and solves stay in fp32 / float64; the weights are cut and refitted in their own
       dtype. LLM-Pruner's gradient pass and the depth repair run in the model's dtype.
     """
