@@ -61,8 +61,9 @@ DEPTH = ("shortgpt",)  # rows that remove whole blocks of the model as it ships
 # prunes the row's ratio of block parameters; "original" the share the original code removed on
 # that row, with no rounding of MLP widths (channel_multiple 1, as the original), so both tools
 # cut the same number of heads and channels (the original's Wanda-sp ratio counts heads and
-# channels, not parameters: at 0.2 it removes 15.55% of SmolLM2's). Default forwards: bf16 where
-# the CPU has bf16 matmuls ("auto"); "model" keeps them fp32, as the original code on a CPU.
+# channels, not parameters: at 0.2 it removes 15.55% of SmolLM2's). Default forwards: bf16 mixed
+# precision where the CPU has bf16 matmuls ("auto"); "model" keeps them fp32, as the original code on
+# a CPU.
 SPARSEKIT = {
     "flap": [
         ("flap adaptive, fp32 forwards", {"widths": "adaptive", "forward_dtype": "model"}, "ratio"),
