@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,7 +134,7 @@ class Chunk:
         with self.precision():
             return _block_output(block(self.hidden if hidden is None else hidden, *args, **kwargs))
 
-    def precision(self):
+    def precision(self) -> AbstractContextManager:
         """The autocast context a forward on this chunk runs in (a no-op unless mixed)."""
         if self.autocast is None:
             return nullcontext()

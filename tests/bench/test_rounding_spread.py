@@ -99,10 +99,10 @@ def test_bad_options_are_refused_before_the_model_loads(argv, match, capsys, mon
     assert match in capsys.readouterr().err
 
 
-def test_a_run_prunes_each_variant_per_seed_with_its_batch_and_dtype(tmp_path, monkeypatch):
+def _on_a_tiny_model(monkeypatch, seen: list, keys) -> object:
+    """The script with a tiny Llama, seeded random ids, and sparsekit.prune recording ``keys(kw)``."""
     rs = bench_script("rounding_spread")
     dense = tiny_model("llama")
-    seen = []
     monkeypatch.setattr(rs, "load_model", lambda *a, **k: (dense, None))
     draw = lambda n, L, seed: torch.randint(0, 100, (n, L), generator=torch.Generator().manual_seed(seed))  # noqa: E731
     monkeypatch.setattr(rs, "calibration_ids", lambda tok, src, n, L, seed: draw(n, L, seed))
@@ -110,10 +110,18 @@ def test_a_run_prunes_each_variant_per_seed_with_its_batch_and_dtype(tmp_path, m
     prune = rs.sparsekit.prune
 
     def spy(model, **kw):
-        seen.append((kw["forward_dtype"], kw["batch_size"], type(kw["method"]).__name__))
+        seen.append(keys(kw))
         return prune(model, **kw)
 
     monkeypatch.setattr(rs.sparsekit, "prune", spy)
+    return rs
+
+
+def test_a_run_prunes_each_variant_per_seed_with_its_batch_and_dtype(tmp_path, monkeypatch):
+    seen = []
+    rs = _on_a_tiny_model(
+        monkeypatch, seen, lambda kw: (kw["forward_dtype"], kw["batch_size"], type(kw["method"]).__name__)
+    )
     out = tmp_path / "spread"
     argv = ["--out", str(out), "--seeds", "0", "1", "--jitter", "0.05",
             "--variants", "float32@2", "float32@4", "auto@4", "float32@4~1",
@@ -135,20 +143,10 @@ def test_a_run_prunes_each_variant_per_seed_with_its_batch_and_dtype(tmp_path, m
 
 
 def test_a_recipe_method_prunes_with_its_pieces(tmp_path, monkeypatch):
-    rs = bench_script("rounding_spread")
-    dense = tiny_model("llama")
     seen = []
-    monkeypatch.setattr(rs, "load_model", lambda *a, **k: (dense, None))
-    draw = lambda n, L, seed: torch.randint(0, 100, (n, L), generator=torch.Generator().manual_seed(seed))  # noqa: E731
-    monkeypatch.setattr(rs, "calibration_ids", lambda tok, src, n, L, seed: draw(n, L, seed))
-    monkeypatch.setattr(rs, "evaluation_ids", lambda *a, **k: draw(1, 512, 99))
-    prune = rs.sparsekit.prune
-
-    def spy(model, **kw):
-        seen.append((kw["method"], kw.get("allocation"), kw["forward_dtype"]))
-        return prune(model, **kw)
-
-    monkeypatch.setattr(rs.sparsekit, "prune", spy)
+    rs = _on_a_tiny_model(
+        monkeypatch, seen, lambda kw: (kw["method"], kw.get("allocation"), kw["forward_dtype"])
+    )
     argv = ["--out", str(tmp_path / "owl"), "--method", "wanda+owl", "--sparsity", "0.7", "--variants",
             "bf16-mixed@4", "--nsamples", "4", "--seqlen", "8", "--eval-tokens", "512"]  # fmt: skip
     assert rs.main(argv) == 0
