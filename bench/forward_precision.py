@@ -9,7 +9,8 @@ reports per block (a) the relative Frobenius error of the block's output hidden 
 fp32's, (b) the relative error of the Gram matrices X^T X the statistics hooks collect (SparseGPT's
 Hessian, Wanda's norms are its diagonal) for the attention input (q/k/v, fed by a norm) and the MLP
 output projection (down, fed by a product), and (c) the forward time per precision, the
-precisions interleaved in ``--rounds`` rounds (median and p20..p80). No pruning: every precision
+precisions interleaved in ``--rounds`` rounds (median and p20..p80; the block forwards with the
+two Gram hooks on, as a SparseGPT pass runs them, capture excluded). No pruning: every precision
 sees the dense model, so the errors are the forwards' own. Writes <out>.json and <out>.md.
 """
 
@@ -34,7 +35,7 @@ from sparsekit.pruning.capture import (
     capture_block_inputs,
     cast_runner,
     check_forward_dtype,
-    resolve_forward_dtype,
+    resolve_forward_precision,
     run_block,
 )
 from sparsekit.pruning.hooks import StatsCollector, Timer
@@ -76,18 +77,18 @@ def measure(model, ids: torch.Tensor, precisions: list[str], batch: int, rounds:
         per: dict[str, list] = {}
         for name in order:
             chunks = capture_block_inputs(model, anatomy.blocks, ids, batch, CPU)
-            resolve_forward_dtype(check_forward_dtype(name), model_dtype(model), CPU).apply(chunks)
+            resolve_forward_precision(check_forward_dtype(name), model_dtype(model), CPU).apply(chunks)
             total, per[name] = 0.0, []
             for index in range(len(anatomy.blocks)):
                 outputs, grams, seconds = block_pass(anatomy, chunks, index, layers)
                 total += seconds
-                hidden = torch.cat([o.float() for o in outputs])
-                per[name].append((hidden, grams))
+                if round_ == 0:  # the errors do not change between rounds: only the times are repeated
+                    per[name].append((torch.cat([o.float() for o in outputs]), grams))
                 for chunk, out in zip(chunks, outputs, strict=True):
                     chunk.hidden = out
             results[name]["seconds"].append(total)
             log.info("round %d %s: %.1f s", round_, name, total)
-        if round_ == 0:  # the errors do not change between rounds: only the times are repeated
+        if round_ == 0:
             for name in names:
                 for (hidden, grams), (ref_hidden, ref_grams) in zip(per[name], per["float32"], strict=True):
                     results[name]["hidden"].append(rel(hidden, ref_hidden))

@@ -429,9 +429,9 @@ def calibration_plan(
             gram=getattr(config, "refit", False), tokenize=tokenize, stored_bytes=stored,
             whole_model=whole, model_on_device=whole == "forward" and device != _model_device(model),
         )  # fmt: skip
-    from sparsekit.pruning.capture import resolve_forward_dtype
+    from sparsekit.pruning.capture import resolve_forward_precision
 
-    precision = resolve_forward_dtype(config.forward_dtype, model_dtype, device)
+    precision = resolve_forward_precision(config.forward_dtype, model_dtype, device)
     statistic = config.statistic
     gram = statistic is not None and "gram" in statistic.name.split("+")
     weight_copies = 1 + precision.copies_block(model_dtype) + bool(config.measure_error)

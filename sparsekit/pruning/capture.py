@@ -3,7 +3,7 @@
 The inputs of block 0 (hidden states plus every keyword argument the model passes: attention
 mask, position ids, rotary ``position_embeddings``, cache flags) are recorded with a forward
 pre-hook for the whole calibration batch in chunks; the model stops there. The calibration
-forwards may run in another dtype than the model (``resolve_forward_dtype``).
+forwards may run in another dtype than the model (``resolve_forward_precision``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def check_forward_dtype(value: str | torch.dtype) -> str | torch.dtype:
         raise ValueError(f"forward_dtype: {exc}, or auto / model / {' / '.join(MIXED_FORWARDS)}") from None
 
 
-def resolve_forward_dtype(
+def resolve_forward_precision(
     requested: str | torch.dtype, model_dtype: torch.dtype, device: torch.device
 ) -> ForwardPrecision:
     """The precision calibration forwards run at (see ``PruneConfig.forward_dtype``). "auto" is

@@ -38,7 +38,7 @@ from .capture import (
     capture_block_inputs,
     cast_runner,
     check_forward_dtype,
-    resolve_forward_dtype,
+    resolve_forward_precision,
     run_block,
 )
 from .compose import MaskRefine, NoRefine, NoUpdate, WeightUpdate, mask_refine, weight_update
@@ -348,7 +348,7 @@ def prune_model(
         )
         with timer.phase("forward"):
             chunks = capture_block_inputs(model, blocks, mine, config.batch_size, device)
-        precision = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
+        precision = resolve_forward_precision(config.forward_dtype, model_dtype(model), device)
         report.forward_dtype = precision.name
         precision.apply(chunks)
     block_configs = [config] * len(blocks)

@@ -19,7 +19,7 @@ from sparsekit.pruning.capture import (
     check_forward_dtype,
     fast_bf16_matmuls,
     outside_autocast,
-    resolve_forward_dtype,
+    resolve_forward_precision,
     run_block,
 )
 from sparsekit.pruning.engine import PruneConfig, prune_model
@@ -104,11 +104,11 @@ def test_forward_dtype_values():
     assert check_forward_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError, match="bf16-mixed"):
         check_forward_dtype("bf16-half")
-    assert resolve_forward_dtype("bf16-mixed", torch.float32, CPU) == MIXED
+    assert resolve_forward_precision("bf16-mixed", torch.float32, CPU) == MIXED
     auto = MIXED if fast_bf16_matmuls(CPU) else ForwardPrecision(torch.float32)
-    assert resolve_forward_dtype("auto", torch.float32, CPU) == auto  # the default
-    assert resolve_forward_dtype("auto", torch.bfloat16, CPU) == ForwardPrecision(torch.bfloat16)
-    assert resolve_forward_dtype("model", torch.float32, CPU) == ForwardPrecision(torch.float32)
+    assert resolve_forward_precision("auto", torch.float32, CPU) == auto  # the default
+    assert resolve_forward_precision("auto", torch.bfloat16, CPU) == ForwardPrecision(torch.bfloat16)
+    assert resolve_forward_precision("model", torch.float32, CPU) == ForwardPrecision(torch.float32)
     assert MIXED.name == "bf16-mixed" and ForwardPrecision(torch.bfloat16).name == "bfloat16"
 
 

@@ -49,7 +49,7 @@ from sparsekit.models import (
 )
 from sparsekit.models.families import family
 
-from ..capture import Chunk, ForwardPrecision, block_output_structure, resolve_forward_dtype, tail_loss
+from ..capture import Chunk, ForwardPrecision, block_output_structure, resolve_forward_precision, tail_loss
 from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
@@ -521,7 +521,7 @@ class DepthMethod(StructuredMethod):
             if self.casts_forwards:  # the repair fits on the model dtype's states: no cast with it
                 precision = ForwardPrecision(model_dtype(model))
                 if not config.repair:
-                    precision = resolve_forward_dtype(config.forward_dtype, precision.dtype, device)
+                    precision = resolve_forward_precision(config.forward_dtype, precision.dtype, device)
                     precision.apply(chunks)
                 report.forward_dtype = precision.name
             dense = DenseStates(blocks, chunks, device, self.state_budget_bytes if config.repair else 0)

@@ -33,7 +33,7 @@ from torch import nn
 from sparsekit.models import BlockAnatomy, ModelAnatomy, describe, in_out_features, linear_weight, model_dtype
 from sparsekit.models.families import CONFIG_MLP_WIDTH_KEYS, family
 
-from ..capture import outside_autocast, resolve_forward_dtype
+from ..capture import outside_autocast, resolve_forward_precision
 from ..distributed import World, calibration_share, current_world, sum_over_ranks_
 from ..engine import check_finite_weights
 from .base import (
@@ -493,7 +493,7 @@ class WidthMethod(StructuredMethod):
             chunks = capture(
                 model, calibration_share(input_ids, config.batch_size, world), config.batch_size, device
             )
-            precision = resolve_forward_dtype(config.forward_dtype, model_dtype(model), device)
+            precision = resolve_forward_precision(config.forward_dtype, model_dtype(model), device)
             report.forward_dtype = precision.name
             precision.apply(chunks)
             inputs = [c.hidden for c in chunks] if config.refit else []  # block 0's, for the refit pass
