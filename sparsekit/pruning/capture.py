@@ -315,14 +315,27 @@ def capture_block_inputs(
     return chunks
 
 
+class ForwardDone(Exception):
+    """Raised by a hook once a block's forward has computed everything its caller reads: the rest
+    of that chunk's forward is skipped (``run_block`` returns None for the chunk)."""
+
+
 def run_block(
     block: nn.Module, chunks: list[Chunk], index: int, on_chunk: Callable[[], None] | None = None
-) -> list[torch.Tensor]:
-    """Outputs of decoder block ``index`` (``block``: it or a copy of it) on every chunk."""
-    outputs = []
-    with torch.no_grad():
+) -> list[torch.Tensor | None]:
+    """Outputs of decoder block ``index`` (``block``: it or a copy of it) on every chunk; None for
+    a chunk whose forward a hook ended with ``ForwardDone``.
+
+    The chunks run inside one precision region, so a mixed forward casts each weight to the
+    autocast dtype once per call, not once per chunk (autocast keeps its casts until the outermost
+    region exits; each chunk's own region nests in it)."""
+    outputs: list[torch.Tensor | None] = []
+    with torch.no_grad(), chunks[0].precision() if chunks else nullcontext():
         for chunk in chunks:
-            outputs.append(chunk.run(block, index))
+            try:
+                outputs.append(chunk.run(block, index))
+            except ForwardDone:
+                outputs.append(None)
             if on_chunk is not None:
                 on_chunk()
     return outputs

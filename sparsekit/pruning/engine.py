@@ -237,6 +237,7 @@ class PruneReport:
     seqlen: int
     calib: str = "input_ids"
     layers: list[LayerReport] = field(default_factory=list)
+    # per block: ||dense - pruned outputs||^2 / ||dense outputs||^2 on the first calibration chunk
     block_rel_errors: list[float] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -436,8 +437,14 @@ def _prune_block(
     routed = routed_experts(anatomy, runner, run_linears, config.expert_tokens == "all")
     if chunks:
         collector = StatsCollector(run_linears, config.statistic, timer, config.share_statistics)
-        with timer.phase("forward"), routed:
-            dense_outputs = run_block(runner, chunks, index, collector.next_chunk)
+        with timer.phase("forward"), routed, chunks[0].precision():  # one region: see run_block
+            # the first chunk whole (its outputs are the block error's dense reference), the rest
+            # only as far as the last statistic
+            dense_outputs = run_block(runner, chunks[:1], index, collector.next_chunk)
+            stop = collector.stop_after_last() if anatomy.experts is None else None
+            run_block(runner, chunks[1:], index, collector.next_chunk)
+        if stop is not None:
+            stop.remove()
         collector.remove()
         if anatomy.experts is not None:
             collector.ensure(run_linears, chunks[0].hidden.device)
@@ -475,7 +482,8 @@ def _prune_block(
             probe.remove()
             for layer, err in zip(report.layers[-len(linears) :], probe.errors().values(), strict=True):
                 layer.output_rel_error = err
-        num, den = rel_error_parts(dense_outputs, pruned_outputs)
+        # the first calibration chunk of the whole batch: rank 0's first (calibration_share)
+        num, den = rel_error_parts(dense_outputs, pruned_outputs[:1]) if world.main else (0.0, 0.0)
         if world.active:
             parts = torch.tensor([num, den], dtype=torch.float64, device=chunks[0].hidden.device)
             all_reduce_sum_([parts])

@@ -11,7 +11,7 @@ from torch import nn
 
 from sparsekit.models import linear_weight
 
-from .capture import outside_autocast
+from .capture import ForwardDone, outside_autocast
 from .method import InputStat, Statistic
 
 
@@ -50,12 +50,15 @@ class StatsCollector:
         self._seen: list[tuple[torch.Tensor, InputStat]] = []
         self._partial: dict[int, InputStat] = {}  # stats holding an fp32 partial of this chunk
         self._names: dict[int, str] = {}  # the first layer that fed each statistic (for errors)
-        self._handles = [
-            m.register_forward_hook(outside_autocast(self._hook(name))) for name, m in linears.items()
-        ]
+        self._linears = linears
+        self._hooks = {name: outside_autocast(self._hook(name)) for name in linears}
+        self._handles = [m.register_forward_hook(self._hooks[name]) for name, m in linears.items()]
+        self._calls: list[str] = []  # the layers whose hook ran in the current chunk, in order
+        self.first_calls: list[str] | None = None  # the same for the first chunk
 
     def _hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor | None) -> None:
+            self._calls.append(name)
             x = inputs[0]
             for seen, stat in self._seen if self.share else ():
                 if seen is inputs[0]:
@@ -73,6 +76,30 @@ class StatsCollector:
             self._seen.append((inputs[0], stat))  # the tensor object itself: x.detach() is a new one
 
         return hook
+
+    def stop_after_last(self) -> torch.utils.hooks.RemovableHandle | None:
+        """From the next chunk on, end each forward (``ForwardDone``) at the layer that ran last in
+        the first chunk, its statistic taken from its input first: nothing after it feeds a
+        statistic, so the rest of the block (that layer's own GEMM included) is skipped.
+
+        Only where the first chunk ran every hooked layer exactly once (a block whose layers do not
+        depend on the data; not a Mixture of Experts). A chunk stops only once every other layer's
+        hook has run in it; otherwise its forward runs on. Returns the pre-hook's handle, or None
+        where no stop applies."""
+        calls = self.first_calls or []
+        if len(calls) != len(self._linears) or set(calls) != set(self._linears):
+            return None
+        last = calls[-1]
+        others = set(calls[:-1])
+        collect = self._hooks[last]
+
+        def stop(module: nn.Module, inputs: tuple) -> None:
+            if others.issubset(self._calls):
+                collect(module, inputs, None)
+                raise ForwardDone
+            return None
+
+        return self._linears[last].register_forward_pre_hook(stop)
 
     def _new_stat(self, x: torch.Tensor) -> InputStat:
         return InputStat(self.statistic.new(x.shape[-1], x.device))
@@ -102,6 +129,9 @@ class StatsCollector:
                 stat.value.zero_()
         self._partial.clear()
         self._seen.clear()
+        if self.first_calls is None:
+            self.first_calls = list(self._calls)
+        self._calls.clear()
 
     def finish(self, world=None) -> dict[str, InputStat]:
         """The statistics summed over every chunk (and over every rank of ``world`` when it is

@@ -48,7 +48,7 @@ def forward(
     """Outputs of decoder block ``index`` on each chunk (the chunk's hidden states, or ``hidden``),
     in the chunks' dtype (a cast copy of the block runs where it differs from the weights')."""
     block = cast_runner(block, (chunks[0].hidden if hidden is None else hidden[0]).dtype)
-    with torch.no_grad():
+    with torch.no_grad(), chunks[0].precision():  # one region: each weight cast once, see run_block
         return [c.run(block, index, None if hidden is None else hidden[i]) for i, c in enumerate(chunks)]
 
 
