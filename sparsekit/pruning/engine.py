@@ -437,15 +437,18 @@ def _prune_block(
     routed = routed_experts(anatomy, runner, run_linears, config.expert_tokens == "all")
     if chunks:
         collector = StatsCollector(run_linears, config.statistic, timer, config.share_statistics)
-        with timer.phase("forward"), routed, chunks[0].precision():  # one region: see run_block
-            # the first chunk whole (its outputs are the block error's dense reference), the rest
-            # only as far as the last statistic
-            dense_outputs = run_block(runner, chunks[:1], index, collector.next_chunk)
-            stop = collector.stop_after_last() if anatomy.experts is None else None
-            run_block(runner, chunks[1:], index, collector.next_chunk)
-        if stop is not None:
-            stop.remove()
-        collector.remove()
+        stop = None
+        try:
+            with timer.phase("forward"), routed, chunks[0].precision():  # one region: see run_block
+                # the first chunk whole (its outputs are the block error's dense reference), the
+                # rest only as far as the last statistic
+                dense_outputs = run_block(runner, chunks[:1], index, collector.next_chunk)
+                stop = collector.stop_after_last() if anatomy.experts is None else None
+                run_block(runner, chunks[1:], index, collector.next_chunk)
+        finally:  # a failed forward leaves no hook on the model
+            if stop is not None:
+                stop.remove()
+            collector.remove()
         if anatomy.experts is not None:
             collector.ensure(run_linears, chunks[0].hidden.device)
         collected = collector.finish(world)

@@ -146,3 +146,25 @@ def test_forward_done_ends_only_that_chunk():
     block.register_forward_pre_hook(stop)
     outs = run_block(block, [_Chunk(torch.randn(2, 4)) for _ in range(3)], 0)
     assert [o is None for o in outs] == [False, True, False]
+
+
+def test_a_failing_statistics_forward_leaves_no_hook_on_the_model():
+    from sparsekit.pruning.engine import PartialPruneError
+
+    model = tiny_model("llama")
+    o_proj = model.model.layers[1].self_attn.o_proj
+    calls = []
+
+    def fail_on_second_chunk(_m, _inputs):
+        calls.append(1)
+        if len(calls) == 2:  # block 1's statistics pass, chunk 1: the stop is in place by then
+            raise RuntimeError("boom")
+
+    mine = o_proj.register_forward_pre_hook(fail_on_second_chunk)
+    config = PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False)
+    with pytest.raises(PartialPruneError, match="boom"):
+        prune_model(model, _calib(6), config)
+    mine.remove()
+    for part in describe(model):
+        for name, module in block_linears(part.module).items():
+            assert not module._forward_hooks and not module._forward_pre_hooks, f"{part.index}.{name}"
