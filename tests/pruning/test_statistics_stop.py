@@ -60,7 +60,8 @@ def test_the_last_layer_of_each_block_runs_once_less_per_stopped_chunk():
     all 4; every other layer runs on 4 + 4 (block 0 once more: the input capture's one real call)."""
     model = tiny_model("llama")
     counts = _count_calls(model)
-    prune_model(model, _calib(8), PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False))
+    config = PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False)
+    prune_model(model, _calib(8), config)
     counts = {k: v for k, v in counts.items() if not k.startswith("0.")}
     last = {k: v for k, v in counts.items() if k.endswith("down_proj")}
     rest = {k: v for k, v in counts.items() if not k.endswith("down_proj")}
