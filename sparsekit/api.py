@@ -18,6 +18,7 @@ from sparsekit._checks import (
 )
 from sparsekit.eval.perplexity import PerplexityResult
 from sparsekit.eval.perplexity import perplexity as _perplexity
+from sparsekit.hf.attention import calibration_attention
 from sparsekit.hf.data import DEFAULT_CORPUS, calibration_ids
 from sparsekit.models import describe
 from sparsekit.nn import densify
@@ -125,10 +126,11 @@ def prune(
         ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
     elif not isinstance(calib, str):  # data passed along (a corpus name here would have been refused)
         log.info("%s reads no calibration data: calib is not used", request.method.name)
-    if request.structured:
-        report = request.method.prune(model, ids, request.config)
-    else:
-        report = prune_model(model, ids, request.config)
+    with calibration_attention():  # causal bf16 attention on the CPU kernel where it applies
+        if request.structured:
+            report = request.method.prune(model, ids, request.config)
+        else:
+            report = prune_model(model, ids, request.config)
     report.calib = label
     return report
 

@@ -35,7 +35,9 @@ from ._backend import CpuIsa, cpu_isa_is_default, current_cpu_isa
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")  # shipped as package data
-CPP_SOURCES = tuple(CSRC / name for name in ("cpu_common.cpp", "sparse24_cpu.cpp", "bitmap_cpu.cpp"))
+CPP_SOURCES = tuple(
+    CSRC / name for name in ("cpu_common.cpp", "sparse24_cpu.cpp", "bitmap_cpu.cpp", "attention_cpu.cpp")
+)
 FUNCTIONS = [
     "mm24",
     "mm24_q8",
@@ -47,6 +49,7 @@ FUNCTIONS = [
     "decompress24_rows",
     "mm_bitmap",
     "decompress_bitmap_rows",
+    "causal_attention_bf16",
     "cpu_isa_supported",
 ]
 ISA_LEVEL = {CpuIsa.SCALAR: 0, CpuIsa.AVX2: 1, CpuIsa.AVX512: 2, CpuIsa.AVX512_BF16: 3}

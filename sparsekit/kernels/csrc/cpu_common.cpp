@@ -1,10 +1,11 @@
-// sparsekit's CPU kernels, part 1 of 3: what the 2:4 and bitmap kernels share.
+// sparsekit's CPU kernels, part 1 of 4: what the 2:4, bitmap and attention kernels share.
 //
-// The three files are joined into one translation unit, in this order: cpu_common.cpp,
-// sparse24_cpu.cpp, bitmap_cpu.cpp (sparsekit/kernels/sparse24_cpu.py, CPP_SOURCES), so the
-// torch headers are parsed once.
+// The four files are joined into one translation unit, in this order: cpu_common.cpp,
+// sparse24_cpu.cpp, bitmap_cpu.cpp, attention_cpu.cpp (sparsekit/kernels/cpu_ext.py, CPP_SOURCES),
+// so the torch headers are parsed once.
 //
-// Every kernel exists for three x86-64 ISA levels in one binary: scalar (the baseline x86-64
+// Every kernel but attention_cpu.cpp's (level 3 only; elsewhere the caller keeps ATen's SDPA)
+// exists for three x86-64 ISA levels in one binary: scalar (the baseline x86-64
 // the file is compiled for: no hand-written SIMD), AVX2 + FMA + F16C, and AVX-512 (F, BW, VL).
 // The AVX2 and AVX-512 code sits between SK_BEGIN_AVX2 / SK_BEGIN_AVX512 and SK_END_ISA, which set
 // the compiler's target for those functions only (GCC `#pragma GCC target`, clang
@@ -27,6 +28,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>

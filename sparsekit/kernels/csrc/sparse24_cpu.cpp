@@ -1,4 +1,4 @@
-// sparsekit's CPU kernels, part 2 of 3: 2:4 (compiled after cpu_common.cpp, in one unit).
+// sparsekit's CPU kernels, part 2 of 4: 2:4 (compiled after cpu_common.cpp, in one unit).
 //
 // Format: values [N, K/2] (the two kept entries of each group of 4 columns), meta [N, ceil(K/8)]
 // uint8 (one nibble per group, i0 | i1 << 2, i0 < i1 the kept slots; group g in byte g / 2, low

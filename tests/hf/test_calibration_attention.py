@@ -1,0 +1,129 @@
+"""transformers' 'sdpa' attention on the causal bf16 CPU kernel inside ``calibration_attention``."""
+
+import pytest
+import torch
+import transformers
+from transformers.modeling_utils import AttentionInterface
+
+import sparsekit
+from sparsekit.hf import attention as hf_attention
+from sparsekit.kernels import cpu_ext
+from sparsekit.kernels._backend import CpuIsa
+from tests.conftest import require_cpu_extension
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the kernel's calls through the wrapper (the kernel still runs)."""
+    require_cpu_extension()
+    best = cpu_ext.supported_isa()
+    if cpu_ext.ISA_LEVEL[best] < cpu_ext.ISA_LEVEL[CpuIsa.AVX512_BF16]:
+        pytest.skip(
+            f"this CPU runs at most {best.value}; the kernel needs AVX512_BF16 + VBMI2 (Zen 4, Sapphire "
+            "Rapids and later), where these tests run"
+        )
+    calls = []
+    real = hf_attention.causal_attention_cpu
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "causal_attention_cpu", spy)
+    return calls
+
+
+def _model(model_type: str):
+    """A tiny random model with head dim 64 (the kernel's smallest)."""
+    common = dict(
+        vocab_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=256, intermediate_size=256, max_position_embeddings=128,
+    )  # fmt: skip
+    config = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen3": lambda: transformers.Qwen3Config(**(common | {"hidden_size": 128}), head_dim=64),
+        "mistral": lambda: transformers.MistralConfig(**common),
+    }[model_type]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def _logits(model, ids, autocast=True, **kwargs):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return model(ids, use_cache=False, **kwargs).logits.float()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral"])
+def test_autocast_forward_takes_the_kernel_and_matches_sdpa(kernel_calls, model_type):
+    """Mixed-precision logits with the kernel are as close to the fp32 model's as SDPA's are."""
+    model = _model(model_type)
+    ids = torch.randint(0, 128, (3, 70))
+    exact = _logits(model, ids, autocast=False)
+    sdpa = _logits(model, ids)
+    assert not kernel_calls
+    with hf_attention.calibration_attention():
+        ours = _logits(model, ids)
+    assert len(kernel_calls) == 2  # one per decoder block
+    err, err_sdpa = (ours - exact).abs().max().item(), (sdpa - exact).abs().max().item()
+    assert err <= 1.5 * err_sdpa + 1e-2, (err, err_sdpa)
+
+
+def test_where_sdpa_differs_the_wrapper_keeps_sdpa(kernel_calls):
+    """A padding mask, fp32 forwards, gradients and a single query all go to SDPA, unchanged."""
+    model = _model("llama")
+    ids = torch.randint(0, 128, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with hf_attention.calibration_attention():
+        padded = _logits(model, ids, attention_mask=mask)
+        fp32 = _logits(model, ids, autocast=False)
+        one = _logits(model, ids[:, :1])
+        model.train(False)
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    assert not kernel_calls
+    assert torch.equal(padded, _logits(model, ids, attention_mask=mask))
+    assert torch.equal(fp32, _logits(model, ids, autocast=False))
+    assert torch.equal(one, _logits(model, ids[:, :1]))
+
+
+def test_restores_transformers_sdpa_even_on_error():
+    original = AttentionInterface._global_mapping["sdpa"]
+    with pytest.raises(RuntimeError, match="inside"):
+        with hf_attention.calibration_attention():
+            with hf_attention.calibration_attention():  # re-entrant
+                assert AttentionInterface._global_mapping["sdpa"] is not original
+            assert AttentionInterface._global_mapping["sdpa"] is not original
+            raise RuntimeError("inside")
+    assert AttentionInterface._global_mapping["sdpa"] is original
+
+
+def test_env_switch_is_validated(monkeypatch):
+    hf_attention.cpu_attention_mode.cache_clear()
+    try:
+        monkeypatch.setenv("SPARSEKIT_CPU_ATTENTION", "flash")
+        with pytest.raises(ValueError, match="SPARSEKIT_CPU_ATTENTION is 'flash'.*auto, sdpa"):
+            hf_attention.cpu_attention_mode()
+        hf_attention.cpu_attention_mode.cache_clear()
+        monkeypatch.setenv("SPARSEKIT_CPU_ATTENTION", "sdpa")
+        original = AttentionInterface._global_mapping["sdpa"]
+        with hf_attention.calibration_attention():
+            assert AttentionInterface._global_mapping["sdpa"] is original
+    finally:
+        hf_attention.cpu_attention_mode.cache_clear()
+
+
+def test_prune_runs_its_mixed_calibration_forwards_on_the_kernel(kernel_calls):
+    """sparsekit.prune enters the context: bf16-mixed forwards reach the kernel, fp32 ones do not,
+    and both prune to the same sparsity."""
+    ids = torch.randint(0, 128, (4, 64))
+    mixed, fp32 = _model("llama"), _model("llama")
+    sparsekit.prune(mixed, "wanda", 0.5, calib=ids, forward_dtype="bf16-mixed", show_progress=False)
+    assert kernel_calls
+    n = len(kernel_calls)
+    sparsekit.prune(fp32, "wanda", 0.5, calib=ids, forward_dtype="float32", show_progress=False)
+    assert len(kernel_calls) == n
+    for a, b in zip(mixed.model.layers, fp32.model.layers, strict=True):
+        for m1, m2 in ((a.mlp.down_proj, b.mlp.down_proj), (a.self_attn.q_proj, b.self_attn.q_proj)):
+            assert (m1.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+            assert (m2.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
