@@ -35,6 +35,7 @@ from torch import nn
 
 from sparsekit.models import set_submodule
 
+from .attention import calibration_attention
 from .trainer import TrainingJob
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,8 @@ def one_shot_prior(
     layers = sparse_candidates(model)
     dense = {name: m.weight.detach().clone() for name, m in layers.items()}
     config = PruneConfig(method=method, sparsity="2:4", update=update, show_progress=show_progress)
-    prune_model(model, ids, config)
+    with calibration_attention():  # as sparsekit.prune runs its calibration forwards
+        prune_model(model, ids, config)
     masks = {name: m.weight != 0 for name, m in sparse_candidates(model).items()}
     for name, m in sparse_candidates(model).items():
         m.weight.copy_(dense[name] if start == "dense" else torch.where(masks[name], m.weight, dense[name]))

@@ -1,0 +1,41 @@
+"""bench/attention_cpu.py: options checked first, a wrong kernel stops it, the report is whole."""
+
+import json
+
+import pytest
+
+from tests.bench.conftest import bench_script, require_avx512_bf16
+
+
+def test_unknown_shapes_are_refused_before_anything_runs(capsys, tmp_path):
+    bench = bench_script("attention_cpu")
+    with pytest.raises(SystemExit):
+        bench.main(["--out", str(tmp_path), "--shapes", "smollm2-calib,gpt-5"])
+    assert "unknown ['gpt-5']" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_wrong_kernel_stops_the_benchmark(monkeypatch):
+    require_avx512_bf16("the attention benchmark")
+    bench = bench_script("attention_cpu")
+    wrong = lambda q, k, v: bench.causal_attention_reference(q, k, v) * 1.1  # noqa: E731
+    monkeypatch.setattr(bench, "causal_attention_cpu", wrong)
+    with pytest.raises(SystemExit, match="kernel error"):
+        bench.check((1, 2, 1, 40, 64))
+
+
+def test_every_shape_and_variant_is_reported(monkeypatch, tmp_path):
+    require_avx512_bf16("the attention benchmark")
+    bench = bench_script("attention_cpu")
+    monkeypatch.setattr(bench, "SHAPES", {"tiny": (1, 4, 2, 70, 64), "tiny-128": (1, 2, 1, 33, 128)})
+    bench.main(["--out", str(tmp_path), "--rounds", "2", "--min-time", "0.01", "--threads", "1"])
+    report = json.loads((tmp_path / "attention-cpu.json").read_text())
+    rows = report["rows"]
+    assert [(r["shape"], r["variant"]) for r in rows] == [
+        ("tiny", "sdpa"), ("tiny", "kernel"), ("tiny-128", "sdpa"), ("tiny-128", "kernel"),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["p20"] <= r["ms"] <= r["p80"] and r["gflops"] > 0
+        assert r["max_abs_error"] < 0.05
+    assert all(r["speedup"] == 1.0 for r in rows if r["variant"] == "sdpa")
+    assert "| tiny (1, 4, 2, 70, 64) | kernel |" in (tmp_path / "attention-cpu.md").read_text()
