@@ -83,6 +83,22 @@ def smollm2():
     return model, tokenizer
 
 
+def require_avx512_bf16(what: str) -> None:
+    """Skip, saying where ``what`` runs, unless this CPU runs the ``avx512-bf16`` level (checked
+    through the C++ extension, which must build here: ``require_cpu_extension``)."""
+    from sparsekit.kernels import cpu_ext
+    from sparsekit.kernels._backend import CpuIsa
+
+    require_cpu_extension()
+    best = cpu_ext.supported_isa()
+    if best is not CpuIsa.AVX512_BF16:
+        pytest.skip(
+            f"this CPU runs at most {best.value}; {what} needs avx512-bf16 (AVX-512 + AVX512_BF16 + "
+            "VBMI2) and runs on such a CPU: AMD Zen 4 and later, Intel Sapphire Rapids and later (the "
+            "EPYC-512 of docs/results.md)"
+        )
+
+
 def tiny_config(model_type: str):
     """A tiny random config (2 layers, hidden 64) of a supported architecture; no downloads."""
     import transformers

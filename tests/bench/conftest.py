@@ -8,6 +8,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from tests.conftest import require_avx512_bf16  # noqa: F401  (the bench tests import it from here)
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -41,20 +43,3 @@ def original_driver_command(
         "--model", str(model), "--calib", str(calib), "--method", method, "--sparsity", sparsity,
         "--out", str(out), "--report", str(report), "--threads", "1",
     ]  # fmt: skip
-
-
-def require_avx512_bf16(what: str) -> None:
-    """Skip, saying where ``what`` runs, unless this CPU runs the ``avx512-bf16`` level (checked
-    through the C++ extension, which must build here: ``require_cpu_extension``)."""
-    from sparsekit.kernels import cpu_ext
-    from sparsekit.kernels._backend import CpuIsa
-    from tests.conftest import require_cpu_extension
-
-    require_cpu_extension()
-    best = cpu_ext.supported_isa()
-    if best is not CpuIsa.AVX512_BF16:
-        pytest.skip(
-            f"this CPU runs at most {best.value}; {what} needs avx512-bf16 (AVX-512 + AVX512_BF16 + "
-            "VBMI2) and runs on such a CPU: AMD Zen 4 and later, Intel Sapphire Rapids and later (the "
-            "EPYC-512 of docs/results.md)"
-        )

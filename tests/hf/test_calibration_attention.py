@@ -7,21 +7,13 @@ from transformers.modeling_utils import AttentionInterface
 
 import sparsekit
 from sparsekit.hf import attention as hf_attention
-from sparsekit.kernels import cpu_ext
-from sparsekit.kernels._backend import CpuIsa
-from tests.conftest import require_cpu_extension
+from tests.conftest import require_avx512_bf16
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the kernel's calls through the wrapper (the kernel still runs)."""
-    require_cpu_extension()
-    best = cpu_ext.supported_isa()
-    if cpu_ext.ISA_LEVEL[best] < cpu_ext.ISA_LEVEL[CpuIsa.AVX512_BF16]:
-        pytest.skip(
-            f"this CPU runs at most {best.value}; the kernel needs AVX512_BF16 + VBMI2 (Zen 4, Sapphire "
-            "Rapids and later), where these tests run"
-        )
+    require_avx512_bf16("the attention kernel")
     calls = []
     real = hf_attention.causal_attention_cpu
 

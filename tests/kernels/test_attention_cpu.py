@@ -3,25 +3,18 @@
 import pytest
 import torch
 
-from sparsekit.kernels import cpu_ext
-from sparsekit.kernels._backend import CpuIsa, use_cpu_isa
+from sparsekit.kernels._backend import use_cpu_isa
 from sparsekit.kernels.attention_cpu import (
     causal_attention_cpu,
     causal_attention_reference,
     unsupported_reason,
 )
-from tests.conftest import require_cpu_extension
+from tests.conftest import require_avx512_bf16
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    require_cpu_extension()
-    best = cpu_ext.supported_isa()
-    if cpu_ext.ISA_LEVEL[best] < cpu_ext.ISA_LEVEL[CpuIsa.AVX512_BF16]:
-        pytest.skip(
-            f"this CPU runs at most {best.value}; the attention kernel needs AVX512_BF16 + VBMI2 (Zen 4, "
-            "Sapphire Rapids and later), where these tests run"
-        )
+    require_avx512_bf16("the attention kernel")
 
 
 def _inputs(b, h, kv, s, d, seed=0):
