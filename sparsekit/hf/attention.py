@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("auto", "sdpa")
 _lock = threading.Lock()
-_state: dict[str, object] = {"depth": 0, "original": None}
+_state: dict[str, object] = {"depth": 0, "original": None, "logged": False}
 
 
 @cache
@@ -86,6 +86,12 @@ def _with_kernel(original: Callable) -> Callable:
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                 is_causal=is_causal, position_bias=position_bias, **kwargs,
             )  # fmt: skip
+        if not _state["logged"]:
+            _state["logged"] = True
+            log.info(
+                "calibration attention runs on sparsekit's causal bf16 CPU kernel "
+                "(SPARSEKIT_CPU_ATTENTION=sdpa keeps torch's SDPA)"
+            )
         return causal_attention_cpu(*inputs, scale=scaling), None
 
     attention.sparsekit_original = original

@@ -46,8 +46,11 @@ def _logits(model, ids, autocast=True, **kwargs):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral"])
-def test_autocast_forward_takes_the_kernel_and_matches_sdpa(kernel_calls, model_type):
-    """Mixed-precision logits with the kernel are as close to the fp32 model's as SDPA's are."""
+def test_autocast_forward_takes_the_kernel_and_matches_sdpa(kernel_calls, model_type, caplog, monkeypatch):
+    """Mixed-precision logits with the kernel are as close to the fp32 model's as SDPA's are; the
+    first use is logged."""
+    monkeypatch.setitem(hf_attention._state, "logged", False)
+    caplog.set_level("INFO", logger="sparsekit.hf.attention")
     model = _model(model_type)
     ids = torch.randint(0, 128, (3, 70))
     exact = _logits(model, ids, autocast=False)
@@ -56,6 +59,7 @@ def test_autocast_forward_takes_the_kernel_and_matches_sdpa(kernel_calls, model_
     with hf_attention.calibration_attention():
         ours = _logits(model, ids)
     assert len(kernel_calls) == 2  # one per decoder block
+    assert sum("causal bf16 CPU kernel" in r.message for r in caplog.records) == 1
     err, err_sdpa = (ours - exact).abs().max().item(), (sdpa - exact).abs().max().item()
     assert err <= 1.5 * err_sdpa + 1e-2, (err, err_sdpa)
 
