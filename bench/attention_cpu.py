@@ -10,6 +10,10 @@ at most a quarter (plus 2e-3), or the script stops. Rounds alternate the order o
 report gives the median ms, p20..p80 and GFLOP/s of the causal triangle (4 S (S + 1) / 2 D per
 head, both products).
 
+``--real-model smollm2`` adds real inputs: the q / k / v every decoder block of the model
+computes under bf16 autocast on 8 x 512 offline calibration tokens (seed 0), and per block the
+relative (Frobenius) and max |error| of bf16 SDPA and of the kernel against float64 SDPA.
+
 Needs a CPU with AVX-512 + AVX512_BF16 + VBMI2 (``avx512-bf16``); elsewhere it stops and says so.
 """
 
@@ -99,6 +103,67 @@ def rows_for(shapes: list[str], rounds: int, min_time: float) -> list[dict]:
     return rows
 
 
+def real_inputs(model_name: str) -> list[tuple[torch.Tensor, ...]]:
+    """(q, k, v, scale) of every decoder block's attention, bf16, from one autocast forward of
+    ``model_name`` on 8 x 512 offline calibration tokens."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from sparsekit.hf.data import calibration_ids
+    from sparsekit.hf.models import load_model
+
+    model, tokenizer = load_model(model_name)
+    ids = calibration_ids(tokenizer, "wiki-offline", 8, 512, 0)
+    original = AttentionInterface._global_mapping["sdpa"]
+    seen = []
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.bfloat16(), key.bfloat16(), value.bfloat16(), kwargs.get("scaling")))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("sdpa", record)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, use_cache=False)
+    finally:
+        AttentionInterface.register("sdpa", original)
+    return seen
+
+
+def real_rows(model_name: str) -> list[dict]:
+    """Per block: relative and max |error| of bf16 SDPA and of the kernel against float64 SDPA."""
+    rows = []
+    for block, (q, k, v, scale) in enumerate(real_inputs(model_name)):
+        exact = causal_attention_reference(q.double(), k.double(), v.double(), scale)
+        row = {"block": block, "shape": list(q.shape)}
+        for name, out in (
+            ("sdpa", causal_attention_reference(q, k, v, scale)),
+            ("kernel", causal_attention_cpu(q, k, v, scale)),
+        ):
+            diff = out.double() - exact
+            row[f"{name}_rel"] = (diff.norm() / exact.norm()).item()
+            row[f"{name}_max"] = diff.abs().max().item()
+        rows.append(row)
+    return rows
+
+
+def real_markdown(rows: list[dict], model_name: str) -> str:
+    kernel_over = [r["kernel_rel"] / r["sdpa_rel"] for r in rows]
+    median, low, high = statistics.median(kernel_over), min(kernel_over), max(kernel_over)
+    lines = [
+        "", f"Real inputs: {model_name}, every decoder block's q / k / v under bf16 autocast (8 x 512 "
+        f"calibration tokens); kernel's relative error over SDPA's: median {median:.4f}, "
+        f"range {low:.4f}-{high:.4f}.", "",
+        "| block | SDPA rel error | kernel rel error | SDPA max abs | kernel max abs |",
+        "|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['block']} | {r['sdpa_rel']:.3e} | {r['kernel_rel']:.3e} | {r['sdpa_max']:.3e} "
+            f"| {r['kernel_max']:.3e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict], header: str) -> str:
     lines = [
         header, "",
@@ -122,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (median over them)")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per variant and round")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--real-model", default=None, help="also check every block's real inputs (smollm2)")
     args = parser.parse_args(argv)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -131,8 +197,17 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--rounds and --threads must be at least 1 and --min-time above 0")
     require_avx512_bf16("the attention kernel and this benchmark")
     torch.set_num_threads(args.threads)
+    real = real_rows(args.real_model) if args.real_model else []  # a bad model name stops before timing
     rows = rows_for(shapes, args.rounds, args.min_time)
-    print(write_report(args.out, "attention-cpu", "attention_cpu.py", argv, rows, markdown))
+    for row in real:
+        rows.append({"shape": f"{args.real_model} block {row['block']}", "variant": "real-inputs", **row})
+
+    def full_markdown(all_rows: list[dict], header: str) -> str:
+        timed = [r for r in all_rows if r["variant"] != "real-inputs"]
+        text = markdown(timed, header)
+        return text + (real_markdown(real, args.real_model) if real else "")
+
+    print(write_report(args.out, "attention-cpu", "attention_cpu.py", argv, rows, full_markdown))
 
 
 if __name__ == "__main__":

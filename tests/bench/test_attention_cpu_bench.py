@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.bench.conftest import bench_script, require_avx512_bf16
 
@@ -39,3 +40,27 @@ def test_every_shape_and_variant_is_reported(monkeypatch, tmp_path):
         assert r["max_abs_error"] < 0.05
     assert all(r["speedup"] == 1.0 for r in rows if r["variant"] == "sdpa")
     assert "| tiny (1, 4, 2, 70, 64) | kernel |" in (tmp_path / "attention-cpu.md").read_text()
+
+
+def test_real_inputs_are_checked_per_block(monkeypatch, tmp_path):
+    """--real-model: one row per decoder block with both errors, and the summary line."""
+    require_avx512_bf16("the attention benchmark")
+    bench = bench_script("attention_cpu")
+    g = torch.Generator().manual_seed(0)
+    fake = [
+        tuple(torch.randn(1, n, 40, 64, generator=g).bfloat16() for n in (4, 2, 2)) + (None,)
+        for _ in range(3)
+    ]
+    monkeypatch.setattr(bench, "real_inputs", lambda name: fake)
+    monkeypatch.setattr(bench, "SHAPES", {"tiny": (1, 2, 1, 40, 64)})
+    bench.main(["--out", str(tmp_path), "--rounds", "1", "--min-time", "0.01", "--real-model", "smollm2"])
+    rows = [
+        r
+        for r in json.loads((tmp_path / "attention-cpu.json").read_text())["rows"]
+        if r["variant"] == "real-inputs"
+    ]
+    assert [r["block"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert 0 < r["kernel_rel"] < 0.01 and 0 < r["sdpa_rel"] < 0.01
+    text = (tmp_path / "attention-cpu.md").read_text()
+    assert "Real inputs: smollm2" in text and "| 2 |" in text
