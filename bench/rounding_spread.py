@@ -6,11 +6,14 @@
 A variant is ``FORWARD_DTYPE@BATCH`` or ``FORWARD_DTYPE@BATCH~DRAW``: the calibration forwards'
 dtype (``float32``; ``auto``, the default: bf16 where the CPU has fast bf16 matmuls; ``bfloat16``;
 ``bf16-mixed``: the matmuls in bf16, the hidden states fp32), how many calibration
-sequences each block forward takes, and optionally a jitter draw: every layer's input statistic
+sequences each block forward takes, optionally a jitter draw: every layer's input statistic
 (Wanda's squared norms, SparseGPT's Gram matrix) multiplied elementwise by 1 + J z before the method
 reads it, z standard normal from a generator seeded DRAW (symmetric for a Gram matrix), J =
 ``--jitter`` (default 1e-6: a few fp32 roundings, the order of the difference between two summation
-orders of the same statistic over tens of calibration windows). ``--method`` also takes a recipe as
+orders of the same statistic over tens of calibration windows), and optionally ``/sdpa`` or ``/auto``:
+the calibration forwards' attention for that variant (``SPARSEKIT_CPU_ATTENTION``; ``auto``, the
+default, runs bf16 causal attention on sparsekit's CPU kernel, ``sdpa`` on torch's), so
+``auto@8 auto@8/sdpa`` compares the two on the same draws in one process. ``--method`` also takes a recipe as
 ``vs_llmcompressor.py`` writes it (``wanda+owl``). Batch sizes change only the order of
 the same fp32 sums (GEMM blocking, the statistics' chunk sums) and jitter draws change the
 statistics at that size, so their spread is how much of a gap between two equivalent implementations
@@ -24,11 +27,14 @@ same seed (median and range over seeds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
+import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,6 +45,7 @@ from sparsekit._env import environment, run_line
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.formats import parse_sparsity
+from sparsekit.hf.attention import ATTENTION_MODES, cpu_attention_mode
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
 from sparsekit.pruning.method import InputStat, PruningMethod, pruning_method
@@ -59,6 +66,34 @@ def parse_variant(text: str) -> tuple[str, int, int | None]:
             f"one of {DTYPES}, BATCH >= 1, DRAW >= 1 (a jitter draw)"
         )
     return dtype, int(batch), int(draw) if tilde else None
+
+
+def split_attention(text: str) -> tuple[str, str | None]:
+    """'auto@8/sdpa' -> ('auto@8', 'sdpa'); 'auto@8' -> ('auto@8', None); raises ValueError naming the
+    accepted attention modes."""
+    variant, slash, mode = text.partition("/")
+    if slash and mode not in ATTENTION_MODES:
+        raise ValueError(f"variant {text!r}: the part after '/' is the attention, one of {ATTENTION_MODES}")
+    return variant, mode if slash else None
+
+
+@contextlib.contextmanager
+def attention_mode(mode: str | None) -> Iterator[None]:
+    """``SPARSEKIT_CPU_ATTENTION=mode`` inside (None: unchanged), the previous value restored after."""
+    if mode is None:
+        yield
+        return
+    before = os.environ.get("SPARSEKIT_CPU_ATTENTION")
+    os.environ["SPARSEKIT_CPU_ATTENTION"] = mode
+    cpu_attention_mode.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SPARSEKIT_CPU_ATTENTION", None)
+        else:
+            os.environ["SPARSEKIT_CPU_ATTENTION"] = before
+        cpu_attention_mode.cache_clear()
 
 
 def jitter_(value: torch.Tensor, size: float, generator: torch.Generator) -> torch.Tensor:
@@ -164,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        parsed = [parse_variant(v) for v in args.variants]
+        modes = [split_attention(v) for v in args.variants]
+        parsed = [parse_variant(v) for v, _ in modes]
         score, options = recipe_options(args.method)
         pruning_method(score)
         parse_sparsity(args.sparsity)
@@ -192,16 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     out, rows = Path(args.out), []
     for seed in args.seeds:
         calib = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=seed)
-        for variant, (dtype, batch, draw) in zip(args.variants, parsed, strict=True):
+        for variant, (dtype, batch, draw), (_, mode) in zip(args.variants, parsed, modes, strict=True):
             model = copy.deepcopy(dense)
             method = jittered(score, args.jitter, draw) if draw else score
             start = time.perf_counter()
-            report = sparsekit.prune(
-                model, method=method, sparsity=args.sparsity, calib=calib, forward_dtype=dtype,
-                batch_size=batch, show_progress=False, **options,
-            )  # fmt: skip
+            with attention_mode(mode):
+                report = sparsekit.prune(
+                    model, method=method, sparsity=args.sparsity, calib=calib, forward_dtype=dtype,
+                    batch_size=batch, show_progress=False, **options,
+                )  # fmt: skip
+                attention = cpu_attention_mode()
             seconds = time.perf_counter() - start
             row = {"seed": seed, "variant": variant, "forward_dtype": report.forward_dtype, "batch": batch,
+                   "attention": attention,
                    "jitter": args.jitter if draw else 0.0, "jitter_draw": draw,
                    "ppl": perplexity_of_ids(model, eval_ids, 512).ppl, "prune_s": seconds,
                    "timings_s": report.timings_s}  # fmt: skip

@@ -21,6 +21,28 @@ def test_variants_parse_and_bad_ones_name_the_form():
             rs.parse_variant(bad)
 
 
+def test_an_attention_suffix_is_split_off_and_a_bad_one_names_the_modes():
+    rs = bench_script("rounding_spread")
+    assert rs.split_attention("auto@8/sdpa") == ("auto@8", "sdpa")
+    assert rs.split_attention("float32@8~2/auto") == ("float32@8~2", "auto")
+    assert rs.split_attention("auto@8") == ("auto@8", None)
+    with pytest.raises(ValueError, match="one of"):
+        rs.split_attention("auto@8/flash")
+
+
+def test_attention_mode_sets_the_switch_inside_and_restores_it(monkeypatch):
+    rs = bench_script("rounding_spread")
+    monkeypatch.setenv("SPARSEKIT_CPU_ATTENTION", "auto")
+    rs.cpu_attention_mode.cache_clear()
+    with rs.attention_mode("sdpa"):
+        assert rs.cpu_attention_mode() == "sdpa"
+    assert rs.cpu_attention_mode() == "auto"
+    monkeypatch.delenv("SPARSEKIT_CPU_ATTENTION")
+    with pytest.raises(RuntimeError), rs.attention_mode("sdpa"):
+        raise RuntimeError("a failed prune")
+    assert "SPARSEKIT_CPU_ATTENTION" not in rs.os.environ and rs.cpu_attention_mode() == "auto"
+
+
 def test_jitter_is_relative_seeded_and_keeps_a_gram_matrix_symmetric():
     rs = bench_script("rounding_spread")
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
@@ -86,6 +108,7 @@ def test_spread_divides_by_the_first_variant_on_the_same_seed():
         (["--sparsity", "5:4"], "5:4"),
         (["--seeds", "1", "1"], "repeats a value"),
         (["--variants", "float32@8~0"], "DRAW >= 1"),
+        (["--variants", "auto@8/flash"], "the attention"),
         (["--jitter", "0"], "--jitter"),
         (["--jitter", "1e-5", "--variants", "float32@8", "auto@8"], "none is given"),
         (["--method", "magnitude", "--variants", "float32@8", "float32@8~1"], "nothing to jitter"),
@@ -153,3 +176,18 @@ def test_a_recipe_method_prunes_with_its_pieces(tmp_path, monkeypatch):
     assert seen == [("wanda", "owl", "bf16-mixed")]
     report = json.loads((tmp_path / "owl.json").read_text())
     assert report["rows"][0]["forward_dtype"] == "bf16-mixed"
+
+
+def test_a_variant_with_sdpa_prunes_under_that_switch_and_records_it(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.delenv("SPARSEKIT_CPU_ATTENTION", raising=False)
+    rs = _on_a_tiny_model(monkeypatch, seen, lambda kw: (kw["forward_dtype"], rs.cpu_attention_mode()))
+    out = tmp_path / "attn"
+    argv = ["--out", str(out), "--variants", "auto@4", "auto@4/sdpa",
+            "--nsamples", "4", "--seqlen", "8", "--eval-tokens", "512"]  # fmt: skip
+    assert rs.main(argv) == 0
+    assert seen == [("auto", "auto"), ("auto", "sdpa")]
+    report = json.loads(out.with_suffix(".json").read_text())
+    pairs = [(r["variant"], r["attention"]) for r in report["rows"]]
+    assert pairs == [("auto@4", "auto"), ("auto@4/sdpa", "sdpa")]
+    assert rs.cpu_attention_mode() == "auto"
