@@ -16,6 +16,11 @@ corpus, ppl on 32,768 held-out tokens in windows of 512, 2 threads. The structur
 llm-compressor (it has none of these methods); ``--structured-seeds`` gives it its own draws
 (it is the cheaper half).
 
+``--composed`` adds sparsekit's composed recipes (RIA + permutation + ADMM at 2:4, SparseGPT + OWL +
+ADMM + DSnoT at 50%) to the unstructured half; no reference runs them, so the summary times each
+against the same session's original SparseGPT at its sparsity and seed (the issue's target: at
+most that time).
+
 ``--from-reports A.json B.json ...`` runs nothing: it merges halves' reports written by earlier
 runs (of this script or of either half alone, e.g. ``vs_llmcompressor.py --seeds 1 2``) into the
 summary, each row's medians taken over every seed the reports hold. Reports of one half must share
@@ -97,8 +102,9 @@ def _median(values: list[float]) -> float:
 
 def unstructured_rows(report: dict) -> list[dict]:
     """Summary rows of vs_llmcompressor's report: per config, each tool's median ppl and time over
-    seeds, sparsekit's default (the "auto" forwards) against each reference per seed."""
-    rows = [r for r in report["rows"] if "seed" in r]
+    seeds, sparsekit's default (the "auto" forwards) against each reference per seed. Composed
+    recipes are left to ``composed_rows``."""
+    rows = [r for r in report["rows"] if "seed" in r and r["config"] not in vs_llmcompressor.COMPOSED]
     out = []
     for config in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == config]
@@ -116,6 +122,30 @@ def unstructured_rows(report: dict) -> list[dict]:
             other = _summary(config, {**tools, "sparsekit": fp32}, {})
             summary["sparsekit fp32"] = {**other["sparsekit"], **{k: other[k] for k in VERSUS}}
         out.append(summary)
+    return out
+
+
+def composed_rows(report: dict) -> list[dict]:
+    """Per composed recipe in vs_llmcompressor's report: sparsekit's median ppl and prune s (default
+    forwards), the original SparseGPT's at the same sparsity, and the median per-seed time ratio."""
+    rows = [r for r in report["rows"] if "seed" in r and not r.get("error")]
+    out = []
+    for config in dict.fromkeys(r["config"] for r in rows if r["config"] in vs_llmcompressor.COMPOSED):
+        ours = [r for r in rows if r["config"] == config and r.get("forward_dtype") != "float32"]
+        target = f"sparsegpt/{config.split('/')[1]}"
+        ref = {r["seed"]: r for r in rows if r["config"] == target and r["tool"].startswith("original")}
+        pairs = [(r, ref[r["seed"]]) for r in ours if r["seed"] in ref]
+        out.append({
+            "config": config,
+            "reference": f"original {target}",
+            "sparsekit": {"ppl": _median([r["ppl"] for r in ours]),
+                          "prune_s": _median([r["prune_s"] for r in ours]),
+                          "seeds": [r["seed"] for r in ours]},
+            "original": {"ppl": _median([b["ppl"] for _, b in pairs]),
+                         "prune_s": _median([b["prune_s"] for _, b in pairs]),
+                         "seeds": [b["seed"] for _, b in pairs]},
+            "time": _median([a["prune_s"] / b["prune_s"] for a, b in pairs]),
+        })  # fmt: skip
     return out
 
 
@@ -184,7 +214,28 @@ def _fp32_cell(fp32: dict | None) -> str:
     return f"{_cell(fp32)}: {ratios}"
 
 
-def markdown(head: str, rows: list[dict]) -> str:
+def composed_markdown(rows: list[dict]) -> list[str]:
+    """The composed recipes' lines of the summary (none where no recipe ran)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Composed recipes against the original SparseGPT at their sparsity (same session and ids; "
+        "the target: time ratio <= 1):",
+        "",
+        "| recipe | seeds | sparsekit | original SparseGPT | time ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ref = r["original"]
+        cell = f"{ref['ppl']:.2f} ({ref['prune_s']:.0f})" if ref["seeds"] else "-"
+        met = "-" if not ref["seeds"] else f"{r['time']:.2f} ({'yes' if r['time'] <= 1 else 'no'})"
+        ours = _cell({**r["sparsekit"], "failed": []})
+        lines.append(f"| {r['config']} | {len(r['sparsekit']['seeds'])} | {ours} | {cell} | {met} |")
+    return lines
+
+
+def markdown(head: str, rows: list[dict], composed: list[dict] | None = None) -> str:
     lines = [
         head,
         "",
@@ -207,6 +258,7 @@ def markdown(head: str, rows: list[dict]) -> str:
         )
     failed = list(dict.fromkeys((r["config"], n, e) for r in rows for n in HEADS for e in r[n]["failed"]))
     lines += ["", *(f"- {c}, {n} failed: {e}" for c, n, e in failed)] if failed else []
+    lines += composed_markdown(composed or [])
     return "\n".join(lines) + "\n"
 
 
@@ -228,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         "--forward-dtypes", nargs="+", default=["auto", "float32"], choices=("auto", "float32"),
         help="sparsekit's calibration-forward variants in the unstructured half (the summary reads auto)",
     )  # fmt: skip
+    p.add_argument(
+        "--composed",
+        action="store_true",
+        help="also sparsekit's composed recipes, timed against the original SparseGPT",
+    )
     args = p.parse_args(argv)
     if args.from_reports:
         return summarize_reports(p, args, argv)
@@ -249,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("unstructured half -> %s", unstructured)
     vs_llmcompressor.main(
         [*common, "--out", str(unstructured), "--venv", args.venv, *(["--setup"] if args.setup else []),
-         "--seeds", *map(str, args.seeds), "--forward-dtypes", *args.forward_dtypes]
+         "--seeds", *map(str, args.seeds), "--forward-dtypes", *args.forward_dtypes,
+         "--rows", *vs_llmcompressor.CONFIGS, *(vs_llmcompressor.COMPOSED if args.composed else [])]
     )  # fmt: skip
     log.info("structured half -> %s", structured)
     vs_original_structured.main(
@@ -257,19 +315,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     reports = [json.loads(path.with_suffix(".json").read_text()) for path in (unstructured, structured)]
     rows = unstructured_rows(reports[0]) + structured_rows(reports[1])
+    composed = composed_rows(reports[0])
     head = (
         f"{run_line('bench/vs_references.py', argv, env)}; the halves' own reports: {unstructured}.md, "
         f"{structured}.md (their protocol and versions in their headers)."
     )
-    write_json_atomic(out.with_suffix(".json"), {"environment": env, "args": vars(args), "rows": rows})
-    write_text_atomic(out.with_suffix(".md"), markdown(head, rows))
-    print(markdown(head, rows))
+    doc = {"environment": env, "args": vars(args), "rows": rows, "composed": composed}
+    write_json_atomic(out.with_suffix(".json"), doc)
+    write_text_atomic(out.with_suffix(".md"), markdown(head, rows, composed))
+    print(markdown(head, rows, composed))
     return 0
 
 
 def summarize_reports(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     """--from-reports: the summary of earlier reports, merged (nothing runs)."""
-    runs = ("original", "original_from", "setup", "venv", "seeds", "structured_seeds", "forward_dtypes")
+    runs = (
+        "original",
+        "original_from",
+        "setup",
+        "venv",
+        "seeds",
+        "structured_seeds",
+        "forward_dtypes",
+        "composed",
+    )
     given = [f"--{a.replace('_', '-')}" for a in runs if getattr(args, a) != p.get_default(a)]
     if given:
         p.error(f"--from-reports runs nothing: drop {' '.join(given)}")
@@ -282,6 +351,7 @@ def summarize_reports(p: argparse.ArgumentParser, args: argparse.Namespace, argv
     except (ValueError, KeyError, json.JSONDecodeError) as exc:
         p.error(f"cannot merge the reports: {exc}")
     rows = unstructured_rows(unstructured) + structured_rows(structured)
+    composed = composed_rows(unstructured)
     commits = sorted({e["commit"] for half in (unstructured, structured) for e in half["environments"]})
     cpus = sorted({e["cpu"] for half in (unstructured, structured) for e in half["environments"]})
     head = (
@@ -291,10 +361,11 @@ def summarize_reports(p: argparse.ArgumentParser, args: argparse.Namespace, argv
     )
     out = Path(args.out)
     write_json_atomic(
-        out.with_suffix(".json"), {"args": vars(args), "sources": args.from_reports, "rows": rows}
+        out.with_suffix(".json"),
+        {"args": vars(args), "sources": args.from_reports, "rows": rows, "composed": composed},
     )
-    write_text_atomic(out.with_suffix(".md"), markdown(head, rows))
-    print(markdown(head, rows))
+    write_text_atomic(out.with_suffix(".md"), markdown(head, rows, composed))
+    print(markdown(head, rows, composed))
     return 0
 
 

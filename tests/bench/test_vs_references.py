@@ -173,3 +173,51 @@ def test_from_reports_refuses_run_options_and_missing_files(argv, match, tmp_pat
     with pytest.raises(SystemExit):
         bench_script("vs_references").main(["--from-reports", str(tmp_path / "none.json"), *argv])
     assert match in capsys.readouterr().err
+
+
+def test_composed_recipes_are_timed_against_the_original_sparsegpt_at_their_sparsity():
+    vs = bench_script("vs_references")
+    row = lambda config, seed, tool, ppl, s, **kw: {"config": config, "seed": seed, "tool": tool, "ppl": ppl,  # noqa: E731
+                                                     "prune_s": s, **kw}  # fmt: skip
+    report = {
+        "rows": [
+            row("sparsegpt/2:4", 0, "original wanda@abc", 58.0, 200.0),
+            row("sparsegpt/2:4", 1, "original wanda@abc", 60.0, 100.0),
+            row("sparsegpt/2:4", 0, "sparsekit 0.1", 59.0, 90.0, forward_dtype="bf16-mixed"),
+            row("sparsegpt/0.5", 0, "original wanda@abc", 30.0, 190.0),
+            row("ria+permute+admm/2:4", 0, "sparsekit 0.1", 50.0, 130.0, forward_dtype="bf16-mixed"),
+            row("ria+permute+admm/2:4", 1, "sparsekit 0.1", 48.0, 120.0, forward_dtype="bf16-mixed"),
+            row("ria+permute+admm/2:4", 0, "sparsekit 0.1", 47.0, 300.0, forward_dtype="float32"),
+        ]
+    }  # fmt: skip
+    assert [r["config"] for r in vs.unstructured_rows(report)] == ["sparsegpt/2:4", "sparsegpt/0.5"]
+    (ria,) = vs.composed_rows(report)
+    assert ria["reference"] == "original sparsegpt/2:4" and ria["sparsekit"]["seeds"] == [0, 1]
+    assert ria["sparsekit"]["ppl"] == 49.0 and ria["original"]["prune_s"] == 150.0
+    assert ria["time"] == pytest.approx((130 / 200 + 120 / 100) / 2)  # per seed, then the median
+    text = vs.markdown("head", vs.unstructured_rows(report), [ria])
+    assert "| ria+permute+admm/2:4 | 2 | 49.00 (125) | 59.00 (150) | 0.93 (yes) |" in text
+    assert "Composed recipes" not in vs.markdown("head", vs.unstructured_rows(report), [])
+
+
+def test_composed_adds_the_recipes_to_the_unstructured_half(tmp_path, monkeypatch):
+    vs = bench_script("vs_references")
+    calls = {}
+
+    def half(name):
+        def run(argv):
+            calls[name] = argv
+            raise SystemExit(0)  # stop before any work: only the arguments matter here
+
+        return run
+
+    monkeypatch.setattr(vs.vs_llmcompressor, "main", half("unstructured"))
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text("")
+    for extra, composed in (([], []), (["--composed"], vs.vs_llmcompressor.COMPOSED)):
+        with pytest.raises(SystemExit):
+            vs.main(["--original", str(tmp_path), "--venv", str(tmp_path / "venv"), *extra])
+        argv = calls["unstructured"]
+        rows = argv[argv.index("--rows") + 1 :]
+        assert rows == vs.vs_llmcompressor.CONFIGS + composed
