@@ -62,5 +62,6 @@ def test_real_inputs_are_checked_per_block(monkeypatch, tmp_path):
     assert [r["block"] for r in rows] == [0, 1, 2]
     for r in rows:
         assert 0 < r["kernel_rel"] < 0.01 and 0 < r["sdpa_rel"] < 0.01
+        assert 0 < r["fp32_rel"] < min(r["kernel_rel"], r["sdpa_rel"])  # one rounding: the floor
     text = (tmp_path / "attention-cpu.md").read_text()
     assert "Real inputs: smollm2" in text and "| 2 |" in text
