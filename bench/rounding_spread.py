@@ -10,10 +10,11 @@ sequences each block forward takes, optionally a jitter draw: every layer's inpu
 (Wanda's squared norms, SparseGPT's Gram matrix) multiplied elementwise by 1 + J z before the method
 reads it, z standard normal from a generator seeded DRAW (symmetric for a Gram matrix), J =
 ``--jitter`` (default 1e-6: a few fp32 roundings, the order of the difference between two summation
-orders of the same statistic over tens of calibration windows), and optionally ``/sdpa`` or ``/auto``:
-the calibration forwards' attention for that variant (``SPARSEKIT_CPU_ATTENTION``; ``auto``, the
-default, runs bf16 causal attention on sparsekit's CPU kernel, ``sdpa`` on torch's), so
-``auto@8 auto@8/sdpa`` compares the two on the same draws in one process. ``--method`` also takes a recipe as
+orders of the same statistic over tens of calibration windows), and optionally ``/sdpa`` or
+``/auto``: the calibration forwards' attention for that variant
+(``sparsekit.hf.attention.attention_mode``, over ``SPARSEKIT_CPU_ATTENTION``; ``auto``, the
+default, runs bf16 causal attention on sparsekit's CPU kernel, ``sdpa`` on torch's), so ``auto@8
+auto@8/sdpa`` compares the two on the same draws in one process. ``--method`` also takes a recipe as
 ``vs_llmcompressor.py`` writes it (``wanda+owl``). Batch sizes change only the order of
 the same fp32 sums (GEMM blocking, the statistics' chunk sums) and jitter draws change the
 statistics at that size, so their spread is how much of a gap between two equivalent implementations
@@ -30,11 +31,9 @@ import argparse
 import contextlib
 import copy
 import logging
-import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,7 +44,7 @@ from sparsekit._env import environment, run_line
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.formats import parse_sparsity
-from sparsekit.hf.attention import ATTENTION_MODES, cpu_attention_mode
+from sparsekit.hf.attention import ATTENTION_MODES, active_attention_mode, attention_mode
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
 from sparsekit.pruning.method import InputStat, PruningMethod, pruning_method
@@ -75,25 +74,6 @@ def split_attention(text: str) -> tuple[str, str | None]:
     if slash and mode not in ATTENTION_MODES:
         raise ValueError(f"variant {text!r}: the part after '/' is the attention, one of {ATTENTION_MODES}")
     return variant, mode if slash else None
-
-
-@contextlib.contextmanager
-def attention_mode(mode: str | None) -> Iterator[None]:
-    """``SPARSEKIT_CPU_ATTENTION=mode`` inside (None: unchanged), the previous value restored after."""
-    if mode is None:
-        yield
-        return
-    before = os.environ.get("SPARSEKIT_CPU_ATTENTION")
-    os.environ["SPARSEKIT_CPU_ATTENTION"] = mode
-    cpu_attention_mode.cache_clear()
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("SPARSEKIT_CPU_ATTENTION", None)
-        else:
-            os.environ["SPARSEKIT_CPU_ATTENTION"] = before
-        cpu_attention_mode.cache_clear()
 
 
 def jitter_(value: torch.Tensor, size: float, generator: torch.Generator) -> torch.Tensor:
@@ -232,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             model = copy.deepcopy(dense)
             method = jittered(score, args.jitter, draw) if draw else score
             start = time.perf_counter()
-            with attention_mode(mode):
+            with attention_mode(mode) if mode else contextlib.nullcontext():
                 report = sparsekit.prune(
                     model, method=method, sparsity=args.sparsity, calib=calib, forward_dtype=dtype,
                     batch_size=batch, show_progress=False, **options,
                 )  # fmt: skip
-                attention = cpu_attention_mode()
+                attention = active_attention_mode()
             seconds = time.perf_counter() - start
             row = {"seed": seed, "variant": variant, "forward_dtype": report.forward_dtype, "batch": batch,
                    "attention": attention,

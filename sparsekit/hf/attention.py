@@ -13,6 +13,7 @@ wherever that computes exactly what SDPA would (and SDPA itself everywhere else)
 ``sparsekit.prune`` enters it for its calibration forwards, whose attention is a third of a
 bf16 block forward with SDPA on CPUs (docs/results.md, "Causal attention on the CPU").
 ``SPARSEKIT_CPU_ATTENTION=sdpa`` (read once) keeps SDPA everywhere; the default is ``auto``.
+``attention_mode(mode)`` overrides it inside a ``with`` block (for A/B runs in one process).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("auto", "sdpa")
 _lock = threading.Lock()
-_state: dict[str, object] = {"depth": 0, "original": None, "logged": False}
+_state: dict[str, object] = {"depth": 0, "original": None, "logged": False, "override": None}
 
 
 @cache
@@ -45,6 +46,26 @@ def cpu_attention_mode() -> str:
             f"SPARSEKIT_CPU_ATTENTION is {value!r}; set it to one of {', '.join(ATTENTION_MODES)} or unset it"
         )
     return value
+
+
+def active_attention_mode() -> str:
+    """The mode ``calibration_attention`` obeys: ``attention_mode``'s override, else the env's."""
+    override = _state["override"]
+    return str(override) if override is not None else cpu_attention_mode()
+
+
+@contextmanager
+def attention_mode(mode: str) -> Iterator[None]:
+    """Within: calibration forwards use ``mode`` ('auto' or 'sdpa') whatever
+    ``SPARSEKIT_CPU_ATTENTION`` says; the previous mode is back on exit. Nested blocks stack."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention mode {mode!r}: choose one of {', '.join(ATTENTION_MODES)}")
+    before = _state["override"]
+    _state["override"] = mode
+    try:
+        yield
+    finally:
+        _state["override"] = before
 
 
 def _kernel_inputs(
@@ -102,7 +123,7 @@ def _with_kernel(original: Callable) -> Callable:
 def calibration_attention() -> Iterator[None]:
     """Within: 'sdpa' attention takes the causal bf16 CPU kernel where it applies (module doc).
     Re-entrant; restores transformers' own function on exit."""
-    if cpu_attention_mode() == "sdpa":
+    if active_attention_mode() == "sdpa":
         yield
         return
     with _lock:
@@ -120,4 +141,10 @@ def calibration_attention() -> Iterator[None]:
                 _state["original"] = None
 
 
-__all__ = ["ATTENTION_MODES", "calibration_attention", "cpu_attention_mode"]
+__all__ = [
+    "ATTENTION_MODES",
+    "active_attention_mode",
+    "attention_mode",
+    "calibration_attention",
+    "cpu_attention_mode",
+]

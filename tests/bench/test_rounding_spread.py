@@ -1,6 +1,7 @@
 """bench/rounding_spread.py: variants, the per-seed spread, and a whole run on a tiny model."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -28,19 +29,6 @@ def test_an_attention_suffix_is_split_off_and_a_bad_one_names_the_modes():
     assert rs.split_attention("auto@8") == ("auto@8", None)
     with pytest.raises(ValueError, match="one of"):
         rs.split_attention("auto@8/flash")
-
-
-def test_attention_mode_sets_the_switch_inside_and_restores_it(monkeypatch):
-    rs = bench_script("rounding_spread")
-    monkeypatch.setenv("SPARSEKIT_CPU_ATTENTION", "auto")
-    rs.cpu_attention_mode.cache_clear()
-    with rs.attention_mode("sdpa"):
-        assert rs.cpu_attention_mode() == "sdpa"
-    assert rs.cpu_attention_mode() == "auto"
-    monkeypatch.delenv("SPARSEKIT_CPU_ATTENTION")
-    with pytest.raises(RuntimeError), rs.attention_mode("sdpa"):
-        raise RuntimeError("a failed prune")
-    assert "SPARSEKIT_CPU_ATTENTION" not in rs.os.environ and rs.cpu_attention_mode() == "auto"
 
 
 def test_jitter_is_relative_seeded_and_keeps_a_gram_matrix_symmetric():
@@ -181,7 +169,7 @@ def test_a_recipe_method_prunes_with_its_pieces(tmp_path, monkeypatch):
 def test_a_variant_with_sdpa_prunes_under_that_switch_and_records_it(tmp_path, monkeypatch):
     seen = []
     monkeypatch.delenv("SPARSEKIT_CPU_ATTENTION", raising=False)
-    rs = _on_a_tiny_model(monkeypatch, seen, lambda kw: (kw["forward_dtype"], rs.cpu_attention_mode()))
+    rs = _on_a_tiny_model(monkeypatch, seen, lambda kw: (kw["forward_dtype"], rs.active_attention_mode()))
     out = tmp_path / "attn"
     argv = ["--out", str(out), "--variants", "auto@4", "auto@4/sdpa",
             "--nsamples", "4", "--seqlen", "8", "--eval-tokens", "512"]  # fmt: skip
@@ -190,4 +178,4 @@ def test_a_variant_with_sdpa_prunes_under_that_switch_and_records_it(tmp_path, m
     report = json.loads(out.with_suffix(".json").read_text())
     pairs = [(r["variant"], r["attention"]) for r in report["rows"]]
     assert pairs == [("auto@4", "auto"), ("auto@4/sdpa", "sdpa")]
-    assert rs.cpu_attention_mode() == "auto"
+    assert rs.active_attention_mode() == "auto" and "SPARSEKIT_CPU_ATTENTION" not in os.environ

@@ -109,6 +109,30 @@ def test_env_switch_is_validated(monkeypatch):
         hf_attention.cpu_attention_mode.cache_clear()
 
 
+def test_attention_mode_overrides_the_env_inside_and_restores_it(monkeypatch):
+    hf_attention.cpu_attention_mode.cache_clear()
+    monkeypatch.setenv("SPARSEKIT_CPU_ATTENTION", "auto")
+    original = AttentionInterface._global_mapping["sdpa"]
+    try:
+        with pytest.raises(ValueError, match="attention mode 'flash': choose one of auto, sdpa"):
+            with hf_attention.attention_mode("flash"):
+                pass
+        with hf_attention.attention_mode("sdpa"):
+            assert hf_attention.active_attention_mode() == "sdpa"
+            with hf_attention.calibration_attention():  # SDPA kept: nothing is swapped in
+                assert AttentionInterface._global_mapping["sdpa"] is original
+            with hf_attention.attention_mode("auto"):  # nested: the inner one wins, then unwinds
+                assert hf_attention.active_attention_mode() == "auto"
+            assert hf_attention.active_attention_mode() == "sdpa"
+        with pytest.raises(RuntimeError), hf_attention.attention_mode("sdpa"):
+            raise RuntimeError("a failed prune")
+        assert hf_attention.active_attention_mode() == "auto"
+        with hf_attention.calibration_attention():
+            assert AttentionInterface._global_mapping["sdpa"] is not original
+    finally:
+        hf_attention.cpu_attention_mode.cache_clear()
+
+
 def test_prune_runs_its_mixed_calibration_forwards_on_the_kernel(kernel_calls):
     """sparsekit.prune enters the context: bf16-mixed forwards reach the kernel, fp32 ones do not,
     and both prune to the same sparsity."""
