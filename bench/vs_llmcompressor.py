@@ -260,22 +260,27 @@ def _seed_summary(rows: list[dict]) -> list[str]:
     return lines
 
 
+def composed_reference(rows: list[dict], recipe: dict) -> dict | None:
+    """The row of ``rows`` a composed ``recipe`` row is timed against: the original code's SparseGPT
+    at the recipe's sparsity on the same seed (None where that did not run or failed)."""
+    target = f"sparsegpt/{recipe['config'].split('/')[1]}"
+    return next(
+        (
+            r for r in rows
+            if r.get("config") == target and r.get("seed") == recipe["seed"]
+            and r.get("tool", "").startswith("original") and not r.get("error")
+        ),
+        None,
+    )  # fmt: skip
+
+
 def _composed_summary(rows: list[dict]) -> list[str]:
     """Each composed recipe's prune time against the original SparseGPT at its sparsity and seed
     (the issue's target: ratio <= 1)."""
     scored = [r for r in rows if "seed" in r and not r.get("error")]
     lines = []
     for r in (r for r in scored if r["config"] in COMPOSED):
-        sparsity = r["config"].split("/")[1]
-        ref = next(
-            (
-                o
-                for o in scored
-                if o["config"] == f"sparsegpt/{sparsity}" and o["seed"] == r["seed"]
-                and o["tool"].startswith("original")
-            ),
-            None,
-        )  # fmt: skip
+        ref = composed_reference(scored, r)
         if ref is not None:
             lines.append(
                 f"- {r['config']}, seed {r['seed']} ({r['forward_dtype']} forwards): {r['prune_s']:.1f} s "

@@ -132,12 +132,11 @@ def composed_rows(report: dict) -> list[dict]:
     out = []
     for config in dict.fromkeys(r["config"] for r in rows if r["config"] in vs_llmcompressor.COMPOSED):
         ours = [r for r in rows if r["config"] == config and r.get("forward_dtype") != "float32"]
-        target = f"sparsegpt/{config.split('/')[1]}"
-        ref = {r["seed"]: r for r in rows if r["config"] == target and r["tool"].startswith("original")}
-        pairs = [(r, ref[r["seed"]]) for r in ours if r["seed"] in ref]
+        refs = [(r, vs_llmcompressor.composed_reference(rows, r)) for r in ours]
+        pairs = [(r, ref) for r, ref in refs if ref is not None]
         out.append({
             "config": config,
-            "reference": f"original {target}",
+            "reference": f"original sparsegpt/{config.split('/')[1]}",
             "sparsekit": {"ppl": _median([r["ppl"] for r in ours]),
                           "prune_s": _median([r["prune_s"] for r in ours]),
                           "seeds": [r["seed"] for r in ours]},
