@@ -25,6 +25,7 @@ import time
 
 import torch
 from bf16dot_report import require_avx512_bf16, write_report
+from torch.nn.attention import SDPBackend
 
 from sparsekit.kernels.attention_cpu import causal_attention_cpu, causal_attention_reference
 
@@ -45,6 +46,14 @@ def _inputs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def _run(variant: str, q, k, v) -> torch.Tensor:
     return causal_attention_reference(q, k, v) if variant == "sdpa" else causal_attention_cpu(q, k, v)
+
+
+def sdpa_backend(shape: tuple[int, ...]) -> str:
+    """The backend torch's SDPA picks for the reference's call on ``shape`` (keys repeated, causal,
+    bf16), e.g. FLASH_ATTENTION (its CPU flash kernel) or MATH."""
+    b, h, _, s, d = shape
+    q = torch.empty(b, h, s, d, dtype=torch.bfloat16)
+    return SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)).name
 
 
 def check(shape: tuple[int, ...]) -> dict:
@@ -91,12 +100,14 @@ def rows_for(shapes: list[str], rounds: int, min_time: float) -> list[dict]:
         b, h, _, s, d = shape
         flops = 4 * b * h * d * s * (s + 1) / 2
         errors = check(shape)
+        backends = {"sdpa": sdpa_backend(shape), "kernel": "sparsekit"}
         times = measure(shape, rounds, min_time)
         for variant in VARIANTS:
             t = times[variant]
             med = statistics.median(t)
             rows.append({
-                "shape": name, "bhksd": list(shape), "variant": variant, "ms": med * 1e3,
+                "shape": name, "bhksd": list(shape), "variant": variant, "backend": backends[variant],
+                "ms": med * 1e3,
                 "p20": _quantile(t, 0.2) * 1e3, "p80": _quantile(t, 0.8) * 1e3, "gflops": flops / med / 1e9,
                 "max_abs_error": errors[variant], "speedup": statistics.median(times["sdpa"]) / med,
             })  # fmt: skip
@@ -171,14 +182,15 @@ def real_markdown(rows: list[dict], model_name: str) -> str:
 def markdown(rows: list[dict], header: str) -> str:
     lines = [
         header, "",
-        "| shape (B, H, KV, S, D) | variant | ms (p20..p80) | GFLOP/s (triangle) | x SDPA "
+        "| shape (B, H, KV, S, D) | variant | backend | ms (p20..p80) | GFLOP/s (triangle) | x SDPA "
         "| max abs error vs float64 |",
-        "|---|---|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         spread = f"{r['ms']:.2f} ({r['p20']:.2f}..{r['p80']:.2f})"
         lines.append(
-            f"| {r['shape']} {tuple(r['bhksd'])} | {r['variant']} | {spread} | {r['gflops']:.0f} "
+            f"| {r['shape']} {tuple(r['bhksd'])} | {r['variant']} | {r.get('backend', '-')} | {spread} "
+            f"| {r['gflops']:.0f} "
             f"| {r['speedup']:.2f} | {r['max_abs_error']:.2e} |"
         )
     return "\n".join(lines) + "\n"
