@@ -23,6 +23,7 @@ import torch
 
 from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.bench.layers import layers_markdown, linear_shapes, run_layers
+from sparsekit.kernels import cpu_ext
 from sparsekit.nn import cpu_rule
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -66,6 +67,11 @@ def _summary(rows: list[dict]) -> str:
             lines.append(f"| {b} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _fp32_gemm_dtypes() -> str:
+    names = sorted(str(d).replace("torch.", "") for d in cpu_ext.BLAS_FP32_DTYPES)
+    return ", ".join(names) or "none"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         "env": first.env,
         "config": {k: r.config for k, r in results.items()},
         "rule_margin": cpu_rule.MARGIN,
+        "blas_fp32_dtypes": _fp32_gemm_dtypes(),
         "rows": rows,
     }
     md = [
@@ -160,9 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"ISA levels this CPU runs: up to {first.config.get('cpu_isa_supported')}; every path forced in turn "
         "(`@isa`). The BLAS that dense and the blas path call is torch's own (MKL / oneDNN, which pick "
-        "their ISA from the CPU: AVX-512 here, and AMX where the CPU has it), so a forced `avx2` / "
-        "`scalar` row is those kernels on this machine, not a measurement of an AVX2-only CPU. "
-        "Backends without `@isa` (int8, int4: torch's own ops) run once.",
+        "their ISA from the CPU), so a forced row below the CPU's best level is those kernels beside "
+        "this CPU's GEMM, not a measurement of a CPU whose best level it is. "
+        f"Blas paths run their GEMM in fp32 for: {_fp32_gemm_dtypes()} (ATen has no native GEMM in "
+        "those dtypes here). Backends without `@isa` (int8, int4: torch's own ops) run once.",
         "",
         _summary(rows),
     ]

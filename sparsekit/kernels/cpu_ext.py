@@ -26,6 +26,8 @@ import logging
 import os
 import platform
 import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,6 +53,7 @@ FUNCTIONS = [
     "decompress_bitmap_rows",
     "causal_attention_bf16",
     "cpu_isa_supported",
+    "set_blas_fp32_dtypes",
 ]
 ISA_LEVEL = {CpuIsa.SCALAR: 0, CpuIsa.AVX2: 1, CpuIsa.AVX512: 2, CpuIsa.AVX512_BF16: 3}
 _LEVEL_ISA = {level: isa for isa, level in ISA_LEVEL.items()}
@@ -124,14 +127,40 @@ def has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "amx_bf16" in _cpuinfo_fields(cpuinfo).get("flags", "").split()
 
 
-def is_zen4(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """AMD family 0x19 (Zen 3 and Zen 4) with AVX-512, which only Zen 4 has (False where unreadable)."""
+def _amd_family_25(cpuinfo: str, avx512: bool) -> bool:
+    """AMD family 0x19 (Zen 3 and Zen 4) with AVX-512 (only Zen 4 has it) or AVX2 alone (Zen 3)."""
     fields = _cpuinfo_fields(cpuinfo)
+    flags = fields.get("flags", "").split()
     return (
         fields.get("vendor_id") == "AuthenticAMD"
         and fields.get("cpu family") == "25"
-        and "avx512f" in fields.get("flags", "").split()
+        and ("avx512f" in flags if avx512 else "avx2" in flags and "avx512f" not in flags)
     )
+
+
+def is_zen4(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """AMD family 0x19 with AVX-512: Zen 4 (False where unreadable)."""
+    return _amd_family_25(cpuinfo, avx512=True)
+
+
+def is_zen3(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """AMD family 0x19 with AVX2 and no AVX-512: Zen 3 (False where unreadable)."""
+    return _amd_family_25(cpuinfo, avx512=False)
+
+
+# An AVX2-only Zen 3 (EPYC, 2 threads and 1: docs/data/cpu-paths-zen3-2t.md, cpu-paths-zen3.md), its
+# bf16 blas GEMM in fp32 (BLAS_FP32_DTYPES: ATen has no native bf16 GEMM there): the AVX2 direct
+# kernels lose to the tiles sooner in fp32 (2:4 from M = 8: 1.04x dense against 1.06x; bitmap from
+# 16) and later in bf16 (bitmap direct 2.69x dense at M = 16 against 2.24x). Same at both thread
+# counts. Intel CPUs without AVX-512 were not measured and keep the table above.
+_MEASURED_ZEN3 = {
+    ("2:4", CpuIsa.AVX2, _F32): 4,
+    ("2:4", CpuIsa.AVX2, _BF16): 8,
+    ("2:4", CpuIsa.AVX2, _F16): 8,
+    ("bitmap", CpuIsa.AVX2, _F32): 8,
+    ("bitmap", CpuIsa.AVX2, _BF16): 16,
+    ("bitmap", CpuIsa.AVX2, _F16): 16,
+}
 
 
 # The AVX-512 + BF16 level's own bf16 direct kernels (vdpbf16ps, x kept bf16): bench/cpu_paths.py on
@@ -154,6 +183,8 @@ if has_amx():
     DIRECT_MAX_M.update(_MEASURED_AMX)
 elif THIS_CPU_IS_ZEN4:
     DIRECT_MAX_M.update(_MEASURED_ZEN4)
+elif is_zen3():
+    DIRECT_MAX_M.update(_MEASURED_ZEN3)
 DIRECT_MAX_M.update(_with_bf16_level(DIRECT_MAX_M))
 if THIS_CPU_IS_ZEN4:
     DIRECT_MAX_M.update(_MEASURED_ZEN4_BF16DOT)
@@ -197,7 +228,7 @@ class _ExtensionLoader:
         try:
             from torch.utils.cpp_extension import load_inline
 
-            return load_inline(
+            module = load_inline(
                 name=f"sparsekit_cpu_kernels_{_source_key()}",
                 cpp_sources=[p.read_text() for p in CPP_SOURCES],
                 functions=FUNCTIONS,
@@ -208,6 +239,50 @@ class _ExtensionLoader:
             self.error = f"{type(e).__name__}: {e}"
             log.warning("sparsekit CPU extension did not build (%s); using the plain torch paths", e)
             return None
+        module.set_blas_fp32_dtypes(_dtype_mask(BLAS_FP32_DTYPES))
+        return module
+
+
+def native_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether ATen runs ``dtype``'s CPU GEMM natively: oneDNN takes bf16 with AVX-512 (BW, VL, DQ)
+    or AMX, fp16 with AVX512-FP16 or AMX. Elsewhere ATen's fallback loop runs it several times
+    slower than fp32 (an AVX2-only Zen 3 at 1536 x 576: bf16 3.7x at M = 16, 9x at M = 512)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
+# half-precision dtypes whose blas paths (decompressed / dequantized tiles + ATen GEMM) widen x and
+# each tile to fp32 and round y once: those ATen has no native GEMM for on this CPU (read once)
+BLAS_FP32_DTYPES = frozenset(d for d in (torch.bfloat16, torch.float16) if not native_half_gemm(d))
+_MASK_BITS = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def _dtype_mask(dtypes: Iterable[torch.dtype]) -> int:
+    unknown = set(dtypes) - set(_MASK_BITS)
+    if unknown:
+        names = sorted(map(str, unknown))
+        raise ValueError(f"the blas GEMM can run in fp32 for bf16 / fp16 only, got {names}")
+    return sum(_MASK_BITS[d] for d in set(dtypes))
+
+
+@contextmanager
+def blas_gemm_in_fp32(dtypes: Iterable[torch.dtype]) -> Iterator[None]:
+    """Within the block, the blas paths of layers in exactly ``dtypes`` (of bf16, fp16) run their GEMM
+    in fp32, the others natively (the default is ``BLAS_FP32_DTYPES``): for tests and A/B benchmarks.
+    Process-wide; a no-op without the C++ extension."""
+    mask = _dtype_mask(dtypes)
+    ext = extension()
+    if ext is None:
+        yield
+        return
+    before = ext.set_blas_fp32_dtypes(mask)
+    try:
+        yield
+    finally:
+        ext.set_blas_fp32_dtypes(before)
 
 
 _LOADER = _ExtensionLoader()
@@ -284,14 +359,17 @@ def isa_level(isa: CpuIsa) -> int:
 
 
 __all__ = [
+    "BLAS_FP32_DTYPES",
     "CPP_SOURCES",
     "DIRECT_MAX_M",
     "PATHS",
+    "blas_gemm_in_fp32",
     "build_error",
     "choose_path",
     "cpu_model",
     "extension",
     "isa_level",
+    "native_half_gemm",
     "resolve_isa",
     "supported_isa",
 ]

@@ -187,22 +187,31 @@ def cpu_route(fmt: str, dtype: torch.dtype, m: int, isa: CpuIsa | str | None = N
         return "aten int4 op"
     if fmt == "int8":
         ext = cpu_ext.extension() is not None
-        if m > (INT8_DIRECT_MAX_M if fp32 and ext else DEQUANT_ABOVE_M["int8"]):
+        direct = ext and _int8_direct(dtype)
+        if m > (INT8_DIRECT_MAX_M if direct else DEQUANT_ABOVE_M["int8"]):
             return "sparsekit mm_q8_blas (tiles + GEMM)" if ext else "dequantize + GEMM"
-        return "sparsekit mm_q8" if fp32 and ext else "aten int8 op"
+        return "sparsekit mm_q8" if direct else "aten int8 op"
     if fmt == "2:4-int8":
         limit = sparse24_int8_kernel_max_m(resolve_isa(isa), dtype)
         return "sparsekit mm24_q8_blas (tiles + GEMM)" if m > limit else "sparsekit mm24_q8"
     raise ValueError(f"{fmt!r} is not a quantized format")
 
 
+def _int8_direct(dtype: torch.dtype) -> bool:
+    """Whether int8 layers in ``dtype`` take sparsekit's direct kernel (``mm_q8``) at small M rather
+    than torch's op: fp32 (the op has no fast fp32 path), and bf16 / fp16 where ATen has no native
+    GEMM in that dtype. There torch's op ran 0.94x dense at M = 1 and mm_q8 1.84x (bf16, 1536 x 576,
+    an AVX2-only Zen 3, 2 threads: docs/data/quant-paths-zen3-2t)."""
+    return dtype == torch.float32 or dtype in cpu_ext.BLAS_FP32_DTYPES
+
+
 def bind_int8_cpu(
     q: torch.Tensor, scale: torch.Tensor, isa: CpuIsa | str | None = None
 ) -> Callable[..., torch.Tensor]:
     """``fn(x, bias) -> y`` for one stored int8 weight on the CPU: torch's op for bf16 / fp16 up to
-    ``DEQUANT_ABOVE_M['int8']`` rows of x; for fp32 sparsekit's C++ direct kernel (``mm_q8``) up to
-    ``INT8_DIRECT_MAX_M`` (torch's op has no fast fp32 path); above, dequantized tiles + GEMM
-    (``mm_q8_blas``). Without the C++ extension: torch's op, or dequantize + F.linear above."""
+    ``DEQUANT_ABOVE_M['int8']`` rows of x; for fp32 (and bf16 / fp16 on a CPU without a native GEMM
+    in them) sparsekit's C++ direct kernel (``mm_q8``) up to ``INT8_DIRECT_MAX_M``; above, dequantized
+    tiles + GEMM (``mm_q8_blas``). Without the C++ extension: torch's op, or dequantize + F.linear above."""
     n, k = q.shape
     ext = cpu_ext.extension()
     if ext is None:
@@ -215,16 +224,16 @@ def bind_int8_cpu(
         return op
     level = isa_level(resolve_isa(isa))
     scale32 = scale.float().contiguous()
-    fp32 = scale.dtype == torch.float32
-    most = INT8_DIRECT_MAX_M if fp32 else DEQUANT_ABOVE_M["int8"]
+    direct = _int8_direct(scale.dtype)
+    most = INT8_DIRECT_MAX_M if direct else DEQUANT_ABOVE_M["int8"]
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         x2 = x2 if x2.is_contiguous() else x2.contiguous()
         if x2.shape[0] > most:
             y = ext.mm_q8_blas(x2, q, scale32, _contiguous(bias, x.dtype), level, cpu_ext.BLAS_TILE_BYTES)
-        elif fp32:
-            y = ext.mm_q8(x2, q, scale32, bias, level)
+        elif direct:
+            y = ext.mm_q8(x2, q, scale32, _contiguous(bias, x.dtype), level)
         else:
             return int8_mm(x, q, scale, bias)
         return y.reshape(*x.shape[:-1], n)

@@ -336,6 +336,25 @@ def test_zen4_is_told_apart_from_zen3_and_intel(tmp_path):
         assert limit <= cpu_ext._MEASURED[key[:2]][0 if key[2] == torch.float32 else 1]  # lower, never higher
 
 
+def test_zen3_takes_its_own_avx2_crossovers(tmp_path):
+    """An AVX2-only AMD family 25 (Zen 3) is told apart from Zen 4 and Intel, and only there do the
+    AVX2 limits come from _MEASURED_ZEN3."""
+    info = tmp_path / "cpuinfo"
+    zen3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nflags\t\t: fpu fma avx2 bmi2\n\n"
+    info.write_text(zen3)
+    assert cpu_ext.is_zen3(str(info)) and not cpu_ext.is_zen4(str(info))
+    info.write_text(zen3.replace("avx2", "avx2 avx512f"))
+    assert not cpu_ext.is_zen3(str(info)) and cpu_ext.is_zen4(str(info))
+    info.write_text(zen3.replace("AuthenticAMD", "GenuineIntel").replace("25", "6"))
+    assert not cpu_ext.is_zen3(str(info)) and not cpu_ext.is_zen3(str(tmp_path / "missing"))
+    info.write_text(zen3.replace(" avx2", ""))
+    assert not cpu_ext.is_zen3(str(info))  # no AVX2: the scalar path, nothing measured
+    for key, limit in cpu_ext._MEASURED_ZEN3.items():
+        assert key[1] is CpuIsa.AVX2
+        default = cpu_ext._MEASURED[key[:2]][0 if key[2] == torch.float32 else 1]
+        assert cpu_ext.DIRECT_MAX_M[key] == (limit if cpu_ext.is_zen3() else default), key
+
+
 def test_the_bf16_level_inherits_avx512_crossovers_but_its_own_bf16_ones():
     """Level 3 runs the AVX-512 kernels except the bf16 direct ones, so every other limit is AVX-512's."""
     for (fmt, isa, dtype), limit in cpu_ext.DIRECT_MAX_M.items():

@@ -28,6 +28,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -234,23 +235,68 @@ torch::Tensor scratch(int64_t n) {
   return torch::from_blob(keep.data(), {n}, opts);
 }
 
+// rows per blas tile: at most about tile_bytes of dense rows of elem bytes, a multiple of 16, and a
+// tile count that is a multiple of the threads (no thread idles on the last round)
+inline int64_t blas_tile_rows(int64_t N, int64_t K, int64_t elem, int64_t tile_bytes) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t most = std::max<int64_t>(16, tile_bytes / std::max<int64_t>(1, K * elem));
+  int64_t tiles = (N + most - 1) / most;
+  tiles = (tiles + threads - 1) / threads * threads;
+  return std::min<int64_t>(N, ((N + tiles - 1) / tiles + 15) / 16 * 16);
+}
+
+// the blas path with the GEMM in fp32 for a half-precision T (see g_blas_fp32_dtypes below)
+template <typename T, typename Kern>
+torch::Tensor blas_mm_fp32(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias,
+                           int64_t N, int64_t K, int64_t tile_bytes) {
+  const int64_t M = x.size(0);
+  const auto x32 = x.to(at::kFloat);
+  auto y32 = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  const int64_t tile = blas_tile_rows(N, K, sizeof(float), tile_bytes);
+  const int64_t tiles = (N + tile - 1) / tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::NoGradGuard no_grad;
+    torch::Tensor w = scratch<T>(tile * K).view({tile, K});
+    torch::Tensor w32 = scratch<float>(tile * K).view({tile, K});
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, rows = std::min<int64_t>(tile, N - n0);
+      kern.decompress(n0, n0 + rows, w.data_ptr<T>());
+      auto wt = w32.narrow(0, 0, rows).copy_(w.narrow(0, 0, rows)).t();
+      auto o = y32.narrow(1, n0, rows);
+      at::mm_out(o, x32, wt);
+    }
+  });
+  if (bias.has_value()) y32.add_(bias->to(at::kFloat));
+  return y32.to(x.scalar_type());
+}
+
 // ------------------------------------------------------------------------- blas path driver
+// Which half-precision dtypes the blas path multiplies in fp32 (bit 0 bf16, bit 1 fp16): on a CPU
+// where ATen has no native bf16 / fp16 GEMM (oneDNN runs them only with AVX-512 or AMX), its GEMM
+// in those dtypes is several times slower than in fp32 (an AVX2-only Zen 3: bf16 9x at M = 512).
+// Set once at load from Python (sparsekit.kernels.cpu_ext), changeable for tests and benchmarks.
+std::atomic<int64_t> g_blas_fp32_dtypes{0};
+
+template <typename T>
+bool blas_in_fp32() {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return g_blas_fp32_dtypes.load(std::memory_order_relaxed) & 1;
+  if constexpr (std::is_same_v<T, c10::Half>) return g_blas_fp32_dtypes.load(std::memory_order_relaxed) & 2;
+  return false;
+}
+
 // Kern provides void decompress(n0, n1, T* out): dense rows [n0, n1) into out [n1 - n0, K].
 // Each task decompresses tiles of weight rows into its own buffer and calls ATen's GEMM on them
 // (single-threaded inside the parallel region), writing straight into y's columns of the tile.
+// Where blas_in_fp32<T>(): x and each tile are widened to fp32 (exact), the GEMM runs in fp32 and
+// y is rounded to T once at the end (ATen's half GEMM also sums in fp32 and rounds once).
 template <typename T, typename Kern>
 torch::Tensor blas_mm(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N,
                       int64_t K, int64_t tile_bytes = TILE_BYTES) {
   const int64_t M = x.size(0);
+  if (blas_in_fp32<T>()) return blas_mm_fp32<T>(kern, x, bias, N, K, tile_bytes);
   auto y = torch::empty({M, N}, x.options());
-  const int64_t threads = at::get_num_threads();
-  // rows per tile: at most about TILE_BYTES dense, a multiple of 16, and a tile count that is a
-  // multiple of the threads (no thread idles on the last round)
-  const int64_t most = std::max<int64_t>(16, tile_bytes / std::max<int64_t>(1, K * int64_t(sizeof(T))));
-  int64_t tiles = (N + most - 1) / most;
-  tiles = (tiles + threads - 1) / threads * threads;
-  const int64_t tile = std::min<int64_t>(N, ((N + tiles - 1) / tiles + 15) / 16 * 16);
-  tiles = (N + tile - 1) / tile;
+  const int64_t tile = blas_tile_rows(N, K, sizeof(T), tile_bytes);
+  const int64_t tiles = (N + tile - 1) / tile;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     at::NoGradGuard no_grad;  // grad mode is thread-local: the pool's threads need their own guard
     torch::Tensor w = scratch<T>(tile * K).view({tile, K});

@@ -975,3 +975,11 @@ void decompress24_rows(torch::Tensor values, torch::Tensor meta, int64_t n0, tor
 }
 
 int64_t cpu_isa_supported() { return isa_supported(); }
+
+// which half-precision dtypes every blas path multiplies in fp32: bit 0 bf16, bit 1 fp16; returns
+// the mask it replaces
+int64_t set_blas_fp32_dtypes(int64_t mask) {
+  TORCH_CHECK(mask >= 0 && mask <= 3, "set_blas_fp32_dtypes: mask must be 0..3 (bit 0 bf16, bit 1 fp16), got ",
+              mask);
+  return g_blas_fp32_dtypes.exchange(mask);
+}
