@@ -254,9 +254,26 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
     return True
 
 
+BLAS_GEMM_MODES = ("auto", "fp32", "native")
+
+
+def _blas_fp32_dtypes_from_env() -> frozenset[torch.dtype]:
+    value = os.environ.get("SPARSEKIT_CPU_BLAS_GEMM", "auto")
+    half = (torch.bfloat16, torch.float16)
+    if value == "auto":
+        return frozenset(d for d in half if not native_half_gemm(d))
+    if value in BLAS_GEMM_MODES:
+        return frozenset(half if value == "fp32" else ())
+    raise ValueError(
+        f"SPARSEKIT_CPU_BLAS_GEMM is {value!r}; choose auto (bf16 / fp16 blas GEMMs in fp32 where ATen "
+        "has no native GEMM in them), fp32 (always) or native (never)"
+    )
+
+
 # half-precision dtypes whose blas paths (decompressed / dequantized tiles + ATen GEMM) widen x and
-# each tile to fp32 and round y once: those ATen has no native GEMM for on this CPU (read once)
-BLAS_FP32_DTYPES = frozenset(d for d in (torch.bfloat16, torch.float16) if not native_half_gemm(d))
+# each tile to fp32 and round y once; SPARSEKIT_CPU_BLAS_GEMM (read once at import) sets it: auto
+# (default: those ATen has no native GEMM for on this CPU), fp32 or native
+BLAS_FP32_DTYPES = _blas_fp32_dtypes_from_env()
 _MASK_BITS = {torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -360,6 +377,7 @@ def isa_level(isa: CpuIsa) -> int:
 
 __all__ = [
     "BLAS_FP32_DTYPES",
+    "BLAS_GEMM_MODES",
     "CPP_SOURCES",
     "DIRECT_MAX_M",
     "PATHS",

@@ -141,8 +141,8 @@ def bind_sparse24_cpu(
 
 
 def has_fast_path() -> bool:
-    """True when the extension built and this CPU runs its AVX-512 kernels."""
-    return extension() is not None and cpu_ext.supported_isa() in (CpuIsa.AVX512, CpuIsa.AVX512_BF16)
+    """True when the extension built and this CPU runs one of its vector paths (AVX2 or AVX-512)."""
+    return extension() is not None and cpu_ext.supported_isa() is not CpuIsa.SCALAR
 
 
 __all__ = [

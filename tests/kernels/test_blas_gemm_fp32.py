@@ -8,6 +8,10 @@ refused; the default follows ``native_half_gemm``; and bf16 int8 layers take the
 small M exactly where the GEMM runs in fp32.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +160,26 @@ def test_bf16_int8_takes_the_direct_kernel_where_the_gemm_runs_in_fp32(emulated,
     calls.clear()
     mm(torch.randn(quant.DEQUANT_ABOVE_M["int8"] + 1, 64, dtype=torch.bfloat16), None)
     assert calls == ["mm_q8_blas"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("fp32", "[torch.bfloat16, torch.float16]"), ("native", "[]"), ("auto", None)],
+)
+def test_the_env_sets_the_default_once_and_a_bad_value_is_refused(value, expected):
+    code = (
+        "import os, torch; from sparsekit.kernels import cpu_ext\n"
+        "os.environ['SPARSEKIT_CPU_BLAS_GEMM'] = 'native'  # too late: read once at import\n"
+        "print(sorted(cpu_ext.BLAS_FP32_DTYPES, key=str))\n"
+        "half = (torch.bfloat16, torch.float16)\n"
+        "print(sorted((d for d in half if not cpu_ext.native_half_gemm(d)), key=str))"
+    )
+    env = {**os.environ, "SPARSEKIT_CPU_BLAS_GEMM": value}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got, auto = done.stdout.strip().splitlines()
+    assert got == (auto if expected is None else expected)
+    env["SPARSEKIT_CPU_BLAS_GEMM"] = "bf16"
+    cmd = [sys.executable, "-c", "import sparsekit.kernels"]
+    bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "SPARSEKIT_CPU_BLAS_GEMM is 'bf16'; choose auto" in bad.stderr
