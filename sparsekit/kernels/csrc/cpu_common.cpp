@@ -288,7 +288,8 @@ bool blas_in_fp32() {
 // Each task decompresses tiles of weight rows into its own buffer and calls ATen's GEMM on them
 // (single-threaded inside the parallel region), writing straight into y's columns of the tile.
 // Where blas_in_fp32<T>(): x and each tile are widened to fp32 (exact), the GEMM runs in fp32 and
-// y is rounded to T once at the end (ATen's half GEMM also sums in fp32 and rounds once).
+// y is rounded to T once at the end (as oneDNN's native half GEMM does; ATen's fallback also rounds
+// partial sums, so this mode is the more exact one there).
 template <typename T, typename Kern>
 torch::Tensor blas_mm(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N,
                       int64_t K, int64_t tile_bytes = TILE_BYTES) {
