@@ -278,11 +278,12 @@ _MASK_BITS = {torch.bfloat16: 1, torch.float16: 2}
 
 
 def _dtype_mask(dtypes: Iterable[torch.dtype]) -> int:
-    unknown = set(dtypes) - set(_MASK_BITS)
+    chosen = set(dtypes)
+    unknown = chosen - set(_MASK_BITS)
     if unknown:
         names = sorted(map(str, unknown))
         raise ValueError(f"the blas GEMM can run in fp32 for bf16 / fp16 only, got {names}")
-    return sum(_MASK_BITS[d] for d in set(dtypes))
+    return sum(_MASK_BITS[d] for d in chosen)
 
 
 @contextmanager

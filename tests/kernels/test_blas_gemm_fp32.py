@@ -116,6 +116,9 @@ def test_the_mode_is_restored_and_bad_dtypes_are_refused(ext):
             assert ext.set_blas_fp32_dtypes(1) == 1  # the block's mask: bf16 only
             raise RuntimeError("inside the block")
     assert ext.set_blas_fp32_dtypes(before) == before
+    with cpu_ext.blas_gemm_in_fp32(d for d in (torch.float16,)):  # any iterable, a generator too
+        assert ext.set_blas_fp32_dtypes(2) == 2
+    assert ext.set_blas_fp32_dtypes(before) == before
     with pytest.raises(ValueError, match="bf16 / fp16 only"):
         with cpu_ext.blas_gemm_in_fp32([torch.float32]):
             pass
