@@ -77,12 +77,22 @@ _MEASURED = {
     ("bitmap", CpuIsa.AVX2): (16, 8),
     ("bitmap", CpuIsa.SCALAR): (4, 4),
 }
-DIRECT_MAX_M: dict[tuple[str, CpuIsa, torch.dtype], int] = {
-    (fmt, isa, dtype): limits[i]
-    for (fmt, isa), limits in _MEASURED.items()
-    for i, dtypes in enumerate(((_F32,), (_BF16, _F16)))
-    for dtype in dtypes
-}
+
+
+Limits = dict[tuple[str, CpuIsa, torch.dtype], int]
+
+
+def _per_dtype(limits: dict[tuple[str, CpuIsa], tuple[int, int]]) -> Limits:
+    """{(format, isa): (fp32 limit, bf16 limit)} -> {(format, isa, dtype): limit}; fp16 takes bf16's."""
+    return {
+        (fmt, isa, dtype): pair[i]
+        for (fmt, isa), pair in limits.items()
+        for i, dtypes in enumerate(((_F32,), (_BF16, _F16)))
+        for dtype in dtypes
+    }
+
+
+DIRECT_MAX_M: Limits = _per_dtype(_MEASURED)
 # A CPU with AMX runs the blas path's bf16 GEMM on its tile unit, so the blas path wins sooner:
 # bench/cpu_paths.py on Xeon-AMX with 8 MiB tiles (docs/data/cpu-paths-amx.md) moved bitmap bf16
 # at AVX-512 from 16 to 8 (blas at M = 16: 0.73-0.84x dense, direct 0.56-0.85x). Its other AVX-512
@@ -97,14 +107,7 @@ _MEASURED_AMX = {("bitmap", CpuIsa.AVX512, _BF16): 8, ("bitmap", CpuIsa.AVX512, 
 # AVX-512) puts every AVX-512 crossover lower. 2:4 bf16 at M = 16 on the down projection
 # (576x1536): direct 0.56x dense, blas 0.87x. Its forced-avx2 rows are not used (an AVX2-only AMD
 # CPU is another core).
-_MEASURED_ZEN4 = {
-    ("2:4", CpuIsa.AVX512, _F32): 16,
-    ("2:4", CpuIsa.AVX512, _BF16): 8,
-    ("2:4", CpuIsa.AVX512, _F16): 8,
-    ("bitmap", CpuIsa.AVX512, _F32): 4,
-    ("bitmap", CpuIsa.AVX512, _BF16): 4,
-    ("bitmap", CpuIsa.AVX512, _F16): 4,
-}
+_MEASURED_ZEN4 = _per_dtype({("2:4", CpuIsa.AVX512): (16, 8), ("bitmap", CpuIsa.AVX512): (4, 4)})
 
 
 def _cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
@@ -153,14 +156,7 @@ def is_zen3(cpuinfo: str = "/proc/cpuinfo") -> bool:
 # kernels lose to the tiles sooner in fp32 (2:4 from M = 8: 1.04x dense against 1.06x; bitmap from
 # 16) and later in bf16 (bitmap direct 2.69x dense at M = 16 against 2.24x). Same at both thread
 # counts. Intel CPUs without AVX-512 were not measured and keep the table above.
-_MEASURED_ZEN3 = {
-    ("2:4", CpuIsa.AVX2, _F32): 4,
-    ("2:4", CpuIsa.AVX2, _BF16): 8,
-    ("2:4", CpuIsa.AVX2, _F16): 8,
-    ("bitmap", CpuIsa.AVX2, _F32): 8,
-    ("bitmap", CpuIsa.AVX2, _BF16): 16,
-    ("bitmap", CpuIsa.AVX2, _F16): 16,
-}
+_MEASURED_ZEN3 = _per_dtype({("2:4", CpuIsa.AVX2): (4, 8), ("bitmap", CpuIsa.AVX2): (8, 16)})
 
 
 # The AVX-512 + BF16 level's own bf16 direct kernels (vdpbf16ps, x kept bf16): bench/cpu_paths.py on
@@ -246,7 +242,8 @@ class _ExtensionLoader:
 def native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether ATen runs ``dtype``'s CPU GEMM natively: oneDNN takes bf16 with AVX-512 (BW, VL, DQ)
     or AMX, fp16 with AVX512-FP16 or AMX. Elsewhere ATen's fallback loop runs it several times
-    slower than fp32 (an AVX2-only Zen 3 at 1536 x 576: bf16 3.7x at M = 16, 9x at M = 512)."""
+    slower than fp32 (an AVX2-only Zen 3 at 1536 x 576: bf16 3.9x at M = 16, 8.9x at M = 512;
+    docs/data/cpu-rule-layers-zen3-before-2t.json)."""
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if dtype == torch.float16:

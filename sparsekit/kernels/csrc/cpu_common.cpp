@@ -273,7 +273,7 @@ torch::Tensor blas_mm_fp32(const Kern& kern, const torch::Tensor& x, const c10::
 // ------------------------------------------------------------------------- blas path driver
 // Which half-precision dtypes the blas path multiplies in fp32 (bit 0 bf16, bit 1 fp16): on a CPU
 // where ATen has no native bf16 / fp16 GEMM (oneDNN runs them only with AVX-512 or AMX), its GEMM
-// in those dtypes is several times slower than in fp32 (an AVX2-only Zen 3: bf16 9x at M = 512).
+// in those dtypes is several times slower than in fp32 (an AVX2-only Zen 3: bf16 8.9x at M = 512).
 // Set once at load from Python (sparsekit.kernels.cpu_ext), changeable for tests and benchmarks.
 std::atomic<int64_t> g_blas_fp32_dtypes{0};
 
@@ -288,8 +288,7 @@ bool blas_in_fp32() {
 // Each task decompresses tiles of weight rows into its own buffer and calls ATen's GEMM on them
 // (single-threaded inside the parallel region), writing straight into y's columns of the tile.
 // Where blas_in_fp32<T>(): x and each tile are widened to fp32 (exact), the GEMM runs in fp32 and
-// y is rounded to T once at the end (as oneDNN's native half GEMM does; ATen's fallback also rounds
-// partial sums, so this mode is the more exact one there).
+// y is rounded to T once at the end.
 template <typename T, typename Kern>
 torch::Tensor blas_mm(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N,
                       int64_t K, int64_t tile_bytes = TILE_BYTES) {
