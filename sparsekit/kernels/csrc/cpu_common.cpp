@@ -152,10 +152,23 @@ void for_each_tile_pass(int64_t N, int64_t M, double row_bytes, int64_t align, i
   });
 }
 
+// whether Kern provides void prepare_x(const float* x, float* out) const: the layout of one row of x
+// [K] its dot() reads (the AVX2 2:4 kernel's), built once per row and call by direct_mm
+template <typename Kern, typename = void>
+struct has_prepare_x : std::false_type {};
+template <typename Kern>
+struct has_prepare_x<Kern, std::void_t<decltype(&Kern::prepare_x)>> : std::true_type {};
+
 // y [M, N] = x [M, K] (fp32) @ W.T + bias, one weight row per kernel call
 template <typename T, typename Kern, typename X>
 void direct_mm(const Kern& kern, const X* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
                const float* scale = nullptr) {
+  std::vector<float> laid;
+  if constexpr (has_prepare_x<Kern>::value) {
+    laid.resize(size_t(M) * K);
+    for (int64_t m = 0; m < M; ++m) kern.prepare_x(x + m * K, laid.data() + m * K);
+    x = laid.data();
+  }
   for_each_tile_pass(N, M, kern.row_bytes(), 1, Kern::MB, [&](int64_t rows, int64_t m0, int64_t n0, int64_t n1) {
     rows_block_any<T, Kern, Kern::MB>(rows, kern, x, K, bias, scale, y, N, m0, n0, n1);
   });
