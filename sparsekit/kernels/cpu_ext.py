@@ -155,8 +155,11 @@ def is_zen3(cpuinfo: str = "/proc/cpuinfo") -> bool:
 # bf16 blas GEMM in fp32 (BLAS_FP32_DTYPES: ATen has no native bf16 GEMM there): the AVX2 direct
 # kernels lose to the tiles sooner in fp32 (2:4 from M = 8: 1.04x dense against 1.06x; bitmap from
 # 16) and later in bf16 (bitmap direct 2.69x dense at M = 16 against 2.24x). Same at both thread
-# counts. Intel CPUs without AVX-512 were not measured and keep the table above.
-_MEASURED_ZEN3 = _per_dtype({("2:4", CpuIsa.AVX2): (4, 8), ("bitmap", CpuIsa.AVX2): (8, 16)})
+# counts. Intel CPUs without AVX-512 were not measured and keep the table above. 2:4 again after its
+# AVX2 kernel lost the lane-crossing gather (commit b277f04; 1.1-1.9x faster at M = 1-8,
+# docs/data/kernel-ab-avx2-24.md): direct ahead of the tiles up to M = 16 in fp32 and 32 in bf16
+# (docs/data/cpu-paths-zen3-24-2t.md, 2 threads; 1 thread not rerun).
+_MEASURED_ZEN3 = _per_dtype({("2:4", CpuIsa.AVX2): (16, 32), ("bitmap", CpuIsa.AVX2): (8, 16)})
 
 
 # The AVX-512 + BF16 level's own bf16 direct kernels (vdpbf16ps, x kept bf16): bench/cpu_paths.py on
