@@ -327,6 +327,23 @@ torch::Tensor blas_mm(const Kern& kern, const torch::Tensor& x, const c10::optio
   return y;
 }
 
+// x [M, K] contiguous (fp32 / bf16 / fp16) as fp32: x's own data, or a widened copy in keep (by
+// hand: an ATen conversion's dispatch costs more than widening a decode step's few rows)
+inline const float* as_fp32(const torch::Tensor& x, std::vector<float>& keep) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  keep.resize(size_t(x.numel()));
+  auto widen = [&](const auto* p) {
+    for (size_t i = 0; i < keep.size(); ++i) keep[i] = static_cast<float>(p[i]);
+  };
+  if (x.scalar_type() == at::kBFloat16)
+    widen(x.data_ptr<c10::BFloat16>());
+  else if (x.scalar_type() == at::kHalf)
+    widen(x.data_ptr<c10::Half>());
+  else
+    TORCH_CHECK(false, "sparsekit CPU kernel: fp32/bf16/fp16 only, got ", x.scalar_type());
+  return keep.data();
+}
+
 template <typename T, typename Kern>
 torch::Tensor run_mm(const Kern& kern, const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N,
                      int64_t K, int64_t path, int64_t tile_bytes = 0) {
@@ -335,9 +352,9 @@ torch::Tensor run_mm(const Kern& kern, const torch::Tensor& x, const c10::option
   if (M == 0 || N == 0) return torch::empty({M, N}, x.options());
   if (path == PATH_BLAS) return blas_mm<T>(kern, x, bias, N, K, tile_bytes > 0 ? tile_bytes : TILE_BYTES);
   auto y = torch::empty({M, N}, x.options());
-  auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);  // M x K: small where direct runs
+  std::vector<float> keep;  // M x K: small where direct runs
   const T* bp = bias.has_value() ? bias->data_ptr<T>() : nullptr;
-  direct_mm<T>(kern, xf.data_ptr<float>(), bp, y.data_ptr<T>(), M, N, K);
+  direct_mm<T>(kern, as_fp32(x, keep), bp, y.data_ptr<T>(), M, N, K);
   return y;
 }
 

@@ -835,10 +835,11 @@ torch::Tensor q8_direct(const torch::Tensor& x, const c10::optional<torch::Tenso
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  auto xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  std::vector<float> keep;
+  const float* xf = as_fp32(x, keep);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    fn(tag, xf.data_ptr<float>(), bias.has_value() ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>());
+    fn(tag, xf, bias.has_value() ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>());
   });
   return y;
 }
