@@ -89,7 +89,7 @@ def bind_bitmap_cpu(
     tensors = (values, mask_bits, offsets)
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError("bind_bitmap_cpu needs contiguous CPU values, mask_bits and offsets")
-    k, n = in_features, mask_bits.shape[0]
+    k = in_features
     ext = extension()
     if ext is None:
         return lambda x, bias: F.linear(x, _decompress_torch(values, mask_bits, k), bias)
@@ -97,20 +97,12 @@ def bind_bitmap_cpu(
     level = isa_level(chosen)
     direct_max = cpu_ext.DIRECT_MAX_M.get(("bitmap", chosen, values.dtype), 8)
 
+    most = direct_max * k  # elements of x up to which the direct path runs
+
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, k)
-        x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        y = ext.mm_bitmap(
-            x2,
-            values,
-            mask_bits,
-            offsets,
-            bias,
-            level,
-            int(x2.shape[0] > direct_max),
-            cpu_ext.BLAS_TILE_BYTES,
-        )
-        return y.reshape(*x.shape[:-1], n)
+        # x [..., K] as it comes: the C++ entry flattens it and gives y its leading dims
+        path = int(x.numel() > most)
+        return ext.mm_bitmap(x, values, mask_bits, offsets, bias, level, path, cpu_ext.BLAS_TILE_BYTES)
 
     return mm
 

@@ -228,15 +228,12 @@ def bind_int8_cpu(
     most = INT8_DIRECT_MAX_M if direct else DEQUANT_ABOVE_M["int8"]
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, k)
-        x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        if x2.shape[0] > most:
-            y = ext.mm_q8_blas(x2, q, scale32, _contiguous(bias, x.dtype), level, cpu_ext.BLAS_TILE_BYTES)
-        elif direct:
-            y = ext.mm_q8(x2, q, scale32, _contiguous(bias, x.dtype), level)
-        else:
-            return int8_mm(x, q, scale, bias)
-        return y.reshape(*x.shape[:-1], n)
+        # x [..., K] as it comes: the C++ entries flatten it and give y its leading dims
+        if x.numel() > most * k:
+            return ext.mm_q8_blas(x, q, scale32, _contiguous(bias, x.dtype), level, cpu_ext.BLAS_TILE_BYTES)
+        if direct:
+            return ext.mm_q8(x, q, scale32, _contiguous(bias, x.dtype), level)
+        return int8_mm(x, q, scale, bias)
 
     return mm
 
@@ -413,14 +410,11 @@ def bind_sparse24_int8_cpu(
     bf16_limit = sparse24_int8_kernel_max_m(chosen, torch.bfloat16)
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, k)
-        x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        if x2.shape[0] > (bf16_limit if x2.dtype == torch.bfloat16 else limit):  # dequantized tiles + GEMM
+        # x [..., K] as it comes: the C++ entries flatten it and give y its leading dims
+        if x.numel() > (bf16_limit if x.dtype == torch.bfloat16 else limit) * k:  # dequantized tiles + GEMM
             b = _contiguous(bias, x.dtype)
-            y = ext.mm24_q8_blas(x2, values, meta, scale32, b, level, cpu_ext.BLAS_TILE_BYTES)
-        else:
-            y = ext.mm24_q8(x2, values, meta, scale32, bias, level)
-        return y.reshape(*x.shape[:-1], n)
+            return ext.mm24_q8_blas(x, values, meta, scale32, b, level, cpu_ext.BLAS_TILE_BYTES)
+        return ext.mm24_q8(x, values, meta, scale32, bias, level)
 
     return mm
 

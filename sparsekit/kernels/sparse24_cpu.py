@@ -131,11 +131,11 @@ def bind_sparse24_cpu(
     level = isa_level(chosen)
     direct_max = cpu_ext.DIRECT_MAX_M.get(("2:4", chosen, values.dtype), 8)
 
+    most = direct_max * k  # elements of x up to which the direct path runs
+
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, k)
-        x2 = x2 if x2.is_contiguous() else x2.contiguous()
-        y = ext.mm24(x2, values, meta, bias, level, int(x2.shape[0] > direct_max), cpu_ext.BLAS_TILE_BYTES)
-        return y.reshape(*x.shape[:-1], n)
+        # x [..., K] as it comes: the C++ entry flattens it and gives y its leading dims
+        return ext.mm24(x, values, meta, bias, level, int(x.numel() > most), cpu_ext.BLAS_TILE_BYTES)
 
     return mm
 

@@ -381,3 +381,34 @@ def test_the_bf16_dot_kernel_sums_in_fp32(ext):
     y = sparse24_mm_cpu(x, values, meta, isa="avx512-bf16", path="direct")
     assert torch.equal(y, _reference(x, w.bfloat16(), None))
     assert torch.equal(y, torch.full((3, 4), 258.0, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("path", [0, 1], ids=["direct", "blas"])
+@pytest.mark.parametrize("layout", ["3d", "strided"])
+def test_entry_points_take_x_with_leading_dims(layout, path, ext, assert_close):
+    """The C++ entries the bound layers call take x [..., K] as it comes (3-D, or a strided view)
+    and give y x's leading dims: the same numbers as the flat, contiguous call."""
+    from sparsekit.kernels.quant import quantize_int8
+
+    k, n, level = 40, 24, cpu_ext.ISA_LEVEL[cpu_ext.supported_isa()]
+    base = torch.randn(2, 3, 2 * k)
+    x = base.reshape(2, 3, 2 * k)[..., :k] if layout == "strided" else base[..., :k].contiguous()
+    w24, wbm = _weight_24(n, k, torch.float32), _weight_bitmap(n, k, torch.float32, 0.6)
+    q24, s24 = quantize_int8(w24)
+    v24q, m24q = compress_24(q24.float())
+    q8, s8 = quantize_int8(wbm)
+    calls = {
+        "mm24": lambda t: ext.mm24(t, *compress_24(w24), None, level, path, 0),
+        "mm_bitmap": lambda t: ext.mm_bitmap(t, *compress_bitmap(wbm), None, level, path, 0),
+        "mm24_q8": lambda t: (ext.mm24_q8, ext.mm24_q8_blas)[path](
+            t, v24q.to(torch.int8), m24q, s24.float(), None, level, *([0] if path else [])
+        ),
+        "mm_q8": lambda t: (ext.mm_q8, ext.mm_q8_blas)[path](
+            t, q8, s8.float(), None, level, *([0] if path else [])
+        ),
+    }
+    flat = x.reshape(-1, k).contiguous()
+    for name, call in calls.items():
+        y = call(x)
+        assert y.shape == (2, 3, n), name
+        assert_close(y.reshape(-1, n), call(flat))

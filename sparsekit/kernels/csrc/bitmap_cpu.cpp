@@ -386,12 +386,14 @@ auto with_bitmap(int64_t isa, const torch::Tensor& values, const torch::Tensor& 
 
 }  // namespace
 
-// x [M, K] contiguous (values' dtype), values [nnz], mask_bits [N, ceil(K/8)], offsets
+// x [..., K] (M rows; y [..., N]) (values' dtype), values [nnz], mask_bits [N, ceil(K/8)], offsets
 // [N, ceil(K/64)] int32 (all contiguous, checked against each other by the caller), bias [N] or
 // None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512 / 3 avx512-bf16; path 0 direct / 1 blas (tiles of about
 // tile_bytes, 0: TILE_BYTES)
 torch::Tensor mm_bitmap(torch::Tensor x, torch::Tensor values, torch::Tensor mask_bits, torch::Tensor offsets,
                         c10::optional<torch::Tensor> bias, int64_t isa, int64_t path, int64_t tile_bytes) {
+  if (const LeadingDims lead{x}; lead.nested())  // x [..., K]
+    return lead.back(mm_bitmap(lead.flat(), values, mask_bits, offsets, bias, isa, path, tile_bytes));
   const int64_t requested = isa;
   isa = check_isa(isa);
   const int64_t K = x.size(1), N = mask_bits.size(0);

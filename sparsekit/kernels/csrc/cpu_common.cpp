@@ -327,6 +327,23 @@ torch::Tensor blas_mm(const Kern& kern, const torch::Tensor& x, const c10::optio
   return y;
 }
 
+// x [..., K] with any leading dims and strides, as the entry points take it (saving the caller two
+// Python reshapes per call, a few microseconds against a decode-step kernel of tens): nested() when
+// it is not already a contiguous [M, K], flat() that matrix, back(y) y [M, N] as [..., N] (a view)
+struct LeadingDims {
+  const torch::Tensor& x;
+  bool nested() const {
+    TORCH_CHECK(x.dim() >= 1, "sparsekit CPU kernel: x must be [..., K], got a 0-d tensor");
+    return x.dim() != 2 || !x.is_contiguous();
+  }
+  torch::Tensor flat() const { return x.reshape({-1, x.size(-1)}).contiguous(); }
+  torch::Tensor back(const torch::Tensor& y) const {
+    auto sizes = x.sizes().vec();
+    sizes.back() = y.size(-1);
+    return y.view(sizes);
+  }
+};
+
 // x [M, K] contiguous (fp32 / bf16 / fp16) as fp32: x's own data, or a widened copy in keep (by
 // hand: an ATen conversion's dispatch costs more than widening a decode step's few rows)
 inline const float* as_fp32(const torch::Tensor& x, std::vector<float>& keep) {

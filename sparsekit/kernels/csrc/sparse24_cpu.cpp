@@ -406,11 +406,13 @@ auto with_sparse24(int64_t isa, const torch::Tensor& values, const torch::Tensor
 
 }  // namespace
 
-// x [M, K] contiguous (values' dtype), values [N, K/2] and meta [N, ceil(K/8)] contiguous,
+// x [..., K] (M rows; y [..., N]) (values' dtype), values [N, K/2] and meta [N, ceil(K/8)] contiguous,
 // bias [N] or None -> y [M, N]; isa 0 scalar / 1 avx2 / 2 avx512 / 3 avx512-bf16; path 0 direct / 1 blas, whose
 // decompressed tiles hold about tile_bytes each (0: TILE_BYTES)
 torch::Tensor mm24(torch::Tensor x, torch::Tensor values, torch::Tensor meta, c10::optional<torch::Tensor> bias,
                    int64_t isa, int64_t path, int64_t tile_bytes) {
+  if (const LeadingDims lead{x}; lead.nested())  // x [..., K]
+    return lead.back(mm24(lead.flat(), values, meta, bias, isa, path, tile_bytes));
   const int64_t requested = isa;
   isa = check_isa(isa);
   const int64_t K = x.size(1), N = values.size(0);
@@ -846,10 +848,12 @@ torch::Tensor q8_direct(const torch::Tensor& x, const c10::optional<torch::Tenso
 
 }  // namespace
 
-// weight-only int8: x [M, K] contiguous (fp32/bf16/fp16), q int8 [N, K] contiguous, scale fp32 [N],
+// weight-only int8: x [..., K] (M rows; y [..., N]) (fp32/bf16/fp16), q int8 [N, K] contiguous, scale fp32 [N],
 // bias [N] (x's dtype) or None -> y [M, N] = x @ (scale[:, None] * q).T + bias; direct path
 torch::Tensor mm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                     int64_t isa) {
+  if (const LeadingDims lead{x}; lead.nested())  // x [..., K]
+    return lead.back(mm_q8(lead.flat(), q, scale, bias, isa));
   isa = check_isa(isa);
   TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "mm_q8: q must be int8, scale fp32");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
@@ -917,12 +921,14 @@ torch::Tensor mm_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, c10
   });
 }
 
-// 2:4 + weight-only int8: x [M, K] contiguous (fp32/bf16/fp16), values int8 [N, K/2] and meta
+// 2:4 + weight-only int8: x [..., K] (M rows; y [..., N]) (fp32/bf16/fp16), values int8 [N, K/2] and meta
 // [N, ceil(K/8)] contiguous, scale fp32 [N], bias [N] (x's dtype) or None -> y [M, N] =
 // x @ (scale[:, None] * decompress_24(values, meta)).T + bias; direct path only (the int8 values
 // are widened to fp32 in registers, the row's scale applied once to its dot products)
 torch::Tensor mm24_q8(torch::Tensor x, torch::Tensor values, torch::Tensor meta, torch::Tensor scale,
                       c10::optional<torch::Tensor> bias, int64_t isa) {
+  if (const LeadingDims lead{x}; lead.nested())  // x [..., K]
+    return lead.back(mm24_q8(lead.flat(), values, meta, scale, bias, isa));
   const int64_t requested = isa;
   isa = check_isa(isa);
   TORCH_CHECK(values.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
@@ -943,13 +949,15 @@ torch::Tensor mm24_q8(torch::Tensor x, torch::Tensor values, torch::Tensor meta,
   });
 }
 
-// The quantized formats above their direct kernels' M: x [M, K] contiguous (fp32/bf16/fp16), bias
+// The quantized formats above their direct kernels' M: x [..., K] (M rows; y [..., N]) (fp32/bf16/fp16), bias
 // [N] (x's dtype) or None -> y [M, N]; dequantized tiles of about tile_bytes (0: the default) each
 // handed to ATen's GEMM; isa 0 scalar / 1 avx2 / 2 avx512. mm_q8_blas: q int8 [N, K], scale fp32 [N]. mm_q4_blas: packed uint8
 // [N, K/2] (column 2j the low nibble), sz fp32 [K/G, N, 2] = (scale, zero). mm24_q8_blas: values
 // int8 [N, K/2], meta uint8 [N, ceil(K/8)], scale fp32 [N]. Every tensor contiguous.
 torch::Tensor mm_q8_blas(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::optional<torch::Tensor> bias,
                          int64_t isa, int64_t tile_bytes) {
+  if (const LeadingDims lead{x}; lead.nested())  // x [..., K]
+    return lead.back(mm_q8_blas(lead.flat(), q, scale, bias, isa, tile_bytes));
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "mm_q8_blas: q must be int8 [N, K]");
   const int64_t N = q.size(0), K = q.size(1);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
@@ -971,6 +979,8 @@ torch::Tensor mm_q4_blas(torch::Tensor x, torch::Tensor packed, torch::Tensor sz
 
 torch::Tensor mm24_q8_blas(torch::Tensor x, torch::Tensor values, torch::Tensor meta, torch::Tensor scale,
                            c10::optional<torch::Tensor> bias, int64_t isa, int64_t tile_bytes) {
+  if (const LeadingDims lead{x}; lead.nested())  // x [..., K]
+    return lead.back(mm24_q8_blas(lead.flat(), values, meta, scale, bias, isa, tile_bytes));
   TORCH_CHECK(values.scalar_type() == at::kChar && values.dim() == 2 && values.is_contiguous(),
               "mm24_q8_blas: values must be int8 [N, K/2]");
   const int64_t N = values.size(0), K = 2 * values.size(1);
