@@ -117,12 +117,28 @@ def int8_mm_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
-    """x [..., K] (fp32/bf16/fp16), q int8 [N, K], scale [N] -> y [..., N]: torch's int8 weight-only
-    matmul for bf16 / fp16 x on the CPU; dequantize + F.linear for fp32 x (the op's fp32 loop
-    loses to it at every M: docs/data/quant-paths.md) and elsewhere."""
+    """x [..., K] (fp32/bf16/fp16), q int8 [N, K], scale [N] -> y [..., N].
+
+    On the CPU without autograd and with the C++ extension: the bound CPU call (``bind_int8_cpu``)
+    as one custom op, so a compiled model runs the kernels instead of tracing a dequantize of the
+    whole weight into every forward. Elsewhere torch's int8 weight-only matmul for bf16 / fp16 x
+    on the CPU, dequantize + F.linear for fp32 x (the op's fp32 loop loses to it at every M:
+    docs/data/quant-paths.md) and on other devices."""
     n, k = q.shape
     if x.shape[-1] != k:
         raise ValueError(f"int8_mm expects x [..., {k}], got {tuple(x.shape)}")
+    if _cpu_op_applies(x):
+        return torch.ops.sparsekit.int8_mm_cpu(x, q, scale, bias)
+    return _int8_mm_torch(x, q, scale, bias)
+
+
+def _cpu_op_applies(x: torch.Tensor) -> bool:
+    """Whether a quantized matmul of x runs its bound C++ call as a custom op (no autograd formula)."""
+    return x.device.type == "cpu" and not x.requires_grad and cpu_ext.extension() is not None
+
+
+def _int8_mm_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    n, k = q.shape
     x2 = x.reshape(-1, k)
     if x.device.type == "cpu" and x.dtype != torch.float32 and not x.requires_grad:
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale.to(x.dtype))
@@ -219,7 +235,7 @@ def bind_int8_cpu(
         def op(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             if x.numel() > DEQUANT_ABOVE_M["int8"] * k:
                 return F.linear(x, dequantize_int8(q, scale), bias)
-            return int8_mm(x, q, scale, bias)
+            return _int8_mm_torch(x, q, scale, bias)
 
         return op
     level = isa_level(resolve_isa(isa))
@@ -233,9 +249,21 @@ def bind_int8_cpu(
             return ext.mm_q8_blas(x, q, scale32, _contiguous(bias, x.dtype), level, cpu_ext.BLAS_TILE_BYTES)
         if direct:
             return ext.mm_q8(x, q, scale32, _contiguous(bias, x.dtype), level)
-        return int8_mm(x, q, scale, bias)
+        return _int8_mm_torch(x, q, scale, bias)
 
     return mm
+
+
+@torch.library.custom_op("sparsekit::int8_mm_cpu", mutates_args=())
+def _int8_mm_cpu_op(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return bind_int8_cpu(q.contiguous(), scale)(x, bias)
+
+
+@_int8_mm_cpu_op.register_fake
+def _(x, q, scale, bias):
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
 # ----------------------------------------------------------------------------- int4 per group
@@ -426,9 +454,25 @@ def sparse24_int8_mm(
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] -> y [..., N] by dequantizing values to x's dtype and F.linear (any device)."""
+    """x [..., K] -> y [..., N]. On the CPU without autograd and with the C++ extension: the bound
+    CPU call (``bind_sparse24_int8_cpu``) as one custom op (a compiled model runs the kernel, not a
+    traced decompress); elsewhere values dequantized to x's dtype and F.linear."""
+    if _cpu_op_applies(x):
+        return torch.ops.sparsekit.sparse24_int8_mm_cpu(x, values, meta, scale, bias)
     w = decompress_24_torch(values.to(x.dtype), meta) * scale.to(x.dtype)[:, None]
     return F.linear(x, w, bias)
+
+
+@torch.library.custom_op("sparsekit::sparse24_int8_mm_cpu", mutates_args=())
+def _sparse24_int8_mm_cpu_op(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return bind_sparse24_int8_cpu(values.contiguous(), meta.contiguous(), scale)(x, bias)
+
+
+@_sparse24_int8_mm_cpu_op.register_fake
+def _(x, values, meta, scale, bias):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 __all__ = [

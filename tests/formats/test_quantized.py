@@ -375,3 +375,30 @@ def test_24_int8_bf16_takes_the_dot_kernels_limit_only_at_its_level_on_zen4(zen4
         mm(torch.zeros(limit, 64, dtype=dtype), None)
         mm(torch.zeros(limit + 1, 64, dtype=dtype), None)
         assert calls == [("kernel", limit), ("tiles", limit + 1)], (isa, dtype)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "2:4-int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_quantized_layer_calls_the_cpu_kernel(fmt, dtype):
+    """torch.compile(fullgraph=True) of a CPU int8 / 2:4-int8 SparseLinear puts one sparsekit op in
+    the graph (the bound C++ call), not a dequantize of the whole weight, and matches eager."""
+    require_cpu_extension()
+    lin = nn.Linear(64, 48, bias=True).to(dtype)
+    with torch.no_grad():
+        lin.weight.mul_(nm_keep_mask(lin.weight.abs().float(), 2, 4).to(dtype))
+    layer = SparseLinear.from_linear(lin, format=fmt).eval()
+    targets: list[str] = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    x = torch.randn(2, 3, 64).to(dtype)
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend=backend)(x)
+    op = "sparsekit.int8_mm_cpu" if fmt == "int8" else "sparsekit.sparse24_int8_mm_cpu"
+    assert any(op in t for t in targets), targets
+    assert not any("decompress" in t or "mul" in t for t in targets), targets
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(compiled, eager, rtol=rtol, atol=atol)

@@ -327,9 +327,9 @@ torch::Tensor blas_mm(const Kern& kern, const torch::Tensor& x, const c10::optio
   return y;
 }
 
-// x [..., K] with any leading dims and strides, as the entry points take it (saving the caller two
-// Python reshapes per call, a few microseconds against a decode-step kernel of tens): nested() when
-// it is not already a contiguous [M, K], flat() that matrix, back(y) y [M, N] as [..., N] (a view)
+// x [..., K] with any leading dims and strides, as the entry points take it (the bound layers call
+// them without two Python reshapes per call): nested() when it is not already a contiguous [M, K],
+// flat() that matrix, back(y) y [M, N] as [..., N] (a view)
 struct LeadingDims {
   const torch::Tensor& x;
   bool nested() const {
@@ -344,8 +344,8 @@ struct LeadingDims {
   }
 };
 
-// x [M, K] contiguous (fp32 / bf16 / fp16) as fp32: x's own data, or a widened copy in keep (by
-// hand: an ATen conversion's dispatch costs more than widening a decode step's few rows)
+// x [M, K] contiguous (fp32 / bf16 / fp16) as fp32: x's own data, or a copy widened by hand in keep
+// (no ATen op per call)
 inline const float* as_fp32(const torch::Tensor& x, std::vector<float>& keep) {
   if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
   keep.resize(size_t(x.numel()));
