@@ -216,6 +216,14 @@ def main() -> None:
         )
     if args.path == "blas" and "2:4-int8" in args.formats:
         p.error("2:4-int8 has no blas entry in mm24_q8; leave it out of --formats with --path blas")
+    try:
+        _git("rev-parse", "--verify", "--quiet", f"{args.base}^{{commit}}")
+    except subprocess.CalledProcessError:
+        p.error(f"--base {args.base!r} is not a git revision of this checkout (try a commit hash or HEAD~1)")
+    try:
+        cpu_ext.resolve_isa(args.isa)
+    except ValueError as exc:
+        p.error(f"--isa: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     new = cpu_ext.extension()
