@@ -15,7 +15,6 @@ dense, the machine and both revisions.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import subprocess
 from pathlib import Path
@@ -43,24 +42,10 @@ def _git(*args: str) -> str:
 
 def build_at(rev: str):
     """The extension built from the C++ sources at git revision ``rev`` (a module of its own)."""
-    from torch.utils.cpp_extension import load_inline
-
     sources = [_git("show", f"{rev}:{p.relative_to(ROOT).as_posix()}") for p in cpu_ext.CPP_SOURCES]
     text = "\n".join(sources)
     functions = [f for f in cpu_ext.FUNCTIONS if f"{f}(" in text]  # a newer function the base lacks
-    key = hashlib.sha1((torch.__version__ + " ".join(cpu_ext._build_flags()) + text).encode()).hexdigest()[
-        :10
-    ]
-    module = load_inline(
-        name=f"sparsekit_cpu_kernels_base_{key}",
-        cpp_sources=sources,
-        functions=functions,
-        extra_cflags=cpu_ext._build_flags(),
-        extra_ldflags=["-fopenmp"],
-    )
-    if hasattr(module, "set_blas_fp32_dtypes"):
-        module.set_blas_fp32_dtypes(cpu_ext._dtype_mask(cpu_ext.BLAS_FP32_DTYPES))
-    return module
+    return cpu_ext.compile_sources(sources, prefix="sparsekit_cpu_kernels_base", functions=functions)
 
 
 def _weight(fmt: str, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:

@@ -195,12 +195,29 @@ def _build_flags() -> list[str]:
     return ["-O3", "-fopenmp", *arch]
 
 
-def _source_key() -> str:
-    """Hash of the sources, torch and the flags: the binary depends on nothing else (no -march=native)."""
-    digest = hashlib.sha1(torch.__version__.encode() + " ".join(_build_flags()).encode())
-    for path in CPP_SOURCES:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:10]
+def compile_sources(
+    sources: list[str], prefix: str = "sparsekit_cpu_kernels", functions: list[str] | None = None
+):
+    """The C++ ``sources`` built with sparsekit's flags as the module ``<prefix>_<hash>`` (the hash
+    of the sources, torch and the flags: the binary depends on nothing else, no -march=native),
+    binding ``functions`` (default ``FUNCTIONS``), its blas GEMM dtypes set from
+    ``BLAS_FP32_DTYPES``. Raises what the build raises."""
+    from torch.utils.cpp_extension import load_inline
+
+    flags = _build_flags()
+    digest = hashlib.sha1(torch.__version__.encode() + " ".join(flags).encode())
+    for text in sources:
+        digest.update(text.encode())
+    module = load_inline(
+        name=f"{prefix}_{digest.hexdigest()[:10]}",
+        cpp_sources=sources,
+        functions=FUNCTIONS if functions is None else functions,
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+    )
+    if hasattr(module, "set_blas_fp32_dtypes"):  # a build of older sources may lack it
+        module.set_blas_fp32_dtypes(_dtype_mask(BLAS_FP32_DTYPES))
+    return module
 
 
 class _ExtensionLoader:
@@ -225,21 +242,11 @@ class _ExtensionLoader:
 
     def _build(self):
         try:
-            from torch.utils.cpp_extension import load_inline
-
-            module = load_inline(
-                name=f"sparsekit_cpu_kernels_{_source_key()}",
-                cpp_sources=[p.read_text() for p in CPP_SOURCES],
-                functions=FUNCTIONS,
-                extra_cflags=_build_flags(),
-                extra_ldflags=["-fopenmp"],
-            )
+            return compile_sources([p.read_text() for p in CPP_SOURCES])
         except Exception as e:  # no compiler, no ninja, exotic platform: stay correct, lose speed
             self.error = f"{type(e).__name__}: {e}"
             log.warning("sparsekit CPU extension did not build (%s); using the plain torch paths", e)
             return None
-        module.set_blas_fp32_dtypes(_dtype_mask(BLAS_FP32_DTYPES))
-        return module
 
 
 def native_half_gemm(dtype: torch.dtype) -> bool:
@@ -380,6 +387,7 @@ __all__ = [
     "BLAS_FP32_DTYPES",
     "BLAS_GEMM_MODES",
     "CPP_SOURCES",
+    "compile_sources",
     "DIRECT_MAX_M",
     "PATHS",
     "blas_gemm_in_fp32",
