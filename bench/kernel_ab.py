@@ -96,8 +96,10 @@ def run(args, base, new) -> list[dict]:
                 for fmt in args.formats:
                     parts = _parts(fmt, _weight(fmt, shape.n, shape.k, dtype))
                     count = copies_for(sum(t.numel() * t.element_size() for t in parts), args.pool_mib << 20)
-                    copies = [[t.clone() for t in parts] for _ in range(count)]
                     for side, module in (("base", base), ("new", new)):
+                        # each side streams copies of its own: on shared copies, whichever side ran
+                        # second in a round would find part of the weight still in the last-level cache
+                        copies = [[t.clone() for t in parts] for _ in range(count)]
                         calls = [_call(module, fmt, x, c, level, PATHS[args.path]) for c in copies]
                         # both builds compute the same product (summation order may differ)
                         ref = _call(new, fmt, x, copies[0], level, 0)().float()

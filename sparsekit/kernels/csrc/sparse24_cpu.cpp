@@ -17,7 +17,8 @@
 //            value l is the meta word shifted right by 2l (one broadcast and one shift per 8
 //            values): 2 in-lane permutes + 1 blend + 1 FMA per 8 values and row of x. (The
 //            lane-crossing vpermps on x as stored, with per-lane base offsets, ran the SmolLM2 up
-//            projection 1.4-1.7x slower at M = 1 on Zen 3.)
+//            projection 1.4-1.7x slower at M = 1 on Zen 3.) One row of x and fp32 values: vpermps on
+//            this layout (the 2 bits plus 4 in the upper lane), which streams from DRAM faster there.
 //   scalar:  acc += v0 * x[4g + i0] + v1 * x[4g + i1].
 //   AVX-512 + BF16 (bf16 only): x stays bf16. The 32 values of 16 groups are 16 pairs, one per
 //            32-bit lane; one two-source word permute (vpermt2w, indices from the 16 nibbles) puts
@@ -86,28 +87,38 @@ SK_BEGIN_AVX2
 namespace sk_avx2 {
 // vpermilps indices of 16 values (8 groups, 32 columns) from their 8 nibbles (32 bits), 8 values
 // per vector: lane l of the first is bits 2l, 2l + 1 of the word (value l % 2 of group l / 2), of
-// the second bits 16 + 2l; vpermilps reads only those two bits of each lane
+// the second bits 16 + 2l; vpermilps reads only those two bits of each lane. Cross: the same
+// choice as vpermps indices (the 2 bits, plus 4 in the upper lane), for one row of x (below)
+template <bool Cross>
 struct Gather24 {
-  __m256i shift_lo, shift_hi;
+  __m256i shift_lo, shift_hi, three, upper;
   Gather24() {
-    alignas(32) int32_t s[8];
-    for (int l = 0; l < 8; ++l) s[l] = 2 * l;
+    alignas(32) int32_t s[8], u[8];
+    for (int l = 0; l < 8; ++l) { s[l] = 2 * l; u[l] = l < 4 ? 0 : 4; }
     shift_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(s));
     shift_hi = _mm256_add_epi32(shift_lo, _mm256_set1_epi32(16));
+    upper = _mm256_load_si256(reinterpret_cast<const __m256i*>(u));
+    three = _mm256_set1_epi32(3);
   }
   // the meta word at p, broadcast straight from memory (no general-register transfer)
   static inline __m256i word(const uint8_t* p) {
     return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
   }
-  inline __m256i lo(__m256i w) const { return _mm256_srlv_epi32(w, shift_lo); }
-  inline __m256i hi(__m256i w) const { return _mm256_srlv_epi32(w, shift_hi); }
+  inline __m256i index(__m256i shifted) const {
+    if constexpr (Cross) return _mm256_add_epi32(_mm256_and_si256(shifted, three), upper);
+    return shifted;
+  }
+  inline __m256i lo(__m256i w) const { return index(_mm256_srlv_epi32(w, shift_lo)); }
+  inline __m256i hi(__m256i w) const { return index(_mm256_srlv_epi32(w, shift_hi)); }
+  // x of 16 columns in prepare_x's layout at xr, laid against 8 values with indices idx
+  static inline __m256 gather_x(const float* xr, __m256i idx) {
+    if constexpr (Cross)
+      return _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx),
+                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx), 0xCC);
+    return _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xr), idx),
+                           _mm256_permutevar_ps(_mm256_loadu_ps(xr + 8), idx), 0xCC);
+  }
 };
-
-// x of 16 columns in prepare_x's layout at xr, laid against 8 values with vpermilps indices idx
-inline __m256 gather_x(const float* xr, __m256i idx) {
-  return _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xr), idx),
-                         _mm256_permutevar_ps(_mm256_loadu_ps(xr + 8), idx), 0xCC);
-}
 
 // one row of x [K] in the dot kernel's layout: in each 32-column step of the main loop, columns
 // [0-3, 8-11, 4-7, 12-15] of each 16; the columns after the last whole step (the scalar tail) as
@@ -156,7 +167,11 @@ struct Sparse24 : Sparse24Base<T> {
   void prepare_x(const float* x, float* out) const { lay_out_x24(x, out, this->K); }
   template <int R>
   void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
-    static const Gather24 X;
+    // fp32 values and one row of x (decode, 4 bytes a value from DRAM): the lane-crossing vpermps,
+    // 1.10-1.18x faster than vpermilps on Llama-2-7B's shapes on Zen 3; bf16 or int8 values (more
+    // work per byte) or more rows: vpermilps, which ran those 1.3-1.5x faster there
+    // (docs/data/kernel-ab-avx2-24-cross*)
+    const Gather24<R == 1 && std::is_same_v<T, float>> X;  // local: its constants stay in registers
     const T* vrow = this->v + n * this->ldv();
     const uint8_t* mrow = this->meta + n * this->ldm();
     const int64_t G = this->K / 4;
@@ -167,13 +182,13 @@ struct Sparse24 : Sparse24Base<T> {
       const char* vnext = reinterpret_cast<const char*>(vrow + 2 * g) + PF_BYTES;
       _mm_prefetch(vnext, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(mrow + g / 2) + PF_BYTES / 8, _MM_HINT_T0);
-      const __m256i w = Gather24::word(mrow + g / 2);
+      const __m256i w = X.word(mrow + g / 2);
       const __m256i ia = X.lo(w), ib = X.hi(w);
       const __m256 va = load8<T>(vrow + 2 * g), vb = load8<T>(vrow + 2 * g + 8);
       const float* xk = x + 4 * g;
       for (int r = 0; r < R; ++r) {
-        a[r] = _mm256_fmadd_ps(va, gather_x(xk + r * ldx, ia), a[r]);
-        b[r] = _mm256_fmadd_ps(vb, gather_x(xk + r * ldx + 16, ib), b[r]);
+        a[r] = _mm256_fmadd_ps(va, X.gather_x(xk + r * ldx, ia), a[r]);
+        b[r] = _mm256_fmadd_ps(vb, X.gather_x(xk + r * ldx + 16, ib), b[r]);
       }
     }
     for (int r = 0; r < R; ++r) acc[r] = hsum(_mm256_add_ps(a[r], b[r]));
