@@ -27,6 +27,7 @@ bind time and never saved).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -342,38 +343,61 @@ def bind_int4_cpu(
 ) -> Callable[..., torch.Tensor] | None:
     """``fn(x, bias) -> y`` for one stored int4 weight on the CPU. bf16 / fp16: the weight packed
     once for ``aten._weight_int4pack_mm_for_cpu`` (out_features padded to a multiple of 16 with zero
-    rows, as the op requires) up to ``DEQUANT_ABOVE_M["int4"]`` rows of x. fp32: sparsekit's direct
-    kernel (``mm_q4``) up to ``INT4_DIRECT_MAX_M`` rows (torch's op has no fast fp32 path); above
-    the limits, and in fp32 without the C++ extension (None), the caller dequantizes per call."""
+    rows, as the op requires; ``cpu_int4_pack``) up to ``DEQUANT_ABOVE_M["int4"]`` rows of x. fp32:
+    sparsekit's direct kernel (``mm_q4``) up to ``INT4_DIRECT_MAX_M`` rows (torch's op has no fast
+    fp32 path); above the limits, and in fp32 without the C++ extension (None), the caller
+    dequantizes per call."""
     n, k = packed.shape[0], 2 * packed.shape[1]
     group = k // scale_zero.shape[0]
     check_int4_shape(k, group)
     if scale_zero.dtype == torch.float32:
         return _bind_int4_fp32(packed, scale_zero, group, isa)
-    pad = -n % 16  # zero rows: code 8 with scale 0 and zero 0
-    codes = F.pad(unpack_int4(packed).to(torch.int32), (0, 0, 0, pad), value=8)
-    cpu_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    sz = F.pad(scale_zero, (0, 0, 0, pad)).contiguous()
-
+    cpu_packed, sz = cpu_int4_pack(packed, scale_zero)
     ext = cpu_ext.extension()
     level = isa_level(resolve_isa(isa))
-    packed_c, sz32 = packed.contiguous(), scale_zero.float().contiguous()
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         if x2.shape[0] > DEQUANT_ABOVE_M["int4"]:
             if ext is None:
                 return F.linear(x, dequantize_int4(packed, scale_zero), bias)
-            b = _contiguous(bias, x.dtype)
-            y = ext.mm_q4_blas(x2.contiguous(), packed_c, sz32, b, group, level, cpu_ext.BLAS_TILE_BYTES)
+            # prefill: the fp32 scales' copy is small beside the GEMM
+            sz32, b = scale_zero.float().contiguous(), _contiguous(bias, x.dtype)
+            tile = cpu_ext.BLAS_TILE_BYTES
+            y = ext.mm_q4_blas(x2.contiguous(), packed.contiguous(), sz32, b, group, level, tile)
             return y.reshape(*x.shape[:-1], n)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), cpu_packed, group, sz)
-        y = y[:, :n] if pad else y
+        y = y[:, :n] if sz.shape[1] != n else y
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], n)
 
     return mm
+
+
+# torch's CPU packing of stored int4 weights, kept while the stored tensor lives and is unchanged:
+# a compiled model calls ``int4_mm`` with the same parameter tensors every step, and packing per
+# call would cost more than the matmul. id(packed) -> (weakref, versions, (cpu packed, scale_zero))
+_INT4_PACKS: dict[int, tuple] = {}
+
+
+def cpu_int4_pack(packed: torch.Tensor, scale_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weight packed for ``aten._weight_int4pack_mm_for_cpu``, scale_zero [K/group, N', 2])
+    with N' = out_features padded to a multiple of 16 by zero rows (code 8, scale 0, zero 0), as the
+    op requires; built once per stored tensor and version."""
+    key, versions = id(packed), (packed._version, id(scale_zero), scale_zero._version)
+    hit = _INT4_PACKS.get(key)
+    if hit is not None and hit[0]() is packed and hit[1] == versions:
+        return hit[2]
+    pad = -packed.shape[0] % 16
+    codes = F.pad(unpack_int4(packed).to(torch.int32), (0, 0, 0, pad), value=8)
+    built = (
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+        F.pad(scale_zero, (0, 0, 0, pad)).contiguous(),
+    )
+    # the entry holds no reference to packed: it goes when packed goes
+    _INT4_PACKS[key] = (weakref.ref(packed, lambda _ref, k=key: _INT4_PACKS.pop(k, None)), versions, built)
+    return built
 
 
 def _bind_int4_fp32(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, isa) -> Callable | None:
@@ -399,11 +423,27 @@ def _bind_int4_fp32(packed: torch.Tensor, scale_zero: torch.Tensor, group: int, 
 def int4_mm(
     x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None = None
 ):
-    """x [..., K] -> y [..., N]: dequantize + F.linear (the bound CPU op is ``bind_int4_cpu``)."""
+    """x [..., K] -> y [..., N]. On the CPU without autograd, with x in the weight's dtype and the
+    C++ extension: the bound CPU call (``bind_int4_cpu``) as one custom op (a compiled model runs
+    the kernels, not a traced dequantize of the whole weight); elsewhere dequantize + F.linear."""
     k = 2 * packed.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"int4_mm expects x [..., {k}], got {tuple(x.shape)}")
+    if _cpu_op_applies(x) and x.dtype == scale_zero.dtype and not scale_zero.requires_grad:
+        return torch.ops.sparsekit.int4_mm_cpu(x, packed, scale_zero, bias)
     return F.linear(x, dequantize_int4(packed, scale_zero).to(x.dtype), bias)
+
+
+@torch.library.custom_op("sparsekit::int4_mm_cpu", mutates_args=())
+def _int4_mm_cpu_op(
+    x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return bind_int4_cpu(packed, scale_zero)(x, bias)
+
+
+@_int4_mm_cpu_op.register_fake
+def _(x, packed, scale_zero, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 # ----------------------------------------------------------------------------- 2:4 + int8

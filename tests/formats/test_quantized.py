@@ -185,6 +185,32 @@ def test_int4_cpu_op_matches_the_reference_in_fp32():
     )
 
 
+def test_int4_cpu_packing_is_kept_per_stored_tensor_and_version():
+    """torch's CPU packing (what every bf16 int4 call needs) is built once per stored tensor, again
+    after an in-place change, and dropped with the tensor; each build matches the reference."""
+    import gc
+
+    from sparsekit.kernels import quant
+
+    packed, scale_zero = quantize_int4(torch.randn(40, 128), 32)  # N = 40: padded to 48 rows
+    scale_zero = scale_zero.to(torch.bfloat16)
+    first = quant.cpu_int4_pack(packed, scale_zero)
+    assert first[1].shape == (4, 48, 2) and quant.cpu_int4_pack(packed, scale_zero) is first
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    want = int4_mm_ref(x, packed, scale_zero, None)
+    rtol, atol = TOL[torch.bfloat16]
+    torch.testing.assert_close(quant.int4_mm(x, packed, scale_zero), want, rtol=rtol, atol=atol)
+    packed.bitwise_xor_(0x11)  # every code changes: the kept packing would be wrong
+    again = quant.cpu_int4_pack(packed, scale_zero)
+    assert again is not first
+    got = quant.int4_mm(x, packed, scale_zero)
+    torch.testing.assert_close(got, int4_mm_ref(x, packed, scale_zero, None), rtol=rtol, atol=atol)
+    key = id(packed)
+    del packed, first, again
+    gc.collect()
+    assert key not in quant._INT4_PACKS
+
+
 def test_2_4_int8_takes_0_625_bytes_per_weight_and_keeps_the_mask():
     lin = _linear(128, 256, torch.bfloat16, "2:4")
     layer = SparseLinear.from_linear(lin, format="2:4-int8")
@@ -377,11 +403,14 @@ def test_24_int8_bf16_takes_the_dot_kernels_limit_only_at_its_level_on_zen4(zen4
         assert calls == [("kernel", limit), ("tiles", limit + 1)], (isa, dtype)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "2:4-int8"])
+COMPILED_OPS = {"int8": "int8_mm_cpu", "2:4-int8": "sparse24_int8_mm_cpu", "int4": "int4_mm_cpu"}
+
+
+@pytest.mark.parametrize("fmt", list(COMPILED_OPS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_quantized_layer_calls_the_cpu_kernel(fmt, dtype):
-    """torch.compile(fullgraph=True) of a CPU int8 / 2:4-int8 SparseLinear puts one sparsekit op in
-    the graph (the bound C++ call), not a dequantize of the whole weight, and matches eager."""
+    """torch.compile(fullgraph=True) of a CPU int8 / 2:4-int8 / int4 SparseLinear puts one sparsekit
+    op in the graph (the bound C++ call), not a dequantize of the whole weight, and matches eager."""
     require_cpu_extension()
     lin = nn.Linear(64, 48, bias=True).to(dtype)
     with torch.no_grad():
@@ -397,7 +426,7 @@ def test_compiled_quantized_layer_calls_the_cpu_kernel(fmt, dtype):
     with torch.no_grad():
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True, backend=backend)(x)
-    op = "sparsekit.int8_mm_cpu" if fmt == "int8" else "sparsekit.sparse24_int8_mm_cpu"
+    op = f"sparsekit.{COMPILED_OPS[fmt]}"
     assert any(op in t for t in targets), targets
     assert not any("decompress" in t or "mul" in t for t in targets), targets
     rtol, atol = TOL[dtype]
