@@ -6,12 +6,12 @@ interleaved on one weight (the evidence behind ``sparsekit.kernels.quant.DEQUANT
 
 Candidates, all on the same [n, k] weight (SmolLM2's up_proj by default) and the same x [M, k]:
 dense ``F.linear``; torch's ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``;
-sparsekit's ``mm_q8`` (fp32 int8), ``mm_q4`` (fp32 int4) and ``mm24_q8`` (2:4 + int8) at the CPU's
-best ISA level, ``mm24_q8`` again at each ``--isas`` level, and ``mm24_q8_blas`` (dequantized tiles
-+ GEMM, the path above ``DEQUANT_ABOVE_M``); and dequantize (or decompress) + ``F.linear`` for
-int8, int4 and 2:4-int8. Weights stay
-cache-resident (one copy): this compares paths, the per-layer tables with weights from DRAM
-(bench/cpu_isa_layers.py) compare formats.
+sparsekit's ``mm_q8`` (fp32 int8), ``mm_q4`` (int4, x widened to fp32) and ``mm24_q8`` (2:4 +
+int8) at the CPU's best ISA level, ``mm24_q8`` again at each ``--isas`` level, and
+``mm24_q8_blas`` (dequantized tiles + GEMM, the path above ``DEQUANT_ABOVE_M``); and dequantize
+(or decompress) + ``F.linear`` for int8, int4 and 2:4-int8. Weights stay cache-resident (one
+copy): this compares paths, the per-layer tables with weights from DRAM (bench/cpu_isa_layers.py)
+compare formats.
 Writes <out>/quant-paths.json and .md with medians (p20..p80) in ms and the speedup over dense.
 """
 
@@ -73,8 +73,9 @@ def candidates(w: torch.Tensor, x: torch.Tensor, isas: tuple[str, ...] = ()) -> 
         fns["2:4-int8 sparsekit mm24_q8_blas"] = lambda: ext.mm24_q8_blas(
             x, q24, meta, s24, None, level, cpu_ext.BLAS_TILE_BYTES
         )
-        if dtype == torch.float32:  # the fp32 int4 kernel, x rearranged inside it as a layer calls it
-            fns["int4 sparsekit mm_q4"] = lambda: ext.mm_q4(x, p4, sz, None, 64, level)
+        # the int4 kernel (fp32 scales), x widened and rearranged inside it as a layer calls it
+        sz32 = sz.float().contiguous()
+        fns["int4 sparsekit mm_q4"] = lambda: ext.mm_q4(x, p4, sz32, None, 64, level)
     return fns
 
 

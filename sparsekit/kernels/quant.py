@@ -167,6 +167,11 @@ INT8_DIRECT_MAX_M = DEQUANT_ABOVE_M["int8-fp32"]  # fp32: sparsekit's direct int
 # (docs/data/quant-paths-mm_q4): faster than dequantize + GEMM at every M it measured (1..64),
 # faster than dense up to M = 8 (the runtime rule's `cpu_rule="fastest"` covers the rest)
 INT4_DIRECT_MAX_M = 64
+# bf16 / fp16: sparsekit's int4 kernel (x widened to fp32 inside) up to here, torch's op above. On
+# Zen 3 (AVX2, 2 threads, SmolLM2's up_proj, docs/data/quant-paths-zen3-int4-bf16) mm_q4 ran bf16
+# 2.07x dense at M = 1 against 1.16x for torch's op, 1.07x its speed at M = 8 and level at 16. Not
+# measured on other CPUs: they keep torch's op (0).
+INT4_HALF_DIRECT_MAX_M = 8 if cpu_ext.is_zen3() else 0
 
 
 # Above the direct paths' M a bound CPU layer dequantizes tiles of about ``cpu_ext.BLAS_TILE_BYTES``
@@ -201,6 +206,8 @@ def cpu_route(fmt: str, dtype: torch.dtype, m: int, isa: CpuIsa | str | None = N
             return (
                 "dequantize + GEMM" if cpu_ext.extension() is None else "sparsekit mm_q4_blas (tiles + GEMM)"
             )
+        if m <= INT4_HALF_DIRECT_MAX_M and cpu_ext.extension() is not None:
+            return "sparsekit mm_q4"
         return "aten int4 op"
     if fmt == "int8":
         ext = cpu_ext.extension() is not None
@@ -341,9 +348,11 @@ def int4_direct_input(x: torch.Tensor, group: int) -> torch.Tensor:
 def bind_int4_cpu(
     packed: torch.Tensor, scale_zero: torch.Tensor, isa: CpuIsa | str | None = None
 ) -> Callable[..., torch.Tensor] | None:
-    """``fn(x, bias) -> y`` for one stored int4 weight on the CPU. bf16 / fp16: the weight packed
-    once for ``aten._weight_int4pack_mm_for_cpu`` (out_features padded to a multiple of 16 with zero
-    rows, as the op requires; ``cpu_int4_pack``) up to ``DEQUANT_ABOVE_M["int4"]`` rows of x. fp32:
+    """``fn(x, bias) -> y`` for one stored int4 weight on the CPU. bf16 / fp16: sparsekit's direct
+    kernel (``mm_q4``, x widened inside) up to ``INT4_HALF_DIRECT_MAX_M`` rows of x (0 but on Zen 3),
+    then the weight packed once for ``aten._weight_int4pack_mm_for_cpu`` (out_features padded to a
+    multiple of 16 with zero rows, as the op requires; ``cpu_int4_pack``) up to
+    ``DEQUANT_ABOVE_M["int4"]`` rows, then dequantized tiles + GEMM (``mm_q4_blas``). fp32:
     sparsekit's direct kernel (``mm_q4``) up to ``INT4_DIRECT_MAX_M`` rows (torch's op has no fast
     fp32 path); above the limits, and in fp32 without the C++ extension (None), the caller
     dequantizes per call."""
@@ -352,19 +361,23 @@ def bind_int4_cpu(
     check_int4_shape(k, group)
     if scale_zero.dtype == torch.float32:
         return _bind_int4_fp32(packed, scale_zero, group, isa)
-    cpu_packed, sz = cpu_int4_pack(packed, scale_zero)
+    cpu_packed, sz, sz32 = cpu_int4_pack(packed, scale_zero)
     ext = cpu_ext.extension()
     level = isa_level(resolve_isa(isa))
+    direct_rows = INT4_HALF_DIRECT_MAX_M if ext is not None else 0
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = x.reshape(-1, k)
         if x2.shape[0] > DEQUANT_ABOVE_M["int4"]:
             if ext is None:
                 return F.linear(x, dequantize_int4(packed, scale_zero), bias)
-            # prefill: the fp32 scales' copy is small beside the GEMM
-            sz32, b = scale_zero.float().contiguous(), _contiguous(bias, x.dtype)
-            tile = cpu_ext.BLAS_TILE_BYTES
+            b, tile = _contiguous(bias, x.dtype), cpu_ext.BLAS_TILE_BYTES
             y = ext.mm_q4_blas(x2.contiguous(), packed.contiguous(), sz32, b, group, level, tile)
+            return y.reshape(*x.shape[:-1], n)
+        if x2.shape[0] <= direct_rows:  # x widened to fp32 inside, y in x's dtype
+            y = ext.mm_q4(
+                x2.contiguous(), packed.contiguous(), sz32, _contiguous(bias, x.dtype), group, level
+            )
             return y.reshape(*x.shape[:-1], n)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), cpu_packed, group, sz)
         y = y[:, :n] if sz.shape[1] != n else y
@@ -381,10 +394,12 @@ def bind_int4_cpu(
 _INT4_PACKS: dict[int, tuple] = {}
 
 
-def cpu_int4_pack(packed: torch.Tensor, scale_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_int4_pack(
+    packed: torch.Tensor, scale_zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the weight packed for ``aten._weight_int4pack_mm_for_cpu``, scale_zero [K/group, N', 2])
     with N' = out_features padded to a multiple of 16 by zero rows (code 8, scale 0, zero 0), as the
-    op requires; built once per stored tensor and version."""
+    op requires, and scale_zero in fp32 (``mm_q4``'s); built once per stored tensor and version."""
     key, versions = id(packed), (packed._version, id(scale_zero), scale_zero._version)
     hit = _INT4_PACKS.get(key)
     if hit is not None and hit[0]() is packed and hit[1] == versions:
@@ -394,6 +409,7 @@ def cpu_int4_pack(packed: torch.Tensor, scale_zero: torch.Tensor) -> tuple[torch
     built = (
         torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
         F.pad(scale_zero, (0, 0, 0, pad)).contiguous(),
+        scale_zero.float().contiguous(),
     )
     # the entry holds no reference to packed: it goes when packed goes
     _INT4_PACKS[key] = (weakref.ref(packed, lambda _ref, k=key: _INT4_PACKS.pop(k, None)), versions, built)

@@ -131,6 +131,32 @@ def test_dense_int4_kernel_every_isa_against_the_reference(isa, m, group):
     assert layer._cache  # the bound C++ call ran, not the dequantizing fallback
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("m", [1, 4, 5])
+def test_half_int4_layer_takes_mm_q4_up_to_its_limit_then_torchs_op(isa, dtype, m, monkeypatch):
+    """bf16 / fp16 int4 layers run ``mm_q4`` (x widened inside, y and bias in x's dtype) up to
+    INT4_HALF_DIRECT_MAX_M rows (here forced to 4) and torch's packed op above; both against
+    dequantize + F.linear in fp32, at every ISA this CPU runs."""
+    require_cpu_extension()
+    from sparsekit.kernels import quant
+
+    monkeypatch.setattr(quant, "INT4_HALF_DIRECT_MAX_M", 4)
+    ext, calls = cpu_ext.extension(), []
+    real = ext.mm_q4
+    monkeypatch.setattr(ext, "mm_q4", lambda x, *a: calls.append(x.dtype) or real(x, *a))
+    layer = SparseLinear.from_linear(_linear(48, 256, dtype), format="int4")
+    layer.cpu_isa = isa
+    x = torch.randn(m, 256).to(dtype)
+    with torch.no_grad():
+        y = layer(x)
+    assert calls == ([dtype] if m <= 4 else []) and y.dtype == dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(
+        y, int4_mm_ref(x, layer.qweight, layer.scale_zero, layer.bias), rtol=rtol, atol=atol
+    )
+
+
 def test_int4_direct_input_puts_each_groups_even_then_odd_columns_then_the_sums():
     from sparsekit.kernels.quant import int4_direct_input
 

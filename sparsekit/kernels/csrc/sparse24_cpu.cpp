@@ -847,14 +847,15 @@ torch::Tensor quant_blas(const torch::Tensor& x, const c10::optional<torch::Tens
 
 // fn(x as fp32, bias, y) for the direct drivers of weight-only int8 kernels
 template <typename Fn>
-torch::Tensor q8_direct(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N, Fn&& fn) {
+torch::Tensor q8_direct(const torch::Tensor& x, const c10::optional<torch::Tensor>& bias, int64_t N, Fn&& fn,
+                        c10::optional<at::ScalarType> out = c10::nullopt) {
   at::NoGradGuard no_grad;
   const int64_t M = x.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = torch::empty({M, N}, x.options().dtype(out.value_or(x.scalar_type())));
   if (M == 0 || N == 0) return y;
   std::vector<float> keep;
   const float* xf = as_fp32(x, keep);
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch_dtype(y.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     fn(tag, xf, bias.has_value() ? bias->data_ptr<T>() : nullptr, y.data_ptr<T>());
   });
@@ -884,12 +885,13 @@ torch::Tensor mm_q8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, c10::
   });
 }
 
-// x [M, K] fp32 -> [M, K + K/G]: per group its even columns, then its odd ones (the low and high
-// nibbles of the packed bytes), then the K/G group sums (what ``quant.int4_direct_input`` builds)
+// x [M, K] (fp32/bf16/fp16) -> fp32 [M, K + K/G]: per group its even columns, then its odd ones (the
+// low and high nibbles of the packed bytes), then the K/G group sums (``quant.int4_direct_input``)
 torch::Tensor int4_rearranged(const torch::Tensor& x, int64_t K, int64_t G) {
   const int64_t M = x.size(0), ldx = K + K / G, half = G / 2;
-  auto xg = torch::empty({M, ldx}, x.options());
-  const float* xi = x.data_ptr<float>();
+  auto xg = torch::empty({M, ldx}, x.options().dtype(at::kFloat));
+  std::vector<float> keep;
+  const float* xi = as_fp32(x, keep);
   float* o = xg.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < K / G; ++g) {
@@ -906,19 +908,20 @@ torch::Tensor int4_rearranged(const torch::Tensor& x, int64_t K, int64_t G) {
   return xg;
 }
 
-// weight-only int4 (groups of G): x fp32 contiguous, either [M, K] (rearranged here) or already
-// [M, K + K/G], each row per group as [even columns | odd columns] followed by its K/G group sums
-// (``quant.int4_direct_input``); packed uint8 [N, K/2], sz fp32 [K/G, N, 2] contiguous, bias fp32
-// [N] or None -> y [M, N] fp32
+// weight-only int4 (groups of G): x contiguous, either [M, K] (fp32/bf16/fp16, rearranged here into
+// fp32) or already [M, K + K/G] fp32, each row per group as [even columns | odd columns] followed by
+// its K/G group sums (``quant.int4_direct_input``); packed uint8 [N, K/2], sz fp32 [K/G, N, 2]
+// contiguous, bias [N] (x's dtype) or None -> y [M, N] in x's dtype
 torch::Tensor mm_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, c10::optional<torch::Tensor> bias,
                     int64_t G, int64_t isa) {
   isa = check_isa(isa);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && sz.scalar_type() == at::kFloat, "mm_q4: x and sz must be fp32");
+  TORCH_CHECK(sz.scalar_type() == at::kFloat, "mm_q4: sz must be fp32");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, "mm_q4: packed must be uint8 [N, K/2]");
   const int64_t N = packed.size(0), K = 2 * packed.size(1);
   TORCH_CHECK(G >= 32 && G % 32 == 0 && K % G == 0, "mm_q4: the group must be a multiple of 32 dividing K");
   TORCH_CHECK(x.dim() == 2 && (x.size(1) == K || x.size(1) == K + K / G) && x.is_contiguous(),
               "mm_q4: x must be [M, K] or (rearranged) [M, K + K/G], contiguous");
+  TORCH_CHECK(x.size(1) == K || x.scalar_type() == at::kFloat, "mm_q4: a rearranged x must be fp32");
   const torch::Tensor xg = x.size(1) == K ? int4_rearranged(x, K, G) : x;
   TORCH_CHECK(sz.dim() == 3 && sz.size(0) == K / G && sz.size(1) == N && sz.size(2) == 2 && sz.is_contiguous(),
               "mm_q4: sz must be [K/G, N, 2] contiguous");
@@ -933,7 +936,7 @@ torch::Tensor mm_q4(torch::Tensor x, torch::Tensor packed, torch::Tensor sz, c10
     if (isa == ISA_AVX2) return direct_mm<T>(sk_avx2::DenseQ4{{w, szp, K, G, N}}, xf, bp, yp, M, N, ldx);
 #endif
     direct_mm<T>(sk_scalar::DenseQ4{{w, szp, K, G, N}}, xf, bp, yp, M, N, ldx);
-  });
+  }, x.scalar_type());
 }
 
 // 2:4 + weight-only int8: x [..., K] (M rows; y [..., N]) (fp32/bf16/fp16), values int8 [N, K/2] and meta
