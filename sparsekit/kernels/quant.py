@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from . import cpu_ext
 from ._backend import CpuIsa
+from ._cpu_ops import cpu_inference_op, no_grad_inputs
 from .cpu_ext import isa_level, resolve_isa
 from .sparse24_cpu import decompress_24_torch
 
@@ -128,14 +129,14 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
     n, k = q.shape
     if x.shape[-1] != k:
         raise ValueError(f"int8_mm expects x [..., {k}], got {tuple(x.shape)}")
-    if _cpu_op_applies(x):
+    if _cpu_op_applies(x, scale, bias):
         return torch.ops.sparsekit.int8_mm_cpu(x, q, scale, bias)
     return _int8_mm_torch(x, q, scale, bias)
 
 
-def _cpu_op_applies(x: torch.Tensor) -> bool:
-    """Whether a quantized matmul of x runs its bound C++ call as a custom op (no autograd formula)."""
-    return x.device.type == "cpu" and not x.requires_grad and cpu_ext.extension() is not None
+def _cpu_op_applies(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
+    """Whether a quantized matmul of x runs its bound C++ call as one op (no autograd formula)."""
+    return x.device.type == "cpu" and no_grad_inputs(x, *weights) and cpu_ext.extension() is not None
 
 
 def _int8_mm_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
@@ -262,16 +263,14 @@ def bind_int8_cpu(
     return mm
 
 
-@torch.library.custom_op("sparsekit::int8_mm_cpu", mutates_args=())
-def _int8_mm_cpu_op(
-    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+def _rows_out(x: torch.Tensor, weight: torch.Tensor, *_) -> torch.Tensor:
+    """Fake of the CPU ops below: y [..., N] for x [..., K] and a stored weight [N, ...]."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@cpu_inference_op("int8_mm_cpu(Tensor x, Tensor q, Tensor scale, Tensor? bias) -> Tensor", _rows_out)
+def _int8_mm_cpu_op(x, q, scale, bias):
     return bind_int8_cpu(q.contiguous(), scale)(x, bias)
-
-
-@_int8_mm_cpu_op.register_fake
-def _(x, q, scale, bias):
-    return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
 # ----------------------------------------------------------------------------- int4 per group
@@ -445,21 +444,16 @@ def int4_mm(
     k = 2 * packed.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"int4_mm expects x [..., {k}], got {tuple(x.shape)}")
-    if _cpu_op_applies(x) and x.dtype == scale_zero.dtype and not scale_zero.requires_grad:
+    if _cpu_op_applies(x, scale_zero, bias) and x.dtype == scale_zero.dtype:
         return torch.ops.sparsekit.int4_mm_cpu(x, packed, scale_zero, bias)
     return F.linear(x, dequantize_int4(packed, scale_zero).to(x.dtype), bias)
 
 
-@torch.library.custom_op("sparsekit::int4_mm_cpu", mutates_args=())
-def _int4_mm_cpu_op(
-    x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+@cpu_inference_op(
+    "int4_mm_cpu(Tensor x, Tensor packed, Tensor scale_zero, Tensor? bias) -> Tensor", _rows_out
+)
+def _int4_mm_cpu_op(x, packed, scale_zero, bias):
     return bind_int4_cpu(packed, scale_zero)(x, bias)
-
-
-@_int4_mm_cpu_op.register_fake
-def _(x, packed, scale_zero, bias):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 # ----------------------------------------------------------------------------- 2:4 + int8
@@ -513,22 +507,18 @@ def sparse24_int8_mm(
     """x [..., K] -> y [..., N]. On the CPU without autograd and with the C++ extension: the bound
     CPU call (``bind_sparse24_int8_cpu``) as one custom op (a compiled model runs the kernel, not a
     traced decompress); elsewhere values dequantized to x's dtype and F.linear."""
-    if _cpu_op_applies(x):
+    if _cpu_op_applies(x, scale, bias):
         return torch.ops.sparsekit.sparse24_int8_mm_cpu(x, values, meta, scale, bias)
     w = decompress_24_torch(values.to(x.dtype), meta) * scale.to(x.dtype)[:, None]
     return F.linear(x, w, bias)
 
 
-@torch.library.custom_op("sparsekit::sparse24_int8_mm_cpu", mutates_args=())
-def _sparse24_int8_mm_cpu_op(
-    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
+@cpu_inference_op(
+    "sparse24_int8_mm_cpu(Tensor x, Tensor values, Tensor meta, Tensor scale, Tensor? bias) -> Tensor",
+    _rows_out,
+)
+def _sparse24_int8_mm_cpu_op(x, values, meta, scale, bias):
     return bind_sparse24_int8_cpu(values.contiguous(), meta.contiguous(), scale)(x, bias)
-
-
-@_sparse24_int8_mm_cpu_op.register_fake
-def _(x, values, meta, scale, bias):
-    return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 __all__ = [

@@ -240,3 +240,25 @@ def test_compiled_forward_goes_through_the_custom_op():
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,op", [("2:4", "sparse24_mm"), ("bitmap", "bitmap_mm")])
+def test_compiled_cpu_layer_calls_the_lean_op_without_grad_and_the_custom_op_with_it(fmt, op):
+    """Without grad a compiled CPU layer's graph holds the lean ``<op>_cpu`` (a few us per call, no
+    autograd formula); with x requiring grad it holds the ``custom_op`` (which refuses backward)."""
+    layer = SparseLinear.from_linear(pruned_linear(32, 64, pattern=fmt), format=fmt)
+    seen: list[str] = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if "sparsekit" in str(node.target))
+        return gm.forward
+
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        y = torch.compile(layer, fullgraph=True, backend=backend)(x)
+        torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
+    assert seen == [f"sparsekit.{op}_cpu"], seen
+    seen.clear()
+    torch._dynamo.reset()
+    torch.compile(layer, fullgraph=True, backend=backend)(x.requires_grad_())
+    assert seen == [f"sparsekit.{op}"], seen

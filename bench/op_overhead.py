@@ -1,0 +1,98 @@
+"""What one call of a CPU layer costs beside its kernel, by how it is called, interleaved.
+
+    python bench/op_overhead.py --out docs/data/op-overhead [--n 1536 --k 576] [--threads 2]
+
+On one 2:4 weight [n, k] (SmolLM2's up_proj by default) and x [1, k] (decode), in fp32 and bf16:
+  bound      the eager layer's call: ``bind_sparse24_cpu`` checked everything once
+  lean op    ``torch.ops.sparsekit.sparse24_mm_cpu``, what a compiled CPU graph calls without grad
+             (a ``torch.library.Library`` op: CPU kernel + fake, ``sparsekit/kernels/_cpu_ops.py``)
+  custom op  ``torch.ops.sparsekit.sparse24_mm`` (``torch.library.custom_op``), what it called before
+and dense ``F.linear`` for scale. Every call on the same weight (cache-resident): the differences
+are the per-call overhead a decode step pays once per layer. Writes <out>.json and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsekit._env import environment
+from sparsekit._io import write_json_atomic, write_text_atomic
+from sparsekit.bench.timing import time_cpu_interleaved
+from sparsekit.kernels import compress_24, nm_keep_mask
+from sparsekit.kernels.sparse24_cpu import bind_sparse24_cpu
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def calls(n: int, k: int, dtype: torch.dtype) -> dict:
+    """name -> fn() for one 2:4 weight [n, k] in ``dtype`` and x [1, k]."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen)
+    w = (w * nm_keep_mask(w.abs(), 2, 4)).to(dtype)
+    values, meta = compress_24(w)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    bound = bind_sparse24_cpu(values, meta)
+    return {
+        "dense F.linear": lambda: F.linear(x, w),
+        "bound": lambda: bound(x, None),
+        "lean op": lambda: torch.ops.sparsekit.sparse24_mm_cpu(x, values, meta, None),
+        "custom op": lambda: torch.ops.sparsekit.sparse24_mm(x, values, meta, None, False),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="path stem of the .json / .md report")
+    p.add_argument("--n", type=int, default=1536)
+    p.add_argument("--k", type=int, default=576)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--min-time", type=float, default=0.5)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with torch.no_grad():
+        for name, dtype in DTYPES.items():
+            t = time_cpu_interleaved(calls(args.n, args.k, dtype), warmup=20, min_time_s=args.min_time)
+            bound_us = t["bound"].median_ms * 1e3
+            for call, timing in t.items():
+                us = timing.median_ms * 1e3
+                rows.append(
+                    dict(dtype=name, call=call, median_us=us, p20_us=timing.p20_ms * 1e3,
+                         p80_us=timing.p80_ms * 1e3, over_bound_us=us - bound_us)
+                )  # fmt: skip
+    meta = {"command": "python bench/op_overhead.py " + " ".join(_argv()), "env": environment(),
+            "n": args.n, "k": args.k, "threads": torch.get_num_threads()}  # fmt: skip
+    write_json_atomic(args.out.with_suffix(".json"), {"meta": meta, "rows": rows})
+    lines = [
+        f"# Per-call cost of a CPU 2:4 layer [{args.n}, {args.k}] at M = 1, by how it is called",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"Machine: {meta['env'].get('cpu', '?')}, {meta['threads']} threads, "
+        f"torch {meta['env'].get('torch', '?')}. Interleaved rounds, weight cache-resident.",
+        "",
+        "| dtype | call | us (p20..p80) | over the bound call, us |",
+        "|---|---|---|---:|",
+    ]
+    lines += [
+        f"| {r['dtype']} | {r['call']} | {r['median_us']:.1f} ({r['p20_us']:.1f}..{r['p80_us']:.1f}) | "
+        f"{r['over_bound_us']:+.1f} |"
+        for r in rows
+    ]
+    write_text_atomic(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _argv() -> list[str]:
+    import sys
+
+    return sys.argv[1:]
+
+
+if __name__ == "__main__":
+    main()
