@@ -14,6 +14,7 @@ are the per-call overhead a decode step pays once per layer. Writes <out>.json a
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ def main() -> None:
                     dict(dtype=name, call=call, median_us=us, p20_us=timing.p20_ms * 1e3,
                          p80_us=timing.p80_ms * 1e3, over_bound_us=us - bound_us)
                 )  # fmt: skip
-    meta = {"command": "python bench/op_overhead.py " + " ".join(_argv()), "env": environment(),
+    meta = {"command": "python bench/op_overhead.py " + " ".join(sys.argv[1:]), "env": environment(),
             "n": args.n, "k": args.k, "threads": torch.get_num_threads()}  # fmt: skip
     write_json_atomic(args.out.with_suffix(".json"), {"meta": meta, "rows": rows})
     lines = [
@@ -86,12 +87,6 @@ def main() -> None:
     ]
     write_text_atomic(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _argv() -> list[str]:
-    import sys
-
-    return sys.argv[1:]
 
 
 if __name__ == "__main__":

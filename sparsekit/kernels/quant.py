@@ -170,7 +170,7 @@ INT8_DIRECT_MAX_M = DEQUANT_ABOVE_M["int8-fp32"]  # fp32: sparsekit's direct int
 INT4_DIRECT_MAX_M = 64
 # bf16 / fp16: sparsekit's int4 kernel (x widened to fp32 inside) up to here, torch's op above. On
 # Zen 3 (AVX2, 2 threads, SmolLM2's up_proj, docs/data/quant-paths-zen3-int4-bf16) mm_q4 ran bf16
-# 2.07x dense at M = 1 against 1.16x for torch's op, 1.07x its speed at M = 8 and level at 16. Not
+# 2.03x dense at M = 1 against 1.14x for torch's op, 1.04x its speed at M = 8 and level at 16. Not
 # measured on other CPUs: they keep torch's op (0).
 INT4_HALF_DIRECT_MAX_M = 8 if cpu_ext.is_zen3() else 0
 

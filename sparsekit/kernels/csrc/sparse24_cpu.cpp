@@ -168,9 +168,9 @@ struct Sparse24 : Sparse24Base<T> {
   template <int R>
   void dot(int64_t n, const float* x, int64_t ldx, float* acc) const {
     // fp32 values and one row of x (decode, 4 bytes a value from DRAM): the lane-crossing vpermps,
-    // 1.10-1.18x faster than vpermilps on Llama-2-7B's shapes on Zen 3; bf16 or int8 values (more
-    // work per byte) or more rows: vpermilps, which ran those 1.3-1.5x faster there
-    // (docs/data/kernel-ab-avx2-24-cross*)
+    // 1.10-1.31x faster than vpermilps on Llama-2-7B's shapes on Zen 3
+    // (docs/data/kernel-ab-avx2-24-cross-llama); bf16 or int8 values (more work per byte) or more
+    // rows: vpermilps, which stayed ahead there in a probe
     const Gather24<R == 1 && std::is_same_v<T, float>> X;  // local: its constants stay in registers
     const T* vrow = this->v + n * this->ldv();
     const uint8_t* mrow = this->meta + n * this->ldm();
