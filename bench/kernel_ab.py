@@ -1,7 +1,7 @@
 """A C++ kernel change against the code it replaces, interleaved in one process.
 
     python bench/kernel_ab.py --base REV --out docs/data/kernel-ab [--isa avx2] [--ms 1,4]
-        [--formats 2:4,2:4-int8,bitmap=0.7] [--dtypes fp32,bf16] [--shapes smollm2] [--threads 2]
+        [--formats 2:4,2:4-int8,int8,bitmap=0.7] [--dtypes fp32,bf16] [--shapes smollm2] [--threads 2]
 
 Builds the extension from the C++ sources as they were at git revision ``--base`` (same flags,
 its own module name) beside the working tree's build, then times each format's direct kernel
@@ -32,7 +32,7 @@ from sparsekit.kernels.topk_select import nm_keep_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FORMATS = ("2:4", "2:4-int8", "bitmap=0.5", "bitmap=0.7")
+FORMATS = ("2:4", "2:4-int8", "int8", "bitmap=0.5", "bitmap=0.7")
 PATHS = {"direct": 0, "blas": 1}
 
 
@@ -59,7 +59,11 @@ def _weight(fmt: str, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _parts(fmt: str, w: torch.Tensor) -> list[torch.Tensor]:
-    """The stored tensors of ``w`` in ``fmt`` (2:4-int8: int8 values, meta, fp32 row scales)."""
+    """The stored tensors of ``w`` in ``fmt`` (2:4-int8: int8 values, meta, fp32 row scales; int8:
+    the dense int8 weight and its fp32 row scales)."""
+    if fmt == "int8":
+        q, scale = quantize_int8(w.float())
+        return [q, scale.float()]
     if fmt == "2:4":
         return list(compress_24(w))
     if fmt == "2:4-int8":
@@ -78,6 +82,8 @@ def _call(module, fmt: str, x: torch.Tensor, parts: list[torch.Tensor], level: i
         return lambda: module.mm24(x, parts[0], parts[1], None, level, path, 0)
     if fmt == "2:4-int8":
         return lambda: module.mm24_q8(x, parts[0], parts[1], parts[2], None, level)
+    if fmt == "int8":
+        return lambda: module.mm_q8(x, parts[0], parts[1], None, level)
     return lambda: module.mm_bitmap(x, parts[0], parts[1], parts[2], None, level, path, 0)
 
 
@@ -201,8 +207,8 @@ def main() -> None:
         p.error(
             f"unknown format or dtype {bad}; choose formats from {FORMATS} and dtypes from {tuple(DTYPES)}"
         )
-    if args.path == "blas" and "2:4-int8" in args.formats:
-        p.error("2:4-int8 has no blas entry in mm24_q8; leave it out of --formats with --path blas")
+    if args.path == "blas" and ({"2:4-int8", "int8"} & set(args.formats)):
+        p.error("2:4-int8 and int8 have no blas entry in mm24_q8 / mm_q8: leave them out with --path blas")
     try:
         _git("rev-parse", "--verify", "--quiet", f"{args.base}^{{commit}}")
     except subprocess.CalledProcessError:

@@ -412,3 +412,29 @@ def test_entry_points_take_x_with_leading_dims(layout, path, ext, assert_close):
         y = call(x)
         assert y.shape == (2, 3, n), name
         assert_close(y.reshape(-1, n), call(flat))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("n", "k"), [(1001, 64), (3, 36), (1, 260)])
+def test_decode_pairs_of_weight_rows_every_isa(isa, n, k, ext, assert_close):
+    """At M = 1 the AVX2 2:4, 2:4-int8 and int8 kernels take weight rows two at a time (``dot2``) and
+    a row left over alone: N = 1001 at K = 64 splits into weight tiles of an odd row count, N = 3 and
+    1 leave a single last row, K = 36 / 260 a tail of groups past the vector loop; every row against
+    the fp32 reference, with a bias, on every ISA (the others run one row at a time)."""
+    from sparsekit.kernels.quant import quantize_int8
+
+    level = cpu_ext.ISA_LEVEL[CpuIsa.of(_runnable(isa))]
+    x, bias = torch.randn(1, k), torch.randn(n)
+    w24 = _weight_24(n, k, torch.float32)
+    q24, s24 = quantize_int8(w24)
+    v24q, m24q = compress_24(q24.float())
+    q8, s8 = quantize_int8(torch.randn(n, k))
+    for dtype in NAMES:
+        xd, bd = x.to(dtype), bias.to(dtype)
+        wd = w24.to(dtype)
+        assert_close(ext.mm24(xd, *compress_24(wd), bd, level, 0, 0), _reference(xd, wd, bd))
+    w24q = (q24.float() * s24.float()[:, None]).to(torch.float32)
+    y = ext.mm24_q8(x, v24q.to(torch.int8), m24q, s24.float(), bias, level)
+    assert_close(y, _reference(x, w24q, bias))
+    y = ext.mm_q8(x, q8, s8.float(), bias, level)
+    assert_close(y, _reference(x, q8.float() * s8.float()[:, None], bias))

@@ -115,11 +115,28 @@ void dispatch_dtype(at::ScalarType t, Fn&& fn) {
 //   double row_bytes() const                   compressed bytes of one weight row
 // T is the output's (and bias's) dtype; the kernel's stored values may be another (int8).
 // scale [N] fp32 or nullptr: y[m, n] = scale[n] * acc + bias[n] (per-row weight-only quantization)
+// whether Kern provides void dot2(n, x, acc) const: weight rows n and n + 1 against one row of x
+// (acc[0], acc[1]), which a decode step (M = 1) runs in place of two dot<1> calls
+template <typename Kern, typename = void>
+struct has_dot2 : std::false_type {};
+template <typename Kern>
+struct has_dot2<Kern, std::void_t<decltype(&Kern::dot2)>> : std::true_type {};
+
 template <typename T, typename Kern, int R, typename X>
 void rows_block(const Kern& kern, const X* x, int64_t K, const T* bias, const float* scale, T* y, int64_t N,
                 int64_t m0, int64_t n0, int64_t n1) {
   float acc[R];
-  for (int64_t n = n0; n < n1; ++n) {
+  int64_t n = n0;
+  if constexpr (R == 1 && has_dot2<Kern>::value) {
+    for (; n + 2 <= n1; n += 2) {
+      float pair[2];
+      kern.dot2(n, x + m0 * K, pair);
+      for (int j = 0; j < 2; ++j)
+        y[m0 * N + n + j] = static_cast<T>((scale ? scale[n + j] : 1.f) * pair[j] +
+                                           (bias ? static_cast<float>(bias[n + j]) : 0.f));
+    }
+  }
+  for (; n < n1; ++n) {
     kern.template dot<R>(n, x + m0 * K, K, acc);
     const float b = bias ? static_cast<float>(bias[n]) : 0.f;
     const float s = scale ? scale[n] : 1.f;

@@ -19,6 +19,8 @@
 //            lane-crossing vpermps on x as stored, with per-lane base offsets, ran the SmolLM2 up
 //            projection 1.4-1.7x slower at M = 1 on Zen 3.) One row of x and fp32 values: vpermps on
 //            this layout (the 2 bits plus 4 in the upper lane), which streams from DRAM faster there.
+//            One row of x (decode): weight rows two at a time (dot2), sharing the x loads, with four
+//            FMA chains where one row has two.
 //   scalar:  acc += v0 * x[4g + i0] + v1 * x[4g + i1].
 //   AVX-512 + BF16 (bf16 only): x stays bf16. The 32 values of 16 groups are 16 pairs, one per
 //            32-bit lane; one two-source word permute (vpermt2w, indices from the 16 nibbles) puts
@@ -110,13 +112,15 @@ struct Gather24 {
   }
   inline __m256i lo(__m256i w) const { return index(_mm256_srlv_epi32(w, shift_lo)); }
   inline __m256i hi(__m256i w) const { return index(_mm256_srlv_epi32(w, shift_hi)); }
-  // x of 16 columns in prepare_x's layout at xr, laid against 8 values with indices idx
-  static inline __m256 gather_x(const float* xr, __m256i idx) {
+  // x of 16 columns in prepare_x's layout (x0: the first 8, x1: the next), laid against 8 values
+  // with indices idx
+  static inline __m256 gather_x(__m256 x0, __m256 x1, __m256i idx) {
     if constexpr (Cross)
-      return _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xr), idx),
-                             _mm256_permutevar8x32_ps(_mm256_loadu_ps(xr + 8), idx), 0xCC);
-    return _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(xr), idx),
-                           _mm256_permutevar_ps(_mm256_loadu_ps(xr + 8), idx), 0xCC);
+      return _mm256_blend_ps(_mm256_permutevar8x32_ps(x0, idx), _mm256_permutevar8x32_ps(x1, idx), 0xCC);
+    return _mm256_blend_ps(_mm256_permutevar_ps(x0, idx), _mm256_permutevar_ps(x1, idx), 0xCC);
+  }
+  static inline __m256 gather_x(const float* xr, __m256i idx) {
+    return gather_x(_mm256_loadu_ps(xr), _mm256_loadu_ps(xr + 8), idx);
   }
 };
 
@@ -193,6 +197,35 @@ struct Sparse24 : Sparse24Base<T> {
     }
     for (int r = 0; r < R; ++r) acc[r] = hsum(_mm256_add_ps(a[r], b[r]));
     dot24_tail<T, R>(vrow, mrow, x, ldx, g, G, acc);
+  }
+  // weight rows n, n + 1 against one row of x (decode): the x loads shared, four FMA chains where
+  // dot<1> has two (dot<1>'s chains are latency-bound on short rows)
+  void dot2(int64_t n, const float* x, float* acc) const {
+    const Gather24<std::is_same_v<T, float>> X;  // the choice dot<1> makes
+    const T* v0 = this->v + n * this->ldv();
+    const T* v1 = v0 + this->ldv();
+    const uint8_t* m0 = this->meta + n * this->ldm();
+    const uint8_t* m1 = m0 + this->ldm();
+    const int64_t G = this->K / 4;
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
+    int64_t g = 0;
+    for (; g + 8 <= G; g += 8) {  // 32 columns: 16 values and 4 meta bytes of each row
+      _mm_prefetch(reinterpret_cast<const char*>(v0 + 2 * g) + PF_BYTES, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v1 + 2 * g) + PF_BYTES, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(m0 + g / 2) + PF_BYTES / 8, _MM_HINT_T0);
+      const __m256i w0 = X.word(m0 + g / 2), w1 = X.word(m1 + g / 2);
+      const float* xk = x + 4 * g;
+      const __m256 x0 = _mm256_loadu_ps(xk), x1 = _mm256_loadu_ps(xk + 8);
+      const __m256 x2 = _mm256_loadu_ps(xk + 16), x3 = _mm256_loadu_ps(xk + 24);
+      a0 = _mm256_fmadd_ps(load8<T>(v0 + 2 * g), X.gather_x(x0, x1, X.lo(w0)), a0);
+      a1 = _mm256_fmadd_ps(load8<T>(v1 + 2 * g), X.gather_x(x0, x1, X.lo(w1)), a1);
+      b0 = _mm256_fmadd_ps(load8<T>(v0 + 2 * g + 8), X.gather_x(x2, x3, X.hi(w0)), b0);
+      b1 = _mm256_fmadd_ps(load8<T>(v1 + 2 * g + 8), X.gather_x(x2, x3, X.hi(w1)), b1);
+    }
+    acc[0] = hsum(_mm256_add_ps(a0, b0));
+    acc[1] = hsum(_mm256_add_ps(a1, b1));
+    dot24_tail<T, 1>(v0, m0, x, 0, g, G, acc);
+    dot24_tail<T, 1>(v1, m1, x, 0, g, G, acc + 1);
   }
   void decompress(int64_t n0, int64_t n1, T* out) const {
     static const Expand24 E;
@@ -497,6 +530,28 @@ struct DenseQ8 : DenseQ8Base {
     for (int r = 0; r < R; ++r) acc[r] = hsum(_mm256_add_ps(a[r], b[r]));
     for (; k < K; ++k)
       for (int r = 0; r < R; ++r) acc[r] += float(wr[k]) * x[r * ldx + k];
+  }
+  // weight rows n, n + 1 against one row of x (decode): x loaded once, four FMA chains
+  void dot2(int64_t n, const float* x, float* acc) const {
+    const int8_t* w0 = w + n * K;
+    const int8_t* w1 = w0 + K;
+    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + k) + PF_BYTES, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + k) + PF_BYTES, _MM_HINT_T0);
+      const __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
+      a0 = _mm256_fmadd_ps(load8<int8_t>(w0 + k), xa, a0);
+      a1 = _mm256_fmadd_ps(load8<int8_t>(w1 + k), xa, a1);
+      b0 = _mm256_fmadd_ps(load8<int8_t>(w0 + k + 8), xb, b0);
+      b1 = _mm256_fmadd_ps(load8<int8_t>(w1 + k + 8), xb, b1);
+    }
+    acc[0] = hsum(_mm256_add_ps(a0, b0));
+    acc[1] = hsum(_mm256_add_ps(a1, b1));
+    for (; k < K; ++k) {
+      acc[0] += float(w0[k]) * x[k];
+      acc[1] += float(w1[k]) * x[k];
+    }
   }
 };
 }  // namespace sk_avx2
