@@ -23,8 +23,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import cpu_ext
 from ._backend import Backend, check_dtype, check_same_device, launch, use_triton
-from ._cpu_ops import cpu_inference_op, no_grad_inputs
+from ._cpu_ops import cpu_op_applies
 from ._gemm_common import as_2d, compute_pid, gemm_configs, linear_ref, m_bucket, prune, store_tile
 from .aot import AotCase, gemm_signature
 from .bitmap_cpu import bitmap_mm_cpu
@@ -235,18 +236,10 @@ def bitmap_mm(
     """
     _check_mm(x, values, mask_bits, offsets, bias)
     triton = use_triton(x, values, mask_bits, offsets, backend=backend)
-    if not triton and x.device.type == "cpu" and no_grad_inputs(x, values, bias):
-        return torch.ops.sparsekit.bitmap_mm_cpu(x, values, mask_bits, offsets, bias)
+    if not triton and cpu_op_applies(x, values, bias):
+        route = cpu_ext.route_args("bitmap", x.dtype, x.shape[-1])
+        return torch.ops.sparsekit.bitmap_routed(x, values, mask_bits, offsets, bias, *route)
     return torch.ops.sparsekit.bitmap_mm(x, values, mask_bits, offsets, bias, triton)
-
-
-@cpu_inference_op(
-    "bitmap_mm_cpu(Tensor x, Tensor values, Tensor mask_bits, Tensor offsets, Tensor? bias) -> Tensor",
-    lambda x, values, mask_bits, offsets, bias: x.new_empty((*x.shape[:-1], mask_bits.shape[0])),
-)
-def _bitmap_mm_cpu_op(x, values, mask_bits, offsets, bias):
-    """The CPU path of ``bitmap_mm`` without autograd, as a lean op (``_cpu_ops``)."""
-    return bitmap_mm_cpu(x, values, mask_bits, offsets, bias)
 
 
 def bitmap_mm_ref(

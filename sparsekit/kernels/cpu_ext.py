@@ -26,7 +26,7 @@ import logging
 import os
 import platform
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")  # shipped as package data
 CPP_SOURCES = tuple(
-    CSRC / name for name in ("cpu_common.cpp", "sparse24_cpu.cpp", "bitmap_cpu.cpp", "attention_cpu.cpp")
+    CSRC / name
+    for name in ("cpu_common.cpp", "sparse24_cpu.cpp", "bitmap_cpu.cpp", "attention_cpu.cpp", "ops_cpu.cpp")
 )
 FUNCTIONS = [
     "mm24",
@@ -54,7 +55,11 @@ FUNCTIONS = [
     "causal_attention_bf16",
     "cpu_isa_supported",
     "set_blas_fp32_dtypes",
+    "register_ops",
 ]
+# the dispatcher ops ``register_ops`` defines in namespace sparsekit (ops_cpu.cpp), each with the
+# index of its argument whose rows are y's columns (the fake's output width)
+ROUTED_OPS = {"mm24_routed": 1, "bitmap_routed": 2, "q8_routed": 1, "mm24_q8_routed": 1}
 ISA_LEVEL = {CpuIsa.SCALAR: 0, CpuIsa.AVX2: 1, CpuIsa.AVX512: 2, CpuIsa.AVX512_BF16: 3}
 _LEVEL_ISA = {level: isa for isa, level in ISA_LEVEL.items()}
 PATHS = ("auto", "direct", "blas")
@@ -242,11 +247,24 @@ class _ExtensionLoader:
 
     def _build(self):
         try:
-            return compile_sources([p.read_text() for p in CPP_SOURCES])
+            module = compile_sources([p.read_text() for p in CPP_SOURCES])
         except Exception as e:  # no compiler, no ninja, exotic platform: stay correct, lose speed
             self.error = f"{type(e).__name__}: {e}"
             log.warning("sparsekit CPU extension did not build (%s); using the plain torch paths", e)
             return None
+        _register_routed_ops(module)
+        return module
+
+
+def _register_routed_ops(module) -> None:
+    """The build's dispatcher ops (``ROUTED_OPS``) with their fakes, once per process."""
+    module.register_ops("sparsekit")
+    for name, rows_arg in ROUTED_OPS.items():
+
+        def fake(x, *args, _rows_arg=rows_arg):
+            return x.new_empty((*x.shape[:-1], args[_rows_arg - 1].shape[0]))
+
+        torch.library.register_fake(f"sparsekit::{name}", fake)
 
 
 def native_half_gemm(dtype: torch.dtype) -> bool:
@@ -323,10 +341,22 @@ def build_error() -> str | None:
     return _LOADER.error
 
 
+@torch.compiler.assume_constant_result
+def extension_built() -> bool:
+    """Whether the C++ extension built (building it on first use): what torch.compile asks while it
+    traces a layer (a constant of the process; tracing ``extension()`` would enter its lock)."""
+    return extension() is not None
+
+
+@torch.compiler.assume_constant_result
+def _best_level() -> int:
+    ext = extension()
+    return int(ext.cpu_isa_supported()) if ext is not None else ISA_LEVEL[CpuIsa.SCALAR]
+
+
 def supported_isa() -> CpuIsa:
     """The best ISA level this CPU runs (CPUID, through the extension); SCALAR without the extension."""
-    ext = extension()
-    return _LEVEL_ISA[int(ext.cpu_isa_supported())] if ext is not None else CpuIsa.SCALAR
+    return _LEVEL_ISA[_best_level()]
 
 
 def resolve_isa(isa: CpuIsa | str | None = None) -> CpuIsa:
@@ -383,6 +413,17 @@ def isa_level(isa: CpuIsa) -> int:
     return ISA_LEVEL[isa]
 
 
+def route_args(
+    fmt: str, dtype: torch.dtype, k: int, direct_max_m: Callable[[CpuIsa], int] | None = None
+) -> tuple[int, int, int]:
+    """The route arguments of a ``ROUTED_OPS`` op (ISA level, elements of x up to which the direct
+    kernel runs, blas tile bytes) for format ``fmt`` in ``dtype`` with K = ``k`` at the default ISA
+    (``use_cpu_isa`` / SPARSEKIT_CPU_ISA); ``direct_max_m(isa)`` replaces ``DIRECT_MAX_M``'s rows."""
+    chosen = resolve_isa()
+    rows = DIRECT_MAX_M.get((fmt, chosen, dtype), 8) if direct_max_m is None else direct_max_m(chosen)
+    return ISA_LEVEL[chosen], rows * k, BLAS_TILE_BYTES
+
+
 __all__ = [
     "BLAS_FP32_DTYPES",
     "BLAS_GEMM_MODES",
@@ -395,8 +436,10 @@ __all__ = [
     "choose_path",
     "cpu_model",
     "extension",
+    "extension_built",
     "isa_level",
     "native_half_gemm",
     "resolve_isa",
+    "route_args",
     "supported_isa",
 ]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from . import cpu_ext
 from ._backend import CpuIsa
-from ._cpu_ops import cpu_inference_op, no_grad_inputs
+from ._cpu_ops import cpu_inference_op, cpu_op_applies
 from .cpu_ext import isa_level, resolve_isa
 from .sparse24_cpu import decompress_24_torch
 
@@ -121,22 +121,21 @@ def int8_mm_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
     """x [..., K] (fp32/bf16/fp16), q int8 [N, K], scale [N] -> y [..., N].
 
-    On the CPU without autograd and with the C++ extension: the bound CPU call (``bind_int8_cpu``)
-    as one custom op, so a compiled model runs the kernels instead of tracing a dequantize of the
-    whole weight into every forward. Elsewhere torch's int8 weight-only matmul for bf16 / fp16 x
+    On the CPU without autograd and with the C++ extension: what the bound CPU call
+    (``bind_int8_cpu``) runs, as one op (sparsekit's kernels: the C++ ``q8_routed``; torch's op: a
+    ``cpu_inference_op``), so a compiled model runs the kernels instead of tracing a dequantize of
+    the whole weight into every forward. Elsewhere torch's int8 weight-only matmul for bf16 / fp16 x
     on the CPU, dequantize + F.linear for fp32 x (the op's fp32 loop loses to it at every M:
     docs/data/quant-paths.md) and on other devices."""
     n, k = q.shape
     if x.shape[-1] != k:
         raise ValueError(f"int8_mm expects x [..., {k}], got {tuple(x.shape)}")
-    if _cpu_op_applies(x, scale, bias):
+    if cpu_op_applies(x, scale, bias):
+        if _int8_direct(scale.dtype):  # bind_int8_cpu's choice
+            route = cpu_ext.route_args("int8", x.dtype, k, lambda _isa: INT8_DIRECT_MAX_M)
+            return torch.ops.sparsekit.q8_routed(x, q, scale, bias, *route)
         return torch.ops.sparsekit.int8_mm_cpu(x, q, scale, bias)
     return _int8_mm_torch(x, q, scale, bias)
-
-
-def _cpu_op_applies(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
-    """Whether a quantized matmul of x runs its bound C++ call as one op (no autograd formula)."""
-    return x.device.type == "cpu" and no_grad_inputs(x, *weights) and cpu_ext.extension() is not None
 
 
 def _int8_mm_torch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
@@ -444,7 +443,7 @@ def int4_mm(
     k = 2 * packed.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"int4_mm expects x [..., {k}], got {tuple(x.shape)}")
-    if _cpu_op_applies(x, scale_zero, bias) and x.dtype == scale_zero.dtype:
+    if cpu_op_applies(x, scale_zero, bias) and x.dtype == scale_zero.dtype:
         return torch.ops.sparsekit.int4_mm_cpu(x, packed, scale_zero, bias)
     return F.linear(x, dequantize_int4(packed, scale_zero).to(x.dtype), bias)
 
@@ -504,21 +503,17 @@ def sparse24_int8_mm(
     scale: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [..., K] -> y [..., N]. On the CPU without autograd and with the C++ extension: the bound
-    CPU call (``bind_sparse24_int8_cpu``) as one custom op (a compiled model runs the kernel, not a
-    traced decompress); elsewhere values dequantized to x's dtype and F.linear."""
-    if _cpu_op_applies(x, scale, bias):
-        return torch.ops.sparsekit.sparse24_int8_mm_cpu(x, values, meta, scale, bias)
+    """x [..., K] -> y [..., N]. On the CPU without autograd and with the C++ extension: what the
+    bound CPU call (``bind_sparse24_int8_cpu``) runs, as one C++ op (``mm24_q8_routed``: a compiled
+    model runs the kernel, not a traced decompress); elsewhere values dequantized to x's dtype and
+    F.linear."""
+    if cpu_op_applies(x, scale, bias):
+        route = cpu_ext.route_args(
+            "2:4-int8", x.dtype, x.shape[-1], lambda isa: sparse24_int8_kernel_max_m(isa, x.dtype)
+        )
+        return torch.ops.sparsekit.mm24_q8_routed(x, values, meta, scale, bias, *route)
     w = decompress_24_torch(values.to(x.dtype), meta) * scale.to(x.dtype)[:, None]
     return F.linear(x, w, bias)
-
-
-@cpu_inference_op(
-    "sparse24_int8_mm_cpu(Tensor x, Tensor values, Tensor meta, Tensor scale, Tensor? bias) -> Tensor",
-    _rows_out,
-)
-def _sparse24_int8_mm_cpu_op(x, values, meta, scale, bias):
-    return bind_sparse24_int8_cpu(values.contiguous(), meta.contiguous(), scale)(x, bias)
 
 
 __all__ = [

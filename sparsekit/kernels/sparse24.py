@@ -20,8 +20,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import cpu_ext
 from ._backend import Backend, check_dtype, check_same_device, launch, use_triton
-from ._cpu_ops import cpu_inference_op, no_grad_inputs
+from ._cpu_ops import cpu_op_applies
 from ._gemm_common import as_2d, compute_pid, gemm_configs, linear_ref, m_bucket, prune, store_tile
 from .aot import AotCase, gemm_signature
 from .dtypes import FLOAT_DTYPES
@@ -277,18 +278,10 @@ def sparse24_mm(
     """
     _check_mm(x, values, meta, bias)
     triton = use_triton(x, values, meta, backend=backend)
-    if not triton and x.device.type == "cpu" and no_grad_inputs(x, values, bias):
-        return torch.ops.sparsekit.sparse24_mm_cpu(x, values, meta, bias)
+    if not triton and cpu_op_applies(x, values, bias):
+        route = cpu_ext.route_args("2:4", x.dtype, x.shape[-1])
+        return torch.ops.sparsekit.mm24_routed(x, values, meta, bias, *route)
     return torch.ops.sparsekit.sparse24_mm(x, values, meta, bias, triton)
-
-
-@cpu_inference_op(
-    "sparse24_mm_cpu(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor",
-    lambda x, values, meta, bias: x.new_empty((*x.shape[:-1], values.shape[0])),
-)
-def _sparse24_mm_cpu_op(x, values, meta, bias):
-    """The CPU path of ``sparse24_mm`` without autograd, as a lean op (``_cpu_ops``)."""
-    return sparse24_mm_cpu(x, values, meta, bias)
 
 
 def sparse24_mm_ref(

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekit.formats.weight import choose_format, weight_format
-from sparsekit.kernels import cpu_ext, nm_keep_mask
+from sparsekit.kernels import cpu_ext, nm_keep_mask, quant
 from sparsekit.kernels.quant import (
     dequantize_int4,
     dequantize_int8,
@@ -429,7 +429,13 @@ def test_24_int8_bf16_takes_the_dot_kernels_limit_only_at_its_level_on_zen4(zen4
         assert calls == [("kernel", limit), ("tiles", limit + 1)], (isa, dtype)
 
 
-COMPILED_OPS = {"int8": "int8_mm_cpu", "2:4-int8": "sparse24_int8_mm_cpu", "int4": "int4_mm_cpu"}
+# the op each format's compiled CPU layer calls: C++ kernels (csrc/ops_cpu.cpp) where sparsekit's own
+# kernels run, a Python-kernel op where torch's do (int4; int8 where ATen has a native GEMM in x's dtype)
+COMPILED_OPS = {
+    "int8": lambda dtype: "q8_routed" if quant._int8_direct(dtype) else "int8_mm_cpu",
+    "2:4-int8": lambda dtype: "mm24_q8_routed",
+    "int4": lambda dtype: "int4_mm_cpu",
+}
 
 
 @pytest.mark.parametrize("fmt", list(COMPILED_OPS))
@@ -452,7 +458,7 @@ def test_compiled_quantized_layer_calls_the_cpu_kernel(fmt, dtype):
     with torch.no_grad():
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True, backend=backend)(x)
-    op = f"sparsekit.{COMPILED_OPS[fmt]}"
+    op = f"sparsekit.{COMPILED_OPS[fmt](dtype)}"
     assert any(op in t for t in targets), targets
     assert not any("decompress" in t or "mul" in t for t in targets), targets
     rtol, atol = TOL[dtype]

@@ -261,7 +261,8 @@ def test_sparse_linear_runs_every_isa(fmt, dtype, ext, assert_close, monkeypatch
 
 @pytest.mark.parametrize("fmt", ["2:4", "bitmap"])
 def test_kernel_ops_follow_use_cpu_isa(fmt, ext, assert_close, monkeypatch):
-    """The checked ops (what torch.compile traces) read the ISA at call time."""
+    """The checked ops (what torch.compile traces) read the ISA at call time (their route
+    arguments, ``cpu_ext.route_args``)."""
     from sparsekit.kernels import bitmap_mm, sparse24_mm
 
     seen = []
@@ -271,11 +272,7 @@ def test_kernel_ops_follow_use_cpu_isa(fmt, ext, assert_close, monkeypatch):
         seen.append(real(isa))
         return seen[-1]
 
-    import sparsekit.kernels.bitmap_cpu as bitmap_cpu
-    import sparsekit.kernels.sparse24_cpu as sparse24_cpu
-
-    monkeypatch.setattr(sparse24_cpu, "resolve_isa", spy)
-    monkeypatch.setattr(bitmap_cpu, "resolve_isa", spy)
+    monkeypatch.setattr(cpu_ext, "resolve_isa", spy)
     x = torch.randn(3, 64)
     with use_backend("torch"), use_cpu_isa("scalar"):
         if fmt == "2:4":
@@ -417,10 +414,11 @@ def test_entry_points_take_x_with_leading_dims(layout, path, ext, assert_close):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("n", "k"), [(1001, 64), (3, 36), (1, 260)])
 def test_decode_pairs_of_weight_rows_every_isa(isa, n, k, ext, assert_close):
-    """At M = 1 the AVX2 2:4, 2:4-int8 and int8 kernels take weight rows two at a time (``dot2``) and
-    a row left over alone: N = 1001 at K = 64 splits into weight tiles of an odd row count, N = 3 and
-    1 leave a single last row, K = 36 / 260 a tail of groups past the vector loop; every row against
-    the fp32 reference, with a bias, on every ISA (the others run one row at a time)."""
+    """At M = 1 the AVX2 2:4 kernel on bf16 / fp16 values and the 2:4-int8 kernel take weight rows
+    two at a time (``dot2``) and a row left over alone: N = 1001 at K = 64 splits into weight tiles of
+    an odd row count, N = 3 and 1 leave a single last row, K = 36 / 260 a tail of groups past the
+    vector loop; every row against the fp32 reference, with a bias, on every ISA (fp32 2:4, int8 and
+    the other ISAs run one row at a time: the same sweep holds them to the same contract)."""
     from sparsekit.kernels.quant import quantize_int8
 
     level = cpu_ext.ISA_LEVEL[CpuIsa.of(_runnable(isa))]
@@ -438,3 +436,29 @@ def test_decode_pairs_of_weight_rows_every_isa(isa, n, k, ext, assert_close):
     assert_close(y, _reference(x, w24q, bias))
     y = ext.mm_q8(x, q8, s8.float(), bias, level)
     assert_close(y, _reference(x, q8.float() * s8.float()[:, None], bias))
+
+
+def test_a_compiled_layer_runs_the_isa_in_force_when_called(ext):
+    """torch.compile bakes a layer's route (``cpu_ext.route_args``) into its graph as constants; a
+    call under another ``use_cpu_isa`` must retrace rather than run the stale level."""
+    best = cpu_ext.ISA_LEVEL[cpu_ext.supported_isa()]
+    if best == 0:
+        pytest.skip("this CPU runs only the scalar level: there is no second level to switch to")
+    lin = torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        lin.weight.copy_(_weight_24(16, 64, torch.float32))
+    layer = SparseLinear.from_linear(lin, format="2:4")
+    levels: list[int] = []
+
+    def backend(gm, example_inputs):
+        levels.extend(n.args[4] for n in gm.graph.nodes if "mm24_routed" in str(n.target))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        with use_cpu_isa("scalar"):
+            compiled(x)
+        compiled(x)
+    assert levels == [0, best], levels

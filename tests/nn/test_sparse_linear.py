@@ -10,7 +10,7 @@ from torch import nn
 from sparsekit.kernels import nm_keep_mask
 from sparsekit.nn import SparseLinear
 from sparsekit.nn.sparse_linear import is_24
-from tests.conftest import TOL
+from tests.conftest import TOL, require_cpu_extension
 
 SHAPES = [(1, 32, 64), (7, 123, 260), (3, 64, 128)]  # (M, N, K)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -242,10 +242,13 @@ def test_compiled_forward_goes_through_the_custom_op():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt,op", [("2:4", "sparse24_mm"), ("bitmap", "bitmap_mm")])
-def test_compiled_cpu_layer_calls_the_lean_op_without_grad_and_the_custom_op_with_it(fmt, op):
-    """Without grad a compiled CPU layer's graph holds the lean ``<op>_cpu`` (a few us per call, no
-    autograd formula); with x requiring grad it holds the ``custom_op`` (which refuses backward)."""
+@pytest.mark.parametrize(
+    "fmt,op,routed", [("2:4", "sparse24_mm", "mm24_routed"), ("bitmap", "bitmap_mm", "bitmap_routed")]
+)
+def test_compiled_cpu_layer_calls_the_cpp_op_without_grad_and_the_custom_op_with_it(fmt, op, routed):
+    """Without grad a compiled CPU layer's graph holds the C++ op ``<routed>`` (no Python per call,
+    no autograd formula); with x requiring grad it holds the ``custom_op`` (which refuses backward)."""
+    require_cpu_extension()
     layer = SparseLinear.from_linear(pruned_linear(32, 64, pattern=fmt), format=fmt)
     seen: list[str] = []
 
@@ -257,7 +260,7 @@ def test_compiled_cpu_layer_calls_the_lean_op_without_grad_and_the_custom_op_wit
     with torch.no_grad():
         y = torch.compile(layer, fullgraph=True, backend=backend)(x)
         torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
-    assert seen == [f"sparsekit.{op}_cpu"], seen
+    assert seen == [f"sparsekit.{routed}.default"] or seen == [f"sparsekit.{routed}"], seen
     seen.clear()
     torch._dynamo.reset()
     torch.compile(layer, fullgraph=True, backend=backend)(x.requires_grad_())

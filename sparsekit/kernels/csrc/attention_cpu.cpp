@@ -1,4 +1,4 @@
-// sparsekit's CPU kernels, part 4 of 4: causal self-attention in bf16 on AVX512_BF16.
+// sparsekit's CPU kernels, part 4 of 5: causal self-attention in bf16 on AVX512_BF16.
 //
 // Calibration forwards run bf16 attention over whole windows (8 x 512 tokens per call). ATen's
 // CPU flash kernel takes a 512-token window as one key block, so its causal mask skips nothing:

@@ -1,4 +1,4 @@
-// sparsekit's CPU kernels, part 3 of 4: bitmap (compiled after sparse24_cpu.cpp, in one unit).
+// sparsekit's CPU kernels, part 3 of 5: bitmap (compiled after sparse24_cpu.cpp, in one unit).
 //
 // Format: values [nnz] (the kept weights, row-major), mask_bits [N, ceil(K/8)] uint8 (bit j of
 // byte c / 8 is column c, LSB first, 1 = kept), offsets [N, ceil(K/64)] int32 (index in values of

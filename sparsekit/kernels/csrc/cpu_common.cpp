@@ -1,4 +1,4 @@
-// sparsekit's CPU kernels, part 1 of 4: what the 2:4, bitmap and attention kernels share.
+// sparsekit's CPU kernels, part 1 of 5: what the 2:4, bitmap and attention kernels share.
 //
 // The four files are joined into one translation unit, in this order: cpu_common.cpp,
 // sparse24_cpu.cpp, bitmap_cpu.cpp, attention_cpu.cpp (sparsekit/kernels/cpu_ext.py, CPP_SOURCES),
@@ -115,19 +115,20 @@ void dispatch_dtype(at::ScalarType t, Fn&& fn) {
 //   double row_bytes() const                   compressed bytes of one weight row
 // T is the output's (and bias's) dtype; the kernel's stored values may be another (int8).
 // scale [N] fp32 or nullptr: y[m, n] = scale[n] * acc + bias[n] (per-row weight-only quantization)
-// whether Kern provides void dot2(n, x, acc) const: weight rows n and n + 1 against one row of x
-// (acc[0], acc[1]), which a decode step (M = 1) runs in place of two dot<1> calls
-template <typename Kern, typename = void>
-struct has_dot2 : std::false_type {};
+// whether Kern sets PAIRED_DECODE and provides void dot2(n, x, acc) const: weight rows n and n + 1
+// against one row of x (acc[0], acc[1]), which a decode step (M = 1) runs in place of two dot<1>
 template <typename Kern>
-struct has_dot2<Kern, std::void_t<decltype(&Kern::dot2)>> : std::true_type {};
+constexpr bool paired_decode() {
+  if constexpr (requires { Kern::PAIRED_DECODE; }) return Kern::PAIRED_DECODE;
+  return false;
+}
 
 template <typename T, typename Kern, int R, typename X>
 void rows_block(const Kern& kern, const X* x, int64_t K, const T* bias, const float* scale, T* y, int64_t N,
                 int64_t m0, int64_t n0, int64_t n1) {
   float acc[R];
   int64_t n = n0;
-  if constexpr (R == 1 && has_dot2<Kern>::value) {
+  if constexpr (R == 1 && paired_decode<Kern>()) {
     for (; n + 2 <= n1; n += 2) {
       float pair[2];
       kern.dot2(n, x + m0 * K, pair);

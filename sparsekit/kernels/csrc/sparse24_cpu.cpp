@@ -1,4 +1,4 @@
-// sparsekit's CPU kernels, part 2 of 4: 2:4 (compiled after cpu_common.cpp, in one unit).
+// sparsekit's CPU kernels, part 2 of 5: 2:4 (compiled after cpu_common.cpp, in one unit).
 //
 // Format: values [N, K/2] (the two kept entries of each group of 4 columns), meta [N, ceil(K/8)]
 // uint8 (one nibble per group, i0 | i1 << 2, i0 < i1 the kept slots; group g in byte g / 2, low
@@ -19,8 +19,8 @@
 //            lane-crossing vpermps on x as stored, with per-lane base offsets, ran the SmolLM2 up
 //            projection 1.4-1.7x slower at M = 1 on Zen 3.) One row of x and fp32 values: vpermps on
 //            this layout (the 2 bits plus 4 in the upper lane), which streams from DRAM faster there.
-//            One row of x (decode): weight rows two at a time (dot2), sharing the x loads, with four
-//            FMA chains where one row has two.
+//            One row of x (decode), bf16 or int8 values: weight rows two at a time (dot2), sharing
+//            the x loads, with four FMA chains where one row has two.
 //   scalar:  acc += v0 * x[4g + i0] + v1 * x[4g + i1].
 //   AVX-512 + BF16 (bf16 only): x stays bf16. The 32 values of 16 groups are 16 pairs, one per
 //            32-bit lane; one two-source word permute (vpermt2w, indices from the 16 nibbles) puts
@@ -199,9 +199,11 @@ struct Sparse24 : Sparse24Base<T> {
     dot24_tail<T, R>(vrow, mrow, x, ldx, g, G, acc);
   }
   // weight rows n, n + 1 against one row of x (decode): the x loads shared, four FMA chains where
-  // dot<1> has two (dot<1>'s chains are latency-bound on short rows)
+  // dot<1> has two. bf16 and int8 values only: on fp32 values it streamed Llama-2-7B's and
+  // SmolLM2's shapes from DRAM slower than dot<1> on Zen 3 (docs/data/kernel-ab-avx2-decode-pairs-*)
+  static constexpr bool PAIRED_DECODE = !std::is_same_v<T, float>;
   void dot2(int64_t n, const float* x, float* acc) const {
-    const Gather24<std::is_same_v<T, float>> X;  // the choice dot<1> makes
+    const Gather24<false> X;
     const T* v0 = this->v + n * this->ldv();
     const T* v1 = v0 + this->ldv();
     const uint8_t* m0 = this->meta + n * this->ldm();
@@ -530,28 +532,6 @@ struct DenseQ8 : DenseQ8Base {
     for (int r = 0; r < R; ++r) acc[r] = hsum(_mm256_add_ps(a[r], b[r]));
     for (; k < K; ++k)
       for (int r = 0; r < R; ++r) acc[r] += float(wr[k]) * x[r * ldx + k];
-  }
-  // weight rows n, n + 1 against one row of x (decode): x loaded once, four FMA chains
-  void dot2(int64_t n, const float* x, float* acc) const {
-    const int8_t* w0 = w + n * K;
-    const int8_t* w1 = w0 + K;
-    __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(w0 + k) + PF_BYTES, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w1 + k) + PF_BYTES, _MM_HINT_T0);
-      const __m256 xa = _mm256_loadu_ps(x + k), xb = _mm256_loadu_ps(x + k + 8);
-      a0 = _mm256_fmadd_ps(load8<int8_t>(w0 + k), xa, a0);
-      a1 = _mm256_fmadd_ps(load8<int8_t>(w1 + k), xa, a1);
-      b0 = _mm256_fmadd_ps(load8<int8_t>(w0 + k + 8), xb, b0);
-      b1 = _mm256_fmadd_ps(load8<int8_t>(w1 + k + 8), xb, b1);
-    }
-    acc[0] = hsum(_mm256_add_ps(a0, b0));
-    acc[1] = hsum(_mm256_add_ps(a1, b1));
-    for (; k < K; ++k) {
-      acc[0] += float(w0[k]) * x[k];
-      acc[1] += float(w1[k]) * x[k];
-    }
   }
 };
 }  // namespace sk_avx2
