@@ -71,6 +71,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo():
+    """Each test module starts with torch.compile's caches empty: compiled layers of every module
+    share ``SparseLinear.forward``'s code object, whose cache (8 entries) the whole suite would fill."""
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real default model (SmolLM2-135M-Instruct, fp32, CPU) and its tokenizer, loaded once.

@@ -132,7 +132,7 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.T
         raise ValueError(f"int8_mm expects x [..., {k}], got {tuple(x.shape)}")
     if cpu_op_applies(x, scale, bias):
         if _int8_direct(scale.dtype):  # bind_int8_cpu's choice
-            route = cpu_ext.route_args("int8", x.dtype, k, lambda _isa: INT8_DIRECT_MAX_M)
+            route = cpu_ext.route_args("int8", x.dtype, x.shape[-1], lambda _isa: INT8_DIRECT_MAX_M)
             return torch.ops.sparsekit.q8_routed(x, q, scale, bias, *route)
         return torch.ops.sparsekit.int8_mm_cpu(x, q, scale, bias)
     return _int8_mm_torch(x, q, scale, bias)

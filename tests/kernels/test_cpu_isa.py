@@ -414,11 +414,11 @@ def test_entry_points_take_x_with_leading_dims(layout, path, ext, assert_close):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("n", "k"), [(1001, 64), (3, 36), (1, 260)])
 def test_decode_pairs_of_weight_rows_every_isa(isa, n, k, ext, assert_close):
-    """At M = 1 the AVX2 2:4 kernel on bf16 / fp16 values and the 2:4-int8 kernel take weight rows
-    two at a time (``dot2``) and a row left over alone: N = 1001 at K = 64 splits into weight tiles of
-    an odd row count, N = 3 and 1 leave a single last row, K = 36 / 260 a tail of groups past the
-    vector loop; every row against the fp32 reference, with a bias, on every ISA (fp32 2:4, int8 and
-    the other ISAs run one row at a time: the same sweep holds them to the same contract)."""
+    """At M = 1 the AVX2 2:4-int8 kernel takes weight rows two at a time (``dot2``) and a row left
+    over alone: N = 1001 at K = 64 splits into weight tiles of an odd row count, N = 3 and 1 leave a
+    single last row, K = 36 / 260 a tail of groups past the vector loop; every row against the fp32
+    reference, with a bias, on every ISA (2:4 on fp32 / bf16 / fp16 values, int8 and the other ISAs
+    run one row at a time: the same sweep holds them to the same contract)."""
     from sparsekit.kernels.quant import quantize_int8
 
     level = cpu_ext.ISA_LEVEL[CpuIsa.of(_runnable(isa))]

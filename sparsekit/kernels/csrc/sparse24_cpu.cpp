@@ -19,8 +19,8 @@
 //            lane-crossing vpermps on x as stored, with per-lane base offsets, ran the SmolLM2 up
 //            projection 1.4-1.7x slower at M = 1 on Zen 3.) One row of x and fp32 values: vpermps on
 //            this layout (the 2 bits plus 4 in the upper lane), which streams from DRAM faster there.
-//            One row of x (decode), bf16 or int8 values: weight rows two at a time (dot2), sharing
-//            the x loads, with four FMA chains where one row has two.
+//            One row of x (decode), int8 values: weight rows two at a time (dot2), sharing the x
+//            loads, with four FMA chains where one row has two.
 //   scalar:  acc += v0 * x[4g + i0] + v1 * x[4g + i1].
 //   AVX-512 + BF16 (bf16 only): x stays bf16. The 32 values of 16 groups are 16 pairs, one per
 //            32-bit lane; one two-source word permute (vpermt2w, indices from the 16 nibbles) puts
@@ -199,9 +199,10 @@ struct Sparse24 : Sparse24Base<T> {
     dot24_tail<T, R>(vrow, mrow, x, ldx, g, G, acc);
   }
   // weight rows n, n + 1 against one row of x (decode): the x loads shared, four FMA chains where
-  // dot<1> has two. bf16 and int8 values only: on fp32 values it streamed Llama-2-7B's and
-  // SmolLM2's shapes from DRAM slower than dot<1> on Zen 3 (docs/data/kernel-ab-avx2-decode-pairs-*)
-  static constexpr bool PAIRED_DECODE = !std::is_same_v<T, float>;
+  // dot<1> has two. int8 values (2:4 + int8) only: there it ran SmolLM2's shapes 1.15-1.18x and
+  // Llama-2-7B's 1.06-1.07x faster on Zen 3 (docs/data/kernel-ab-avx2-decode-pairs-*); on fp32
+  // values it streamed from DRAM slower, on bf16 it went either way (first run of those files)
+  static constexpr bool PAIRED_DECODE = std::is_same_v<T, int8_t>;
   void dot2(int64_t n, const float* x, float* acc) const {
     const Gather24<false> X;
     const T* v0 = this->v + n * this->ldv();
