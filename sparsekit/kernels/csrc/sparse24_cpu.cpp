@@ -199,9 +199,9 @@ struct Sparse24 : Sparse24Base<T> {
     dot24_tail<T, R>(vrow, mrow, x, ldx, g, G, acc);
   }
   // weight rows n, n + 1 against one row of x (decode): the x loads shared, four FMA chains where
-  // dot<1> has two. int8 values (2:4 + int8) only: there it ran SmolLM2's shapes 1.15-1.18x and
-  // Llama-2-7B's 1.06-1.07x faster on Zen 3 (docs/data/kernel-ab-avx2-decode-pairs-*); on fp32
-  // values it streamed from DRAM slower, on bf16 it went either way (first run of those files)
+  // dot<1> has two. int8 values (2:4 + int8) only: there it ran SmolLM2's shapes 1.09-1.18x faster
+  // on Zen 3 and Llama-2-7B's level (docs/data/kernel-ab-avx2-decode-pairs-*); on fp32 values it ran
+  // SmolLM2's 0.87x (-try1-smollm2), on bf16 values it was not settled (results.md, round three)
   static constexpr bool PAIRED_DECODE = std::is_same_v<T, int8_t>;
   void dot2(int64_t n, const float* x, float* acc) const {
     const Gather24<false> X;
