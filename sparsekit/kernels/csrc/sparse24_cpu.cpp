@@ -201,7 +201,7 @@ struct Sparse24 : Sparse24Base<T> {
   // weight rows n, n + 1 against one row of x (decode): the x loads shared, four FMA chains where
   // dot<1> has two. int8 values (2:4 + int8) only: there it ran SmolLM2's shapes 1.09-1.18x faster
   // on Zen 3 and Llama-2-7B's level (docs/data/kernel-ab-avx2-decode-pairs-*); on fp32 values it ran
-  // SmolLM2's 0.87x (-try1-smollm2), on bf16 values it was not settled (results.md, round three)
+  // SmolLM2's 0.87x (-try1-smollm2), on bf16 values it did not hold up (results.md, round three)
   static constexpr bool PAIRED_DECODE = std::is_same_v<T, int8_t>;
   void dot2(int64_t n, const float* x, float* acc) const {
     const Gather24<false> X;
