@@ -93,16 +93,11 @@ def bind_bitmap_cpu(
     ext = extension()
     if ext is None:
         return lambda x, bias: F.linear(x, _decompress_torch(values, mask_bits, k), bias)
-    chosen = resolve_isa(isa)
-    level = isa_level(chosen)
-    direct_max = cpu_ext.DIRECT_MAX_M.get(("bitmap", chosen, values.dtype), 8)
-
-    most = direct_max * k  # elements of x up to which the direct path runs
+    level, most, tile = cpu_ext.route_args("bitmap", values.dtype, k, isa=isa)
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x [..., K] as it comes: the C++ entry flattens it and gives y its leading dims
-        path = int(x.numel() > most)
-        return ext.mm_bitmap(x, values, mask_bits, offsets, bias, level, path, cpu_ext.BLAS_TILE_BYTES)
+        return ext.mm_bitmap(x, values, mask_bits, offsets, bias, level, int(x.numel() > most), tile)
 
     return mm
 

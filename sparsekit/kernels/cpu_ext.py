@@ -414,14 +414,19 @@ def isa_level(isa: CpuIsa) -> int:
 
 
 def route_args(
-    fmt: str, dtype: torch.dtype, k: int, direct_max_m: Callable[[CpuIsa], int] | None = None
+    fmt: str,
+    dtype: torch.dtype,
+    k: int,
+    direct_max_m: Callable[[CpuIsa], int] | None = None,
+    isa: CpuIsa | str | None = None,
 ) -> tuple[int, int, int]:
-    """The route arguments of a ``ROUTED_OPS`` op (ISA level, elements of x up to which the direct
-    kernel runs, blas tile bytes) for format ``fmt`` in ``dtype`` with K = ``k`` at the default ISA
-    (``use_cpu_isa`` / SPARSEKIT_CPU_ISA); ``direct_max_m(isa)`` replaces ``DIRECT_MAX_M``'s rows.
+    """The route arguments of a ``ROUTED_OPS`` op or a bound call (ISA level, elements of x up to
+    which the direct kernel runs, blas tile bytes) for format ``fmt`` in ``dtype`` with K = ``k`` at
+    ``isa`` (None: ``use_cpu_isa`` / SPARSEKIT_CPU_ISA); ``direct_max_m(isa)`` replaces
+    ``DIRECT_MAX_M``'s rows.
     Callers pass x's K (under torch.compile a size that may be symbolic: the product stays a size
     expression instead of specializing the graph on K)."""
-    chosen = resolve_isa()
+    chosen = resolve_isa(isa)
     rows = DIRECT_MAX_M.get((fmt, chosen, dtype), 8) if direct_max_m is None else direct_max_m(chosen)
     return ISA_LEVEL[chosen], rows * k, BLAS_TILE_BYTES
 

@@ -127,15 +127,11 @@ def bind_sparse24_cpu(
     ext = extension()
     if ext is None:
         return lambda x, bias: _blocked_mm(x.reshape(-1, k), values, meta, bias).reshape(*x.shape[:-1], n)
-    chosen = resolve_isa(isa)
-    level = isa_level(chosen)
-    direct_max = cpu_ext.DIRECT_MAX_M.get(("2:4", chosen, values.dtype), 8)
-
-    most = direct_max * k  # elements of x up to which the direct path runs
+    level, most, tile = cpu_ext.route_args("2:4", values.dtype, k, isa=isa)
 
     def mm(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x [..., K] as it comes: the C++ entry flattens it and gives y its leading dims
-        return ext.mm24(x, values, meta, bias, level, int(x.numel() > most), cpu_ext.BLAS_TILE_BYTES)
+        return ext.mm24(x, values, meta, bias, level, int(x.numel() > most), tile)
 
     return mm
 
