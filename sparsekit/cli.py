@@ -669,6 +669,10 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         args.cpu_rule_twins, check_device(args.device), args.cpu_rule_table
     )  # before loading
     quantize = check_quantize(tuple(q for q in (args.quantize or "").split(",") if q))
+    if args.quantize_head and not quantize:
+        raise ValueError(
+            "--quantize-head adds head-quantized twins of the quantized variants: give --quantize too"
+        )
     model, tokenizer = load_any(args.model, args.dtype, args.device, args.trust_remote_code)
     pruned = Path(args.model, "prune_report.json").is_file()  # a `sparsekit prune --out` folder
     result = run_e2e(
@@ -687,6 +691,7 @@ def cmd_bench_e2e(args: argparse.Namespace) -> int:
         method=args.method,
         dtypes=_parse_dtypes(args.dtypes),
         quantize=quantize,
+        quantize_head=args.quantize_head,
         cpu_rule_twins=args.cpu_rule_twins,
         cpu_rule_table=args.cpu_rule_table,
     )
@@ -745,12 +750,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if Path(args.out).exists():
         raise ValueError(f"--out {args.out} exists; choose a new folder")
     model, tokenizer = load_any(args.model, args.dtype, "cpu", args.trust_remote_code)
-    report = quantize(model, args.format)
+    report = quantize(model, args.format, head=args.head)
     for fmt in ("2:4-int8", args.format):
         part = report.get(fmt)
         if part and part["layers_swapped"]:
             mib = (part["layer_bytes_before"] / 2**20, part["layer_bytes_after"] / 2**20)
             print(f"{fmt}: {part['layers_swapped']} layers, weights {mib[0]:.1f} MiB -> {mib[1]:.1f} MiB")
+    head = report.get("head")
+    if head and "format" in head:
+        mib = (head["bytes_before"] / 2**20, head["bytes_after"] / 2**20)
+        untied = " (untied: the input embedding stays float)" if head["untied"] else ""
+        print(f"{head['layer']}: {head['format']}, {mib[0]:.1f} MiB -> {mib[1]:.1f} MiB{untied}")
     save(model, args.out, tokenizer=tokenizer, extra_json={"quantize_report.json": report})
     print(
         f"saved a sparsekit checkpoint to {args.out} (load it with sparsekit.load or, after "
@@ -1232,6 +1242,12 @@ def build_parser() -> argparse.ArgumentParser:
         "int8 / int4 ops; int8 on 2:4 layers is sparsekit's 2:4-int8 kernel)",
     )
     p.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="add a twin of each quantized variant with its lm_head quantized too (as torchao's quantize_ "
+        "and llama.cpp do; a tied head is untied, the input embedding stays float)",
+    )
+    p.add_argument(
         "--compile", action="store_true", help="add torch.compile'd twins (CUDA graphs on GPU for decode)"
     )
     p.add_argument(
@@ -1285,6 +1301,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="int8",
         help="int8 (per row; 2:4 layers become 2:4-int8), int4 (groups of 64), int4-g32, int4-g128, "
         "int4-g256",
+    )
+    p.add_argument(
+        "--head",
+        action="store_true",
+        help="quantize the output head (lm_head) too, as torchao and llama.cpp do; a tied head is untied "
+        "and the input embedding stays float",
     )
     p.add_argument("--out", required=True, help="new folder for the sparsekit checkpoint")
     p.add_argument("--dtype", type=_dtype, default=torch.bfloat16, help="float dtype (default bfloat16)")

@@ -39,7 +39,7 @@ class E2ERow:
     prefill_tok_s: float  # batch * prompt_len / TTFT
     decode_tok_s: float  # batch / TPOT
     model_bytes: int  # parameters + buffers, shared storages once
-    decode_gbps: float  # model bytes / TPOT: the weight stream a decode step implies
+    decode_gbps: float  # step bytes / TPOT: the weight stream a decode step implies
     peak_bytes: int  # CUDA max allocated, or the process's RSS high-water mark on the CPU
     peak_over_start_bytes: int  # the peak minus what was in use when the timed runs began
     ppl: float | None
@@ -48,7 +48,8 @@ class E2ERow:
     dtype: str = ""
     decode_speedup: float = float("nan")  # best dense TPOT of this dtype (eager or compiled) / this TPOT
     prefill_speedup: float = float("nan")  # the same for TTFT
-    floor_ms: float = float("nan")  # model bytes / measured read bandwidth: a step's fastest weight stream
+    floor_ms: float = float("nan")  # step bytes / measured read bandwidth: a step's fastest weight stream
+    step_bytes: int = 0  # model bytes less an input embedding that is not the head (a step reads one row)
     sparsify: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     env: dict = field(default_factory=dict)
@@ -381,6 +382,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
+def input_table_bytes(model: nn.Module) -> int:
+    """Bytes of the input embedding table when it is not also the output head's weight (a decode step
+    reads one row of it, not the table); 0 for a tied head or a model without one."""
+    get_in, get_out = (
+        getattr(model, "get_input_embeddings", None),
+        getattr(model, "get_output_embeddings", None),
+    )
+    emb = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    weight = getattr(emb, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight is getattr(head, "weight", None):
+        return 0
+    return weight.numel() * weight.element_size()
+
+
 def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
 
@@ -392,17 +408,20 @@ def check_quantize(formats: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(check_quant_format(f) for f in formats)
 
 
-def _quantized(model: nn.Module, fmt: str) -> tuple[nn.Module, dict]:
-    """A quantized copy of ``model`` (``sparsekit.nn.quantize``) and what was done."""
+def _quantized(model: nn.Module, fmt: str, head: bool = False) -> tuple[nn.Module, dict]:
+    """A quantized copy of ``model`` (``sparsekit.nn.quantize``; lm_head too with ``head``), what was done."""
     from sparsekit.nn import quantize
 
     out = copy.deepcopy(model)
-    return out.eval(), quantize(out, fmt)
+    return out.eval(), quantize(out, fmt, head=head)
 
 
-def _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids, quantize=()) -> dict[str, tuple]:
+def _e2e_variants(
+    model, dtypes, pattern, pruned, method, calib_ids, quantize=(), quantize_head=False
+) -> dict[str, tuple]:
     """{label: (model, sparsify info, is_dense)}: dense and sparse in every dtype, the dense one
-    under each of ``quantize``, and the sparse one under int8 (its 2:4 layers: 2:4-int8).
+    under each of ``quantize``, and the sparse one under int8 (its 2:4 layers: 2:4-int8); with
+    ``quantize_head`` each of those again with its lm_head quantized too ("+ int8 (head too)").
 
     A model that already holds SparseLinear layers (a sparsekit checkpoint) is the sparse variant
     and its densified copy the dense one; otherwise the sparse variant is pruned once (in the
@@ -428,10 +447,13 @@ def _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids, quantize=()
             layers = {**info, **sparsify(sparse, format="auto").to_dict()}
         out[f"dense{tag}"] = (_cast(dense_base, dtype).eval(), {}, True)
         out[f"{label}{tag}"] = (sparse.eval(), layers, False)
+        heads = (False, True) if quantize_head else (False,)
         for fmt in quantize:
-            out[f"dense + {fmt}{tag}"] = (*_quantized(out[f"dense{tag}"][0], fmt), False)
-            if fmt == "int8":  # int4's zero points would fill the pruned zeros in (quantize refuses)
-                out[f"{label} + {fmt}{tag}"] = (*_quantized(sparse, fmt), False)
+            for head in heads:
+                suffix = f" + {fmt}{' (head too)' if head else ''}{tag}"
+                out[f"dense{suffix}"] = (*_quantized(out[f"dense{tag}"][0], fmt, head), False)
+                if fmt == "int8":  # int4's zero points would fill the pruned zeros in (quantize refuses)
+                    out[f"{label}{suffix}"] = (*_quantized(sparse, fmt, head), False)
     return out
 
 
@@ -460,6 +482,7 @@ def run_e2e(
     quantize: tuple[str, ...] = (),
     cpu_rule_twins: bool = False,
     cpu_rule_table: str | None = None,
+    quantize_head: bool = False,
 ) -> E2EResult:
     """Dense vs sparsified generation speed, memory and perplexity of ``model`` (left unchanged).
 
@@ -469,10 +492,13 @@ def run_e2e(
     needs no data) at ``pattern`` and swapped to SparseLinear; a sparsekit checkpoint is the sparse
     variant itself. All variants' generations are interleaved in ``repeats`` rounds (after
     ``warmup`` untimed ones); speedups are against the best dense variant of the same dtype
-    (eager or compiled), and ``floor_ms`` is model bytes over the measured read bandwidth.
+    (eager or compiled), and ``floor_ms`` is the bytes a step streams (model bytes less an input
+    embedding that is not the head) over the measured read bandwidth.
     ``input_ids`` [batch, prompt_len] and ``eval_ids`` [1, T] replace the corpus text (needed
     when there is no tokenizer). ``quantize`` ('int8', 'int4', ...) adds, per dtype, the dense
-    model weight-only quantized, and with int8 the sparse one too (its 2:4 layers: 2:4-int8).
+    model weight-only quantized, and with int8 the sparse one too (its 2:4 layers: 2:4-int8);
+    ``quantize_head`` adds a twin of each with its lm_head quantized too (untied from the float
+    input embedding: ``sparsekit.nn.quantize_head``).
     ``cpu_rule_twins`` adds a copy of every variant with SparseLinear layers under
     ``cpu_rule='fastest'`` ("..., rule fastest"): dense on a kept copy where it measured faster,
     from 2 rows up; its MiB include the dense copies it ends up holding. ``cpu_rule_table``
@@ -482,6 +508,10 @@ def run_e2e(
     wrote; the twins are then named "..., rule table".
     """
     quantize = check_quantize(tuple(quantize))
+    if quantize_head and not quantize:
+        raise ValueError(
+            "quantize_head quantizes the quantized variants' lm_head: give quantize too (e.g. int8)"
+        )
     check_cpu_rule_twins(cpu_rule_twins, model_device(model), cpu_rule_table)
     from sparsekit.bench.roofline import measure_roofline
     from sparsekit.eval.perplexity import perplexity_of_ids
@@ -509,7 +539,7 @@ def run_e2e(
     dtypes = tuple(dtypes or (next(model.parameters()).dtype,))
 
     log.info("e2e: building variants (%s, %s)", method, ", ".join(_dtype_name(d) for d in dtypes))
-    built = _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids, quantize)
+    built = _e2e_variants(model, dtypes, pattern, pruned, method, calib_ids, quantize, quantize_head)
     twins: dict[str, nn.Module] = {}
     if cpu_rule_twins:
         suffix = "rule table" if cpu_rule_table else "rule fastest"
@@ -548,6 +578,7 @@ def run_e2e(
         elif eval_ids is not None:
             ppl = next((r.ppl for r in rows if r.variant == base), None)
         nbytes = model_bytes(variant) + cpu_rule.dense_copy_bytes(variant)  # a rule's dense copies
+        step_bytes = nbytes - input_table_bytes(variant)
         rows.append(
             E2ERow(
                 variant=name,
@@ -560,14 +591,15 @@ def run_e2e(
                 prefill_tok_s=batch * prompt_len / (timing["ttft_ms"] * 1e-3),
                 decode_tok_s=batch / (timing["tpot_ms"] * 1e-3),
                 model_bytes=nbytes,
-                decode_gbps=nbytes / (timing["tpot_ms"] * 1e-3) / 1e9,
+                decode_gbps=step_bytes / (timing["tpot_ms"] * 1e-3) / 1e9,
                 peak_bytes=peak,
                 peak_over_start_bytes=max(0, peak - in_use),
                 ppl=ppl,
                 cache=timing["cache"],
                 compiled=flags[name],
                 dtype=_dtype_name(next(variant.parameters()).dtype),
-                floor_ms=nbytes / (read_gbps * 1e9) * 1e3,
+                floor_ms=step_bytes / (read_gbps * 1e9) * 1e3,
+                step_bytes=step_bytes,
                 sparsify=info,
                 notes=list(notes),
                 env={k: env[k] for k in ("device", "torch", "commit", "time_utc") if k in env},
@@ -598,6 +630,7 @@ def run_e2e(
         "pruned_input": pruned,
         "compile": compile,
         "quantize": list(quantize),
+        "quantize_head": quantize_head,
         "cpu_isa": _cpu_isa(device),  # the C++ kernels' ISA level (SPARSEKIT_CPU_ISA or the CPU's best)
         "cpu_rule_default": cpu_rule.default_rule(),  # what the variants' layers run (SPARSEKIT_CPU_RULE)
         "cpu_rule_twins": cpu_rule_twins,
@@ -660,8 +693,10 @@ def e2e_markdown(result: E2EResult) -> str:
     lines += [
         "",
         "decode x / prefill x: the best dense variant of the same dtype (eager or compiled) over this "
-        f"one. floor: model bytes / the measured read bandwidth ({cfg.get('read_gbps', float('nan')):.1f} "
-        "GB/s), the fastest a decode step can stream the weights; TPOT / floor says how much of a step "
+        "one. floor: the bytes a decode step streams (model bytes less an input embedding that is not the "
+        "head: a step reads one row of it) / the measured read bandwidth "
+        f"({cfg.get('read_gbps', float('nan')):.1f} GB/s), the fastest a decode step can stream the weights; "
+        "TPOT / floor says how much of a step "
         f"is not bytes. Peak memory: {peak_kind} during one generation of that variant (+ the rise over "
         f"what was resident before it); perplexity on {cfg['eval_tokens']} held-out tokens in windows of "
         f"{cfg['eval_seqlen']}.",

@@ -3,7 +3,7 @@
 from sparsekit.formats.weight import WeightFormat, choose_format, format_names, is_24, weight_format
 
 from .sparse_linear import SparseLinear
-from .sparsify import QUANT_FORMATS, SparsifyReport, densify, quantize, set_format, sparsify
+from .sparsify import QUANT_FORMATS, SparsifyReport, densify, quantize, quantize_head, set_format, sparsify
 
 __all__ = [
     "QUANT_FORMATS",
@@ -15,6 +15,7 @@ __all__ = [
     "format_names",
     "is_24",
     "quantize",
+    "quantize_head",
     "set_format",
     "sparsify",
     "weight_format",

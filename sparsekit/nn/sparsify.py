@@ -1,7 +1,8 @@
 """Swap the pruned linear layers of a model's decoder blocks for SparseLinear, and back.
 
 Only the linears (nn.Linear, GPT-2 Conv1D) inside the decoder blocks are candidates: embeddings,
-lm_head and norms stay as they are. After ``sparsify`` the dense weights are no longer referenced
+lm_head and norms stay as they are (``quantize(head=True)`` / ``quantize_head`` also swap the
+lm_head). After ``sparsify`` the dense weights are no longer referenced
 by the model, so they are freed (the caller must not hold them elsewhere).
 """
 
@@ -19,7 +20,9 @@ from torch import nn
 
 from sparsekit.formats.weight import WeightFormat, choose_format, weight_format
 from sparsekit.models import (
+    describe,
     find_decoder_blocks,
+    is_conv1d,
     linear_like,
     linear_weight,
     model_bytes,
@@ -153,16 +156,20 @@ def check_quant_format(format: str) -> str:
     return format
 
 
-def quantize(model: nn.Module, format: str = "int8") -> dict[str, Any]:
+def quantize(model: nn.Module, format: str = "int8", head: bool = False) -> dict[str, Any]:
     """Weight-only quantize every linear of ``model``'s decoder blocks to ``format``, in place.
 
     Dense linears and structurally pruned ones become ``format`` (int4: a layer whose inputs the
     group does not divide takes the largest smaller group that does); with int8, layers whose zeros are
     2:4 (plain linears or 2:4 SparseLinear) become 2:4-int8 (int8 values + 2:4 metadata: 0.625
     bytes per weight); other SparseLinear layers are quantized from their weight with zeros (int8
-    keeps the zeros exactly, int4's zero points do not). Returns what was done per format.
+    keeps the zeros exactly, int4's zero points do not). ``head``: the output head (lm_head) too,
+    as torchao's ``quantize_`` and llama.cpp's Q8_0 do (``quantize_head``). Returns what was done
+    per format.
     """
     check_quant_format(format)
+    if head:
+        _output_head(model)  # a model without one is refused before any layer changes
     if format.startswith("int4"):
         _refuse_pruned_zeros(model, format)
     for name, module in sparse_candidates(model).items():
@@ -184,7 +191,73 @@ def quantize(model: nn.Module, format: str = "int8") -> dict[str, Any]:
     if left:
         out["kept_float"] = left
         log.warning("%d layers stay in float: no %s group divides their inputs", len(left), format)
+    if head:
+        out["head"] = quantize_head(model, format)
     return out
+
+
+def _output_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """(name, module) of the model's output head, or a ValueError saying why there is none."""
+    name = describe(model).lm_head
+    module = None if name is None else model.get_submodule(name)
+    if module is None or not (isinstance(module, (nn.Linear, SparseLinear)) or is_conv1d(module)):
+        raise ValueError(
+            f"{type(model).__name__} has no linear output head (get_output_embeddings() gives "
+            f"{type(module).__name__ if module is not None else None}): quantize it without head=True"
+        )
+    return name, module
+
+
+def _untie_output_head(model: nn.Module) -> None:
+    """Stop transformers from tying lm_head to the input embedding again (on save, load, resize)."""
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    text = getattr(getattr(model, "config", None), "get_text_config", None)
+    configs.append(text() if callable(text) else None)
+    for config in configs:
+        if config is not None and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+
+
+def quantize_head(model: nn.Module, format: str = "int8") -> dict[str, Any]:
+    """Weight-only quantize the output head (lm_head, [vocab, hidden]) to ``format``, in place.
+
+    A head tied to the input embedding is untied first: the embedding table keeps its float
+    weights (a decode step reads one of its rows per token) and the head holds its own quantized
+    copy, so the model's bytes grow by the head's quantized size while a decode step streams
+    ``format``'s bytes for the head instead of the float table. int4 takes the largest group that
+    divides the hidden size (int4-g32 last). Returns what was done.
+    """
+    check_quant_format(format)
+    name, module = _output_head(model)
+    if isinstance(module, SparseLinear):
+        return {"layer": name, "skipped": f"already SparseLinear ({module.format})"}
+    tied = describe(model).tied
+    with torch.no_grad():
+        weight = linear_weight(module)
+        chain = (weight_format(n) for n in (format, *_INT4_FALLBACK.get(format, ())))
+        fmt = next((f for f in chain if f.fits(weight)), None)
+        if fmt is None:
+            raise ValueError(
+                f"{name} ({tuple(weight.shape)}): no {format} group divides its {weight.shape[1]} inputs; "
+                "use int8 for the head"
+            )
+        new = SparseLinear.from_linear(module, format=fmt)
+    before = sum(t.numel() * t.element_size() for t in module.parameters())
+    after = sum(t.numel() * t.element_size() for t in (*new.parameters(), *new.buffers()))
+    new.train(module.training)
+    if tied:
+        _untie_output_head(model)
+    set_submodule(model, name, new)
+    describe(model, refresh=True)  # the cached anatomy still says tied
+    log.info(
+        "quantized %s to %s (%.1f MB -> %.1f MB%s)",
+        name,
+        fmt.name,
+        before / 1e6,
+        after / 1e6,
+        "; untied from the input embedding, which stays float" if tied else "",
+    )
+    return {"layer": name, "format": fmt.name, "untied": tied, "bytes_before": before, "bytes_after": after}
 
 
 _INT4_FALLBACK = {

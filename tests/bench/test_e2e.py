@@ -79,7 +79,10 @@ def test_run_e2e_dense_vs_sparse(tmp_path):
     for r in result.rows:
         assert r.ttft_ms > 0 and r.tpot_ms > 0 and r.decode_tok_s == pytest.approx(2 / (r.tpot_ms * 1e-3))
         assert r.ppl is not None and r.ppl > 1 and r.env["device"] == "cpu"
-        assert r.floor_ms == pytest.approx(r.model_bytes / (result.config["read_gbps"] * 1e9) * 1e3)
+        # the floor counts what a step streams: an untied input table is read one row a token
+        table = 0 if model.config.tie_word_embeddings else model.get_input_embeddings().weight.nbytes
+        assert r.step_bytes == r.model_bytes - table
+        assert r.floor_ms == pytest.approx(r.step_bytes / (result.config["read_gbps"] * 1e9) * 1e3)
     paths = write_e2e_report(result, tmp_path)
     data = json.loads(paths["json"].read_text())
     assert data["env"]["commit"] and data["config"]["batch"] == 2 and data["config"]["prompt_len"] == 40
@@ -186,6 +189,48 @@ def test_run_e2e_adds_quantized_dense_and_sparse_variants():
     assert result.config["quantize"] == ["int8", "int4"]
     with pytest.raises(ValueError, match="unknown quantization int3"):
         run_e2e(model, input_ids=_prompt(12), eval_tokens=0, quantize=("int3",))
+
+
+def test_run_e2e_quantize_head_adds_head_quantized_twins_of_the_quantized_variants():
+    model = tiny_model("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2
+    model.config.tie_word_embeddings = True
+    result = run_e2e(
+        model,
+        input_ids=_prompt(12),
+        new_tokens=3,
+        eval_tokens=0,
+        repeats=1,
+        quantize=("int8",),
+        quantize_head=True,
+    )
+    rows = {r.variant: r for r in result.rows}
+    assert list(rows) == [
+        "dense",
+        "sparse (2:4, magnitude)",
+        "dense + int8",
+        "sparse (2:4, magnitude) + int8",
+        "dense + int8 (head too)",
+        "sparse (2:4, magnitude) + int8 (head too)",
+    ]
+    table = model.model.embed_tokens.weight.nbytes
+    for name in ("dense", "sparse (2:4, magnitude)", "dense + int8", "sparse (2:4, magnitude) + int8"):
+        assert rows[name].step_bytes == rows[name].model_bytes  # the tied table is the head: streamed
+    for name in ("dense + int8 (head too)", "sparse (2:4, magnitude) + int8 (head too)"):
+        assert rows[name].sparsify["head"] == {
+            **rows[name].sparsify["head"],
+            "format": "int8",
+            "untied": True,
+        }
+        assert rows[name].step_bytes == rows[name].model_bytes - table  # the float table: one row a step
+    assert "head" not in rows["dense + int8"].sparsify
+    assert rows["dense + int8 (head too)"].step_bytes < rows["dense + int8"].step_bytes
+    assert result.config["quantize_head"] is True
+    assert (
+        model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    )  # unchanged
+    with pytest.raises(ValueError, match="give quantize too"):
+        run_e2e(model, input_ids=_prompt(12), eval_tokens=0, quantize_head=True)
 
 
 def test_run_e2e_adds_rule_twins_of_the_sparse_variants(monkeypatch):

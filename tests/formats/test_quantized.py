@@ -465,3 +465,68 @@ def test_compiled_quantized_layer_calls_the_cpu_kernel(fmt, dtype):
     assert not any("decompress" in t or "mul" in t for t in targets), targets
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(compiled, eager, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2", "opt"])
+@pytest.mark.parametrize("fmt", ["int8", "int4-g256"])
+def test_quantize_head_unties_the_head_and_keeps_the_embedding_float(family, fmt, tmp_path):
+    """``quantize(head=True)``: the lm_head becomes ``fmt`` (int4-g256 falls back to int4, groups of 64:
+    the largest that divides hidden 64), the input embedding keeps its float table untouched, the
+    logits stay near the float head's, and a save / load gives the same logits, untied."""
+    from sparsekit.hf.checkpoint import load, save
+    from sparsekit.nn import quantize
+    from tests.conftest import tiny_model
+
+    model = tiny_model(family)
+    emb = model.get_input_embeddings().weight.detach().clone()
+    was_tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = quantize(model, fmt, head=True)
+    head = model.get_output_embeddings()
+    assert isinstance(head, SparseLinear) and head.format == ("int8" if fmt == "int8" else "int4")
+    assert report["head"]["untied"] == was_tied and report["head"]["format"] == head.format
+    assert report["head"]["bytes_after"] < report["head"]["bytes_before"]
+    assert torch.equal(model.get_input_embeddings().weight, emb)  # the table is not quantized
+    assert not any(
+        getattr(c, "tie_word_embeddings", False) for c in (model.config, model.config.get_text_config())
+    )
+    with torch.no_grad():
+        logits = model(ids).logits
+    bound = 0.02 if fmt == "int8" else 0.25
+    assert (logits - ref).norm() / ref.norm() < bound
+    save(model, tmp_path / "q")
+    loaded = load(tmp_path / "q")
+    assert isinstance(loaded.get_output_embeddings(), SparseLinear)
+    assert torch.equal(loaded.get_input_embeddings().weight, emb)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, logits, rtol=0, atol=0)
+
+
+def test_quantize_head_refuses_a_model_without_a_linear_head_before_changing_it():
+    from sparsekit.nn import quantize, quantize_head
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    model.lm_head = nn.Identity()
+    with pytest.raises(ValueError, match="no linear output head.*without head=True"):
+        quantize(model, "int8", head=True)
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())  # refused before any swap
+    model = tiny_model("llama")
+    quantize_head(model, "int8")
+    assert quantize_head(model, "int8")["skipped"] == "already SparseLinear (int8)"
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize_head(tiny_model("llama"), "int3")
+
+
+def test_cli_quantize_head_prints_and_saves_the_head(tmp_path, capsys):
+    from sparsekit.cli import main
+    from sparsekit.hf.checkpoint import load
+    from tests.tiny_folder import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "q8h"
+    assert main(["quantize", str(folder), "--format", "int8", "--head", "--out", str(out)]) == 0
+    assert "lm_head: int8" in capsys.readouterr().out
+    assert load(out).lm_head.format == "int8"
