@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-2-7b", help="a shipped shape config (sparsekit/bench_shapes)")
     p.add_argument("--layers", type=int, default=4, help="decoder blocks to build (the full depth: 0)")
+    p.add_argument("--shrink", type=int, default=1, help="divide widths and vocabulary by this (a dry run)")
     p.add_argument("--dtypes", default="fp32", help="e.g. fp32,bf16")
     p.add_argument("--quantize", default="int8", help="e.g. int8 (empty: none)")
     p.add_argument("--quantize-head", action="store_true", help="add head-quantized twins")
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     quantize = check_quantize(tuple(q for q in a.quantize.split(",") if q))
     dtypes = tuple(parse_dtype(d) for d in a.dtypes.split(","))
     _, threads_note = choose_threads(a.threads)
-    fields = shape_config(a.shape, a.layers or None)
-    model = random_model(a.shape, dtypes[0], "cpu", num_layers=a.layers or None)
+    fields = shape_config(a.shape, a.layers or None, a.shrink)
+    model = random_model(a.shape, dtypes[0], "cpu", num_layers=a.layers or None, shrink=a.shrink)
     ids = torch.randint(
         0, fields["vocab_size"], (1, a.prompt_len), generator=torch.Generator().manual_seed(0)
     )
