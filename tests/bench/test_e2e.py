@@ -7,6 +7,17 @@ from sparsekit.bench.e2e import run_e2e, time_generation, write_e2e_report
 from sparsekit.models import model_bytes
 from tests.conftest import tiny_model
 
+SPARSE = "sparse (2:4, magnitude)"
+# the variants of quantize=("int8",) with quantize_head, in report order
+INT8_HEAD_ROWS = [
+    "dense",
+    SPARSE,
+    "dense + int8",
+    f"{SPARSE} + int8",
+    "dense + int8 (head too)",
+    f"{SPARSE} + int8 (head too)",
+]
+
 
 def _prompt(length: int, batch: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(0))
@@ -205,14 +216,7 @@ def test_run_e2e_quantize_head_adds_head_quantized_twins_of_the_quantized_varian
         quantize_head=True,
     )
     rows = {r.variant: r for r in result.rows}
-    assert list(rows) == [
-        "dense",
-        "sparse (2:4, magnitude)",
-        "dense + int8",
-        "sparse (2:4, magnitude) + int8",
-        "dense + int8 (head too)",
-        "sparse (2:4, magnitude) + int8 (head too)",
-    ]
+    assert list(rows) == INT8_HEAD_ROWS
     table = model.model.embed_tokens.weight.nbytes
     for name in ("dense", "sparse (2:4, magnitude)", "dense + int8", "sparse (2:4, magnitude) + int8"):
         assert rows[name].step_bytes == rows[name].model_bytes  # the tied table is the head: streamed

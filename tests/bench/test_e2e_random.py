@@ -1,6 +1,7 @@
 import json
 
 from tests.bench.conftest import bench_script
+from tests.bench.test_e2e import INT8_HEAD_ROWS
 
 
 def test_e2e_random_runs_a_shipped_shape_with_head_quantized_twins(tmp_path):
@@ -15,14 +16,7 @@ def test_e2e_random_runs_a_shipped_shape_with_head_quantized_twins(tmp_path):
     )
     data = json.loads((out / "e2e.json").read_text())
     rows = {r["variant"]: r for r in data["rows"]}
-    assert list(rows) == [
-        "dense",
-        "sparse (2:4, magnitude)",
-        "dense + int8",
-        "sparse (2:4, magnitude) + int8",
-        "dense + int8 (head too)",
-        "sparse (2:4, magnitude) + int8 (head too)",
-    ]
+    assert list(rows) == INT8_HEAD_ROWS
     assert all(r["ppl"] is None for r in rows.values())
     # untied: the input table is not streamed, so every row's step bytes are less than its model bytes
     table = rows["dense"]["model_bytes"] - rows["dense"]["step_bytes"]
