@@ -5,6 +5,7 @@
 Rows, each from a fresh copy of the same dense model with the same calibration tokens (32 x 512 of
 the offline corpus, seed 0), measured the same way (``sparsekit.bench.compare``): dense; int8 and
 int4 weight-only (torch's CPU ops); SparseGPT 2:4 alone and + int8 (sparsekit's 2:4-int8 kernel);
+int8 and SparseGPT 2:4 + int8 again with the lm_head quantized too ("(head too)");
 FLAP 20% alone, + int8 and + int4; Wanda 50% + int8 (unstructured zeros kept inside an int8 weight,
 no bytes saved: the control). Quantization is applied after pruning and before any evaluation, so
 ppl and accuracy include its error. Columns: perplexity on 8,192 held-out tokens, ``wiki_lambada``
@@ -46,9 +47,11 @@ def variants() -> list[Variant]:
     return [
         DENSE,
         quantized(DENSE, "int8"),
+        quantized(DENSE, "int8", head=True),
         quantized(DENSE, "int4"),
         sgpt,
         quantized(sgpt, "int8"),
+        quantized(sgpt, "int8", head=True),
         flap,
         quantized(flap, "int8"),
         quantized(flap, "int4"),

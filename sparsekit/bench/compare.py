@@ -36,7 +36,8 @@ class Variant:
     'N:M+quantized' | 'width+quantized'. ``sparsify``: swap pruned linears for compressed
     SparseLinear layers before the size and speed measurements. ``quantize``: weight-only
     quantization ('int8', 'int4', ...; ``sparsekit.nn.quantize``, 2:4 layers become 2:4-int8)
-    applied after the steps and before any evaluation, so the quality columns include its error.
+    applied after the steps and before any evaluation, so the quality columns include its error;
+    ``quantize_head``: the lm_head too (``quantize(head=True)``).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Variant:
     steps: tuple[tuple[str, str, tuple[tuple[str, object], ...]], ...] = ()
     sparsify: bool = False
     quantize: str | None = None
+    quantize_head: bool = False
 
     def apply(self, model: nn.Module, calib: torch.Tensor, show_progress: bool = False) -> None:
         for method, sparsity, keywords in self.steps:
@@ -84,11 +86,11 @@ def width(method: str, fraction: float, widths: str = "uniform", then: str | Non
     )
 
 
-def quantized(base: Variant, fmt: str) -> Variant:
-    """``base`` then weight-only ``fmt`` (int8 on its 2:4 layers: 2:4-int8)."""
+def quantized(base: Variant, fmt: str, head: bool = False) -> Variant:
+    """``base`` then weight-only ``fmt`` (int8 on its 2:4 layers: 2:4-int8); ``head``: the lm_head too."""
     family = "quantized" if base.family == "dense" else f"{base.family.split('+')[0]}+quantized"
-    name = fmt if base.family == "dense" else f"{base.name} + {fmt}"
-    return Variant(name, family, base.steps, sparsify=False, quantize=fmt)
+    name = (fmt if base.family == "dense" else f"{base.name} + {fmt}") + (" (head too)" if head else "")
+    return Variant(name, family, base.steps, sparsify=False, quantize=fmt, quantize_head=head)
 
 
 DENSE = Variant("dense", "dense")
@@ -191,7 +193,7 @@ def compare_variants(
         prune_s = time.perf_counter() - start
         params, nonzero = _nonzero_params(pruned)  # counted before any layer is compressed
         if variant.quantize:
-            quantize(pruned, variant.quantize)
+            quantize(pruned, variant.quantize, head=variant.quantize_head)
         ppl = perplexity_of_ids(pruned, eval_ids, eval_seqlen).ppl
         cells, mean = {}, None
         for task in tasks:
