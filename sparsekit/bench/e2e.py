@@ -21,7 +21,7 @@ from torch import nn
 
 from sparsekit._env import environment
 from sparsekit.bench.timing import RegionTimer, quantiles
-from sparsekit.models import model_bytes, model_device
+from sparsekit.models import describe, model_bytes, model_device
 from sparsekit.nn import cpu_rule
 
 log = logging.getLogger(__name__)
@@ -385,16 +385,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def input_table_bytes(model: nn.Module) -> int:
     """Bytes of the input embedding table when it is not also the output head's weight (a decode step
     reads one row of it, not the table); 0 for a tied head or a model without one."""
-    get_in, get_out = (
-        getattr(model, "get_input_embeddings", None),
-        getattr(model, "get_output_embeddings", None),
-    )
-    emb = get_in() if callable(get_in) else None
-    head = get_out() if callable(get_out) else None
-    weight = getattr(emb, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight is getattr(head, "weight", None):
+    anatomy = describe(model)
+    if anatomy.embedding is None or anatomy.tied:
         return 0
-    return weight.numel() * weight.element_size()
+    weight = getattr(model.get_submodule(anatomy.embedding), "weight", None)
+    return weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else 0
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:

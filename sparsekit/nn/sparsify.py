@@ -196,16 +196,18 @@ def quantize(model: nn.Module, format: str = "int8", head: bool = False) -> dict
     return out
 
 
-def _output_head(model: nn.Module) -> tuple[str, nn.Module]:
-    """(name, module) of the model's output head, or a ValueError saying why there is none."""
-    name = describe(model).lm_head
+def _output_head(model: nn.Module) -> tuple[str, nn.Module, bool]:
+    """(name, module, tied to the input embedding) of the model's output head, described afresh (a
+    cached description may predate a tie or an untie), or a ValueError saying why there is none."""
+    anatomy = describe(model, refresh=True)
+    name = anatomy.lm_head
     module = None if name is None else model.get_submodule(name)
     if module is None or not (isinstance(module, (nn.Linear, SparseLinear)) or is_conv1d(module)):
         raise ValueError(
             f"{type(model).__name__} has no linear output head (get_output_embeddings() gives "
             f"{type(module).__name__ if module is not None else None}): quantize it without head=True"
         )
-    return name, module
+    return name, module, anatomy.tied
 
 
 def _untie_output_head(model: nn.Module) -> None:
@@ -228,10 +230,9 @@ def quantize_head(model: nn.Module, format: str = "int8") -> dict[str, Any]:
     divides the hidden size (int4-g32 last). Returns what was done.
     """
     check_quant_format(format)
-    name, module = _output_head(model)
+    name, module, tied = _output_head(model)
     if isinstance(module, SparseLinear):
         return {"layer": name, "skipped": f"already SparseLinear ({module.format})"}
-    tied = describe(model).tied
     with torch.no_grad():
         weight = linear_weight(module)
         chain = (weight_format(n) for n in (format, *_INT4_FALLBACK.get(format, ())))

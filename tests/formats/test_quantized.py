@@ -530,3 +530,18 @@ def test_cli_quantize_head_prints_and_saves_the_head(tmp_path, capsys):
     assert main(["quantize", str(folder), "--format", "int8", "--head", "--out", str(out)]) == 0
     assert "lm_head: int8" in capsys.readouterr().out
     assert load(out).lm_head.format == "int8"
+
+
+def test_quantize_head_reads_the_tie_afresh_not_from_a_cached_description():
+    """A model described while untied, then tied: quantize_head must still untie its config, or
+    transformers would tie the float table back over the int8 head on load."""
+    from sparsekit.models import describe
+    from sparsekit.nn import quantize_head
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    assert not describe(model).tied  # cached: untied
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    assert quantize_head(model, "int8")["untied"] is True
+    assert model.config.tie_word_embeddings is False
