@@ -23,7 +23,9 @@ first, ``+owl`` rows from the second), cloned there from GitHub at ``ORIGINAL`` 
 when missing (``--original-from`` points the clones elsewhere, e.g. local mirrors); each prune
 runs in ``bench/original_driver.py`` (a subprocess of this venv, with the shims it lists). A
 reference table then gives, per config and seed, sparsekit's default ppl and prune time as ratios
-to each reference. ``--forward-dtypes auto`` skips sparsekit's fp32-forward variant.
+to each reference. ``--forward-dtypes auto`` skips sparsekit's fp32-forward variant; ``--passes one
+two`` runs sparsekit with one calibration forward per block (the default) and with two
+(``sequential=False``: a dense forward for the statistics, then a pruned one, the references' order).
 Writes <out>.json and <out>.md after every row.
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import statistics
@@ -181,16 +184,28 @@ def recipe_options(method: str) -> tuple[str, dict]:
     return score, options
 
 
-def run_sparsekit(dense, calib: torch.Tensor, method: str, sparsity: str, forward_dtype: str):
+def run_sparsekit(
+    dense, calib: torch.Tensor, method: str, sparsity: str, forward_dtype: str, passes: str = "one"
+):
+    """sparsekit's one-shot prune of a copy of ``dense``; ``passes``: "one" (the default, one
+    calibration forward per block) or "two" (``sequential=False``, the references' order)."""
     model = copy.deepcopy(dense)
     method, options = recipe_options(method)
     start = time.perf_counter()
     report = sparsekit.prune(
         model, method=method, sparsity=sparsity, calib=calib, forward_dtype=forward_dtype,
-        show_progress=False, **options,
+        show_progress=False, sequential=passes == "one", **options,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    return model, {"prune_s": seconds, "timings_s": report.timings_s, "forward_dtype": report.forward_dtype}
+    info = {"prune_s": seconds, "timings_s": report.timings_s, "forward_dtype": report.forward_dtype}
+    return model, info | {"passes": passes, "notes": report.notes}
+
+
+def _forwards(row: dict) -> str:
+    """'float32, one pass': a sparsekit row's calibration forwards (rows before the option: dtype only)."""
+    if "passes" not in row:
+        return row["forward_dtype"]
+    return f"{row['forward_dtype']}, {'one pass' if row['passes'] == 'one' else 'two passes'}"
 
 
 def _markdown(head: str, rows: list[dict]) -> str:
@@ -202,8 +217,9 @@ def _markdown(head: str, rows: list[dict]) -> str:
     ]
     for r in rows:
         ppl = "failed" if r.get("error") else f"{r['ppl']:.3f}"
+        forwards = _forwards(r) if "forward_dtype" in r else "-"
         lines.append(
-            f"| {r['config']} | {r.get('seed', '-')} | {r['tool']} | {r.get('forward_dtype', '-')} | {ppl} | "
+            f"| {r['config']} | {r.get('seed', '-')} | {r['tool']} | {forwards} | {ppl} | "
             f"{r.get('prune_s', 0):.1f} | {r.get('sparsity', 0):.4f} |"
         )
     lines += _reference_summary(rows)
@@ -217,7 +233,7 @@ def _markdown(head: str, rows: list[dict]) -> str:
         lines += ["", "sparsekit's phases (s):", ""]
         seed = lambda r: f", seed {r['seed']}" if "seed" in r else ""  # noqa: E731
         lines += [
-            f"- {r['config']}{seed(r)} ({r['forward_dtype']} forwards): "
+            f"- {r['config']}{seed(r)} ({_forwards(r)}): "
             + ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items())
             for r in timed
         ]
@@ -225,7 +241,7 @@ def _markdown(head: str, rows: list[dict]) -> str:
 
 
 def _variant(row: dict) -> str:
-    return f"{row['tool']} ({row['forward_dtype']})" if row.get("forward_dtype") else row["tool"]
+    return f"{row['tool']} ({_forwards(row)})" if row.get("forward_dtype") else row["tool"]
 
 
 def _seed_summary(rows: list[dict]) -> list[str]:
@@ -283,7 +299,7 @@ def _composed_summary(rows: list[dict]) -> list[str]:
         ref = composed_reference(scored, r)
         if ref is not None:
             lines.append(
-                f"- {r['config']}, seed {r['seed']} ({r['forward_dtype']} forwards): {r['prune_s']:.1f} s "
+                f"- {r['config']}, seed {r['seed']} ({_forwards(r)}): {r['prune_s']:.1f} s "
                 f"against the original SparseGPT's {ref['prune_s']:.1f} s "
                 f"({r['prune_s'] / ref['prune_s']:.2f}x); ppl {r['ppl']:.2f} against its {ref['ppl']:.2f}"
             )
@@ -317,7 +333,7 @@ def _reference_summary(rows: list[dict]) -> list[str]:
                 diff = ours.get("mask_vs", {}).get(ref["tool"], {})
                 first = diff.get("first_block", "-")
                 lines.append(
-                    f"| {config} | {seed} | {ref['tool']} | {ours['forward_dtype']} | {ref['ppl']:.2f} | "
+                    f"| {config} | {seed} | {ref['tool']} | {_forwards(ours)} | {ref['ppl']:.2f} | "
                     f"{ours['ppl']:.2f} | {ours['ppl'] / ref['ppl']:.3f} | "
                     f"{ours['prune_s'] / ref['prune_s']:.2f} | {diff.get('share', float('nan')):.4f} | "
                     f"{'none' if first is None else first} |"
@@ -352,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--forward-dtypes", nargs="+", default=["auto", "float32"], choices=("auto", "float32"),
         help="sparsekit's calibration-forward variants, a row each",
+    )  # fmt: skip
+    p.add_argument(
+        "--passes", nargs="+", default=["one"], choices=("one", "two"),
+        help="sparsekit's calibration forwards per block (two: sequential=False), a row each",
     )  # fmt: skip
     args = p.parse_args(argv)
     unknown = [r for r in args.rows if r not in CONFIGS + COMPOSED]
@@ -431,8 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                 ref_masks.clear()
                 if config not in COMPOSED:  # neither reference runs sparsekit's composed recipes
                     references(folder, calib_file, config, seed)
-                for forward_dtype in args.forward_dtypes:
-                    model, info = run_sparsekit(dense, calib, method, sparsity, forward_dtype)
+                for forward_dtype, passes in itertools.product(args.forward_dtypes, args.passes):
+                    model, info = run_sparsekit(dense, calib, method, sparsity, forward_dtype, passes)
                     add(
                         {
                             "config": config,

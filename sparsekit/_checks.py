@@ -63,6 +63,7 @@ PER_LAYER_OPTIONS = (
     "refine",
     "update",
     "permute",
+    "sequential",
     "share_statistics",
     "measure_error",
     "wbits",

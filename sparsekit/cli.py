@@ -1072,6 +1072,14 @@ def build_parser() -> argparse.ArgumentParser:
         "gate/up and v_proj so the saved model needs no permutation",
     )
     p.add_argument(
+        "--two-passes",
+        dest="sequential",
+        action="store_false",
+        help="a dense calibration forward for every layer's statistics, then a pruned one (the original "
+        "code's and llm-compressor's order); by default one forward per block solves each group of "
+        "layers on inputs already through the pruned layers before it",
+    )
+    p.add_argument(
         "--expert-tokens",
         choices=("routed", "all"),
         default="routed",

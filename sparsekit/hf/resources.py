@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsekit._memory import host_available_bytes
+
 log = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -256,18 +258,6 @@ def _whole_model_parts(shape: ModelShape, plan: CalibrationPlan) -> tuple[dict[s
     if plan.model_on_device:
         device["the whole model's weights"] = shape.params * plan.model_bytes
     return device, host
-
-
-def host_available_bytes(meminfo: str = "/proc/meminfo") -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), in bytes; None where there is no such file."""
-    try:
-        with open(meminfo, encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def available_memory(where: str) -> tuple[int, str] | None:

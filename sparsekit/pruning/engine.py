@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sparsekit._memory import free_bytes
 from sparsekit.formats import NMPattern, Pattern, Unstructured, mask_sparsity, parse_sparsity
 from sparsekit.kernels.mask_bits import pack_mask, unpack_mask
 from sparsekit.models import (
@@ -64,6 +65,7 @@ from .method import (
 )
 from .offload import check_writable_offload, materialized
 from .permute import fold_permutation, permute_columns_, permute_rows_, permute_stats
+from .sequential import ChunkThreads, input_groups, paused_bytes, run_block_sequential
 from .sparsegpt import QuantGrid
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,12 @@ class PruneConfig:
     expert_tokens: str = "routed"
     expert_min_tokens: int = 64
     prune_routers: bool = False
+    # one calibration forward per block: each group of linears reading one input is solved on inputs
+    # that went through the pruned layers before it, and that forward gives the next block's inputs
+    # (see ``sequential``); False: a dense forward for every statistic, then a pruned one (the
+    # original code's and llm-compressor's order). Blocks without a fixed call order (Mixture of
+    # Experts), permute=True and paused activations over half the free memory take two passes.
+    sequential: bool = True
     # SparseGPT only: quantize every kept weight to a symmetric wbits-bit grid (per output row, or per
     # group of wgroup inputs) inside the same sweep (the paper's joint mode); weights stay float
     wbits: int | None = None
@@ -372,7 +380,8 @@ def prune_model(
         desc=f"{config.label} {config.sparsity}",
         disable=not config.show_progress or not world.main,
     )
-    with torch.no_grad():
+    threads = ChunkThreads()  # the chunks' threads of one-forward blocks, kept across blocks
+    with torch.no_grad(), threads:
         for index in progress:
             block = blocks[index]
             home = model_device(block)
@@ -387,6 +396,7 @@ def prune_model(
                         timer,
                         report,
                         world,
+                        threads,
                     )
                     changed.update(linears.values())  # written back where accelerate offloaded them
                     block.to(home)
@@ -418,22 +428,61 @@ def _prune_block(
     timer: Timer,
     report: PruneReport,
     world: World | None = None,
+    threads: ChunkThreads | None = None,
 ) -> dict[str, nn.Module]:
     """Statistics, pruning and the pruned re-run of one block (on the device); returns its linears.
 
     ``chunks`` (empty for magnitude) hold the block's inputs and receive its pruned outputs. With
     an active ``world`` the statistics are summed over the ranks first, each layer is solved on
-    one rank and its pruned weight broadcast to the others.
+    one rank and its pruned weight broadcast to the others. One forward (``config.sequential``)
+    where the block allows it, else two.
     """
     world = world or World()
+    block = anatomy.module
+    linears = anatomy.prunable(routers=config.prune_routers)
+    # what the calibration forwards run: the block or a cast copy
+    runner = cast_runner(block, chunks[0].hidden.dtype) if chunks else block
+    run_linears = linears if runner is block else anatomy.prunable(runner, routers=config.prune_routers)
+    if chunks and config.sequential:
+        plan = _sequential_plan(anatomy, runner, run_linears, chunks, config, timer, report, world)
+        if plan is not None:
+            groups, dense_outputs = plan
+            modules = (runner, linears, run_linears)
+            _prune_block_sequential(
+                anatomy,
+                block_name,
+                chunks,
+                config,
+                timer,
+                report,
+                world,
+                modules,
+                groups,
+                dense_outputs,
+                threads,
+            )
+            return linears
+    _prune_block_two_passes(anatomy, block_name, chunks, config, timer, report, world, runner, run_linears)
+    return linears
+
+
+def _prune_block_two_passes(
+    anatomy: BlockAnatomy,
+    block_name: str,
+    chunks: list[Chunk],
+    config: PruneConfig,
+    timer: Timer,
+    report: PruneReport,
+    world: World,
+    runner: nn.Module,
+    run_linears: dict[str, nn.Module],
+) -> None:
+    """A dense forward collecting every statistic, every linear pruned, a pruned forward."""
     block, index = anatomy.module, anatomy.index
     linears = anatomy.prunable(routers=config.prune_routers)
     stats: dict[str, dict[str, InputStat]] = {}
     dense_outputs = None
     dense_weights: dict[str, torch.Tensor] = {}
-    # what the calibration forwards run: the block or a cast copy
-    runner = cast_runner(block, chunks[0].hidden.dtype) if chunks else block
-    run_linears = linears if runner is block else anatomy.prunable(runner, routers=config.prune_routers)
     routed = routed_experts(anatomy, runner, run_linears, config.expert_tokens == "all")
     if chunks:
         collector = StatsCollector(run_linears, config.statistic, timer, config.share_statistics)
@@ -459,14 +508,166 @@ def _prune_block(
             n: split_stat(config.statistic, collected.get(n), linear_weight(m).shape[1])
             for n, m in linears.items()
         }
-        dense_weights = {
-            n: linear_weight(m).detach().clone() for n, m in run_linears.items() if config.measure_error
-        }
+        dense_weights = _dense_weights(run_linears, config)
     if config.permute:  # magnitude permutes without data: no chunks, no statistics
         with timer.phase("permute"):
             copies = [runner] if runner is not block else []
             _permute_block(anatomy, block_name, copies, dense_weights, stats, config, report)
     results = _prune_linears(linears, stats, config, timer, world)
+    _report_layers(linears, results, block_name, config, report)
+    if not chunks:
+        return
+    if runner is not block:
+        _copy_weights(linears, run_linears, chunks[0].hidden.dtype)
+    probe = OutputErrorProbe(run_linears, dense_weights) if config.measure_error else None
+    with timer.phase("forward"), routed_experts(anatomy, runner, run_linears):
+        pruned_outputs = run_block(runner, chunks, index)
+    errors = probe.errors() if probe is not None else {}
+    if probe is not None:
+        probe.remove()
+    _finish_block(linears, chunks, dense_outputs, pruned_outputs, errors, report, world)
+
+
+def _sequential_plan(
+    anatomy: BlockAnatomy,
+    runner: nn.Module,
+    run_linears: dict[str, nn.Module],
+    chunks: list[Chunk],
+    config: PruneConfig,
+    timer: Timer,
+    report: PruneReport,
+    world: World,
+) -> tuple[list[list[str]], list[torch.Tensor]] | None:
+    """(the block's input groups in call order, the first chunk's dense outputs) where one forward
+    can prune it; None, with a note in ``report``, where it takes two."""
+    reason = None
+    if anatomy.experts is not None:
+        reason = "Mixture-of-Experts blocks route each chunk differently"
+    elif config.permute:
+        reason = "permute reorders a block's channels from every layer's statistics at once"
+    else:
+        need = paused_bytes(chunks, run_linears)
+        free = free_bytes(chunks[0].hidden.device)
+        if free is not None and need > free // 2:
+            reason = (
+                f"the paused chunks would hold ~{need / 2**30:.1f} GiB, over half the {free / 2**30:.1f} GiB "
+                "free (fewer calibration tokens per process fit)"
+            )
+    if world.active:  # every rank must take the same path: their collectives pair up
+        vetoes = torch.tensor(
+            [float(reason is not None)], dtype=torch.float64, device=chunks[0].hidden.device
+        )
+        all_reduce_sum_([vetoes])
+        if reason is None and vetoes.item() > 0:
+            reason = "another process has too little free memory"
+    if reason is None:
+        with timer.phase("forward"):  # the first chunk dense: the block error's reference
+            groups, dense_outputs = input_groups(runner, chunks[0], anatomy.index, run_linears)
+        if groups is not None:
+            return groups, [dense_outputs]
+        reason = f"block {anatomy.index} does not call each linear exactly once"
+    note = f"two calibration forwards per block where one does not apply: {reason}"
+    if note not in report.notes:
+        report.notes.append(note)
+        log.info(note)
+    return None
+
+
+def _prune_block_sequential(
+    anatomy: BlockAnatomy,
+    block_name: str,
+    chunks: list[Chunk],
+    config: PruneConfig,
+    timer: Timer,
+    report: PruneReport,
+    world: World,
+    modules: tuple[nn.Module, dict[str, nn.Module], dict[str, nn.Module]],
+    groups: list[list[str]],
+    dense_outputs: list[torch.Tensor],
+    threads: ChunkThreads | None = None,
+) -> None:
+    """One forward over every chunk; each input group solved when every chunk has reached it."""
+    runner, linears, run_linears = modules
+    statistic = config.statistic
+    group_stats: list[InputStat | None] = [None] * len(groups)
+    dense_weights = _dense_weights(run_linears, config)
+    results: dict[str, tuple[torch.Tensor, float | None]] = {}
+    probes: list[OutputErrorProbe] = []
+
+    def collect(group: int, chunk: int, x: torch.Tensor) -> None:
+        with timer.phase("statistics"):
+            x = x.detach()
+            stat = group_stats[group]
+            if stat is None:
+                stat = group_stats[group] = InputStat(statistic.new(x.shape[-1], x.device))
+                stat.total = torch.zeros_like(stat.value, dtype=torch.float64)
+            stat.value.zero_()
+            statistic.accumulate(x, stat.value)
+            if not bool(torch.isfinite(stat.value.sum())):
+                raise ValueError(
+                    f"NaN/inf activations entering {block_name}.{groups[group][0]}: the model overflows on "
+                    "the calibration data; load it in float32 or check the input ids"
+                )
+            stat.total += stat.value
+            stat.tokens += x.numel() // x.shape[-1]
+
+    def solve(group: int) -> None:
+        stat = group_stats[group]
+        if world.active:
+            with timer.phase("communication"):
+                tokens = torch.tensor([stat.tokens], dtype=torch.float64, device=stat.total.device)
+                all_reduce_sum_([stat.total, tokens])
+                stat.tokens = int(tokens.item())
+        stat.value, stat.total = stat.total.to(torch.float32), None
+        members = {n: linears[n] for n in groups[group]}
+        stats = {n: split_stat(statistic, stat, linear_weight(m).shape[1]) for n, m in members.items()}
+        results.update(_prune_linears(members, stats, config, timer, world))
+        runs = {n: run_linears[n] for n in members}
+        if runner is not anatomy.module:
+            _copy_weights(members, runs, chunks[0].hidden.dtype)
+        if config.measure_error:
+            probes.append(OutputErrorProbe(runs, dense_weights))
+
+    gates = {members[0]: g for g, members in enumerate(groups)}
+    before = dict(timer.totals)
+    try:
+        with timer.phase("forward"):
+            pruned_outputs = run_block_sequential(
+                runner, chunks, anatomy.index, gates, run_linears, collect, solve, threads
+            )
+    finally:
+        for probe in probes:
+            probe.remove()
+    # "forward" counts the statistics (as in two passes), not the solves made inside it
+    own = ("forward", "statistics")
+    inside = sum(v - before.get(k, 0.0) for k, v in timer.totals.items() if k not in own)
+    timer.totals["forward"] -= inside
+    _report_layers(linears, {n: results[n] for n in linears}, block_name, config, report)
+    errors = {n: e for probe in probes for n, e in probe.errors().items()}
+    _finish_block(linears, chunks, dense_outputs, pruned_outputs, errors, report, world)
+
+
+def _dense_weights(run_linears: dict[str, nn.Module], config: PruneConfig) -> dict[str, torch.Tensor]:
+    """Copies of the weights before pruning, for the per-layer output error (if measured)."""
+    if not config.measure_error:
+        return {}
+    return {n: linear_weight(m).detach().clone() for n, m in run_linears.items()}
+
+
+def _copy_weights(linears: dict[str, nn.Module], copies: dict[str, nn.Module], dtype: torch.dtype) -> None:
+    """The pruned weights of ``linears`` into the cast copy's layers (``copies``, same names)."""
+    for name, module in linears.items():
+        set_linear_weight(copies[name], linear_weight(module).detach().to(dtype))
+
+
+def _report_layers(
+    linears: dict[str, nn.Module],
+    results: dict[str, tuple[torch.Tensor, float | None]],
+    block_name: str,
+    config: PruneConfig,
+    report: PruneReport,
+) -> None:
+    """A ``LayerReport`` per pruned linear, in the block's order (and a note per raised dampening)."""
     for lname, module in linears.items():
         mask, percdamp = results[lname]
         shape = tuple(linear_weight(module).shape)
@@ -474,28 +675,31 @@ def _prune_block(
         if percdamp is not None and percdamp > config.percdamp:
             report.notes.append(f"{layer.name}: Cholesky failed, dampening raised to {percdamp:g}")
         report.layers.append(layer)
-    if chunks:
-        if runner is not block:
-            for lname, module in run_linears.items():
-                set_linear_weight(module, linear_weight(linears[lname]).detach().to(chunks[0].hidden.dtype))
-        probe = OutputErrorProbe(run_linears, dense_weights) if config.measure_error else None
-        with timer.phase("forward"), routed_experts(anatomy, runner, run_linears):
-            pruned_outputs = run_block(runner, chunks, index)
-        if probe is not None:
-            probe.remove()
-            for layer, err in zip(report.layers[-len(linears) :], probe.errors().values(), strict=True):
-                layer.output_rel_error = err
-        # the first calibration chunk of the whole batch: rank 0's first (calibration_share)
-        num, den = rel_error_parts(dense_outputs, pruned_outputs[:1]) if world.main else (0.0, 0.0)
-        if world.active:
-            parts = torch.tensor([num, den], dtype=torch.float64, device=chunks[0].hidden.device)
-            all_reduce_sum_([parts])
-            num, den = parts.tolist()
-        report.block_rel_errors.append(num / max(den, 1e-30))
-        for chunk, out in zip(chunks, pruned_outputs, strict=True):
-            chunk.hidden = out
-        del dense_outputs, pruned_outputs, dense_weights
-    return linears
+
+
+def _finish_block(
+    linears: dict[str, nn.Module],
+    chunks: list[Chunk],
+    dense_outputs: list[torch.Tensor],
+    pruned_outputs: list[torch.Tensor],
+    errors: dict[str, float | None],
+    report: PruneReport,
+    world: World,
+) -> None:
+    """Record the layers' output errors and the block's (first chunk, dense against pruned), and
+    hand the pruned outputs to the next block."""
+    for layer, name in zip(report.layers[-len(linears) :], linears, strict=True):
+        if name in errors:
+            layer.output_rel_error = errors[name]
+    # the first calibration chunk of the whole batch: rank 0's first (calibration_share)
+    num, den = rel_error_parts(dense_outputs, pruned_outputs[:1]) if world.main else (0.0, 0.0)
+    if world.active:
+        parts = torch.tensor([num, den], dtype=torch.float64, device=chunks[0].hidden.device)
+        all_reduce_sum_([parts])
+        num, den = parts.tolist()
+    report.block_rel_errors.append(num / max(den, 1e-30))
+    for chunk, out in zip(chunks, pruned_outputs, strict=True):
+        chunk.hidden = out
 
 
 def _check_grid_groups(anatomy, config: PruneConfig) -> None:

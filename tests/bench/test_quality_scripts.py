@@ -46,6 +46,26 @@ def test_seed_summary_pairs_each_seed_with_llm_compressor():
     assert vs._seed_summary(rows[:3]) == []  # one seed: no summary
 
 
+def test_seed_summary_keeps_one_and_two_passes_apart():
+    vs = bench_script("vs_llmcompressor")
+    rows = []
+    for seed in (1, 2):
+        rows.append(
+            {"config": "wanda/2:4", "seed": seed, "tool": "llm-compressor 0.14", "ppl": 100.0, "prune_s": 2.0}
+        )
+        for passes, ppl in (("one", 90.0 + seed), ("two", 110.0)):
+            rows.append(
+                {"config": "wanda/2:4", "seed": seed, "tool": "sparsekit", "forward_dtype": "float32",
+                 "passes": passes, "ppl": ppl, "prune_s": 1.0}
+            )  # fmt: skip
+    lines = vs._seed_summary(rows)
+    one = next(line for line in lines if "sparsekit (float32, one pass)" in line)
+    two = next(line for line in lines if "sparsekit (float32, two passes)" in line)
+    assert "91.50 [91.00-92.00]" in one and "110.00 [110.00-110.00]" in two
+    table = vs._reference_summary(rows)
+    assert sum("| float32, one pass |" in line for line in table) == 2
+
+
 @pytest.mark.parametrize("argv", [["--bits", "9"], ["--group", "-1"]])
 def test_joint_quant_refuses_a_bad_grid_before_loading(argv):
     with pytest.raises(ValueError, match="wbits|wgroup"):

@@ -1,4 +1,4 @@
-"""The statistics pass ends each chunk's forward after the last statistic (all but the first chunk):
+"""Two passes (sequential=False): the statistics pass ends each chunk's forward after the last statistic (all but the first chunk):
 the statistics, masks and weights are those of whole forwards, and the skipped work is skipped."""
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def _count_calls(model) -> dict[str, int]:
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_stopping_after_the_last_statistic_changes_no_weight(arch, method, monkeypatch):
     model = tiny_model(arch)
-    config = PruneConfig(method=method, sparsity=0.5, batch_size=2, blocksize=16, show_progress=False)
+    config = PruneConfig(
+        method=method, sparsity=0.5, batch_size=2, blocksize=16, show_progress=False, sequential=False
+    )
     whole = copy.deepcopy(model)
     with monkeypatch.context() as patch:
         _no_stop(patch)
@@ -60,7 +62,7 @@ def test_the_last_layer_of_each_block_runs_once_less_per_stopped_chunk():
     all 4; every other layer runs on 4 + 4 (block 0 once more: the input capture's one real call)."""
     model = tiny_model("llama")
     counts = _count_calls(model)
-    config = PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False)
+    config = PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False, sequential=False)
     prune_model(model, _calib(8), config)
     counts = {k: v for k, v in counts.items() if not k.startswith("0.")}
     last = {k: v for k, v in counts.items() if k.endswith("down_proj")}
@@ -162,7 +164,7 @@ def test_a_failing_statistics_forward_leaves_no_hook_on_the_model():
             raise RuntimeError("boom")
 
     mine = o_proj.register_forward_pre_hook(fail_on_second_chunk)
-    config = PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False)
+    config = PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False, sequential=False)
     with pytest.raises(PartialPruneError, match="boom"):
         prune_model(model, _calib(6), config)
     mine.remove()

@@ -1,0 +1,231 @@
+"""One calibration forward per block (``PruneConfig(sequential=True)``, the default) against a
+true-sequential reference that re-runs the whole model for every group of linears."""
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+import sparsekit.pruning.engine as engine
+from sparsekit.bench.coverage import tiny_model as coverage_model
+from sparsekit.models import block_linears, describe, linear_weight
+from sparsekit.pruning import PruneConfig, prune_model
+from sparsekit.pruning.method import InputStat
+from tests.conftest import tiny_model
+
+
+def _calib(n=6, seqlen=16, vocab=128, seed=1):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _input_groups(block) -> list[list[str]]:
+    """q/k/v, o, gate/up, down: the Llama-style blocks' groups by shared input, in call order."""
+    attn = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    return [attn, ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def _statistic(config: PruneConfig, inputs: list[torch.Tensor]) -> InputStat:
+    """The method's statistic of ``inputs`` (one tensor per calibration batch): an fp32 partial per
+    batch summed in float64, the engine's own summation order."""
+    statistic = config.statistic
+    total = None
+    for x in inputs:
+        value = statistic.new(x.shape[-1], x.device)
+        statistic.accumulate(x, value)
+        total = value.double() if total is None else total + value.double()
+    tokens = sum(x.numel() // x.shape[-1] for x in inputs)
+    return InputStat(total.float(), tokens=tokens)
+
+
+def _reference(model, ids, config: PruneConfig, autocast: torch.dtype | None = None):
+    """GPTQ's true-sequential order the slow way: for every block, for every group, whole-model
+    forwards (every earlier block and group already pruned) capture the group's input on ``ids``
+    (in batches of ``config.batch_size``); the group is pruned with the method's own solve on that
+    input's statistic."""
+    for block in describe(model).blocks:
+        linears = block_linears(block)
+        for group in _input_groups(block):
+            seen = []
+            handle = linears[group[0]].register_forward_pre_hook(
+                lambda m, a, seen=seen: seen.append(a[0].detach())
+            )
+            for batch in ids.split(config.batch_size):
+                region = torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)
+                with torch.no_grad(), region:
+                    model(batch, use_cache=False)
+            handle.remove()
+            stat = _statistic(config, seen)
+            for name in group:
+                weight = linear_weight(linears[name]).detach()
+                result = config.method.prune(weight, stat, config)
+                with torch.no_grad():
+                    linears[name].weight.copy_(result.weight)
+    return model
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "layers" in n and p.dim() == 2}
+
+
+@pytest.mark.parametrize(
+    ("method", "sparsity"), [("wanda", 0.5), ("wanda", "2:4"), ("sparsegpt", 0.5), ("sparsegpt", "2:4")]
+)
+def test_one_forward_matches_the_true_sequential_reference(method, sparsity):
+    model = tiny_model("llama")
+    ids = _calib()
+    config = PruneConfig(
+        method=method,
+        sparsity=sparsity,
+        batch_size=4,
+        blocksize=16,
+        show_progress=False,
+        forward_dtype="model",
+    )
+    expected = _weights(_reference(copy.deepcopy(model), ids, config))
+    report = prune_model(model, ids, config)
+    assert not report.notes, report.notes
+    got = _weights(model)
+    for name, weight in expected.items():
+        assert torch.equal(got[name] != 0, weight != 0), name
+        torch.testing.assert_close(got[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_passes_differ_from_one_only_after_the_first_group():
+    """q/k/v read the block's input either way; o_proj onwards see the pruned layers before them
+    in one pass (a dense forward in two)."""
+    model = tiny_model("llama")
+    ids = _calib()
+    results = {}
+    for sequential in (True, False):
+        pruned = copy.deepcopy(model)
+        config = PruneConfig(
+            method="wanda", sparsity=0.5, batch_size=4, show_progress=False, sequential=sequential
+        )
+        prune_model(pruned, ids, config)
+        results[sequential] = _weights(pruned)
+    first = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(results[True][first], results[False][first])
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(results[True][down] != 0, results[False][down] != 0)
+
+
+def test_bf16_mixed_forwards_follow_the_reference():
+    """Under autocast each chunk's thread opens its own region; weights cast after they are pruned."""
+    model = tiny_model("llama")
+    ids = _calib()
+    config = PruneConfig(
+        method="wanda", sparsity=0.5, batch_size=4, show_progress=False, forward_dtype="bf16-mixed"
+    )
+    expected = _weights(_reference(copy.deepcopy(model), ids, config, autocast=torch.bfloat16))
+    report = prune_model(model, ids, config)
+    assert report.forward_dtype == "bf16-mixed"
+    got = _weights(model)
+    agree = torch.cat([(got[n] != 0).flatten() == (w != 0).flatten() for n, w in expected.items()])
+    assert agree.float().mean() > 0.995
+
+
+def test_a_cast_copy_runs_the_pruned_weights():
+    """forward_dtype=bfloat16 runs a bf16 copy of each block: every group's pruned weights reach the
+    copy before the next group's statistic, so the result follows the reference run in bf16."""
+    model = tiny_model("llama")
+    ids = _calib()
+    config = PruneConfig(
+        method="wanda", sparsity=0.5, batch_size=4, show_progress=False, forward_dtype="bfloat16"
+    )
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    expected = _weights(_reference(reference, ids, config))
+    prune_model(model, ids, config)
+    got = _weights(model)
+    assert all(w.dtype == torch.float32 for w in got.values())
+    agree = torch.cat([(got[n] != 0).flatten() == (w != 0).flatten() for n, w in expected.items()])
+    assert agree.float().mean() > 0.98
+    two = copy.deepcopy(tiny_model("llama"))
+    prune_model(two, ids, replace(config, sequential=False))
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(got[down] != 0, _weights(two)[down] != 0)  # the copy saw pruned layers
+
+
+def test_one_forward_is_deterministic_and_times_its_phases_apart():
+    ids = _calib()
+    runs = []
+    for _ in range(2):
+        model = tiny_model("qwen3")
+        report = prune_model(
+            model, ids, PruneConfig(method="sparsegpt", sparsity="2:4", batch_size=2, show_progress=False)
+        )
+        runs.append(_weights(model))
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    timings = report.timings_s
+    assert timings["forward"] > 0 and timings["solve"] > 0 and timings["statistics"] > 0
+    assert len(report.block_rel_errors) == 2 and all(0 < e < 1 for e in report.block_rel_errors)
+    assert all(layer.output_rel_error is not None for layer in report.layers)
+
+
+@pytest.mark.parametrize("case", ["permute", "memory", "moe"])
+def test_blocks_one_forward_cannot_take_get_two_with_a_note(case, monkeypatch):
+    ids = _calib()
+    arch = "mixtral" if case == "moe" else "llama"
+    options = dict(
+        method="wanda", sparsity="2:4" if case == "permute" else 0.5, batch_size=4, show_progress=False
+    )
+    if case == "permute":
+        options["permute"] = True
+    if case == "memory":
+        monkeypatch.setattr(engine, "free_bytes", lambda device: 1024)
+    build = coverage_model if case == "moe" else tiny_model
+    one, two = build(arch), build(arch)
+    report = prune_model(one, ids, PruneConfig(**options))
+    prune_model(two, ids, PruneConfig(**options, sequential=False))
+    assert any("two calibration forwards per block" in note for note in report.notes), report.notes
+    expected = {"permute": "permute", "memory": "free", "moe": "Mixture-of-Experts"}[case]
+    assert any(expected in note for note in report.notes)
+    for (name, a), (_, b) in zip(one.named_parameters(), two.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_failing_chunk_stops_the_pass_without_hanging_or_leaving_hooks():
+    model = tiny_model("llama")
+    o_proj = model.model.layers[0].self_attn.o_proj
+    calls = []
+
+    def fail_on_the_third_chunk(module, args):
+        calls.append(1)
+        if len(calls) == 4:  # the dense first-chunk forward, then chunks 0, 1, 2
+            raise RuntimeError("boom in chunk 2")
+
+    handle = o_proj.register_forward_pre_hook(fail_on_the_third_chunk)
+    with pytest.raises(RuntimeError, match="boom in chunk 2"):
+        prune_model(
+            model, _calib(n=8), PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False)
+        )
+    handle.remove()
+    for module in block_linears(model.model.layers[0]).values():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_nan_activations_are_refused_in_one_forward():
+    model = tiny_model("llama")
+    ids = _calib()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[ids[0, 3]] = float("inf")
+    with pytest.raises(ValueError, match="NaN/inf activations entering model.layers.0.self_attn.q_proj"):
+        prune_model(model, ids, PruneConfig(method="wanda", sparsity=0.5, show_progress=False))
+
+
+def test_each_layer_runs_once_per_chunk_and_once_more_on_the_first():
+    """4 chunks: the dense first-chunk forward (the block error's reference, the groups), then one
+    forward per chunk; two passes ran 8 per layer (test_statistics_stop.py)."""
+    model = tiny_model("llama")
+    counts = {}
+    for index, block in enumerate(model.model.layers):
+        for name, module in block_linears(block).items():
+            counts[f"{index}.{name}"] = 0
+            module.register_forward_hook(
+                lambda m, i, o, key=f"{index}.{name}": counts.__setitem__(key, counts[key] + 1)
+            )
+    prune_model(
+        model, _calib(8), PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False)
+    )
+    later = {k: v for k, v in counts.items() if not k.startswith("0.")}  # block 0 ran once more in capture
+    assert later and set(later.values()) == {1 + 4}, later
