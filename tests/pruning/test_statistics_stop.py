@@ -1,5 +1,6 @@
-"""Two passes (sequential=False): the statistics pass ends each chunk's forward after the last statistic (all but the first chunk):
-the statistics, masks and weights are those of whole forwards, and the skipped work is skipped."""
+"""Two passes (sequential=False): the statistics pass ends each chunk's forward after the last
+statistic (all but the first chunk): the statistics, masks and weights are those of whole
+forwards, and the skipped work is skipped."""
 
 from __future__ import annotations
 
