@@ -24,8 +24,9 @@ when missing (``--original-from`` points the clones elsewhere, e.g. local mirror
 runs in ``bench/original_driver.py`` (a subprocess of this venv, with the shims it lists). A
 reference table then gives, per config and seed, sparsekit's default ppl and prune time as ratios
 to each reference. ``--forward-dtypes auto`` skips sparsekit's fp32-forward variant; ``--passes one
-two`` runs sparsekit with one calibration forward per block (the default) and with two
-(``sequential=False``: a dense forward for the statistics, then a pruned one, the references' order).
+two`` runs sparsekit with one calibration forward per block and with two (``sequential=False``: a
+dense forward for the statistics, then a pruned one, the references' order); the default, ``auto``,
+runs what ``sparsekit.prune`` does by default (one for SparseGPT and weight updates, two for Wanda).
 Writes <out>.json and <out>.md after every row.
 """
 
@@ -52,6 +53,7 @@ from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
+from sparsekit.pruning import PruneConfig
 
 CONFIGS = [
     "sparsegpt/0.5", "sparsegpt/2:4", "wanda/0.5", "wanda/2:4",
@@ -185,16 +187,19 @@ def recipe_options(method: str) -> tuple[str, dict]:
 
 
 def run_sparsekit(
-    dense, calib: torch.Tensor, method: str, sparsity: str, forward_dtype: str, passes: str = "one"
+    dense, calib: torch.Tensor, method: str, sparsity: str, forward_dtype: str, passes: str = "auto"
 ):
-    """sparsekit's one-shot prune of a copy of ``dense``; ``passes``: "one" (the default, one
-    calibration forward per block) or "two" (``sequential=False``, the references' order)."""
+    """sparsekit's one-shot prune of a copy of ``dense``; ``passes``: "auto" (the default), "one"
+    (one calibration forward per block) or "two" (``sequential=False``, the references' order)."""
     model = copy.deepcopy(dense)
     method, options = recipe_options(method)
+    sequential = {"auto": None, "one": True, "two": False}[passes]
+    if sequential is None:  # the row names what auto chose
+        passes = "one" if PruneConfig(method=method, **options).one_forward else "two"
     start = time.perf_counter()
     report = sparsekit.prune(
         model, method=method, sparsity=sparsity, calib=calib, forward_dtype=forward_dtype,
-        show_progress=False, sequential=passes == "one", **options,
+        show_progress=False, sequential=sequential, **options,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     info = {"prune_s": seconds, "timings_s": report.timings_s, "forward_dtype": report.forward_dtype}
@@ -370,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         help="sparsekit's calibration-forward variants, a row each",
     )  # fmt: skip
     p.add_argument(
-        "--passes", nargs="+", default=["one"], choices=("one", "two"),
-        help="sparsekit's calibration forwards per block (two: sequential=False), a row each",
+        "--passes", nargs="+", default=["auto"], choices=("auto", "one", "two"),
+        help="sparsekit's calibration forwards per block (auto: the default's choice), a row each",
     )  # fmt: skip
     args = p.parse_args(argv)
     unknown = [r for r in args.rows if r not in CONFIGS + COMPOSED]

@@ -51,7 +51,7 @@ DEFAULT_NSAMPLES = 128  # SparseGPT / Wanda defaults
 DEFAULT_SEQLEN = 2048
 
 CALIBRATION_INPUTS = ("calib", "nsamples", "seqlen", "seed")
-FORWARD_OPTIONS = ("forward_dtype", "batch_size", "share_statistics", "measure_error")
+FORWARD_OPTIONS = ("forward_dtype", "batch_size", "share_statistics", "measure_error", "sequential")
 SOLVE_OPTIONS = ("blocksize", "percdamp")
 OWL_OPTIONS = ("owl_lambda", "owl_m")
 EXPERT_OPTIONS = ("expert_tokens", "expert_min_tokens", "prune_routers")  # MoE blocks (engine checks)

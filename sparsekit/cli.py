@@ -106,6 +106,14 @@ _PRUNE_OPTIONS = (  # CLI flags that are keyword options of sparsekit.prune, che
 _NOT_ON_THE_CLI = ("share_statistics", "measure_error", "channel_multiple")
 
 
+def _passes(value: str) -> bool | None:
+    """--passes: auto -> None, one -> True, two -> False (``PruneConfig.sequential``)."""
+    choices = {"auto": None, "one": True, "two": False}
+    if value not in choices:
+        raise argparse.ArgumentTypeError(f"invalid choice {value!r}: choose auto, one or two")
+    return choices[value]
+
+
 @functools.cache
 def _defaults(*argv: str) -> dict:
     """The parsed defaults of a subcommand (argv: the subcommand and its positionals)."""
@@ -1072,12 +1080,15 @@ def build_parser() -> argparse.ArgumentParser:
         "gate/up and v_proj so the saved model needs no permutation",
     )
     p.add_argument(
-        "--two-passes",
+        "--passes",
         dest="sequential",
-        action="store_false",
-        help="a dense calibration forward for every layer's statistics, then a pruned one (the original "
-        "code's and llm-compressor's order); by default one forward per block solves each group of "
-        "layers on inputs already through the pruned layers before it",
+        type=_passes,
+        default=None,
+        metavar="{auto,one,two}",
+        help="calibration forwards per block: one (each group of layers solved on inputs already through "
+        "the pruned layers before it), two (a dense forward for the statistics, then a pruned one: the "
+        "original code's and llm-compressor's order), or auto (the default: one where the method sets "
+        "the kept weights, as SparseGPT and --update do, two where it only scores, as Wanda)",
     )
     p.add_argument(
         "--expert-tokens",

@@ -207,6 +207,8 @@ def test_sparsify_warns_when_a_format_makes_the_model_larger(caplog):
         (["--method", "magnitude", "--nsamples", "16"], dict(method="magnitude", nsamples=16)),
         (["--method", "wanda", "--remove-layers", "1"], dict(method="wanda", remove_layers=1)),
         (["--device", "tpu9"], dict(device="tpu9")),
+        (["--method", "magnitude", "--passes", "two"], dict(method="magnitude", sequential=False)),
+        (["--method", "shortgpt", "--passes", "one"], dict(method="shortgpt", sequential=True)),
     ],
 )
 def test_the_cli_and_the_api_refuse_with_the_same_check(no_model_load, capsys, argv, kwargs):
@@ -501,3 +503,18 @@ def test_a_compressed_model_is_decompressed_and_pruned_further(tmp_path):
     report = sparsekit.prune(loaded, method="wanda", sparsity=0.7, calib=ids, show_progress=False)
     assert report.overall_sparsity == pytest.approx(0.7, abs=0.02)  # floor(K x 0.7) per row of 64 or 128
     assert not any(isinstance(m, sparsekit.SparseLinear) for m in loaded.modules())
+
+
+def test_every_prune_config_field_reaches_the_config_or_is_refused():
+    """A PruneConfig keyword that no option list names would pass the checks and then be dropped
+    (sparsekit.prune(..., sequential=False) once was): every field is routed."""
+    import dataclasses
+
+    from sparsekit import _checks
+    from sparsekit.pruning import PruneConfig
+
+    routed = {*_checks.PER_LAYER_OPTIONS, *_checks.COMMON_OPTIONS, *_checks.FORWARD_OPTIONS}
+    fields = {f.name for f in dataclasses.fields(PruneConfig)} - {"method", "sparsity"}
+    assert fields <= routed, fields - routed
+    request = _checks.check_prune_request("wanda", 0.5, {"sequential": False, "batch_size": 3})
+    assert request.config.sequential is False and request.config.batch_size == 3

@@ -124,12 +124,14 @@ class PruneConfig:
     expert_tokens: str = "routed"
     expert_min_tokens: int = 64
     prune_routers: bool = False
-    # one calibration forward per block: each group of linears reading one input is solved on inputs
-    # that went through the pruned layers before it, and that forward gives the next block's inputs
-    # (see ``sequential``); False: a dense forward for every statistic, then a pruned one (the
-    # original code's and llm-compressor's order). Blocks without a fixed call order (Mixture of
-    # Experts), permute=True and paused activations over half the free memory take two passes.
-    sequential: bool = True
+    # one calibration forward per block (True): each group of linears reading one input is solved on
+    # inputs that went through the pruned layers before it, and that forward gives the next block's
+    # inputs (see ``sequential``); False: a dense forward for every statistic, then a pruned one (the
+    # original code's and llm-compressor's order). None: one forward where the kept weights are set
+    # from the statistics (SparseGPT, update='sparsegpt' / 'admm'), two where the method only scores
+    # (Wanda: docs/results.md, "One calibration forward per block"). Blocks without a fixed call order
+    # (Mixture of Experts), permute=True and paused activations over half the free memory take two.
+    sequential: bool | None = None
     # SparseGPT only: quantize every kept weight to a symmetric wbits-bit grid (per output row, or per
     # group of wgroup inputs) inside the same sweep (the paper's joint mode); weights stay float
     wbits: int | None = None
@@ -210,6 +212,13 @@ class PruneConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.statistic is not None or self.allocation.needs_scores
+
+    @property
+    def one_forward(self) -> bool:
+        """Whether blocks prune in one calibration forward (``sequential``, resolved)."""
+        if self.sequential is not None:
+            return self.sequential
+        return self.method.updates_weights or self.update.name != "none"
 
     def solve_cost(self, rows: int, cols: int) -> float | None:
         """The method's solve cost plus the update's (None when both are cheap, see PruningMethod)."""
@@ -420,6 +429,23 @@ def prune_model(
     return report
 
 
+@dataclass
+class _BlockJob:
+    """One block's pruning: what each of its steps reads. ``runner`` is the block itself or the cast
+    copy the calibration forwards run (``run_linears`` its linears, ``linears`` the block's own)."""
+
+    anatomy: BlockAnatomy
+    name: str
+    chunks: list[Chunk]
+    config: PruneConfig
+    timer: Timer
+    report: PruneReport
+    world: World
+    runner: nn.Module
+    linears: dict[str, nn.Module]
+    run_linears: dict[str, nn.Module]
+
+
 def _prune_block(
     anatomy: BlockAnatomy,
     block_name: str,
@@ -434,52 +460,30 @@ def _prune_block(
 
     ``chunks`` (empty for magnitude) hold the block's inputs and receive its pruned outputs. With
     an active ``world`` the statistics are summed over the ranks first, each layer is solved on
-    one rank and its pruned weight broadcast to the others. One forward (``config.sequential``)
+    one rank and its pruned weight broadcast to the others. One forward (``config.one_forward``)
     where the block allows it, else two.
     """
-    world = world or World()
     block = anatomy.module
     linears = anatomy.prunable(routers=config.prune_routers)
     # what the calibration forwards run: the block or a cast copy
     runner = cast_runner(block, chunks[0].hidden.dtype) if chunks else block
     run_linears = linears if runner is block else anatomy.prunable(runner, routers=config.prune_routers)
-    if chunks and config.sequential:
-        plan = _sequential_plan(anatomy, runner, run_linears, chunks, config, timer, report, world)
-        if plan is not None:
-            groups, dense_outputs = plan
-            modules = (runner, linears, run_linears)
-            _prune_block_sequential(
-                anatomy,
-                block_name,
-                chunks,
-                config,
-                timer,
-                report,
-                world,
-                modules,
-                groups,
-                dense_outputs,
-                threads,
-            )
-            return linears
-    _prune_block_two_passes(anatomy, block_name, chunks, config, timer, report, world, runner, run_linears)
+    job = _BlockJob(
+        anatomy, block_name, chunks, config, timer, report, world or World(), runner, linears, run_linears
+    )
+    plan = _sequential_plan(job) if chunks and config.one_forward else None
+    if plan is not None:
+        _prune_block_sequential(job, *plan, threads)
+    else:
+        _prune_block_two_passes(job)
     return linears
 
 
-def _prune_block_two_passes(
-    anatomy: BlockAnatomy,
-    block_name: str,
-    chunks: list[Chunk],
-    config: PruneConfig,
-    timer: Timer,
-    report: PruneReport,
-    world: World,
-    runner: nn.Module,
-    run_linears: dict[str, nn.Module],
-) -> None:
+def _prune_block_two_passes(job: _BlockJob) -> None:
     """A dense forward collecting every statistic, every linear pruned, a pruned forward."""
+    anatomy, chunks, config, timer, report = job.anatomy, job.chunks, job.config, job.timer, job.report
     block, index = anatomy.module, anatomy.index
-    linears = anatomy.prunable(routers=config.prune_routers)
+    runner, run_linears, linears = job.runner, job.run_linears, job.linears
     stats: dict[str, dict[str, InputStat]] = {}
     dense_outputs = None
     dense_weights: dict[str, torch.Tensor] = {}
@@ -500,7 +504,7 @@ def _prune_block_two_passes(
             collector.remove()
         if anatomy.experts is not None:
             collector.ensure(run_linears, chunks[0].hidden.device)
-        collected = collector.finish(world)
+        collected = collector.finish(job.world)
         if anatomy.experts is not None:
             counts = pool_expert_stats(anatomy.experts, index, collected, config.expert_min_tokens)
             report.experts.append(vars(counts))
@@ -512,9 +516,9 @@ def _prune_block_two_passes(
     if config.permute:  # magnitude permutes without data: no chunks, no statistics
         with timer.phase("permute"):
             copies = [runner] if runner is not block else []
-            _permute_block(anatomy, block_name, copies, dense_weights, stats, config, report)
-    results = _prune_linears(linears, stats, config, timer, world)
-    _report_layers(linears, results, block_name, config, report)
+            _permute_block(anatomy, job.name, copies, dense_weights, stats, config, report)
+    results = _prune_linears(linears, stats, config, timer, job.world)
+    _report_layers(job, results)
     if not chunks:
         return
     if runner is not block:
@@ -525,35 +529,27 @@ def _prune_block_two_passes(
     errors = probe.errors() if probe is not None else {}
     if probe is not None:
         probe.remove()
-    _finish_block(linears, chunks, dense_outputs, pruned_outputs, errors, report, world)
+    _finish_block(job, dense_outputs, pruned_outputs, errors)
 
 
-def _sequential_plan(
-    anatomy: BlockAnatomy,
-    runner: nn.Module,
-    run_linears: dict[str, nn.Module],
-    chunks: list[Chunk],
-    config: PruneConfig,
-    timer: Timer,
-    report: PruneReport,
-    world: World,
-) -> tuple[list[list[str]], list[torch.Tensor]] | None:
+def _sequential_plan(job: _BlockJob) -> tuple[list[list[str]], list[torch.Tensor]] | None:
     """(the block's input groups in call order, the first chunk's dense outputs) where one forward
-    can prune it; None, with a note in ``report``, where it takes two."""
+    can prune it; None, with a note in the report, where it takes two."""
+    anatomy, chunks = job.anatomy, job.chunks
     reason = None
     if anatomy.experts is not None:
         reason = "Mixture-of-Experts blocks route each chunk differently"
-    elif config.permute:
+    elif job.config.permute:
         reason = "permute reorders a block's channels from every layer's statistics at once"
     else:
-        need = paused_bytes(chunks, run_linears)
+        need = paused_bytes(chunks, job.run_linears)
         free = free_bytes(chunks[0].hidden.device)
         if free is not None and need > free // 2:
             reason = (
                 f"the paused chunks would hold ~{need / 2**30:.1f} GiB, over half the {free / 2**30:.1f} GiB "
                 "free (fewer calibration tokens per process fit)"
             )
-    if world.active:  # every rank must take the same path: their collectives pair up
+    if job.world.active:  # every rank must take the same path: their collectives pair up
         vetoes = torch.tensor(
             [float(reason is not None)], dtype=torch.float64, device=chunks[0].hidden.device
         )
@@ -561,33 +557,27 @@ def _sequential_plan(
         if reason is None and vetoes.item() > 0:
             reason = "another process has too little free memory"
     if reason is None:
-        with timer.phase("forward"):  # the first chunk dense: the block error's reference
-            groups, dense_outputs = input_groups(runner, chunks[0], anatomy.index, run_linears)
+        with job.timer.phase("forward"):  # the first chunk dense: the block error's reference
+            groups, dense_outputs = input_groups(job.runner, chunks[0], anatomy.index, job.run_linears)
         if groups is not None:
             return groups, [dense_outputs]
         reason = f"block {anatomy.index} does not call each linear exactly once"
     note = f"two calibration forwards per block where one does not apply: {reason}"
-    if note not in report.notes:
-        report.notes.append(note)
+    if note not in job.report.notes:
+        job.report.notes.append(note)
         log.info(note)
     return None
 
 
 def _prune_block_sequential(
-    anatomy: BlockAnatomy,
-    block_name: str,
-    chunks: list[Chunk],
-    config: PruneConfig,
-    timer: Timer,
-    report: PruneReport,
-    world: World,
-    modules: tuple[nn.Module, dict[str, nn.Module], dict[str, nn.Module]],
+    job: _BlockJob,
     groups: list[list[str]],
     dense_outputs: list[torch.Tensor],
     threads: ChunkThreads | None = None,
 ) -> None:
     """One forward over every chunk; each input group solved when every chunk has reached it."""
-    runner, linears, run_linears = modules
+    anatomy, chunks, config, timer, world = job.anatomy, job.chunks, job.config, job.timer, job.world
+    runner, linears, run_linears = job.runner, job.linears, job.run_linears
     statistic = config.statistic
     group_stats: list[InputStat | None] = [None] * len(groups)
     dense_weights = _dense_weights(run_linears, config)
@@ -605,7 +595,7 @@ def _prune_block_sequential(
             statistic.accumulate(x, stat.value)
             if not bool(torch.isfinite(stat.value.sum())):
                 raise ValueError(
-                    f"NaN/inf activations entering {block_name}.{groups[group][0]}: the model overflows on "
+                    f"NaN/inf activations entering {job.name}.{groups[group][0]}: the model overflows on "
                     "the calibration data; load it in float32 or check the input ids"
                 )
             stat.total += stat.value
@@ -642,9 +632,9 @@ def _prune_block_sequential(
     own = ("forward", "statistics")
     inside = sum(v - before.get(k, 0.0) for k, v in timer.totals.items() if k not in own)
     timer.totals["forward"] -= inside
-    _report_layers(linears, {n: results[n] for n in linears}, block_name, config, report)
+    _report_layers(job, {n: results[n] for n in linears})
     errors = {n: e for probe in probes for n, e in probe.errors().items()}
-    _finish_block(linears, chunks, dense_outputs, pruned_outputs, errors, report, world)
+    _finish_block(job, dense_outputs, pruned_outputs, errors)
 
 
 def _dense_weights(run_linears: dict[str, nn.Module], config: PruneConfig) -> dict[str, torch.Tensor]:
@@ -660,35 +650,27 @@ def _copy_weights(linears: dict[str, nn.Module], copies: dict[str, nn.Module], d
         set_linear_weight(copies[name], linear_weight(module).detach().to(dtype))
 
 
-def _report_layers(
-    linears: dict[str, nn.Module],
-    results: dict[str, tuple[torch.Tensor, float | None]],
-    block_name: str,
-    config: PruneConfig,
-    report: PruneReport,
-) -> None:
+def _report_layers(job: _BlockJob, results: dict[str, tuple[torch.Tensor, float | None]]) -> None:
     """A ``LayerReport`` per pruned linear, in the block's order (and a note per raised dampening)."""
-    for lname, module in linears.items():
+    for lname, module in job.linears.items():
         mask, percdamp = results[lname]
         shape = tuple(linear_weight(module).shape)
-        layer = LayerReport(f"{block_name}.{lname}", shape, mask_sparsity(mask), percdamp=percdamp)
-        if percdamp is not None and percdamp > config.percdamp:
-            report.notes.append(f"{layer.name}: Cholesky failed, dampening raised to {percdamp:g}")
-        report.layers.append(layer)
+        layer = LayerReport(f"{job.name}.{lname}", shape, mask_sparsity(mask), percdamp=percdamp)
+        if percdamp is not None and percdamp > job.config.percdamp:
+            job.report.notes.append(f"{layer.name}: Cholesky failed, dampening raised to {percdamp:g}")
+        job.report.layers.append(layer)
 
 
 def _finish_block(
-    linears: dict[str, nn.Module],
-    chunks: list[Chunk],
+    job: _BlockJob,
     dense_outputs: list[torch.Tensor],
     pruned_outputs: list[torch.Tensor],
     errors: dict[str, float | None],
-    report: PruneReport,
-    world: World,
 ) -> None:
     """Record the layers' output errors and the block's (first chunk, dense against pruned), and
     hand the pruned outputs to the next block."""
-    for layer, name in zip(report.layers[-len(linears) :], linears, strict=True):
+    report, world, chunks = job.report, job.world, job.chunks
+    for layer, name in zip(report.layers[-len(job.linears) :], job.linears, strict=True):
         if name in errors:
             layer.output_rel_error = errors[name]
     # the first calibration chunk of the whole batch: rank 0's first (calibration_share)

@@ -160,6 +160,9 @@ class PruningMethod:
 
     name: ClassVar[str]
     statistic: ClassVar[Statistic | None] = None  # None: needs no calibration data
+    # whether the method sets the kept weights from its statistic (a least-squares solve), not only
+    # the mask: such methods prune in one calibration forward per block by default (``sequential``)
+    updates_weights: ClassVar[bool] = False
 
     def prune(self, weight: torch.Tensor, stat: InputStat | None, config: SolveSettings) -> LayerResult:
         """weight [N, K] (any float dtype) with its input statistic -> the pruned layer."""

@@ -336,6 +336,7 @@ def sparsegpt_prune_ref(
 class SparseGPT(PruningMethod):
     """OBS pruning with weight update from H = 2/n X^T X (``config.blocksize``, ``config.percdamp``)."""
 
+    updates_weights = True
     name = "sparsegpt"
     statistic = Gram()
 

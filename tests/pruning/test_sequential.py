@@ -1,5 +1,6 @@
-"""One calibration forward per block (``PruneConfig(sequential=True)``, the default) against a
-true-sequential reference that re-runs the whole model for every group of linears."""
+"""One calibration forward per block (``PruneConfig(sequential=True)``; by default for methods that
+set the kept weights) against a true-sequential reference that re-runs the whole model for every
+group of linears."""
 
 import copy
 from dataclasses import replace
@@ -7,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import sparsekit
 import sparsekit.pruning.engine as engine
 from sparsekit.bench.coverage import tiny_model as coverage_model
 from sparsekit.models import block_linears, describe, linear_weight
@@ -81,6 +83,7 @@ def test_one_forward_matches_the_true_sequential_reference(method, sparsity):
         blocksize=16,
         show_progress=False,
         forward_dtype="model",
+        sequential=True,
     )
     expected = _weights(_reference(copy.deepcopy(model), ids, config))
     report = prune_model(model, ids, config)
@@ -115,7 +118,12 @@ def test_bf16_mixed_forwards_follow_the_reference():
     model = tiny_model("llama")
     ids = _calib()
     config = PruneConfig(
-        method="wanda", sparsity=0.5, batch_size=4, show_progress=False, forward_dtype="bf16-mixed"
+        method="wanda",
+        sparsity=0.5,
+        batch_size=4,
+        show_progress=False,
+        forward_dtype="bf16-mixed",
+        sequential=True,
     )
     expected = _weights(_reference(copy.deepcopy(model), ids, config, autocast=torch.bfloat16))
     report = prune_model(model, ids, config)
@@ -131,7 +139,12 @@ def test_a_cast_copy_runs_the_pruned_weights():
     model = tiny_model("llama")
     ids = _calib()
     config = PruneConfig(
-        method="wanda", sparsity=0.5, batch_size=4, show_progress=False, forward_dtype="bfloat16"
+        method="wanda",
+        sparsity=0.5,
+        batch_size=4,
+        show_progress=False,
+        forward_dtype="bfloat16",
+        sequential=True,
     )
     reference = copy.deepcopy(model).to(torch.bfloat16)
     expected = _weights(_reference(reference, ids, config))
@@ -175,7 +188,7 @@ def test_blocks_one_forward_cannot_take_get_two_with_a_note(case, monkeypatch):
         monkeypatch.setattr(engine, "free_bytes", lambda device: 1024)
     build = coverage_model if case == "moe" else tiny_model
     one, two = build(arch), build(arch)
-    report = prune_model(one, ids, PruneConfig(**options))
+    report = prune_model(one, ids, PruneConfig(**options, sequential=True))
     prune_model(two, ids, PruneConfig(**options, sequential=False))
     assert any("two calibration forwards per block" in note for note in report.notes), report.notes
     expected = {"permute": "permute", "memory": "free", "moe": "Mixture-of-Experts"}[case]
@@ -197,7 +210,9 @@ def test_a_failing_chunk_stops_the_pass_without_hanging_or_leaving_hooks():
     handle = o_proj.register_forward_pre_hook(fail_on_the_third_chunk)
     with pytest.raises(RuntimeError, match="boom in chunk 2"):
         prune_model(
-            model, _calib(n=8), PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False)
+            model,
+            _calib(n=8),
+            PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False, sequential=True),
         )
     handle.remove()
     for module in block_linears(model.model.layers[0]).values():
@@ -210,7 +225,9 @@ def test_nan_activations_are_refused_in_one_forward():
     with torch.no_grad():
         model.model.embed_tokens.weight[ids[0, 3]] = float("inf")
     with pytest.raises(ValueError, match="NaN/inf activations entering model.layers.0.self_attn.q_proj"):
-        prune_model(model, ids, PruneConfig(method="wanda", sparsity=0.5, show_progress=False))
+        prune_model(
+            model, ids, PruneConfig(method="wanda", sparsity=0.5, show_progress=False, sequential=True)
+        )
 
 
 def test_each_layer_runs_once_per_chunk_and_once_more_on_the_first():
@@ -225,7 +242,59 @@ def test_each_layer_runs_once_per_chunk_and_once_more_on_the_first():
                 lambda m, i, o, key=f"{index}.{name}": counts.__setitem__(key, counts[key] + 1)
             )
     prune_model(
-        model, _calib(8), PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False)
+        model,
+        _calib(8),
+        PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False, sequential=True),
     )
     later = {k: v for k, v in counts.items() if not k.startswith("0.")}  # block 0 ran once more in capture
     assert later and set(later.values()) == {1 + 4}, later
+
+
+def test_the_default_is_one_forward_where_the_weights_are_solved():
+    assert (
+        PruneConfig(method="sparsegpt").one_forward and PruneConfig(method="wanda", update="admm").one_forward
+    )
+    assert not PruneConfig(method="wanda").one_forward and not PruneConfig(method="ria").one_forward
+    assert PruneConfig(method="wanda", sequential=True).one_forward
+    assert not PruneConfig(method="sparsegpt", sequential=False).one_forward
+
+
+def test_the_cli_passes_option_reaches_the_engine(tmp_path):
+    """`sparsekit prune --passes one|two|auto` on a saved folder gives the API's weights (Wanda:
+    auto is two passes)."""
+    from safetensors.torch import load_file
+
+    from sparsekit import cli
+    from sparsekit.hf.models import load_model
+    from tests.tiny_folder import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "model")
+    args = [
+        "--method",
+        "wanda",
+        "--sparsity",
+        "0.5",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--save-format",
+        "dense",
+    ]
+    weights = {}
+    for passes in ("one", "two", "auto"):
+        out = tmp_path / passes
+        assert cli.main(["prune", str(folder), *args, "--passes", passes, "--out", str(out)]) == 0
+        weights[passes] = load_file(out / "model.safetensors")
+    for passes, sequential in (("one", True), ("two", False)):
+        model, tokenizer = load_model(str(folder), dtype=torch.float32)
+        sparsekit.prune(
+            model, "wanda", sparsity=0.5, calib="wiki-offline", tokenizer=tokenizer, nsamples=4, seqlen=32,
+            sequential=sequential, show_progress=False,
+        )  # fmt: skip
+        for name, param in model.named_parameters():
+            if name.endswith("down_proj.weight"):
+                assert torch.equal(weights[passes][name], param.detach()), (passes, name)
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(weights["one"][down] != 0, weights["two"][down] != 0)
+    assert torch.equal(weights["auto"][down], weights["two"][down])
