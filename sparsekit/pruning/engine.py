@@ -366,6 +366,12 @@ def prune_model(
         )
         with timer.phase("forward"):
             chunks = capture_block_inputs(model, blocks, mine, config.batch_size, device)
+        log.info(
+            "%s calibration forward%s per block (sequential=%s)",
+            "one" if config.one_forward else "two",
+            "" if config.one_forward else "s",
+            config.sequential,
+        )
         precision = resolve_forward_precision(config.forward_dtype, model_dtype(model), device)
         report.forward_dtype = precision.name
         precision.apply(chunks)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from sparsekit.models import linear_weight
+
 from .capture import Chunk, outside_autocast
 
 
@@ -142,7 +144,7 @@ def paused_bytes(chunks: list[Chunk], linears: dict[str, nn.Module]) -> int:
     """An estimate of the activations the paused chunks hold at once: per token two hidden-size
     tensors (the residual and the normed input) and the widest linear input, in the states' dtype."""
     hidden = chunks[0].hidden
-    widest = max(m.in_features if hasattr(m, "in_features") else hidden.shape[-1] for m in linears.values())
+    widest = max(linear_weight(m).shape[1] for m in linears.values())
     tokens = sum(c.hidden.numel() // c.hidden.shape[-1] for c in chunks)
     return tokens * (2 * hidden.shape[-1] + widest) * hidden.element_size()
 

@@ -113,24 +113,27 @@ def test_two_passes_differ_from_one_only_after_the_first_group():
     assert not torch.equal(results[True][down] != 0, results[False][down] != 0)
 
 
+def _one_pass_wanda(forward_dtype: str) -> PruneConfig:
+    return PruneConfig(
+        method="wanda", sparsity=0.5, batch_size=4, show_progress=False, forward_dtype=forward_dtype,
+        sequential=True,
+    )  # fmt: skip
+
+
+def _mask_agreement(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    agree = torch.cat([(got[n] != 0).flatten() == (w != 0).flatten() for n, w in expected.items()])
+    return agree.float().mean().item()
+
+
 def test_bf16_mixed_forwards_follow_the_reference():
     """Under autocast each chunk's thread opens its own region; weights cast after they are pruned."""
     model = tiny_model("llama")
     ids = _calib()
-    config = PruneConfig(
-        method="wanda",
-        sparsity=0.5,
-        batch_size=4,
-        show_progress=False,
-        forward_dtype="bf16-mixed",
-        sequential=True,
-    )
+    config = _one_pass_wanda("bf16-mixed")
     expected = _weights(_reference(copy.deepcopy(model), ids, config, autocast=torch.bfloat16))
     report = prune_model(model, ids, config)
     assert report.forward_dtype == "bf16-mixed"
-    got = _weights(model)
-    agree = torch.cat([(got[n] != 0).flatten() == (w != 0).flatten() for n, w in expected.items()])
-    assert agree.float().mean() > 0.995
+    assert _mask_agreement(_weights(model), expected) > 0.995
 
 
 def test_a_cast_copy_runs_the_pruned_weights():
@@ -138,21 +141,12 @@ def test_a_cast_copy_runs_the_pruned_weights():
     copy before the next group's statistic, so the result follows the reference run in bf16."""
     model = tiny_model("llama")
     ids = _calib()
-    config = PruneConfig(
-        method="wanda",
-        sparsity=0.5,
-        batch_size=4,
-        show_progress=False,
-        forward_dtype="bfloat16",
-        sequential=True,
-    )
-    reference = copy.deepcopy(model).to(torch.bfloat16)
-    expected = _weights(_reference(reference, ids, config))
+    config = _one_pass_wanda("bfloat16")
+    expected = _weights(_reference(copy.deepcopy(model).to(torch.bfloat16), ids, config))
     prune_model(model, ids, config)
     got = _weights(model)
     assert all(w.dtype == torch.float32 for w in got.values())
-    agree = torch.cat([(got[n] != 0).flatten() == (w != 0).flatten() for n, w in expected.items()])
-    assert agree.float().mean() > 0.98
+    assert _mask_agreement(got, expected) > 0.98
     two = copy.deepcopy(tiny_model("llama"))
     prune_model(two, ids, replace(config, sequential=False))
     down = "model.layers.1.mlp.down_proj.weight"
@@ -298,3 +292,14 @@ def test_the_cli_passes_option_reaches_the_engine(tmp_path):
     down = "model.layers.1.mlp.down_proj.weight"
     assert not torch.equal(weights["one"][down] != 0, weights["two"][down] != 0)
     assert torch.equal(weights["auto"][down], weights["two"][down])
+
+
+@pytest.mark.parametrize(("arch", "widest"), [("llama", 128), ("gpt2", 256)])
+def test_paused_bytes_counts_every_chunk_at_its_widest_input(arch, widest):
+    """Two hidden-size tensors and the widest layer input per token (GPT-2's Conv1D included)."""
+    from sparsekit.pruning.capture import Chunk
+    from sparsekit.pruning.sequential import paused_bytes
+
+    block = describe(tiny_model(arch)).blocks[0]
+    chunks = [Chunk(torch.zeros(2, 8, 64), []), Chunk(torch.zeros(1, 8, 64), [])]
+    assert paused_bytes(chunks, block_linears(block)) == 24 * (2 * 64 + widest) * 4
