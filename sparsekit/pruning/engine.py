@@ -53,7 +53,7 @@ from .distributed import (
     gather_objects,
 )
 from .experts import pool_expert_stats, routed_experts
-from .hooks import OutputErrorProbe, StatsCollector, Timer, rel_error_parts
+from .hooks import OutputErrorProbe, StatsCollector, Timer, fold_partial, rel_error_parts
 from .method import (
     InputStat,
     PruningMethod,
@@ -188,6 +188,17 @@ class PruneConfig:
             )
 
     def _check_combination(self) -> None:
+        if self.sequential and self.permute:
+            raise ValueError(
+                "sequential=True solves each group of layers as the forward reaches it, and permute=True "
+                "reorders a block's channels from every layer's statistic at once: drop one (--passes two "
+                "or auto with --permute)"
+            )
+        if self.sequential is not None and self.statistic is None:
+            raise ValueError(
+                f"sequential chooses how many calibration forwards each block runs, and {self.method.name} "
+                "runs none per block (its mask needs no statistic): drop it (--passes)"
+            )
         if self.permute and not isinstance(self.sparsity, NMPattern):
             raise ValueError(
                 f"permute=True groups input channels for N:M sparsity; {self.sparsity} has no groups: "
@@ -459,8 +470,8 @@ def _prune_block(
     config: PruneConfig,
     timer: Timer,
     report: PruneReport,
-    world: World | None = None,
-    threads: ChunkThreads | None = None,
+    world: World | None,
+    threads: ChunkThreads,
 ) -> dict[str, nn.Module]:
     """Statistics, pruning and the pruned re-run of one block (on the device); returns its linears.
 
@@ -579,7 +590,7 @@ def _prune_block_sequential(
     job: _BlockJob,
     groups: list[list[str]],
     dense_outputs: list[torch.Tensor],
-    threads: ChunkThreads | None = None,
+    threads: ChunkThreads,
 ) -> None:
     """One forward over every chunk; each input group solved when every chunk has reached it."""
     anatomy, chunks, config, timer, world = job.anatomy, job.chunks, job.config, job.timer, job.world
@@ -596,15 +607,8 @@ def _prune_block_sequential(
             stat = group_stats[group]
             if stat is None:
                 stat = group_stats[group] = InputStat(statistic.new(x.shape[-1], x.device))
-                stat.total = torch.zeros_like(stat.value, dtype=torch.float64)
-            stat.value.zero_()
             statistic.accumulate(x, stat.value)
-            if not bool(torch.isfinite(stat.value.sum())):
-                raise ValueError(
-                    f"NaN/inf activations entering {job.name}.{groups[group][0]}: the model overflows on "
-                    "the calibration data; load it in float32 or check the input ids"
-                )
-            stat.total += stat.value
+            fold_partial(stat, f"{job.name}.{groups[group][0]}")
             stat.tokens += x.numel() // x.shape[-1]
 
     def solve(group: int) -> None:

@@ -33,6 +33,21 @@ class Timer:
             self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
 
 
+def fold_partial(stat: InputStat, layer: str) -> None:
+    """Add a chunk's fp32 partial ``stat.value`` to its float64 ``total`` and zero it; a NaN / inf
+    activation entering ``layer`` makes the sums non-finite (one reduction of the small statistic
+    per chunk instead of a pass over every activation tensor) and is refused."""
+    if not bool(torch.isfinite(stat.value.sum())):
+        raise ValueError(
+            f"NaN/inf activations entering {layer}: the model overflows on the calibration data; load it in "
+            "float32 or check the input ids"
+        )
+    if stat.total is None:
+        stat.total = torch.zeros_like(stat.value, dtype=torch.float64)
+    stat.total += stat.value
+    stat.value.zero_()
+
+
 class StatsCollector:
     """Forward hooks accumulating a method's ``Statistic`` per distinct input tensor.
 
@@ -116,17 +131,7 @@ class StatsCollector:
         """After each calibration chunk: add its fp32 partials to the float64 totals."""
         with self.timer.phase("statistics"):
             for key, stat in self._partial.items():
-                # a NaN / inf activation makes its sums non-finite: one reduction of the small
-                # statistic per chunk instead of a pass over every activation tensor
-                if not bool(torch.isfinite(stat.value.sum())):
-                    raise ValueError(
-                        f"NaN/inf activations entering {self._names[key]}: the model overflows on the "
-                        "calibration data; load it in float32 or check the input ids"
-                    )
-                if stat.total is None:
-                    stat.total = torch.zeros_like(stat.value, dtype=torch.float64)
-                stat.total += stat.value
-                stat.value.zero_()
+                fold_partial(stat, self._names[key])
         self._partial.clear()
         self._seen.clear()
         if self.first_calls is None:

@@ -157,7 +157,7 @@ def run_block_sequential(
     linears: dict[str, nn.Module],
     collect: Callable[[int, int, torch.Tensor], None],
     solve: Callable[[int], None],
-    threads: ChunkThreads | None = None,
+    threads: ChunkThreads,
 ) -> list[torch.Tensor]:
     """Run decoder block ``index`` once over every chunk, pausing at each gate and returning the
     outputs.
@@ -166,7 +166,7 @@ def run_block_sequential(
     collect(group, chunk, x): add chunk ``chunk``'s input ``x`` of the group to its statistic
     (called in chunk order). solve(group): prune the group, once every chunk has been collected;
     the chunks then run the group's layers with the weights ``solve`` left in ``linears``.
-    threads: the threads the chunks run on (kept across blocks); None: made for this call.
+    threads: the threads the chunks run on (kept across blocks).
     """
     n = len(chunks)
     turns = _Turns(n)
@@ -202,8 +202,6 @@ def run_block_sequential(
         linears[name].register_forward_pre_hook(outside_autocast(gate_hook(group)))
         for name, group in gates.items()
     ]
-    own = threads is None
-    threads = ChunkThreads() if own else threads
     try:
         threads.run([lambda j=j: worker(j) for j in range(n)])
     except BaseException:
@@ -212,8 +210,6 @@ def run_block_sequential(
     finally:
         for handle in handles:
             handle.remove()
-        if own:
-            threads.close()
     if errors:
         raise errors[0]
     return outputs  # type: ignore[return-value]

@@ -176,13 +176,13 @@ def test_blocks_one_forward_cannot_take_get_two_with_a_note(case, monkeypatch):
     options = dict(
         method="wanda", sparsity="2:4" if case == "permute" else 0.5, batch_size=4, show_progress=False
     )
-    if case == "permute":
-        options["permute"] = True
+    if case == "permute":  # auto picks one forward for a weight update, permute takes two
+        options.update(permute=True, update="admm")
     if case == "memory":
         monkeypatch.setattr(engine, "free_bytes", lambda device: 1024)
     build = coverage_model if case == "moe" else tiny_model
     one, two = build(arch), build(arch)
-    report = prune_model(one, ids, PruneConfig(**options, sequential=True))
+    report = prune_model(one, ids, PruneConfig(**options, sequential=None if case == "permute" else True))
     prune_model(two, ids, PruneConfig(**options, sequential=False))
     assert any("two calibration forwards per block" in note for note in report.notes), report.notes
     expected = {"permute": "permute", "memory": "free", "moe": "Mixture-of-Experts"}[case]
@@ -303,3 +303,11 @@ def test_paused_bytes_counts_every_chunk_at_its_widest_input(arch, widest):
     block = describe(tiny_model(arch)).blocks[0]
     chunks = [Chunk(torch.zeros(2, 8, 64), []), Chunk(torch.zeros(1, 8, 64), [])]
     assert paused_bytes(chunks, block_linears(block)) == 24 * (2 * 64 + widest) * 4
+
+
+def test_an_explicit_pass_count_that_cannot_apply_is_refused():
+    with pytest.raises(ValueError, match="permute=True reorders"):
+        PruneConfig(method="ria", sparsity="2:4", permute=True, sequential=True)
+    with pytest.raises(ValueError, match="magnitude runs none per block"):
+        PruneConfig(method="magnitude", sparsity=0.7, allocation="owl", sequential=False)
+    assert PruneConfig(method="ria", sparsity="2:4", permute=True, sequential=False).permute
