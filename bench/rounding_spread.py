@@ -5,24 +5,25 @@
 
 A variant is ``FORWARD_DTYPE@BATCH`` or ``FORWARD_DTYPE@BATCH~DRAW``: the calibration forwards'
 dtype (``float32``; ``auto``, the default: bf16 where the CPU has fast bf16 matmuls; ``bfloat16``;
-``bf16-mixed``: the matmuls in bf16, the hidden states fp32), how many calibration
-sequences each block forward takes, optionally a jitter draw: every layer's input statistic
-(Wanda's squared norms, SparseGPT's Gram matrix) multiplied elementwise by 1 + J z before the method
-reads it, z standard normal from a generator seeded DRAW (symmetric for a Gram matrix), J =
-``--jitter`` (default 1e-6: a few fp32 roundings, the order of the difference between two summation
-orders of the same statistic over tens of calibration windows), and optionally ``/sdpa`` or
-``/auto``: the calibration forwards' attention for that variant
-(``sparsekit.hf.attention.attention_mode``, over ``SPARSEKIT_CPU_ATTENTION``; ``auto``, the
-default, runs bf16 causal attention on sparsekit's CPU kernel, ``sdpa`` on torch's), so ``auto@8
-auto@8/sdpa`` compares the two on the same draws in one process. ``--method`` also takes a recipe as
-``vs_llmcompressor.py`` writes it (``wanda+owl``). Batch sizes change only the order of
-the same fp32 sums (GEMM blocking, the statistics' chunk sums) and jitter draws change the
-statistics at that size, so their spread is how much of a gap between two equivalent implementations
-is rounding; the forward dtype is the default's one departure from fp32. Issue-28 protocol:
-SmolLM2-135M fp32, 64 x 512 calibration tokens of the offline corpus per seed, ppl on 32,768
-held-out tokens in windows of 512, 2 threads. Writes <out>.json and <out>.md after every prune: per
-seed each variant's ppl and prune time, and per variant its ppl over the first variant's on the
-same seed (median and range over seeds).
+``bf16-mixed``: the matmuls in bf16, the hidden states fp32), how many calibration sequences each
+block forward takes, optionally a jitter draw: every layer's input statistic (Wanda's squared norms,
+SparseGPT's Gram matrix) multiplied elementwise by 1 + J z before the method reads it, z standard
+normal from a generator seeded DRAW (symmetric for a Gram matrix), J = ``--jitter`` (default 1e-6: a
+few fp32 roundings, the order of the difference between two summation orders of the same statistic
+over tens of calibration windows), and optionally ``/sdpa`` or ``/auto``: the calibration forwards'
+attention for that variant (``sparsekit.hf.attention.attention_mode``, over
+``SPARSEKIT_CPU_ATTENTION``; ``auto``, the default, runs bf16 causal attention on sparsekit's CPU
+kernel, ``sdpa`` on torch's), so ``auto@8 auto@8/sdpa`` compares the two on the same draws in one
+process; and optionally ``+one`` or ``+two`` before that: one calibration forward per block or two
+(``sequential=True`` / ``False``; without it, the method's default), so ``float32@8+one
+float32@8+two`` compares the two orders. ``--method`` also takes a recipe as ``vs_llmcompressor.py``
+writes it (``wanda+owl``). Batch sizes change only the order of the same fp32 sums (GEMM blocking,
+the statistics' chunk sums) and jitter draws change the statistics at that size, so their spread is
+how much of a gap between two equivalent implementations is rounding; the forward dtype is the
+default's one departure from fp32. Issue-28 protocol: SmolLM2-135M fp32, 64 x 512 calibration tokens
+of the offline corpus per seed, ppl on 32,768 held-out tokens in windows of 512, 2 threads. Writes
+<out>.json and <out>.md after every prune: per seed each variant's ppl and prune time, and per
+variant its ppl over the first variant's on the same seed (median and range over seeds).
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ def split_attention(text: str) -> tuple[str, str | None]:
     if slash and mode not in ATTENTION_MODES:
         raise ValueError(f"variant {text!r}: the part after '/' is the attention, one of {ATTENTION_MODES}")
     return variant, mode if slash else None
+
+
+PASSES = {"one": True, "two": False}
+
+
+def split_passes(text: str) -> tuple[str, bool | None]:
+    """'float32@8+one' -> ('float32@8', True); 'float32@8' -> ('float32@8', None) (the default);
+    raises ValueError naming the accepted values."""
+    variant, plus, passes = text.partition("+")
+    if plus and passes not in PASSES:
+        raise ValueError(f"variant {text!r}: the part after '+' is the passes, one of {tuple(PASSES)}")
+    return variant, PASSES[passes] if plus else None
 
 
 def jitter_(value: torch.Tensor, size: float, generator: torch.Generator) -> torch.Tensor:
@@ -180,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         modes = [split_attention(v) for v in args.variants]
-        parsed = [parse_variant(v) for v, _ in modes]
+        passes = [split_passes(v) for v, _ in modes]
+        parsed = [parse_variant(v) for v, _ in passes]
         score, options = recipe_options(args.method)
         pruning_method(score)
         parse_sparsity(args.sparsity)
@@ -208,19 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     out, rows = Path(args.out), []
     for seed in args.seeds:
         calib = calibration_ids(tok, "wiki-offline", args.nsamples, args.seqlen, seed=seed)
-        for variant, (dtype, batch, draw), (_, mode) in zip(args.variants, parsed, modes, strict=True):
+        for variant, (dtype, batch, draw), (_, mode), (_, sequential) in zip(
+            args.variants, parsed, modes, passes, strict=True
+        ):
             model = copy.deepcopy(dense)
             method = jittered(score, args.jitter, draw) if draw else score
             start = time.perf_counter()
             with attention_mode(mode) if mode else contextlib.nullcontext():
                 report = sparsekit.prune(
                     model, method=method, sparsity=args.sparsity, calib=calib, forward_dtype=dtype,
-                    batch_size=batch, show_progress=False, **options,
+                    batch_size=batch, show_progress=False, sequential=sequential, **options,
                 )  # fmt: skip
                 attention = active_attention_mode()
             seconds = time.perf_counter() - start
             row = {"seed": seed, "variant": variant, "forward_dtype": report.forward_dtype, "batch": batch,
-                   "attention": attention,
+                   "attention": attention, "sequential": sequential,
                    "jitter": args.jitter if draw else 0.0, "jitter_draw": draw,
                    "ppl": perplexity_of_ids(model, eval_ids, 512).ppl, "prune_s": seconds,
                    "timings_s": report.timings_s}  # fmt: skip

@@ -31,6 +31,15 @@ def test_an_attention_suffix_is_split_off_and_a_bad_one_names_the_modes():
         rs.split_attention("auto@8/flash")
 
 
+def test_a_passes_suffix_is_split_off_and_a_bad_one_names_the_choices():
+    rs = bench_script("rounding_spread")
+    assert rs.split_passes("float32@8+one") == ("float32@8", True)
+    assert rs.split_passes("float32@8~2+two") == ("float32@8~2", False)
+    assert rs.split_passes("auto@8") == ("auto@8", None)
+    with pytest.raises(ValueError, match="the passes"):
+        rs.split_passes("auto@8+three")
+
+
 def test_jitter_is_relative_seeded_and_keeps_a_gram_matrix_symmetric():
     rs = bench_script("rounding_spread")
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
@@ -97,6 +106,7 @@ def test_spread_divides_by_the_first_variant_on_the_same_seed():
         (["--seeds", "1", "1"], "repeats a value"),
         (["--variants", "float32@8~0"], "DRAW >= 1"),
         (["--variants", "auto@8/flash"], "the attention"),
+        (["--variants", "float32@8+1"], "the passes"),
         (["--jitter", "0"], "--jitter"),
         (["--jitter", "1e-5", "--variants", "float32@8", "auto@8"], "none is given"),
         (["--method", "magnitude", "--variants", "float32@8", "float32@8~1"], "nothing to jitter"),
@@ -179,3 +189,19 @@ def test_a_variant_with_sdpa_prunes_under_that_switch_and_records_it(tmp_path, m
     pairs = [(r["variant"], r["attention"]) for r in report["rows"]]
     assert pairs == [("auto@4", "auto"), ("auto@4/sdpa", "sdpa")]
     assert rs.active_attention_mode() == "auto" and "SPARSEKIT_CPU_ATTENTION" not in os.environ
+
+
+def test_a_variant_with_passes_prunes_with_that_order_and_records_it(tmp_path, monkeypatch):
+    seen = []
+    rs = _on_a_tiny_model(monkeypatch, seen, lambda kw: (kw["method"], kw["sequential"]))
+    out = tmp_path / "passes"
+    argv = ["--out", str(out), "--method", "wanda", "--variants", "float32@4+one", "float32@4+two/sdpa",
+            "float32@4", "--nsamples", "4", "--seqlen", "8", "--eval-tokens", "512"]  # fmt: skip
+    assert rs.main(argv) == 0
+    assert seen == [("wanda", True), ("wanda", False), ("wanda", None)]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["variant"], r["sequential"]) for r in report["rows"]] == [
+        ("float32@4+one", True),
+        ("float32@4+two/sdpa", False),
+        ("float32@4", None),
+    ]
