@@ -266,6 +266,7 @@ class PruneReport:
     calib: str = "input_ids"
     layers: list[LayerReport] = field(default_factory=list)
     # per block: ||dense - pruned outputs||^2 / ||dense outputs||^2 on the first calibration chunk
+    # (two forwards per block) or the first calibration sequence (one forward per block)
     block_rel_errors: list[float] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -365,6 +366,7 @@ def prune_model(
         )
     needs_data = config.needs_calibration
     chunks: list[Chunk] = []
+    probe: Chunk | None = None  # the first calibration sequence alone (one forward per block)
     if needs_data:
         _check_calibration(input_ids, config.label)
         mine = calibration_share(input_ids, config.batch_size, world)
@@ -377,6 +379,9 @@ def prune_model(
         )
         with timer.phase("forward"):
             chunks = capture_block_inputs(model, blocks, mine, config.batch_size, device)
+            # one forward per block: the first sequence alone gives the groups and the block error
+            if config.one_forward:
+                probe = capture_block_inputs(model, blocks, mine[:1], 1, device)[0]
         log.info(
             "%s calibration forward%s per block (sequential=%s)",
             "one" if config.one_forward else "two",
@@ -385,7 +390,7 @@ def prune_model(
         )
         precision = resolve_forward_precision(config.forward_dtype, model_dtype(model), device)
         report.forward_dtype = precision.name
-        precision.apply(chunks)
+        precision.apply(chunks if probe is None else [*chunks, probe])
     block_configs = [config] * len(blocks)
     if config.allocation.needs_scores:
         with timer.phase("allocation"):
@@ -423,6 +428,7 @@ def prune_model(
                         report,
                         world,
                         threads,
+                        probe,
                     )
                     changed.update(linears.values())  # written back where accelerate offloaded them
                     block.to(home)
@@ -461,6 +467,7 @@ class _BlockJob:
     runner: nn.Module
     linears: dict[str, nn.Module]
     run_linears: dict[str, nn.Module]
+    probe: Chunk | None = None  # the first sequence alone: the one-forward block's dense reference
 
 
 def _prune_block(
@@ -472,6 +479,7 @@ def _prune_block(
     report: PruneReport,
     world: World | None,
     threads: ChunkThreads,
+    probe: Chunk | None = None,
 ) -> dict[str, nn.Module]:
     """Statistics, pruning and the pruned re-run of one block (on the device); returns its linears.
 
@@ -485,8 +493,9 @@ def _prune_block(
     # what the calibration forwards run: the block or a cast copy
     runner = cast_runner(block, chunks[0].hidden.dtype) if chunks else block
     run_linears = linears if runner is block else anatomy.prunable(runner, routers=config.prune_routers)
+    world = world or World()
     job = _BlockJob(
-        anatomy, block_name, chunks, config, timer, report, world or World(), runner, linears, run_linears
+        anatomy, block_name, chunks, config, timer, report, world, runner, linears, run_linears, probe
     )
     plan = _sequential_plan(job) if chunks and config.one_forward else None
     if plan is not None:
@@ -574,8 +583,14 @@ def _sequential_plan(job: _BlockJob) -> tuple[list[list[str]], list[torch.Tensor
         if reason is None and vetoes.item() > 0:
             reason = "another process has too little free memory"
     if reason is None:
-        with job.timer.phase("forward"):  # the first chunk dense: the block error's reference
-            groups, dense_outputs = input_groups(job.runner, chunks[0], anatomy.index, job.run_linears)
+        # the first sequence dense, alone (the whole first chunk where no probe was captured): the
+        # block error's reference, and the order of the groups
+        reference = chunks[0]
+        if job.probe is not None:
+            reference = job.probe
+            reference.hidden = chunks[0].hidden[:1]
+        with job.timer.phase("forward"):
+            groups, dense_outputs = input_groups(job.runner, reference, anatomy.index, job.run_linears)
         if groups is not None:
             return groups, [dense_outputs]
         reason = f"block {anatomy.index} does not call each linear exactly once"
@@ -683,8 +698,11 @@ def _finish_block(
     for layer, name in zip(report.layers[-len(job.linears) :], job.linears, strict=True):
         if name in errors:
             layer.output_rel_error = errors[name]
-    # the first calibration chunk of the whole batch: rank 0's first (calibration_share)
-    num, den = rel_error_parts(dense_outputs, pruned_outputs[:1]) if world.main else (0.0, 0.0)
+    # the first calibration chunk of the whole batch (rank 0's first: calibration_share), or as
+    # many of its first sequences as the dense reference holds
+    rows = dense_outputs[0].shape[0]
+    first = [pruned_outputs[0][:rows]]
+    num, den = rel_error_parts(dense_outputs, first) if world.main else (0.0, 0.0)
     if world.active:
         parts = torch.tensor([num, den], dtype=torch.float64, device=chunks[0].hidden.device)
         all_reduce_sum_([parts])

@@ -224,24 +224,57 @@ def test_nan_activations_are_refused_in_one_forward():
         )
 
 
-def test_each_layer_runs_once_per_chunk_and_once_more_on_the_first():
-    """4 chunks: the dense first-chunk forward (the block error's reference, the groups), then one
-    forward per chunk; two passes ran 8 per layer (test_statistics_stop.py)."""
+def test_each_layer_runs_once_per_chunk_and_once_more_on_the_first_sequence():
+    """4 chunks of 2: a dense forward of the first sequence alone (the block error's reference, the
+    groups), then one forward per chunk; two passes ran 8 per layer (test_statistics_stop.py)."""
     model = tiny_model("llama")
-    counts = {}
+    counts, rows = {}, {}
     for index, block in enumerate(model.model.layers):
         for name, module in block_linears(block).items():
-            counts[f"{index}.{name}"] = 0
-            module.register_forward_hook(
-                lambda m, i, o, key=f"{index}.{name}": counts.__setitem__(key, counts[key] + 1)
-            )
-    prune_model(
+            key = f"{index}.{name}"
+            counts[key], rows[key] = 0, []
+
+            def count(m, i, o, key=key):
+                counts[key] += 1
+                rows[key].append(i[0].shape[0])
+
+            module.register_forward_hook(count)
+    report = prune_model(
         model,
         _calib(8),
         PruneConfig(method="wanda", sparsity=0.5, batch_size=2, show_progress=False, sequential=True),
     )
-    later = {k: v for k, v in counts.items() if not k.startswith("0.")}  # block 0 ran once more in capture
+    later = {k: v for k, v in counts.items() if not k.startswith("0.")}  # block 0 ran more in capture
     assert later and set(later.values()) == {1 + 4}, later
+    assert all(rows[k] == [1, 2, 2, 2, 2] for k in later), rows
+    assert len(report.block_rel_errors) == 2 and all(0 < e < 1 for e in report.block_rel_errors)
+
+
+def test_the_block_error_of_one_forward_is_the_first_sequences():
+    """The one-forward block error compares the first sequence's dense block output with its pruned
+    one (not the first chunk's): recomputed here for block 0 from a dense copy and the pruned model."""
+    ids = _calib(4)
+    model = tiny_model("llama")
+    dense = copy.deepcopy(model)
+    config = PruneConfig(
+        method="wanda",
+        sparsity=0.5,
+        batch_size=2,
+        forward_dtype="float32",
+        show_progress=False,
+        sequential=True,
+    )
+    report = prune_model(model, ids, config)
+    with torch.no_grad():
+        states = model(
+            ids[:1], output_hidden_states=True
+        ).hidden_states  # (embeddings, block 0's output, ...)
+        positions = torch.arange(ids.shape[1])[None]
+        rope = dense.model.rotary_emb(states[0], positions)
+        reference = dense.model.layers[0](states[0], position_embeddings=rope, position_ids=positions)
+    reference = reference[0] if isinstance(reference, tuple) else reference
+    want = (reference - states[1]).square().sum() / reference.square().sum()
+    assert report.block_rel_errors[0] == pytest.approx(want.item(), rel=1e-4)
 
 
 def test_the_default_is_one_forward_where_the_weights_are_solved():
