@@ -102,8 +102,12 @@ DEMO_VARIANTS = (
     unstructured("sparsegpt", "2:4", update="admm"),
     depth("angular", 6),
     width("flap", 0.2),
-    quantized(DENSE, "int8"),
-    quantized(unstructured("sparsegpt", "2:4"), "int8"),
+    # weight-only quantization beside the pruning families and combined with two of them; the
+    # lm_head too, as torchao's quantize_ and llama.cpp's Q8_0 / Q4 files do
+    quantized(DENSE, "int8", head=True),
+    quantized(DENSE, "int4", head=True),
+    quantized(unstructured("sparsegpt", "2:4"), "int8", head=True),
+    quantized(width("flap", 0.2), "int8", head=True),
 )
 FULL_VARIANTS = (
     DENSE,
