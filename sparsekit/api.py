@@ -16,7 +16,6 @@ from sparsekit._checks import (
     check_calibration_memory,
     check_prune_request,
 )
-from sparsekit._memory import retained_heap
 from sparsekit.eval.perplexity import PerplexityResult
 from sparsekit.eval.perplexity import perplexity as _perplexity
 from sparsekit.hf.attention import calibration_attention
@@ -127,8 +126,7 @@ def prune(
         ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
     elif not isinstance(calib, str):  # data passed along (a corpus name here would have been refused)
         log.info("%s reads no calibration data: calib is not used", request.method.name)
-    # causal bf16 attention on the CPU kernel where it applies; glibc's heap kept, not re-faulted
-    with calibration_attention(), retained_heap():
+    with calibration_attention():  # causal bf16 attention on the CPU kernel where it applies
         if request.structured:
             report = request.method.prune(model, ids, request.config)
         else:

@@ -8,6 +8,8 @@ by the model, so they are freed (the caller must not hold them elsewhere).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsekit._memory import release_heap
 from sparsekit.formats.weight import WeightFormat, choose_format, weight_format
 from sparsekit.models import (
     describe,
@@ -67,7 +68,13 @@ class SparsifyReport:
 
 def release_memory() -> None:
     """Ask glibc to hand freed heap pages back to the OS, so resident memory drops after a swap."""
-    release_heap()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def sparse_candidates(model: nn.Module) -> dict[str, nn.Module]:
