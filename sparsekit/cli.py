@@ -1294,8 +1294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--full",
         action="store_true",
-        help="the docs/results.md run: 10 variants, 32 x 512 calibration, 150 + 100 task items "
-        "(about 35 minutes on 2 cores)",
+        help="the docs/results.md run: 15 variants, 32 x 512 calibration, 150 + 100 task items "
+        "(32 minutes with its first 10 variants on 2 cores)",
     )
     p.add_argument("--model", default="smollm2")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

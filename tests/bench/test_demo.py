@@ -52,3 +52,19 @@ def test_demo_quick_writes_the_report(smollm2, tmp_path):
     e2e = json.loads((report.parent / "e2e.json").read_text())["rows"]
     assert [r["variant"] for r in e2e] == ["dense", "sparse (2:4, magnitude)"]
     assert e2e[0]["decode_speedup"] == 1.0 and e2e[1]["floor_ms"] < e2e[0]["floor_ms"]
+
+
+def test_the_demo_options_name_what_they_run(capsys):
+    """`sparsekit demo --help` counts the --full variants as FULL holds them; the default demo puts
+    quantization (the head too) beside every pruning family it runs."""
+    from sparsekit.bench.compare import DEMO_VARIANTS
+    from sparsekit.bench.demo import FULL
+    from sparsekit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert f"{len(FULL.variants)} variants" in " ".join(capsys.readouterr().out.split())
+    families = {v.family for v in DEMO_VARIANTS}
+    quantized = [v for v in DEMO_VARIANTS if v.quantize]
+    assert {"quantized", "N:M+quantized", "width+quantized"} <= families
+    assert quantized and all(v.quantize_head and v.name.endswith("(head too)") for v in quantized)
