@@ -15,7 +15,7 @@ attention for that variant (``sparsekit.hf.attention.attention_mode``, over
 ``SPARSEKIT_CPU_ATTENTION``; ``auto``, the default, runs bf16 causal attention on sparsekit's CPU
 kernel, ``sdpa`` on torch's), so ``auto@8 auto@8/sdpa`` compares the two on the same draws in one
 process; and optionally ``+one`` or ``+two`` before that: one calibration forward per block or two
-(``sequential=True`` / ``False``; without it, the method's default), so ``float32@8+one
+(``sequential=True`` / ``False``; ``+auto`` or no suffix: the method's default), so ``float32@8+one
 float32@8+two`` compares the two orders. ``--method`` also takes a recipe as ``vs_llmcompressor.py``
 writes it (``wanda+owl``). Batch sizes change only the order of the same fp32 sums (GEMM blocking,
 the statistics' chunk sums) and jitter draws change the statistics at that size, so their spread is
@@ -48,6 +48,7 @@ from sparsekit.formats import parse_sparsity
 from sparsekit.hf.attention import ATTENTION_MODES, active_attention_mode, attention_mode
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
+from sparsekit.pruning import PASSES
 from sparsekit.pruning.method import InputStat, PruningMethod, pruning_method
 
 DTYPES = ("float32", "auto", "bfloat16", "bf16-mixed")
@@ -75,9 +76,6 @@ def split_attention(text: str) -> tuple[str, str | None]:
     if slash and mode not in ATTENTION_MODES:
         raise ValueError(f"variant {text!r}: the part after '/' is the attention, one of {ATTENTION_MODES}")
     return variant, mode if slash else None
-
-
-PASSES = {"one": True, "two": False}
 
 
 def split_passes(text: str) -> tuple[str, bool | None]:

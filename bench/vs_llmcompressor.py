@@ -53,7 +53,7 @@ from sparsekit._io import write_json_atomic, write_text_atomic
 from sparsekit.eval.perplexity import perplexity_of_ids
 from sparsekit.hf.data import calibration_ids, evaluation_ids
 from sparsekit.hf.models import load_model
-from sparsekit.pruning import PruneConfig
+from sparsekit.pruning import PASSES, PruneConfig
 
 CONFIGS = [
     "sparsegpt/0.5", "sparsegpt/2:4", "wanda/0.5", "wanda/2:4",
@@ -193,7 +193,7 @@ def run_sparsekit(
     (one calibration forward per block) or "two" (``sequential=False``, the references' order)."""
     model = copy.deepcopy(dense)
     method, options = recipe_options(method)
-    sequential = {"auto": None, "one": True, "two": False}[passes]
+    sequential = PASSES[passes]
     if sequential is None:  # the row names what auto chose
         passes = "one" if PruneConfig(method=method, **options).one_forward else "two"
     start = time.perf_counter()
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         help="sparsekit's calibration-forward variants, a row each",
     )  # fmt: skip
     p.add_argument(
-        "--passes", nargs="+", default=["auto"], choices=("auto", "one", "two"),
+        "--passes", nargs="+", default=["auto"], choices=tuple(PASSES),
         help="sparsekit's calibration forwards per block (auto: the default's choice), a row each",
     )  # fmt: skip
     args = p.parse_args(argv)

@@ -36,7 +36,7 @@ from sparsekit._io import (
 )
 from sparsekit.hf.resources import check_device
 from sparsekit.kernels.dtypes import parse_dtype
-from sparsekit.pruning import method_names
+from sparsekit.pruning import PASSES, method_names
 from sparsekit.pruning.engine import PartialPruneError
 from sparsekit.pruning.structured import is_structured, structured_method_names
 
@@ -108,10 +108,9 @@ _NOT_ON_THE_CLI = ("share_statistics", "measure_error", "channel_multiple")
 
 def _passes(value: str) -> bool | None:
     """--passes: auto -> None, one -> True, two -> False (``PruneConfig.sequential``)."""
-    choices = {"auto": None, "one": True, "two": False}
-    if value not in choices:
-        raise argparse.ArgumentTypeError(f"invalid choice {value!r}: choose auto, one or two")
-    return choices[value]
+    if value not in PASSES:
+        raise argparse.ArgumentTypeError(f"invalid choice {value!r}: choose {', '.join(PASSES)}")
+    return PASSES[value]
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from .compose import (
     mask_refine,
     weight_update,
 )
-from .engine import LayerReport, PruneConfig, PruneReport, prune_model
+from .engine import PASSES, LayerReport, PruneConfig, PruneReport, prune_model
 
 # registration: importing a method's module registers it
 from .magnitude import Magnitude, magnitude_prune
@@ -63,6 +63,7 @@ __all__ = [
     "LayerReport",
     "LayerResult",
     "Magnitude",
+    "PASSES",
     "PruneConfig",
     "PruneReport",
     "PruningMethod",

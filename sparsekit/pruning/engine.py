@@ -88,6 +88,10 @@ def check_finite_weights(blocks: nn.ModuleList, prefix: str) -> None:
                 )
 
 
+# how many calibration forwards a block runs, by name (the CLI's --passes) -> PruneConfig.sequential
+PASSES: dict[str, bool | None] = {"auto": None, "one": True, "two": False}
+
+
 @dataclass
 class PruneConfig:
     """What to prune and how. ``sparsity``: 0.5, '50%', '2:4', '4:8', or a Pattern."""
@@ -559,8 +563,9 @@ def _prune_block_two_passes(job: _BlockJob) -> None:
 
 
 def _sequential_plan(job: _BlockJob) -> tuple[list[list[str]], list[torch.Tensor]] | None:
-    """(the block's input groups in call order, the first chunk's dense outputs) where one forward
-    can prune it; None, with a note in the report, where it takes two."""
+    """(the block's input groups in call order, the dense outputs of the first sequence, or of the
+    first chunk where no probe was captured) where one forward can prune it; None, with a note in the
+    report, where it takes two."""
     anatomy, chunks = job.anatomy, job.chunks
     reason = None
     if anatomy.experts is not None:
