@@ -1,20 +1,23 @@
-"""Causal bf16 attention on the CPU: sparsekit's kernel against torch SDPA, interleaved.
+"""Causal attention on the CPU: sparsekit's kernels (bf16, fp32) against torch SDPA, interleaved.
 
     python bench/attention_cpu.py --out docs/data/attention-cpu-epyc [--rounds 9 --threads 2]
+    python bench/attention_cpu.py --dtype fp32 --out docs/data/attention-cpu-fp32-zen3
 
 Each shape is (B, H, KV, S, D): query heads H sharing KV key heads, S tokens, head dim D. SDPA runs
 as transformers' 'sdpa' attention calls it in a calibration forward (keys repeated to H heads,
 ``is_causal=True``), the kernel on the key heads directly (``causal_attention_cpu``). Before timing,
-each shape's outputs are checked against float64 SDPA: the kernel's error may exceed bf16 SDPA's by
-at most a quarter (plus 2e-3), or the script stops. Rounds alternate the order of the two; the
-report gives the median ms, p20..p80 and GFLOP/s of the causal triangle (4 S (S + 1) / 2 D per
-head, both products).
+each shape's outputs are checked against float64 SDPA: the kernel's error may exceed SDPA's in the
+same dtype by at most a quarter plus 2e-3 in bf16, twice plus 1e-6 in fp32, or the script stops.
+Rounds alternate the order of the two; the report gives the median ms, p20..p80 and GFLOP/s of the
+causal triangle (4 S (S + 1) / 2 D per head, both products).
 
 ``--real-model smollm2`` adds real inputs: the q / k / v every decoder block of the model
-computes under bf16 autocast on 8 x 512 offline calibration tokens (seed 0), and per block the
-relative (Frobenius) and max |error| of bf16 SDPA and of the kernel against float64 SDPA.
+computes (under bf16 autocast for ``--dtype bf16``, in fp32 for fp32) on 8 x 512 offline
+calibration tokens (seed 0), and per block the relative (Frobenius) and max |error| of SDPA and of
+the kernel against float64 SDPA.
 
-Needs a CPU with AVX-512 + AVX512_BF16 + VBMI2 (``avx512-bf16``); elsewhere it stops and says so.
+``--dtype bf16`` (the default) needs a CPU with AVX-512 + AVX512_BF16 + VBMI2 (``avx512-bf16``),
+``fp32`` one with AVX2 + FMA; elsewhere it stops and says so.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch
 from bf16dot_report import require_avx512_bf16, write_report
 from torch.nn.attention import SDPBackend
 
+from sparsekit.kernels import cpu_ext
+from sparsekit.kernels._backend import CpuIsa
 from sparsekit.kernels.attention_cpu import causal_attention_cpu, causal_attention_reference
 
 SHAPES = {  # name -> (B, H, KV, S, D)
@@ -36,40 +41,57 @@ SHAPES = {  # name -> (B, H, KV, S, D)
     "llama-3-8b-2048": (1, 32, 8, 2048, 128),
 }
 VARIANTS = ("sdpa", "kernel")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# the kernel's max |error| against float64 may exceed SDPA's by this factor plus this constant
+TOLERANCE = {torch.bfloat16: (1.25, 2e-3), torch.float32: (2.0, 1e-6)}
 
 
-def _inputs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, kv, s, d = shape
     g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(b, n, s, d, generator=g).bfloat16() for n in (h, kv, kv))
+    return tuple(torch.randn(b, n, s, d, generator=g).to(dtype) for n in (h, kv, kv))
+
+
+def require_isa(dtype: torch.dtype) -> None:
+    """Exit naming the reason unless this CPU runs ``dtype``'s kernel."""
+    if dtype == torch.bfloat16:
+        require_avx512_bf16("the bf16 attention kernel and this benchmark")
+        return
+    if cpu_ext.extension() is None:
+        raise SystemExit(f"sparsekit's C++ CPU extension did not build here ({cpu_ext.build_error()})")
+    if cpu_ext.supported_isa() is CpuIsa.SCALAR:
+        raise SystemExit("this CPU runs no AVX2: the fp32 attention kernel needs AVX2 + FMA")
 
 
 def _run(variant: str, q, k, v) -> torch.Tensor:
     return causal_attention_reference(q, k, v) if variant == "sdpa" else causal_attention_cpu(q, k, v)
 
 
-def sdpa_backend(shape: tuple[int, ...]) -> str:
+def sdpa_backend(shape: tuple[int, ...], dtype: torch.dtype) -> str:
     """The backend torch's SDPA picks for the reference's call on ``shape`` (keys repeated, causal,
-    bf16), e.g. FLASH_ATTENTION (its CPU flash kernel) or MATH."""
+    ``dtype``), e.g. FLASH_ATTENTION (its CPU flash kernel) or MATH."""
     b, h, _, s, d = shape
-    q = torch.empty(b, h, s, d, dtype=torch.bfloat16)
+    q = torch.empty(b, h, s, d, dtype=dtype)
     return SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)).name
 
 
-def check(shape: tuple[int, ...]) -> dict:
-    """The kernel's and bf16 SDPA's max |error| against float64 SDPA; exits when the kernel's is off."""
-    q, k, v = _inputs(shape)
+def check(shape: tuple[int, ...], dtype: torch.dtype) -> dict:
+    """The kernel's and SDPA's max |error| against float64 SDPA; exits when the kernel's is off."""
+    q, k, v = _inputs(shape, dtype)
     exact = causal_attention_reference(q.double(), k.double(), v.double())
     errors = {name: (_run(name, q, k, v).double() - exact).abs().max().item() for name in VARIANTS}
-    if errors["kernel"] > 1.25 * errors["sdpa"] + 2e-3:
+    factor, floor = TOLERANCE[dtype]
+    if errors["kernel"] > factor * errors["sdpa"] + floor:
         kernel, sdpa = errors["kernel"], errors["sdpa"]
-        raise SystemExit(f"{shape}: kernel error {kernel:.3g} against bf16 SDPA's {sdpa:.3g}")
+        raise SystemExit(f"{shape}: kernel error {kernel:.3g} against {dtype} SDPA's {sdpa:.3g}")
     return errors
 
 
-def measure(shape: tuple[int, ...], rounds: int, min_time: float) -> dict[str, list[float]]:
+def measure(
+    shape: tuple[int, ...], dtype: torch.dtype, rounds: int, min_time: float
+) -> dict[str, list[float]]:
     """Seconds per call of each variant, ``rounds`` interleaved rounds of at least ``min_time`` s."""
-    q, k, v = _inputs(shape)
+    q, k, v = _inputs(shape, dtype)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for name in VARIANTS:
         _run(name, q, k, v)  # warm-up
@@ -93,15 +115,15 @@ def _quantile(values: list[float], p: float) -> float:
     return statistics.quantiles(values, n=10, method="inclusive")[int(p * 10) - 1]
 
 
-def rows_for(shapes: list[str], rounds: int, min_time: float) -> list[dict]:
+def rows_for(shapes: list[str], dtype: torch.dtype, rounds: int, min_time: float) -> list[dict]:
     rows = []
     for name in shapes:
         shape = SHAPES[name]
         b, h, _, s, d = shape
         flops = 4 * b * h * d * s * (s + 1) / 2
-        errors = check(shape)
-        backends = {"sdpa": sdpa_backend(shape), "kernel": "sparsekit"}
-        times = measure(shape, rounds, min_time)
+        errors = check(shape, dtype)
+        backends = {"sdpa": sdpa_backend(shape, dtype), "kernel": "sparsekit"}
+        times = measure(shape, dtype, rounds, min_time)
         for variant in VARIANTS:
             t = times[variant]
             med = statistics.median(t)
@@ -114,9 +136,9 @@ def rows_for(shapes: list[str], rounds: int, min_time: float) -> list[dict]:
     return rows
 
 
-def real_inputs(model_name: str) -> list[tuple[torch.Tensor, ...]]:
-    """(q, k, v, scale) of every decoder block's attention, bf16, from one autocast forward of
-    ``model_name`` on 8 x 512 offline calibration tokens."""
+def real_inputs(model_name: str, dtype: torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    """(q, k, v, scale) of every decoder block's attention in ``dtype``, from one forward of
+    ``model_name`` (under bf16 autocast for bf16) on 8 x 512 offline calibration tokens."""
     from transformers.modeling_utils import AttentionInterface
 
     from sparsekit.hf.data import calibration_ids
@@ -128,30 +150,33 @@ def real_inputs(model_name: str) -> list[tuple[torch.Tensor, ...]]:
     seen = []
 
     def record(module, query, key, value, attention_mask, **kwargs):
-        seen.append((query.bfloat16(), key.bfloat16(), value.bfloat16(), kwargs.get("scaling")))
+        seen.append((query.to(dtype), key.to(dtype), value.to(dtype), kwargs.get("scaling")))
         return original(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register("sdpa", record)
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             model(ids, use_cache=False)
     finally:
         AttentionInterface.register("sdpa", original)
     return seen
 
 
-def real_rows(model_name: str) -> list[dict]:
-    """Per block: relative and max |error| against float64 SDPA of bf16 SDPA, of the kernel, and of
-    fp32 SDPA on the same bf16 inputs rounded once to bf16 (the floor: only the output's rounding)."""
+def real_rows(model_name: str, dtype: torch.dtype) -> list[dict]:
+    """Per block: relative and max |error| against float64 SDPA of SDPA, of the kernel, and (bf16)
+    of fp32 SDPA on the same bf16 inputs rounded once to bf16 (the floor: the output's rounding)."""
     rows = []
-    for block, (q, k, v, scale) in enumerate(real_inputs(model_name)):
+    for block, (q, k, v, scale) in enumerate(real_inputs(model_name, dtype)):
         exact = causal_attention_reference(q.double(), k.double(), v.double(), scale)
         row = {"block": block, "shape": list(q.shape)}
-        for name, out in (
+        outs = [
             ("sdpa", causal_attention_reference(q, k, v, scale)),
             ("kernel", causal_attention_cpu(q, k, v, scale)),
-            ("fp32", causal_attention_reference(q.float(), k.float(), v.float(), scale).bfloat16()),
-        ):
+        ]
+        if dtype == torch.bfloat16:
+            once = causal_attention_reference(q.float(), k.float(), v.float(), scale).bfloat16()
+            outs.append(("fp32", once))
+        for name, out in outs:
             diff = out.double() - exact
             row[f"{name}_rel"] = (diff.norm() / exact.norm()).item()
             row[f"{name}_max"] = diff.abs().max().item()
@@ -162,19 +187,27 @@ def real_rows(model_name: str) -> list[dict]:
 def real_markdown(rows: list[dict], model_name: str) -> str:
     kernel_over = [r["kernel_rel"] / r["sdpa_rel"] for r in rows]
     median, low, high = statistics.median(kernel_over), min(kernel_over), max(kernel_over)
+    once = "fp32_rel" in rows[0]
+    how = "under bf16 autocast" if once else "in fp32"
     lines = [
-        "", f"Real inputs: {model_name}, every decoder block's q / k / v under bf16 autocast (8 x 512 "
+        "", f"Real inputs: {model_name}, every decoder block's q / k / v {how} (8 x 512 "
         f"calibration tokens); kernel's relative error over SDPA's: median {median:.4f}, "
         f"range {low:.4f}-{high:.4f}.", "",
-        "fp32 once: fp32 attention on the same bf16 inputs, rounded once to bf16, the error "
-        "of the output's rounding alone.", "",
-        "| block | SDPA rel error | kernel rel error | SDPA max abs | kernel max abs | fp32 once rel |",
-        "|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
+    if once:
+        lines += [
+            "fp32 once: fp32 attention on the same bf16 inputs, rounded once to bf16, the error "
+            "of the output's rounding alone.", "",
+        ]  # fmt: skip
+    lines += [
+        "| block | SDPA rel error | kernel rel error | SDPA max abs | kernel max abs |"
+        + (" fp32 once rel |" if once else ""),
+        "|---:|---:|---:|---:|---:|" + ("---:|" if once else ""),
+    ]
     for r in rows:
         lines.append(
             f"| {r['block']} | {r['sdpa_rel']:.3e} | {r['kernel_rel']:.3e} | {r['sdpa_max']:.3e} "
-            f"| {r['kernel_max']:.3e} | {r['fp32_rel']:.3e} |"
+            f"| {r['kernel_max']:.3e} |" + (f" {r['fp32_rel']:.3e} |" if once else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -204,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per variant and round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--real-model", default=None, help="also check every block's real inputs (smollm2)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="which kernel: bf16 or fp32")
     args = parser.parse_args(argv)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
@@ -211,10 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--shapes: unknown {unknown or 'none given'}; choose from {', '.join(SHAPES)}")
     if args.rounds < 1 or args.min_time <= 0 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1 and --min-time above 0")
-    require_avx512_bf16("the attention kernel and this benchmark")
+    dtype = DTYPES[args.dtype]
+    require_isa(dtype)
     torch.set_num_threads(args.threads)
-    real = real_rows(args.real_model) if args.real_model else []  # a bad model name stops before timing
-    rows = rows_for(shapes, args.rounds, args.min_time)
+    real = (
+        real_rows(args.real_model, dtype) if args.real_model else []
+    )  # a bad model name stops before timing
+    rows = rows_for(shapes, dtype, args.rounds, args.min_time)
     for row in real:
         rows.append({"shape": f"{args.real_model} block {row['block']}", "variant": "real-inputs", **row})
 

@@ -126,7 +126,7 @@ def prune(
         ids, label = calibration_batch(model, calib, tokenizer, nsamples, seqlen, seed)
     elif not isinstance(calib, str):  # data passed along (a corpus name here would have been refused)
         log.info("%s reads no calibration data: calib is not used", request.method.name)
-    with calibration_attention():  # causal bf16 attention on the CPU kernel where it applies
+    with calibration_attention():  # causal attention on the CPU kernels where they apply
         if request.structured:
             report = request.method.prune(model, ids, request.config)
         else:

@@ -106,6 +106,20 @@ def require_avx512_bf16(what: str) -> None:
         )
 
 
+def require_avx2(what: str) -> None:
+    """Skip, saying where ``what`` runs, unless this CPU runs the ``avx2`` level or above (checked
+    through the C++ extension, which must build here: ``require_cpu_extension``)."""
+    from sparsekit.kernels import cpu_ext
+    from sparsekit.kernels._backend import CpuIsa
+
+    require_cpu_extension()
+    best = cpu_ext.supported_isa()
+    if best is CpuIsa.SCALAR:
+        pytest.skip(
+            f"this CPU runs no AVX2; {what} needs AVX2 + FMA (every x86-64 CPU since Haswell / Zen 1)"
+        )
+
+
 def tiny_config(model_type: str):
     """A tiny random config (2 layers, hidden 64) of a supported architecture; no downloads."""
     import transformers

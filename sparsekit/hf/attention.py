@@ -1,4 +1,4 @@
-"""transformers' 'sdpa' attention on sparsekit's causal bf16 CPU kernel, for calibration forwards.
+"""transformers' 'sdpa' attention on sparsekit's causal CPU kernels, for calibration forwards.
 
 ``calibration_attention()`` is a context manager: inside it, a Hugging Face model whose
 attention implementation is 'sdpa' runs ``sparsekit.kernels.attention_cpu.causal_attention_cpu``
@@ -6,12 +6,15 @@ wherever that computes exactly what SDPA would (and SDPA itself everywhere else)
 
 - no attention mask and no position bias (so SDPA would run ``is_causal``), the module causal,
   more than one query, no dropout, no softcap, no attention sinks, no attention weights asked for;
-- bf16 inputs, or fp32 / bf16 inputs under CPU autocast to bf16 (where SDPA casts them to bf16);
+- bf16 inputs, or fp32 / bf16 inputs under CPU autocast to bf16 (where SDPA casts them to bf16),
+  on the bf16 kernel; fp32 inputs outside autocast on the fp32 one;
 - no gradient needed, not inside ``torch.compile``;
-- what ``unsupported_reason`` checks: CPU, head dim 64 / 96 / 128 / 256, AVX512_BF16.
+- what ``unsupported_reason`` checks: CPU, head dim 64 / 96 / 128 / 256, AVX512_BF16 for bf16,
+  AVX2 + FMA for fp32.
 
 ``sparsekit.prune`` enters it for its calibration forwards, whose attention is a third of a
-bf16 block forward with SDPA on CPUs (docs/results.md, "Causal attention on the CPU").
+bf16 block forward with SDPA on CPUs (docs/results.md, "Causal attention on its own CPU kernel")
+and a sixth of an fp32 one ("fp32 calibration attention on AVX2").
 ``SPARSEKIT_CPU_ATTENTION=sdpa`` (read once) keeps SDPA everywhere; the default is ``auto``.
 ``attention_mode(mode)`` overrides it inside a ``with`` block (for A/B runs in one process).
 """
@@ -71,7 +74,8 @@ def attention_mode(mode: str) -> Iterator[None]:
 def _kernel_inputs(
     module, query, key, value, attention_mask, dropout, is_causal, position_bias, kwargs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(q, k, v) in bf16 when the kernel computes what SDPA would on these arguments, else None."""
+    """(q, k, v) in the kernel's dtype when it computes what SDPA would on these arguments, else
+    None (bf16 under CPU autocast to bf16, else the inputs' own dtype)."""
     if attention_mask is not None or position_bias is not None or dropout:
         return None
     if any(kwargs.get(name) is not None for name in ("softcap", "s_aux")) or kwargs.get("output_attentions"):
@@ -110,8 +114,9 @@ def _with_kernel(original: Callable) -> Callable:
         if not _state["logged"]:
             _state["logged"] = True
             log.info(
-                "calibration attention runs on sparsekit's causal bf16 CPU kernel "
-                "(SPARSEKIT_CPU_ATTENTION=sdpa keeps torch's SDPA)"
+                "calibration attention runs on sparsekit's causal %s CPU kernel "
+                "(SPARSEKIT_CPU_ATTENTION=sdpa keeps torch's SDPA)",
+                "bf16" if inputs[0].dtype == torch.bfloat16 else "fp32",
             )
         return causal_attention_cpu(*inputs, scale=scaling), None
 
@@ -121,7 +126,7 @@ def _with_kernel(original: Callable) -> Callable:
 
 @contextmanager
 def calibration_attention() -> Iterator[None]:
-    """Within: 'sdpa' attention takes the causal bf16 CPU kernel where it applies (module doc).
+    """Within: 'sdpa' attention takes the causal CPU kernels where they apply (module doc).
     Re-entrant; restores transformers' own function on exit."""
     if active_attention_mode() == "sdpa":
         yield

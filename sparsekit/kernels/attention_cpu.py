@@ -1,13 +1,15 @@
-"""Causal self-attention in bf16 on CPUs with AVX512_BF16 (the C++ kernel in csrc/attention_cpu.cpp).
+"""Causal self-attention on the CPU (the C++ kernels in csrc/attention_cpu.cpp): bf16 on CPUs with
+AVX512_BF16, fp32 on CPUs with AVX2 + FMA.
 
-``causal_attention_cpu``: q [B, H, S, D], k and v [B, KV, S, D] (bf16, H a multiple of KV,
-D in 64 / 96 / 128 / 256, unit last stride) -> [B, S, H, D] bf16, row i attending to keys 0..i
-with ``scale`` (default D ** -0.5). ATen's CPU flash kernel takes a 512-token window as one key
-block, so under ``is_causal`` it still computes the whole square of scores; this kernel skips
-the key blocks right of the diagonal (half the work) and runs both products on ``vdpbf16ps``
-(bf16 products, fp32 sums, fp32 online softmax, probabilities rounded to bf16 for P V, as ATen's
-bf16 kernel does). ``causal_attention_reference`` is the torch reference. Calibration forwards
-use it through ``sparsekit.hf.attention``.
+``causal_attention_cpu``: q [B, H, S, D], k and v [B, KV, S, D] (all bf16 or all fp32, H a
+multiple of KV, D in 64 / 96 / 128 / 256, unit last stride) -> [B, S, H, D] in their dtype, row i
+attending to keys 0..i with ``scale`` (default D ** -0.5). ATen's CPU flash kernel takes a
+512-token window as one key block, so under ``is_causal`` it still computes the whole square of
+scores; these kernels skip the key blocks right of the diagonal (half the work). bf16 runs both
+products on ``vdpbf16ps`` (bf16 products, fp32 sums, fp32 online softmax, probabilities rounded to
+bf16 for P V, as ATen's bf16 kernel does); fp32 runs them on AVX2 FMAs, everything in fp32.
+``causal_attention_reference`` is the torch reference. Calibration forwards use it through
+``sparsekit.hf.attention``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ._backend import CpuIsa
 from .cpu_ext import extension, isa_level, resolve_isa
 
 HEAD_DIMS = (64, 96, 128, 256)
+# the ISA level each dtype's kernel needs
+KERNEL_ISA = {torch.bfloat16: CpuIsa.AVX512_BF16, torch.float32: CpuIsa.AVX2}
 
 
 def causal_attention_reference(
@@ -33,11 +37,11 @@ def causal_attention_reference(
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the kernel cannot run these inputs (None: it can). Checks shapes, dtypes, device, strides
-    and this CPU (the AVX512_BF16 level, as ``SPARSEKIT_CPU_ISA`` allows)."""
+    and this CPU (the dtype's ISA level, ``KERNEL_ISA``, as ``SPARSEKIT_CPU_ISA`` allows)."""
     if not (q.dim() == k.dim() == v.dim() == 4):
         return "q, k and v must be [B, H, S, D]"
-    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16):
-        return f"bf16 only, got {q.dtype} / {k.dtype} / {v.dtype}"
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in KERNEL_ISA):
+        return f"bf16 or fp32 only, all three alike, got {q.dtype} / {k.dtype} / {v.dtype}"
     if not (q.device.type == k.device.type == v.device.type == "cpu"):
         return "CPU tensors only"
     b, h, s, d = q.shape
@@ -51,13 +55,16 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
         return "the head dim must be contiguous (unit last stride)"
     if extension() is None:
         return "the C++ extension did not build"
-    if isa_level(resolve_isa()) < isa_level(CpuIsa.AVX512_BF16):
-        return f"this CPU (or SPARSEKIT_CPU_ISA) runs {resolve_isa().value}, not avx512-bf16"
+    need = KERNEL_ISA[q.dtype]
+    if isa_level(resolve_isa()) < isa_level(need):
+        return f"this CPU (or SPARSEKIT_CPU_ISA) runs {resolve_isa().value}, not {need.value} ({q.dtype})"
     return None
 
 
 @torch.library.custom_op("sparsekit::causal_attention_cpu", mutates_args=())
 def _causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    if q.dtype == torch.float32:
+        return extension().causal_attention_f32(q, k, v, scale)
     return extension().causal_attention_bf16(q, k, v, scale)
 
 
@@ -70,7 +77,8 @@ def _(q, k, v, scale):
 def causal_attention_cpu(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """q [B, H, S, D], k / v [B, KV, S, D] bf16 -> [B, S, H, D] bf16 causal attention (no grad).
+    """q [B, H, S, D], k / v [B, KV, S, D] bf16 or fp32 -> [B, S, H, D] causal attention in their
+    dtype (no grad).
     Raises a ValueError naming the problem where ``unsupported_reason`` gives one (under
     ``torch.compile`` the C++ kernel's own checks raise instead)."""
     reason = None if torch.compiler.is_compiling() else unsupported_reason(q, k, v)
@@ -79,4 +87,10 @@ def causal_attention_cpu(
     return _causal_attention_op(q, k, v, float(q.shape[-1] ** -0.5 if scale is None else scale))
 
 
-__all__ = ["HEAD_DIMS", "causal_attention_cpu", "causal_attention_reference", "unsupported_reason"]
+__all__ = [
+    "HEAD_DIMS",
+    "KERNEL_ISA",
+    "causal_attention_cpu",
+    "causal_attention_reference",
+    "unsupported_reason",
+]

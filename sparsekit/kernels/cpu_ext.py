@@ -53,6 +53,7 @@ FUNCTIONS = [
     "mm_bitmap",
     "decompress_bitmap_rows",
     "causal_attention_bf16",
+    "causal_attention_f32",
     "cpu_isa_supported",
     "set_blas_fp32_dtypes",
     "register_ops",

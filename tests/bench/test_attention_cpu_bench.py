@@ -5,7 +5,17 @@ import json
 import pytest
 import torch
 
-from tests.bench.conftest import bench_script, require_avx512_bf16
+from tests.bench.conftest import bench_script
+from tests.conftest import require_avx2, require_avx512_bf16
+
+
+@pytest.fixture(params=["bf16", "fp32"])
+def dtype(request) -> str:
+    """Each kernel's name, where this CPU runs it."""
+    (require_avx512_bf16 if request.param == "bf16" else require_avx2)(
+        f"the {request.param} attention benchmark"
+    )
+    return request.param
 
 
 def test_unknown_shapes_are_refused_before_anything_runs(capsys, tmp_path):
@@ -16,20 +26,19 @@ def test_unknown_shapes_are_refused_before_anything_runs(capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_wrong_kernel_stops_the_benchmark(monkeypatch):
-    require_avx512_bf16("the attention benchmark")
+def test_a_wrong_kernel_stops_the_benchmark(monkeypatch, dtype):
     bench = bench_script("attention_cpu")
-    wrong = lambda q, k, v: bench.causal_attention_reference(q, k, v) * 1.1  # noqa: E731
+    wrong = lambda q, k, v: bench.causal_attention_reference(q, k, v) * 1.01  # noqa: E731
     monkeypatch.setattr(bench, "causal_attention_cpu", wrong)
     with pytest.raises(SystemExit, match="kernel error"):
-        bench.check((1, 2, 1, 40, 64))
+        bench.check((1, 2, 1, 40, 64), bench.DTYPES[dtype])
 
 
-def test_every_shape_and_variant_is_reported(monkeypatch, tmp_path):
-    require_avx512_bf16("the attention benchmark")
+def test_every_shape_and_variant_is_reported(monkeypatch, tmp_path, dtype):
     bench = bench_script("attention_cpu")
     monkeypatch.setattr(bench, "SHAPES", {"tiny": (1, 4, 2, 70, 64), "tiny-128": (1, 2, 1, 33, 128)})
-    bench.main(["--out", str(tmp_path), "--rounds", "2", "--min-time", "0.01", "--threads", "1"])
+    argv = ["--out", str(tmp_path), "--rounds", "2", "--min-time", "0.01", "--threads", "1", "--dtype", dtype]
+    bench.main(argv)
     report = json.loads((tmp_path / "attention-cpu.json").read_text())
     rows = report["rows"]
     assert [(r["shape"], r["variant"]) for r in rows] == [
@@ -44,18 +53,18 @@ def test_every_shape_and_variant_is_reported(monkeypatch, tmp_path):
     assert "| tiny (1, 4, 2, 70, 64) | kernel |" in (tmp_path / "attention-cpu.md").read_text()
 
 
-def test_real_inputs_are_checked_per_block(monkeypatch, tmp_path):
+def test_real_inputs_are_checked_per_block(monkeypatch, tmp_path, dtype):
     """--real-model: one row per decoder block with both errors, and the summary line."""
-    require_avx512_bf16("the attention benchmark")
     bench = bench_script("attention_cpu")
     g = torch.Generator().manual_seed(0)
     fake = [
-        tuple(torch.randn(1, n, 40, 64, generator=g).bfloat16() for n in (4, 2, 2)) + (None,)
+        tuple(torch.randn(1, n, 40, 64, generator=g).to(bench.DTYPES[dtype]) for n in (4, 2, 2)) + (None,)
         for _ in range(3)
     ]
-    monkeypatch.setattr(bench, "real_inputs", lambda name: fake)
+    monkeypatch.setattr(bench, "real_inputs", lambda name, dt: fake)
     monkeypatch.setattr(bench, "SHAPES", {"tiny": (1, 2, 1, 40, 64)})
-    bench.main(["--out", str(tmp_path), "--rounds", "1", "--min-time", "0.01", "--real-model", "smollm2"])
+    argv = ["--out", str(tmp_path), "--rounds", "1", "--min-time", "0.01", "--real-model", "smollm2"]
+    bench.main(argv + ["--dtype", dtype])
     rows = [
         r
         for r in json.loads((tmp_path / "attention-cpu.json").read_text())["rows"]
@@ -64,6 +73,9 @@ def test_real_inputs_are_checked_per_block(monkeypatch, tmp_path):
     assert [r["block"] for r in rows] == [0, 1, 2]
     for r in rows:
         assert 0 < r["kernel_rel"] < 0.01 and 0 < r["sdpa_rel"] < 0.01
-        assert 0 < r["fp32_rel"] < min(r["kernel_rel"], r["sdpa_rel"])  # one rounding: the floor
+        if dtype == "bf16":
+            assert 0 < r["fp32_rel"] < min(r["kernel_rel"], r["sdpa_rel"])  # one rounding: the floor
+        else:
+            assert "fp32_rel" not in r and r["kernel_rel"] < 1e-5
     text = (tmp_path / "attention-cpu.md").read_text()
     assert "Real inputs: smollm2" in text and "| 2 |" in text

@@ -1,4 +1,4 @@
-"""transformers' 'sdpa' attention on the causal bf16 CPU kernel inside ``calibration_attention``."""
+"""transformers' 'sdpa' attention on the causal CPU kernels (bf16, fp32) inside ``calibration_attention``."""
 
 import pytest
 import torch
@@ -7,22 +7,35 @@ from transformers.modeling_utils import AttentionInterface
 
 import sparsekit
 from sparsekit.hf import attention as hf_attention
-from tests.conftest import require_avx512_bf16
+from tests.conftest import require_avx2, require_avx512_bf16
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the kernel's calls through the wrapper (the kernel still runs)."""
-    require_avx512_bf16("the attention kernel")
+def spy(monkeypatch):
+    """The kernel's calls through the wrapper, as (shape, dtype) (the kernel still runs)."""
     calls = []
     real = hf_attention.causal_attention_cpu
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
+    def counted(*args, **kwargs):
+        calls.append((args[0].shape, args[0].dtype))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf_attention, "causal_attention_cpu", spy)
+    monkeypatch.setattr(hf_attention, "causal_attention_cpu", counted)
     return calls
+
+
+@pytest.fixture
+def kernel_calls(spy):
+    """``spy`` where the bf16 kernel runs."""
+    require_avx512_bf16("the bf16 attention kernel")
+    return spy
+
+
+@pytest.fixture
+def fp32_calls(spy):
+    """``spy`` where the fp32 kernel runs."""
+    require_avx2("the fp32 attention kernel")
+    return spy
 
 
 def _model(model_type: str):
@@ -58,29 +71,51 @@ def test_autocast_forward_takes_the_kernel_and_matches_sdpa(kernel_calls, model_
     assert not kernel_calls
     with hf_attention.calibration_attention():
         ours = _logits(model, ids)
-    assert len(kernel_calls) == 2  # one per decoder block
+    assert [dtype for _, dtype in kernel_calls] == [torch.bfloat16] * 2  # one per decoder block
     assert sum("causal bf16 CPU kernel" in r.message for r in caplog.records) == 1
     err, err_sdpa = (ours - exact).abs().max().item(), (sdpa - exact).abs().max().item()
     assert err <= 1.5 * err_sdpa + 1e-2, (err, err_sdpa)
 
 
-def test_where_sdpa_differs_the_wrapper_keeps_sdpa(kernel_calls):
-    """A padding mask, fp32 forwards, gradients and a single query all go to SDPA, unchanged."""
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral"])
+def test_fp32_forward_takes_the_fp32_kernel_and_matches_sdpa(fp32_calls, model_type, caplog, monkeypatch):
+    """fp32 logits with the kernel are as close to the float64 model's as fp32 SDPA's are; the first
+    use is logged."""
+    monkeypatch.setitem(hf_attention._state, "logged", False)
+    caplog.set_level("INFO", logger="sparsekit.hf.attention")
+    model = _model(model_type)
+    ids = torch.randint(0, 128, (3, 70))
+    sdpa = _logits(model, ids, autocast=False)
+    assert not fp32_calls
+    with hf_attention.calibration_attention():
+        ours = _logits(model, ids, autocast=False)
+    assert [dtype for _, dtype in fp32_calls] == [torch.float32] * 2  # one per decoder block
+    assert sum("causal fp32 CPU kernel" in r.message for r in caplog.records) == 1
+    exact = _logits(model.double(), ids, autocast=False)
+    err, err_sdpa = (ours - exact).abs().max().item(), (sdpa - exact).abs().max().item()
+    assert err <= 2 * err_sdpa + 1e-5, (err, err_sdpa)
+
+
+def test_where_sdpa_differs_the_wrapper_keeps_sdpa(fp32_calls):
+    """A padding mask, gradients, a single query and float64 all go to SDPA, unchanged (fp32 inputs,
+    which the kernel takes otherwise: the last forward shows it does)."""
     model = _model("llama")
     ids = torch.randint(0, 128, (2, 40))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     with hf_attention.calibration_attention():
-        padded = _logits(model, ids, attention_mask=mask)
-        fp32 = _logits(model, ids, autocast=False)
-        one = _logits(model, ids[:, :1])
+        padded = _logits(model, ids, attention_mask=mask, autocast=False)
+        one = _logits(model, ids[:, :1], autocast=False)
         model.train(False)
         loss = model(ids, labels=ids, use_cache=False).loss
         loss.backward()
-    assert not kernel_calls
-    assert torch.equal(padded, _logits(model, ids, attention_mask=mask))
-    assert torch.equal(fp32, _logits(model, ids, autocast=False))
-    assert torch.equal(one, _logits(model, ids[:, :1]))
+        wide = _logits(model.double(), ids, autocast=False)
+        assert not fp32_calls
+        _logits(model.float(), ids, autocast=False)
+    assert len(fp32_calls) == 2
+    assert torch.equal(padded, _logits(model, ids, attention_mask=mask, autocast=False))
+    assert torch.equal(one, _logits(model, ids[:, :1], autocast=False))
+    assert torch.equal(wide, _logits(model.double(), ids, autocast=False))
 
 
 def test_restores_transformers_sdpa_even_on_error():
@@ -134,16 +169,32 @@ def test_attention_mode_overrides_the_env_inside_and_restores_it(monkeypatch):
 
 
 def test_prune_runs_its_mixed_calibration_forwards_on_the_kernel(kernel_calls):
-    """sparsekit.prune enters the context: bf16-mixed forwards reach the kernel, fp32 ones do not,
-    and both prune to the same sparsity."""
+    """sparsekit.prune enters the context: bf16-mixed forwards reach the bf16 kernel, fp32 ones the
+    fp32 kernel, and both prune to the same sparsity."""
     ids = torch.randint(0, 128, (4, 64))
     mixed, fp32 = _model("llama"), _model("llama")
     sparsekit.prune(mixed, "wanda", 0.5, calib=ids, forward_dtype="bf16-mixed", show_progress=False)
-    assert kernel_calls
+    assert kernel_calls and {dtype for _, dtype in kernel_calls} == {torch.bfloat16}
     n = len(kernel_calls)
     sparsekit.prune(fp32, "wanda", 0.5, calib=ids, forward_dtype="float32", show_progress=False)
-    assert len(kernel_calls) == n
+    assert len(kernel_calls) > n and {dtype for _, dtype in kernel_calls[n:]} == {torch.float32}
     for a, b in zip(mixed.model.layers, fp32.model.layers, strict=True):
         for m1, m2 in ((a.mlp.down_proj, b.mlp.down_proj), (a.self_attn.q_proj, b.self_attn.q_proj)):
             assert (m1.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
             assert (m2.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_prune_runs_its_fp32_calibration_forwards_on_the_fp32_kernel(fp32_calls):
+    """On any AVX2 CPU: fp32 calibration forwards reach the fp32 kernel, and SPARSEKIT_CPU_ATTENTION's
+    'sdpa' (here ``attention_mode``) keeps SDPA; both prune to half the weights."""
+    ids = torch.randint(0, 128, (4, 64))
+    ours, sdpa = _model("llama"), _model("llama")
+    sparsekit.prune(ours, "wanda", 0.5, calib=ids, forward_dtype="float32", show_progress=False)
+    assert fp32_calls and {dtype for _, dtype in fp32_calls} == {torch.float32}
+    n = len(fp32_calls)
+    with hf_attention.attention_mode("sdpa"):
+        sparsekit.prune(sdpa, "wanda", 0.5, calib=ids, forward_dtype="float32", show_progress=False)
+    assert len(fp32_calls) == n
+    for a, b in zip(ours.model.layers, sdpa.model.layers, strict=True):
+        for m in (a.mlp.down_proj, b.mlp.down_proj, a.self_attn.q_proj, b.self_attn.q_proj):
+            assert (m.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)

@@ -1,4 +1,4 @@
-// sparsekit's CPU kernels, part 4 of 5: causal self-attention in bf16 on AVX512_BF16.
+// sparsekit's CPU kernels, part 4 of 5: causal self-attention, bf16 on AVX512_BF16 and fp32 on AVX2.
 //
 // Calibration forwards run bf16 attention over whole windows (8 x 512 tokens per call). ATen's
 // CPU flash kernel takes a 512-token window as one key block, so its causal mask skips nothing:
@@ -217,6 +217,239 @@ torch::Tensor causal_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Ten
         case 96: sk_attention::query_block<6>(qrow, q.stride(2), S, qb * ATT_BQ, kpk, kpk + per, scale_log2, orow, H * D); break;
         case 128: sk_attention::query_block<8>(qrow, q.stride(2), S, qb * ATT_BQ, kpk, kpk + per, scale_log2, orow, H * D); break;
         default: sk_attention::query_block<16>(qrow, q.stride(2), S, qb * ATT_BQ, kpk, kpk + per, scale_log2, orow, H * D); break;
+      }
+    }
+  });
+#endif
+  return out;
+}
+
+// ------------------------------------------------------------------ fp32, AVX2 + FMA (level >= 1)
+//
+// The same triangle in fp32, for calibration forwards that run in fp32 (the default on CPUs
+// without fast bf16 matmuls: AVX2 ones). ATen's fp32 flash kernel computes the whole square there
+// too. Queries go in blocks of ATT_BQ rows, keys in blocks of ATT_BK_F32; scores come 2 rows x 32
+// keys at a time (8 FMA chains), the online softmax keeps the running max and sum per row, and
+// P V runs 2 rows x 32 output dims at a time. Everything is fp32: only the summation order and
+// exp2's polynomial (relative error about 1e-8) differ from SDPA.
+//
+// causal_attention_f32(q [B, H, S, D], k [B, KV, S, D], v [B, KV, S, D], scale) -> [B, S, H, D]
+//   fp32, any strides with a unit last stride; H a multiple of KV; D in {64, 96, 128, 256}.
+
+namespace {
+constexpr int ATT_BK_F32 = 64;  // keys per block (8 vectors of 8 fp32 scores)
+}  // namespace
+
+#if SK_X86
+SK_BEGIN_AVX2
+namespace sk_attention_f32 {
+
+// 2^x for x <= 0 (8 lanes), as exp2_nonpositive above: lanes at or below -126 give 0 (masked
+// scores, -inf); 2^n built in the exponent field (n >= -126, so never subnormal)
+inline __m256 exp2_nonpositive(__m256 x) {
+  const __m256 floor = _mm256_set1_ps(-126.0f);
+  const __m256 live = _mm256_cmp_ps(x, floor, _CMP_GT_OQ);
+  x = _mm256_max_ps(x, floor);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.525273380405984e-05f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381606e-04f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129107628477e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550410866482158e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265069591007e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471805599453e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), live);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Packed keys of one (batch, key head): kp[block][d][j] = k[block * BK + j][d], zero past S.
+void pack_keys(const float* k, int64_t sk, int64_t S, int64_t D, int64_t Sp, float* kp) {
+  for (int64_t jb = 0; jb < Sp; jb += ATT_BK_F32) {
+    float* dst = kp + jb * D;
+    for (int64_t j = 0; j < ATT_BK_F32; ++j) {
+      const int64_t row = jb + j;
+      if (row < S) {
+        const float* src = k + row * sk;
+        for (int64_t d = 0; d < D; ++d) dst[d * ATT_BK_F32 + j] = src[d];
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d * ATT_BK_F32 + j] = 0.0f;
+      }
+    }
+  }
+}
+
+// One task: query rows [i0, i0 + BQ) of one (batch, head) against keys 0 .. i0 + BQ - 1.
+// q rows at q + i * sq, value rows at v + j * sv, out rows at out + i * so (fp32, D). DC = D / 32.
+template <int DC>
+void query_block(const float* q, int64_t sq, int64_t S, int64_t i0, const float* kp, const float* v,
+                 int64_t sv, float scale_log2, float* out, int64_t so) {
+  constexpr int D = DC * 32, BK = ATT_BK_F32;
+  alignas(32) float o[ATT_BQ][D];
+  alignas(32) float s[ATT_BQ][BK];  // scores, then probabilities
+  float m[ATT_BQ], l[ATT_BQ], alpha[ATT_BQ];
+  const int64_t rows = std::min<int64_t>(ATT_BQ, S - i0);
+  const float* qr[ATT_BQ];
+  for (int r = 0; r < ATT_BQ; ++r) {
+    qr[r] = q + std::min<int64_t>(i0 + r, S - 1) * sq;
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+  }
+  std::memset(o, 0, sizeof(o));
+  const int64_t last = i0 + rows - 1;  // the last query row: keys 0 .. last
+  const __m256 sc = _mm256_set1_ps(scale_log2);
+  for (int64_t jb = 0; jb <= last; jb += BK) {
+    const float* kb = kp + jb * D;
+    // scores, 2 rows x 32 keys at a time, in log2 units
+    for (int r0 = 0; r0 < ATT_BQ; r0 += 2)
+      for (int half = 0; half < BK; half += 32) {
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+        __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        const float *q0 = qr[r0], *q1 = qr[r0 + 1];
+        for (int d = 0; d < D; ++d) {
+          const float* kr = kb + d * BK + half;
+          const __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8);
+          const __m256 k2 = _mm256_loadu_ps(kr + 16), k3 = _mm256_loadu_ps(kr + 24);
+          const __m256 b0 = _mm256_broadcast_ss(q0 + d), b1 = _mm256_broadcast_ss(q1 + d);
+          a00 = _mm256_fmadd_ps(b0, k0, a00);
+          a01 = _mm256_fmadd_ps(b0, k1, a01);
+          a02 = _mm256_fmadd_ps(b0, k2, a02);
+          a03 = _mm256_fmadd_ps(b0, k3, a03);
+          a10 = _mm256_fmadd_ps(b1, k0, a10);
+          a11 = _mm256_fmadd_ps(b1, k1, a11);
+          a12 = _mm256_fmadd_ps(b1, k2, a12);
+          a13 = _mm256_fmadd_ps(b1, k3, a13);
+        }
+        float* s0 = &s[r0][half];
+        float* s1 = &s[r0 + 1][half];
+        _mm256_store_ps(s0, _mm256_mul_ps(a00, sc));
+        _mm256_store_ps(s0 + 8, _mm256_mul_ps(a01, sc));
+        _mm256_store_ps(s0 + 16, _mm256_mul_ps(a02, sc));
+        _mm256_store_ps(s0 + 24, _mm256_mul_ps(a03, sc));
+        _mm256_store_ps(s1, _mm256_mul_ps(a10, sc));
+        _mm256_store_ps(s1 + 8, _mm256_mul_ps(a11, sc));
+        _mm256_store_ps(s1 + 16, _mm256_mul_ps(a12, sc));
+        _mm256_store_ps(s1 + 24, _mm256_mul_ps(a13, sc));
+      }
+    // causal mask (keys right of the row) and the online softmax, row by row
+    const bool diagonal = jb + BK - 1 > i0;
+    for (int r = 0; r < ATT_BQ; ++r) {
+      if (diagonal) {
+        const int64_t keep = i0 + r - jb + 1;  // keys jb .. i0 + r
+        for (int64_t j = std::max<int64_t>(keep, 0); j < BK; ++j) s[r][j] = -INFINITY;
+      }
+      __m256 mx = _mm256_load_ps(&s[r][0]);
+      for (int c = 1; c < BK / 8; ++c) mx = _mm256_max_ps(mx, _mm256_load_ps(&s[r][8 * c]));
+      const float mnew = std::max(m[r], hmax(mx));  // finite: key jb <= row always
+      alpha[r] = m[r] == -INFINITY ? 0.0f : std::exp2(m[r] - mnew);
+      m[r] = mnew;
+      __m256 sum = _mm256_setzero_ps();
+      const __m256 mv = _mm256_set1_ps(mnew);
+      for (int c = 0; c < BK / 8; ++c) {
+        const __m256 e = exp2_nonpositive(_mm256_sub_ps(_mm256_load_ps(&s[r][8 * c]), mv));
+        sum = _mm256_add_ps(sum, e);
+        _mm256_store_ps(&s[r][8 * c], e);
+      }
+      l[r] = l[r] * alpha[r] + sk_avx2::hsum(sum);
+    }
+    // o = alpha o + P V over this block's keys up to the last row (p is 0 past each row's own)
+    const int64_t keys = std::min<int64_t>(BK, last + 1 - jb);
+    const float* vb = v + jb * sv;
+    for (int r0 = 0; r0 < ATT_BQ; r0 += 2)
+      for (int c0 = 0; c0 < D; c0 += 32) {
+        float *o0 = &o[r0][c0], *o1 = &o[r0 + 1][c0];
+        const __m256 al0 = _mm256_set1_ps(alpha[r0]), al1 = _mm256_set1_ps(alpha[r0 + 1]);
+        __m256 a00 = _mm256_mul_ps(_mm256_load_ps(o0), al0), a01 = _mm256_mul_ps(_mm256_load_ps(o0 + 8), al0);
+        __m256 a02 = _mm256_mul_ps(_mm256_load_ps(o0 + 16), al0), a03 = _mm256_mul_ps(_mm256_load_ps(o0 + 24), al0);
+        __m256 a10 = _mm256_mul_ps(_mm256_load_ps(o1), al1), a11 = _mm256_mul_ps(_mm256_load_ps(o1 + 8), al1);
+        __m256 a12 = _mm256_mul_ps(_mm256_load_ps(o1 + 16), al1), a13 = _mm256_mul_ps(_mm256_load_ps(o1 + 24), al1);
+        const float *p0 = s[r0], *p1 = s[r0 + 1];
+        for (int64_t j = 0; j < keys; ++j) {
+          const float* vr = vb + j * sv + c0;
+          const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
+          const __m256 v2 = _mm256_loadu_ps(vr + 16), v3 = _mm256_loadu_ps(vr + 24);
+          const __m256 b0 = _mm256_broadcast_ss(p0 + j), b1 = _mm256_broadcast_ss(p1 + j);
+          a00 = _mm256_fmadd_ps(b0, v0, a00);
+          a01 = _mm256_fmadd_ps(b0, v1, a01);
+          a02 = _mm256_fmadd_ps(b0, v2, a02);
+          a03 = _mm256_fmadd_ps(b0, v3, a03);
+          a10 = _mm256_fmadd_ps(b1, v0, a10);
+          a11 = _mm256_fmadd_ps(b1, v1, a11);
+          a12 = _mm256_fmadd_ps(b1, v2, a12);
+          a13 = _mm256_fmadd_ps(b1, v3, a13);
+        }
+        _mm256_store_ps(o0, a00);
+        _mm256_store_ps(o0 + 8, a01);
+        _mm256_store_ps(o0 + 16, a02);
+        _mm256_store_ps(o0 + 24, a03);
+        _mm256_store_ps(o1, a10);
+        _mm256_store_ps(o1 + 8, a11);
+        _mm256_store_ps(o1 + 16, a12);
+        _mm256_store_ps(o1 + 24, a13);
+      }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256 inv = _mm256_set1_ps(1.0f / l[r]);
+    float* dst = out + (i0 + r) * so;
+    for (int c = 0; c < D; c += 8) _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_load_ps(&o[r][c]), inv));
+  }
+}
+
+}  // namespace sk_attention_f32
+SK_END_ISA
+#endif
+
+torch::Tensor causal_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attention_f32: q, k, v must be [B, H, S, D]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "causal_attention_f32: q, k, v must be fp32");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "causal_attention_f32: CPU tensors only");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), KV = k.size(1);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == KV && k.size(2) == S && v.size(2) == S &&
+                  k.size(3) == D && v.size(3) == D,
+              "causal_attention_f32: k and v must be [B, KV, S, D] with q's B, S and D");
+  TORCH_CHECK(KV > 0 && H % KV == 0, "causal_attention_f32: query heads must be a multiple of key heads");
+  TORCH_CHECK(attention_head_dim_ok(D), "causal_attention_f32: head dim must be 64, 96, 128 or 256");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "causal_attention_f32: unit last stride");
+  TORCH_CHECK(isa_supported() >= ISA_AVX2, "causal_attention_f32: needs AVX2 and FMA");
+  auto out = torch::empty({B, S, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B == 0 || S == 0 || H == 0) return out;
+#if SK_X86
+  const int64_t Sp = (S + ATT_BK_F32 - 1) / ATT_BK_F32 * ATT_BK_F32, per = Sp * D;  // floats per packed key head
+  auto packs = torch::empty({B * KV, per}, q.options());
+  float* pk = packs.data_ptr<float>();
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  at::parallel_for(0, B * KV, 1, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      const int64_t bi = t / KV, g = t % KV;
+      sk_attention_f32::pack_keys(kp + bi * k.stride(0) + g * k.stride(1), k.stride(2), S, D, Sp, pk + t * per);
+    }
+  });
+  const float scale_log2 = float(scale * 1.4426950408889634);
+  const int64_t nq = (S + ATT_BQ - 1) / ATT_BQ, group = H / KV;
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H * nq, 1, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      const int64_t qb = t % nq, h = (t / nq) % H, bi = t / (nq * H);
+      const int64_t g = h / group;
+      const float* kpk = pk + (bi * KV + g) * per;
+      const float* vrow = vp + bi * v.stride(0) + g * v.stride(1);
+      const float* qrow = qp + bi * q.stride(0) + h * q.stride(1);
+      float* orow = op + bi * S * H * D + h * D;
+      const int64_t sq = q.stride(2), sv = v.stride(2), i0 = qb * ATT_BQ;
+      switch (D) {
+        case 64: sk_attention_f32::query_block<2>(qrow, sq, S, i0, kpk, vrow, sv, scale_log2, orow, H * D); break;
+        case 96: sk_attention_f32::query_block<3>(qrow, sq, S, i0, kpk, vrow, sv, scale_log2, orow, H * D); break;
+        case 128: sk_attention_f32::query_block<4>(qrow, sq, S, i0, kpk, vrow, sv, scale_log2, orow, H * D); break;
+        default: sk_attention_f32::query_block<8>(qrow, sq, S, i0, kpk, vrow, sv, scale_log2, orow, H * D); break;
       }
     }
   });

@@ -4,7 +4,8 @@
 // sparse24_cpu.cpp, bitmap_cpu.cpp, attention_cpu.cpp (sparsekit/kernels/cpu_ext.py, CPP_SOURCES),
 // so the torch headers are parsed once.
 //
-// Every kernel but attention_cpu.cpp's (level 3 only; elsewhere the caller keeps ATen's SDPA)
+// Every kernel but attention_cpu.cpp's (bf16 at level 3, fp32 at level 1 and up; elsewhere the
+// caller keeps ATen's SDPA)
 // exists for three x86-64 ISA levels in one binary: scalar (the baseline x86-64
 // the file is compiled for: no hand-written SIMD), AVX2 + FMA + F16C, and AVX-512 (F, BW, VL).
 // The AVX2 and AVX-512 code sits between SK_BEGIN_AVX2 / SK_BEGIN_AVX512 and SK_END_ISA, which set
