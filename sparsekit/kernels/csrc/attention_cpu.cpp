@@ -228,10 +228,11 @@ torch::Tensor causal_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Ten
 //
 // The same triangle in fp32, for calibration forwards that run in fp32 (the default on CPUs
 // without fast bf16 matmuls: AVX2 ones). ATen's fp32 flash kernel computes the whole square there
-// too. Queries go in blocks of ATT_BQ rows, keys in blocks of ATT_BK_F32; scores come 2 rows x 32
-// keys at a time (8 FMA chains), the online softmax keeps the running max and sum per row, and
-// P V runs 2 rows x 32 output dims at a time. Everything is fp32: only the summation order and
-// exp2's polynomial (relative error about 1e-8) differ from SDPA.
+// too. Queries go in blocks of ATT_BQ rows, keys in blocks of ATT_BK_F32. Both products run one
+// micro-kernel, 6 rows x 16 columns at a time (12 FMA chains): scores as q rows against packed
+// keys, P V as probability rows against value rows. The online softmax keeps the running max and
+// sum per row. Everything is fp32: only the summation order and exp2's polynomial (relative error
+// about 1e-8) differ from SDPA.
 //
 // causal_attention_f32(q [B, H, S, D], k [B, KV, S, D], v [B, KV, S, D], scale) -> [B, S, H, D]
 //   fp32, any strides with a unit last stride; H a multiple of KV; D in {64, 96, 128, 256}.
@@ -287,19 +288,69 @@ void pack_keys(const float* k, int64_t sk, int64_t S, int64_t D, int64_t Sp, flo
   }
 }
 
+// acc[r][0..1] += a[r][i] * b[i][0..15] for i < n: R rows of a (contiguous) against 16 columns of b
+// (rows sb apart). Both products are this one: q against packed keys, probabilities against values.
+// R = 6 keeps 12 FMA chains in flight (two FMA pipes, 4-6 cycles each) in 15 of 16 registers.
+template <int R>
+inline void rows_times_16(const float* const* a, const float* b, int64_t sb, int64_t n, __m256 (&acc)[R][2]) {
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 b0 = _mm256_loadu_ps(b + i * sb), b1 = _mm256_loadu_ps(b + i * sb + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(a[r] + i);
+      acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+    }
+  }
+}
+
+// scores s[r0 .. r0 + R)[c0 .. c0 + 16) = q rows . packed keys, in log2 units
+template <int R>
+inline void score_rows(const float* const* qr, const float* kb, int D, int c0, __m256 sc, float (*s)[ATT_BK_F32]) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  rows_times_16<R>(qr, kb + c0, ATT_BK_F32, D, acc);
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(&s[r][c0], _mm256_mul_ps(acc[r][0], sc));
+    _mm256_store_ps(&s[r][c0 + 8], _mm256_mul_ps(acc[r][1], sc));
+  }
+}
+
+// o[r][c0 .. c0 + 16) = alpha[r] o[r] + p rows . value rows (keys of this block)
+template <int R, int D>
+inline void update_rows(const float* const* pr, const float* vb, int64_t sv, int64_t keys, int c0,
+                        const float* alpha, float (*o)[D]) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) {
+    const __m256 al = _mm256_set1_ps(alpha[r]);
+    acc[r][0] = _mm256_mul_ps(_mm256_load_ps(&o[r][c0]), al);
+    acc[r][1] = _mm256_mul_ps(_mm256_load_ps(&o[r][c0 + 8]), al);
+  }
+  rows_times_16<R>(pr, vb + c0, sv, keys, acc);
+  for (int r = 0; r < R; ++r) {
+    _mm256_store_ps(&o[r][c0], acc[r][0]);
+    _mm256_store_ps(&o[r][c0 + 8], acc[r][1]);
+  }
+}
+
+constexpr int ATT_RS = 6;                        // rows per micro-kernel step
+constexpr int ATT_TAIL = ATT_BQ % ATT_RS;        // rows left after the full steps (2)
+static_assert(ATT_TAIL == 2, "the tail step is written for 2 rows");
+
 // One task: query rows [i0, i0 + BQ) of one (batch, head) against keys 0 .. i0 + BQ - 1.
 // q rows at q + i * sq, value rows at v + j * sv, out rows at out + i * so (fp32, D). DC = D / 32.
 template <int DC>
 void query_block(const float* q, int64_t sq, int64_t S, int64_t i0, const float* kp, const float* v,
                  int64_t sv, float scale_log2, float* out, int64_t so) {
-  constexpr int D = DC * 32, BK = ATT_BK_F32;
+  constexpr int D = DC * 32, BK = ATT_BK_F32, FULL = ATT_BQ - ATT_TAIL;
   alignas(32) float o[ATT_BQ][D];
   alignas(32) float s[ATT_BQ][BK];  // scores, then probabilities
   float m[ATT_BQ], l[ATT_BQ], alpha[ATT_BQ];
   const int64_t rows = std::min<int64_t>(ATT_BQ, S - i0);
   const float* qr[ATT_BQ];
+  const float* pr[ATT_BQ];
   for (int r = 0; r < ATT_BQ; ++r) {
     qr[r] = q + std::min<int64_t>(i0 + r, S - 1) * sq;
+    pr[r] = s[r];
     m[r] = -INFINITY;
     l[r] = 0.0f;
   }
@@ -308,37 +359,10 @@ void query_block(const float* q, int64_t sq, int64_t S, int64_t i0, const float*
   const __m256 sc = _mm256_set1_ps(scale_log2);
   for (int64_t jb = 0; jb <= last; jb += BK) {
     const float* kb = kp + jb * D;
-    // scores, 2 rows x 32 keys at a time, in log2 units
-    for (int r0 = 0; r0 < ATT_BQ; r0 += 2)
-      for (int half = 0; half < BK; half += 32) {
-        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-        __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-        const float *q0 = qr[r0], *q1 = qr[r0 + 1];
-        for (int d = 0; d < D; ++d) {
-          const float* kr = kb + d * BK + half;
-          const __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8);
-          const __m256 k2 = _mm256_loadu_ps(kr + 16), k3 = _mm256_loadu_ps(kr + 24);
-          const __m256 b0 = _mm256_broadcast_ss(q0 + d), b1 = _mm256_broadcast_ss(q1 + d);
-          a00 = _mm256_fmadd_ps(b0, k0, a00);
-          a01 = _mm256_fmadd_ps(b0, k1, a01);
-          a02 = _mm256_fmadd_ps(b0, k2, a02);
-          a03 = _mm256_fmadd_ps(b0, k3, a03);
-          a10 = _mm256_fmadd_ps(b1, k0, a10);
-          a11 = _mm256_fmadd_ps(b1, k1, a11);
-          a12 = _mm256_fmadd_ps(b1, k2, a12);
-          a13 = _mm256_fmadd_ps(b1, k3, a13);
-        }
-        float* s0 = &s[r0][half];
-        float* s1 = &s[r0 + 1][half];
-        _mm256_store_ps(s0, _mm256_mul_ps(a00, sc));
-        _mm256_store_ps(s0 + 8, _mm256_mul_ps(a01, sc));
-        _mm256_store_ps(s0 + 16, _mm256_mul_ps(a02, sc));
-        _mm256_store_ps(s0 + 24, _mm256_mul_ps(a03, sc));
-        _mm256_store_ps(s1, _mm256_mul_ps(a10, sc));
-        _mm256_store_ps(s1 + 8, _mm256_mul_ps(a11, sc));
-        _mm256_store_ps(s1 + 16, _mm256_mul_ps(a12, sc));
-        _mm256_store_ps(s1 + 24, _mm256_mul_ps(a13, sc));
-      }
+    for (int c0 = 0; c0 < BK; c0 += 16) {
+      for (int r0 = 0; r0 < FULL; r0 += ATT_RS) score_rows<ATT_RS>(qr + r0, kb, D, c0, sc, s + r0);
+      score_rows<ATT_TAIL>(qr + FULL, kb, D, c0, sc, s + FULL);
+    }
     // causal mask (keys right of the row) and the online softmax, row by row
     const bool diagonal = jb + BK - 1 > i0;
     for (int r = 0; r < ATT_BQ; ++r) {
@@ -363,38 +387,11 @@ void query_block(const float* q, int64_t sq, int64_t S, int64_t i0, const float*
     // o = alpha o + P V over this block's keys up to the last row (p is 0 past each row's own)
     const int64_t keys = std::min<int64_t>(BK, last + 1 - jb);
     const float* vb = v + jb * sv;
-    for (int r0 = 0; r0 < ATT_BQ; r0 += 2)
-      for (int c0 = 0; c0 < D; c0 += 32) {
-        float *o0 = &o[r0][c0], *o1 = &o[r0 + 1][c0];
-        const __m256 al0 = _mm256_set1_ps(alpha[r0]), al1 = _mm256_set1_ps(alpha[r0 + 1]);
-        __m256 a00 = _mm256_mul_ps(_mm256_load_ps(o0), al0), a01 = _mm256_mul_ps(_mm256_load_ps(o0 + 8), al0);
-        __m256 a02 = _mm256_mul_ps(_mm256_load_ps(o0 + 16), al0), a03 = _mm256_mul_ps(_mm256_load_ps(o0 + 24), al0);
-        __m256 a10 = _mm256_mul_ps(_mm256_load_ps(o1), al1), a11 = _mm256_mul_ps(_mm256_load_ps(o1 + 8), al1);
-        __m256 a12 = _mm256_mul_ps(_mm256_load_ps(o1 + 16), al1), a13 = _mm256_mul_ps(_mm256_load_ps(o1 + 24), al1);
-        const float *p0 = s[r0], *p1 = s[r0 + 1];
-        for (int64_t j = 0; j < keys; ++j) {
-          const float* vr = vb + j * sv + c0;
-          const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
-          const __m256 v2 = _mm256_loadu_ps(vr + 16), v3 = _mm256_loadu_ps(vr + 24);
-          const __m256 b0 = _mm256_broadcast_ss(p0 + j), b1 = _mm256_broadcast_ss(p1 + j);
-          a00 = _mm256_fmadd_ps(b0, v0, a00);
-          a01 = _mm256_fmadd_ps(b0, v1, a01);
-          a02 = _mm256_fmadd_ps(b0, v2, a02);
-          a03 = _mm256_fmadd_ps(b0, v3, a03);
-          a10 = _mm256_fmadd_ps(b1, v0, a10);
-          a11 = _mm256_fmadd_ps(b1, v1, a11);
-          a12 = _mm256_fmadd_ps(b1, v2, a12);
-          a13 = _mm256_fmadd_ps(b1, v3, a13);
-        }
-        _mm256_store_ps(o0, a00);
-        _mm256_store_ps(o0 + 8, a01);
-        _mm256_store_ps(o0 + 16, a02);
-        _mm256_store_ps(o0 + 24, a03);
-        _mm256_store_ps(o1, a10);
-        _mm256_store_ps(o1 + 8, a11);
-        _mm256_store_ps(o1 + 16, a12);
-        _mm256_store_ps(o1 + 24, a13);
-      }
+    for (int c0 = 0; c0 < D; c0 += 16) {
+      for (int r0 = 0; r0 < FULL; r0 += ATT_RS)
+        update_rows<ATT_RS, D>(pr + r0, vb, sv, keys, c0, alpha + r0, o + r0);
+      update_rows<ATT_TAIL, D>(pr + FULL, vb, sv, keys, c0, alpha + FULL, o + FULL);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const __m256 inv = _mm256_set1_ps(1.0f / l[r]);
