@@ -20,6 +20,23 @@ constexpr int ATT_BK = 64;  // keys per block (4 vectors of 16 fp32 scores)
 
 bool attention_head_dim_ok(int64_t d) { return d == 64 || d == 96 || d == 128 || d == 256; }
 
+// what both kernels take: q [B, H, S, D], k and v [B, KV, S, D] of ``dtype`` on the CPU, H a
+// multiple of KV, D in {64, 96, 128, 256}, unit last strides (``name`` heads every message)
+void check_attention_inputs(const char* name, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                            at::ScalarType dtype, const char* dtype_name) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, name, ": q, k, v must be [B, H, S, D]");
+  TORCH_CHECK(q.scalar_type() == dtype && k.scalar_type() == dtype && v.scalar_type() == dtype, name,
+              ": q, k, v must be ", dtype_name);
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), name, ": CPU tensors only");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), KV = k.size(1);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == KV && k.size(2) == S && v.size(2) == S &&
+                  k.size(3) == D && v.size(3) == D,
+              name, ": k and v must be [B, KV, S, D] with q's B, S and D");
+  TORCH_CHECK(KV > 0 && H % KV == 0, name, ": query heads must be a multiple of key heads");
+  TORCH_CHECK(attention_head_dim_ok(D), name, ": head dim must be 64, 96, 128 or 256");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, name, ": unit last stride");
+}
+
 }  // namespace
 
 #if SK_X86
@@ -175,17 +192,8 @@ SK_END_ISA
 #endif
 
 torch::Tensor causal_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attention_bf16: q, k, v must be [B, H, S, D]");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
-              "causal_attention_bf16: q, k, v must be bf16");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "causal_attention_bf16: CPU tensors only");
+  check_attention_inputs("causal_attention_bf16", q, k, v, at::kBFloat16, "bf16");
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), KV = k.size(1);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == KV && k.size(2) == S && v.size(2) == S &&
-                  k.size(3) == D && v.size(3) == D,
-              "causal_attention_bf16: k and v must be [B, KV, S, D] with q's B, S and D");
-  TORCH_CHECK(KV > 0 && H % KV == 0, "causal_attention_bf16: query heads must be a multiple of key heads");
-  TORCH_CHECK(attention_head_dim_ok(D), "causal_attention_bf16: head dim must be 64, 96, 128 or 256");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "causal_attention_bf16: unit last stride");
   TORCH_CHECK(isa_supported() >= ISA_AVX512_BF16, "causal_attention_bf16: needs AVX512_BF16 and AVX512_VBMI2");
   auto out = torch::empty({B, S, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || S == 0 || H == 0) return out;
@@ -405,17 +413,8 @@ SK_END_ISA
 #endif
 
 torch::Tensor causal_attention_f32(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "causal_attention_f32: q, k, v must be [B, H, S, D]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "causal_attention_f32: q, k, v must be fp32");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "causal_attention_f32: CPU tensors only");
+  check_attention_inputs("causal_attention_f32", q, k, v, at::kFloat, "fp32");
   const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), KV = k.size(1);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == KV && k.size(2) == S && v.size(2) == S &&
-                  k.size(3) == D && v.size(3) == D,
-              "causal_attention_f32: k and v must be [B, KV, S, D] with q's B, S and D");
-  TORCH_CHECK(KV > 0 && H % KV == 0, "causal_attention_f32: query heads must be a multiple of key heads");
-  TORCH_CHECK(attention_head_dim_ok(D), "causal_attention_f32: head dim must be 64, 96, 128 or 256");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "causal_attention_f32: unit last stride");
   TORCH_CHECK(isa_supported() >= ISA_AVX2, "causal_attention_f32: needs AVX2 and FMA");
   auto out = torch::empty({B, S, H, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || S == 0 || H == 0) return out;
