@@ -14,7 +14,7 @@ wherever that computes exactly what SDPA would (and SDPA itself everywhere else)
 
 ``sparsekit.prune`` enters it for its calibration forwards, whose attention is a third of a
 bf16 block forward with SDPA on CPUs (docs/results.md, "Causal attention on its own CPU kernel")
-and a sixth of an fp32 one ("fp32 calibration attention on AVX2").
+and a sixth of an fp32 one ("fp32 calibration attention on its own AVX2 kernel").
 ``SPARSEKIT_CPU_ATTENTION=sdpa`` (read once) keeps SDPA everywhere; the default is ``auto``.
 ``attention_mode(mode)`` overrides it inside a ``with`` block (for A/B runs in one process).
 """
@@ -91,6 +91,8 @@ def _kernel_inputs(
         if any(t.dtype not in (torch.float32, torch.bfloat16) for t in (query, key, value)):
             return None
         query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))
+    elif torch.is_autocast_enabled("cpu"):  # autocast to another dtype: SDPA would compute in that
+        return None
     if unsupported_reason(query, key, value) is not None:
         return None
     return query, key, value

@@ -96,6 +96,17 @@ def test_fp32_forward_takes_the_fp32_kernel_and_matches_sdpa(fp32_calls, model_t
     assert err <= 2 * err_sdpa + 1e-5, (err, err_sdpa)
 
 
+def test_autocast_to_another_dtype_keeps_sdpa(fp32_calls):
+    """fp32 q / k / v under CPU autocast to fp16: SDPA would compute in fp16, so neither kernel
+    takes them (outside autocast the same tensors go to the fp32 kernel)."""
+    module = _model("llama").model.layers[0].self_attn
+    q, k, v = (torch.randn(1, n, 40, 64) for n in (4, 2, 2))
+    args = (module, q, k, v, None, 0.0, True, None, {})
+    assert hf_attention._kernel_inputs(*args) is not None
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert hf_attention._kernel_inputs(*args) is None
+
+
 def test_where_sdpa_differs_the_wrapper_keeps_sdpa(fp32_calls):
     """A padding mask, gradients, a single query and float64 all go to SDPA, unchanged (fp32 inputs,
     which the kernel takes otherwise: the last forward shows it does)."""
