@@ -12,12 +12,12 @@ normal from a generator seeded DRAW (symmetric for a Gram matrix), J = ``--jitte
 few fp32 roundings, the order of the difference between two summation orders of the same statistic
 over tens of calibration windows), and optionally ``/sdpa`` or ``/auto``: the calibration forwards'
 attention for that variant (``sparsekit.hf.attention.attention_mode``, over
-``SPARSEKIT_CPU_ATTENTION``; ``auto``, the default, runs causal attention on sparsekit's CPU
-kernels (bf16 or fp32), ``sdpa`` on torch's), so ``auto@8 auto@8/sdpa`` compares the two on the
-same draws in one process; and optionally ``+one`` or ``+two`` before that: one calibration forward per block or two
-(``sequential=True`` / ``False``; ``+auto`` or no suffix: the method's default), so ``float32@8+one
-float32@8+two`` compares the two orders. ``--method`` also takes a recipe as ``vs_llmcompressor.py``
-writes it (``wanda+owl``). Batch sizes change only the order of the same fp32 sums (GEMM blocking,
+``SPARSEKIT_CPU_ATTENTION``; ``auto``, the default, runs causal attention on sparsekit's CPU kernels
+(bf16 or fp32), ``sdpa`` on torch's), so ``auto@8 auto@8/sdpa`` compares the two on the same draws
+in one process; and optionally ``+one`` or ``+two`` before that: one calibration forward per block
+or two (``sequential=True`` / ``False``; ``+auto`` or no suffix: the method's default), so
+``float32@8+one float32@8+two`` compares the two orders. ``--method`` also takes a recipe as
+``vs_llmcompressor.py`` writes it (``wanda+owl``). Batch sizes change only the order of the same fp32 sums (GEMM blocking,
 the statistics' chunk sums) and jitter draws change the statistics at that size, so their spread is
 how much of a gap between two equivalent implementations is rounding; the forward dtype is the
 default's one departure from fp32. Issue-28 protocol: SmolLM2-135M fp32, 64 x 512 calibration tokens
