@@ -17,13 +17,14 @@ attention for that variant (``sparsekit.hf.attention.attention_mode``, over
 in one process; and optionally ``+one`` or ``+two`` before that: one calibration forward per block
 or two (``sequential=True`` / ``False``; ``+auto`` or no suffix: the method's default), so
 ``float32@8+one float32@8+two`` compares the two orders. ``--method`` also takes a recipe as
-``vs_llmcompressor.py`` writes it (``wanda+owl``). Batch sizes change only the order of the same fp32 sums (GEMM blocking,
-the statistics' chunk sums) and jitter draws change the statistics at that size, so their spread is
-how much of a gap between two equivalent implementations is rounding; the forward dtype is the
-default's one departure from fp32. Issue-28 protocol: SmolLM2-135M fp32, 64 x 512 calibration tokens
-of the offline corpus per seed, ppl on 32,768 held-out tokens in windows of 512, 2 threads. Writes
-<out>.json and <out>.md after every prune: per seed each variant's ppl and prune time, and per
-variant its ppl over the first variant's on the same seed (median and range over seeds).
+``vs_llmcompressor.py`` writes it (``wanda+owl``). Batch sizes change only the order of the same
+fp32 sums (GEMM blocking, the statistics' chunk sums) and jitter draws change the statistics at that
+size, so their spread is how much of a gap between two equivalent implementations is rounding; the
+forward dtype is the default's one departure from fp32. Issue-28 protocol: SmolLM2-135M fp32, 64 x
+512 calibration tokens of the offline corpus per seed, ppl on 32,768 held-out tokens in windows of
+512, 2 threads. Writes <out>.json and <out>.md after every prune: per seed each variant's ppl and
+prune time, and per variant its ppl over the first variant's on the same seed (median and range over
+seeds).
 """
 
 from __future__ import annotations
